@@ -1,0 +1,118 @@
+"""The driver interface: the one contract every southbound protocol implements.
+
+A driver owns all configured devices of its kind (so that, say, Modbus devices on
+one serial bus can share it). It validates its own part of the config through two
+pydantic models, pushes columnar batches into a sink until cancelled, and keeps a
+health record per device. Drivers know nothing about the buffer or the uplink.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from native.batch import Batch
+
+
+class NoSettings(BaseModel):
+    """Driver settings model for drivers that take no extra keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class PointSpec:
+    """One configured point, as a driver sees it."""
+
+    id: int  # stable id from the point registry
+    key: str  # "<device>/<point>"
+    name: str
+    unit: str
+    kind: str  # "float" | "int" | "bool"
+    writable: bool
+    settings: BaseModel  # validated by the driver's point_model
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """One configured device with its points."""
+
+    name: str
+    poll_s: float
+    settings: BaseModel  # validated by the driver's device_model
+    points: tuple[PointSpec, ...]
+
+
+class BatchSink(Protocol):
+    def push(self, batch: Batch) -> bool:
+        """Hand over a batch. False means the agent is saturated: the batch was not
+        taken and the driver must count a skipped poll (back-pressure)."""
+        ...
+
+
+@dataclass(slots=True)
+class DeviceHealth:
+    last_success_ms: int | None = None
+    last_error_ms: int | None = None
+    last_error: str | None = None
+    errors: int = 0
+    consecutive_failures: int = 0
+    polls: int = 0
+    skipped_polls: int = 0
+    readings: int = 0
+
+    def success(self, n_readings: int) -> None:
+        self.polls += 1
+        self.readings += n_readings
+        self.consecutive_failures = 0
+        self.last_success_ms = time.time_ns() // 1_000_000
+
+    def failure(self, error: str) -> None:
+        self.polls += 1
+        self.errors += 1
+        self.consecutive_failures += 1
+        self.last_error = error
+        self.last_error_ms = time.time_ns() // 1_000_000
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "last_success_ms": self.last_success_ms,
+            "last_error_ms": self.last_error_ms,
+            "last_error": self.last_error,
+            "errors": self.errors,
+            "consecutive_failures": self.consecutive_failures,
+            "polls": self.polls,
+            "skipped_polls": self.skipped_polls,
+            "readings": self.readings,
+        }
+
+
+class Driver(ABC):
+    """Base class of all drivers. Subclasses set the class attributes and run()."""
+
+    name: ClassVar[str]
+    #: validates the driver-specific keys of a [[devices]] table
+    device_model: ClassVar[type[BaseModel]] = NoSettings
+    #: validates the driver-specific keys of a [[devices.points]] table
+    point_model: ClassVar[type[BaseModel]] = NoSettings
+
+    def __init__(self, devices: Sequence[DeviceSpec]) -> None:
+        self.devices = tuple(devices)
+        self._health: dict[str, DeviceHealth] = {d.name: DeviceHealth() for d in self.devices}
+
+    @abstractmethod
+    async def run(self, sink: BatchSink) -> None:
+        """Poll or listen and push batches into sink until cancelled. A failing
+        device must never stall another device."""
+
+    def health(self) -> dict[str, DeviceHealth]:
+        return self._health
+
+    async def write(self, point: PointSpec, value: float) -> None:
+        raise NotImplementedError(f"driver {self.name!r} does not support writes")
+

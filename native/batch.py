@@ -1,0 +1,112 @@
+"""The columnar batch: the unit that moves through the whole data path.
+
+A batch is four parallel arrays: point ids (uint32), timestamps (int64 ms since the
+epoch, UTC), values (float64) and quality flags (uint8). Drivers build batches,
+the pipeline filters them, the codec packs them. Only a batch's edges touch Python
+objects; the kernels in ``native/`` work on the arrays (``array.array`` supports
+the buffer protocol, so Cython typed memoryviews read them without copies).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+# Quality flags. GOOD must stay 0 so that the common case compresses to nothing.
+GOOD = 0
+BAD = 1  # the device reported an error or the reading failed validation
+UNCERTAIN = 2  # a value is present but not trusted (e.g. sensor warming up)
+
+QUALITY_NAMES = {GOOD: "good", BAD: "bad", UNCERTAIN: "uncertain"}
+
+ID_TYPECODE = "I"  # uint32
+TS_TYPECODE = "q"  # int64
+VALUE_TYPECODE = "d"  # float64
+QUALITY_TYPECODE = "B"  # uint8
+
+assert array(ID_TYPECODE).itemsize == 4, "platform 'I' is not 32-bit"
+
+
+def _ids() -> array[int]:
+    return array(ID_TYPECODE)
+
+
+def _ts() -> array[int]:
+    return array(TS_TYPECODE)
+
+
+def _values() -> array[float]:
+    return array(VALUE_TYPECODE)
+
+
+def _quality() -> array[int]:
+    return array(QUALITY_TYPECODE)
+
+
+@dataclass(slots=True)
+class Batch:
+    """Parallel arrays of readings. All four arrays always have the same length."""
+
+    point_ids: array[int] = field(default_factory=_ids)
+    timestamps: array[int] = field(default_factory=_ts)
+    values: array[float] = field(default_factory=_values)
+    quality: array[int] = field(default_factory=_quality)
+
+    def __post_init__(self) -> None:
+        n = len(self.point_ids)
+        if not (len(self.timestamps) == len(self.values) == len(self.quality) == n):
+            raise ValueError(
+                "batch columns differ in length: "
+                f"ids={n} timestamps={len(self.timestamps)} "
+                f"values={len(self.values)} quality={len(self.quality)}"
+            )
+        for name, col, code in (
+            ("point_ids", self.point_ids, ID_TYPECODE),
+            ("timestamps", self.timestamps, TS_TYPECODE),
+            ("values", self.values, VALUE_TYPECODE),
+            ("quality", self.quality, QUALITY_TYPECODE),
+        ):
+            if col.typecode != code:
+                raise TypeError(f"batch column {name} has typecode {col.typecode!r}, need {code!r}")
+
+    def __len__(self) -> int:
+        return len(self.point_ids)
+
+    def append(self, point_id: int, timestamp_ms: int, value: float, quality: int = GOOD) -> None:
+        self.point_ids.append(point_id)
+        self.timestamps.append(timestamp_ms)
+        self.values.append(value)
+        self.quality.append(quality)
+
+    def extend(self, other: Batch) -> None:
+        self.point_ids.extend(other.point_ids)
+        self.timestamps.extend(other.timestamps)
+        self.values.extend(other.values)
+        self.quality.extend(other.quality)
+
+    def slice(self, start: int, stop: int) -> Batch:
+        return Batch(
+            self.point_ids[start:stop],
+            self.timestamps[start:stop],
+            self.values[start:stop],
+            self.quality[start:stop],
+        )
+
+    def rows(self) -> Iterator[tuple[int, int, float, int]]:
+        """One tuple per reading: for tests, tools and the batch's edges, not hot paths."""
+        return zip(self.point_ids, self.timestamps, self.values, self.quality, strict=True)
+
+    @classmethod
+    def concat(cls, batches: Iterable[Batch]) -> Batch:
+        out = cls()
+        for b in batches:
+            out.extend(b)
+        return out
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[int, int, float, int]]) -> Batch:
+        out = cls()
+        for pid, ts, value, q in rows:
+            out.append(pid, ts, value, q)
+        return out
