@@ -18,16 +18,20 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any toolchain failure means "use the twins"
-            print(f"citygw: Cython extensions not built ({exc}); using pure-Python twins",
-                  file=sys.stderr)
+        except Exception as exc:
+            print(
+                f"citygw: Cython extensions not built ({exc}); using pure-Python twins",
+                file=sys.stderr,
+            )
 
     def build_extension(self, ext):  # type: ignore[no-untyped-def]
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
-            print(f"citygw: extension {ext.name} not built ({exc}); using its pure-Python twin",
-                  file=sys.stderr)
+        except Exception as exc:
+            print(
+                f"citygw: extension {ext.name} not built ({exc}); using its pure-Python twin",
+                file=sys.stderr,
+            )
 
 
 def extensions() -> list:

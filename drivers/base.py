@@ -115,4 +115,3 @@ class Driver(ABC):
 
     async def write(self, point: PointSpec, value: float) -> None:
         raise NotImplementedError(f"driver {self.name!r} does not support writes")
-

@@ -30,8 +30,12 @@ class SimPointSettings(BaseModel):
     period: Duration = Field(3600.0, gt=0.0, description="period of the sine component")
     drift: float = Field(0.0, description="linear drift per hour")
     noise: float = Field(0.0, ge=0.0, description="standard deviation of gaussian noise")
-    step_probability: float = Field(0.0, ge=0.0, le=1.0, description="chance of a level step per reading")
+    step_probability: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance of a level step per reading"
+    )
     step_size: float = 0.0
-    spike_probability: float = Field(0.0, ge=0.0, le=1.0, description="chance of a one-off spike per reading")
+    spike_probability: float = Field(
+        0.0, ge=0.0, le=1.0, description="chance of a one-off spike per reading"
+    )
     spike_size: float = 0.0
     resolution: float | None = Field(None, gt=0.0, description="quantisation step, e.g. 0.1")

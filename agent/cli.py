@@ -1,0 +1,260 @@
+"""The ``citygw`` command line: what a technician uses at the cabinet.
+
+Commands are grouped by purpose below: setting up (init, validate) and, later,
+running and inspecting the gateway. Shared helpers (consoles, loading the config
+or exiting with a clear message) come first so every command reports the same way.
+
+Exit codes: 0 success, 1 invalid input (e.g. config errors), 2 file not found or
+unreadable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from agent.broker import BrokerError
+from agent.config import Config, ConfigError, load_config
+from agent.logs import setup_logging
+
+app = typer.Typer(
+    name="citygw",
+    help="Edge gateway for city sensors.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+EXIT_INVALID = 1
+EXIT_NO_FILE = 2
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option("--config", "-c", help="The gateway's config file.", dir_okay=False),
+]
+
+
+# -- shared helpers ----------------------------------------------------------------
+
+
+def _out() -> Console:
+    return Console(soft_wrap=True, highlight=False)
+
+
+def _err() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with ``code``."""
+    console = _err()
+    console.print(Text.assemble(("error: ", "bold red"), message))
+    raise typer.Exit(code)
+
+
+def load_or_exit(path: Path) -> Config:
+    """The validated config, or every problem printed to stderr and exit 1
+    (exit 2 if the file cannot be read)."""
+    try:
+        return load_config(path)
+    except FileNotFoundError:
+        fail(f"{path}: file not found (create one with: citygw init {path})", EXIT_NO_FILE)
+    except IsADirectoryError:
+        fail(f"{path}: is a directory, not a config file", EXIT_NO_FILE)
+    except OSError as exc:
+        fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_NO_FILE)
+    except ConfigError as exc:
+        console = _err()
+        for issue in exc.issues:
+            console.print(Text(str(issue)))
+        n = len(exc.issues)
+        console.print(Text(f"{path}: {n} problem{'s' if n != 1 else ''} found", style="bold red"))
+        raise typer.Exit(EXIT_INVALID) from None
+
+
+def template_text() -> str:
+    """The commented starter config written by ``citygw init``."""
+    return resources.files("agent.templates").joinpath("gateway.toml").read_text(encoding="utf-8")
+
+
+@app.callback()
+def _root() -> None:
+    """Edge gateway for city sensors."""
+
+
+# -- setting up ----------------------------------------------------------------------
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the config.", dir_okay=False)] = Path(
+        "gateway.toml"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented starter config to PATH (default gateway.toml)."""
+    if path.is_dir():
+        fail(f"{path} is a directory; give a file name, e.g. {path / 'gateway.toml'}")
+    if path.exists() and not force:
+        fail(f"{path} already exists; use --force to overwrite it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(template_text(), encoding="utf-8")
+    except OSError as exc:
+        fail(f"{path}: cannot write: {exc.strerror or exc}", EXIT_NO_FILE)
+    _out().print(Text(f"wrote {path}; edit it, then check it with: citygw validate -c {path}"))
+
+
+@app.command()
+def validate(config: ConfigOption = Path("gateway.toml")) -> None:
+    """Check a config file and list every problem in it."""
+    cfg = load_or_exit(config)
+    devices = len(cfg.devices)
+    _out().print(
+        Text(
+            f"{config}: OK ({devices} device{'s' if devices != 1 else ''}, "
+            f"{cfg.point_count()} point{'s' if cfg.point_count() != 1 else ''})"
+        )
+    )
+
+
+# -- running -------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    config: ConfigOption = Path("gateway.toml"),
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    json_logs: Annotated[
+        bool, typer.Option("--json-logs", help="One JSON object per log line.")
+    ] = False,
+) -> None:
+    """Run the agent until SIGINT/SIGTERM; a graceful stop flushes memory to the buffer."""
+    from agent.runtime import run_agent
+
+    cfg = load_or_exit(config)
+    setup_logging(log_level, json=json_logs)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_agent(cfg, stop)
+
+    asyncio.run(main())
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds of simulated readings.", min=1)] = 30.0,
+) -> None:
+    """A simulated street block through the real pipeline, buffer, uplink and ingest."""
+    from agent.demo import run_demo
+
+    setup_logging("WARNING")
+    try:
+        result = asyncio.run(run_demo(duration))
+    except BrokerError as exc:
+        fail(str(exc), EXIT_NO_FILE)
+    _out().print(Text(result.summary()))
+    if result.lost or result.duplicates:
+        raise typer.Exit(EXIT_INVALID)
+
+
+@app.command()
+def ingest(
+    broker: Annotated[str, typer.Option(help="mqtt://host:port or mqtts://host:port")],
+    db: Annotated[str, typer.Option(help="sqlite:///path.db or postgresql://...")] = (
+        "sqlite:///platform.db"
+    ),
+    group: Annotated[str, typer.Option(help="Shared-subscription group name.")] = "citygw-ingest",
+    prefix: Annotated[str, typer.Option(help="Topic prefix.")] = "citygw",
+    client_id: Annotated[
+        str,
+        typer.Option(help="MQTT client id; stable and unique per worker (default: from the host)."),
+    ] = "",
+    session_expiry: Annotated[
+        int,
+        typer.Option(
+            help="Seconds the broker keeps this worker's session and queued messages "
+            "while it is away (0: a clean session every time)."
+        ),
+    ] = 3600,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Platform ingest: decode uplinks, drop duplicates, store readings."""
+    from agent.ingest import run_ingest
+
+    setup_logging(log_level)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(
+            run_ingest(
+                broker,
+                db,
+                group,
+                prefix,
+                client_id=client_id or f"citygw-ingest-{socket.gethostname()}-{group}",
+                session_expiry=session_expiry,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+# -- inspecting ----------------------------------------------------------------------
+
+
+def _existing_buffer(cfg: Config) -> Path:
+    if not cfg.buffer.path.exists():
+        fail(f"{cfg.buffer.path}: no buffer database yet (has the agent run?)", EXIT_NO_FILE)
+    return cfg.buffer.path
+
+
+@app.command()
+def status(config: ConfigOption = Path("gateway.toml")) -> None:
+    """Buffer depth per lane, oldest unsent, evictions, last ack, uplink and device health."""
+    from agent.status import collect, render_status
+
+    path = _existing_buffer(load_or_exit(config))
+    stats, state = collect(path)
+    _out().print(render_status(stats, state))
+
+
+buffer_app = typer.Typer(help="Look into the durable buffer.", no_args_is_help=True)
+app.add_typer(buffer_app, name="buffer")
+
+
+@buffer_app.command("inspect")
+def buffer_inspect(
+    config: ConfigOption = Path("gateway.toml"),
+    limit: Annotated[int, typer.Option(help="How many queued batches to list.", min=0)] = 20,
+) -> None:
+    """The buffer's identity, fill level and the next batches to be sent."""
+    from agent.status import render_inspect
+
+    path = _existing_buffer(load_or_exit(config))
+    _out().print(render_inspect(path, limit))
+
+
+def main() -> None:
+    """Entry point of the ``citygw`` console script."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,785 @@
+"""The gateway configuration: TOML edited by technicians, validated into pydantic models.
+
+Loading runs in two phases so that every problem in a file is reported at once:
+
+1. the generic models below (gateway, uplink, buffer, devices, points, pipeline);
+   ``${VAR}`` references in string values are replaced from the environment first;
+2. for each device whose driver is installed, the driver-specific keys of the device
+   and of its points (the keys the generic models do not know) are validated with
+   the driver's ``device_model`` / ``point_model``. The results are
+   ``DeviceConfig.settings`` and ``PointConfig.settings``.
+
+Problems are collected as ``ConfigIssue(source, key_path, message)`` and raised
+together as one ``ConfigError``; ``str(error)`` is one line per issue, in file order::
+
+    gateway.toml: devices[3].points[7].pipeline[0].min: must be less than max (10), got 20
+
+Pydantic's messages are rewritten in plain words for the technician at the cabinet.
+Secrets (``password``) are ``SecretStr`` and never appear in messages.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+import types
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from agent.mqtt_url import ALLOWED, BrokerAddress
+from agent.units import Duration, Size, parse_duration, parse_size
+from drivers import registry
+
+__all__ = [
+    "BufferConfig",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "DeviceConfig",
+    "GatewayConfig",
+    "Location",
+    "PipelineStage",
+    "PointConfig",
+    "RangeStageConfig",
+    "UplinkConfig",
+    "load_config",
+    "parse_config",
+]
+
+Loc = tuple[str | int, ...]
+
+_GATEWAY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: keys whose values are never shown in a message
+_SECRET_KEYS = frozenset({"password", "secret", "token", "api_key", "psk"})
+#: custom error type whose ctx may name the key the problem is about
+_AT_KEY = "citygw_at_key"
+
+
+# -- issues ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a config file: where (``key_path``) and what (``message``)."""
+
+    source: str
+    key_path: str
+    message: str
+
+    def __str__(self) -> str:
+        if self.key_path:
+            return f"{self.source}: {self.key_path}: {self.message}"
+        return f"{self.source}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config file is invalid; ``issues`` lists every problem found."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues: list[ConfigIssue] = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+    def __str__(self) -> str:
+        return "\n".join(str(i) for i in self.issues)
+
+
+def key_path(loc: Iterable[str | int]) -> str:
+    """``("devices", 3, "points", 7, "min")`` -> ``devices[3].points[7].min``."""
+    out = ""
+    for item in loc:
+        if isinstance(item, int):
+            out += f"[{item}]"
+        else:
+            out += f".{item}" if out else item
+    return out
+
+
+def _at(key: str, message: str) -> PydanticCustomError:
+    """An error from a model validator that belongs to one of the model's keys."""
+    return PydanticCustomError(_AT_KEY, "{message}", {"key": key, "message": message})
+
+
+def _fail(message: str) -> PydanticCustomError:
+    return PydanticCustomError(_AT_KEY, "{message}", {"key": "", "message": message})
+
+
+# -- shared field checks -------------------------------------------------------------
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the config file's directory."""
+    path = value.expanduser()
+    if not path.is_absolute():
+        ctx = info.context or {}
+        base = ctx.get("base_dir") or Path.cwd()
+        path = Path(base) / path
+    return path
+
+
+def _existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    path = _resolve_path(value, info)
+    if not path.is_file():
+        hint = "" if value.expanduser().is_absolute() else " (relative to the config file's folder)"
+        raise _fail(f"file not found: {value}{hint}")
+    return path
+
+
+# -- sections ------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Location(_Section):
+    lat: float = Field(ge=-90.0, le=90.0, allow_inf_nan=False)
+    lon: float = Field(ge=-180.0, le=180.0, allow_inf_nan=False)
+
+
+class GatewayConfig(_Section):
+    id: str
+    site: str = ""
+    location: Location | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not _GATEWAY_ID.fullmatch(v):
+            raise _fail(
+                f"{v!r} is not a valid gateway id; use 1 to 64 letters, digits, '-' or '_' "
+                "(it becomes part of MQTT topics)"
+            )
+        return v
+
+
+class UplinkConfig(_Section):
+    broker: str
+    client_id: str = ""  # "" -> "citygw-<gateway id>", filled in by parse_config
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    topic_prefix: str = "citygw"
+    window: int = Field(8, ge=1, le=20)
+    keepalive: Duration = Field(30.0, ge=1.0, le=65535.0)
+    ack_timeout: Duration = Field(10.0, ge=0.1, le=3600.0)
+    backoff_min: Duration = Field(1.0, ge=0.01, le=3600.0)
+    backoff_max: Duration = Field(60.0, ge=0.01, le=86400.0)
+    max_batch_points: int = Field(10_000, ge=100, le=100_000)
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, v: str) -> str:
+        try:
+            address = BrokerAddress.parse(v)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        if address.username or address.password:
+            raise _fail("the broker URL must not contain credentials; use username and password")
+        if address.has_path:
+            raise _fail(f"{v!r} is not a valid broker URL; {ALLOWED}")
+        return v
+
+    @field_validator("client_id")
+    @classmethod
+    def _check_client_id(cls, v: str) -> str:
+        if len(v) > 128 or any(c.isspace() or c in "+#/" for c in v):
+            raise _fail(
+                f"{v!r} is not a valid client id; up to 128 characters, no spaces, +, # or /"
+            )
+        return v
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_topic_prefix(cls, v: str) -> str:
+        if not v or "+" in v or "#" in v or "" in v.split("/") or any(c.isspace() for c in v):
+            raise _fail(
+                f"{v!r} is not a valid topic prefix; use topic levels separated by '/', "
+                "without spaces, wildcards (+ #) or empty levels (e.g. 'citygw')"
+            )
+        return v
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _check_files(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _existing_file(v, info)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> UplinkConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            given = "cert_file" if missing == "key_file" else "key_file"
+            raise _at(
+                missing,
+                f"required because {given} is set; give both cert_file and key_file or neither",
+            )
+        if self.backoff_max < self.backoff_min:
+            raise _at(
+                "backoff_max",
+                f"must be >= backoff_min ({format_duration(self.backoff_min)}), "
+                f"got {format_duration(self.backoff_max)}",
+            )
+        return self
+
+
+class BufferConfig(_Section):
+    path: Path = Field(Path("buffer.db"), validate_default=True)
+    capacity: Size = Field(64 * 1024**2, ge=1024**2)
+    flush_interval: Duration = Field(1.0, ge=0.01, le=60.0)
+    sync: Literal["normal", "full"] = "normal"
+    max_memory_points: int = Field(500_000, ge=1_000, le=100_000_000)
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, v: Path, info: ValidationInfo) -> Path:
+        return _resolve_path(v, info)
+
+
+# -- pipeline stages: one model per stage type, joined in PipelineStage ----------------
+
+
+class RangeStageConfig(_Section):
+    """Readings outside [min, max] are flagged (quality bad) or dropped."""
+
+    type: Literal["range"]
+    min: float | None = None
+    max: float | None = None
+    action: Literal["flag", "drop"] = "flag"
+
+    @field_validator("min", "max")
+    @classmethod
+    def _not_nan(cls, v: float | None) -> float | None:
+        if v is not None and v != v:
+            raise _fail("must be a number, got nan")
+        return v
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> RangeStageConfig:
+        if self.min is None and self.max is None:
+            raise _fail("a range stage needs min, max or both")
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise _at("min", f"must be less than max ({self.max:g}), got {self.min:g}")
+        return self
+
+
+# To add a stage type: write its model (with ``type: Literal["<name>"]``) and add it here.
+PipelineStage = Annotated[Union[RangeStageConfig], Field(discriminator="type")]  # noqa: UP007
+_STAGE_MODELS: tuple[type[BaseModel], ...] = (RangeStageConfig,)
+STAGE_TYPES: dict[str, type[BaseModel]] = {
+    get_args(m.model_fields["type"].annotation)[0]: m for m in _STAGE_MODELS
+}
+
+
+# -- devices and points ----------------------------------------------------------------
+
+
+def _check_name(v: str, what: str) -> str:
+    if not _NAME.fullmatch(v):
+        raise _fail(
+            f"{v!r} is not a valid {what} name; use 1 to 64 letters, digits, '.', '-' or '_'"
+        )
+    return v
+
+
+class PointConfig(BaseModel):
+    """A ``[[devices.points]]`` table. Keys not declared here belong to the driver."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    unit: str = ""
+    type: Literal["float", "int", "bool"] = "float"
+    writable: bool = False
+    pipeline: list[PipelineStage] = Field(default_factory=list)
+
+    _settings: BaseModel | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _check_point_name(cls, v: str) -> str:
+        return _check_name(v, "point")
+
+    @property
+    def settings(self) -> BaseModel:
+        """The driver-specific keys, validated by the driver's ``point_model``."""
+        if self._settings is None:
+            raise RuntimeError("point settings are set by load_config/parse_config")
+        return self._settings
+
+
+class DeviceConfig(BaseModel):
+    """A ``[[devices]]`` table. Keys not declared here belong to the driver."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    driver: str
+    poll: Duration = Field(1.0, ge=0.01)
+    enabled: bool = True
+    points: list[PointConfig] = Field(default_factory=list)
+
+    _settings: BaseModel | None = PrivateAttr(default=None)
+
+    @field_validator("name")
+    @classmethod
+    def _check_device_name(cls, v: str) -> str:
+        return _check_name(v, "device")
+
+    @property
+    def settings(self) -> BaseModel:
+        """The driver-specific keys, validated by the driver's ``device_model``."""
+        if self._settings is None:
+            raise RuntimeError("device settings are set by load_config/parse_config")
+        return self._settings
+
+
+class Config(_Section):
+    gateway: GatewayConfig
+    uplink: UplinkConfig
+    # validated from {} when [buffer] is absent, so the default path gets resolved too
+    buffer: BufferConfig = Field(default_factory=dict, validate_default=True)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+    _source: str = PrivateAttr(default="<string>")
+
+    @property
+    def source(self) -> str:
+        """Where the config came from: the path given to load_config, or parse_config's source."""
+        return self._source
+
+    def point_count(self) -> int:
+        return sum(len(d.points) for d in self.devices)
+
+
+# -- loading -------------------------------------------------------------------------
+
+
+class _Issues:
+    """Issues collected while loading, each with its location for sorting."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.items: list[tuple[Loc, str]] = []
+
+    def add(self, loc: Loc, message: str) -> None:
+        self.items.append((loc, message))
+
+    def sorted(self, raw: dict[str, Any]) -> list[ConfigIssue]:
+        ordered = sorted(self.items, key=lambda item: _file_order(raw, item[0]))
+        return [ConfigIssue(self.source, key_path(loc), msg) for loc, msg in ordered]
+
+
+def _file_order(raw: Any, loc: Loc) -> list[int]:
+    """Sort key that puts issues in the order their keys appear in the file
+    (keys missing from the file go after the existing keys of their table)."""
+    out: list[int] = []
+    node = raw
+    for item in loc:
+        if isinstance(item, int):
+            out.append(item)
+            node = node[item] if isinstance(node, list) and 0 <= item < len(node) else None
+        elif isinstance(node, dict):
+            keys = list(node)
+            out.append(keys.index(item) if item in node else len(keys))
+            node = node.get(item)
+        else:
+            out.append(0)
+            node = None
+    return out
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a config file.
+
+    Raises FileNotFoundError (or another OSError) if it cannot be read, and
+    ConfigError listing every problem if it is invalid."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue(str(path), "", f"not UTF-8 text (byte {exc.start}); save it as UTF-8")]
+        ) from None
+    return parse_config(text, source=str(path), base_dir=path.resolve().parent)
+
+
+def parse_config(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """Validate config text; relative paths resolve against ``base_dir`` (default: cwd)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_syntax_issue(source, exc)]) from None
+
+    issues = _Issues(source)
+    unresolved: set[Loc] = set()
+    raw = _substitute_env(raw, (), issues, unresolved)
+    context = {"base_dir": base_dir if base_dir is not None else Path.cwd()}
+
+    # phase 1: the generic models
+    config: Config | None = None
+    try:
+        config = Config.model_validate(raw, context=context)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc, message = _translate(err, Config, ())
+            if not any(loc[: len(u)] == u for u in unresolved):
+                issues.add(loc, message)
+    _check_unique_names(raw, issues)
+
+    # phase 2: the driver-specific keys
+    settings = _validate_driver_settings(raw, issues, context)
+
+    if issues.items:
+        raise ConfigError(issues.sorted(raw))
+    assert config is not None
+    config._source = source
+    if not config.uplink.client_id:
+        config.uplink.client_id = f"citygw-{config.gateway.id}"
+    for i, device in enumerate(config.devices):
+        device_settings, point_settings = settings[i]
+        device._settings = device_settings
+        for j, point in enumerate(device.points):
+            point._settings = point_settings[j]
+    return config
+
+
+def _syntax_issue(source: str, exc: tomllib.TOMLDecodeError) -> ConfigIssue:
+    msg = str(exc)
+    m = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", msg, re.DOTALL)
+    if m:
+        where = f"line {m.group(2)}, column {m.group(3)}"
+        return ConfigIssue(source, where, f"TOML syntax error: {m.group(1)}")
+    m = re.fullmatch(r"(.*) \(at end of document\)", msg, re.DOTALL)
+    if m:
+        return ConfigIssue(source, "end of file", f"TOML syntax error: {m.group(1)}")
+    return ConfigIssue(source, "", f"TOML syntax error: {msg}")
+
+
+def _substitute_env(value: Any, loc: Loc, issues: _Issues, unresolved: set[Loc]) -> Any:
+    """Replace ``${VAR}`` in every string value; ``$${VAR}`` stays a literal ``${VAR}``."""
+    if isinstance(value, dict):
+        return {k: _substitute_env(v, (*loc, k), issues, unresolved) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_env(v, (*loc, i), issues, unresolved) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(m: re.Match[str]) -> str:
+        escaped, name = m.group(1), m.group(2)
+        if escaped:
+            return "${" + name + "}"
+        if not _ENV_NAME.fullmatch(name):
+            issues.add(loc, f"'${{{name}}}' is not a valid environment variable reference")
+            unresolved.add(loc)
+            return m.group(0)
+        env = os.environ.get(name)
+        if env is None:
+            issues.add(
+                loc,
+                f"environment variable {name} is not set; set it in the gateway's environment "
+                "(e.g. the service's EnvironmentFile) or write the value here",
+            )
+            unresolved.add(loc)
+            return m.group(0)
+        return env
+
+    return _ENV_REF.sub(replace, value)
+
+
+def _check_unique_names(raw: dict[str, Any], issues: _Issues) -> None:
+    devices = raw.get("devices")
+    if not isinstance(devices, list):
+        return
+    seen: dict[str, int] = {}
+    for i, dev in enumerate(devices):
+        if not isinstance(dev, dict):
+            continue
+        name = dev.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                issues.add(
+                    ("devices", i, "name"),
+                    f"duplicate device name {name!r} (also devices[{seen[name]}]); "
+                    "device names must be unique",
+                )
+            else:
+                seen[name] = i
+        points = dev.get("points")
+        if not isinstance(points, list):
+            continue
+        seen_points: dict[str, int] = {}
+        for j, point in enumerate(points):
+            pname = point.get("name") if isinstance(point, dict) else None
+            if not isinstance(pname, str):
+                continue
+            if pname in seen_points:
+                issues.add(
+                    ("devices", i, "points", j, "name"),
+                    f"duplicate point name {pname!r} (also points[{seen_points[pname]}]); "
+                    "point names must be unique within a device",
+                )
+            else:
+                seen_points[pname] = j
+
+
+_DeviceSettings = tuple[BaseModel | None, list[BaseModel | None]]
+
+
+def _validate_driver_settings(
+    raw: dict[str, Any], issues: _Issues, context: dict[str, Any]
+) -> dict[int, _DeviceSettings]:
+    """Phase 2: each device's and point's extra keys against its driver's models."""
+    out: dict[int, _DeviceSettings] = {}
+    devices = raw.get("devices")
+    if not isinstance(devices, list):
+        return out
+    for i, dev in enumerate(devices):
+        if not isinstance(dev, dict) or not isinstance(dev.get("driver"), str):
+            continue  # reported by phase 1
+        name = dev["driver"]
+        try:
+            driver = registry.load_driver(name)
+        except registry.DriverNotFound as exc:
+            installed = ", ".join(exc.installed) if exc.installed else "none"
+            issues.add(("devices", i, "driver"), f"unknown driver {name!r}; installed: {installed}")
+            continue
+        except registry.DriverLoadError as exc:
+            issues.add(("devices", i, "driver"), str(exc))
+            continue
+        device_settings = _validate_extras(
+            driver.device_model, DeviceConfig, dev, ("devices", i), issues, context
+        )
+        point_settings: list[BaseModel | None] = []
+        points = dev.get("points")
+        if isinstance(points, list):
+            for j, point in enumerate(points):
+                point_settings.append(
+                    _validate_extras(
+                        driver.point_model,
+                        PointConfig,
+                        point,
+                        ("devices", i, "points", j),
+                        issues,
+                        context,
+                    )
+                    if isinstance(point, dict)
+                    else None
+                )
+        out[i] = (device_settings, point_settings)
+    return out
+
+
+def _validate_extras(
+    model: type[BaseModel],
+    generic: type[BaseModel],
+    table: dict[str, Any],
+    loc: Loc,
+    issues: _Issues,
+    context: dict[str, Any],
+) -> BaseModel | None:
+    extras = {k: v for k, v in table.items() if k not in generic.model_fields}
+    try:
+        return model.model_validate(extras, context=context)
+    except ValidationError as exc:
+        allowed = [*generic.model_fields, *(k for k in model.model_fields)]
+        for err in exc.errors():
+            issues.add(*_translate(err, model, loc, allowed))
+        return None
+
+
+# -- pydantic errors in technician English ------------------------------------------
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = get_origin(tp)
+        if origin is Annotated:
+            tp = get_args(tp)[0]
+        elif origin is Union or origin is types.UnionType:
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _is_stage(tp: Any) -> bool:
+    if tp in _STAGE_MODELS:
+        return True
+    return get_origin(tp) is Union and all(a in _STAGE_MODELS for a in get_args(tp))
+
+
+def _walk(root: type[BaseModel], loc: Loc) -> tuple[Loc, type[BaseModel] | None, FieldInfo | None]:
+    """The key path of a pydantic error location (union tags removed), the model of the
+    table holding the last key and that key's field."""
+    tp: Any = root
+    out: list[str | int] = []
+    parent: type[BaseModel] | None = None
+    field: FieldInfo | None = None
+    for item in loc:
+        tp = _unwrap(tp)
+        if isinstance(item, int):
+            out.append(item)
+            tp = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else Any
+            continue
+        if _is_stage(tp) and item in STAGE_TYPES:
+            # the discriminated union's tag: not a key of the file
+            model = STAGE_TYPES[item]
+            if model is tp or get_origin(tp) is Union:
+                tp = model
+                continue
+        out.append(item)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            parent = tp
+            field = tp.model_fields.get(item)
+            tp = field.annotation if field is not None else Any
+        else:
+            parent, field, tp = None, None, Any
+    return tuple(out), parent, field
+
+
+def _has_validator(field: FieldInfo | None, func: Any) -> bool:
+    return field is not None and any(getattr(m, "func", None) is func for m in field.metadata)
+
+
+def format_duration(seconds: float) -> str:
+    """1.0 -> '1s', 0.01 -> '10ms', 300 -> '5m' (what a technician would write)."""
+    if seconds != 0 and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_size(n: int) -> str:
+    for unit, size in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n} bytes"
+
+
+def _show(value: Any) -> str:
+    """A value from the file, as the technician wrote it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _suggest(key: str, allowed: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+_COMPARISONS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+
+
+def _translate(
+    err: ErrorDetails,
+    root: type[BaseModel],
+    prefix: Loc,
+    allowed_keys: Sequence[str] | None = None,
+) -> tuple[Loc, str]:
+    loc, parent, field = _walk(root, tuple(err["loc"]))
+    kind = err["type"]
+    ctx: dict[str, Any] = dict(err.get("ctx") or {})
+    value = err.get("input")
+    if any(isinstance(k, str) and k in _SECRET_KEYS for k in loc):
+        shown = "(hidden)"
+    else:
+        shown = _show(value)
+
+    def bound(x: Any) -> str:
+        if _has_validator(field, parse_duration) and isinstance(x, int | float):
+            return format_duration(float(x))
+        if _has_validator(field, parse_size) and isinstance(x, int):
+            return format_size(x)
+        return _show(x)
+
+    if kind == "missing":
+        message = "required key is missing"
+    elif kind == "extra_forbidden":
+        allowed = (
+            list(allowed_keys) if allowed_keys else list(parent.model_fields) if parent else []
+        )
+        key = str(loc[-1]) if loc else "?"
+        message = f"unknown key {key!r}{_suggest(key, allowed)}; allowed: {', '.join(allowed)}"
+    elif kind in ("float_type", "float_parsing"):
+        message = f"expected a number, got {shown}"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        message = f"expected a whole number, got {shown}"
+    elif kind in ("bool_type", "bool_parsing"):
+        message = f"expected true or false, got {shown}"
+    elif kind in ("string_type", "path_type"):
+        message = f"expected text in quotes, got {shown}"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = f"expected a table, got {shown}"
+    elif kind == "list_type":
+        message = f"expected a list, got {shown}"
+        if isinstance(value, dict):
+            table = ".".join(k for k in loc if isinstance(k, str))
+            message += f"; write each entry as a [[{table}]] table (double brackets)"
+    elif kind == "finite_number":
+        message = f"must be a finite number, got {shown}"
+    elif kind in _COMPARISONS:
+        op, limit_key = _COMPARISONS[kind]
+        got = shown if shown == "(hidden)" else bound(value)
+        message = f"must be {op} {bound(ctx.get(limit_key))}, got {got}"
+    elif kind == "literal_error":
+        options = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        message = f"must be one of: {', '.join(options)}, got {shown}"
+    elif kind == "union_tag_invalid":
+        loc = (*loc, "type")
+        tag = ctx.get("tag")
+        message = f"unknown stage type {tag!r}; allowed: {', '.join(STAGE_TYPES)}"
+    elif kind == "union_tag_not_found":
+        loc = (*loc, "type")
+        message = f"required key is missing; a stage needs a type: {', '.join(STAGE_TYPES)}"
+    elif kind == _AT_KEY:
+        if ctx.get("key"):
+            loc = (*loc, ctx["key"])
+        message = str(ctx.get("message", err["msg"]))
+    elif kind == "value_error":
+        message = err["msg"].removeprefix("Value error, ")
+    else:
+        message = err["msg"]
+    return (*prefix, *loc), message

@@ -1,0 +1,88 @@
+"""The store protocol the ingest worker writes to, and `open_store(url)`.
+
+Exactly-once: every store keeps an ``uplinks`` table with a unique key on
+(gateway, stream, seq) and inserts into it in the SAME transaction as the batch's
+readings, so a redelivered or doubly-published uplink is stored once and counted
+as a dropped duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from agent.wire import Envelope, Meta
+from native.batch import Batch
+
+SEQ_SIGN_FLIP = 2**63
+
+
+def seq_to_db(seq: int) -> int:
+    """uint64 seq -> int64 column value (two's complement), order kept within a stream
+    for seq < 2**63, which is every seq a real gateway will reach."""
+    return seq - 2**64 if seq >= SEQ_SIGN_FLIP else seq
+
+
+def seq_from_db(value: int) -> int:
+    return value + 2**64 if value < 0 else value
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCounts:
+    readings: int  # readings stored
+    batches: int  # uplinks stored (not counting duplicates)
+    duplicates_dropped: int  # uplinks dropped because (gateway, stream, seq) was stored
+    gateways: int  # gateways seen (batch or meta)
+
+
+@runtime_checkable
+class Store(Protocol):
+    def store_batch(self, gateway: str, env: Envelope, batch: Batch) -> bool:
+        """Store one uplink's readings; False (and nothing stored) if (gateway,
+        env.stream, env.seq) was already stored."""
+        ...
+
+    def store_batches(self, items: Sequence[tuple[str, Envelope, Batch]]) -> list[bool]:
+        """`store_batch` for several uplinks in one transaction, results in order."""
+        ...
+
+    def store_meta(self, gateway: str, meta: Meta) -> None:
+        """Upsert the gateway's point registry (gateway, point_id) -> key, device, ..."""
+        ...
+
+    def counts(self) -> StoreCounts: ...
+
+    def duplicate_readings(self) -> int:
+        """Readings present more than once per (gateway, point_id, ts): extra copies."""
+        ...
+
+    def readings(
+        self, gateway: str, point_key: str | None = None
+    ) -> list[tuple[int, int, float, int]]:
+        """(point_id, ts, value, quality) in insertion order, for tests and tools."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def check_batch(env: Envelope, batch: Batch) -> None:
+    if env.n_points != len(batch):
+        raise ValueError(f"envelope says {env.n_points} points but the batch has {len(batch)}")
+
+
+def open_store(url: str) -> Store:
+    """``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``
+    or ``postgresql://user@host:port/db?schema=name`` (psycopg 3)."""
+    if url.startswith("sqlite:///"):
+        from agent.ingest.store_sqlite import SqliteStore
+
+        path = url[len("sqlite:///") :]
+        if not path:
+            raise ValueError(f"no database path in {url!r}")
+        return SqliteStore(path)
+    if url.startswith(("postgresql://", "postgres://")):
+        from agent.ingest.store_postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path.db or postgresql://...")

@@ -1,0 +1,278 @@
+"""The embedded platform store: one SQLite file in WAL mode.
+
+Schema::
+
+    uplinks(gateway, stream, seq, lane, n_points, received_ms,
+            PRIMARY KEY (gateway, stream, seq))      -- the dedup key
+    readings(gateway, point_id, ts, value REAL, quality, raw BLOB)
+            INDEX (gateway, point_id, ts)
+    points(gateway, point_id, key, device, name, unit, driver, type, updated_ms,
+           PRIMARY KEY (gateway, point_id))
+    gateways(gateway PRIMARY KEY, site, location, stream, updated_ms)
+    counters(name PRIMARY KEY, value)                -- readings, batches, duplicates_dropped
+
+What a SQLite REAL column does to IEEE doubles, and how this store keeps them exact:
+
+* NaN is stored as NULL (SQLite has no NaN; binding one gives NULL, any payload is lost).
+* -0.0 comes back as 0.0: SQLite stores integral REAL values as integers on disk, so the
+  sign of zero is lost.
+* ±inf, subnormals and every other finite value round-trip bit-exactly.
+
+For the two lossy cases the reading's exact 8 bytes (little-endian IEEE 754) go into
+``raw`` (NULL otherwise), and `readings` returns them from there, so values are
+bit-exact through this store too. A tool reading ``value`` directly sees NULL for NaN
+and 0.0 for -0.0.
+
+Readings of one uplink are inserted with ``executemany`` in the same transaction as
+the ``INSERT OR IGNORE`` on ``uplinks``; `store_batches` puts several uplinks in one
+transaction. The connection is shared between threads behind a lock.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from itertools import repeat
+from pathlib import Path
+
+import orjson
+
+from agent.ingest.store import StoreCounts, check_batch, seq_to_db
+from agent.wire import Envelope, Meta
+from native.batch import Batch
+
+_D = struct.Struct("<d")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS uplinks (
+    gateway     TEXT    NOT NULL,
+    stream      TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    lane        INTEGER NOT NULL,
+    n_points    INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (gateway, stream, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS readings (
+    gateway  TEXT    NOT NULL,
+    point_id INTEGER NOT NULL,
+    ts       INTEGER NOT NULL,
+    value    REAL,
+    quality  INTEGER NOT NULL,
+    raw      BLOB
+);
+CREATE INDEX IF NOT EXISTS readings_gateway_point_ts ON readings (gateway, point_id, ts);
+CREATE TABLE IF NOT EXISTS points (
+    gateway    TEXT    NOT NULL,
+    point_id   INTEGER NOT NULL,
+    key        TEXT    NOT NULL,
+    device     TEXT    NOT NULL,
+    name       TEXT    NOT NULL,
+    unit       TEXT    NOT NULL,
+    driver     TEXT    NOT NULL,
+    type       TEXT    NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (gateway, point_id)
+);
+CREATE INDEX IF NOT EXISTS points_gateway_key ON points (gateway, key);
+CREATE TABLE IF NOT EXISTS gateways (
+    gateway    TEXT PRIMARY KEY,
+    site       TEXT,
+    location   TEXT,
+    stream     TEXT,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters (name, value)
+    VALUES ('readings', 0), ('batches', 0), ('duplicates_dropped', 0);
+"""
+
+_BUMP = "UPDATE counters SET value = value + ? WHERE name = ?"
+
+
+def _lossy(v: float) -> bool:
+    return v != v or (v == 0.0 and math.copysign(1.0, v) < 0)
+
+
+def _rows(
+    gateway: str, batch: Batch
+) -> Iterator[tuple[str, int, int, float | None, int, bytes | None]]:
+    values = batch.values
+    # fast path: no NaN and no zero at all (checked in C)
+    if not any(map(math.isnan, values)) and 0.0 not in values:
+        return zip(
+            repeat(gateway),
+            batch.point_ids,
+            batch.timestamps,
+            values,
+            batch.quality,
+            repeat(None),
+            strict=False,
+        )
+    return (
+        (gateway, pid, ts, None if v != v else v, q, _D.pack(v) if _lossy(v) else None)
+        for pid, ts, v, q in batch.rows()
+    )
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        # the readings index is the hot spot of bulk inserts: give it room (64 MiB)
+        self._db.execute("PRAGMA cache_size=-65536")
+        self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def store_batch(self, gateway: str, env: Envelope, batch: Batch) -> bool:
+        return self.store_batches([(gateway, env, batch)])[0]
+
+    def store_batches(self, items: Sequence[tuple[str, Envelope, Batch]]) -> list[bool]:
+        for _, env, batch in items:
+            check_batch(env, batch)
+        now = time.time_ns() // 1_000_000
+        results: list[bool] = []
+        readings = batches = dups = 0
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                seen: set[str] = set()
+                for gateway, env, batch in items:
+                    cur.execute(
+                        "INSERT OR IGNORE INTO uplinks "
+                        "(gateway, stream, seq, lane, n_points, received_ms) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (gateway, env.stream, seq_to_db(env.seq), env.lane, env.n_points, now),
+                    )
+                    if cur.rowcount != 1:
+                        dups += 1
+                        results.append(False)
+                        continue
+                    if len(batch):
+                        cur.executemany(
+                            "INSERT INTO readings "
+                            "(gateway, point_id, ts, value, quality, raw) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            _rows(gateway, batch),
+                        )
+                    if gateway not in seen:
+                        seen.add(gateway)
+                        cur.execute(
+                            "INSERT OR IGNORE INTO gateways (gateway, updated_ms) VALUES (?, ?)",
+                            (gateway, now),
+                        )
+                    readings += len(batch)
+                    batches += 1
+                    results.append(True)
+                cur.executemany(
+                    _BUMP,
+                    [
+                        (readings, "readings"),
+                        (batches, "batches"),
+                        (dups, "duplicates_dropped"),
+                    ],
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+        return results
+
+    def store_meta(self, gateway: str, meta: Meta) -> None:
+        now = time.time_ns() // 1_000_000
+        location = orjson.dumps(meta.location).decode() if meta.location is not None else None
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                cur.execute(
+                    "INSERT INTO gateways (gateway, site, location, stream, updated_ms) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET "
+                    "site = excluded.site, location = excluded.location, "
+                    "stream = excluded.stream, updated_ms = excluded.updated_ms",
+                    (gateway, meta.site, location, meta.stream, now),
+                )
+                cur.executemany(
+                    "INSERT INTO points "
+                    "(gateway, point_id, key, device, name, unit, driver, type, updated_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (gateway, point_id) DO UPDATE SET key = excluded.key, "
+                    "device = excluded.device, name = excluded.name, unit = excluded.unit, "
+                    "driver = excluded.driver, type = excluded.type, "
+                    "updated_ms = excluded.updated_ms",
+                    [
+                        (gateway, p.id, p.key, p.device, p.name, p.unit, p.driver, p.type, now)
+                        for p in meta.points
+                    ],
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def counts(self) -> StoreCounts:
+        with self._lock:
+            c = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+            (gateways,) = self._db.execute("SELECT count(*) FROM gateways").fetchone()
+        return StoreCounts(
+            readings=int(c.get("readings", 0)),
+            batches=int(c.get("batches", 0)),
+            duplicates_dropped=int(c.get("duplicates_dropped", 0)),
+            gateways=int(gateways),
+        )
+
+    def duplicate_readings(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute(
+                "SELECT COALESCE(SUM(c - 1), 0) FROM (SELECT count(*) AS c FROM readings "
+                "GROUP BY gateway, point_id, ts HAVING count(*) > 1)"
+            ).fetchone()
+        return int(n)
+
+    def readings(
+        self, gateway: str, point_key: str | None = None
+    ) -> list[tuple[int, int, float, int]]:
+        sql = "SELECT point_id, ts, value, quality, raw FROM readings WHERE gateway = ?"
+        args: tuple[object, ...] = (gateway,)
+        if point_key is not None:
+            sql += " AND point_id IN (SELECT point_id FROM points WHERE gateway = ? AND key = ?)"
+            args = (gateway, gateway, point_key)
+        sql += " ORDER BY rowid"
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [
+            (
+                pid,
+                ts,
+                _D.unpack(raw)[0] if raw is not None else (math.nan if v is None else float(v)),
+                q,
+            )
+            for pid, ts, v, q, raw in rows
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

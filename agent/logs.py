@@ -1,0 +1,80 @@
+"""Structured logging: one JSON object per line for the service (journald, log
+shippers), readable lines for a technician's terminal, and a throttle so that a
+flood of identical warnings (a dead sensor, a full buffer) becomes one line per
+interval with a count."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+
+# Attributes every LogRecord has; anything else came in through `extra=`.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class ConsoleFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} "
+        line += f"{record.levelname:<7} {record.name}: {record.getMessage()}"
+        if extra:
+            line += f" [{extra}]"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str = "INFO", json: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json else ConsoleFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # paho/aiomqtt log every packet at DEBUG; keep them at WARNING unless asked.
+    if level.upper() != "DEBUG":
+        logging.getLogger("mqtt").setLevel(logging.WARNING)
+
+
+class Throttle:
+    """Lets one log line through per `interval` seconds per key and counts the rest,
+    so the line that passes can say how many were suppressed."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def ready(self, key: str, count: int = 1) -> int | None:
+        """Returns the number of events to report (this one plus suppressed ones),
+        or None if the line should be suppressed now."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        pending = self._suppressed.get(key, 0) + count
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] = pending
+            return None
+        self._last[key] = now
+        self._suppressed[key] = 0
+        return pending

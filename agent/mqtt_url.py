@@ -1,0 +1,54 @@
+"""Broker addresses as written in configs and on the command line
+(``mqtt://[user[:pass]@]host[:1883]``, ``mqtts://…[:8883]``) and the TLS context
+for them: shared by the uplink, the ingest and config validation."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+ALLOWED = "use mqtt://host[:port] (default port 1883) or mqtts://host[:port] (8883)"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+    has_path: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Raises ValueError naming the URL and what is allowed."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{url!r} is not a valid broker URL; {ALLOWED}") from None
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"{url!r} is not a valid broker URL; {ALLOWED}")
+        if port == 0:
+            raise ValueError(f"{url!r} is not a valid broker URL; port must be 1..65535")
+        tls = parts.scheme == "mqtts"
+        return cls(
+            host=parts.hostname,
+            port=port or (8883 if tls else 1883),
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            has_path=parts.path not in ("", "/") or bool(parts.query or parts.fragment),
+        )
+
+
+def tls_context(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """Server verification against ca_file (or the system CAs), and a client
+    certificate when both cert_file and key_file are given."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if cert_file and key_file:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx

@@ -1,0 +1,356 @@
+"""The agent process: drivers -> memory queue -> pipeline -> codec -> buffer -> uplink.
+
+Drivers push columnar batches into a bounded in-memory queue (a full queue refuses
+the batch and the driver counts a skipped poll). Every flush interval the queue is
+drained on the buffer thread: the batches are concatenated, run through the
+per-point pipeline, cut into uplink-sized chunks, encoded and appended to the
+buffer in one transaction. The uplink then forwards the buffer. All SQLite work
+happens on one dedicated thread, so the event loop never waits on a disk sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+from agent import wire
+from agent.config import Config, RangeStageConfig
+from agent.logs import Throttle
+from agent.uplink import BufferPort, Uplink, UplinkSettings
+from buffer import Buffer, Lane, Message
+from drivers.base import DeviceSpec, Driver, PointSpec
+from drivers.registry import load_driver
+from native import codec
+from native.batch import Batch
+from native.pipeline import Pipeline, RangeStage, StageSpec
+
+log = logging.getLogger("citygw.agent")
+T = TypeVar("T")
+
+STATUS_INTERVAL_S = 5.0
+
+
+@dataclass(slots=True)
+class Counters:
+    read: int = 0  # readings pushed by drivers and accepted
+    refused: int = 0  # readings refused by the full memory queue (back-pressure)
+    flagged: int = 0  # readings marked bad by the pipeline
+    dropped: int = 0  # readings removed by the pipeline
+    sent: int = 0  # readings the pipeline passed into the buffer
+    encoded_bytes: int = 0  # codec payload bytes appended to the buffer
+    flushes: int = 0
+
+
+class MemoryQueue:
+    """The bounded queue between drivers and the flusher (the BatchSink)."""
+
+    def __init__(self, max_points: int, counters: Counters) -> None:
+        self.max_points = max_points
+        self._batches: list[Batch] = []
+        self._points = 0
+        self._counters = counters
+        self._throttle = Throttle()
+
+    def push(self, batch: Batch) -> bool:
+        n = len(batch)
+        if self._points + n > self.max_points:
+            self._counters.refused += n
+            if (count := self._throttle.ready("full", n)) is not None:
+                log.warning(
+                    "memory queue full, poll skipped (back-pressure)",
+                    extra={"refused_readings": count, "max_memory_points": self.max_points},
+                )
+            return False
+        self._batches.append(batch)
+        self._points += n
+        self._counters.read += n
+        return True
+
+    def take(self) -> list[Batch]:
+        batches, self._batches, self._points = self._batches, [], 0
+        return batches
+
+
+def point_meta(config: Config) -> list[dict[str, Any]]:
+    """Registry entries for every configured point (the platform gets these in up/meta)."""
+    return [
+        {
+            "key": f"{d.name}/{p.name}",
+            "device": d.name,
+            "name": p.name,
+            "unit": p.unit,
+            "driver": d.driver,
+            "type": p.type,
+        }
+        for d in config.devices
+        for p in d.points
+    ]
+
+
+def _stage(stage: RangeStageConfig) -> StageSpec:
+    return RangeStage(min=stage.min, max=stage.max, action=stage.action)
+
+
+class Agent:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.queue = MemoryQueue(config.buffer.max_memory_points, self.counters)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citygw-buffer")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._driver_tasks: list[asyncio.Task[None]] = []
+        self._throttle = Throttle()
+        self.started_ms = time.time_ns() // 1_000_000
+        self.buffer: Buffer | None = None
+        self.drivers: list[Driver] = []
+        self.uplink: Uplink | None = None
+
+    async def _on_buffer(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+
+    # -- start -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.buffer = buffer = await self._on_buffer(
+            Buffer, cfg.buffer.path, cfg.buffer.capacity, cfg.buffer.sync
+        )
+        metas = point_meta(cfg)
+        ids: dict[str, int] = await self._on_buffer(buffer.registry.ensure, metas)
+        self.pipeline = Pipeline(
+            {
+                ids[f"{d.name}/{p.name}"]: [_stage(s) for s in p.pipeline]
+                for d in cfg.devices
+                for p in d.points
+                if p.pipeline
+            }
+        )
+        self.drivers = self._build_drivers(ids)
+        meta = wire.encode_meta(
+            {
+                "v": 1,
+                "gateway": cfg.gateway.id,
+                "site": cfg.gateway.site,
+                "location": cfg.gateway.location.model_dump() if cfg.gateway.location else None,
+                "stream": buffer.stream_id,
+                "points": [{"id": ids[m["key"]], **m} for m in metas],
+            }
+        )
+        up = cfg.uplink
+        self.uplink = Uplink(
+            UplinkSettings(
+                broker=up.broker,
+                gateway_id=cfg.gateway.id,
+                client_id=up.client_id or f"citygw-{cfg.gateway.id}",
+                topic_prefix=up.topic_prefix,
+                username=up.username,
+                password=up.password.get_secret_value() if up.password else None,
+                ca_file=str(up.ca_file) if up.ca_file else None,
+                cert_file=str(up.cert_file) if up.cert_file else None,
+                key_file=str(up.key_file) if up.key_file else None,
+                window=up.window,
+                keepalive=up.keepalive,
+                ack_timeout=up.ack_timeout,
+                backoff_min=up.backoff_min,
+                backoff_max=up.backoff_max,
+            ),
+            BufferPort(self._peek, self._ack),
+            buffer.stream_id,
+            meta,
+        )
+        for driver in self.drivers:
+            self._driver_tasks.append(
+                asyncio.create_task(self._run_driver(driver), name=f"driver:{driver.name}")
+            )
+        self._tasks += [
+            asyncio.create_task(self.uplink.run(), name="uplink"),
+            asyncio.create_task(self._flush_loop(), name="flush"),
+            asyncio.create_task(self._status_loop(), name="status"),
+        ]
+        self.uplink.wake()  # a backlog from before a restart
+        log.info(
+            "agent started",
+            extra={
+                "gateway": cfg.gateway.id,
+                "devices": len(cfg.devices),
+                "points": len(metas),
+                "buffer": str(cfg.buffer.path),
+                "codec": codec.FORMAT_VERSION,
+            },
+        )
+
+    def _build_drivers(self, ids: dict[str, int]) -> list[Driver]:
+        by_driver: dict[str, list[DeviceSpec]] = {}
+        for d in self.config.devices:
+            if not d.enabled:
+                continue
+            points = tuple(
+                PointSpec(
+                    id=ids[f"{d.name}/{p.name}"],
+                    key=f"{d.name}/{p.name}",
+                    name=p.name,
+                    unit=p.unit,
+                    kind=p.type,
+                    writable=p.writable,
+                    settings=p.settings,
+                )
+                for p in d.points
+            )
+            by_driver.setdefault(d.driver, []).append(
+                DeviceSpec(name=d.name, poll_s=d.poll, settings=d.settings, points=points)
+            )
+        return [load_driver(name)(devices) for name, devices in by_driver.items()]
+
+    async def _run_driver(self, driver: Driver) -> None:
+        # A driver that crashes is restarted; it must not take the agent down.
+        while True:
+            try:
+                await driver.run(self.queue)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("driver crashed, restarting in 5 s", extra={"driver": driver.name})
+                await asyncio.sleep(5.0)
+
+    # -- buffer thread ---------------------------------------------------------
+
+    async def _peek(self, limit: int, exclude: Collection[int]) -> list[Message]:
+        assert self.buffer is not None
+        return await self._on_buffer(self.buffer.peek, limit, tuple(exclude))
+
+    async def _ack(self, seqs: Sequence[int]) -> int:
+        assert self.buffer is not None
+        return await self._on_buffer(self.buffer.ack, list(seqs))
+
+    def _flush_sync(self, batches: list[Batch]) -> int:
+        """Runs on the buffer thread: pipeline, encode, one append transaction."""
+        assert self.buffer is not None
+        batch = Batch.concat(batches)
+        batch, counts = self.pipeline.process(batch)
+        c = self.counters
+        c.flagged += counts.flagged
+        c.dropped += counts.dropped
+        if counts.flagged or counts.dropped:
+            n = self._throttle.ready("pipeline", counts.flagged + counts.dropped)
+            if n is not None:
+                log.warning(
+                    "readings out of range",
+                    extra={"flagged": counts.flagged, "dropped": counts.dropped, "since_last": n},
+                )
+        if not len(batch):
+            return 0
+        step = self.config.uplink.max_batch_points
+        items = []
+        for start in range(0, len(batch), step):
+            chunk = batch.slice(start, start + step)
+            payload = codec.encode(chunk)
+            items.append((Lane.TELEMETRY, payload, len(chunk)))
+        self.buffer.append_many(items)
+        c.sent += len(batch)
+        c.encoded_bytes += sum(len(p) for _, p, _ in items)
+        c.flushes += 1
+        return len(batch)
+
+    async def flush(self) -> int:
+        batches = self.queue.take()
+        if not batches:
+            return 0
+        try:
+            n: int = await self._on_buffer(self._flush_sync, batches)
+        except Exception as exc:
+            # The buffer refused (disk full, I/O error): these readings are lost; say so.
+            lost = sum(len(b) for b in batches)
+            log.error(
+                "flush to buffer failed, readings lost",
+                extra={"readings": lost, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            self.counters.dropped += lost
+            return 0
+        if n and self.uplink is not None:
+            self.uplink.wake()
+        return n
+
+    async def _flush_loop(self) -> None:
+        interval = self.config.buffer.flush_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush()
+
+    # -- status ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "started_ms": self.started_ms,
+            "updated_ms": time.time_ns() // 1_000_000,
+            "counters": asdict(self.counters),
+            "uplink": self.uplink.status.as_dict() if self.uplink else None,
+            "devices": {
+                name: h.as_dict() for drv in self.drivers for name, h in drv.health().items()
+            },
+        }
+
+    async def write_status(self) -> None:
+        assert self.buffer is not None
+        await self._on_buffer(self.buffer.put_state, "agent", self.snapshot())
+
+    async def _status_loop(self) -> None:
+        while True:
+            await self.write_status()
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+    # -- stop ------------------------------------------------------------------
+
+    async def buffer_depth(self) -> int:
+        """Messages still in the buffer (all lanes)."""
+        assert self.buffer is not None
+        stats = await self._on_buffer(self.buffer.stats)
+        return sum(lane.messages for lane in stats.lanes.values())
+
+    async def stop_drivers(self) -> None:
+        for task in self._driver_tasks:
+            task.cancel()
+        await asyncio.gather(*self._driver_tasks, return_exceptions=True)
+        self._driver_tasks.clear()
+
+    async def drain(self, timeout: float) -> bool:
+        """Waits until the uplink has emptied the buffer; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.buffer_depth() == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return await self.buffer_depth() == 0
+
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        """Graceful stop: drivers first, then flush what is in memory into the buffer,
+        optionally wait for the uplink to drain, then stop the rest."""
+        await self.stop_drivers()
+        await self.flush()
+        if drain_timeout > 0:
+            await self.drain(drain_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.buffer is not None:
+            await self.write_status()
+            await self._on_buffer(self.buffer.close)
+        self._executor.shutdown(wait=True)
+        log.info("agent stopped", extra={**asdict(self.counters)})
+
+
+async def run_agent(config: Config, stop: asyncio.Event) -> Agent:
+    agent = Agent(config)
+    await agent.start()
+    await stop.wait()
+    await agent.stop()
+    return agent

@@ -1,0 +1,128 @@
+"""What `citygw status` and `citygw buffer inspect` show, read from the buffer
+database without disturbing the running agent (read-only open): queue depth per
+lane, oldest unsent reading, evictions, the last PUBACK, the uplink state and the
+health of every device, as the agent last recorded them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+
+from agent.runtime import STATUS_INTERVAL_S
+from buffer import Buffer, BufferStats, Lane
+from native import codec
+
+
+def _age(ms: int | None, now_ms: int) -> str:
+    if ms is None:
+        return "never"
+    s = max(0.0, (now_ms - ms) / 1000.0)
+    if s < 120:
+        return f"{s:.1f} s ago"
+    if s < 7200:
+        return f"{s / 60:.1f} min ago"
+    return f"{s / 3600:.1f} h ago"
+
+
+def collect(buffer_path: Path) -> tuple[BufferStats, dict[str, Any]]:
+    with Buffer.open_readonly(buffer_path) as buf:
+        return buf.stats(), buf.get_state()
+
+
+def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None = None) -> Group:
+    now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
+    agent = state.get("agent") or {}
+    updated = agent.get("updated_ms")
+    running = updated is not None and now_ms - updated < 3 * STATUS_INTERVAL_S * 1000
+
+    lanes = Table(title="buffer", show_lines=False)
+    for col in ("lane", "batches", "readings", "bytes", "oldest unsent"):
+        lanes.add_column(col, justify="right" if col != "lane" else "left")
+    for lane in Lane:
+        ls = stats.lanes[lane]
+        lanes.add_row(
+            lane.name.lower(),
+            str(ls.messages),
+            str(ls.points),
+            str(ls.bytes),
+            _age(ls.oldest_created_ms, now_ms),
+        )
+    lanes.caption = (
+        f"{stats.total_bytes} of {stats.capacity_bytes} bytes used · "
+        f"evicted: {stats.evicted_points} readings in {stats.evicted_messages} batches · "
+        f"last ack: {_age(stats.last_ack_ms, now_ms)}"
+    )
+
+    up = agent.get("uplink") or {}
+    summary = Table(show_header=False, title="agent")
+    summary.add_row(
+        "agent", "running" if running else f"not running (last seen {_age(updated, now_ms)})"
+    )
+    summary.add_row(
+        "uplink",
+        str(up.get("state", "unknown"))
+        + (f" — last error: {up['last_error']}" if up.get("last_error") else ""),
+    )
+    summary.add_row("last PUBACK", _age(up.get("last_puback_ms"), now_ms))
+    counters = agent.get("counters") or {}
+    for key in ("read", "sent", "refused", "flagged", "dropped"):
+        summary.add_row(key, str(counters.get(key, 0)))
+    if state.get("buffer_recovered"):
+        summary.add_row(
+            "buffer recovered", f"corrupt database moved to {state['buffer_recovered']}"
+        )
+
+    devices = Table(title="devices")
+    for col in ("device", "last success", "polls", "errors", "in a row", "skipped", "last error"):
+        devices.add_column(col)
+    for name, h in sorted((agent.get("devices") or {}).items()):
+        devices.add_row(
+            name,
+            _age(h.get("last_success_ms"), now_ms),
+            str(h.get("polls", 0)),
+            str(h.get("errors", 0)),
+            str(h.get("consecutive_failures", 0)),
+            str(h.get("skipped_polls", 0)),
+            h.get("last_error") or "",
+        )
+    return Group(summary, lanes, devices)
+
+
+def render_inspect(buffer_path: Path, limit: int = 20) -> Group:
+    with Buffer.open_readonly(buffer_path) as buf:
+        stats = buf.stats()
+        messages = buf.peek(limit)
+        points = buf.registry.all()
+        stream = buf.stream_id
+    now_ms = time.time_ns() // 1_000_000
+    head = Table(show_header=False, title=f"buffer {buffer_path}")
+    head.add_row("stream id", stream)
+    head.add_row("file size", f"{buffer_path.stat().st_size} bytes")
+    head.add_row("registered points", str(len(points)))
+    head.add_row("payload bytes held", f"{stats.total_bytes} of {stats.capacity_bytes}")
+    head.add_row("evicted", f"{stats.evicted_points} readings in {stats.evicted_messages} batches")
+    table = Table(title=f"next {len(messages)} batches to send")
+    for col in ("seq", "lane", "readings", "bytes", "created", "time span", "note"):
+        table.add_column(col)
+    for m in messages:
+        span, note = "", ""
+        try:
+            b = codec.decode(m.payload)
+            if len(b):
+                span = f"{(max(b.timestamps) - min(b.timestamps)) / 1000:.1f} s"
+        except codec.CodecError as exc:
+            note = f"undecodable: {exc}"
+        table.add_row(
+            str(m.seq),
+            m.lane.name.lower(),
+            str(m.n_points),
+            str(len(m.payload)),
+            _age(m.created_ms, now_ms),
+            span,
+            note,
+        )
+    return Group(head, table)

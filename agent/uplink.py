@@ -1,0 +1,230 @@
+"""The uplink: forwards the buffer to the platform broker over MQTT, QoS 1.
+
+A window of batches is in flight at once; a batch is deleted from the buffer only
+when its PUBACK arrives. On any connection error every in-flight batch is simply
+forgotten: it is still in the buffer, and after reconnecting (exponential backoff
+with jitter) it is peeked and sent again with its original sequence number, which
+the platform uses to drop the duplicate. Alarms are peeked before events, events
+before telemetry, so an alarm takes the next free slot of the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+
+from agent import wire
+from agent.mqtt_url import BrokerAddress, tls_context
+from buffer import Lane, Message
+
+log = logging.getLogger("citygw.uplink")
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkSettings:
+    broker: str
+    gateway_id: str
+    client_id: str
+    topic_prefix: str = "citygw"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    window: int = 8
+    keepalive: float = 30.0
+    ack_timeout: float = 10.0
+    backoff_min: float = 1.0
+    backoff_max: float = 60.0
+
+
+class BufferPort:
+    """The buffer operations the uplink needs, run on the agent's buffer thread."""
+
+    def __init__(
+        self,
+        peek: Callable[[int, Collection[int]], Awaitable[list[Message]]],
+        ack: Callable[[Sequence[int]], Awaitable[int]],
+    ) -> None:
+        self.peek = peek
+        self.ack = ack
+
+
+@dataclass(slots=True)
+class UplinkStatus:
+    state: str = "starting"  # starting | connecting | online | backoff | stopped
+    connected_since_ms: int | None = None
+    last_puback_ms: int | None = None
+    last_error: str | None = None
+    connects: int = 0
+    published_messages: int = 0
+    published_points: int = 0
+    published_bytes: int = 0  # payload bytes of acknowledged batches
+    resent_messages: int = 0
+    seen_seqs: set[int] = field(default_factory=set, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "connected_since_ms": self.connected_since_ms,
+            "last_puback_ms": self.last_puback_ms,
+            "last_error": self.last_error,
+            "connects": self.connects,
+            "published_messages": self.published_messages,
+            "published_points": self.published_points,
+            "published_bytes": self.published_bytes,
+            "resent_messages": self.resent_messages,
+        }
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [lo, min(hi, lo * 2**attempt)]."""
+    cap = min(hi, lo * (2 ** min(attempt, 30)))
+    return rng.uniform(lo, max(lo, cap))
+
+
+class Uplink:
+    def __init__(
+        self, settings: UplinkSettings, buffer: BufferPort, stream_id: str, meta: bytes
+    ) -> None:
+        self.s = settings
+        self.buffer = buffer
+        self.stream_id = stream_id
+        self.meta = meta
+        self.status = UplinkStatus()
+        self._address = BrokerAddress.parse(settings.broker)
+        self._wake = asyncio.Event()
+        self._rng = random.Random()
+        gw, prefix = settings.gateway_id, settings.topic_prefix
+        self._topics = {
+            Lane.ALARM: wire.topic(prefix, gw, "up/alarm"),
+            Lane.EVENT: wire.topic(prefix, gw, "up/batch"),
+            Lane.TELEMETRY: wire.topic(prefix, gw, "up/batch"),
+        }
+        self._state_topic = wire.topic(prefix, gw, "state")
+        self._meta_topic = wire.topic(prefix, gw, "up/meta")
+
+    def wake(self) -> None:
+        """New data is in the buffer."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Connects, forwards, reconnects; until cancelled."""
+        attempt = 0
+        try:
+            while True:
+                self.status.state = "connecting"
+                try:
+                    await self._session()
+                except aiomqtt.MqttError as exc:
+                    self.status.last_error = str(exc)
+                except OSError as exc:  # TLS files, DNS, refused before aiomqtt wraps it
+                    self.status.last_error = f"{type(exc).__name__}: {exc}"
+                if self.status.connected_since_ms is not None:
+                    attempt = 0  # it was up: start the backoff again from the bottom
+                self.status.connected_since_ms = None
+                delay = backoff_delay(attempt, self.s.backoff_min, self.s.backoff_max, self._rng)
+                attempt += 1
+                self.status.state = "backoff"
+                log.warning(
+                    "uplink down, retrying",
+                    extra={
+                        "broker": self.s.broker,
+                        "error": self.status.last_error,
+                        "retry_in_s": round(delay, 2),
+                    },
+                )
+                await asyncio.sleep(delay)
+        finally:
+            self.status.state = "stopped"
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.s
+        return aiomqtt.Client(
+            self._address.host,
+            self._address.port,
+            identifier=s.client_id,
+            username=s.username,
+            password=s.password,
+            tls_context=tls_context(s.ca_file, s.cert_file, s.key_file)
+            if self._address.tls
+            else None,
+            keepalive=max(1, int(s.keepalive)),
+            clean_session=True,  # resends come from the buffer, not the client's session
+            will=aiomqtt.Will(self._state_topic, b"offline", qos=1, retain=True),
+            max_inflight_messages=s.window + 2,  # + state and meta
+            timeout=s.ack_timeout,
+        )
+
+    async def _session(self) -> None:
+        async with self._client() as client:
+            self.status.connects += 1
+            self.status.connected_since_ms = time.time_ns() // 1_000_000
+            self.status.state = "online"
+            log.info("uplink connected", extra={"broker": self.s.broker})
+            await client.publish(self._state_topic, b"online", qos=1, retain=True)
+            await client.publish(self._meta_topic, self.meta, qos=1, retain=True)
+            try:
+                await self._pump(client)
+            finally:
+                # a clean goodbye: the will only fires on an unclean one
+                if self.status.state == "online":
+                    with contextlib.suppress(aiomqtt.MqttError):
+                        await client.publish(
+                            self._state_topic, b"offline", qos=1, retain=True, timeout=1.0
+                        )
+
+    async def _publish(self, client: aiomqtt.Client, msg: Message) -> Message:
+        payload = wire.wrap(msg.lane, self.stream_id, msg.seq, msg.n_points, msg.payload)
+        await client.publish(self._topics[msg.lane], payload, qos=1, timeout=self.s.ack_timeout)
+        return msg
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
+        inflight: dict[int, asyncio.Task[Message]] = {}
+        try:
+            while True:
+                self._wake.clear()
+                free = self.s.window - len(inflight)
+                if free > 0:
+                    for msg in await self.buffer.peek(free, inflight.keys()):
+                        if msg.seq in self.status.seen_seqs:
+                            self.status.resent_messages += 1
+                        inflight[msg.seq] = asyncio.create_task(self._publish(client, msg))
+                if not inflight:
+                    await self._wake.wait()
+                    continue
+                wake = asyncio.create_task(self._wake.wait())
+                await asyncio.wait([*inflight.values(), wake], return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+                # result() re-raises a publish error, which ends the session: reconnect
+                acked = [task.result() for task in inflight.values() if task.done()]
+                for msg in acked:
+                    del inflight[msg.seq]
+                if acked:
+                    await self._acked(acked)
+        finally:
+            for task in inflight.values():
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: the first error already ended the session
+                task.cancel()
+            if len(self.status.seen_seqs) > 10_000:  # acks discard them; eviction does not
+                self.status.seen_seqs.clear()
+            self.status.seen_seqs.update(inflight)
+
+    async def _acked(self, msgs: list[Message]) -> None:
+        await self.buffer.ack([m.seq for m in msgs])
+        st = self.status
+        st.last_puback_ms = time.time_ns() // 1_000_000
+        st.published_messages += len(msgs)
+        for m in msgs:
+            st.published_points += m.n_points
+            st.published_bytes += len(m.payload)
+            st.seen_seqs.discard(m.seq)

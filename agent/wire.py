@@ -1,0 +1,365 @@
+"""The wire format between a gateway and the platform, sans-I/O: bytes in, objects out.
+
+Topics (``prefix`` is configurable, default ``citygw``)::
+
+    <prefix>/<gateway>/up/batch   telemetry and event lanes (binary envelope)
+    <prefix>/<gateway>/up/alarm   alarm lane (binary envelope)
+    <prefix>/<gateway>/up/meta    retained, JSON point registry (see `encode_meta`)
+    <prefix>/<gateway>/state      retained text "online" / "offline" (last will "offline")
+
+Uplink envelope: a fixed 32-byte big-endian header, then the codec body::
+
+    offset size field
+    0      2    magic b"CG"
+    2      1    envelope version (1)
+    3      1    lane: 0 alarm, 1 event, 2 telemetry
+    4      16   stream id: raw bytes of a uuid, created once by the gateway's buffer
+    20     8    seq (uint64), per stream
+    28     4    n_points (uint32), readings in the body
+    32     ...  codec payload (`native.codec`)
+
+The platform deduplicates on (gateway, stream, seq). Every parser here raises only
+`WireError` (a `ValueError`) on bad input, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+DEFAULT_PREFIX: Final = "citygw"
+
+MAGIC: Final = b"CG"
+VERSION: Final = 1
+HEADER: Final = struct.Struct(">2sBB16sQI")
+HEADER_SIZE: Final = HEADER.size  # 32
+
+LANE_ALARM: Final = 0
+LANE_EVENT: Final = 1
+LANE_TELEMETRY: Final = 2
+LANES: Final = frozenset({LANE_ALARM, LANE_EVENT, LANE_TELEMETRY})
+LANE_NAMES: Final = {LANE_ALARM: "alarm", LANE_EVENT: "event", LANE_TELEMETRY: "telemetry"}
+
+# topic kinds, i.e. what follows "<prefix>/<gateway>/"
+KIND_BATCH: Final = "up/batch"
+KIND_ALARM: Final = "up/alarm"
+KIND_META: Final = "up/meta"
+KIND_STATE: Final = "state"
+KINDS: Final = frozenset({KIND_BATCH, KIND_ALARM, KIND_META, KIND_STATE})
+
+STATE_ONLINE: Final = b"online"
+STATE_OFFLINE: Final = b"offline"
+
+META_VERSION: Final = 1
+MAX_U32: Final = 2**32 - 1
+MAX_U64: Final = 2**64 - 1
+
+_STREAM_RE: Final = re.compile(r"[0-9a-f]{32}")
+
+
+class WireError(ValueError):
+    """Input that is not a valid citygw topic, envelope or meta message."""
+
+
+# -- topics ---------------------------------------------------------------------------------
+
+
+def _check_level(value: str, what: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise WireError(f"{what} must be a non-empty string")
+    if any(c in value for c in "/+#\x00"):
+        raise WireError(f"{what} {value!r} must not contain '/', '+', '#' or NUL")
+
+
+def _check_prefix(prefix: str) -> None:
+    if not isinstance(prefix, str) or not prefix:
+        raise WireError("topic prefix must be a non-empty string")
+    for level in prefix.split("/"):
+        _check_level(level, "topic prefix level")
+
+
+def topic(prefix: str, gateway: str, kind: str) -> str:
+    """`topic("citygw", "gw-1", "up/batch")` -> ``"citygw/gw-1/up/batch"``."""
+    _check_prefix(prefix)
+    _check_level(gateway, "gateway id")
+    if kind not in KINDS:
+        raise WireError(f"unknown topic kind {kind!r}; expected one of {sorted(KINDS)}")
+    return f"{prefix}/{gateway}/{kind}"
+
+
+def batch_topic(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return topic(prefix, gateway, KIND_BATCH)
+
+
+def alarm_topic(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return topic(prefix, gateway, KIND_ALARM)
+
+
+def meta_topic(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return topic(prefix, gateway, KIND_META)
+
+
+def state_topic(gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    return topic(prefix, gateway, KIND_STATE)
+
+
+def lane_topic(lane: int, gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The topic a lane is published on: alarms on up/alarm, the rest on up/batch."""
+    if lane not in LANES:
+        raise WireError(f"unknown lane {lane!r}")
+    return topic(prefix, gateway, KIND_ALARM if lane == LANE_ALARM else KIND_BATCH)
+
+
+def uplink_filter(prefix: str = DEFAULT_PREFIX, group: str | None = None) -> str:
+    """The platform's subscription: ``$share/<group>/<prefix>/+/up/#`` (or unshared)."""
+    _check_prefix(prefix)
+    base = f"{prefix}/+/up/#"
+    if not group:
+        return base
+    _check_level(group, "shared subscription group")
+    return f"$share/{group}/{base}"
+
+
+def ingest_filters(prefix: str = DEFAULT_PREFIX, group: str | None = None) -> list[str]:
+    """What an ingest worker subscribes to. Unshared: ``<prefix>/+/up/#``. In a group:
+    the batch and alarm topics shared (``$share/<group>/<prefix>/+/up/batch`` and
+    ``.../up/alarm``: each uplink goes to one worker), and ``<prefix>/+/up/meta``
+    unshared, because a broker never sends retained messages to a shared subscription
+    and every worker should know every gateway's points (the upsert is idempotent)."""
+    if not group:
+        return [uplink_filter(prefix, None)]
+    _check_prefix(prefix)
+    _check_level(group, "shared subscription group")
+    return [
+        f"$share/{group}/{prefix}/+/{KIND_BATCH}",
+        f"$share/{group}/{prefix}/+/{KIND_ALARM}",
+        f"{prefix}/+/{KIND_META}",
+    ]
+
+
+def parse_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
+    """``"citygw/gw-1/up/batch"`` -> ``("gw-1", "up/batch")``; anything else: WireError."""
+    if not isinstance(topic, str):
+        raise WireError("topic must be a string")
+    head = prefix + "/"
+    if not topic.startswith(head):
+        raise WireError(f"topic {topic[:200]!r} does not start with prefix {prefix!r}")
+    gateway, sep, kind = topic[len(head) :].partition("/")
+    if not sep or kind not in KINDS:
+        raise WireError(f"topic {topic[:200]!r} is not a citygw uplink/state topic")
+    _check_level(gateway, "gateway id")
+    return gateway, kind
+
+
+def lane_matches_kind(lane: int, kind: str) -> bool:
+    """Alarms travel on up/alarm, events and telemetry on up/batch."""
+    if kind == KIND_ALARM:
+        return lane == LANE_ALARM
+    if kind == KIND_BATCH:
+        return lane in (LANE_EVENT, LANE_TELEMETRY)
+    return False
+
+
+# -- envelope -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    lane: int
+    stream: str  # 32 lowercase hex digits
+    seq: int
+    n_points: int
+    body: bytes
+
+    @property
+    def lane_name(self) -> str:
+        return LANE_NAMES.get(self.lane, str(self.lane))
+
+
+def stream_bytes(stream_id_hex: str) -> bytes:
+    """A uuid as 32 hex digits (dashes allowed) -> its 16 raw bytes."""
+    if not isinstance(stream_id_hex, str):
+        raise WireError("stream id must be a hex string")
+    s = stream_id_hex.replace("-", "").lower()
+    if not _STREAM_RE.fullmatch(s):
+        raise WireError(f"stream id {stream_id_hex[:64]!r} is not 32 hex digits")
+    return bytes.fromhex(s)
+
+
+def wrap(lane: int, stream_id_hex: str, seq: int, n_points: int, body: bytes) -> bytes:
+    """Header + codec body, ready to publish."""
+    lane = int(lane)
+    if lane not in LANES:
+        raise WireError(f"unknown lane {lane}")
+    if not 0 <= seq <= MAX_U64:
+        raise WireError(f"seq {seq} out of uint64 range")
+    if not 0 <= n_points <= MAX_U32:
+        raise WireError(f"n_points {n_points} out of uint32 range")
+    return HEADER.pack(MAGIC, VERSION, lane, stream_bytes(stream_id_hex), seq, n_points) + bytes(
+        body
+    )
+
+
+def unwrap(data: bytes | bytearray | memoryview) -> Envelope:
+    """Parse an uplink envelope. Raises WireError (only) on anything that is not one."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError(f"envelope must be bytes, not {type(data).__name__}")
+    raw = bytes(data)
+    if len(raw) < HEADER_SIZE:
+        raise WireError(f"envelope too short: {len(raw)} bytes, header needs {HEADER_SIZE}")
+    magic, version, lane, stream, seq, n_points = HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise WireError(f"bad envelope magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise WireError(f"unknown envelope version {version} (this platform understands {VERSION})")
+    if lane not in LANES:
+        raise WireError(f"unknown lane {lane} in envelope")
+    return Envelope(lane, stream.hex(), seq, n_points, raw[HEADER_SIZE:])
+
+
+# -- meta -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PointMeta:
+    id: int
+    key: str  # "<device>/<name>"
+    device: str
+    name: str
+    unit: str = ""
+    driver: str = ""
+    type: str = "float"
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    gateway: str
+    stream: str
+    points: tuple[PointMeta, ...]
+    site: str | None = None
+    location: dict[str, Any] | None = None
+    v: int = META_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": self.v,
+            "gateway": self.gateway,
+            "site": self.site,
+            "location": self.location,
+            "stream": self.stream,
+            "points": [
+                {
+                    "id": p.id,
+                    "key": p.key,
+                    "device": p.device,
+                    "name": p.name,
+                    "unit": p.unit,
+                    "driver": p.driver,
+                    "type": p.type,
+                }
+                for p in self.points
+            ],
+        }
+
+
+def _str(obj: Mapping[str, Any], field: str, where: str, *, optional: bool = False) -> str:
+    if field not in obj:
+        if optional:
+            return ""
+        raise WireError(f"meta {where}: missing field {field!r}")
+    value = obj[field]
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise WireError(f"meta {where}: field {field!r} must be a string")
+    return value
+
+
+def _point(obj: Any, i: int) -> PointMeta:
+    where = f"points[{i}]"
+    if not isinstance(obj, Mapping):
+        raise WireError(f"meta {where}: must be an object")
+    if "id" not in obj:
+        raise WireError(f"meta {where}: missing field 'id'")
+    pid = obj["id"]
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid <= MAX_U32:
+        raise WireError(f"meta {where}: 'id' must be an integer in 0..2**32-1")
+    key = _str(obj, "key", where)
+    if not key:
+        raise WireError(f"meta {where}: 'key' must not be empty")
+    return PointMeta(
+        id=pid,
+        key=key,
+        device=_str(obj, "device", where),
+        name=_str(obj, "name", where),
+        unit=_str(obj, "unit", where, optional=True),
+        driver=_str(obj, "driver", where, optional=True),
+        type=_str(obj, "type", where, optional=True) or "float",
+    )
+
+
+def meta_from_dict(obj: Any) -> Meta:
+    """Validate a decoded meta object. Unknown fields are ignored (forward compatible)."""
+    if not isinstance(obj, Mapping):
+        raise WireError("meta must be a JSON object")
+    if "v" not in obj:
+        raise WireError("meta: missing field 'v'")
+    if obj["v"] != META_VERSION or isinstance(obj["v"], bool):
+        raise WireError(f"meta: unknown version {obj['v']!r} (this platform understands 1)")
+    gateway = _str(obj, "gateway", "")
+    try:
+        _check_level(gateway, "gateway id")
+    except WireError as e:
+        raise WireError(f"meta: {e}") from None
+    stream = _str(obj, "stream", "")
+    stream = stream_bytes(stream).hex()
+    site = obj.get("site")
+    if site is not None and not isinstance(site, str):
+        raise WireError("meta: 'site' must be a string or null")
+    location = obj.get("location")
+    if location is not None and not isinstance(location, Mapping):
+        raise WireError("meta: 'location' must be an object or null")
+    if "points" not in obj:
+        raise WireError("meta: missing field 'points'")
+    raw_points = obj["points"]
+    if not isinstance(raw_points, list):
+        raise WireError("meta: 'points' must be a list")
+    points = tuple(_point(p, i) for i, p in enumerate(raw_points))
+    if len({p.id for p in points}) != len(points):
+        raise WireError("meta: duplicate point id")
+    if len({p.key for p in points}) != len(points):
+        raise WireError("meta: duplicate point key")
+    return Meta(
+        gateway=gateway,
+        stream=stream,
+        points=points,
+        site=site,
+        location=dict(location) if location is not None else None,
+    )
+
+
+def encode_meta(meta: Mapping[str, Any] | Meta) -> bytes:
+    """Validate and serialise a meta message (JSON). Raises WireError if invalid."""
+    if isinstance(meta, Meta):
+        obj: Mapping[str, Any] = meta.to_dict()
+    else:
+        obj = meta
+    meta_from_dict(obj)
+    try:
+        return orjson.dumps(obj)
+    except TypeError as e:
+        raise WireError(f"meta is not JSON-serialisable: {e}") from None
+
+
+def decode_meta(data: bytes | bytearray | memoryview | str) -> Meta:
+    """Parse and validate a meta message. Raises WireError (only) on bad input."""
+    try:
+        obj = orjson.loads(data)
+    except (orjson.JSONDecodeError, TypeError) as e:
+        raise WireError(f"meta is not valid JSON: {e}") from None
+    return meta_from_dict(obj)

@@ -1,0 +1,205 @@
+"""End-to-end throughput: sim -> pipeline -> buffer -> private mosquitto -> ingest.
+
+The real agent (`citygw run`) runs as a subprocess pinned to one core; the ingest
+(`citygw ingest`, SQLite store) runs as another process. For each offered rate,
+in increasing steps, the benchmark warms up, then measures over a fixed window:
+readings stored by ingest per second, the agent's CPU seconds per million
+readings and its RSS. A step counts as sustained when the agent refused no poll
+and its buffer did not grow over the window. The last line reports the highest
+sustained step:
+
+    e2e: points_per_s=<N> cpu_s_per_mpoint=<X.XX> rss_mb=<N> bytes_per_point=<X.XX>
+
+Everything is loopback and bounded: at most len(RATES) steps of WARMUP+WINDOW s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.broker import Mosquitto  # noqa: E402
+from buffer import Buffer  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEVICES = 50
+POLL_S = 0.1
+
+
+@dataclass
+class Step:
+    offered: int
+    points_per_s: float
+    cpu_s_per_mpoint: float
+    rss_mb: float
+    bytes_per_point: float
+    buffer_growth: int
+    refused: int
+
+    @property
+    def sustained(self) -> bool:
+        return self.refused == 0 and self.buffer_growth <= self.offered  # <= ~1 flush behind
+
+
+def proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def config_text(gateway: str, broker: str, buffer: Path, rate: int) -> str:
+    points = max(1, rate // int(DEVICES / POLL_S))
+    out = [
+        f'[gateway]\nid = "{gateway}"\n',
+        f'[uplink]\nbroker = "{broker}"\nwindow = 16\nmax_batch_points = 20000\n',
+        f'[buffer]\npath = "{buffer}"\ncapacity = "512MB"\nflush_interval = "1s"\n'
+        "max_memory_points = 2000000\n",
+    ]
+    for d in range(DEVICES):
+        out.append(
+            f'[[devices]]\nname = "dev-{d}"\ndriver = "sim"\npoll = "{int(POLL_S * 1000)}ms"\n'
+            f"seed = {d}\n"
+        )
+        for p in range(points):
+            out.append(
+                f'[[devices.points]]\nname = "p{p}"\nbase = {20 + p % 50}.0\namplitude = 2.0\n'
+                f'period = "{60 + p}s"\nnoise = 0.05\nresolution = 0.01\n'
+                'pipeline = [{ type = "range", min = -1000.0, max = 1000.0 }]\n'
+            )
+    return "\n".join(out)
+
+
+def stored(db: Path, gateway: str) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        row = conn.execute(
+            "SELECT COALESCE(SUM(n_points), 0) FROM uplinks WHERE gateway = ?", (gateway,)
+        ).fetchone()
+    return int(row[0])
+
+
+def buffered(path: Path) -> tuple[int, dict]:
+    with Buffer.open_readonly(path) as buf:
+        stats, state = buf.stats(), buf.get_state()
+    return sum(s.points for s in stats.lanes.values()), state.get("agent") or {}
+
+
+def run_step(
+    rate: int, broker: Mosquitto, ingest_db: Path, work: Path, warmup: float, window: float
+) -> Step:
+    gateway = f"gw-bench-{rate}"
+    cfg = work / f"{gateway}.toml"
+    buf = work / f"{gateway}.db"
+    cfg.write_text(config_text(gateway, broker.url, buf, rate))
+    with (work / f"{gateway}.log").open("wb") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "-c", str(cfg), "--log-level", "WARNING"],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        os.sched_setaffinity(agent.pid, {0})
+        time.sleep(warmup)
+        s0, c0, (b0, st0) = stored(ingest_db, gateway), proc_cpu_s(agent.pid), buffered(buf)
+        t0 = time.monotonic()
+        time.sleep(window)
+        s1, c1, (b1, st1) = stored(ingest_db, gateway), proc_cpu_s(agent.pid), buffered(buf)
+        t1 = time.monotonic()
+        rss = proc_rss_mb(agent.pid)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+    n = s1 - s0
+
+    def delta(section: str, key: str) -> int:
+        return int((st1.get(section) or {}).get(key, 0)) - int((st0.get(section) or {}).get(key, 0))
+
+    published = delta("uplink", "published_points")
+    return Step(
+        offered=rate,
+        points_per_s=n / (t1 - t0),
+        cpu_s_per_mpoint=(c1 - c0) / (n / 1e6) if n else float("inf"),
+        rss_mb=rss,
+        bytes_per_point=delta("uplink", "published_bytes") / published if published else 0.0,
+        buffer_growth=b1 - b0,
+        refused=(st1.get("counters") or {}).get("refused", 0),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rates", default="25000,50000,100000,150000,200000")
+    ap.add_argument("--warmup", type=float, default=4.0)
+    ap.add_argument("--window", type=float, default=10.0)
+    args = ap.parse_args()
+    rates = [int(r) for r in args.rates.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="citygw-bench-"))
+    ingest_db = work / "platform.db"
+    with Mosquitto(workdir=work) as broker, (work / "ingest.log").open("wb") as ingest_log:
+        ingest = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "ingest",
+                "--broker",
+                broker.url,
+                "--db",
+                f"sqlite:///{ingest_db}",
+                "--group",
+                "bench",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=ingest_log,
+        )
+        try:
+            os.sched_setaffinity(ingest.pid, {1 % os.cpu_count()})  # type: ignore[operator]
+            time.sleep(1.5)
+            best: Step | None = None
+            for rate in rates:
+                step = run_step(rate, broker, ingest_db, work, args.warmup, args.window)
+                print(
+                    f"offered={step.offered:>7} stored/s={step.points_per_s:>9.0f} "
+                    f"cpu_s/Mpt={step.cpu_s_per_mpoint:6.2f} rss_mb={step.rss_mb:5.1f} "
+                    f"B/pt={step.bytes_per_point:5.2f} buffer_growth={step.buffer_growth} "
+                    f"refused={step.refused} {'ok' if step.sustained else 'NOT sustained'}",
+                    flush=True,
+                )
+                if not step.sustained:
+                    break
+                best = step
+        finally:
+            ingest.terminate()
+            ingest.wait(timeout=30)
+    if best is None:
+        print("e2e: points_per_s=0 cpu_s_per_mpoint=0.00 rss_mb=0 bytes_per_point=0.00")
+        return
+    print(
+        f"e2e: points_per_s={best.points_per_s:.0f} cpu_s_per_mpoint={best.cpu_s_per_mpoint:.2f} "
+        f"rss_mb={best.rss_mb:.0f} bytes_per_point={best.bytes_per_point:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

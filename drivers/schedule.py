@@ -1,0 +1,41 @@
+"""Fixed-rate schedules that do not drift: tick k is due at start + k * period,
+whatever the previous poll took. A poll that overruns skips the ticks it missed
+(counted) instead of firing them back to back."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+
+
+def phase_for(name: str, period: float) -> float:
+    """A stable offset in [0, period) so that devices with the same period do not
+    all poll in the same instant."""
+    return (zlib.crc32(name.encode()) % 1000) / 1000.0 * period
+
+
+class FixedRate:
+    def __init__(self, period: float, phase: float = 0.0) -> None:
+        if period <= 0:
+            raise ValueError(f"period must be > 0, got {period}")
+        self.period = period
+        loop = asyncio.get_running_loop()
+        self._start = loop.time() + phase
+        self._tick = 0
+        self.missed = 0
+
+    async def wait(self) -> int:
+        """Sleeps until the next tick is due; returns how many ticks were missed."""
+        loop = asyncio.get_running_loop()
+        due = self._start + self._tick * self.period
+        now = loop.time()
+        missed = 0
+        if now > due + self.period:
+            missed = int((now - due) // self.period)
+            self._tick += missed
+            due = self._start + self._tick * self.period
+            self.missed += missed
+        self._tick += 1
+        if due > now:
+            await asyncio.sleep(due - now)
+        return missed

@@ -1,0 +1,93 @@
+"""Pure-Python twins of the kernels in ``_kernels.pyx``.
+
+They are the reference: same signatures, same in-place effects, same results, bit for
+bit. ``native.impl`` picks the compiled module when it is built and these otherwise;
+the tests run both on the same inputs and compare.
+"""
+
+from __future__ import annotations
+
+from array import array
+from itertools import accumulate
+
+# Per-point range actions in the action lookup array. 0 means "no range stage here",
+# so an all-zero table is a pass-through.
+ACTION_NONE = 0
+ACTION_FLAG = 1
+ACTION_DROP = 2
+
+BAD = 1  # native.batch.BAD; repeated so the kernels import nothing
+
+_MASK32 = (1 << 32) - 1
+_MASK64 = (1 << 64) - 1
+
+
+def range_check(
+    point_ids: array[int],
+    timestamps: array[int],
+    values: array[float],
+    quality: array[int],
+    lo: array[float],
+    hi: array[float],
+    action: array[int],
+) -> tuple[int, int, int]:
+    """Check each reading against its point's [lo, hi]; returns (kept, flagged, dropped).
+
+    ``lo``/``hi``/``action`` are indexed by point id (ids past their end pass through).
+    A reading fails when ``not lo <= v <= hi``, which makes NaN fail too. Flag sets its
+    quality to BAD; drop removes it by compacting all four columns in place, so the first
+    ``kept`` entries of each column are the result: the caller truncates the arrays.
+    """
+    n = len(point_ids)
+    if not (len(timestamps) == len(values) == len(quality) == n):
+        raise ValueError("range_check: columns differ in length")
+    n_table = len(action)
+    if len(lo) < n_table or len(hi) < n_table:
+        raise ValueError("range_check: lo/hi shorter than the action table")
+    kept = flagged = dropped = 0
+    for i in range(n):
+        pid = point_ids[i]
+        act = action[pid] if pid < n_table else ACTION_NONE
+        if act != ACTION_NONE and not (lo[pid] <= values[i] <= hi[pid]):
+            if act == ACTION_DROP:
+                dropped += 1
+                continue
+            flagged += 1
+            quality[i] = BAD
+        if kept != i:
+            point_ids[kept] = pid
+            timestamps[kept] = timestamps[i]
+            values[kept] = values[i]
+            quality[kept] = quality[i]
+        kept += 1
+    return kept, flagged, dropped
+
+
+def _delta_encode(col: array[int], mask: int) -> None:
+    items = col.tolist()
+    prev = [0, *items][: len(items)]
+    col[:] = array(col.typecode, [(b - a) & mask for a, b in zip(prev, items, strict=True)])
+
+
+def _delta_decode(col: array[int], mask: int) -> None:
+    col[:] = array(col.typecode, [x & mask for x in accumulate(col)])
+
+
+def delta_encode_u32(col: array[int]) -> None:
+    """In place: each uint32 becomes its difference to the one before (first: to 0), mod 2**32."""
+    _delta_encode(col, _MASK32)
+
+
+def delta_decode_u32(col: array[int]) -> None:
+    """In place: undo ``delta_encode_u32`` (running sum mod 2**32)."""
+    _delta_decode(col, _MASK32)
+
+
+def delta_encode_u64(col: array[int]) -> None:
+    """In place: each uint64 becomes its difference to the one before (first: to 0), mod 2**64."""
+    _delta_encode(col, _MASK64)
+
+
+def delta_decode_u64(col: array[int]) -> None:
+    """In place: undo ``delta_encode_u64`` (running sum mod 2**64)."""
+    _delta_decode(col, _MASK64)

@@ -1,0 +1,61 @@
+"""Shared fixtures: a private mosquitto per test, a private PostgreSQL schema per test.
+
+Both fail (never skip) when the service is missing: a skipped integration test looks
+like a passing one in CI.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.broker import BrokerError, Mosquitto
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A mosquitto on a free loopback port (config in tmp_path). `.port`, `.url`,
+    `.stop()`, `.start()` (same port again: simulated outages); killed at teardown."""
+    workdir = tmp_path / "mosquitto"
+    workdir.mkdir()
+    try:
+        broker = Mosquitto(workdir=workdir)
+        broker.start()
+    except BrokerError as e:
+        pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """``postgresql://postgres@127.0.0.1:5432/test?schema=<unique>``, dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.Error as e:
+        pytest.fail(
+            f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {e}\n"
+            "Start it (Debian: `pg_ctlcluster 15 main start`, or run .ci/run), with trust "
+            "auth for user postgres and a database named `test` "
+            "(`createdb -h 127.0.0.1 -U postgres test`).",
+            pytrace=False,
+        )
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    try:
+        yield f"{PG_ADMIN_URL}?schema={schema}"
+    finally:
+        with admin:
+            admin.execute("SET lock_timeout = '10s'")
+            admin.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+            )

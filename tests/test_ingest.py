@@ -1,0 +1,523 @@
+"""Platform ingest: the SQLite and PostgreSQL stores, and the worker against a real
+mosquitto (fake gateways publish with aiomqtt)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import sqlite3
+import struct
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from agent import wire
+from agent.broker import Mosquitto
+from agent.ingest.store import Store, StoreCounts, open_store
+from agent.ingest.store_postgres import split_url
+from agent.ingest.worker import IngestWorker
+from agent.wire import Envelope, Meta, PointMeta
+from native.batch import BAD, GOOD, Batch
+
+GW = "gw-1"
+STREAM = uuid.UUID(int=0x1234).hex
+
+
+def bits(v: float) -> bytes:
+    return struct.pack("<d", v)
+
+
+def make_batch(n: int, start_ts: int = 1_700_000_000_000, pid0: int = 1) -> Batch:
+    b = Batch()
+    for i in range(n):
+        b.append(pid0 + i % 3, start_ts + i, i * 0.1 + 1.0 / 3.0, BAD if i % 7 == 0 else GOOD)
+    return b
+
+
+def env_for(
+    batch: Batch, seq: int, stream: str = STREAM, lane: int = wire.LANE_TELEMETRY
+) -> Envelope:
+    return Envelope(lane, stream, seq, len(batch), b"")
+
+
+def make_meta(gateway: str = GW, unit: str = "µε") -> Meta:
+    return Meta(
+        gateway=gateway,
+        stream=STREAM,
+        site="block-12",
+        location={"lat": 52.5},
+        points=(
+            PointMeta(1, "bridge-7/strain_1", "bridge-7", "strain_1", unit, "sim", "float"),
+            PointMeta(2, "bridge-7/strain_2", "bridge-7", "strain_2", unit, "sim", "float"),
+            PointMeta(3, "bridge-7/temperature", "bridge-7", "temperature", "°C", "sim"),
+        ),
+    )
+
+
+# -- stores ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'platform.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = open_store(store_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = open_store("sqlite:///rel/platform.db")
+    s.close()
+    assert (tmp_path / "rel" / "platform.db").exists()
+    s = open_store(f"sqlite:///{tmp_path}/abs.db")  # sqlite:////abs/path
+    s.close()
+    assert (tmp_path / "abs.db").exists()
+    open_store("sqlite:///:memory:").close()
+    with pytest.raises(ValueError, match="unsupported store URL"):
+        open_store("mysql://x")
+    with pytest.raises(ValueError, match="no database path"):
+        open_store("sqlite:///")
+    assert split_url("postgresql://u@h:5/db?schema=s1&sslmode=disable") == (
+        "postgresql://u@h:5/db?sslmode=disable",
+        "s1",
+    )
+    assert split_url("postgres://u@h/db")[1] == "public"
+    with pytest.raises(ValueError, match="invalid schema"):
+        split_url("postgresql://u@h/db?schema=a;drop")
+
+
+def test_store_and_dedup(store: Store) -> None:
+    b = make_batch(10)
+    assert store.counts() == StoreCounts(0, 0, 0, 0)
+    assert store.store_batch(GW, env_for(b, 1), b) is True
+    assert store.readings(GW) == list(b.rows())
+    # the same (gateway, stream, seq) again: dropped, nothing stored
+    other = make_batch(5, start_ts=1)
+    assert store.store_batch(GW, env_for(other, 1), other) is False
+    assert store.readings(GW) == list(b.rows())
+    assert store.counts() == StoreCounts(readings=10, batches=1, duplicates_dropped=1, gateways=1)
+    # same seq on another stream (a replaced buffer) or another gateway: new data
+    assert store.store_batch(GW, env_for(other, 1, stream=uuid.uuid4().hex), other) is True
+    assert store.store_batch("gw-2", env_for(other, 1), other) is True
+    assert store.counts() == StoreCounts(readings=20, batches=3, duplicates_dropped=1, gateways=2)
+    assert store.readings("gw-2") == list(other.rows())
+    assert store.readings("nope") == []
+    assert store.duplicate_readings() == 0
+
+
+def test_store_batches_one_transaction(store: Store) -> None:
+    b1, b2 = make_batch(4), make_batch(3, start_ts=5)
+    results = store.store_batches(
+        [(GW, env_for(b1, 1), b1), (GW, env_for(b2, 2), b2), (GW, env_for(b1, 1), b1)]
+    )
+    assert results == [True, True, False]
+    assert store.readings(GW) == list(b1.rows()) + list(b2.rows())
+    assert store.counts().duplicates_dropped == 1
+    # a bad item fails the whole group: nothing of it is stored
+    with pytest.raises(ValueError, match="envelope says"):
+        store.store_batches([(GW, env_for(b1, 3), b1), (GW, Envelope(2, STREAM, 4, 99, b""), b2)])
+    assert store.counts().batches == 2
+    assert store.store_batch(GW, env_for(b1, 3), b1) is True
+
+
+def test_empty_batch_and_huge_seq(store: Store) -> None:
+    empty = Batch()
+    assert store.store_batch(GW, env_for(empty, 2**64 - 1), empty) is True
+    assert store.store_batch(GW, env_for(empty, 2**64 - 1), empty) is False
+    assert store.store_batch(GW, env_for(empty, 2**63 - 1), empty) is True
+    assert store.counts() == StoreCounts(readings=0, batches=2, duplicates_dropped=1, gateways=1)
+
+
+def test_meta_upsert_and_readings_by_key(store: Store) -> None:
+    store.store_meta(GW, make_meta())
+    b = make_batch(9)  # point ids 1, 2, 3
+    store.store_batch(GW, env_for(b, 1), b)
+    strain_2 = [r for r in b.rows() if r[0] == 2]
+    assert store.readings(GW, "bridge-7/strain_2") == strain_2
+    assert store.readings(GW, "bridge-7/none") == []
+    assert store.readings("gw-2", "bridge-7/strain_2") == []
+    # upsert: the gateway renamed point 2
+    m = make_meta(unit="mm/m")
+    renamed = PointMeta(2, "bridge-7/strain_b", "bridge-7", "strain_b", "mm/m", "sim")
+    store.store_meta(GW, Meta(m.gateway, m.stream, (m.points[0], renamed, m.points[2])))
+    assert store.readings(GW, "bridge-7/strain_b") == strain_2
+    assert store.readings(GW, "bridge-7/strain_2") == []
+    assert store.counts().gateways == 1
+    store.store_meta("gw-2", make_meta("gw-2"))
+    assert store.counts().gateways == 2
+
+
+def test_duplicate_readings(store: Store) -> None:
+    b = make_batch(6)
+    store.store_batch(GW, env_for(b, 1), b)
+    assert store.duplicate_readings() == 0
+    # the same readings under another seq (a gateway bug): visible as duplicates
+    store.store_batch(GW, env_for(b.slice(0, 2), 2), b.slice(0, 2))
+    assert store.duplicate_readings() == 2
+
+
+SPECIAL = [
+    0.0,
+    -0.0,
+    math.inf,
+    -math.inf,
+    5e-324,
+    -5e-324,
+    2.2250738585072014e-308,
+    1.7976931348623157e308,
+    0.1,
+    -1e-300,
+    math.pi,
+    123456789.123456789,
+]
+NANS = [
+    math.nan,
+    struct.unpack("<d", bytes.fromhex("010000000000f87f"))[0],  # quiet NaN with payload
+    struct.unpack("<d", bytes.fromhex("000000000000f8ff"))[0],  # negative NaN
+]
+
+
+def test_bit_exact_values(store: Store) -> None:
+    """Finite values (incl. -0.0), ±inf and NaNs come back bit-exact from both stores.
+    (SQLite's REAL column alone would turn NaN into NULL and -0.0 into 0.0; the SQLite
+    store keeps the exact bytes of those two cases on the side.)"""
+    b = Batch()
+    for i, v in enumerate(SPECIAL + NANS):
+        b.append(i, 1000 + i, v, GOOD)
+    assert store.store_batch(GW, env_for(b, 1), b)
+    got = store.readings(GW)
+    assert [(p, t, q) for p, t, _, q in got] == [(p, t, q) for p, t, _, q in b.rows()]
+    assert [bits(v) for _, _, v, _ in got[: len(SPECIAL)]] == [bits(v) for v in SPECIAL]
+    for (_, _, v, _), want in zip(got[len(SPECIAL) :], NANS, strict=True):
+        assert math.isnan(v)
+        assert bits(v) == bits(want)
+
+
+def test_sqlite_real_column_nan_and_negative_zero(tmp_path: Path) -> None:
+    """What SQLite's REAL does on its own: NaN -> NULL, -0.0 -> 0.0 (documented)."""
+    db = tmp_path / "p.db"
+    s = open_store(f"sqlite:///{db}")
+    b = Batch.from_rows([(1, 1, math.nan, GOOD), (1, 2, -0.0, GOOD), (1, 3, 1.5, GOOD)])
+    s.store_batch(GW, env_for(b, 1), b)
+    s.close()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT value, raw FROM readings ORDER BY rowid").fetchall()
+    assert rows[0] == (None, bits(math.nan))
+    assert bits(rows[1][0]) == bits(0.0) and rows[1][1] == bits(-0.0)
+    assert rows[2] == (1.5, None)
+
+
+def test_sqlite_counters_persist(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    s = open_store(url)
+    b = make_batch(3)
+    s.store_batch(GW, env_for(b, 1), b)
+    s.store_batch(GW, env_for(b, 1), b)
+    s.close()
+    s = open_store(url)
+    assert s.counts() == StoreCounts(readings=3, batches=1, duplicates_dropped=1, gateways=1)
+    assert s.store_batch(GW, env_for(b, 1), b) is False
+    s.close()
+
+
+def test_postgres_two_stores_same_schema(pg_url: str) -> None:
+    """Two workers' stores on one schema: creation is idempotent, dedup is shared."""
+    a, b = open_store(pg_url), open_store(pg_url)
+    try:
+        batch = make_batch(4)
+        assert a.store_batch(GW, env_for(batch, 1), batch) is True
+        assert b.store_batch(GW, env_for(batch, 1), batch) is False
+        assert b.counts() == StoreCounts(4, 1, 1, 1)
+    finally:
+        a.close()
+        b.close()
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await asyncio.to_thread(pred):
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+class Gateway:
+    """A fake gateway: builds uplinks with the real codec and publishes them."""
+
+    def __init__(self, broker: Mosquitto, gateway: str = GW, stream: str = STREAM) -> None:
+        self.broker, self.gateway, self.stream = broker, gateway, stream
+        self.ts = 1_700_000_000_000
+
+    def uplink(self, seq: int, n: int = 20, lane: int = wire.LANE_TELEMETRY) -> tuple[bytes, Batch]:
+        from native import codec
+
+        b = make_batch(n, start_ts=self.ts + seq * 1000)
+        return wire.wrap(lane, self.stream, seq, len(b), codec.encode(b)), b
+
+    async def publish(self, items: list[tuple[str, bytes]]) -> None:
+        async with aiomqtt.Client(
+            "127.0.0.1", self.broker.port, protocol=aiomqtt.ProtocolVersion.V5
+        ) as c:
+            for topic, payload in items:
+                await c.publish(topic, payload, qos=1)
+
+    async def send(self, seqs: list[int], n: int = 20) -> list[Batch]:
+        out, msgs = [], []
+        for seq in seqs:
+            payload, b = self.uplink(seq, n)
+            out.append(b)
+            msgs.append((wire.batch_topic(self.gateway), payload))
+        await self.publish(msgs)
+        return out
+
+
+async def with_workers(workers: list[IngestWorker], body: Callable[[], Awaitable[None]]) -> None:
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        for w in workers:
+            await asyncio.wait_for(w.connected.wait(), 10)
+        await body()
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for t in tasks:  # a worker must not have died on its own
+            assert t.cancelled()
+
+
+def test_worker_stores_batches_and_meta(mosquitto: Mosquitto, store: Store) -> None:
+    gw = Gateway(mosquitto)
+    worker = IngestWorker(mosquitto.url, store, group="test")
+
+    async def body() -> None:
+        meta = wire.encode_meta(make_meta().to_dict())
+        await gw.publish([(wire.meta_topic(GW), meta)])
+        sent = await gw.send(list(range(1, 11)))
+        alarm, ab = gw.uplink(11, 3, lane=wire.LANE_ALARM)
+        await gw.publish([(wire.alarm_topic(GW), alarm)])
+        sent.append(ab)
+        await wait_until(lambda: store.counts().batches == 11 and worker.counters.metas_stored >= 1)
+        assert store.readings(GW) == [r for b in sent for r in b.rows()]  # in order
+        assert store.readings(GW, "bridge-7/strain_1") == [
+            r for b in sent for r in b.rows() if r[0] == 1
+        ]
+        c = worker.counters
+        assert (c.batches_stored, c.readings_stored, c.rejected) == (11, 203, {})
+
+    asyncio.run(with_workers([worker], body))
+
+
+def test_worker_drops_duplicate_seq(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}")
+    gw = Gateway(mosquitto)
+    worker = IngestWorker(mosquitto.url, store, group=None)
+
+    async def body() -> None:
+        payload, b = gw.uplink(5)
+        await gw.publish([(wire.batch_topic(GW), payload)] * 3)
+        await gw.send([6])
+        await wait_until(lambda: worker.counters.messages == 4)
+        assert store.counts() == StoreCounts(
+            readings=40, batches=2, duplicates_dropped=2, gateways=1
+        )
+        assert worker.counters.duplicates_dropped == 2
+        assert store.readings(GW)[:20] == list(b.rows())
+        assert store.duplicate_readings() == 0
+
+    asyncio.run(with_workers([worker], body))
+    store.close()
+
+
+def test_worker_survives_garbage(
+    mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}")
+    gw = Gateway(mosquitto)
+    worker = IngestWorker(mosquitto.url, store, group=None)
+    good, _ = gw.uplink(1)
+    alarm_on_batch, _ = gw.uplink(2, lane=wire.LANE_ALARM)
+    env = wire.unwrap(good)
+    short_count = wire.wrap(env.lane, env.stream, 3, env.n_points + 1, env.body)
+    bad_body = wire.wrap(env.lane, env.stream, 4, 1, b"\xff\x00garbage")
+    garbage: list[tuple[str, bytes]] = [
+        ("citygw/gw-1/up/resp", good),  # topic (only seen unshared: up/#)
+        ("citygw/gw-1/up/batch/x", good),  # topic (only seen unshared: up/#)
+        (wire.batch_topic(GW), b""),  # envelope: short
+        (wire.batch_topic(GW), b"\x00" * 64),  # envelope: magic
+        (wire.batch_topic(GW), good[:2] + b"\x09" + good[3:]),  # envelope: version
+        (wire.batch_topic(GW), alarm_on_batch),  # lane on the wrong topic
+        (wire.batch_topic(GW), short_count),  # n_points
+        (wire.batch_topic(GW), bad_body),  # codec
+        (wire.meta_topic(GW), b"{nope"),  # meta
+        (wire.meta_topic(GW), wire.encode_meta(make_meta("gw-9").to_dict())),  # meta_gateway
+    ]
+
+    async def body() -> None:
+        with caplog.at_level("WARNING", logger="citygw.ingest"):
+            await gw.publish(garbage)
+            await gw.send([10, 11])
+            await wait_until(lambda: store.counts().batches == 2)
+        assert worker.counters.rejected == {
+            "topic": 2,
+            "envelope": 3,
+            "lane": 1,
+            "n_points": 1,
+            "codec": 1,
+            "meta": 1,
+            "meta_gateway": 1,
+        }
+        reasons = {getattr(r, "reason", None) for r in caplog.records}
+        assert {"topic", "envelope", "codec", "meta"} <= reasons
+        assert all(r.levelname == "WARNING" for r in caplog.records if hasattr(r, "reason"))
+
+    asyncio.run(with_workers([worker], body))
+    store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_share_a_group(
+    backend: str, mosquitto: Mosquitto, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'p.db'}"
+    else:
+        url = str(request.getfixturevalue("pg_url"))
+    stores = [open_store(url), open_store(url)]  # two processes' worth
+    workers = [IngestWorker(mosquitto.url, s, group="shared") for s in stores]
+    gws = [Gateway(mosquitto, f"gw-{i}", uuid.uuid4().hex) for i in range(3)]
+
+    async def body() -> None:
+        sent: dict[str, list[Batch]] = {}
+        for g in gws:
+            sent[g.gateway] = await g.send(list(range(1, 41)), n=10)
+        # and a gateway resending a window after a reconnect
+        await gws[0].send(list(range(30, 41)), n=10)
+        await wait_until(lambda: sum(w.counters.messages for w in workers) == 131)
+        c = stores[0].counts()
+        assert (c.batches, c.readings, c.duplicates_dropped) == (120, 1200, 11)
+        assert sum(w.counters.batches_stored for w in workers) == 120
+        assert all(w.counters.messages > 0 for w in workers)  # the load was shared
+        for g in gws:
+            got = sorted(stores[0].readings(g.gateway))
+            assert got == sorted(r for b in sent[g.gateway] for r in b.rows())
+        assert stores[0].duplicate_readings() == 0
+
+    try:
+        asyncio.run(with_workers(workers, body))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_worker_reconnects_after_broker_outage(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}")
+    gw = Gateway(mosquitto)
+    worker = IngestWorker(mosquitto.url, store, group="test", backoff_min=0.05, backoff_max=0.5)
+
+    async def body() -> None:
+        await gw.send([1, 2])
+        await wait_until(lambda: store.counts().batches == 2)
+        for round_ in range(2):
+            await asyncio.to_thread(mosquitto.stop)
+            await wait_until(lambda: not worker.connected.is_set())
+            await asyncio.sleep(0.3)  # a few failed reconnect attempts
+            await asyncio.to_thread(mosquitto.start)
+            await asyncio.wait_for(worker.connected.wait(), 15)
+            await gw.send([3 + round_])
+        await wait_until(lambda: store.counts().batches == 4)
+        assert worker.counters.connects >= 3
+        assert store.duplicate_readings() == 0
+
+    asyncio.run(with_workers([worker], body))
+    store.close()
+
+
+class FailingStore:
+    """Wraps a store; its batch writes fail while `failing` is set."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.failing = True
+        self.attempts = 0
+
+    def store_batches(self, items: Any) -> list[bool]:
+        self.attempts += 1
+        if self.failing:
+            raise RuntimeError("database is down")
+        return self.inner.store_batches(items)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_unstored_messages_are_not_acknowledged(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """PUBACK only after commit: a worker whose store fails, then dies, loses nothing;
+    the broker redelivers to the next worker on the same persistent session."""
+    inner = open_store(f"sqlite:///{tmp_path / 'p.db'}")
+    failing = FailingStore(inner)
+    gw = Gateway(mosquitto)
+    kw: dict[str, Any] = {
+        "group": None,
+        "client_id": "ingest-1",
+        "session_expiry": 60,
+        "backoff_min": 0.05,
+        "backoff_max": 0.1,
+    }
+    first = IngestWorker(mosquitto.url, failing, **kw)
+
+    async def broken() -> None:
+        await gw.send([1, 2, 3])
+        await wait_until(lambda: first.counters.store_errors >= 2)
+        assert inner.counts().batches == 0
+
+    asyncio.run(with_workers([first], broken))
+    second = IngestWorker(mosquitto.url, inner, **kw)
+
+    async def healthy() -> None:
+        await wait_until(lambda: inner.counts().batches == 3)
+
+    asyncio.run(with_workers([second], healthy))
+    assert inner.duplicate_readings() == 0
+    inner.close()
+
+
+def test_store_errors_are_retried(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    inner = open_store(f"sqlite:///{tmp_path / 'p.db'}")
+    failing = FailingStore(inner)
+    gw = Gateway(mosquitto)
+    worker = IngestWorker(
+        mosquitto.url,
+        failing,
+        group="g",
+        backoff_min=0.05,
+        backoff_max=0.1,
+    )
+
+    async def body() -> None:
+        await gw.send([1, 2])
+        await wait_until(lambda: failing.attempts >= 3)
+        failing.failing = False
+        await wait_until(lambda: inner.counts().batches == 2)
+
+    asyncio.run(with_workers([worker], body))
+    inner.close()
