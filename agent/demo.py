@@ -314,6 +314,7 @@ async def run_demo(
                         break
                     await asyncio.sleep(0.1)
                 live.update(_status_table(agent, ingested, time.monotonic() - started, duration))
+            console.line()
             if not drained:
                 console.print("[yellow]buffer not drained within 60 s[/]")
         finally:

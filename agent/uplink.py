@@ -67,7 +67,7 @@ class UplinkStatus:
     connects: int = 0
     published_messages: int = 0
     published_points: int = 0
-    published_bytes: int = 0  # payload bytes of acknowledged batches
+    published_bytes: int = 0  # MQTT payload bytes (envelope + codec) of acknowledged batches
     resent_messages: int = 0
     seen_seqs: set[int] = field(default_factory=set, repr=False)
 
@@ -226,5 +226,5 @@ class Uplink:
         st.published_messages += len(msgs)
         for m in msgs:
             st.published_points += m.n_points
-            st.published_bytes += len(m.payload)
+            st.published_bytes += wire.HEADER_SIZE + len(m.payload)
             st.seen_seqs.discard(m.seq)

@@ -14,12 +14,13 @@ import logging
 import math
 import random
 import time
+from array import array
 from decimal import Decimal
 
 from drivers.base import BatchSink, DeviceSpec, Driver
 from drivers.schedule import FixedRate, phase_for
 from drivers.sim.settings import SimDeviceSettings, SimPointSettings
-from native.batch import Batch
+from native.batch import ID_TYPECODE, QUALITY_TYPECODE, TS_TYPECODE, VALUE_TYPECODE, Batch
 
 log = logging.getLogger("citygw.drivers.sim")
 
@@ -37,32 +38,55 @@ def _decimals(resolution: float) -> int:
 class Waveform:
     """The generator of one point; `sample(t)` returns the reading at time t (s)."""
 
-    __slots__ = ("_dec", "_level", "_phase", "_rng", "_t0", "s")
+    __slots__ = (
+        "_amp",
+        "_base",
+        "_dec",
+        "_drift",
+        "_level",
+        "_noise",
+        "_omega",
+        "_phase",
+        "_res",
+        "_rng",
+        "_spike",
+        "_spike_p",
+        "_step",
+        "_step_p",
+        "_t0",
+    )
 
     def __init__(self, settings: SimPointSettings, rng: random.Random, t0: float) -> None:
-        self.s = settings
+        s = settings
         self._rng = rng
         self._t0 = t0
+        self._base, self._amp, self._noise = s.base, s.amplitude, s.noise
+        self._omega = _TWO_PI / s.period
+        self._drift = s.drift / 3600.0
+        self._step_p, self._step = s.step_probability, s.step_size
+        self._spike_p, self._spike = s.spike_probability, s.spike_size
+        self._res = s.resolution or 0.0
+        self._dec = _decimals(s.resolution) if s.resolution else 0
         self._phase = rng.random() * _TWO_PI
         self._level = 0.0
-        self._dec = _decimals(settings.resolution) if settings.resolution else 0
 
     def sample(self, t: float) -> float:
-        s, rng = self.s, self._rng
-        v = s.base + s.drift * (t - self._t0) / 3600.0 + self._level
-        if s.amplitude:
-            v += s.amplitude * math.sin(_TWO_PI * t / s.period + self._phase)
-        if s.noise:
-            v += rng.gauss(0.0, s.noise)
-        if s.step_probability and rng.random() < s.step_probability:
-            self._level += s.step_size if rng.random() < 0.5 else -s.step_size
+        # runs once per reading: hence the flat attributes and the early-outs
+        v = self._base + self._drift * (t - self._t0) + self._level
+        if self._amp:
+            v += self._amp * math.sin(self._omega * t + self._phase)
+        rng = self._rng
+        if self._noise:
+            v += rng.gauss(0.0, self._noise)
+        if self._step_p and rng.random() < self._step_p:
+            self._level += self._step if rng.random() < 0.5 else -self._step
             v += self._level
-        if s.spike_probability and rng.random() < s.spike_probability:
-            v += s.spike_size
-        if s.resolution:
+        if self._spike_p and rng.random() < self._spike_p:
+            v += self._spike
+        if self._res:
             # round twice: to the step, then to its decimals, so 0.1 steps give 12.3,
             # not 12.299999999999999 (what a real device's register would show)
-            v = round(round(v / s.resolution) * s.resolution, self._dec)
+            v = round(round(v / self._res) * self._res, self._dec)
         return v
 
 
@@ -81,7 +105,8 @@ class SimDriver(Driver):
         assert isinstance(settings, SimDeviceSettings)
         rng = random.Random(f"{settings.seed}:{device.name}")
         t0 = time.time()
-        ids = [p.id for p in device.points]
+        ids = array(ID_TYPECODE, [p.id for p in device.points])
+        n = len(ids)
         waves = []
         for p in device.points:
             assert isinstance(p.settings, SimPointSettings)
@@ -97,10 +122,12 @@ class SimDriver(Driver):
                 continue
             now_ns = time.time_ns()
             t = now_ns / 1e9
-            ts = now_ns // 1_000_000
-            batch = Batch()
-            for pid, wave in zip(ids, waves, strict=True):
-                batch.append(pid, ts, wave.sample(t))
+            batch = Batch(
+                array(ID_TYPECODE, ids),
+                array(TS_TYPECODE, [now_ns // 1_000_000]) * n,
+                array(VALUE_TYPECODE, [w.sample(t) for w in waves]),
+                array(QUALITY_TYPECODE, bytes(n)),
+            )
             if sink.push(batch):
                 health.success(len(batch))
             else:
