@@ -4,6 +4,7 @@ temporary directory, stoppable and restartable on the same port (outages)."""
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -32,7 +33,10 @@ def mosquitto_binary() -> str | None:
 class Mosquitto:
     """`with Mosquitto() as broker: ... broker.url ...`"""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, workdir: Path | None = None, extra_conf: str = ""
+    ) -> None:
+        """`extra_conf` is appended to the generated mosquitto.conf (e.g. a TLS listener)."""
         binary = mosquitto_binary()
         if binary is None:
             raise BrokerError(
@@ -45,6 +49,9 @@ class Mosquitto:
         self.log = self.workdir / "mosquitto.log"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
+            # started as root, mosquitto would switch to user "mosquitto", which cannot
+            # write the persistence file and log in our (private) work directory
+            f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             # persistence keeps the ingest's session (its subscription and queued
             # messages) across a restart, as a production broker does
@@ -54,7 +61,7 @@ class Mosquitto:
             "max_queued_messages 100000\n"
             "message_size_limit 0\n"
             f"log_dest file {self.log}\n"
-            "log_type error\nlog_type warning\n"
+            "log_type error\nlog_type warning\n" + extra_conf
         )
         self._proc: subprocess.Popen[bytes] | None = None
 

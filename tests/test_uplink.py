@@ -1,0 +1,234 @@
+"""The uplink against a real mosquitto: TLS with a client certificate, the retained
+state topic with its last will, and the retained point registry (up/meta)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from agent import wire
+from agent.broker import Mosquitto, free_port
+from agent.config import parse_config
+from agent.ingest.store import open_store
+from agent.ingest.worker import IngestWorker
+from agent.runtime import Agent
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def config(broker: str, buffer: Path, tls: str = "") -> str:
+    return f"""
+[gateway]
+id = "gw-up"
+site = "test bench"
+location = {{ lat = 1.5, lon = 2.5 }}
+
+[uplink]
+broker = "{broker}"
+keepalive = "2s"
+ack_timeout = "2s"
+backoff_min = "100ms"
+backoff_max = "500ms"
+{tls}
+
+[buffer]
+path = "{buffer}"
+flush_interval = "100ms"
+
+[[devices]]
+name = "meter"
+driver = "sim"
+poll = "50ms"
+
+  [[devices.points]]
+  name = "power"
+  unit = "W"
+  base = 100.0
+  noise = 1.0
+
+  [[devices.points]]
+  name = "voltage"
+  unit = "V"
+  base = 230.0
+"""
+
+
+async def retained(url: str, topic: str, timeout: float = 5.0) -> bytes:
+    """The retained message on topic, as a new subscriber sees it."""
+    host, port = url.removeprefix("mqtt://").split(":")
+    async with aiomqtt.Client(host, int(port)) as client:
+        await client.subscribe(topic, qos=1)
+        async with asyncio.timeout(timeout):
+            async for message in client.messages:
+                assert isinstance(message.payload, bytes)
+                return message.payload
+    raise AssertionError("unreachable")
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", "ca.key", "-out", "ca.pem", cwd=d)  # fmt: skip
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)  # fmt: skip
+        extra = ["-extfile", f"{name}.ext"] if ext else []
+        if ext:
+            (d / f"{name}.ext").write_text(ext + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *extra, cwd=d)  # fmt: skip
+    return d
+
+
+def test_tls_with_client_certificate(pki: Path, tmp_path: Path) -> None:
+    """The gateway connects over TLS, verifies the broker against its CA and presents a
+    client certificate the broker requires; readings arrive."""
+    tls_port = free_port()
+    extra = (
+        f"\nlistener {tls_port} 127.0.0.1\ncafile {pki / 'ca.pem'}\n"
+        f"certfile {pki / 'server.pem'}\nkeyfile {pki / 'server.key'}\n"
+        "require_certificate true\n"
+    )
+    store = open_store(f"sqlite:///{tmp_path / 'platform.db'}")
+    tls = (
+        f'ca_file = "{pki / "ca.pem"}"\ncert_file = "{pki / "client.pem"}"\n'
+        f'key_file = "{pki / "client.key"}"'
+    )
+    cfg = parse_config(config(f"mqtts://127.0.0.1:{tls_port}", tmp_path / "buf.db", tls))
+
+    async def scenario(broker: Mosquitto) -> Agent:
+        worker = IngestWorker(broker.url, store, group="t")  # ingest on the plain listener
+        ingest = asyncio.create_task(worker.run())
+        agent = Agent(cfg)
+        try:
+            await asyncio.wait_for(worker.connected.wait(), 10)
+            await agent.start()
+            await asyncio.sleep(1.0)
+            await agent.stop_drivers()
+            await agent.flush()
+            assert await agent.drain(10)
+            for _ in range(100):
+                if store.counts().readings >= agent.counters.sent:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await agent.stop()
+            ingest.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ingest
+        return agent
+
+    try:
+        with Mosquitto(workdir=tmp_path, extra_conf=extra) as broker:
+            agent = asyncio.run(scenario(broker))
+        assert agent.uplink is not None and agent.uplink.status.connects == 1
+        assert agent.counters.sent > 0
+        assert store.counts().readings == agent.counters.sent
+    finally:
+        store.close()
+
+
+def test_tls_refuses_an_unknown_broker(pki: Path, tmp_path: Path) -> None:
+    """Without the right CA the gateway does not talk to the broker: it backs off and
+    keeps its data, with the TLS error as the uplink's last error."""
+    tls_port = free_port()
+    extra = (
+        f"\nlistener {tls_port} 127.0.0.1\ncertfile {pki / 'server.pem'}\n"
+        f"keyfile {pki / 'server.key'}\n"
+    )
+    cfg = parse_config(config(f"mqtts://127.0.0.1:{tls_port}", tmp_path / "buf.db"))
+
+    async def scenario() -> Agent:
+        agent = Agent(cfg)
+        await agent.start()
+        await asyncio.sleep(1.5)
+        await agent.stop()
+        return agent
+
+    with Mosquitto(workdir=tmp_path, extra_conf=extra):
+        agent = asyncio.run(scenario())
+    assert agent.uplink is not None
+    assert agent.uplink.status.connects == 0
+    assert "CERTIFICATE_VERIFY_FAILED" in (agent.uplink.status.last_error or "")
+    assert agent.counters.sent > 0
+
+
+def test_state_online_then_last_will_offline_and_meta_retained(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    cfg_path = tmp_path / "gateway.toml"
+    cfg_path.write_text(config(mosquitto.url, tmp_path / "buf.db"))
+    state_topic = wire.topic("citygw", "gw-up", "state")
+    meta_topic = wire.topic("citygw", "gw-up", "up/meta")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "-c", str(cfg_path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        async def wait_online() -> bytes:
+            for _ in range(100):
+                with contextlib.suppress(TimeoutError):
+                    if await retained(mosquitto.url, state_topic, 0.2) == b"online":
+                        return b"online"
+                await asyncio.sleep(0.1)
+            return b"never online"
+
+        assert asyncio.run(wait_online()) == b"online"
+        meta = wire.decode_meta(asyncio.run(retained(mosquitto.url, meta_topic)))
+        assert meta.gateway == "gw-up"
+        assert meta.site == "test bench"
+        assert [(p.key, p.unit, p.device, p.driver) for p in meta.points] == [
+            ("meter/power", "W", "meter", "sim"),
+            ("meter/voltage", "V", "meter", "sim"),
+        ]
+        assert sorted(p.id for p in meta.points) == [p.id for p in meta.points]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # the broker notices the dead connection and publishes the will
+    assert asyncio.run(retained(mosquitto.url, state_topic)) == b"offline"
+
+
+def test_graceful_stop_says_offline(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    cfg_path = tmp_path / "gateway.toml"
+    cfg_path.write_text(config(mosquitto.url, tmp_path / "buf.db"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "-c", str(cfg_path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state_topic = wire.topic("citygw", "gw-up", "state")
+    try:
+
+        async def wait_online() -> None:
+            for _ in range(100):
+                with contextlib.suppress(TimeoutError):
+                    if await retained(mosquitto.url, state_topic, 0.2) == b"online":
+                        return
+                await asyncio.sleep(0.1)
+
+        asyncio.run(wait_online())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert asyncio.run(retained(mosquitto.url, state_topic)) == b"offline"
