@@ -150,7 +150,10 @@ def run(
             loop.add_signal_handler(sig, stop.set)
         await run_agent(cfg, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except (BufferError, OSError) as exc:  # the buffer cannot be opened or written
+        fail(f"{cfg.buffer.path}: {exc}")
 
 
 @app.command()

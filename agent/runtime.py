@@ -77,6 +77,22 @@ class MemoryQueue:
         batches, self._batches, self._points = self._batches, [], 0
         return batches
 
+    def put_back(self, batches: list[Batch]) -> int:
+        """Returns batches the buffer could not take to the front of the queue, as far
+        as the bound allows; returns how many readings did not fit (lost)."""
+        room = self.max_points - self._points
+        kept: list[Batch] = []
+        lost = 0
+        for batch in batches:
+            if len(batch) <= room:
+                kept.append(batch)
+                room -= len(batch)
+            else:
+                lost += len(batch)
+        self._batches[:0] = kept
+        self._points += sum(len(b) for b in kept)
+        return lost
+
 
 def point_meta(config: Config) -> list[dict[str, Any]]:
     """Registry entries for every configured point (the platform gets these in up/meta)."""
@@ -231,13 +247,24 @@ class Agent:
         return await self._on_buffer(self.buffer.ack, list(seqs))
 
     def _flush_sync(self, batches: list[Batch]) -> int:
-        """Runs on the buffer thread: pipeline, encode, one append transaction."""
+        """Runs on the buffer thread: pipeline, encode, one append transaction.
+        Counters move only once the append committed, so a retried flush is not
+        counted twice."""
         assert self.buffer is not None
-        batch = Batch.concat(batches)
-        batch, counts = self.pipeline.process(batch)
+        batch, counts = self.pipeline.process(Batch.concat(batches))
+        step = self.config.uplink.max_batch_points
+        items = [
+            (Lane.TELEMETRY, codec.encode(chunk), len(chunk))
+            for chunk in (batch.slice(i, i + step) for i in range(0, len(batch), step))
+        ]
+        if items:
+            self.buffer.append_many(items)
         c = self.counters
         c.flagged += counts.flagged
         c.dropped += counts.dropped
+        c.sent += len(batch)
+        c.encoded_bytes += sum(len(payload) for _, payload, _ in items)
+        c.flushes += 1
         if counts.flagged or counts.dropped:
             n = self._throttle.ready("pipeline", counts.flagged + counts.dropped)
             if n is not None:
@@ -245,18 +272,6 @@ class Agent:
                     "readings out of range",
                     extra={"flagged": counts.flagged, "dropped": counts.dropped, "since_last": n},
                 )
-        if not len(batch):
-            return 0
-        step = self.config.uplink.max_batch_points
-        items = []
-        for start in range(0, len(batch), step):
-            chunk = batch.slice(start, start + step)
-            payload = codec.encode(chunk)
-            items.append((Lane.TELEMETRY, payload, len(chunk)))
-        self.buffer.append_many(items)
-        c.sent += len(batch)
-        c.encoded_bytes += sum(len(p) for _, p, _ in items)
-        c.flushes += 1
         return len(batch)
 
     async def flush(self) -> int:
@@ -266,13 +281,20 @@ class Agent:
         try:
             n: int = await self._on_buffer(self._flush_sync, batches)
         except Exception as exc:
-            # The buffer refused (disk full, I/O error): these readings are lost; say so.
-            lost = sum(len(b) for b in batches)
-            log.error(
-                "flush to buffer failed, readings lost",
-                extra={"readings": lost, "error": f"{type(exc).__name__}: {exc}"},
-            )
+            # The buffer refused (disk full, I/O error). Keep the readings in memory for
+            # the next flush while the memory bound allows; count and report the rest.
+            lost = self.queue.put_back(batches)
             self.counters.dropped += lost
+            if (n_failed := self._throttle.ready("flush-failed")) is not None:
+                log.error(
+                    "flush to buffer failed; readings kept in memory for the next flush",
+                    extra={
+                        "buffer": str(self.config.buffer.path),
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "lost_readings": lost,
+                        "failed_flushes": n_failed,
+                    },
+                )
             return 0
         if n and self.uplink is not None:
             self.uplink.wake()
