@@ -6,7 +6,6 @@ python bench/codec.py          (build first: python setup.py build_ext --inplace
 from __future__ import annotations
 
 import importlib
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -14,32 +13,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from hil.datasets import sensor_batch
 from native import codec, impl, kernels_py
 from native.batch import Batch
 from native.pipeline import Pipeline, RangeStage
 
 _KERNELS = (
     "range_check",
-    "delta_encode_u32",
-    "delta_decode_u32",
-    "delta_encode_u64",
-    "delta_decode_u64",
+    "delta_encode",
+    "delta_decode",
 )
-
-
-def sensor_batch(n_points: int = 200, seconds: int = 50, seed: int = 7) -> Batch:
-    """200 points polled every second (one timestamp per 20-point device), values to 0.1."""
-    rng = random.Random(seed)
-    level = [rng.uniform(0, 100) for _ in range(n_points)]
-    b = Batch()
-    t0 = 1_700_000_000_000
-    for s in range(seconds):
-        for dev in range(0, n_points, 20):
-            t = t0 + s * 1000 + rng.randrange(30)
-            for p in range(dev, min(dev + 20, n_points)):
-                level[p] += rng.gauss(0, 0.2)
-                b.append(p, t, round(level[p], 1))
-    return b
 
 
 def best(fn: Callable[[], object], repeat: int = 30) -> float:

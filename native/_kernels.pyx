@@ -57,38 +57,27 @@ def range_check(
     return kept, flagged, dropped
 
 
-def delta_encode_u32(uint32_t[::1] col):
+ctypedef fused uint_t:
+    uint32_t
+    uint64_t
+
+
+def delta_encode(uint_t[::1] col):
+    """In place: each value becomes its difference to the one before (first: to 0),
+    wrapping like the unsigned type (mod 2**32 or 2**64)."""
     cdef Py_ssize_t i
-    cdef uint32_t prev = 0, cur
+    cdef uint_t prev = 0, cur
     with nogil:
         for i in range(col.shape[0]):
             cur = col[i]
-            col[i] = cur - prev  # unsigned: wraps mod 2**32
+            col[i] = cur - prev
             prev = cur
 
 
-def delta_decode_u32(uint32_t[::1] col):
+def delta_decode(uint_t[::1] col):
+    """In place: undo delta_encode (running sum, wrapping)."""
     cdef Py_ssize_t i
-    cdef uint32_t acc = 0
-    with nogil:
-        for i in range(col.shape[0]):
-            acc += col[i]
-            col[i] = acc
-
-
-def delta_encode_u64(uint64_t[::1] col):
-    cdef Py_ssize_t i
-    cdef uint64_t prev = 0, cur
-    with nogil:
-        for i in range(col.shape[0]):
-            cur = col[i]
-            col[i] = cur - prev  # unsigned: wraps mod 2**64
-            prev = cur
-
-
-def delta_decode_u64(uint64_t[::1] col):
-    cdef Py_ssize_t i
-    cdef uint64_t acc = 0
+    cdef uint_t acc = 0
     with nogil:
         for i in range(col.shape[0]):
             acc += col[i]

@@ -78,9 +78,9 @@ def encode(batch: Batch, level: int = DEFAULT_LEVEL) -> bytes:
     if n > 0xFFFFFFFF:
         raise CodecError(f"batch of {n} readings is too large for one message")
     ids = array("I", batch.point_ids)
-    impl.delta_encode_u32(ids)
+    impl.delta_encode(ids)
     ts = array("Q", batch.timestamps.tobytes())  # reinterpret: deltas wrap as unsigned
-    impl.delta_encode_u64(ts)
+    impl.delta_encode(ts)
     body = b"".join(
         (
             _shuffle(_le(ids), 4),
@@ -118,9 +118,9 @@ def _decode_v1(body: memoryview) -> Batch:
     o_values = o_ts + 8 * n
     o_quality = o_values + 8 * n
     ids = _from_le("I", _unshuffle(raw[:o_ts], 4))
-    impl.delta_decode_u32(ids)
+    impl.delta_decode(ids)
     ts = _from_le("Q", raw[o_ts:o_values])
-    impl.delta_decode_u64(ts)
+    impl.delta_decode(ts)
     values: array[float] = array("d", _unshuffle(raw[o_values:o_quality], 8))
     if _BIG_ENDIAN:
         values.byteswap()

@@ -34,26 +34,16 @@ kernels, IMPLEMENTATION = _load()
 
 if TYPE_CHECKING:
     # Both modules share these signatures (the tests hold them to it); type by the twin.
-    from native.kernels_py import (
-        delta_decode_u32,
-        delta_decode_u64,
-        delta_encode_u32,
-        delta_encode_u64,
-        range_check,
-    )
+    from native.kernels_py import delta_decode, delta_encode, range_check
 else:
     range_check = kernels.range_check
-    delta_encode_u32 = kernels.delta_encode_u32
-    delta_decode_u32 = kernels.delta_decode_u32
-    delta_encode_u64 = kernels.delta_encode_u64
-    delta_decode_u64 = kernels.delta_decode_u64
+    delta_encode = kernels.delta_encode
+    delta_decode = kernels.delta_decode
 
 __all__ = [
     "IMPLEMENTATION",
-    "delta_decode_u32",
-    "delta_decode_u64",
-    "delta_encode_u32",
-    "delta_encode_u64",
+    "delta_decode",
+    "delta_encode",
     "kernels",
     "pure_python_forced",
     "range_check",

@@ -18,9 +18,6 @@ ACTION_DROP = 2
 
 BAD = 1  # native.batch.BAD; repeated so the kernels import nothing
 
-_MASK32 = (1 << 32) - 1
-_MASK64 = (1 << 64) - 1
-
 
 def range_check(
     point_ids: array[int],
@@ -63,31 +60,16 @@ def range_check(
     return kept, flagged, dropped
 
 
-def _delta_encode(col: array[int], mask: int) -> None:
+def delta_encode(col: array[int]) -> None:
+    """In place: each unsigned value (typecode I or Q) becomes its difference to the one
+    before (first: to 0), wrapping mod 2**32 or 2**64."""
+    mask = (1 << (8 * col.itemsize)) - 1
     items = col.tolist()
     prev = [0, *items][: len(items)]
     col[:] = array(col.typecode, [(b - a) & mask for a, b in zip(prev, items, strict=True)])
 
 
-def _delta_decode(col: array[int], mask: int) -> None:
+def delta_decode(col: array[int]) -> None:
+    """In place: undo ``delta_encode`` (running sum, wrapping)."""
+    mask = (1 << (8 * col.itemsize)) - 1
     col[:] = array(col.typecode, [x & mask for x in accumulate(col)])
-
-
-def delta_encode_u32(col: array[int]) -> None:
-    """In place: each uint32 becomes its difference to the one before (first: to 0), mod 2**32."""
-    _delta_encode(col, _MASK32)
-
-
-def delta_decode_u32(col: array[int]) -> None:
-    """In place: undo ``delta_encode_u32`` (running sum mod 2**32)."""
-    _delta_decode(col, _MASK32)
-
-
-def delta_encode_u64(col: array[int]) -> None:
-    """In place: each uint64 becomes its difference to the one before (first: to 0), mod 2**64."""
-    _delta_encode(col, _MASK64)
-
-
-def delta_decode_u64(col: array[int]) -> None:
-    """In place: undo ``delta_encode_u64`` (running sum mod 2**64)."""
-    _delta_decode(col, _MASK64)

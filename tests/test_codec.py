@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import random
 import struct
 import zlib
@@ -11,30 +10,17 @@ from types import ModuleType
 
 import pytest
 
-from native import codec, impl, kernels_py
+from hil.datasets import sensor_batch
+from native import codec, impl
 from native.batch import Batch
 from native.codec import CodecError, decode, encode
+from tests.kernels import load_kernels
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def load_kernels(name: str) -> ModuleType:
-    """The kernel module by name. A missing extension fails, unless twins are forced."""
-    if name == "python":
-        return kernels_py
-    if impl.pure_python_forced():
-        pytest.skip("CITYGW_PURE_PYTHON is set: compiled kernels not under test")
-    try:
-        return importlib.import_module("native._kernels")
-    except ImportError as exc:
-        pytest.fail(
-            f"native._kernels is not built ({exc}): run `python setup.py build_ext --inplace`, "
-            "or set CITYGW_PURE_PYTHON=1 to test only the pure-Python twins"
-        )
-
-
 def use(monkeypatch: pytest.MonkeyPatch, mod: ModuleType) -> None:
-    for name in ("delta_encode_u32", "delta_decode_u32", "delta_encode_u64", "delta_decode_u64"):
+    for name in ("delta_encode", "delta_decode"):
         monkeypatch.setattr(impl, name, getattr(mod, name))
 
 
@@ -115,21 +101,6 @@ def test_empty_batch(kernels: ModuleType) -> None:
     data = encode(Batch())
     assert data[:8] == b"CGB\x01\x00\x00\x00\x00"
     assert len(decode(data)) == 0
-
-
-def sensor_batch(n_points: int = 200, seconds: int = 50, seed: int = 7) -> Batch:
-    """Points polled every second, one timestamp per device poll, values quantised to 0.1."""
-    rng = random.Random(seed)
-    level = [rng.uniform(0, 100) for _ in range(n_points)]
-    b = Batch()
-    t0 = 1_700_000_000_000
-    for s in range(seconds):
-        for dev in range(0, n_points, 20):
-            t = t0 + s * 1000 + rng.randrange(30)
-            for p in range(dev, min(dev + 20, n_points)):
-                level[p] += rng.gauss(0, 0.2)
-                b.append(p, t, round(level[p], 1))
-    return b
 
 
 def test_sensor_data_compresses(kernels: ModuleType) -> None:

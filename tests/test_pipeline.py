@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 from array import array
@@ -13,25 +12,11 @@ import pytest
 from native import impl, kernels_py
 from native.batch import BAD, GOOD, UNCERTAIN, Batch
 from native.pipeline import Pipeline, PipelineCounts, RangeStage
+from tests.kernels import load_kernels
 
 NONE, FLAG, DROP = kernels_py.ACTION_NONE, kernels_py.ACTION_FLAG, kernels_py.ACTION_DROP
 INF = math.inf
 NAN = math.nan
-
-
-def load_kernels(name: str) -> ModuleType:
-    """The kernel module by name. A missing extension fails, unless twins are forced."""
-    if name == "python":
-        return kernels_py
-    if impl.pure_python_forced():
-        pytest.skip("CITYGW_PURE_PYTHON is set: compiled kernels not under test")
-    try:
-        return importlib.import_module("native._kernels")
-    except ImportError as exc:
-        pytest.fail(
-            f"native._kernels is not built ({exc}): run `python setup.py build_ext --inplace`, "
-            "or set CITYGW_PURE_PYTHON=1 to test only the pure-Python twins"
-        )
 
 
 @pytest.fixture(params=["cython", "python"])

@@ -36,6 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from itertools import repeat
 from pathlib import Path
 
@@ -140,6 +141,21 @@ class SqliteStore:
 
     # -- writes ---------------------------------------------------------------------------
 
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Cursor]:
+        """One write transaction, taken eagerly (BEGIN IMMEDIATE) under the lock."""
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+
     def store_batch(self, gateway: str, env: Envelope, batch: Batch) -> bool:
         return self.store_batches([(gateway, env, batch)])[0]
 
@@ -149,87 +165,69 @@ class SqliteStore:
         now = time.time_ns() // 1_000_000
         results: list[bool] = []
         readings = batches = dups = 0
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                seen: set[str] = set()
-                for gateway, env, batch in items:
-                    cur.execute(
-                        "INSERT OR IGNORE INTO uplinks "
-                        "(gateway, stream, seq, lane, n_points, received_ms) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (gateway, env.stream, seq_to_db(env.seq), env.lane, env.n_points, now),
-                    )
-                    if cur.rowcount != 1:
-                        dups += 1
-                        results.append(False)
-                        continue
-                    if len(batch):
-                        cur.executemany(
-                            "INSERT INTO readings "
-                            "(gateway, point_id, ts, value, quality, raw) "
-                            "VALUES (?, ?, ?, ?, ?, ?)",
-                            _rows(gateway, batch),
-                        )
-                    if gateway not in seen:
-                        seen.add(gateway)
-                        cur.execute(
-                            "INSERT OR IGNORE INTO gateways (gateway, updated_ms) VALUES (?, ?)",
-                            (gateway, now),
-                        )
-                    readings += len(batch)
-                    batches += 1
-                    results.append(True)
-                cur.executemany(
-                    _BUMP,
-                    [
-                        (readings, "readings"),
-                        (batches, "batches"),
-                        (dups, "duplicates_dropped"),
-                    ],
+        with self._write() as cur:
+            seen: set[str] = set()
+            for gateway, env, batch in items:
+                cur.execute(
+                    "INSERT OR IGNORE INTO uplinks "
+                    "(gateway, stream, seq, lane, n_points, received_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (gateway, env.stream, seq_to_db(env.seq), env.lane, env.n_points, now),
                 )
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            finally:
-                cur.close()
+                if cur.rowcount != 1:
+                    dups += 1
+                    results.append(False)
+                    continue
+                if len(batch):
+                    cur.executemany(
+                        "INSERT INTO readings "
+                        "(gateway, point_id, ts, value, quality, raw) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        _rows(gateway, batch),
+                    )
+                if gateway not in seen:
+                    seen.add(gateway)
+                    cur.execute(
+                        "INSERT OR IGNORE INTO gateways (gateway, updated_ms) VALUES (?, ?)",
+                        (gateway, now),
+                    )
+                readings += len(batch)
+                batches += 1
+                results.append(True)
+            cur.executemany(
+                _BUMP,
+                [
+                    (readings, "readings"),
+                    (batches, "batches"),
+                    (dups, "duplicates_dropped"),
+                ],
+            )
         return results
 
     def store_meta(self, gateway: str, meta: Meta) -> None:
         now = time.time_ns() // 1_000_000
         location = orjson.dumps(meta.location).decode() if meta.location is not None else None
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                cur.execute(
-                    "INSERT INTO gateways (gateway, site, location, stream, updated_ms) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET "
-                    "site = excluded.site, location = excluded.location, "
-                    "stream = excluded.stream, updated_ms = excluded.updated_ms",
-                    (gateway, meta.site, location, meta.stream, now),
-                )
-                cur.executemany(
-                    "INSERT INTO points "
-                    "(gateway, point_id, key, device, name, unit, driver, type, updated_ms) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (gateway, point_id) DO UPDATE SET key = excluded.key, "
-                    "device = excluded.device, name = excluded.name, unit = excluded.unit, "
-                    "driver = excluded.driver, type = excluded.type, "
-                    "updated_ms = excluded.updated_ms",
-                    [
-                        (gateway, p.id, p.key, p.device, p.name, p.unit, p.driver, p.type, now)
-                        for p in meta.points
-                    ],
-                )
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            finally:
-                cur.close()
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO gateways (gateway, site, location, stream, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET "
+                "site = excluded.site, location = excluded.location, "
+                "stream = excluded.stream, updated_ms = excluded.updated_ms",
+                (gateway, meta.site, location, meta.stream, now),
+            )
+            cur.executemany(
+                "INSERT INTO points "
+                "(gateway, point_id, key, device, name, unit, driver, type, updated_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (gateway, point_id) DO UPDATE SET key = excluded.key, "
+                "device = excluded.device, name = excluded.name, unit = excluded.unit, "
+                "driver = excluded.driver, type = excluded.type, "
+                "updated_ms = excluded.updated_ms",
+                [
+                    (gateway, p.id, p.key, p.device, p.name, p.unit, p.driver, p.type, now)
+                    for p in meta.points
+                ],
+            )
 
     # -- reads ----------------------------------------------------------------------------
 
