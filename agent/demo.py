@@ -1,10 +1,10 @@
 """`citygw demo`: a simulated street block through the real pipeline, buffer and
 uplink, into a private Mosquitto and an in-process platform ingest.
 
-Nothing has to be installed or started by hand beyond the package itself and a
-`mosquitto` binary on PATH (Debian's package on the gateway image); the demo
-starts its own broker on a free loopback port and keeps its files in a temporary
-directory.
+Nothing has to be installed or started by hand: with a `mosquitto` binary on PATH
+the demo starts its own broker on a free loopback port; without one the uplink
+talks to the ingest over an in-process link (agent/loopback.py). Files go to a
+temporary directory.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from agent.broker import Mosquitto
+from agent.broker import Mosquitto, mosquitto_binary
 from agent.config import Config, parse_config
 from agent.ingest.store import open_store
 from agent.ingest.worker import IngestWorker
+from agent.loopback import LoopbackLink
 from agent.runtime import Agent
 
 # (device kind, how many, poll, points: (name, unit, sim waveform, range limits))
@@ -279,21 +280,43 @@ def _status_table(agent: Agent, ingested: int, elapsed: float, duration: float) 
 
 
 async def run_demo(
-    duration: float, console: Console | None = None, workdir: Path | None = None
+    duration: float,
+    console: Console | None = None,
+    workdir: Path | None = None,
+    use_broker: bool | None = None,
 ) -> DemoResult:
+    """Runs the street block for `duration` seconds, drains, and compares what was sent
+    with what the platform stored. `use_broker` defaults to "mosquitto is on PATH"; without
+    it the uplink talks to the ingest over an in-process link (agent/loopback.py)."""
     console = console or Console(stderr=True)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="citygw-demo-"))
-    with Mosquitto(workdir=workdir) as broker:
+    if use_broker is None:
+        use_broker = mosquitto_binary() is not None
+    with contextlib.ExitStack() as stack:
         store = open_store(f"sqlite:///{workdir / 'platform.db'}")
-        worker = IngestWorker(
-            broker.url,
-            store,
-            group="citygw-demo",
-            client_id="citygw-demo-ingest",
-            session_expiry=3600,
-        )
-        ingest_task = asyncio.create_task(worker.run(), name="ingest")
-        agent = Agent(demo_config(broker.url, workdir / "buffer.db"))
+        stack.callback(store.close)
+        ingest_task: asyncio.Task[None] | None = None
+        if use_broker:
+            broker_url = stack.enter_context(Mosquitto(workdir=workdir)).url
+            worker = IngestWorker(
+                broker_url,
+                store,
+                group="citygw-demo",
+                client_id="citygw-demo-ingest",
+                session_expiry=3600,
+            )
+            ingest_task = asyncio.create_task(worker.run(), name="ingest")
+            await asyncio.wait_for(worker.connected.wait(), timeout=30)
+            console.print(f"uplink: private mosquitto at {broker_url}")
+            agent = Agent(demo_config(broker_url, workdir / "buffer.db"))
+        else:
+            broker_url = "mqtt://127.0.0.1"  # never contacted: the link is in-process
+            worker = IngestWorker(broker_url, store, group=None)
+            agent = Agent(
+                demo_config(broker_url, workdir / "buffer.db"),
+                connect=LoopbackLink(worker.deliver).connect,
+            )
+            console.print("uplink: no mosquitto on PATH, using the in-process link")
         try:
             await agent.start()
             started = time.monotonic()
@@ -319,12 +342,12 @@ async def run_demo(
                 console.print("[yellow]buffer not drained within 60 s[/]")
         finally:
             await agent.stop()
-            ingest_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ingest_task
+            if ingest_task is not None:
+                ingest_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ingest_task
         counts = store.counts()
         dups = store.duplicate_readings()
-        store.close()
     c = agent.counters
     up = agent.uplink.status if agent.uplink else None
     return DemoResult(

@@ -14,8 +14,9 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from typing import Any, TypeVar
 from agent import wire
 from agent.config import Config, RangeStageConfig
 from agent.logs import Throttle
-from agent.uplink import BufferPort, Uplink, UplinkSettings
+from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
 from drivers.base import DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
@@ -115,8 +116,15 @@ def _stage(stage: RangeStageConfig) -> StageSpec:
 
 
 class Agent:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
+    ) -> None:
+        """`connect` replaces the MQTT connection to the broker (the demo's in-process
+        link on a machine without mosquitto); by default the config's broker is used."""
         self.config = config
+        self._connect = connect
         self.counters = Counters()
         self.queue = MemoryQueue(config.buffer.max_memory_points, self.counters)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citygw-buffer")
@@ -180,6 +188,7 @@ class Agent:
             BufferPort(self._peek, self._ack),
             buffer.stream_id,
             meta,
+            self._connect,
         )
         for driver in self.drivers:
             self._driver_tasks.append(

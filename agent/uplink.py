@@ -16,8 +16,9 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiomqtt
 
@@ -44,6 +45,20 @@ class UplinkSettings:
     ack_timeout: float = 10.0
     backoff_min: float = 1.0
     backoff_max: float = 60.0
+
+
+class Publisher(Protocol):
+    """What the uplink needs of a broker session (aiomqtt.Client has it)."""
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> None: ...
 
 
 class BufferPort:
@@ -93,9 +108,17 @@ def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> flo
 
 class Uplink:
     def __init__(
-        self, settings: UplinkSettings, buffer: BufferPort, stream_id: str, meta: bytes
+        self,
+        settings: UplinkSettings,
+        buffer: BufferPort,
+        stream_id: str,
+        meta: bytes,
+        connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
     ) -> None:
+        """`connect` opens a session with the broker; the default is an MQTT client
+        for `settings.broker` (the demo passes an in-process link instead)."""
         self.s = settings
+        self._connect = connect or self._client
         self.buffer = buffer
         self.stream_id = stream_id
         self.meta = meta
@@ -165,7 +188,7 @@ class Uplink:
         )
 
     async def _session(self) -> None:
-        async with self._client() as client:
+        async with self._connect() as client:
             self.status.connects += 1
             self.status.connected_since_ms = time.time_ns() // 1_000_000
             self.status.state = "online"
@@ -182,12 +205,12 @@ class Uplink:
                             self._state_topic, b"offline", qos=1, retain=True, timeout=1.0
                         )
 
-    async def _publish(self, client: aiomqtt.Client, msg: Message) -> Message:
+    async def _publish(self, client: Publisher, msg: Message) -> Message:
         payload = wire.wrap(msg.lane, self.stream_id, msg.seq, msg.n_points, msg.payload)
         await client.publish(self._topics[msg.lane], payload, qos=1, timeout=self.s.ack_timeout)
         return msg
 
-    async def _pump(self, client: aiomqtt.Client) -> None:
+    async def _pump(self, client: Publisher) -> None:
         inflight: dict[int, asyncio.Task[Message]] = {}
         try:
             while True:

@@ -247,8 +247,16 @@ def test_sigterm_flushes_memory(mosquitto, tmp_path: Path) -> None:  # type: ign
 def test_demo_delivers_everything_once(tmp_path: Path) -> None:
     from agent.demo import run_demo
 
-    result = asyncio.run(run_demo(4.0, workdir=tmp_path))
+    result = asyncio.run(run_demo(4.0, workdir=tmp_path, use_broker=True))
     assert result.read == result.sent > 200
     assert result.ingested == result.sent
     assert result.lost == 0 and result.duplicates == 0
     assert 0 < result.bytes_per_point < 21  # less than the raw 21 bytes of a reading
+
+
+def test_demo_without_mosquitto_uses_the_in_process_link(tmp_path: Path) -> None:
+    from agent.demo import run_demo
+
+    result = asyncio.run(run_demo(3.0, workdir=tmp_path, use_broker=False))
+    assert result.read == result.sent == result.ingested > 200
+    assert result.lost == 0 and result.duplicates == 0

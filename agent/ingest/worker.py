@@ -197,7 +197,8 @@ class IngestWorker:
             items = [await queue.get()]
             while len(items) < self.max_group and not queue.empty():
                 items.append(queue.get_nowait())
-            work = await asyncio.to_thread(self._decode, items)
+            messages = [(i.message.topic.value, i.message.payload) for i in items]
+            work = await asyncio.to_thread(self._decode, messages)
             await self._store(work)
             for item in items:
                 self._ack(item)
@@ -243,14 +244,16 @@ class IngestWorker:
     def _store_batches(self, items: Sequence[tuple[str, Envelope, Batch]]) -> list[bool]:
         return self.store.store_batches(items)
 
-    def _decode(self, items: Sequence[_Item]) -> _Work:
+    async def deliver(self, topic: str, payload: bytes) -> None:
+        """Decode and store one message handed over in-process (no broker), returning
+        once it is committed: what a PUBACK after commit means (see agent/loopback.py)."""
+        await self._store(await asyncio.to_thread(self._decode, [(topic, payload)]))
+
+    def _decode(self, messages: Sequence[tuple[str, object]]) -> _Work:
         """Runs in a thread: topic, envelope and codec checks; rejects are counted."""
         work = _Work()
-        for item in items:
+        for topic, payload in messages:
             self.counters.messages += 1
-            msg = item.message
-            topic = msg.topic.value
-            payload = msg.payload
             try:
                 gateway, kind = wire.parse_topic(topic, self.prefix)
             except WireError as e:
