@@ -232,3 +232,115 @@ def test_graceful_stop_says_offline(mosquitto: Mosquitto, tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
     assert asyncio.run(retained(mosquitto.url, state_topic)) == b"offline"
+
+
+class FlakySession:
+    """A broker session that delivers every publish but, for the first `lose` batches,
+    loses the PUBACK (the connection drops right after the broker got the message)."""
+
+    def __init__(self, link: FlakyLink) -> None:
+        self.link = link
+        self.dead = False
+
+    async def __aenter__(self) -> FlakySession:
+        self.link.connects += 1
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        if self.dead:
+            raise aiomqtt.MqttError("not connected")
+        if not topic.endswith("/state"):
+            await self.link.deliver(topic, payload)
+        self.link.published.append((topic, payload))  # what reached the platform
+        if self.dead:  # delivered, but the connection died meanwhile: no PUBACK either
+            raise aiomqtt.MqttError("connection lost before PUBACK")
+        if topic.endswith(("/up/batch", "/up/alarm")) and self.link.lose > 0:
+            self.link.lose -= 1
+            self.dead = True
+            raise aiomqtt.MqttError("connection lost before PUBACK")
+
+
+class FlakyLink:
+    def __init__(self, deliver, lose: int) -> None:  # type: ignore[no-untyped-def]
+        self.deliver = deliver
+        self.lose = lose
+        self.connects = 0
+        self.published: list[tuple[str, bytes]] = []
+
+    def connect(self) -> FlakySession:
+        return FlakySession(self)
+
+
+def test_lost_puback_resends_same_sequence_and_platform_drops_duplicate(tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'platform.db'}")
+    worker = IngestWorker("mqtt://127.0.0.1", store, group=None)
+    link = FlakyLink(worker.deliver, lose=3)
+    cfg = parse_config(config("mqtt://127.0.0.1", tmp_path / "buf.db"))
+
+    async def scenario() -> Agent:
+        agent = Agent(cfg, connect=link.connect)
+        await agent.start()
+        await asyncio.sleep(1.0)
+        await agent.stop_drivers()
+        await agent.flush()
+        assert await agent.drain(10)
+        await agent.stop()
+        return agent
+
+    try:
+        agent = asyncio.run(scenario())
+        batches = [wire.unwrap(p) for t, p in link.published if t.endswith("/up/batch")]
+        seqs = [env.seq for env in batches]
+        assert link.connects == 4  # three lost PUBACKs, three reconnects
+        # each batch whose PUBACK was lost went again with the same seq and stream...
+        assert len(seqs) - len(set(seqs)) >= 3
+        assert sorted(set(seqs)) == list(range(min(seqs), max(seqs) + 1))
+        assert {env.stream for env in batches} == {agent.uplink.stream_id}  # type: ignore[union-attr]
+        counts = store.counts()
+        # ...and the platform stored each once, dropping the copies
+        assert counts.duplicates_dropped >= 3
+        assert counts.batches == len(set(seqs))
+        assert counts.readings == agent.counters.sent > 0
+        assert store.duplicate_readings() == 0
+    finally:
+        store.close()
+
+
+def test_alarm_lane_leaves_before_the_telemetry_backlog(tmp_path: Path) -> None:
+    from buffer import Buffer, Lane
+
+    cfg = parse_config(config("mqtt://127.0.0.1", tmp_path / "buf.db"))
+    with Buffer(cfg.buffer.path, cfg.buffer.capacity) as buf:
+        backlog = [buf.append(Lane.TELEMETRY, b"t", 1) for _ in range(20)]
+        alarm = buf.append(Lane.ALARM, b"a", 1)
+        event = buf.append(Lane.EVENT, b"e", 1)
+    published: list[tuple[str, int]] = []
+
+    async def record(topic: str, payload: bytes) -> None:
+        if "/up/batch" in topic or "/up/alarm" in topic:
+            published.append((topic.rsplit("/", 1)[1], wire.unwrap(payload).seq))
+
+    link = FlakyLink(record, lose=0)
+
+    async def scenario() -> None:
+        agent = Agent(cfg, connect=link.connect)
+        await agent.start()
+        await agent.stop_drivers()
+        assert await agent.drain(10)
+        await agent.stop()
+
+    asyncio.run(scenario())
+    assert published[0] == ("alarm", alarm)
+    assert published[1] == ("batch", event)
+    assert [seq for _, seq in published[2:22]] == backlog
