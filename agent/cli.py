@@ -234,7 +234,10 @@ def status(config: ConfigOption = Path("gateway.toml")) -> None:
     from agent.status import collect, render_status
 
     path = _existing_buffer(load_or_exit(config))
-    stats, state = collect(path)
+    try:
+        stats, state = collect(path)
+    except (BufferError, OSError) as exc:  # not a usable buffer, newer schema, unreadable
+        fail(str(exc), EXIT_NO_FILE)
     _out().print(render_status(stats, state))
 
 
@@ -251,7 +254,11 @@ def buffer_inspect(
     from agent.status import render_inspect
 
     path = _existing_buffer(load_or_exit(config))
-    _out().print(render_inspect(path, limit))
+    try:
+        view = render_inspect(path, limit)
+    except (BufferError, OSError) as exc:  # not a usable buffer, newer schema, unreadable
+        fail(str(exc), EXIT_NO_FILE)
+    _out().print(view)
 
 
 def main() -> None:

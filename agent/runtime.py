@@ -132,6 +132,7 @@ class Agent:
         self._driver_tasks: list[asyncio.Task[None]] = []
         self._throttle = Throttle()
         self.started_ms = time.time_ns() // 1_000_000
+        self._stopped = False
         self.buffer: Buffer | None = None
         self.drivers: list[Driver] = []
         self.uplink: Uplink | None = None
@@ -320,6 +321,7 @@ class Agent:
     def snapshot(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "state": "stopped" if self._stopped else "running",
             "started_ms": self.started_ms,
             "updated_ms": time.time_ns() // 1_000_000,
             "counters": asdict(self.counters),
@@ -372,6 +374,7 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self._stopped = True
         if self.buffer is not None:
             await self.write_status()
             await self._on_buffer(self.buffer.close)

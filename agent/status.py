@@ -37,7 +37,12 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     agent = state.get("agent") or {}
     updated = agent.get("updated_ms")
-    running = updated is not None and now_ms - updated < 3 * STATUS_INTERVAL_S * 1000
+    up = agent.get("uplink") or {}
+    # the last snapshot of a graceful stop says so: not running, however recent
+    stopped = agent.get("state") == "stopped"
+    running = (
+        not stopped and updated is not None and now_ms - updated < 3 * STATUS_INTERVAL_S * 1000
+    )
 
     lanes = Table(title="buffer", show_lines=False)
     for col in ("lane", "batches", "readings", "bytes", "oldest unsent"):
@@ -57,10 +62,12 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
         f"last ack: {_age(stats.last_ack_ms, now_ms)}"
     )
 
-    up = agent.get("uplink") or {}
     summary = Table(show_header=False, title="agent")
     summary.add_row(
-        "agent", "running" if running else f"not running (last seen {_age(updated, now_ms)})"
+        "agent",
+        "running"
+        if running
+        else f"{'stopped' if stopped else 'not running'} (last seen {_age(updated, now_ms)})",
     )
     summary.add_row(
         "uplink",

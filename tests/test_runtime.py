@@ -107,4 +107,4 @@ def test_graceful_stop_writes_final_status(tmp_path: Path) -> None:
         state = buf.get_state()["agent"]
     assert state["counters"]["read"] == agent.counters.read > 0
     assert state["devices"]["d"]["polls"] > 0
-    assert state["uplink"]["state"] == "stopped"
+    assert state["state"] == state["uplink"]["state"] == "stopped"

@@ -79,8 +79,9 @@ class Waveform:
         if self._noise:
             v += rng.gauss(0.0, self._noise)
         if self._step_p and rng.random() < self._step_p:
-            self._level += self._step if rng.random() < 0.5 else -self._step
-            v += self._level
+            step = self._step if rng.random() < 0.5 else -self._step
+            self._level += step
+            v += step  # v already holds the old level
         if self._spike_p and rng.random() < self._spike_p:
             v += self._spike
         if self._res:

@@ -1,0 +1,362 @@
+"""The operating commands of the CLI: run, status, buffer inspect, demo and ingest."""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from agent import cli
+from agent.status import render_status
+from buffer import Buffer, BufferStats, Lane, LaneStats
+from native import codec
+from native.batch import Batch
+
+# wide enough that rich never wraps a table cell
+runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
+
+BORDERS = "│┃║|"
+
+
+def row(output: str, first: str) -> list[str]:
+    """The cells of the table row whose first cell is `first`."""
+    for line in output.splitlines():
+        cells = [c.strip() for c in _split(line)]
+        if cells and cells[0] == first:
+            return cells
+    raise AssertionError(f"no row {first!r} in:\n{output}")
+
+
+def _split(line: str) -> list[str]:
+    for b in BORDERS[1:]:
+        line = line.replace(b, BORDERS[0])
+    return [c for c in line.split(BORDERS[0])[1:-1]] if BORDERS[0] in line else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(folder: Path, buffer: str = "buf.db", devices: str = "") -> Path:
+    path = folder / "gateway.toml"
+    path.write_text(
+        '[gateway]\nid = "gw-ops"\n'
+        f'[uplink]\nbroker = "mqtt://127.0.0.1:{free_port()}"\n'
+        'backoff_min = "100ms"\nbackoff_max = "300ms"\n'
+        f'[buffer]\npath = "{buffer}"\nflush_interval = "100ms"\n' + devices,
+        encoding="utf-8",
+    )
+    return path
+
+
+def encoded(n: int, t0_ms: int, span_ms: int = 1000) -> bytes:
+    return codec.encode(Batch.from_rows([(i, t0_ms + i * span_ms, float(i), 0) for i in range(n)]))
+
+
+def snapshot(
+    now_ms: int, uplink_state: str = "backoff", state: str = "running"
+) -> dict[str, object]:
+    """Shaped like agent.runtime.Agent.snapshot()."""
+    return {
+        "pid": 4242,
+        "state": state,
+        "started_ms": now_ms - 60_000,
+        "updated_ms": now_ms,
+        "counters": {
+            "read": 1234,
+            "refused": 5,
+            "flagged": 6,
+            "dropped": 7,
+            "sent": 1222,
+            "encoded_bytes": 999,
+            "flushes": 60,
+        },
+        "uplink": {
+            "state": uplink_state,
+            "connected_since_ms": None,
+            "last_puback_ms": None,
+            "last_error": "[Errno 111] Connection refused",
+            "connects": 0,
+            "published_messages": 0,
+            "published_points": 0,
+            "published_bytes": 0,
+            "resent_messages": 0,
+        },
+        "devices": {
+            "pump-3": {
+                "last_success_ms": None,
+                "last_error_ms": now_ms - 500,
+                "last_error": "simulated timeout: device did not answer",
+                "errors": 17,
+                "consecutive_failures": 9,
+                "polls": 40,
+                "skipped_polls": 2,
+                "readings": 23,
+            },
+            "bridge-7": {
+                "last_success_ms": now_ms - 1000,
+                "last_error_ms": None,
+                "last_error": None,
+                "errors": 0,
+                "consecutive_failures": 0,
+                "polls": 31,
+                "skipped_polls": 0,
+                "readings": 93,
+            },
+        },
+    }
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> Path:
+    """A config whose buffer holds messages in all lanes, one eviction and a snapshot."""
+    now = time.time_ns() // 1_000_000
+    buf = Buffer(tmp_path / "buf.db", capacity_bytes=1000)
+    try:
+        buf.append(Lane.TELEMETRY, encoded(5, now - 60_000), 5)
+        buf.append(Lane.ALARM, encoded(1, now), 1)
+        buf.append(Lane.TELEMETRY, encoded(7, now - 30_000, span_ms=500), 7)
+        buf.append(Lane.EVENT, encoded(3, now), 3)
+        buf.append(Lane.TELEMETRY, b"\x00" * 2000, 50)  # larger than the buffer: evicted
+        buf.append(Lane.EVENT, b"not a batch", 2)
+        buf.put_state("agent", snapshot(now))
+    finally:
+        buf.close()
+    return write_config(tmp_path)
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def test_status_shows_lanes_evictions_uplink_and_devices(filled: Path) -> None:
+    result = runner.invoke(cli.app, ["status", "-c", str(filled)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    # lanes: batches, readings
+    assert row(out, "alarm")[1:3] == ["1", "1"]
+    assert row(out, "event")[1:3] == ["2", "5"]
+    assert row(out, "telemetry")[1:3] == ["2", "12"]
+    assert row(out, "alarm")[4].endswith("s ago")
+    assert "evicted: 50 readings in 1 batches" in out
+    assert "of 1000 bytes used" in out
+    assert "last ack: never" in out
+    # agent and uplink
+    assert row(out, "agent")[1] == "running"
+    assert row(out, "uplink")[1] == "backoff — last error: [Errno 111] Connection refused"
+    assert row(out, "last PUBACK")[1] == "never"
+    assert row(out, "read")[1] == "1234"
+    assert row(out, "sent")[1] == "1222"
+    assert row(out, "refused")[1] == "5"
+    assert row(out, "dropped")[1] == "7"
+    # devices: name, last success, polls, errors, in a row, skipped, last error
+    pump = row(out, "pump-3")
+    assert pump[1:] == ["never", "40", "17", "9", "2", "simulated timeout: device did not answer"]
+    bridge = row(out, "bridge-7")
+    assert bridge[1].endswith("s ago") and bridge[2:] == ["31", "0", "0", "0", ""]
+    assert result.stderr == ""
+
+
+def test_buffer_inspect_lists_the_next_batches(filled: Path) -> None:
+    result = runner.invoke(cli.app, ["buffer", "inspect", "-c", str(filled)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert row(out, "evicted")[1] == "50 readings in 1 batches"
+    assert row(out, "payload bytes held")[1].endswith("of 1000")
+    assert len(row(out, "stream id")[1]) >= 16
+    assert "next 5 batches to send" in out
+    # sending order: alarm, events, telemetry; seq, lane, readings, bytes, created, span, note
+    lines = [_split(line) for line in out.splitlines()]
+    rows = [[c.strip() for c in cells] for cells in lines if len(cells) == 7]
+    body = [r for r in rows if r[0].isdigit()]
+    assert [(r[0], r[1], r[2]) for r in body] == [
+        ("2", "alarm", "1"),
+        ("4", "event", "3"),
+        ("6", "event", "2"),
+        ("1", "telemetry", "5"),
+        ("3", "telemetry", "7"),
+    ]
+    assert body[0][5] == "0.0 s"
+    assert body[3][5] == "4.0 s" and body[4][5] == "3.0 s"
+    assert body[2][6].startswith("undecodable:")
+    assert body[1][6] == ""
+
+    limited = runner.invoke(cli.app, ["buffer", "inspect", "-c", str(filled), "--limit", "2"])
+    assert limited.exit_code == 0, limited.output
+    assert "next 2 batches to send" in limited.stdout
+
+
+def test_status_of_a_buffer_the_agent_never_wrote(tmp_path: Path) -> None:
+    Buffer(tmp_path / "buf.db", capacity_bytes=10_000).close()
+    result = runner.invoke(cli.app, ["status", "-c", str(write_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert row(result.stdout, "agent")[1] == "not running (last seen never)"
+    assert row(result.stdout, "uplink")[1] == "unknown"
+    for lane in ("alarm", "event", "telemetry"):
+        assert row(result.stdout, lane)[1:5] == ["0", "0", "0", "never"]
+
+
+def test_status_without_buffer_file_exits_2(tmp_path: Path) -> None:
+    config = write_config(tmp_path, buffer="missing/buf.db")
+    for args in (["status"], ["buffer", "inspect"]):
+        result = runner.invoke(cli.app, [*args, "-c", str(config)])
+        assert result.exit_code == 2, result.output
+        assert "no buffer database yet" in result.stderr
+        assert str(tmp_path / "missing" / "buf.db") in result.stderr
+        assert result.stdout == ""
+    assert not (tmp_path / "missing").exists()  # status did not create anything
+
+
+def test_status_of_a_corrupt_buffer_exits_2_with_a_message(tmp_path: Path) -> None:
+    (tmp_path / "buf.db").write_bytes(b"this is not an sqlite database, " * 64)
+    config = write_config(tmp_path)
+    for args in (["status"], ["buffer", "inspect"]):
+        result = runner.invoke(cli.app, [*args, "-c", str(config)])
+        assert result.exit_code == 2, result.output
+        assert "not a usable buffer" in result.stderr
+        assert "Traceback" not in result.output
+    assert (tmp_path / "buf.db").read_bytes().startswith(b"this is not")  # left alone
+
+
+def test_malformed_config_exits_1_listing_the_problems(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[gateway]\nid = "gw bad"\n[uplink]\nbroker = "mqtt://h"\nwindow = 0\n',
+        encoding="utf-8",
+    )
+    for args in (["status"], ["buffer", "inspect"], ["run"]):
+        result = runner.invoke(cli.app, [*args, "-c", str(path)])
+        assert result.exit_code == 1, (args, result.output)
+        assert "gateway.id" in result.stderr
+        assert "uplink.window" in result.stderr
+        assert "2 problems found" in result.stderr
+        assert result.stdout == ""
+
+
+def test_missing_config_exits_2(tmp_path: Path) -> None:
+    for args in (["status"], ["buffer", "inspect"], ["run"]):
+        result = runner.invoke(cli.app, [*args, "-c", str(tmp_path / "nope.toml")])
+        assert result.exit_code == 2, (args, result.output)
+        assert "file not found" in result.stderr
+
+
+def test_render_status_running_stale_and_stopped() -> None:
+    stats = BufferStats(
+        lanes={lane: LaneStats(0, 0, 0, None) for lane in Lane},
+        total_bytes=0,
+        capacity_bytes=100,
+        evicted_points=0,
+        evicted_messages=0,
+        last_ack_ms=None,
+        appended_points=0,
+        acked_points=0,
+    )
+    now = 1_700_000_000_000
+
+    def agent_cell(state: dict[str, object]) -> str:
+        console = Console(width=250, record=True, file=io.StringIO())
+        console.print(render_status(stats, state, now_ms=now))
+        return row(console.export_text(), "agent")[1]
+
+    assert agent_cell({"agent": snapshot(now - 2000)}) == "running"
+    assert agent_cell({"agent": snapshot(now - 600_000)}) == "not running (last seen 10.0 min ago)"
+    assert (
+        agent_cell({"agent": snapshot(now - 3 * 3600_000)}) == "not running (last seen 3.0 h ago)"
+    )
+    # the last snapshot of a graceful stop is recent, but the agent is gone
+    stopped = snapshot(now - 1000, uplink_state="stopped", state="stopped")
+    assert agent_cell({"agent": stopped}) == "stopped (last seen 1.0 s ago)"
+    assert agent_cell({"agent": {**snapshot(now), "uplink": None}}) == "running"
+
+
+# -- help texts ----------------------------------------------------------------------------
+
+
+def test_demo_and_ingest_help() -> None:
+    demo = runner.invoke(cli.app, ["demo", "--help"])
+    assert demo.exit_code == 0, demo.output
+    assert "--duration" in demo.stdout and "simulated street block" in demo.stdout
+    ingest = runner.invoke(cli.app, ["ingest", "--help"])
+    assert ingest.exit_code == 0, ingest.output
+    for option in ("--broker", "--db", "--group", "--prefix", "--client-id", "--session-expiry"):
+        assert option in ingest.stdout
+    missing = runner.invoke(cli.app, ["ingest"])
+    assert missing.exit_code == 2
+    assert "--broker" in missing.output
+    bad = runner.invoke(cli.app, ["demo", "--duration", "0"])
+    assert bad.exit_code == 2  # min=1
+
+
+# -- run -------------------------------------------------------------------------------------
+
+DEVICES = (
+    '[[devices]]\nname = "dev-a"\ndriver = "sim"\npoll = "50ms"\nseed = 1\n'
+    '[[devices.points]]\nname = "level"\nbase = 5.0\nresolution = 0.1\n'
+    '[[devices.points]]\nname = "temp"\nbase = 20.0\n'
+    '[[devices]]\nname = "dev-dead"\ndriver = "sim"\npoll = "50ms"\nfail_probability = 1.0\n'
+    '[[devices.points]]\nname = "x"\n'
+)
+
+
+def test_run_with_unreachable_broker_buffers_and_stops_on_sigterm(tmp_path: Path) -> None:
+    config = write_config(tmp_path, devices=DEVICES)
+    log = tmp_path / "agent.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "-c", str(config), "--json-logs"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=tmp_path,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            # running: the uplink has failed at least twice (it keeps retrying)
+            while log.read_text().count("uplink down, retrying") < 2:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            time.sleep(0.3)  # a few polls of dev-a
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    entries = [orjson.loads(line) for line in log.read_text().splitlines()]
+    msgs = [e["msg"] for e in entries]
+    assert msgs[0] == "agent started" and msgs[-1] == "agent stopped"
+    down = next(e for e in entries if e["msg"] == "uplink down, retrying")
+    assert down["level"] == "warning" and "refused" in down["error"].lower()
+
+    # a graceful stop flushed what was read into the buffer: nothing was sent
+    with Buffer.open_readonly(tmp_path / "buf.db") as buf:
+        stats = buf.stats()
+        state = buf.get_state()
+    read = entries[-1]["read"]
+    assert read > 0 and stats.appended_points == read == entries[-1]["sent"]
+    assert stats.lanes[Lane.TELEMETRY].points == read and stats.acked_points == 0
+    agent = state["agent"]
+    assert agent["uplink"]["state"] == "stopped"
+    assert agent["devices"]["dev-a"]["readings"] == read
+    dead = agent["devices"]["dev-dead"]
+    assert dead["errors"] == dead["polls"] > 0 and dead["readings"] == 0
+
+    result = runner.invoke(cli.app, ["status", "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert row(out, "agent")[1].startswith("stopped (last seen")
+    assert row(out, "uplink")[1].startswith("stopped — last error:")
+    assert row(out, "telemetry")[2] == str(read)
+    assert row(out, "dev-dead")[6] == "simulated timeout: device did not answer"
+    assert row(out, "dev-a")[3] == "0"
