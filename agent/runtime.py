@@ -336,8 +336,14 @@ class Agent:
         await self._on_buffer(self.buffer.put_state, "agent", self.snapshot())
 
     async def _status_loop(self) -> None:
+        assert self.buffer is not None
         while True:
             await self.write_status()
+            try:
+                # with sync=normal, this bounds what a power cut can lose to the interval
+                await self._on_buffer(self.buffer.checkpoint)
+            except BufferError as exc:
+                log.error("buffer checkpoint failed", extra={"error": str(exc)})
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     # -- stop ------------------------------------------------------------------

@@ -543,3 +543,17 @@ def test_committed_data_survives_process_crash(db: Path, sync: str) -> None:
         stats = buf.stats()
         assert stats.acked_points == sum(range(1, 11))
         assert buf.append(Lane.EVENT, b"next", 1) > last + 1
+
+
+def test_checkpoint_moves_the_wal_into_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "buf.db"
+    with Buffer(path, 1 << 20) as buf:
+        buf.append_many([(Lane.TELEMETRY, b"x" * 1000, 1) for _ in range(50)])
+        wal = path.with_name(path.name + "-wal")
+        size_before = path.stat().st_size
+        assert wal.stat().st_size > 0
+        buf.checkpoint()
+        assert path.stat().st_size > size_before  # the pages are in the main file now
+        assert len(buf.peek(100)) == 50
+    with Buffer.open_readonly(path) as ro, pytest.raises(BufferReadOnly):
+        ro.checkpoint()
