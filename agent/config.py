@@ -47,6 +47,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from agent.mqtt_url import ALLOWED, BrokerAddress
 from agent.units import Duration, Size, parse_duration, parse_size
 from drivers import registry
+from drivers.base import DeviceConfigProblem, Driver
 
 __all__ = [
     "BufferConfig",
@@ -314,9 +315,18 @@ class PointConfig(BaseModel):
     unit: str = ""
     type: Literal["float", "int", "bool"] = "float"
     writable: bool = False
+    #: the declared range of the quantity: a write outside it is refused
+    min: float | None = None
+    max: float | None = None
     pipeline: list[PipelineStage] = Field(default_factory=list)
 
     _settings: BaseModel | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> PointConfig:
+        if self.min is not None and self.max is not None and not self.min < self.max:
+            raise _at("max", f"must be greater than min ({self.min:g}), got {self.max:g}")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -440,6 +450,9 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     raw = _substitute_env(raw, (), issues, unresolved)
     context = {"base_dir": base_dir if base_dir is not None else Path.cwd()}
 
+    # drivers fill in what a device references (e.g. a Modbus profile's points)
+    _expand_devices(raw, issues, context["base_dir"])
+
     # phase 1: the generic models
     config: Config | None = None
     try:
@@ -453,6 +466,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
 
     # phase 2: the driver-specific keys
     settings = _validate_driver_settings(raw, issues, context)
+    _check_devices(raw, settings, issues)
 
     if issues.items:
         raise ConfigError(issues.sorted(raw))
@@ -548,6 +562,43 @@ def _check_unique_names(raw: dict[str, Any], issues: _Issues) -> None:
 
 
 _DeviceSettings = tuple[BaseModel | None, list[BaseModel | None]]
+
+
+def _known_driver(dev: Any) -> type[Driver] | None:
+    """The driver class of a raw device table, or None (reported by phase 2)."""
+    if not isinstance(dev, dict) or not isinstance(dev.get("driver"), str):
+        return None
+    try:
+        return registry.load_driver(dev["driver"])
+    except (registry.DriverNotFound, registry.DriverLoadError):
+        return None
+
+
+def _expand_devices(raw: dict[str, Any], issues: _Issues, base_dir: Path) -> None:
+    devices = raw.get("devices")
+    if not isinstance(devices, list):
+        return
+    for i, dev in enumerate(devices):
+        driver = _known_driver(dev)
+        if driver is None:
+            continue
+        try:
+            devices[i] = driver.expand_device(dev, base_dir)
+        except DeviceConfigProblem as problem:
+            issues.add(("devices", i, *problem.key_path), problem.message)
+
+
+def _check_devices(
+    raw: dict[str, Any], settings: dict[int, _DeviceSettings], issues: _Issues
+) -> None:
+    """Each driver's cross-point checks, on devices whose settings all validated."""
+    for i, (device_settings, point_settings) in settings.items():
+        driver = _known_driver(raw["devices"][i])
+        if driver is None or device_settings is None or None in point_settings:
+            continue
+        points = [p for p in point_settings if p is not None]
+        for problem in driver.check_device(device_settings, points):
+            issues.add(("devices", i, *problem.key_path), problem.message)
 
 
 def _validate_driver_settings(

@@ -12,7 +12,8 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -92,6 +93,16 @@ class DeviceHealth:
         }
 
 
+class DeviceConfigProblem(ValueError):
+    """A problem a driver found in a device's config; `key_path` is relative to the
+    device's table (e.g. ``("profile",)`` or ``("points", 3, "address")``)."""
+
+    def __init__(self, key_path: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.key_path = key_path
+        self.message = message
+
+
 class Driver(ABC):
     """Base class of all drivers. Subclasses set the class attributes and run()."""
 
@@ -100,6 +111,22 @@ class Driver(ABC):
     device_model: ClassVar[type[BaseModel]] = NoSettings
     #: validates the driver-specific keys of a [[devices.points]] table
     point_model: ClassVar[type[BaseModel]] = NoSettings
+
+    @classmethod
+    def expand_device(cls, table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+        """The device's raw config table with whatever it references filled in (a
+        Modbus device profile's points, say), before anything is validated. Raises
+        DeviceConfigProblem. The default changes nothing."""
+        return table
+
+    @classmethod
+    def check_device(
+        cls, device: BaseModel, points: Sequence[BaseModel]
+    ) -> list[DeviceConfigProblem]:
+        """Problems that only show across a device's points (overlapping registers,
+        say), given the validated driver settings of the device and of its points in
+        config order. The default finds none."""
+        return []
 
     def __init__(self, devices: Sequence[DeviceSpec]) -> None:
         self.devices = tuple(devices)

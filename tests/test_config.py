@@ -314,8 +314,8 @@ def test_registry_loads_and_lists(monkeypatch: pytest.MonkeyPatch) -> None:
     _register_fake(monkeypatch)
     assert registry.load_driver("fake") is FakeDriver
     with pytest.raises(registry.DriverNotFound) as info:
-        registry.load_driver("modbus")
-    assert str(info.value) == "unknown driver 'modbus'; installed: fake, sim, broken"
+        registry.load_driver("zigbee")
+    assert str(info.value) == "unknown driver 'zigbee'; installed: fake, sim, broken"
     with pytest.raises(registry.DriverLoadError, match="no_such_module"):
         registry.load_driver("broken")
 
