@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from agent import wire
+from agent.commands import CommandRefused, parse_command, response
 from agent.config import Config, RangeStageConfig
 from agent.logs import Throttle
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
@@ -36,6 +37,7 @@ log = logging.getLogger("citygw.agent")
 T = TypeVar("T")
 
 STATUS_INTERVAL_S = 5.0
+COMMAND_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -136,6 +138,8 @@ class Agent:
         self.buffer: Buffer | None = None
         self.drivers: list[Driver] = []
         self.uplink: Uplink | None = None
+        self.points: dict[str, PointSpec] = {}  # "device/point" -> spec, enabled devices only
+        self._driver_of: dict[str, Driver] = {}
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -190,6 +194,7 @@ class Agent:
             buffer.stream_id,
             meta,
             self._connect,
+            self.handle_command,
         )
         for driver in self.drivers:
             self._driver_tasks.append(
@@ -212,6 +217,30 @@ class Agent:
             },
         )
 
+    async def handle_command(self, payload: bytes) -> bytes:
+        """A downlink command in, its response out (see agent/commands.py)."""
+        try:
+            cmd = parse_command(payload, self.points)
+        except CommandRefused as exc:
+            log.warning("command refused", extra={"id": exc.command_id, "error": str(exc)})
+            return response(exc.command_id, str(exc))
+        driver = self._driver_of[cmd.point.key.split("/", 1)[0]]
+        try:
+            await asyncio.wait_for(driver.write(cmd.point, cmd.value), COMMAND_TIMEOUT_S)
+        except NotImplementedError as exc:
+            error = str(exc)
+        except TimeoutError:
+            error = f"write to {cmd.point.key!r} timed out after {COMMAND_TIMEOUT_S:g} s"
+        except Exception as exc:  # the driver's own error names device, point and why
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            log.info(
+                "command executed", extra={"id": cmd.id, "point": cmd.point.key, "value": cmd.value}
+            )
+            return response(cmd.id)
+        log.warning("command failed", extra={"id": cmd.id, "point": cmd.point.key, "error": error})
+        return response(cmd.id, error)
+
     def _build_drivers(self, ids: dict[str, int]) -> list[Driver]:
         by_driver: dict[str, list[DeviceSpec]] = {}
         for d in self.config.devices:
@@ -226,13 +255,18 @@ class Agent:
                     kind=p.type,
                     writable=p.writable,
                     settings=p.settings,
+                    min=p.min,
+                    max=p.max,
                 )
                 for p in d.points
             )
             by_driver.setdefault(d.driver, []).append(
                 DeviceSpec(name=d.name, poll_s=d.poll, settings=d.settings, points=points)
             )
-        return [load_driver(name)(devices) for name, devices in by_driver.items()]
+            self.points.update((p.key, p) for p in points)
+        drivers = [load_driver(name)(devices) for name, devices in by_driver.items()]
+        self._driver_of = {dev.name: drv for drv in drivers for dev in drv.devices}
+        return drivers
 
     async def _run_driver(self, driver: Driver) -> None:
         # A driver that crashes is restarted; it must not take the agent down.

@@ -114,10 +114,13 @@ class Uplink:
         stream_id: str,
         meta: bytes,
         connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
+        on_command: Callable[[bytes], Awaitable[bytes]] | None = None,
     ) -> None:
         """`connect` opens a session with the broker; the default is an MQTT client
-        for `settings.broker` (the demo passes an in-process link instead)."""
+        for `settings.broker` (the demo passes an in-process link instead).
+        `on_command` answers a downlink command (down/cmd) with its response (up/resp)."""
         self.s = settings
+        self._on_command = on_command
         self._connect = connect or self._client
         self.buffer = buffer
         self.stream_id = stream_id
@@ -134,6 +137,8 @@ class Uplink:
         }
         self._state_topic = wire.topic(prefix, gw, "state")
         self._meta_topic = wire.topic(prefix, gw, "up/meta")
+        self._cmd_topic = wire.topic(prefix, gw, "down/cmd")
+        self._resp_topic = wire.topic(prefix, gw, "up/resp")
 
     def wake(self) -> None:
         """New data is in the buffer."""
@@ -195,15 +200,32 @@ class Uplink:
             log.info("uplink connected", extra={"broker": self.s.broker})
             await client.publish(self._state_topic, b"online", qos=1, retain=True)
             await client.publish(self._meta_topic, self.meta, qos=1, retain=True)
+            commands: asyncio.Task[None] | None = None
+            if self._on_command is not None and isinstance(client, aiomqtt.Client):
+                await client.subscribe(self._cmd_topic, qos=1)
+                commands = asyncio.create_task(self._commands(client), name="downlink")
             try:
                 await self._pump(client)
             finally:
+                if commands is not None:
+                    commands.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        await commands
                 # a clean goodbye: the will only fires on an unclean one
                 if self.status.state == "online":
                     with contextlib.suppress(aiomqtt.MqttError):
                         await client.publish(
                             self._state_topic, b"offline", qos=1, retain=True, timeout=1.0
                         )
+
+    async def _commands(self, client: aiomqtt.Client) -> None:
+        """Answers downlink commands one at a time, in the order they arrive."""
+        assert self._on_command is not None
+        async for message in client.messages:
+            if message.retain or not isinstance(message.payload, bytes):
+                continue  # a retained command would replay on every connect: never run it
+            answer = await self._on_command(message.payload)
+            await client.publish(self._resp_topic, answer, qos=1)
 
     async def _publish(self, client: Publisher, msg: Message) -> Message:
         payload = wire.wrap(msg.lane, self.stream_id, msg.seq, msg.n_points, msg.payload)

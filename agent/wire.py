@@ -50,7 +50,9 @@ KIND_BATCH: Final = "up/batch"
 KIND_ALARM: Final = "up/alarm"
 KIND_META: Final = "up/meta"
 KIND_STATE: Final = "state"
-KINDS: Final = frozenset({KIND_BATCH, KIND_ALARM, KIND_META, KIND_STATE})
+KIND_CMD: Final = "down/cmd"  # platform -> gateway commands
+KIND_RESP: Final = "up/resp"  # their answers
+KINDS: Final = frozenset({KIND_BATCH, KIND_ALARM, KIND_META, KIND_STATE, KIND_CMD, KIND_RESP})
 
 STATE_ONLINE: Final = b"online"
 STATE_OFFLINE: Final = b"offline"
@@ -115,25 +117,16 @@ def lane_topic(lane: int, gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
     return topic(prefix, gateway, KIND_ALARM if lane == LANE_ALARM else KIND_BATCH)
 
 
-def uplink_filter(prefix: str = DEFAULT_PREFIX, group: str | None = None) -> str:
-    """The platform's subscription: ``$share/<group>/<prefix>/+/up/#`` (or unshared)."""
-    _check_prefix(prefix)
-    base = f"{prefix}/+/up/#"
-    if not group:
-        return base
-    _check_level(group, "shared subscription group")
-    return f"$share/{group}/{base}"
-
-
 def ingest_filters(prefix: str = DEFAULT_PREFIX, group: str | None = None) -> list[str]:
-    """What an ingest worker subscribes to. Unshared: ``<prefix>/+/up/#``. In a group:
+    """What an ingest worker subscribes to: the batch, alarm and meta topics of every
+    gateway (not up/resp: command answers are for whoever sent the command). In a group:
     the batch and alarm topics shared (``$share/<group>/<prefix>/+/up/batch`` and
     ``.../up/alarm``: each uplink goes to one worker), and ``<prefix>/+/up/meta``
     unshared, because a broker never sends retained messages to a shared subscription
     and every worker should know every gateway's points (the upsert is idempotent)."""
-    if not group:
-        return [uplink_filter(prefix, None)]
     _check_prefix(prefix)
+    if not group:
+        return [f"{prefix}/+/{kind}" for kind in (KIND_BATCH, KIND_ALARM, KIND_META)]
     _check_level(group, "shared subscription group")
     return [
         f"$share/{group}/{prefix}/+/{KIND_BATCH}",

@@ -37,6 +37,8 @@ class PointSpec:
     kind: str  # "float" | "int" | "bool"
     writable: bool
     settings: BaseModel  # validated by the driver's point_model
+    min: float | None = None  # declared range: writes outside it are refused
+    max: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

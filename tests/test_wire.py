@@ -60,10 +60,13 @@ def test_topic_builders() -> None:
     assert wire.lane_topic(wire.LANE_ALARM, "g") == "citygw/g/up/alarm"
     assert wire.lane_topic(wire.LANE_EVENT, "g") == "citygw/g/up/batch"
     assert wire.lane_topic(wire.LANE_TELEMETRY, "g") == "citygw/g/up/batch"
-    assert wire.uplink_filter("citygw", "grp") == "$share/grp/citygw/+/up/#"
-    assert wire.uplink_filter("citygw", None) == "citygw/+/up/#"
-    assert wire.uplink_filter("citygw", "") == "citygw/+/up/#"
-    assert wire.ingest_filters("citygw", None) == ["citygw/+/up/#"]
+    assert wire.topic("citygw", "gw-1", "down/cmd") == "citygw/gw-1/down/cmd"
+    assert wire.ingest_filters("citygw", None) == [
+        "citygw/+/up/batch",
+        "citygw/+/up/alarm",
+        "citygw/+/up/meta",
+    ]
+    assert wire.ingest_filters("citygw", "") == wire.ingest_filters("citygw", None)
     assert wire.ingest_filters("c", "g") == [
         "$share/g/c/+/up/batch",
         "$share/g/c/+/up/alarm",
@@ -79,7 +82,7 @@ def test_topic_rejects_bad_gateway(gateway: str) -> None:
 
 def test_topic_rejects_unknown_kind() -> None:
     with pytest.raises(WireError, match="unknown topic kind"):
-        wire.topic("citygw", "gw", "down/cmd")
+        wire.topic("citygw", "gw", "down/firmware")
 
 
 @pytest.mark.parametrize(
@@ -105,8 +108,8 @@ def test_parse_topic(topic: str, prefix: str, expected: tuple[str, str]) -> None
         "citygw/gw-1",
         "citygw/gw-1/up",
         "citygw/gw-1/up/batch/extra",
-        "citygw/gw-1/up/resp",
-        "citygw/gw-1/down/cmd",
+        "citygw/gw-1/up/other",
+        "citygw/gw-1/down/other",
         "citygw//up/batch",
         "other/gw-1/up/batch",
         "citygwx/gw-1/up/batch",

@@ -15,9 +15,10 @@ import math
 import random
 import time
 from array import array
+from collections.abc import Sequence
 from decimal import Decimal
 
-from drivers.base import BatchSink, DeviceSpec, Driver
+from drivers.base import BatchSink, DeviceSpec, Driver, PointSpec
 from drivers.schedule import FixedRate, phase_for
 from drivers.sim.settings import SimDeviceSettings, SimPointSettings
 from native.batch import ID_TYPECODE, QUALITY_TYPECODE, TS_TYPECODE, VALUE_TYPECODE, Batch
@@ -70,6 +71,12 @@ class Waveform:
         self._phase = rng.random() * _TWO_PI
         self._level = 0.0
 
+    def set_level(self, value: float) -> None:
+        """From now on the waveform is centred on `value` (drift restarts from here)."""
+        self._base = value
+        self._level = 0.0
+        self._t0 = time.time()
+
     def sample(self, t: float) -> float:
         # runs once per reading: hence the flat attributes and the early-outs
         v = self._base + self._drift * (t - self._t0) + self._level
@@ -96,6 +103,18 @@ class SimDriver(Driver):
     device_model = SimDeviceSettings
     point_model = SimPointSettings
 
+    def __init__(self, devices: Sequence[DeviceSpec]) -> None:
+        super().__init__(devices)
+        self._waves: dict[int, Waveform] = {}  # point id -> its generator, once running
+
+    async def write(self, point: PointSpec, value: float) -> None:
+        """A simulated actuator: the point's level becomes `value` (noise and the
+        other components go on around it), as a setpoint written to a controller."""
+        wave = self._waves.get(point.id)
+        if wave is None:
+            raise LookupError(f"sim point {point.key!r} is not being simulated (yet)")
+        wave.set_level(value)
+
     async def run(self, sink: BatchSink) -> None:
         async with asyncio.TaskGroup() as tg:
             for device in self.devices:
@@ -112,6 +131,7 @@ class SimDriver(Driver):
         for p in device.points:
             assert isinstance(p.settings, SimPointSettings)
             waves.append(Waveform(p.settings, rng, t0))
+            self._waves[p.id] = waves[-1]
         health = self._health[device.name]
         schedule = FixedRate(device.poll_s, phase_for(device.name, device.poll_s))
         while True:

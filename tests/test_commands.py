@@ -1,0 +1,139 @@
+"""Downlink commands: checked against the config before any device is touched, then
+executed by the point's driver, answered on up/resp."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import aiomqtt
+import orjson
+import pytest
+
+from agent import wire
+from agent.broker import Mosquitto
+from agent.commands import CommandRefused, parse_command
+from agent.config import parse_config
+from agent.runtime import Agent
+from drivers.base import NoSettings, PointSpec
+
+
+def spec(key: str, writable: bool = True, lo: float | None = 0.0, hi: float | None = 100.0):  # type: ignore[no-untyped-def]
+    name = key.split("/")[1]
+    return PointSpec(1, key, name, "", "float", writable, NoSettings(), lo, hi)
+
+
+POINTS = {
+    "pump/setpoint": spec("pump/setpoint"),
+    "pump/level": spec("pump/level", writable=False),
+    "pump/open": spec("pump/open", lo=None, hi=None),
+}
+
+
+def cmd(**fields: object) -> bytes:
+    return orjson.dumps({"id": "c1", "op": "write", **fields})
+
+
+def test_a_valid_write_is_accepted() -> None:
+    c = parse_command(cmd(point="pump/setpoint", value=42), POINTS)
+    assert (c.id, c.point.key, c.value) == ("c1", "pump/setpoint", 42.0)
+    assert parse_command(cmd(point="pump/open", value=True), POINTS).value == 1.0
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"{not json", "command is not JSON"),
+        (b"[1, 2]", "command must be a JSON object"),
+        (orjson.dumps({"op": "write"}), "command needs an 'id'"),
+        (orjson.dumps({"id": "c1", "op": "reboot"}), "unknown op 'reboot'; allowed: write"),
+        (cmd(point="pump/nope", value=1), "unknown point 'pump/nope'"),
+        (cmd(point="pump/level", value=1), "point 'pump/level' is not writable"),
+        (cmd(point="pump/setpoint", value="12"), "must be a finite number, got '12'"),
+        (cmd(point="pump/setpoint", value=None), "must be a finite number, got None"),
+        (cmd(point="pump/setpoint", value=100.5), "outside its declared range [0, 100]"),
+        (cmd(point="pump/setpoint", value=-1), "outside its declared range [0, 100]"),
+        (b"x" * 5000, "command larger than 4096 bytes"),
+    ],
+)
+def test_refusals_say_why(payload: bytes, message: str) -> None:
+    with pytest.raises(CommandRefused, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_command(payload, POINTS)
+
+
+CONFIG = """
+[gateway]
+id = "gw-cmd"
+[uplink]
+broker = "{broker}"
+backoff_min = "100ms"
+[buffer]
+path = "{buffer}"
+flush_interval = "100ms"
+[[devices]]
+name = "pump"
+driver = "sim"
+poll = "50ms"
+  [[devices.points]]
+  name = "setpoint"
+  writable = true
+  min = 0.0
+  max = 50.0
+  base = 10.0
+  [[devices.points]]
+  name = "level"
+  base = 3.0
+"""
+
+
+def test_commands_over_mqtt_write_and_answer(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    cfg = parse_config(CONFIG.format(broker=mosquitto.url, buffer=tmp_path / "buf.db"))
+    down = wire.topic("citygw", "gw-cmd", "down/cmd")
+    resp = wire.topic("citygw", "gw-cmd", "up/resp")
+
+    async def scenario() -> tuple[list[dict[str, object]], list[float]]:
+        agent = Agent(cfg)
+        await agent.start()
+        answers: list[dict[str, object]] = []
+        try:
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as platform:
+                await platform.subscribe(resp, qos=1)
+                for _ in range(100):  # until the agent is connected and subscribed
+                    if agent.uplink and agent.uplink.status.state == "online":
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)
+                for body in (
+                    cmd(id="w1", point="pump/setpoint", value=33.5),
+                    cmd(id="w2", point="pump/level", value=1),
+                    cmd(id="w3", point="pump/setpoint", value=99),
+                    b"garbage",
+                ):
+                    await platform.publish(down, body, qos=1)
+                async with asyncio.timeout(10):
+                    async for message in platform.messages:
+                        assert isinstance(message.payload, bytes)
+                        answers.append(orjson.loads(message.payload))
+                        if len(answers) == 4:
+                            break
+            await asyncio.sleep(0.2)  # a few polls after the write
+        finally:
+            await agent.stop_drivers()
+            sp = agent.points["pump/setpoint"].id
+            values = [v for b in agent.queue.take() for pid, _, v, _ in b.rows() if pid == sp]
+            with contextlib.suppress(Exception):
+                await agent.stop()
+        return answers, values
+
+    answers, values = asyncio.run(scenario())
+    by_id = {a["id"]: a for a in answers}
+    assert by_id["w1"]["ok"] is True
+    assert by_id["w2"] == {
+        **by_id["w2"],
+        "ok": False,
+        "error": "point 'pump/level' is not writable",
+    }
+    assert by_id["w3"]["ok"] is False and "outside its declared range" in str(by_id["w3"]["error"])
+    assert by_id[None]["ok"] is False and "not JSON" in str(by_id[None]["error"])
+    assert values and values[-1] == 33.5  # the simulated actuator took the setpoint
