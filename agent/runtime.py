@@ -113,6 +113,33 @@ def point_meta(config: Config) -> list[dict[str, Any]]:
     ]
 
 
+def device_specs(config: Config, ids: dict[str, int]) -> dict[str, list[DeviceSpec]]:
+    """The enabled devices as their drivers see them, by driver name; `ids` maps
+    "device/point" to the point's registry id."""
+    by_driver: dict[str, list[DeviceSpec]] = {}
+    for d in config.devices:
+        if not d.enabled:
+            continue
+        points = tuple(
+            PointSpec(
+                id=ids[f"{d.name}/{p.name}"],
+                key=f"{d.name}/{p.name}",
+                name=p.name,
+                unit=p.unit,
+                kind=p.type,
+                writable=p.writable,
+                settings=p.settings,
+                min=p.min,
+                max=p.max,
+            )
+            for p in d.points
+        )
+        by_driver.setdefault(d.driver, []).append(
+            DeviceSpec(name=d.name, poll_s=d.poll, settings=d.settings, points=points)
+        )
+    return by_driver
+
+
 def _stage(stage: RangeStageConfig) -> StageSpec:
     return RangeStage(min=stage.min, max=stage.max, action=stage.action)
 
@@ -242,30 +269,10 @@ class Agent:
         return response(cmd.id, error)
 
     def _build_drivers(self, ids: dict[str, int]) -> list[Driver]:
-        by_driver: dict[str, list[DeviceSpec]] = {}
-        for d in self.config.devices:
-            if not d.enabled:
-                continue
-            points = tuple(
-                PointSpec(
-                    id=ids[f"{d.name}/{p.name}"],
-                    key=f"{d.name}/{p.name}",
-                    name=p.name,
-                    unit=p.unit,
-                    kind=p.type,
-                    writable=p.writable,
-                    settings=p.settings,
-                    min=p.min,
-                    max=p.max,
-                )
-                for p in d.points
-            )
-            by_driver.setdefault(d.driver, []).append(
-                DeviceSpec(name=d.name, poll_s=d.poll, settings=d.settings, points=points)
-            )
-            self.points.update((p.key, p) for p in points)
+        by_driver = device_specs(self.config, ids)
         drivers = [load_driver(name)(devices) for name, devices in by_driver.items()]
         self._driver_of = {dev.name: drv for drv in drivers for dev in drv.devices}
+        self.points = {p.key: p for drv in drivers for dev in drv.devices for p in dev.points}
         return drivers
 
     async def _run_driver(self, driver: Driver) -> None:

@@ -32,8 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from agent.broker import Mosquitto  # noqa: E402
 from agent.config import parse_config  # noqa: E402
-from agent.runtime import point_meta  # noqa: E402
+from agent.runtime import device_specs, point_meta  # noqa: E402
 from buffer import Buffer  # noqa: E402
+from drivers.registry import load_driver  # noqa: E402
 from native.batch import Batch  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -182,7 +183,6 @@ def run_step(
 def sim_baseline(rate: int, seconds: float = 3.0) -> float:
     """CPU seconds per million readings of the sim driver alone into a sink that
     only counts: what producing the readings costs, before the agent does anything."""
-    from agent.runtime import Agent
 
     class CountingSink:
         n = 0
@@ -194,18 +194,17 @@ def sim_baseline(rate: int, seconds: float = 3.0) -> float:
     async def run() -> tuple[int, float]:
         work = Path(tempfile.mkdtemp(prefix="citygw-bench-base-"))
         cfg = parse_config(config_text("gw-base", "mqtt://127.0.0.1:9", work / "b.db", rate))
-        agent = Agent(cfg)
-        agent.buffer = Buffer(cfg.buffer.path, cfg.buffer.capacity)
-        ids = agent.buffer.registry.ensure(point_meta(cfg))
+        with Buffer(cfg.buffer.path, cfg.buffer.capacity) as buf:
+            ids = buf.registry.ensure(point_meta(cfg))
+        drivers = [load_driver(name)(devs) for name, devs in device_specs(cfg, ids).items()]
         sink = CountingSink()
-        tasks = [asyncio.create_task(d.run(sink)) for d in agent._build_drivers(ids)]
+        tasks = [asyncio.create_task(d.run(sink)) for d in drivers]
         c0 = time.process_time()
         await asyncio.sleep(seconds)
         cpu = time.process_time() - c0
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        agent.buffer.close()
         return sink.n, cpu
 
     n, cpu = asyncio.run(run())
