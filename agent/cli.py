@@ -1,8 +1,8 @@
 """The ``citygw`` command line: what a technician uses at the cabinet.
 
-Commands are grouped by purpose below: setting up (init, validate) and, later,
-running and inspecting the gateway. Shared helpers (consoles, loading the config
-or exiting with a clear message) come first so every command reports the same way.
+Commands are grouped by purpose below: setting up (init, validate), running (run,
+demo, ingest), inspecting (status, buffer) and the Modbus tools (agent/cli_modbus.py).
+The helpers every command reports through are in agent/cli_common.py.
 
 Exit codes: 0 success, 1 invalid input (e.g. config errors), 2 file not found or
 unreadable.
@@ -16,14 +16,22 @@ import signal
 import socket
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
+from agent import cli_modbus
 from agent.broker import BrokerError
-from agent.config import Config, ConfigError, load_config
+from agent.cli_common import (
+    EXIT_INVALID,
+    EXIT_NO_FILE,
+    ConfigOption,
+    fail,
+    load_or_exit,
+)
+from agent.cli_common import out_console as _out
+from agent.config import Config
 from agent.logs import setup_logging
 
 app = typer.Typer(
@@ -33,56 +41,13 @@ app = typer.Typer(
     add_completion=False,
 )
 
-EXIT_INVALID = 1
-EXIT_NO_FILE = 2
-
-ConfigOption = Annotated[
-    Path,
-    typer.Option("--config", "-c", help="The gateway's config file.", dir_okay=False),
-]
-
-
-# -- shared helpers ----------------------------------------------------------------
-
-
-def _out() -> Console:
-    return Console(soft_wrap=True, highlight=False)
-
-
-def _err() -> Console:
-    return Console(stderr=True, soft_wrap=True, highlight=False)
-
-
-def fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
-    """Print ``error: message`` to stderr and exit with ``code``."""
-    console = _err()
-    console.print(Text.assemble(("error: ", "bold red"), message))
-    raise typer.Exit(code)
-
-
-def load_or_exit(path: Path) -> Config:
-    """The validated config, or every problem printed to stderr and exit 1
-    (exit 2 if the file cannot be read)."""
-    try:
-        return load_config(path)
-    except FileNotFoundError:
-        fail(f"{path}: file not found (create one with: citygw init {path})", EXIT_NO_FILE)
-    except IsADirectoryError:
-        fail(f"{path}: is a directory, not a config file", EXIT_NO_FILE)
-    except OSError as exc:
-        fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_NO_FILE)
-    except ConfigError as exc:
-        console = _err()
-        for issue in exc.issues:
-            console.print(Text(str(issue)))
-        n = len(exc.issues)
-        console.print(Text(f"{path}: {n} problem{'s' if n != 1 else ''} found", style="bold red"))
-        raise typer.Exit(EXIT_INVALID) from None
-
 
 def template_text() -> str:
     """The commented starter config written by ``citygw init``."""
     return resources.files("agent.templates").joinpath("gateway.toml").read_text(encoding="utf-8")
+
+
+app.add_typer(cli_modbus.app, name="modbus")
 
 
 @app.callback()

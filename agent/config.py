@@ -597,7 +597,8 @@ def _check_devices(
         if driver is None or device_settings is None or None in point_settings:
             continue
         points = [p for p in point_settings if p is not None]
-        for problem in driver.check_device(device_settings, points):
+        tables = raw["devices"][i].get("points") or []
+        for problem in driver.check_device(device_settings, points, tables):
             issues.add(("devices", i, *problem.key_path), problem.message)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -123,11 +123,15 @@ class Driver(ABC):
 
     @classmethod
     def check_device(
-        cls, device: BaseModel, points: Sequence[BaseModel]
+        cls,
+        device: BaseModel,
+        points: Sequence[BaseModel],
+        tables: Sequence[Mapping[str, Any]],
     ) -> list[DeviceConfigProblem]:
         """Problems that only show across a device's points (overlapping registers,
         say), given the validated driver settings of the device and of its points in
-        config order. The default finds none."""
+        config order, and the points' raw tables (for the generic keys: name,
+        writable...). The default finds none."""
         return []
 
     def __init__(self, devices: Sequence[DeviceSpec]) -> None:

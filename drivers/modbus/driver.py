@@ -1,0 +1,613 @@
+"""The ``modbus`` driver: polls Modbus devices (TCP, RTU, RTU over TCP) and writes
+their writable points.
+
+Per device and poll group, the points are planned into as few read requests as the
+device's limits allow (planner.py); each poll runs the group's requests, decodes every
+point with a decoder chosen once at startup, and pushes one columnar batch stamped with
+the time each response arrived. String points are not readings: their latest value is
+kept in `device_info()`.
+
+Failures stay small:
+- An exception response (illegal address, say) to a merged read is isolated by
+  splitting the read in halves until the failing points are found; the working reads
+  replace it in the group's plan, so the next poll does not search again. A point whose
+  own read still fails reads BAD (NaN) and is retried every 2, 4, 8 ... polls (up to
+  ~10 minutes) instead of every poll.
+- A timeout or link error is retried (`retries`, short backoff, the bus released in
+  between); then the poll fails, the device's health records it, and the device backs
+  off (polls skipped and counted, up to 60 s). Every (device, poll group) has its own
+  task, so a dead device never delays another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from pydantic import BaseModel
+
+from agent.logs import Throttle
+from drivers.base import (
+    BatchSink,
+    DeviceConfigProblem,
+    DeviceHealth,
+    DeviceSpec,
+    Driver,
+    PointSpec,
+)
+from drivers.modbus.client import (
+    ConnectionPool,
+    ModbusConnection,
+    ModbusError,
+    ModbusExceptionResponse,
+)
+from drivers.modbus.planner import Request, Span, plan, split
+from drivers.modbus.settings import (
+    BIT_TABLES,
+    WRITABLE_TABLES,
+    ModbusDeviceSettings,
+    ModbusPointSettings,
+)
+from drivers.schedule import FixedRate, phase_for
+from native.batch import (
+    BAD,
+    GOOD,
+    ID_TYPECODE,
+    QUALITY_TYPECODE,
+    TS_TYPECODE,
+    VALUE_TYPECODE,
+    Batch,
+)
+
+log = logging.getLogger("citygw.drivers.modbus")
+
+__all__ = ["ModbusDriver", "ModbusWriteError", "device_plans"]
+
+#: exception codes that say "this part of the register map does not work" (illegal
+#: function / address / value: some devices answer 3 to reads that are too long); the
+#: others (busy, device failure, gateway path) are the device's state, retried as a
+#: timeout is
+MAP_EXCEPTIONS = frozenset({1, 2, 3})
+#: first pause before retrying a request that timed out (doubles each retry)
+RETRY_BACKOFF_S = 0.05
+#: longest pause of a dead device between polls
+MAX_DEVICE_BACKOFF_S = 60.0
+#: longest pause between retries of a point whose read fails
+MAX_POINT_BACKOFF_S = 600.0
+#: one warning per failing read (or dead device) per this many seconds
+WARN_EVERY_S = 60.0
+
+_NAN = math.nan
+
+
+class ModbusWriteError(Exception):
+    """A write was refused, failed, or did not read back as written."""
+
+    def __init__(self, device: str, point: str, value: float, reason: str) -> None:
+        super().__init__(f"cannot write {value!r} to {device}/{point}: {reason}")
+        self.device = device
+        self.point = point
+        self.value = value
+        self.reason = reason
+
+
+# -- planning -------------------------------------------------------------------------
+
+
+def _msettings(device: DeviceSpec) -> ModbusDeviceSettings:
+    s = device.settings
+    if not isinstance(s, ModbusDeviceSettings):
+        raise TypeError(f"device {device.name!r}: settings are not ModbusDeviceSettings")
+    return s
+
+
+def _psettings(point: PointSpec) -> ModbusPointSettings:
+    s = point.settings
+    if not isinstance(s, ModbusPointSettings):
+        raise TypeError(f"point {point.key!r}: settings are not ModbusPointSettings")
+    return s
+
+
+def _groups(device: DeviceSpec) -> list[tuple[str, float, list[PointSpec]]]:
+    """(group, period, points) of a device, "" (the device's poll) first; empty groups
+    are left out. A point naming an unknown group (check_device reports it) is polled
+    with the device's poll."""
+    s = _msettings(device)
+    periods: dict[str, float] = {"": device.poll_s, **s.poll_groups}
+    members: dict[str, list[PointSpec]] = {g: [] for g in periods}
+    for p in device.points:
+        g = _psettings(p).group
+        if g not in members:
+            log.warning(
+                "point names a poll group the device does not define; polled with the device",
+                extra={"device": device.name, "point": p.name, "group": g, "poll_s": device.poll_s},
+            )
+            g = ""
+        members[g].append(p)
+    return [(g, periods[g], pts) for g, pts in members.items() if pts]
+
+
+def _plan(settings: ModbusDeviceSettings, points: Sequence[PointSpec]) -> list[Request]:
+    spans = []
+    for i, p in enumerate(points):
+        ps = _psettings(p)
+        spans.append(Span(i, ps.table, ps.address, ps.size))
+    return plan(
+        spans,
+        max_registers=settings.max_registers,
+        max_bits=settings.max_bits,
+        max_gap=settings.max_gap,
+    )
+
+
+def device_plans(devices: Sequence[DeviceSpec]) -> dict[str, list[tuple[str, list[Request]]]]:
+    """The read requests each device's polls start with: device -> [(group, requests)].
+    A span's key is the point's index in that group's points, in config order."""
+    return {
+        d.name: [(g, _plan(_msettings(d), pts)) for g, _period, pts in _groups(d)] for d in devices
+    }
+
+
+# -- per device and group state -------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Planned:
+    """A request of a group's working plan, with its failure record."""
+
+    request: Request
+    failures: int = 0
+    retry_at: int = 0  # the group's poll number from which it is tried again
+
+
+def _bits_reader(chunk: Sequence[int]) -> float:
+    return 1.0 if chunk[0] else 0.0
+
+
+def _value_reader(p: ModbusPointSettings) -> Callable[[Sequence[int]], float | str]:
+    """Registers (or bits) of one point -> its engineering value (float) or text."""
+    if p.table in BIT_TABLES:
+        return _bits_reader
+    from drivers.modbus.datatypes import decoder, to_engineering
+
+    decode = decoder(p.datatype, p.order, p.bit)
+    if p.datatype == "string":
+        return decode
+    if p.datatype in ("bool", "bit"):
+        return lambda chunk: 1.0 if decode(chunk) else 0.0
+    scale, offset = p.scale, p.offset
+    if scale == 1.0 and offset == 0.0:
+        return lambda chunk: float(decode(chunk))
+    return lambda chunk: to_engineering(cast(float, decode(chunk)), scale, offset)
+
+
+class _Group:
+    __slots__ = (
+        "ids",
+        "max_skip",
+        "name",
+        "period",
+        "plan",
+        "points",
+        "polls",
+        "readers",
+        "rows",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        period: float,
+        settings: ModbusDeviceSettings,
+        points: list[PointSpec],
+    ) -> None:
+        self.name = name
+        self.period = period
+        self.points = points
+        self.readers = [_value_reader(_psettings(p)) for p in points]
+        # row of each point in the batch; -1: a string point, kept in device_info
+        self.rows: list[int] = []
+        ids: list[int] = []
+        for p in points:
+            if _psettings(p).datatype == "string":
+                self.rows.append(-1)
+            else:
+                self.rows.append(len(ids))
+                ids.append(p.id)
+        self.ids = array(ID_TYPECODE, ids)
+        self.plan = [_Planned(r) for r in _plan(settings, points)]
+        self.polls = 0
+        #: a failing point is retried at least every this many polls
+        self.max_skip = max(1, int(MAX_POINT_BACKOFF_S / period))
+
+
+class _Device:
+    __slots__ = (
+        "backoff_skips",
+        "backoff_until",
+        "conn",
+        "groups",
+        "health",
+        "info",
+        "name",
+        "settings",
+        "spec",
+        "unit",
+    )
+
+    def __init__(self, spec: DeviceSpec, conn: ModbusConnection, health: DeviceHealth) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.settings = _msettings(spec)
+        self.unit = self.settings.unit_id
+        self.conn = conn
+        self.health = health
+        self.groups = [_Group(g, period, self.settings, pts) for g, period, pts in _groups(spec)]
+        self.info: dict[str, str] = {}
+        self.backoff_until = 0.0  # loop time before which polls are skipped
+        self.backoff_skips = 0
+
+
+class _PollFailed(Exception):
+    def __init__(self, error: ModbusError, partial: Batch) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.partial = partial
+
+
+# -- the driver -----------------------------------------------------------------------
+
+
+class ModbusDriver(Driver):
+    name = "modbus"
+    device_model = ModbusDeviceSettings
+    point_model = ModbusPointSettings
+
+    @classmethod
+    def expand_device(cls, table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+        from drivers.modbus.profiles import expand_device
+
+        return expand_device(table, base_dir)
+
+    @classmethod
+    def check_device(
+        cls,
+        device: BaseModel,
+        points: Sequence[BaseModel],
+        tables: Sequence[Mapping[str, Any]],
+    ) -> list[DeviceConfigProblem]:
+        from drivers.modbus.checks import check_device
+
+        assert isinstance(device, ModbusDeviceSettings)
+        settings = [p for p in points if isinstance(p, ModbusPointSettings)]
+        return check_device(device, settings, tables)
+
+    def __init__(self, devices: Sequence[DeviceSpec]) -> None:
+        super().__init__(devices)
+        self._pool = ConnectionPool()
+        self._devices = {
+            d.name: _Device(d, self._pool.get(_msettings(d)), self._health[d.name])
+            for d in self.devices
+        }
+        self._owner = {p.key: self._devices[d.name] for d in self.devices for p in d.points}
+        self._throttle = Throttle(WARN_EVERY_S)
+
+    def close(self) -> None:
+        """Closes every connection (run() does it when cancelled; for one-off use)."""
+        self._pool.close()
+
+    # -- what the CLI and status show ---------------------------------------------------
+
+    def device_info(self, name: str) -> dict[str, str]:
+        """Latest values of the device's string points (serial number, firmware...)."""
+        return dict(self._devices[name].info)
+
+    def working_plans(self, name: str) -> list[tuple[str, list[Request]]]:
+        """The requests each poll group of the device runs now (after isolation)."""
+        return [(g.name, [p.request for p in g.plan]) for g in self._devices[name].groups]
+
+    def device_status(self, name: str) -> dict[str, object]:
+        dev = self._devices[name]
+        bad = [
+            g.points[s.key].name
+            for g in dev.groups
+            for pr in g.plan
+            if pr.failures
+            for s in pr.request.spans
+        ]
+        return {
+            "link": dev.conn.label,
+            "unit_id": dev.unit,
+            "requests_per_poll": {g.name: len(g.plan) for g in dev.groups},
+            "bad_points": bad,
+            "backoff_skips": dev.backoff_skips,
+        }
+
+    # -- polling ------------------------------------------------------------------------
+
+    async def run(self, sink: BatchSink) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for dev in self._devices.values():
+                    for g in dev.groups:
+                        tg.create_task(
+                            self._poll_loop(dev, g, sink), name=f"modbus:{dev.name}:{g.name}"
+                        )
+        finally:
+            self._pool.close()
+
+    async def _poll_loop(self, dev: _Device, g: _Group, sink: BatchSink) -> None:
+        loop = asyncio.get_running_loop()
+        schedule = FixedRate(g.period, phase_for(f"{dev.name}/{g.name}", g.period))
+        health = dev.health
+        while True:
+            health.skipped_polls += await schedule.wait()
+            started = loop.time()
+            if started + 1e-3 < dev.backoff_until:
+                health.skipped_polls += 1
+                dev.backoff_skips += 1
+                continue
+            try:
+                batch = await self._poll(dev, g)
+            except _PollFailed as failed:
+                health.failure(str(failed.error))
+                # from the end of the failed poll: nothing skipped after the first
+                # failure, then 1, 3, 7 ... periods, at most MAX_DEVICE_BACKOFF_S
+                k = min(health.consecutive_failures, 30)
+                pause = min(g.period * (2 ** (k - 1) - 1), MAX_DEVICE_BACKOFF_S)
+                dev.backoff_until = loop.time() + pause
+                n = self._throttle.ready(f"{dev.name}:down")
+                if n is not None:
+                    log.warning(
+                        "modbus poll failed",
+                        extra={
+                            "device": dev.name,
+                            "error": str(failed.error),
+                            "in_a_row": health.consecutive_failures,
+                            "next_try_s": round(pause, 3),
+                            "failures_since_last_line": n,
+                        },
+                    )
+                if len(failed.partial) and not sink.push(failed.partial):
+                    health.skipped_polls += 1
+                continue
+            except Exception as exc:  # a bug must not end the device's polling
+                log.exception("modbus %s: poll of group %r crashed", dev.name, g.name)
+                health.failure(f"internal error: {exc!r}")
+                continue
+            dev.backoff_until = 0.0
+            if not len(batch):
+                health.success(0)
+            elif sink.push(batch):
+                health.success(len(batch))
+            else:
+                health.skipped_polls += 1
+
+    async def _poll(self, dev: _Device, g: _Group) -> Batch:
+        """One poll of a group: the batch of its numeric points (BAD rows for points whose
+        read failed or waits for its retry). Raises _PollFailed on timeouts/link errors."""
+        g.polls += 1
+        n = len(g.ids)
+        values = array(VALUE_TYPECODE, [_NAN]) * n
+        quality = array(QUALITY_TYPECODE, [BAD]) * n
+        timestamps = array(TS_TYPECODE, [time.time_ns() // 1_000_000]) * n
+        cols = (values, timestamps, quality)
+        old = g.plan
+        working: list[_Planned] = []
+        for i, pr in enumerate(old):
+            if pr.retry_at > g.polls:
+                working.append(pr)
+                continue
+            try:
+                working.extend(await self._execute(dev, g, pr, cols))
+            except ModbusError as exc:
+                g.plan = working + old[i:]
+                good = [j for j in range(n) if quality[j] == GOOD]
+                partial = Batch(
+                    array(ID_TYPECODE, [g.ids[j] for j in good]),
+                    array(TS_TYPECODE, [timestamps[j] for j in good]),
+                    array(VALUE_TYPECODE, [values[j] for j in good]),
+                    array(QUALITY_TYPECODE, bytes(len(good))),
+                )
+                raise _PollFailed(exc, partial) from exc
+        g.plan = working
+        return Batch(array(ID_TYPECODE, g.ids), timestamps, values, quality)
+
+    async def _read(self, dev: _Device, req: Request) -> tuple[list[int] | list[bool], int]:
+        """The values of one request and the time (ms) they arrived, retrying timeouts,
+        link errors and busy answers; map errors (MAP_EXCEPTIONS) are raised at once."""
+        attempts = dev.settings.retries + 1
+        pause = RETRY_BACKOFF_S
+        for attempt in range(attempts):
+            try:
+                data = await dev.conn.read(req.table, req.address, req.count, dev.unit)
+                return data, time.time_ns() // 1_000_000
+            except ModbusExceptionResponse as exc:
+                if exc.exception_code in MAP_EXCEPTIONS or attempt + 1 == attempts:
+                    raise
+            except ModbusError:
+                if attempt + 1 == attempts:
+                    raise
+            await asyncio.sleep(pause)  # the bus is free meanwhile
+            pause *= 2
+        raise AssertionError("unreachable")
+
+    async def _execute(
+        self,
+        dev: _Device,
+        g: _Group,
+        pr: _Planned,
+        cols: tuple[array[float], array[int], array[int]],
+    ) -> list[_Planned]:
+        """Runs one planned request and decodes it into the columns; returns what replaces
+        it in the plan (itself, or the parts an exception response was isolated into)."""
+        req = pr.request
+        try:
+            data, ts = await self._read(dev, req)
+        except ModbusExceptionResponse as exc:
+            if exc.exception_code not in MAP_EXCEPTIONS:
+                raise
+            health = dev.health
+            health.errors += 1
+            health.last_error = str(exc)
+            health.last_error_ms = time.time_ns() // 1_000_000
+            parts = split(req)
+            if len(parts) > 1:
+                log.info(
+                    "modbus exception response to a merged read; splitting it to find the "
+                    "failing points",
+                    extra={
+                        "device": dev.name,
+                        "table": req.table,
+                        "address": req.address,
+                        "count": req.count,
+                        "function_code": exc.function_code,
+                        "exception_code": exc.exception_code,
+                    },
+                )
+                out: list[_Planned] = []
+                for part in parts:
+                    out.extend(await self._execute(dev, g, _Planned(part), cols))
+                return out
+            pr.failures += 1
+            skip = min(2 ** min(pr.failures, 30), g.max_skip)
+            pr.retry_at = g.polls + skip
+            n = self._throttle.ready(f"{dev.name}:{req.table}:{req.address}:{req.count}")
+            if n is not None:
+                log.warning(
+                    "modbus points read BAD: the device refuses their registers",
+                    extra={
+                        "device": dev.name,
+                        "points": [g.points[s.key].name for s in req.spans],
+                        "table": req.table,
+                        "address": req.address,
+                        "count": req.count,
+                        "function_code": exc.function_code,
+                        "exception_code": exc.exception_code,
+                        "error": str(exc),
+                        "next_try_in_polls": skip,
+                        "failures_since_last_line": n,
+                    },
+                )
+            return [pr]
+        if pr.failures:
+            log.info(
+                "modbus registers read again",
+                extra={
+                    "device": dev.name,
+                    "table": req.table,
+                    "address": req.address,
+                    "count": req.count,
+                    "after_failures": pr.failures,
+                },
+            )
+            pr.failures = 0
+            pr.retry_at = 0
+        self._decode(dev, g, req, data, ts, cols)
+        return [pr]
+
+    def _decode(
+        self,
+        dev: _Device,
+        g: _Group,
+        req: Request,
+        data: Sequence[int],
+        ts: int,
+        cols: tuple[array[float], array[int], array[int]],
+    ) -> None:
+        values, timestamps, quality = cols
+        base = req.address
+        rows, readers = g.rows, g.readers
+        for span in req.spans:
+            i = span.key
+            lo = span.address - base
+            try:
+                v = readers[i](data[lo : lo + span.count])
+            except (ValueError, TypeError, UnicodeDecodeError, OverflowError) as exc:
+                if self._throttle.ready(f"{dev.name}:decode:{i}") is not None:
+                    log.warning(
+                        "modbus value cannot be decoded",
+                        extra={
+                            "device": dev.name,
+                            "point": g.points[i].name,
+                            "registers": list(data[lo : lo + span.count]),
+                            "error": str(exc),
+                        },
+                    )
+                continue
+            row = rows[i]
+            if row < 0:
+                dev.info[g.points[i].name] = str(v)
+                continue
+            assert not isinstance(v, str)
+            values[row] = v
+            timestamps[row] = ts
+            quality[row] = GOOD
+
+    # -- writes ---------------------------------------------------------------------------
+
+    async def write(self, point: PointSpec, value: float) -> None:
+        """Writes a coil or holding register point and reads it back. Raises
+        ModbusWriteError for every refusal, failure or read-back mismatch."""
+        dev = self._owner.get(point.key)
+        device = point.key.rsplit("/", 1)[0] if dev is None else dev.name
+
+        def refuse(reason: str) -> ModbusWriteError:
+            return ModbusWriteError(device, point.name, value, reason)
+
+        if dev is None:
+            raise refuse("no such Modbus point")
+        p = _psettings(point)
+        if not point.writable:
+            raise refuse("the point is not writable (set writable = true in its config)")
+        if p.table not in WRITABLE_TABLES:
+            raise refuse(f"a {p.table} is read-only (only coils and holding registers)")
+        if p.datatype in ("string", "bit"):
+            raise refuse(f"writing datatype {p.datatype!r} is not supported")
+        if not math.isfinite(value):
+            raise refuse("the value is not a finite number")
+        if point.min is not None and value < point.min:
+            raise refuse(f"below the point's declared minimum {point.min:g}")
+        if point.max is not None and value > point.max:
+            raise refuse(f"above the point's declared maximum {point.max:g}")
+        words: list[int] | list[bool]
+        if p.table == "coil" or p.datatype == "bool":
+            if value not in (0.0, 1.0):
+                raise refuse("a bit takes 0 or 1")
+            words = [value == 1.0] if p.table == "coil" else [int(value)]
+        else:
+            from drivers.modbus.datatypes import encode, from_engineering
+
+            try:
+                raw = from_engineering(value, p.scale, p.offset, p.datatype)
+                words = encode(raw, p.datatype, p.order)
+            except (ValueError, OverflowError) as exc:
+                raise refuse(f"does not fit {p.datatype}: {exc}") from exc
+        try:
+            await dev.conn.write(p.table, p.address, words, dev.unit)
+            back = await dev.conn.read(p.table, p.address, len(words), dev.unit)
+        except ModbusError as exc:
+            raise refuse(str(exc)) from exc
+        if list(back) != list(words):
+            raise refuse(
+                f"read back {list(back)} from {p.table} {p.address}, wrote {list(words)}: "
+                "the device did not take the value"
+            )
+        log.info(
+            "modbus write verified",
+            extra={
+                "device": dev.name,
+                "point": point.name,
+                "value": value,
+                "table": p.table,
+                "address": p.address,
+                "registers": list(words),
+            },
+        )

@@ -1,0 +1,255 @@
+"""Config models of the ``modbus`` driver: the keys of a ``driver = "modbus"`` device
+table and of its point tables (besides the generic ones in agent/config.py).
+
+The validators here check one table at a time; what only shows across a device's points
+(overlapping registers, unknown poll groups) is checked in checks.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from agent.units import Duration
+
+Table = Literal["coil", "discrete_input", "input_register", "holding_register"]
+DataType = Literal[
+    "bool", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float32", "float64", "string", "bit",
+]  # fmt: skip
+#: byte order within the value, as letters of the big-endian bytes: ABCD is Modbus's
+#: standard big-endian; CDAB swaps 16-bit words; BADC swaps bytes in each word; DCBA
+#: is little-endian. For 64-bit types the pattern extends to 8 bytes.
+Order = Literal["ABCD", "CDAB", "BADC", "DCBA"]
+Transport = Literal["tcp", "rtu", "rtu-over-tcp"]
+
+#: tables of single bits (function codes 1, 2, 5, 15)
+BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete_input"})
+#: tables a master may write (coils: 5/15, holding registers: 6/16)
+WRITABLE_TABLES: frozenset[str] = frozenset({"coil", "holding_register"})
+#: registers a value of each fixed-size datatype takes ("string" takes `length`)
+REGISTERS: dict[str, int] = {
+    "bool": 1, "bit": 1, "int16": 1, "uint16": 1, "int32": 2, "uint32": 2,
+    "float32": 2, "int64": 4, "uint64": 4, "float64": 4,
+}  # fmt: skip
+#: device keys that belong to one transport only
+SERIAL_KEYS = ("serial_port", "baudrate", "parity", "stopbits", "bytesize")
+NETWORK_KEYS = ("host", "port")
+
+#: error type agent/config.py shows as the plain message (at ctx["key"] when set)
+_AT_KEY = "citygw_at_key"
+
+
+def _problem(message: str, key: str = "") -> PydanticCustomError:
+    return PydanticCustomError(_AT_KEY, "{message}", {"key": key, "message": message})
+
+
+def register_count(datatype: str, length: int | None) -> int:
+    """Registers (or bits, in a bit table) one value takes."""
+    if datatype == "string":
+        return length or 1
+    return REGISTERS[datatype]
+
+
+class ModbusDeviceSettings(BaseModel):
+    """Keys a ``driver = "modbus"`` device accepts besides the common ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transport: Transport = "tcp"
+    # tcp and rtu-over-tcp
+    host: str | None = None
+    port: int = Field(502, ge=1, le=65535)
+    # rtu: the serial line; devices with the same serial_port share one bus
+    serial_port: str | None = None
+    baudrate: int = Field(9600, ge=300, le=921600)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+    #: silence between requests on a shared bus (RS-485 needs >= 3.5 characters)
+    inter_frame_delay: Duration = Field(0.005, le=1.0)
+
+    unit_id: int = Field(1, ge=0, le=255)
+    timeout: Duration = Field(1.0, gt=0.0, le=60.0)
+    retries: int = Field(2, ge=0, le=10)
+    #: limits of one request: the protocol allows 125 registers / 2000 bits; many
+    #: devices accept fewer
+    max_registers: int = Field(125, ge=1, le=125)
+    max_bits: int = Field(2000, ge=1, le=2000)
+    #: unused registers a merged read may span to save a request (0: never merge across)
+    max_gap: int = Field(10, ge=0, le=124)
+    #: the device rejects 32/64-bit values that start on an odd address
+    even_address_only: bool = False
+    #: poll groups besides the device's `poll`: e.g. { totals = "60s" }
+    poll_groups: dict[str, Duration] = Field(default_factory=dict)
+    #: a register map from drivers/modbus/profiles/<name>.toml (or a path to a .toml file)
+    profile: str | None = None
+    #: names of profile points this device does not read
+    points_exclude: list[str] = Field(default_factory=list)
+
+    @field_validator(*SERIAL_KEYS)
+    @classmethod
+    def _serial_only(cls, v: Any, info: ValidationInfo) -> Any:
+        transport = info.data.get("transport")
+        if transport is not None and transport != "rtu" and v is not None:
+            raise _problem(
+                f"{info.field_name} is a serial line setting, only for transport = 'rtu' "
+                f"(this device has transport = {transport!r}"
+                + (
+                    "; set the serial line on the RS-485 gateway instead)"
+                    if transport == "rtu-over-tcp"
+                    else ")"
+                )
+            )
+        return v
+
+    @field_validator(*NETWORK_KEYS)
+    @classmethod
+    def _network_only(cls, v: Any, info: ValidationInfo) -> Any:
+        if info.data.get("transport") == "rtu" and v is not None:
+            raise _problem(
+                f"{info.field_name} is only for transport = 'tcp' or 'rtu-over-tcp' "
+                "(this device has transport = 'rtu'; it uses serial_port)"
+            )
+        return v
+
+    @field_validator("inter_frame_delay")
+    @classmethod
+    def _serial_framing_only(cls, v: float, info: ValidationInfo) -> float:
+        if info.data.get("transport") == "tcp":
+            raise _problem(
+                "inter_frame_delay is only for transport = 'rtu' or 'rtu-over-tcp' "
+                "(Modbus TCP has no silent interval between frames)"
+            )
+        return v
+
+    @field_validator("host", "serial_port")
+    @classmethod
+    def _not_blank(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and not v.strip():
+            raise _problem(f"{info.field_name} must not be empty")
+        return v
+
+    @field_validator("poll_groups")
+    @classmethod
+    def _check_groups(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, seconds in v.items():
+            if not name or any(c.isspace() for c in name):
+                raise _problem(f"{name!r} is not a valid poll group name; use letters and digits")
+            if seconds < 0.01:
+                raise _problem(f"poll group {name!r}: the interval must be >= 10ms")
+        return v
+
+    @model_validator(mode="after")
+    def _check_transport(self) -> ModbusDeviceSettings:
+        if self.transport in ("tcp", "rtu-over-tcp") and self.host is None:
+            raise _problem(
+                f"transport = {self.transport!r} needs host (the IP address or name of the "
+                + ("device)" if self.transport == "tcp" else "serial-to-Ethernet gateway)"),
+                "host",
+            )
+        if self.transport == "rtu" and self.serial_port is None:
+            raise _problem(
+                "transport = 'rtu' needs serial_port (e.g. '/dev/ttyUSB0' or "
+                "'/dev/serial/by-id/...')",
+                "serial_port",
+            )
+        return self
+
+
+class ModbusPointSettings(BaseModel):
+    """Where a point lives in the device's register map and how to decode it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    table: Table = "holding_register"
+    address: int = Field(ge=0, le=65535, description="0-based protocol address")
+    #: default: "bool" in coil/discrete_input tables, "uint16" in register tables
+    datatype: DataType = "uint16"
+    order: Order = "ABCD"
+    #: registers of a string (2 characters each)
+    length: int | None = Field(None, ge=1, le=123)
+    #: bit of a register for datatype "bit" (0 = least significant)
+    bit: int | None = Field(None, ge=0, le=15)
+    #: value = raw * scale + offset (inverse on writes)
+    scale: float = 1.0
+    offset: float = 0.0
+    #: which poll group reads this point ("" = the device's `poll`)
+    group: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_in_bit_tables(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("table") in BIT_TABLES and "datatype" not in data:
+            return {**data, "datatype": "bool"}
+        return data
+
+    @field_validator("datatype")
+    @classmethod
+    def _datatype_fits_table(cls, v: str, info: ValidationInfo) -> str:
+        table = info.data.get("table")
+        if table in BIT_TABLES and v != "bool":
+            raise _problem(
+                f"a {table} is a single bit: datatype must be 'bool' (or left out), got {v!r}"
+            )
+        return v
+
+    @field_validator("length")
+    @classmethod
+    def _length_for_strings(cls, v: int | None, info: ValidationInfo) -> int | None:
+        datatype = info.data.get("datatype")
+        if v is not None and datatype is not None and datatype != "string":
+            raise _problem(f"length is only for datatype = 'string', this point is {datatype!r}")
+        return v
+
+    @field_validator("bit")
+    @classmethod
+    def _bit_for_bits(cls, v: int | None, info: ValidationInfo) -> int | None:
+        datatype = info.data.get("datatype")
+        if v is not None and datatype is not None and datatype != "bit":
+            raise _problem(f"bit is only for datatype = 'bit', this point is {datatype!r}")
+        return v
+
+    @field_validator("scale", "offset")
+    @classmethod
+    def _finite(cls, v: float, info: ValidationInfo) -> float:
+        if not math.isfinite(v):
+            raise _problem(f"must be a finite number, got {v}")
+        if info.field_name == "scale" and v == 0:
+            raise _problem("must not be 0 (value = raw * scale + offset)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_required(self) -> ModbusPointSettings:
+        if self.datatype == "string" and self.length is None:
+            raise _problem(
+                "datatype = 'string' needs length (the number of registers, 2 characters each)",
+                "length",
+            )
+        if self.datatype == "bit" and self.bit is None:
+            raise _problem(
+                "datatype = 'bit' needs bit (0 = least significant bit of the register, 15 = "
+                "most significant)",
+                "bit",
+            )
+        if self.datatype in ("bool", "bit", "string") and (self.scale != 1 or self.offset != 0):
+            raise _problem(
+                f"scale and offset do not apply to datatype = {self.datatype!r}",
+                "scale" if self.scale != 1 else "offset",
+            )
+        return self
+
+    @property
+    def size(self) -> int:
+        """Registers (or bits, in a bit table) the value takes."""
+        return register_count(self.datatype, self.length)
