@@ -26,6 +26,9 @@ from agent.ingest.store import open_store
 from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
 from agent.runtime import Agent
+from drivers.modbus.profiles import load_profile
+from drivers.modbus.settings import ModbusPointSettings
+from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 
 # (device kind, how many, poll, points: (name, unit, sim waveform, range limits))
 _BLOCK: list[tuple[str, int, str, list[tuple[str, str, str, tuple[float, float]]]]] = [
@@ -218,8 +221,37 @@ _BLOCK: list[tuple[str, int, str, list[tuple[str, str, str, tuple[float, float]]
 ]
 
 
-def demo_config_text(broker_url: str, buffer_path: Path) -> str:
-    """The embedded config of the simulated street block (valid citygw TOML)."""
+#: the pump station on Modbus TCP: a serial server with two units behind it
+MODBUS_UNITS = {1: "sdm120", 2: "adam4017-level"}
+
+# a plausible centre for each unit of measure the demo profiles use
+_TYPICAL = {"V": 231.0, "A": 4.8, "W": 1080.0, "VA": 1120.0, "VAr": 140.0, "°": 8.0,
+            "Hz": 50.0, "kWh": 18234.5, "kVArh": 1532.0, "m": 2.4, "": 0.96}  # fmt: skip
+
+
+def modbus_image(profile_name: str) -> RegisterImage:
+    """A register image that answers the profile's points with values that move."""
+    profile = load_profile(profile_name, Path("."))
+    keys = set(ModbusPointSettings.model_fields)
+    image = RegisterImage()
+    for point in profile.points:
+        m = ModbusPointSettings.model_validate({k: v for k, v in point.items() if k in keys})
+        if m.table in ("coil", "discrete_input"):
+            image.set(m.table, m.address, [True])
+            continue
+        base = _TYPICAL.get(str(point.get("unit", "")), 1000.0)
+        if point.get("unit") == "" and m.datatype == "uint16":
+            base = 30000.0  # a raw analog channel, mid-range
+        image.wave(
+            m.table, m.address, datatype=m.datatype, order=m.order, base=base,
+            amplitude=abs(base) * 0.02, period=90.0, scale=m.scale, offset=m.offset,
+        )  # fmt: skip
+    return image
+
+
+def demo_config_text(broker_url: str, buffer_path: Path, modbus_port: int | None = None) -> str:
+    """The embedded config of the simulated street block (valid citygw TOML); with
+    `modbus_port`, also the pump station on the Modbus simulator at that port."""
     out = [
         '[gateway]\nid = "gw-demo-block-7"\nsite = "Demo street block 7"\n'
         "location = { lat = 52.5200, lon = 13.4050 }\n",
@@ -240,11 +272,18 @@ def demo_config_text(broker_url: str, buffer_path: Path) -> str:
                     f'[[devices.points]]\nname = "{name}"\nunit = "{unit}"\n{wave}\n'
                     f'pipeline = [{{ type = "range", min = {lo}, max = {hi}, action = "flag" }}]\n'
                 )
+    if modbus_port is not None:
+        for unit_id, profile in MODBUS_UNITS.items():
+            out.append(
+                f'[[devices]]\nname = "pump-station-{profile}"\ndriver = "modbus"\n'
+                f'host = "127.0.0.1"\nport = {modbus_port}\nunit_id = {unit_id}\n'
+                f'profile = "{profile}"\npoll = "1s"\n'
+            )
     return "\n".join(out)
 
 
-def demo_config(broker_url: str, buffer_path: Path) -> Config:
-    return parse_config(demo_config_text(broker_url, buffer_path), source="<demo>")
+def demo_config(broker_url: str, buffer_path: Path, modbus_port: int | None = None) -> Config:
+    return parse_config(demo_config_text(broker_url, buffer_path, modbus_port), source="<demo>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +294,7 @@ class DemoResult:
     lost: int
     duplicates: int
     bytes_per_point: float
+    read_by_driver: dict[str, int]
 
     def summary(self) -> str:
         return (
@@ -292,7 +332,10 @@ async def run_demo(
     workdir = workdir or Path(tempfile.mkdtemp(prefix="citygw-demo-"))
     if use_broker is None:
         use_broker = mosquitto_binary() is not None
-    with contextlib.ExitStack() as stack:
+    modbus = ModbusSimulator({u: modbus_image(p) for u, p in MODBUS_UNITS.items()}, tick_s=1.0)
+    async with contextlib.AsyncExitStack() as stack:
+        await modbus.start()
+        stack.push_async_callback(modbus.stop)
         store = open_store(f"sqlite:///{workdir / 'platform.db'}")
         stack.callback(store.close)
         ingest_task: asyncio.Task[None] | None = None
@@ -308,12 +351,12 @@ async def run_demo(
             ingest_task = asyncio.create_task(worker.run(), name="ingest")
             await asyncio.wait_for(worker.connected.wait(), timeout=30)
             console.print(f"uplink: private mosquitto at {broker_url}")
-            agent = Agent(demo_config(broker_url, workdir / "buffer.db"))
+            agent = Agent(demo_config(broker_url, workdir / "buffer.db", modbus.port))
         else:
             broker_url = "mqtt://127.0.0.1"  # never contacted: the link is in-process
             worker = IngestWorker(broker_url, store, group=None)
             agent = Agent(
-                demo_config(broker_url, workdir / "buffer.db"),
+                demo_config(broker_url, workdir / "buffer.db", modbus.port),
                 connect=LoopbackLink(worker.deliver).connect,
             )
             console.print("uplink: no mosquitto on PATH, using the in-process link")
@@ -357,4 +400,7 @@ async def run_demo(
         lost=c.sent - counts.readings,
         duplicates=dups,
         bytes_per_point=(up.published_bytes / c.sent) if up and c.sent else 0.0,
+        read_by_driver={
+            d.name: sum(h.readings for h in d.health().values()) for d in agent.drivers
+        },
     )

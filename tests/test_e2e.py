@@ -258,6 +258,9 @@ def test_demo_delivers_everything_once(tmp_path: Path) -> None:
     assert result.ingested == result.sent
     assert result.lost == 0 and result.duplicates == 0
     assert 0 < result.bytes_per_point < 21  # less than the raw 21 bytes of a reading
+    # the pump station on the demo's own Modbus simulator delivered too
+    assert result.read_by_driver["modbus"] >= 2 * 14
+    assert sum(result.read_by_driver.values()) == result.read
 
 
 def test_demo_without_mosquitto_uses_the_in_process_link(tmp_path: Path) -> None:
