@@ -109,6 +109,9 @@ def read(
     datatype: Annotated[DataType, typer.Option(help="How to decode.")] = "uint16",
     order: Annotated[Order, typer.Option(help="Byte/word order.")] = "ABCD",
     length: Annotated[int | None, typer.Option(help="Registers of a string.")] = None,
+    bit: Annotated[
+        int | None, typer.Option(help="Bit of the register (datatype bit).", min=0, max=15)
+    ] = None,
     transport: TransportOption = "tcp",
     host: HostOption = None,
     port: PortOption = 502,
@@ -124,7 +127,13 @@ def read(
     link = _link(transport, host, port, serial_port, baudrate, parity, timeout)
     if table in BIT_TABLES:
         datatype = "bool"
-    n = count or (1 if table in BIT_TABLES else register_count(datatype, length))
+    try:
+        n = count or (1 if table in BIT_TABLES else register_count(datatype, length))
+    except ValueError as exc:  # a string without --length
+        fail(f"{exc}: give --length (or --count)")
+    limit = 2000 if table in BIT_TABLES else 125  # what one Modbus read may carry
+    if not 1 <= n <= limit:
+        fail(f"count {n}: one read of a {table} takes 1 to {limit}")
 
     async def go() -> list[int] | list[bool]:
         conn = ModbusConnection.for_device(link)
@@ -143,7 +152,7 @@ def read(
         regs = [int(v) for v in values]
         out.print(Text(f"hex: {' '.join(f'{r:04X}' for r in regs)}"))
         try:
-            out.print(Text(f"{datatype} {order}: {decode(regs, datatype, order)!r}"))
+            out.print(Text(f"{datatype} {order}: {decode(regs, datatype, order, bit)!r}"))
         except (ValueError, IndexError) as exc:
             err_console().print(Text(f"cannot decode as {datatype}: {exc}"))
 

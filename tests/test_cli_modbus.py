@@ -1,0 +1,417 @@
+"""`citygw modbus plan|read|write|scan` through typer's CliRunner, against a Modbus
+simulator on a free loopback port.
+
+The commands call `asyncio.run` themselves, so the simulator serves from a thread of its
+own with its own event loop (`serving`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from agent import cli
+from drivers.modbus.datatypes import encode, from_engineering
+from drivers.modbus.planner import Request, Span, describe
+from drivers.modbus.simulator import ModbusSimulator, RegisterImage
+
+# wide enough that rich never wraps a line or a table cell
+runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
+
+HR = "holding_register"
+WRITE_FUNCTIONS = {5, 6, 15, 16}
+
+
+@contextlib.contextmanager
+def serving(devices: Mapping[int, RegisterImage]) -> Iterator[ModbusSimulator]:
+    """A simulator serving `devices` from a background thread (its own event loop);
+    `.port` is set on entry; stopped and the thread joined on exit."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="modbus-sim", daemon=True)
+    thread.start()
+    sim = ModbusSimulator(devices)
+    try:
+        asyncio.run_coroutine_threadsafe(sim.start(), loop).result(timeout=10)
+        yield sim
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(sim.stop(), loop).result(timeout=10)
+
+        async def cancel_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_rest(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the simulator's thread did not stop"
+        loop.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def citygw(*args: str) -> Result:
+    return runner.invoke(cli.app, list(args))
+
+
+def writes(sim: ModbusSimulator) -> list[tuple[int, int, int]]:
+    """(unit, function code, address) of the write requests the simulator served."""
+    return [
+        (r.unit, r.function_code, r.address)
+        for r in sim.requests
+        if r.function_code in WRITE_FUNCTIONS
+    ]
+
+
+HEADER = """
+[gateway]
+id = "gw-mb-cli"
+[uplink]
+broker = "mqtt://127.0.0.1:1883"
+[buffer]
+path = "{buffer}"
+"""
+
+
+def write_config(folder: Path, devices: str) -> Path:
+    path = folder / "gateway.toml"
+    path.write_text(HEADER.format(buffer=folder / "buf.db") + devices, encoding="utf-8")
+    return path
+
+
+# -- plan -----------------------------------------------------------------------------
+
+PLAN_DEVICES = """
+[[devices]]
+name = "pump"
+driver = "modbus"
+host = "127.0.0.1"
+poll = "1s"
+unit_id = 7
+max_gap = 4
+poll_groups = { slow = "1m" }
+
+  [[devices.points]]
+  name = "run"
+  type = "bool"
+  table = "coil"
+  address = 0
+  [[devices.points]]
+  name = "enable"
+  type = "bool"
+  table = "coil"
+  address = 3
+  [[devices.points]]
+  name = "a"
+  address = 0
+  [[devices.points]]
+  name = "b"
+  address = 2
+  datatype = "float32"
+  [[devices.points]]
+  name = "c"
+  address = 10
+  [[devices.points]]
+  name = "d"
+  address = 12
+  datatype = "int32"
+  [[devices.points]]
+  name = "hours"
+  table = "input_register"
+  address = 100
+  datatype = "uint32"
+  group = "slow"
+  [[devices.points]]
+  name = "starts"
+  table = "input_register"
+  address = 104
+  group = "slow"
+
+[[devices]]
+name = "meter"
+driver = "modbus"
+host = "127.0.0.1"
+poll = "5s"
+unit_id = 2
+profile = "sdm120"
+
+[[devices]]
+name = "spare"
+driver = "modbus"
+enabled = false
+host = "127.0.0.1"
+  [[devices.points]]
+  name = "x"
+  address = 0
+
+[[devices]]
+name = "sim-dev"
+driver = "sim"
+  [[devices.points]]
+  name = "level"
+"""
+
+
+def req(table: str, address: int, count: int, points: int) -> Request:
+    spans = tuple(Span(i, table, address, count) for i in range(points))  # type: ignore[arg-type]
+    return Request(table, address, count, spans)  # type: ignore[arg-type]
+
+
+def test_plan_prints_the_merged_requests_per_group(tmp_path: Path) -> None:
+    result = citygw("modbus", "plan", "-c", str(write_config(tmp_path, PLAN_DEVICES)))
+    assert result.exit_code == 0, result.output
+    # by hand: coils 0 and 3 (gap 2 bits); registers 0, 2..3 | 10, 12..13 (gap 6 > 4);
+    # slow: 100..101, 104 (gap 2)
+    pump_poll = describe([req("coil", 0, 4, 2), req(HR, 0, 4, 2), req(HR, 10, 4, 2)])
+    pump_slow = describe([req("input_register", 100, 5, 2)])
+    # sdm120 (max_gap 10): float32 at 0, 6, ..., 36 then 70 (gap 32); totals 72..79, 342..345
+    meter_poll = describe([req("input_register", 0, 38, 7), req("input_register", 70, 2, 1)])
+    meter_totals = describe([req("input_register", 72, 8, 4), req("input_register", 342, 4, 2)])
+    assert pump_poll == [
+        "coil 0..3 (4 bits, 2 points)",
+        "holding_register 0..3 (4 registers, 2 points)",
+        "holding_register 10..13 (4 registers, 2 points)",
+    ]
+    expected = [
+        "pump (unit 7)",
+        "  group poll every 1 s: 3 requests for 6 points",
+        *(f"    {line}" for line in pump_poll),
+        "  group slow every 60 s: 1 requests for 2 points",
+        *(f"    {line}" for line in pump_slow),
+        "meter (unit 2)",
+        "  group poll every 5 s: 2 requests for 8 points",
+        *(f"    {line}" for line in meter_poll),
+        "  group totals every 60 s: 2 requests for 6 points",
+        *(f"    {line}" for line in meter_totals),
+        "8 requests per cycle in all (22 if each point were read alone)",
+    ]
+    assert result.stdout.splitlines() == expected
+    assert "spare" not in result.output and "sim-dev" not in result.output
+
+
+def test_plan_without_modbus_devices_fails(tmp_path: Path) -> None:
+    devices = '[[devices]]\nname = "s"\ndriver = "sim"\n  [[devices.points]]\n  name = "v"\n'
+    path = write_config(tmp_path, devices)
+    result = citygw("modbus", "plan", "-c", str(path))
+    assert result.exit_code == 1
+    assert f"{path}: no enabled device with driver = 'modbus'" in result.stderr
+    assert result.stdout == ""
+
+
+# -- read -----------------------------------------------------------------------------
+
+
+def test_read_prints_raw_hex_and_decoded() -> None:
+    image = RegisterImage()
+    image.set_value(HR, 10, 123.456, "float32", "CDAB")
+    image.hole(HR, 50, 5)
+    with serving({1: image}) as sim:
+        result = citygw(
+            "modbus", "read", "--host", "127.0.0.1", "--port", str(sim.port), "--unit", "1",
+            "--table", HR, "--address", "10", "--datatype", "float32", "--order", "CDAB",
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    hi, lo = struct.unpack(">HH", struct.pack(">f", 123.456))
+    value = struct.unpack(">f", struct.pack(">f", 123.456))[0]
+    assert result.stdout.splitlines() == [
+        f"holding_register 10..11 unit 1: [{lo}, {hi}]",
+        "hex: E979 42F6",
+        f"float32 CDAB: {value!r}",
+    ]
+    assert (lo, hi) == (0xE979, 0x42F6)
+
+
+def test_read_of_a_hole_prints_the_exception() -> None:
+    image = RegisterImage()
+    image.hole(HR, 50, 5)
+    with serving({1: image}) as sim:
+        result = citygw(
+            "modbus", "read", "--host", "127.0.0.1", "--port", str(sim.port),
+            "--table", HR, "--address", "52", "--timeout", "5",
+        )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert "error:" in result.stderr
+    assert "unit 1: exception 2 (illegal data address) to function 3 at address 52" in (
+        result.stderr
+    )
+    assert result.stdout == ""
+
+
+def test_read_from_a_closed_port_fails_clearly() -> None:
+    port = free_port()
+    result = citygw(
+        "modbus", "read", "--host", "127.0.0.1", "--port", str(port),
+        "--table", HR, "--address", "0", "--timeout", "1",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: cannot connect to tcp ")
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--datatype", "string"], "a string takes `length` registers"),
+        (["--count", "126"], "count 126: one read of a holding_register takes 1 to 125"),
+        (["--count=-1"], "count -1: one read of a holding_register takes 1 to 125"),
+        (["--table", "coil", "--count", "2001"], "count 2001: one read of a coil takes 1 to 2000"),
+    ],
+)
+def test_read_refuses_impossible_sizes(args: list[str], message: str) -> None:
+    base = ["--host", "127.0.0.1", "--port", "1", "--address", "0"]
+    if "--table" not in args:
+        base += ["--table", HR]
+    result = citygw("modbus", "read", *base, *args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.output
+
+
+# -- write ----------------------------------------------------------------------------
+
+WRITE_DEVICES = """
+[[devices]]
+name = "dev"
+driver = "modbus"
+host = "127.0.0.1"
+port = {port}
+unit_id = 1
+timeout = "5s"
+retries = 0
+
+  [[devices.points]]
+  name = "setpoint"
+  writable = true
+  min = 0.0
+  max = 50.0
+  address = 20
+  datatype = "float32"
+  order = "CDAB"
+  scale = 0.5
+
+  [[devices.points]]
+  name = "level"
+  address = 30
+"""
+
+
+def test_write_sets_the_register_and_refuses_what_it_must(tmp_path: Path) -> None:
+    image = RegisterImage()
+    image.set(HR, 20, [0, 0])
+    with serving({1: image}) as sim:
+        config = str(write_config(tmp_path, WRITE_DEVICES.format(port=sim.port)))
+        result = citygw(
+            "modbus", "write", "-c", config, "--point", "dev/setpoint", "--value", "12.5"
+        )
+        assert result.exit_code == 0, result.output
+        assert "wrote 12.5 to dev/setpoint (verified by reading back)" in result.stdout
+        wanted = encode(from_engineering(12.5, 0.5, 0.0, "float32"), "float32", "CDAB")
+        assert image.read(HR, 20, 2) == wanted
+        assert wanted == encode(25.0, "float32", "CDAB")  # raw = value / scale
+        assert writes(sim) == [(1, 16, 20)]
+
+        refusals = [
+            (["--point", "dev/level", "--value", "3"], "not writable"),
+            (
+                ["--point", "dev/setpoint", "--value", "50.5"],
+                "above the point's declared maximum 50",
+            ),
+            (["--point", "dev/setpoint", "--value=-1"], "below the point's declared minimum 0"),
+            (["--point", "dev/nope", "--value", "1"], "device 'dev' has no point 'nope'"),
+            (["--point", "other/setpoint", "--value", "1"], "no enabled Modbus device 'other'"),
+        ]
+        for args, reason in refusals:
+            result = citygw("modbus", "write", "-c", config, *args)
+            assert result.exit_code == 1, (args, result.output)
+            assert result.stderr.startswith("error: "), (args, result.output)
+            assert reason in result.stderr, (args, result.stderr)
+            assert "wrote" not in result.stdout
+        assert writes(sim) == [(1, 16, 20)]  # nothing was sent for the refusals
+        assert image.read(HR, 20, 2) == wanted
+
+
+# -- scan -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_units() -> Iterator[ModbusSimulator]:
+    one, two = RegisterImage(), RegisterImage()
+    two.hole(HR, 20, 10)
+    with serving({1: one, 2: two}) as sim:
+        yield sim
+
+
+def scan(port: int, *extra: str) -> Result:
+    # units 1 and 2 answer at once; only unit 3 (absent) waits out its one timeout, so
+    # a generous timeout costs little and a busy machine cannot drop a range
+    return citygw(
+        "modbus", "scan", "--host", "127.0.0.1", "--port", str(port), "--units", "1-3",
+        "--addresses", "0-39", "--block", "10", "--timeout", "1", *extra,
+    )  # fmt: skip
+
+
+def table_rows(output: str) -> dict[str, str]:
+    """unit -> readable ranges, from the rich table's rows."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.replace("┃", "│").split("│")[1:-1]]
+        if len(cells) == 2 and cells[0].isdigit():
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_scan_lists_the_units_and_their_readable_ranges(two_units: ModbusSimulator) -> None:
+    result = scan(two_units.port)
+    assert result.exit_code == 0, result.output
+    assert f"holding_register 0-39 on 127.0.0.1:{two_units.port} (tcp)" in result.stdout
+    assert table_rows(result.stdout) == {"1": "0-40", "2": "0-20, 30-40"}
+    probes = [(r.unit, r.address) for r in two_units.reads()]
+    assert probes.count((3, 0)) == 1 and all(a == 0 for u, a in probes if u == 3)
+
+
+def test_scan_writes_a_config_that_validates(two_units: ModbusSimulator, tmp_path: Path) -> None:
+    out = tmp_path / "out.toml"
+    result = scan(two_units.port, "--write-config", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.stdout
+
+    valid = citygw("validate", "-c", str(out))
+    assert valid.exit_code == 0, valid.output + out.read_text()
+
+    import tomllib
+
+    doc = tomllib.loads(out.read_text(encoding="utf-8"))
+    assert doc["gateway"]["id"] == "gw-CHANGE-ME"
+    devices = doc["devices"]
+    assert [(d["name"], d["unit_id"], d["port"]) for d in devices] == [
+        ("unit-1", 1, two_units.port),
+        ("unit-2", 2, two_units.port),
+    ]
+    addresses = [[p["address"] for p in d["points"]] for d in devices]
+    assert addresses == [list(range(40)), [*range(20), *range(30, 40)]]
+
+
+def test_scan_with_nobody_home() -> None:
+    with serving({1: RegisterImage()}) as sim:
+        result = citygw(
+            "modbus", "scan", "--host", "127.0.0.1", "--port", str(sim.port), "--units", "5",
+            "--addresses", "0-9", "--timeout", "0.2",
+        )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "no unit answered" in result.stdout
