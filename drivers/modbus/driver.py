@@ -347,7 +347,12 @@ class ModbusDriver(Driver):
         loop = asyncio.get_running_loop()
         schedule = FixedRate(g.period, phase_for(f"{dev.name}/{g.name}", g.period))
         health = dev.health
+        me = asyncio.current_task()
         while True:
+            if me is not None and me.cancelling():
+                # On Python 3.11 asyncio.wait_for (pymodbus waits for each answer with it)
+                # swallows a cancel that arrives as the answer does; honour it here.
+                raise asyncio.CancelledError
             health.skipped_polls += await schedule.wait()
             started = loop.time()
             if started + 1e-3 < dev.backoff_until:
