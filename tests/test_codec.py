@@ -14,7 +14,7 @@ from hil.datasets import sensor_batch
 from native import codec, impl
 from native.batch import Batch
 from native.codec import CodecError, decode, encode
-from tests.kernels import load_kernels
+from tests.helpers import load_kernels
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 

@@ -10,7 +10,7 @@ import itertools
 import math
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -19,6 +19,7 @@ from drivers.modbus import ModbusDeviceSettings, ModbusPointSettings
 from drivers.modbus.driver import ModbusDriver, ModbusWriteError, device_plans
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 from native.batch import BAD, GOOD, Batch
+from tests.helpers import run_driver_until
 
 POLL_S = 0.05
 HR = "holding_register"
@@ -81,22 +82,6 @@ class Sink:
 
     def of(self, ids: set[int]) -> list[Batch]:
         return [b for b in self.batches if set(b.point_ids) <= ids]
-
-
-async def run_until(
-    driver: ModbusDriver, sink: Sink, done: Callable[[], bool], timeout: float = 10.0
-) -> None:
-    task = asyncio.create_task(driver.run(sink))
-    try:
-        deadline = time.monotonic() + timeout
-        while not done():
-            assert not task.done(), task.exception()
-            assert time.monotonic() < deadline, "driver did not get there in time"
-            await asyncio.sleep(0.01)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @contextlib.asynccontextmanager
@@ -208,7 +193,7 @@ def test_every_datatype_and_order_decodes_end_to_end() -> None:
         async with serving({1: image}) as sim:
             driver = ModbusDriver([mdevice("dev", sim.port, points)])
             sink = Sink()
-            await run_until(driver, sink, lambda: len(sink.batches) >= 1)
+            await run_driver_until(driver, sink, lambda: len(sink.batches) >= 1)
             batch = sink.batches[0]
             got = {pid: (v, q) for pid, _ts, v, q in batch.rows()}
             assert 909 not in got  # strings are not pushed
@@ -235,7 +220,7 @@ def test_timestamps_are_the_response_times() -> None:
             driver = ModbusDriver([mdevice("dev", sim.port, points)])
             sink = Sink()
             before = time.time_ns() // 1_000_000
-            await run_until(driver, sink, lambda: len(sink.batches) >= 1)
+            await run_driver_until(driver, sink, lambda: len(sink.batches) >= 1)
             ts = dict(zip(sink.batches[0].point_ids, sink.batches[0].timestamps, strict=True))
             assert before < ts[1] <= time.time_ns() // 1_000_000
             assert abs(ts[2] - ts[1]) >= 25  # one timestamp per response, not per poll
@@ -261,7 +246,7 @@ def test_merged_reads_give_the_same_values_as_point_reads() -> None:
         before = len(sim.reads())
         driver = ModbusDriver([mdevice("dev", sim.port, points(), **limits)])
         sink = Sink()
-        await run_until(driver, sink, lambda: len(sink.batches) >= 1)
+        await run_driver_until(driver, sink, lambda: len(sink.batches) >= 1)
         assert all(q == GOOD for q in sink.batches[0].quality)
         return list(sink.batches[0].values), len(sim.reads()) - before
 
@@ -304,7 +289,7 @@ def test_illegal_address_hole_is_isolated_and_the_working_plan_remembered() -> N
         async with serving({1: image}) as sim:
             driver = ModbusDriver([mdevice("dev", sim.port, points)])
             sink = Sink()
-            await run_until(driver, sink, lambda: len(sink.batches) >= polls)
+            await run_driver_until(driver, sink, lambda: len(sink.batches) >= polls)
             reads = sim.reads()
         # every poll: all but the hole's point good
         for b in sink.batches[:polls]:
@@ -347,9 +332,9 @@ def test_hole_that_gets_mapped_recovers() -> None:
         async with serving({1: image}) as sim:
             driver = ModbusDriver([mdevice("dev", sim.port, points)])
             sink = Sink()
-            await run_until(driver, sink, lambda: len(sink.batches) >= 2)
+            await run_driver_until(driver, sink, lambda: len(sink.batches) >= 2)
             image.holes[HR].clear()
-            await run_until(driver, sink, lambda: sink.latest().get(2) == (2.0, GOOD))
+            await run_driver_until(driver, sink, lambda: sink.latest().get(2) == (2.0, GOOD))
             assert driver.device_status("dev")["bad_points"] == []
 
     asyncio.run(main())
@@ -379,10 +364,10 @@ def test_dead_device_fails_backs_off_and_does_not_delay_another() -> None:
             )
             sink = Sink()
             health = driver.health()
-            await run_until(driver, sink, lambda: health["dead"].polls >= 2)
+            await run_driver_until(driver, sink, lambda: health["dead"].polls >= 2)
             dead.silent = True
             mark = sum(1 in b.point_ids for b in sink.batches)
-            await run_until(driver, sink, lambda: health["dead"].consecutive_failures >= 4)
+            await run_driver_until(driver, sink, lambda: health["dead"].consecutive_failures >= 4)
             error = health["dead"].last_error
             assert error is not None
             assert "no response" in error and "unit 1" in error and "function 3" in error
@@ -403,7 +388,7 @@ def test_dead_device_fails_backs_off_and_does_not_delay_another() -> None:
             assert health["good"].consecutive_failures == 0
             # back to life
             dead.silent = False
-            await run_until(
+            await run_driver_until(
                 driver, sink, lambda: health["dead"].consecutive_failures == 0, timeout=15
             )
             assert sink.latest()[2] == (9.0, GOOD)
@@ -417,7 +402,7 @@ def test_connection_refused_is_a_link_error() -> None:
             port = sim.port
         driver = ModbusDriver([mdevice("dev", port, [mpoint(1, "v", address=0)], retries=0)])
         sink = Sink()
-        await run_until(driver, sink, lambda: driver.health()["dev"].errors >= 1)
+        await run_driver_until(driver, sink, lambda: driver.health()["dev"].errors >= 1)
         error = driver.health()["dev"].last_error
         assert error is not None and "cannot connect" in error and f":{port}" in error
 
@@ -546,7 +531,7 @@ def test_two_unit_ids_share_one_connection() -> None:
             ]
             driver = ModbusDriver(devices)
             sink = Sink()
-            await run_until(driver, sink, lambda: len(sink.batches) >= 6)
+            await run_driver_until(driver, sink, lambda: len(sink.batches) >= 6)
             assert len(driver._pool.connections()) == 1
             latest = sink.latest()
             assert latest[10] == (11.0, GOOD) and latest[11] == (12.0, GOOD)

@@ -12,7 +12,7 @@ import pytest
 from native import impl, kernels_py
 from native.batch import BAD, GOOD, UNCERTAIN, Batch
 from native.pipeline import Pipeline, PipelineCounts, RangeStage
-from tests.kernels import load_kernels
+from tests.helpers import load_kernels
 
 NONE, FLAG, DROP = kernels_py.ACTION_NONE, kernels_py.ACTION_FLAG, kernels_py.ACTION_DROP
 INF = math.inf

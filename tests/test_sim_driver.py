@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
 import random
 import time
-from collections.abc import Callable
 
 import pytest
 
 from drivers.base import DeviceSpec, PointSpec
 from drivers.sim import SimDeviceSettings, SimDriver, SimPointSettings, Waveform
 from native.batch import Batch
+from tests.helpers import run_driver_until
 
 POLL_S = 0.02
 
@@ -61,23 +60,6 @@ class Sink:
         return True
 
 
-async def run_until(
-    driver: SimDriver, sink: Sink, done: Callable[[], bool], timeout: float = 10.0
-) -> None:
-    """Runs the driver until `done()` holds (checked every 5 ms), then cancels it."""
-    task = asyncio.create_task(driver.run(sink))
-    try:
-        deadline = time.monotonic() + timeout
-        while not done():
-            assert not task.done(), task.exception()
-            assert time.monotonic() < deadline, "driver did not get there in time"
-            await asyncio.sleep(0.005)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def values(sink: Sink, n: int) -> list[list[float]]:
     return [list(b.values) for b in sink.batches[:n]]
 
@@ -94,7 +76,7 @@ def noisy_points() -> tuple[PointSpec, ...]:
 async def readings(name: str, seed: int, n: int = 5) -> list[list[float]]:
     sink = Sink()
     driver = SimDriver([device(name, noisy_points(), seed=seed)])
-    await run_until(driver, sink, lambda: len(sink.batches) >= n)
+    await run_driver_until(driver, sink, lambda: len(sink.batches) >= n)
     return values(sink, n)
 
 
@@ -220,7 +202,7 @@ def test_driver_pushes_one_batch_per_poll_with_one_timestamp() -> None:
     before_ms = time.time_ns() // 1_000_000
 
     async def main() -> None:
-        await run_until(driver, sink, lambda: len(sink.batches) >= 5)
+        await run_driver_until(driver, sink, lambda: len(sink.batches) >= 5)
 
     asyncio.run(main())
     after_ms = time.time_ns() // 1_000_000
@@ -251,7 +233,9 @@ def test_failing_device_records_failures_and_pushes_nothing() -> None:
 
     async def main() -> None:
         health = driver.health()
-        await run_until(driver, sink, lambda: health["dead"].errors >= 4 and len(sink.batches) >= 4)
+        await run_driver_until(
+            driver, sink, lambda: health["dead"].errors >= 4 and len(sink.batches) >= 4
+        )
 
     asyncio.run(main())
     h = driver.health()["dead"]
@@ -270,7 +254,7 @@ def test_refused_batches_count_as_skipped_polls() -> None:
     sink = Sink(accept=False)
 
     async def main() -> None:
-        await run_until(driver, sink, lambda: sink.calls >= 4)
+        await run_driver_until(driver, sink, lambda: sink.calls >= 4)
 
     asyncio.run(main())
     h = driver.health()["dev"]
@@ -286,7 +270,7 @@ def test_latency_delays_the_reading_not_its_timestamp_window() -> None:
     start_ms = time.time_ns() // 1_000_000
 
     async def main() -> None:
-        await run_until(driver, sink, lambda: len(sink.batches) >= 2)
+        await run_driver_until(driver, sink, lambda: len(sink.batches) >= 2)
 
     asyncio.run(main())
     # the timestamp is taken when the (slow) device answers, not before

@@ -1,0 +1,66 @@
+"""Helpers several test files share: both implementations of the native kernels, a
+driver run bounded by a condition, and the data-driven malformed-config cases."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from agent.config import ConfigError, load_config
+from drivers.base import BatchSink, Driver
+from native import impl, kernels_py
+
+IMPLEMENTATIONS = ["cython", "python"]
+
+
+def load_kernels(name: str) -> ModuleType:
+    """The kernel module by name. A missing extension fails, unless twins are forced."""
+    if name == "python":
+        return kernels_py
+    if impl.pure_python_forced():
+        pytest.skip("CITYGW_PURE_PYTHON is set: compiled kernels not under test")
+    try:
+        return importlib.import_module("native._kernels")
+    except ImportError as exc:
+        pytest.fail(
+            f"native._kernels is not built ({exc}): run `python setup.py build_ext --inplace`, "
+            "or set CITYGW_PURE_PYTHON=1 to test only the pure-Python twins"
+        )
+
+
+async def run_driver_until(
+    driver: Driver, sink: BatchSink, done: Callable[[], bool], timeout: float = 10.0
+) -> None:
+    """Runs the driver until `done()` holds (checked every 5 ms), then cancels it."""
+    task = asyncio.create_task(driver.run(sink))
+    try:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert not task.done(), task.exception()
+            assert time.monotonic() < deadline, "driver did not get there in time"
+            await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def check_config_case(folder: Path, monkeypatch: pytest.MonkeyPatch) -> ConfigError:
+    """Loads folder/gateway.toml, which must fail with exactly folder/expected.err
+    (CITYGW_REGEN_EXPECTED=1 rewrites expected.err instead: read the diff)."""
+    monkeypatch.chdir(folder)
+    with pytest.raises(ConfigError) as info:
+        load_config("gateway.toml")
+    actual = str(info.value) + "\n"
+    if os.environ.get("CITYGW_REGEN_EXPECTED"):
+        (folder / "expected.err").write_text(actual, encoding="utf-8")
+    assert actual == (folder / "expected.err").read_text(encoding="utf-8")
+    return info.value
