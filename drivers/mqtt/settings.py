@@ -1,0 +1,307 @@
+"""Config models of the ``mqtt`` driver: the keys of a ``driver = "mqtt"`` device table
+(its connection to the site broker) and of its point tables (topic and payload format),
+besides the generic ones in agent/config.py."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from agent.mqtt_url import ALLOWED, BrokerAddress
+from agent.units import Duration
+from drivers.mqtt.topics import TopicPattern, TopicPatternError
+
+Format = Literal["number", "json", "csv", "binary"]
+BinaryType = Literal["u8", "i8", "u16", "i16", "u32", "i32", "f32", "f64"]
+TimestampFormat = Literal["auto", "epoch_s", "epoch_ms", "iso8601"]
+#: one step of a JSON path: a key or a list index
+PathStep = str | int
+
+#: error type agent/config.py shows as the plain message (at ctx["key"] when set)
+_AT_KEY = "citygw_at_key"
+_STEP = re.compile(r"([^.\[\]]*)((?:\[\d+\])*)")
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def _problem(message: str, key: str = "") -> PydanticCustomError:
+    return PydanticCustomError(_AT_KEY, "{message}", {"key": key, "message": message})
+
+
+def parse_path(text: str) -> tuple[PathStep, ...]:
+    """``data.values[2].pm25`` -> ``("data", "values", 2, "pm25")``; ValueError if malformed."""
+    steps: list[PathStep] = []
+    if not text or text != text.strip():
+        raise ValueError(f"{text!r} is not a JSON path; write keys with dots: 'data.pm25'")
+    for i, segment in enumerate(text.split(".")):
+        m = _STEP.fullmatch(segment)
+        if m is None or (not m.group(1) and not (i == 0 and m.group(2))):
+            raise ValueError(
+                f"{text!r} is not a JSON path; write keys with dots and list indexes in "
+                "brackets: 'data.pm25', 'values[2]', 'data.sensors[0].value'"
+            )
+        if m.group(1):
+            steps.append(m.group(1))
+        steps.extend(int(n) for n in _INDEX.findall(m.group(2)))
+    return tuple(steps)
+
+
+def _check_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    if value is None:
+        return None
+    path = value.expanduser()
+    if not path.is_absolute():
+        base = (info.context or {}).get("base_dir") or Path.cwd()
+        path = Path(base) / path
+    if not path.is_file():
+        hint = "" if value.expanduser().is_absolute() else " (relative to the config file's folder)"
+        raise _problem(f"file not found: {value}{hint}")
+    return path
+
+
+class MqttDeviceSettings(BaseModel):
+    """Keys a ``driver = "mqtt"`` device accepts: its connection to the site broker
+    (devices with the same broker, credentials and client id share one connection)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    broker: str
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: "" -> "citygw-mqtt-<random>" (a clean session: the id need not be stable)
+    client_id: str = ""
+    qos: Literal[0, 1, 2] = 1
+    keepalive: Duration = Field(60.0, ge=5.0, le=65535.0)
+    #: put in front of every point's topic: "sensors/street-7" + "air/pm25"
+    topic_prefix: str = ""
+    #: what a {device} capture must equal (default: the device's name)
+    device_value: str | None = None
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, v: str) -> str:
+        try:
+            address = BrokerAddress.parse(v)
+        except ValueError as exc:
+            raise _problem(str(exc)) from None
+        if address.username or address.password:
+            raise _problem("the broker URL must not contain credentials; use username and password")
+        if address.has_path:
+            raise _problem(f"{v!r} is not a valid broker URL; {ALLOWED}")
+        return v
+
+    @field_validator("client_id")
+    @classmethod
+    def _check_client_id(cls, v: str) -> str:
+        if len(v) > 128 or any(c.isspace() or c in "+#/" for c in v):
+            raise _problem(
+                f"{v!r} is not a valid client id; up to 128 characters, no spaces, +, # or /"
+            )
+        return v
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _check_files(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        return _check_file(v, info)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, v: str) -> str:
+        if v:
+            try:
+                TopicPattern(v)
+            except TopicPatternError as exc:
+                raise _problem(str(exc)) from None
+            if v.rstrip("/").endswith("#"):
+                raise _problem("topic_prefix must not end with '#' (points' topics follow it)")
+        return v
+
+    @field_validator("device_value")
+    @classmethod
+    def _check_device_value(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or "+" in v or "#" in v):
+            raise _problem(f"{v!r} cannot be a topic level; no '/', '+' or '#', not empty")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> MqttDeviceSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            given = "cert_file" if missing == "key_file" else "key_file"
+            raise _problem(
+                f"required because {given} is set; give both cert_file and key_file or neither",
+                missing,
+            )
+        if self.password is not None and self.username is None:
+            raise _problem("a password needs a username", "username")
+        return self
+
+    @property
+    def address(self) -> BrokerAddress:
+        return BrokerAddress.parse(self.broker)
+
+
+class MqttPointSettings(BaseModel):
+    """Where a point's readings arrive (topic) and how to read them (format)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: pattern with + # and captures {device} {point} (and any other {name})
+    topic: str
+    #: what a {point} capture must equal (default: the point's name)
+    point_value: str | None = None
+    format: Format = "number"
+    #: json: where the value is ("data.pm25", "values[2]")
+    path: str | None = None
+    #: csv: 0-based column of the value, and the separator
+    column: int | None = Field(None, ge=0, le=1000)
+    delimiter: str = ","
+    #: binary: where the value starts, its type and byte order
+    byte_offset: int = Field(0, ge=0, le=65535)
+    datatype: BinaryType | None = None
+    endian: Literal["big", "little"] = "big"
+    #: value = raw * scale + offset
+    scale: float = 1.0
+    offset: float = 0.0
+    #: "reception" (when the gateway got it), a JSON path (json) or a column (csv)
+    timestamp: str | int = "reception"
+    timestamp_format: TimestampFormat = "auto"
+
+    _path: tuple[PathStep, ...] = PrivateAttr(default=())
+    _ts_path: tuple[PathStep, ...] | None = PrivateAttr(default=None)
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, v: str) -> str:
+        try:
+            TopicPattern(v)
+        except TopicPatternError as exc:
+            raise _problem(str(exc)) from None
+        return v
+
+    @field_validator("point_value")
+    @classmethod
+    def _check_point_value(cls, v: str | None) -> str | None:
+        if v is not None and (not v or "/" in v or "+" in v or "#" in v):
+            raise _problem(f"{v!r} cannot be a topic level; no '/', '+' or '#', not empty")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_path(v)
+            except ValueError as exc:
+                raise _problem(str(exc)) from None
+        return v
+
+    @field_validator("delimiter")
+    @classmethod
+    def _check_delimiter(cls, v: str) -> str:
+        if len(v) != 1 or v in '\r\n"':
+            raise _problem(f"delimiter must be one character (',', ';', '\\t'...), got {v!r}")
+        return v
+
+    @field_validator("scale", "offset")
+    @classmethod
+    def _finite(cls, v: float, info: ValidationInfo) -> float:
+        if not math.isfinite(v):
+            raise _problem(f"must be a finite number, got {v}")
+        if info.field_name == "scale" and v == 0:
+            raise _problem("must not be 0 (value = raw * scale + offset)")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_timestamp(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("timestamp"), bool):
+            raise _problem("expected 'reception', a JSON path or a CSV column", "timestamp")
+        return data
+
+    @model_validator(mode="after")
+    def _check_format(self) -> MqttPointSettings:
+        given = self.model_fields_set
+        fmt = self.format
+        only = {
+            "path": "json",
+            "column": "csv",
+            "delimiter": "csv",
+            "byte_offset": "binary",
+            "datatype": "binary",
+            "endian": "binary",
+        }
+        for key, owner in only.items():
+            if key in given and fmt != owner:
+                raise _problem(f"{key} is only for format = {owner!r}; this point has {fmt!r}", key)
+        if fmt == "json" and self.path is None:
+            raise _problem(
+                "format = 'json' needs path: where the value is in the document, e.g. "
+                "'data.pm25' or 'values[2]'",
+                "path",
+            )
+        if fmt == "csv" and self.column is None:
+            raise _problem(
+                "format = 'csv' needs column: the value's column, 0 = the first", "column"
+            )
+        if fmt == "binary" and self.datatype is None:
+            raise _problem(
+                "format = 'binary' needs datatype: u8, i8, u16, i16, u32, i32, f32 or f64",
+                "datatype",
+            )
+        ts = self.timestamp
+        if isinstance(ts, int):
+            if fmt != "csv":
+                raise _problem(
+                    "a column number as timestamp is only for format = 'csv'; "
+                    "use 'reception' or, for json, a path",
+                    "timestamp",
+                )
+            if ts < 0:
+                raise _problem(f"a column number starts at 0, got {ts}", "timestamp")
+            self._ts_path = ()
+        elif ts != "reception":
+            if fmt != "json":
+                raise _problem(
+                    f"timestamp {ts!r}: a JSON path is only for format = 'json'; use "
+                    "'reception'" + (" or a column number" if fmt == "csv" else ""),
+                    "timestamp",
+                )
+            try:
+                self._ts_path = parse_path(ts)
+            except ValueError as exc:
+                raise _problem(str(exc), "timestamp") from None
+        elif "timestamp_format" in given:
+            raise _problem(
+                "timestamp_format is only for a timestamp taken from the payload "
+                "(timestamp = a JSON path or a CSV column)",
+                "timestamp_format",
+            )
+        if self.path is not None:
+            self._path = parse_path(self.path)
+        return self
+
+    @property
+    def json_path(self) -> tuple[PathStep, ...]:
+        return self._path
+
+    @property
+    def timestamp_path(self) -> tuple[PathStep, ...] | None:
+        """None: reception time; a JSON path (json); () for a CSV column (csv)."""
+        return self._ts_path

@@ -1,0 +1,357 @@
+"""The mqtt driver's sans-I/O parts: payload formats and topic patterns."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from drivers.mqtt.payloads import REASONS, PayloadError, parse
+from drivers.mqtt.settings import MqttPointSettings
+from drivers.mqtt.topics import TopicPattern, TopicPatternError
+
+
+def spec(**kw: Any) -> MqttPointSettings:
+    return MqttPointSettings.model_validate({"topic": "t", **kw})
+
+
+def reason(payload: bytes, s: MqttPointSettings) -> str:
+    with pytest.raises(PayloadError) as exc:
+        parse(payload, s)
+    assert exc.value.reason in REASONS
+    return exc.value.reason
+
+
+# -- number --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "value"),
+    [
+        (b"12.3", 12.3),
+        (b" -4\n", -4.0),
+        (b"1e3", 1000.0),
+        (b"true", 1.0),
+        (b"FALSE", 0.0),
+        (b"on", 1.0),
+        (b"Off", 0.0),
+    ],
+)
+def test_number(payload: bytes, value: float) -> None:
+    assert parse(payload, spec()) == (value, None)
+
+
+def test_number_scale_offset() -> None:
+    assert parse(b"100", spec(scale=0.1, offset=-2)) == (pytest.approx(8.0), None)
+
+
+@pytest.mark.parametrize("payload", [b"", b"abc", b"12,3", b"\xff\xfe", b"1_000", b"\xd9\xa3"])
+def test_number_rejects(payload: bytes) -> None:
+    assert reason(payload, spec()) == "not_a_number"
+
+
+# -- json ----------------------------------------------------------------------------
+
+DOC = b'{"data": {"pm25": 12.5, "ok": true, "s": "7.5", "o": {}}, "values": [1, 2, 3.5],' \
+    b' "ts": 1700000000, "ms": 1700000000123, "iso": "2024-03-01T12:00:00+02:00",' \
+    b' "naive": "2024-03-01T12:00:00", "list": [{"v": 9}]}'  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("data.pm25", 12.5),
+        ("data.ok", 1.0),
+        ("data.s", 7.5),
+        ("values[2]", 3.5),
+        ("list[0].v", 9.0),
+    ],
+)
+def test_json_path(path: str, value: float) -> None:
+    assert parse(DOC, spec(format="json", path=path)) == (value, None)
+
+
+def test_json_root_array() -> None:
+    assert parse(b"[4, 5]", spec(format="json", path="[1]")) == (5.0, None)
+
+
+@pytest.mark.parametrize(
+    ("ts", "fmt", "expected"),
+    [
+        ("ts", "epoch_s", 1_700_000_000_000),
+        ("ts", "auto", 1_700_000_000_000),
+        ("ms", "epoch_ms", 1_700_000_000_123),
+        ("ms", "auto", 1_700_000_000_123),
+        ("iso", "iso8601", 1_709_287_200_000),  # 10:00 UTC
+        ("iso", "auto", 1_709_287_200_000),
+        ("naive", "iso8601", 1_709_294_400_000),  # taken as UTC
+    ],
+)
+def test_json_timestamp(ts: str, fmt: str, expected: int) -> None:
+    s = spec(format="json", path="data.pm25", timestamp=ts, timestamp_format=fmt)
+    assert parse(DOC, s) == (12.5, expected)
+
+
+@pytest.mark.parametrize(
+    ("payload", "path", "why"),
+    [
+        (b"{not json", "a", "bad_json"),
+        (b"", "a", "bad_json"),
+        (b'{"a": 1}', "b", "missing_path"),
+        (b'{"a": [1]}', "a[3]", "missing_path"),
+        (b'{"a": 1}', "a.b", "missing_path"),
+        (b'{"a": null}', "a", "not_numeric"),
+        (b'{"a": {"b": 1}}', "a", "not_numeric"),
+        (b'{"a": "high"}', "a", "not_numeric"),
+    ],
+)
+def test_json_rejects(payload: bytes, path: str, why: str) -> None:
+    assert reason(payload, spec(format="json", path=path)) == why
+
+
+@pytest.mark.parametrize(
+    ("doc", "fmt", "why"),
+    [
+        (b'{"v": 1}', "auto", "missing_timestamp"),
+        (b'{"v": 1, "t": "yesterday"}', "auto", "bad_timestamp"),
+        (b'{"v": 1, "t": 1700000000}', "iso8601", "bad_timestamp"),
+        (b'{"v": 1, "t": 1700000000}', "epoch_ms", "bad_timestamp"),  # 1970: implausible
+        (b'{"v": 1, "t": true}', "auto", "bad_timestamp"),
+        (b'{"v": 1, "t": [1]}', "auto", "bad_timestamp"),
+    ],
+)
+def test_json_timestamp_rejects(doc: bytes, fmt: str, why: str) -> None:
+    s = spec(format="json", path="v", timestamp="t", timestamp_format=fmt)
+    assert reason(doc, s) == why
+
+
+# -- csv -----------------------------------------------------------------------------
+
+
+def test_csv_column_and_timestamp() -> None:
+    s = spec(format="csv", column=2, timestamp=0, timestamp_format="epoch_ms")
+    assert parse(b"1700000000123,street-7,41.5\n", s) == (41.5, 1_700_000_000_123)
+    s = spec(format="csv", column=1, delimiter=";", scale=2)
+    assert parse(b'2024-01-01T00:00:00Z;"3"', s) == (6.0, None)
+    s = spec(format="csv", column=1, delimiter=";", timestamp=0)
+    assert parse(b"2024-01-01T00:00:00Z;3", s) == (3.0, 1_704_067_200_000)
+
+
+@pytest.mark.parametrize(
+    ("payload", "kw", "why"),
+    [
+        (b"", {"column": 0}, "bad_csv"),
+        (b"\xff,1", {"column": 1}, "bad_csv"),
+        (b"1,2", {"column": 5}, "missing_column"),
+        (b"1,x", {"column": 1}, "not_a_number"),
+        (b"1,2", {"column": 0, "timestamp": 4}, "missing_timestamp"),
+        (b"soon,2", {"column": 1, "timestamp": 0}, "bad_timestamp"),
+    ],
+)
+def test_csv_rejects(payload: bytes, kw: dict[str, Any], why: str) -> None:
+    assert reason(payload, spec(format="csv", **kw)) == why
+
+
+# -- binary --------------------------------------------------------------------------
+
+CODES = {"u8": "B", "i8": "b", "u16": "H", "i16": "h", "u32": "I", "i32": "i", "f32": "f",
+         "f64": "d"}  # fmt: skip
+SAMPLES = {"u8": 200, "i8": -100, "u16": 60000, "i16": -30000, "u32": 4_000_000_000,
+           "i32": -2_000_000_000, "f32": 1.5, "f64": -2.25}  # fmt: skip
+
+
+@pytest.mark.parametrize("datatype", list(CODES))
+@pytest.mark.parametrize("endian", ["big", "little"])
+def test_binary(datatype: str, endian: str) -> None:
+    order = ">" if endian == "big" else "<"
+    raw = SAMPLES[datatype]
+    payload = b"\xaa\xbb" + struct.pack(order + CODES[datatype], raw) + b"\xcc"
+    s = spec(format="binary", datatype=datatype, endian=endian, byte_offset=2, scale=2, offset=1)
+    assert parse(payload, s) == (raw * 2 + 1, None)
+
+
+def test_binary_short() -> None:
+    s = spec(format="binary", datatype="u32", byte_offset=1)
+    assert reason(b"\x00\x01\x02\x03", s) == "short_binary"
+    assert parse(b"\x00\x00\x00\x00\x07", s) == (7.0, None)
+
+
+def test_binary_f32_nan_passes() -> None:
+    value, _ = parse(struct.pack(">f", math.nan), spec(format="binary", datatype="f32"))
+    assert math.isnan(value)
+
+
+# -- validation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"format": "json"}, "needs path"),
+        ({"format": "csv"}, "needs column"),
+        ({"format": "binary"}, "needs datatype"),
+        ({"path": "a"}, "path is only for format = 'json'"),
+        ({"format": "json", "path": "a..b"}, "not a JSON path"),
+        ({"format": "csv", "column": 0, "timestamp": "a.b"}, "only for format = 'json'"),
+        ({"timestamp_format": "epoch_s"}, "only for a timestamp taken from the payload"),
+        ({"topic": "a/#/b"}, "'#' must be the last level"),
+        ({"topic": "a/x{device}"}, "whole level"),
+        ({"scale": 0}, "must not be 0"),
+    ],
+)
+def test_point_validation(kw: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        MqttPointSettings.model_validate({"topic": "t", **kw})
+
+
+# -- no crash on anything ------------------------------------------------------------
+
+SPECS = [
+    spec(),
+    spec(format="json", path="a.b[1]", timestamp="t"),
+    spec(format="json", path="[0]", timestamp="t", timestamp_format="iso8601"),
+    spec(format="json", path="a", timestamp="t", timestamp_format="epoch_s"),
+    spec(format="csv", column=1, timestamp=0),
+    spec(format="csv", column=0, delimiter="\t", timestamp=1, timestamp_format="iso8601"),
+    spec(format="binary", datatype="f64", byte_offset=3, endian="little"),
+    spec(format="binary", datatype="i8"),
+]
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.sampled_from("abt"), kids),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64) | JSONISH.map(lambda d: repr(d).encode()))
+def test_parse_never_raises_anything_else(payload: bytes) -> None:
+    for s in SPECS:
+        try:
+            value, ts = parse(payload, s)
+        except PayloadError as exc:
+            assert exc.reason in REASONS
+        else:
+            assert isinstance(value, float)
+            assert ts is None or isinstance(ts, int)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "t"]), JSONISH, max_size=2))
+def test_parse_json_documents(doc: dict[str, Any]) -> None:
+    import orjson
+
+    try:
+        payload = orjson.dumps(doc)
+    except TypeError:  # integers beyond 64 bits
+        return
+    for s in SPECS[1:4]:
+        try:
+            parse(payload, s)
+        except PayloadError as exc:
+            assert exc.reason in REASONS
+
+
+# -- topic patterns ------------------------------------------------------------------
+
+
+def test_pattern_subscription_and_captures() -> None:
+    p = TopicPattern("sensors/{device}/air/{point}")
+    assert p.subscription == "sensors/+/air/+"
+    assert p.captures == ("device", "point")
+    assert p.match("sensors/street-7/air/pm25") == {"device": "street-7", "point": "pm25"}
+    assert p.match("sensors/street-7/air") is None
+    assert p.match("sensors/street-7/air/pm25/x") is None
+    assert p.match("sensors/street-7/water/pm25") is None
+
+
+def test_pattern_wildcards() -> None:
+    p = TopicPattern("city/+/noise/{point}")
+    assert p.subscription == "city/+/noise/+"
+    assert p.match("city/north/noise/laeq") == {"point": "laeq"}
+    h = TopicPattern("sensors/street-7/#")
+    assert h.match("sensors/street-7") == {}  # '#' also matches the parent level
+    assert h.match("sensors/street-7/a/b/c") == {}
+    assert h.match("sensors/street-8/a") is None
+    assert TopicPattern("#").match("$SYS/broker/uptime") is None
+    assert TopicPattern("+/x").match("$SYS/x") is None
+    assert TopicPattern("$SYS/#").match("$SYS/broker") == {}
+    assert TopicPattern("a/+/b").match("a//b") == {}  # empty levels are levels
+
+
+@pytest.mark.parametrize("bad", ["", "a/#/b", "a#", "a/b+", "a/{x}/{x}", "a/{x y}", "a/{}"])
+def test_pattern_rejects(bad: str) -> None:
+    with pytest.raises(TopicPatternError):
+        TopicPattern(bad)
+
+
+def _mqtt_matches(filt: str, topic: str) -> bool:
+    """Reference: the MQTT 3.1.1 matching rules, written independently."""
+    if topic.startswith("$") and filt[:1] in ("+", "#"):
+        return False
+    f, t = filt.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t):
+            return False
+        if level != "+" and level != t[i]:
+            return False
+    return len(f) == len(t)
+
+
+LEVEL = st.sampled_from(["a", "b", "street-7", "", "$x"])
+PATTERN_LEVEL = st.sampled_from(["a", "b", "+", "{device}", "{point}", "street-7", ""])
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> str:
+    levels = draw(st.lists(PATTERN_LEVEL, min_size=1, max_size=4))
+    seen: set[str] = set()
+    out = []
+    for lv in levels:  # a capture once; a repeat becomes '+'
+        out.append("+" if lv.startswith("{") and lv in seen else lv)
+        seen.add(lv)
+    if draw(st.booleans()):
+        out.append("#")
+    return "/".join(out) or "+"  # "" is not a filter
+
+
+@settings(max_examples=500, deadline=None)
+@given(patterns(), st.lists(LEVEL, min_size=1, max_size=6))
+def test_match_agrees_with_mqtt(pattern: str, levels: list[str]) -> None:
+    p = TopicPattern(pattern)
+    topic = "/".join(levels)
+    captures = p.match(topic)
+    assert (captures is not None) == _mqtt_matches(p.subscription, topic)
+    if captures is not None:
+        parts = topic.split("/")
+        for i, lv in enumerate(pattern.split("/")):
+            if lv.startswith("{"):
+                assert captures[lv[1:-1]] == parts[i]
+
+
+@settings(max_examples=300, deadline=None)
+@given(patterns(), st.data())
+def test_topics_built_from_the_filter_match(pattern: str, data: st.DataObject) -> None:
+    """A topic made by filling each wildcard of the subscription always matches."""
+    p = TopicPattern(pattern)
+    parts = []
+    for lv in p.subscription.split("/"):
+        if lv == "+":
+            parts.append(data.draw(st.sampled_from(["x", "street-7", ""])))
+        elif lv == "#":
+            parts.extend(data.draw(st.lists(st.sampled_from(["x", "y"]), max_size=3)))
+        else:
+            parts.append(lv)
+    topic = "/".join(parts)
+    if topic.startswith("$"):
+        return
+    if not parts:  # "#" alone with nothing below: any one-level topic
+        topic = "x"
+    assert p.match(topic) is not None
