@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiomqtt
+import orjson
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -25,6 +28,7 @@ from agent.config import Config, parse_config
 from agent.ingest.store import open_store
 from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
+from agent.mqtt_url import BrokerAddress
 from agent.runtime import Agent
 from drivers.modbus.profiles import load_profile
 from drivers.modbus.settings import ModbusPointSettings
@@ -249,9 +253,40 @@ def modbus_image(profile_name: str) -> RegisterImage:
     return image
 
 
-def demo_config_text(broker_url: str, buffer_path: Path, modbus_port: int | None = None) -> str:
+#: air-quality boxes that publish JSON to the site broker (here: the demo's broker)
+MQTT_BOXES = ("airbox-1", "airbox-2", "airbox-3")
+
+
+async def publish_mqtt_sensors(broker_url: str, stop: asyncio.Event) -> None:
+    """The airboxes: every second each publishes one JSON message with its own clock,
+    as such boxes do, to sensors/<box>/air."""
+    address = BrokerAddress.parse(broker_url)
+    rng = random.Random(7)
+    async with aiomqtt.Client(address.host, address.port, identifier="demo-airboxes") as client:
+        while not stop.is_set():
+            now = time.time()
+            for i, box in enumerate(MQTT_BOXES):
+                body = {
+                    "ts": round(now, 3),
+                    "data": {
+                        "pm25": round(9.0 + 3 * i + rng.gauss(0, 1.2), 1),
+                        "no2": round(21.0 + 2 * i + rng.gauss(0, 2.0), 1),
+                    },
+                }
+                await client.publish(f"sensors/{box}/air", orjson.dumps(body), qos=1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
+def demo_config_text(
+    broker_url: str,
+    buffer_path: Path,
+    modbus_port: int | None = None,
+    site_broker: str | None = None,
+) -> str:
     """The embedded config of the simulated street block (valid citygw TOML); with
-    `modbus_port`, also the pump station on the Modbus simulator at that port."""
+    `modbus_port`, also the pump station on the Modbus simulator at that port, and with
+    `site_broker`, the airboxes that publish there."""
     out = [
         '[gateway]\nid = "gw-demo-block-7"\nsite = "Demo street block 7"\n'
         "location = { lat = 52.5200, lon = 13.4050 }\n",
@@ -279,11 +314,32 @@ def demo_config_text(broker_url: str, buffer_path: Path, modbus_port: int | None
                 f'host = "127.0.0.1"\nport = {modbus_port}\nunit_id = {unit_id}\n'
                 f'profile = "{profile}"\npoll = "1s"\n'
             )
+    if site_broker is not None:
+        for box in MQTT_BOXES:
+            out.append(f'[[devices]]\nname = "{box}"\ndriver = "mqtt"\nbroker = "{site_broker}"\n')
+            for quantity, unit in (("pm25", "ug/m3"), ("no2", "ppb")):
+                out.append(
+                    f'[[devices.points]]\nname = "{quantity}"\nunit = "{unit}"\n'
+                    f'topic = "sensors/{{device}}/air"\nformat = "json"\n'
+                    f'path = "data.{quantity}"\ntimestamp = "ts"\ntimestamp_format = "epoch_s"\n'
+                )
     return "\n".join(out)
 
 
-def demo_config(broker_url: str, buffer_path: Path, modbus_port: int | None = None) -> Config:
-    return parse_config(demo_config_text(broker_url, buffer_path, modbus_port), source="<demo>")
+def demo_config(
+    broker_url: str,
+    buffer_path: Path,
+    modbus_port: int | None = None,
+    site_broker: str | None = None,
+) -> Config:
+    text = demo_config_text(broker_url, buffer_path, modbus_port, site_broker)
+    return parse_config(text, source="<demo>")
+
+
+async def _stop_task(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+        await asyncio.wait_for(task, timeout=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +407,10 @@ async def run_demo(
             ingest_task = asyncio.create_task(worker.run(), name="ingest")
             await asyncio.wait_for(worker.connected.wait(), timeout=30)
             console.print(f"uplink: private mosquitto at {broker_url}")
-            agent = Agent(demo_config(broker_url, workdir / "buffer.db", modbus.port))
+            agent = Agent(demo_config(broker_url, workdir / "buffer.db", modbus.port, broker_url))
+            airboxes_stop = asyncio.Event()
+            airboxes = asyncio.create_task(publish_mqtt_sensors(broker_url, airboxes_stop))
+            stack.push_async_callback(_stop_task, airboxes, airboxes_stop)
         else:
             broker_url = "mqtt://127.0.0.1"  # never contacted: the link is in-process
             worker = IngestWorker(broker_url, store, group=None)

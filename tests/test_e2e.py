@@ -260,6 +260,8 @@ def test_demo_delivers_everything_once(tmp_path: Path) -> None:
     assert 0 < result.bytes_per_point < 21  # less than the raw 21 bytes of a reading
     # the pump station on the demo's own Modbus simulator delivered too
     assert result.read_by_driver["modbus"] >= 2 * 14
+    # and so did the airboxes publishing to the demo's broker
+    assert result.read_by_driver["mqtt"] >= 3 * 2
     assert sum(result.read_by_driver.values()) == result.read
 
 
