@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from agent.config import parse_config
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
@@ -26,3 +28,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "pytest" in command and "pip install -e '.[test]'" in command
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text(encoding="utf-8")
     assert "test-command" in ci  # .ci/run extracts exactly this block
+
+
+def test_mqtt_example_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = README.split("## MQTT sensors", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    head = '[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n'
+    monkeypatch.setenv("SITE_MQTT_PASSWORD", "secret")
+    (device,) = parse_config(head + block).devices
+    assert device.driver == "mqtt"
+    assert [p.name for p in device.points] == ["pm25", "laeq"]
