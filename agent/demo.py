@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+import drivers.ble
 from agent.broker import Mosquitto, mosquitto_binary
 from agent.config import Config, parse_config
 from agent.ingest.store import open_store
@@ -253,6 +254,14 @@ def modbus_image(profile_name: str) -> RegisterImage:
     return image
 
 
+#: BLE tags heard through a replay of recorded adverts (no radio needed)
+_BLE_TAGS = [
+    ("kiosk-7-climate", 'address = "A4:C1:38:A1:B2:C3"', "bthome",
+     [("temperature", "°C"), ("humidity", "%"), ("rssi", "dBm")]),
+    ("bus-stop-12-ruuvi", 'name_pattern = "Ruuvi *"', "ruuvi",
+     [("temperature", "°C"), ("humidity", "%"), ("pressure", "hPa")]),
+]  # fmt: skip
+
 #: air-quality boxes that publish JSON to the site broker (here: the demo's broker)
 MQTT_BOXES = ("airbox-1", "airbox-2", "airbox-3")
 
@@ -313,6 +322,17 @@ def demo_config_text(
                 f'[[devices]]\nname = "pump-station-{profile}"\ndriver = "modbus"\n'
                 f'host = "127.0.0.1"\nport = {modbus_port}\nunit_id = {unit_id}\n'
                 f'profile = "{profile}"\npoll = "1s"\n'
+            )
+    replay = (Path(drivers.ble.__file__).parent / "replay" / "demo.jsonl").as_posix()
+    for name, allow, fmt, measurements in _BLE_TAGS:
+        out.append(
+            f'[[devices]]\nname = "{name}"\ndriver = "ble"\nsource = "replay"\n'
+            f'replay_file = "{replay}"\n{allow}\nformat = "{fmt}"\n'
+        )
+        for measurement, unit in measurements:
+            out.append(
+                f'[[devices.points]]\nname = "{measurement}"\nunit = "{unit}"\n'
+                f'measurement = "{measurement}"\n'
             )
     if site_broker is not None:
         for box in MQTT_BOXES:

@@ -262,6 +262,8 @@ def test_demo_delivers_everything_once(tmp_path: Path) -> None:
     assert result.read_by_driver["modbus"] >= 2 * 14
     # and so did the airboxes publishing to the demo's broker
     assert result.read_by_driver["mqtt"] >= 3 * 2
+    # and the BLE tags from the replay of recorded adverts
+    assert result.read_by_driver["ble"] >= 3
     assert sum(result.read_by_driver.values()) == result.read
 
 

@@ -37,3 +37,12 @@ def test_mqtt_example_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     (device,) = parse_config(head + block).devices
     assert device.driver == "mqtt"
     assert [p.name for p in device.points] == ["pm25", "laeq"]
+
+
+def test_ble_example_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = README.split("## BLE sensors", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    head = '[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n'
+    monkeypatch.setenv("KIOSK7_BIND_KEY", "231d39c1d7cc1ab1aee224cd096db932")
+    (device,) = parse_config(head + block).devices
+    assert device.driver == "ble"
+    assert [p.name for p in device.points] == ["temperature", "rssi"]

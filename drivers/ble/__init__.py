@@ -1,0 +1,1 @@
+"""BLE sensors: advertisement decoders (sans-I/O, ``decoders``) and the ``ble`` driver."""
