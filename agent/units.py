@@ -1,13 +1,15 @@
 """Human units in config files: durations (``250ms``, ``1s``, ``5m``, ``1h``) and
 sizes (``512KB``, ``64MB``, ``1GB``), as pydantic types that validate to float
-seconds and int bytes. Plain numbers are accepted as seconds / bytes."""
+seconds and int bytes (plain numbers are accepted as seconds / bytes); and the scale and
+offset of the drivers' linear conversions."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_UNITS = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
@@ -57,5 +59,21 @@ def parse_size(value: object) -> int:
     return size
 
 
+def check_finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+def check_scale(value: float) -> float:
+    check_finite(value)
+    if value == 0:
+        raise ValueError("must not be 0 (value = raw * scale + offset)")
+    return value
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 Size = Annotated[int, BeforeValidator(parse_size)]
+#: the linear conversion of drivers: value = raw * scale + offset
+Scale = Annotated[float, AfterValidator(check_scale)]
+Offset = Annotated[float, AfterValidator(check_finite)]

@@ -7,7 +7,6 @@ the driver merges them: devices with the same source share one scanner.
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from agent.units import Duration
+from agent.units import Duration, Offset, Scale
 
 Format = Literal["auto", "bthome", "ruuvi", "ibeacon", "eddystone-tlm", "generic"]
 GattType = Literal["u8", "i8", "u16", "i16", "u24", "i24", "u32", "i32", "f32"]
@@ -73,7 +72,7 @@ class GenericFieldSettings(BaseModel):
     offset: int = Field(ge=0, le=255, description="byte offset in the payload")
     type: GattType = "u16"
     endian: Endian = "little"
-    scale: float = 1.0
+    scale: Scale = 1.0
     offset_value: float = 0.0
     unit: str = ""
 
@@ -211,8 +210,8 @@ class BlePointSettings(BaseModel):
     #: GATT: subscribe to notifications instead of reading every `poll`
     notify: bool = False
     #: value = raw * scale + offset
-    scale: float = 1.0
-    offset: float = 0.0
+    scale: Scale = 1.0
+    offset: Offset = 0.0
 
     @field_validator("characteristic")
     @classmethod
@@ -223,15 +222,6 @@ class BlePointSettings(BaseModel):
             return normalize_uuid(v)
         except ValueError as exc:
             raise _problem(str(exc)) from None
-
-    @field_validator("scale", "offset")
-    @classmethod
-    def _finite(cls, v: float, info: Any) -> float:
-        if not math.isfinite(v):
-            raise _problem(f"must be a finite number, got {v}")
-        if info.field_name == "scale" and v == 0:
-            raise _problem("must not be 0 (value = raw * scale + offset)")
-        return v
 
     @model_validator(mode="after")
     def _one_kind(self) -> BlePointSettings:

@@ -7,7 +7,6 @@ The validators here check one table at a time; what only shows across a device's
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import (
@@ -20,7 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.units import Duration
+from agent.units import Duration, Offset, Scale
 
 Table = Literal["coil", "discrete_input", "input_register", "holding_register"]
 DataType = Literal[
@@ -182,8 +181,8 @@ class ModbusPointSettings(BaseModel):
     #: bit of a register for datatype "bit" (0 = least significant)
     bit: int | None = Field(None, ge=0, le=15)
     #: value = raw * scale + offset (inverse on writes)
-    scale: float = 1.0
-    offset: float = 0.0
+    scale: Scale = 1.0
+    offset: Offset = 0.0
     #: which poll group reads this point ("" = the device's `poll`)
     group: str = ""
 
@@ -218,15 +217,6 @@ class ModbusPointSettings(BaseModel):
         datatype = info.data.get("datatype")
         if v is not None and datatype is not None and datatype != "bit":
             raise _problem(f"bit is only for datatype = 'bit', this point is {datatype!r}")
-        return v
-
-    @field_validator("scale", "offset")
-    @classmethod
-    def _finite(cls, v: float, info: ValidationInfo) -> float:
-        if not math.isfinite(v):
-            raise _problem(f"must be a finite number, got {v}")
-        if info.field_name == "scale" and v == 0:
-            raise _problem("must not be 0 (value = raw * scale + offset)")
         return v
 
     @model_validator(mode="after")

@@ -4,7 +4,6 @@ besides the generic ones in agent/config.py."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent.mqtt_url import ALLOWED, BrokerAddress
-from agent.units import Duration
+from agent.units import Duration, Offset, Scale
 from drivers.mqtt.topics import TopicPattern, TopicPatternError
 
 Format = Literal["number", "json", "csv", "binary"]
@@ -177,8 +176,8 @@ class MqttPointSettings(BaseModel):
     datatype: BinaryType | None = None
     endian: Literal["big", "little"] = "big"
     #: value = raw * scale + offset
-    scale: float = 1.0
-    offset: float = 0.0
+    scale: Scale = 1.0
+    offset: Offset = 0.0
     #: "reception" (when the gateway got it), a JSON path (json) or a column (csv)
     timestamp: str | int = "reception"
     timestamp_format: TimestampFormat = "auto"
@@ -217,15 +216,6 @@ class MqttPointSettings(BaseModel):
     def _check_delimiter(cls, v: str) -> str:
         if len(v) != 1 or v in '\r\n"':
             raise _problem(f"delimiter must be one character (',', ';', '\\t'...), got {v!r}")
-        return v
-
-    @field_validator("scale", "offset")
-    @classmethod
-    def _finite(cls, v: float, info: ValidationInfo) -> float:
-        if not math.isfinite(v):
-            raise _problem(f"must be a finite number, got {v}")
-        if info.field_name == "scale" and v == 0:
-            raise _problem("must not be 0 (value = raw * scale + offset)")
         return v
 
     @model_validator(mode="before")
