@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Annotated
 from urllib.parse import unquote, urlsplit
+
+from pydantic import AfterValidator
 
 ALLOWED = "use mqtt://host[:port] (default port 1883) or mqtts://host[:port] (8883)"
 
@@ -41,6 +44,30 @@ class BrokerAddress:
             password=unquote(parts.password) if parts.password else None,
             has_path=parts.path not in ("", "/") or bool(parts.query or parts.fragment),
         )
+
+
+def check_config_broker(url: str) -> str:
+    """A broker URL as a config may give it: valid, no credentials (they have their
+    own keys), no path. Raises ValueError saying what is wrong."""
+    address = BrokerAddress.parse(url)
+    if address.username or address.password:
+        raise ValueError("the broker URL must not contain credentials; use username and password")
+    if address.has_path:
+        raise ValueError(f"{url!r} is not a valid broker URL; {ALLOWED}")
+    return url
+
+
+def check_client_id(value: str) -> str:
+    if len(value) > 128 or any(c.isspace() or c in "+#/" for c in value):
+        raise ValueError(
+            f"{value!r} is not a valid client id; up to 128 characters, no spaces, +, # or /"
+        )
+    return value
+
+
+#: config field types for the uplink's and the MQTT driver's connections
+BrokerUrl = Annotated[str, AfterValidator(check_config_broker)]
+ClientId = Annotated[str, AfterValidator(check_client_id)]
 
 
 def tls_context(

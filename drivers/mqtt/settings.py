@@ -20,7 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.mqtt_url import ALLOWED, BrokerAddress
+from agent.mqtt_url import BrokerAddress, BrokerUrl, ClientId
 from agent.units import Duration, Offset, Scale
 from drivers.mqtt.topics import TopicPattern, TopicPatternError
 
@@ -77,42 +77,20 @@ class MqttDeviceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    broker: str
+    broker: BrokerUrl
     username: str | None = None
     password: SecretStr | None = None
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     #: "" -> "citygw-mqtt-<random>" (a clean session: the id need not be stable)
-    client_id: str = ""
+    client_id: ClientId = ""
     qos: Literal[0, 1, 2] = 1
     keepalive: Duration = Field(60.0, ge=5.0, le=65535.0)
     #: put in front of every point's topic: "sensors/street-7" + "air/pm25"
     topic_prefix: str = ""
     #: what a {device} capture must equal (default: the device's name)
     device_value: str | None = None
-
-    @field_validator("broker")
-    @classmethod
-    def _check_broker(cls, v: str) -> str:
-        try:
-            address = BrokerAddress.parse(v)
-        except ValueError as exc:
-            raise _problem(str(exc)) from None
-        if address.username or address.password:
-            raise _problem("the broker URL must not contain credentials; use username and password")
-        if address.has_path:
-            raise _problem(f"{v!r} is not a valid broker URL; {ALLOWED}")
-        return v
-
-    @field_validator("client_id")
-    @classmethod
-    def _check_client_id(cls, v: str) -> str:
-        if len(v) > 128 or any(c.isspace() or c in "+#/" for c in v):
-            raise _problem(
-                f"{v!r} is not a valid client id; up to 128 characters, no spaces, +, # or /"
-            )
-        return v
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
