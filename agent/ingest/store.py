@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from agent.wire import Envelope, Meta
 from native.batch import Batch
@@ -64,6 +64,27 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def points_upsert(placeholder: str) -> str:
+    """The upsert of a gateway's point registry; `placeholder` is the driver's ("?", "%s")."""
+    values = ", ".join([placeholder] * 9)
+    return (
+        "INSERT INTO points "
+        "(gateway, point_id, key, device, name, unit, driver, type, updated_ms) "
+        f"VALUES ({values}) "
+        "ON CONFLICT (gateway, point_id) DO UPDATE SET key = excluded.key, "
+        "device = excluded.device, name = excluded.name, unit = excluded.unit, "
+        "driver = excluded.driver, type = excluded.type, "
+        "updated_ms = excluded.updated_ms"
+    )
+
+
+def point_rows(gateway: str, meta: Meta, now_ms: int) -> list[tuple[Any, ...]]:
+    return [
+        (gateway, p.id, p.key, p.device, p.name, p.unit, p.driver, p.type, now_ms)
+        for p in meta.points
+    ]
 
 
 def check_batch(env: Envelope, batch: Batch) -> None:

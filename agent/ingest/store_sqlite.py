@@ -42,7 +42,7 @@ from pathlib import Path
 
 import orjson
 
-from agent.ingest.store import StoreCounts, check_batch, seq_to_db
+from agent.ingest.store import StoreCounts, check_batch, point_rows, points_upsert, seq_to_db
 from agent.wire import Envelope, Meta
 from native.batch import Batch
 
@@ -215,19 +215,7 @@ class SqliteStore:
                 "stream = excluded.stream, updated_ms = excluded.updated_ms",
                 (gateway, meta.site, location, meta.stream, now),
             )
-            cur.executemany(
-                "INSERT INTO points "
-                "(gateway, point_id, key, device, name, unit, driver, type, updated_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (gateway, point_id) DO UPDATE SET key = excluded.key, "
-                "device = excluded.device, name = excluded.name, unit = excluded.unit, "
-                "driver = excluded.driver, type = excluded.type, "
-                "updated_ms = excluded.updated_ms",
-                [
-                    (gateway, p.id, p.key, p.device, p.name, p.unit, p.driver, p.type, now)
-                    for p in meta.points
-                ],
-            )
+            cur.executemany(points_upsert("?"), point_rows(gateway, meta, now))
 
     # -- reads ----------------------------------------------------------------------------
 
