@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from agent.units import Duration, Offset, Scale
@@ -63,6 +71,11 @@ def normalize_uuid(value: str) -> str:
     raise ValueError(f"{value!r} is not a UUID (e.g. 'fcd2' or '0000fcd2-0000-1000-8000-...')")
 
 
+#: validated and normalised on load: "aa:bb:..." -> "AA:BB:...", "fcd2" -> the full UUID
+MacAddress = Annotated[str, AfterValidator(normalize_address)]
+Uuid = Annotated[str, AfterValidator(normalize_uuid)]
+
+
 class GenericFieldSettings(BaseModel):
     """One value in a generic advert payload."""
 
@@ -84,19 +97,9 @@ class GenericLayoutSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     company_id: int | None = Field(None, ge=0, le=0xFFFF)
-    service_uuid: str | None = None
+    service_uuid: Uuid | None = None
     fields: list[GenericFieldSettings] = Field(min_length=1)
     min_length: int = Field(0, ge=0, le=255)
-
-    @field_validator("service_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            return normalize_uuid(v)
-        except ValueError as exc:
-            raise _problem(str(exc)) from None
 
     @model_validator(mode="after")
     def _one_source(self) -> GenericLayoutSettings:
@@ -123,9 +126,9 @@ class BleDeviceSettings(BaseModel):
     max_connections: int = Field(2, ge=1, le=10)
 
     # -- which adverts belong to this device (all given keys must match)
-    address: str | None = None
+    address: MacAddress | None = None
     name_pattern: str | None = None
-    service_uuid: str | None = None
+    service_uuid: Uuid | None = None
 
     # -- how to decode them
     format: Format = "auto"
@@ -139,26 +142,6 @@ class BleDeviceSettings(BaseModel):
     mode: Literal["advert", "gatt"] = "advert"
     #: GATT: seconds to find and connect to the device
     connect_timeout: Duration = Field(20.0, gt=0.0, le=300.0)
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            return normalize_address(v)
-        except ValueError as exc:
-            raise _problem(str(exc)) from None
-
-    @field_validator("service_uuid")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            return normalize_uuid(v)
-        except ValueError as exc:
-            raise _problem(str(exc)) from None
 
     @field_validator("name_pattern", "adapter", "replay_file")
     @classmethod
@@ -204,7 +187,7 @@ class BlePointSettings(BaseModel):
     #: the decoder's measurement name ("temperature", "humidity_2", "rssi", ...)
     measurement: str | None = None
     #: GATT: the characteristic's UUID
-    characteristic: str | None = None
+    characteristic: Uuid | None = None
     datatype: GattType = "u16"
     endian: Endian = "little"
     #: GATT: subscribe to notifications instead of reading every `poll`
@@ -212,16 +195,6 @@ class BlePointSettings(BaseModel):
     #: value = raw * scale + offset
     scale: Scale = 1.0
     offset: Offset = 0.0
-
-    @field_validator("characteristic")
-    @classmethod
-    def _uuid(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:
-            return normalize_uuid(v)
-        except ValueError as exc:
-            raise _problem(str(exc)) from None
 
     @model_validator(mode="after")
     def _one_kind(self) -> BlePointSettings:
