@@ -98,6 +98,18 @@ class Batch:
         return zip(self.point_ids, self.timestamps, self.values, self.quality, strict=True)
 
     @classmethod
+    def at(cls, timestamp_ms: int, point_ids: Iterable[int], values: Iterable[float]) -> Batch:
+        """Good readings of several points taken at one moment (one poll, one response)."""
+        ids = array(ID_TYPECODE, point_ids)
+        n = len(ids)
+        return cls(
+            ids,
+            array(TS_TYPECODE, [timestamp_ms]) * n,
+            array(VALUE_TYPECODE, values),
+            array(QUALITY_TYPECODE, bytes(n)),
+        )
+
+    @classmethod
     def concat(cls, batches: Iterable[Batch]) -> Batch:
         out = cls()
         for b in batches:

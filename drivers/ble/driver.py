@@ -24,7 +24,6 @@ import asyncio
 import fnmatch
 import logging
 import time
-from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from drivers.ble.settings import (
     resolve_replay_file,
 )
 from drivers.ble.source import AdvertSource, BleakSource, ReplaySource
-from native.batch import ID_TYPECODE, QUALITY_TYPECODE, TS_TYPECODE, VALUE_TYPECODE, Batch
+from native.batch import Batch
 
 log = logging.getLogger("citygw.drivers.ble")
 
@@ -376,12 +375,6 @@ class BleDriver(Driver):
         if not len(batch):
             health.success(0)
             return
-        batch = Batch(
-            array(ID_TYPECODE, batch.point_ids),
-            array(TS_TYPECODE, batch.timestamps),
-            array(VALUE_TYPECODE, batch.values),
-            array(QUALITY_TYPECODE, batch.quality),
-        )
         if sink.push(batch):
             health.success(len(batch))
         else:

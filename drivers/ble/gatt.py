@@ -15,7 +15,6 @@ import contextlib
 import logging
 import struct
 import time
-from array import array
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -23,7 +22,7 @@ from agent.logs import Throttle
 from drivers.base import BatchSink, DeviceHealth, DeviceSpec, PointSpec
 from drivers.ble.settings import BleDeviceSettings, BlePointSettings
 from drivers.schedule import FixedRate, phase_for
-from native.batch import ID_TYPECODE, QUALITY_TYPECODE, TS_TYPECODE, VALUE_TYPECODE, Batch
+from native.batch import Batch
 
 log = logging.getLogger("citygw.drivers.ble")
 
@@ -219,12 +218,7 @@ class GattPoller:
     def _push(self, values: Sequence[tuple[int, float]]) -> None:
         ts = time.time_ns() // 1_000_000
         n = len(values)
-        batch = Batch(
-            array(ID_TYPECODE, [i for i, _ in values]),
-            array(TS_TYPECODE, [ts]) * n,
-            array(VALUE_TYPECODE, [v for _, v in values]),
-            array(QUALITY_TYPECODE, bytes(n)),
-        )
+        batch = Batch.at(ts, [i for i, _ in values], [v for _, v in values])
         self.last_heard = time.monotonic()
         if self.sink.push(batch):
             self.health.success(n)

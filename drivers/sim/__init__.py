@@ -21,7 +21,7 @@ from decimal import Decimal
 from drivers.base import BatchSink, DeviceSpec, Driver, PointSpec
 from drivers.schedule import FixedRate, phase_for
 from drivers.sim.settings import SimDeviceSettings, SimPointSettings
-from native.batch import ID_TYPECODE, QUALITY_TYPECODE, TS_TYPECODE, VALUE_TYPECODE, Batch
+from native.batch import ID_TYPECODE, Batch
 
 log = logging.getLogger("citygw.drivers.sim")
 
@@ -126,7 +126,6 @@ class SimDriver(Driver):
         rng = random.Random(f"{settings.seed}:{device.name}")
         t0 = time.time()
         ids = array(ID_TYPECODE, [p.id for p in device.points])
-        n = len(ids)
         waves = []
         for p in device.points:
             assert isinstance(p.settings, SimPointSettings)
@@ -143,12 +142,7 @@ class SimDriver(Driver):
                 continue
             now_ns = time.time_ns()
             t = now_ns / 1e9
-            batch = Batch(
-                array(ID_TYPECODE, ids),
-                array(TS_TYPECODE, [now_ns // 1_000_000]) * n,
-                array(VALUE_TYPECODE, [w.sample(t) for w in waves]),
-                array(QUALITY_TYPECODE, bytes(n)),
-            )
+            batch = Batch.at(now_ns // 1_000_000, ids, [w.sample(t) for w in waves])
             if sink.push(batch):
                 health.success(len(batch))
             else:
