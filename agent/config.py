@@ -429,7 +429,8 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     context = {"base_dir": base_dir if base_dir is not None else Path.cwd()}
 
     # drivers fill in what a device references (e.g. a Modbus profile's points)
-    _expand_devices(raw, issues, context["base_dir"])
+    drivers = _Drivers()
+    _expand_devices(raw, drivers, issues, context["base_dir"])
 
     # phase 1: the generic models
     config: Config | None = None
@@ -443,8 +444,8 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     _check_unique_names(raw, issues)
 
     # phase 2: the driver-specific keys
-    settings = _validate_driver_settings(raw, issues, context)
-    _check_devices(raw, settings, issues)
+    settings = _validate_driver_settings(raw, drivers, issues, context)
+    _check_devices(raw, drivers, settings, issues)
 
     if issues.items:
         raise ConfigError(issues.sorted(raw))
@@ -542,22 +543,43 @@ def _check_unique_names(raw: dict[str, Any], issues: _Issues) -> None:
 _DeviceSettings = tuple[BaseModel | None, list[BaseModel | None]]
 
 
-def _known_driver(dev: Any) -> type[Driver] | None:
-    """The driver class of a raw device table, or None (reported by phase 2)."""
-    if not isinstance(dev, dict) or not isinstance(dev.get("driver"), str):
-        return None
-    try:
-        return registry.load_driver(dev["driver"])
-    except (registry.DriverNotFound, registry.DriverLoadError):
-        return None
+class _Drivers:
+    """The drivers a file names, each loaded once per parse (an entry-point lookup costs
+    milliseconds, and every device is looked at in three phases)."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, type[Driver] | registry.DriverNotFound | ImportError] = {}
+
+    def load(self, name: str) -> type[Driver]:
+        """Raises DriverNotFound or DriverLoadError, as registry.load_driver does."""
+        if name not in self._found:
+            try:
+                self._found[name] = registry.load_driver(name)
+            except (registry.DriverNotFound, registry.DriverLoadError) as exc:
+                self._found[name] = exc
+        found = self._found[name]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def of(self, dev: Any) -> type[Driver] | None:
+        """The driver class of a raw device table, or None (reported by phase 2)."""
+        if not isinstance(dev, dict) or not isinstance(dev.get("driver"), str):
+            return None
+        try:
+            return self.load(dev["driver"])
+        except (registry.DriverNotFound, registry.DriverLoadError):
+            return None
 
 
-def _expand_devices(raw: dict[str, Any], issues: _Issues, base_dir: Path) -> None:
+def _expand_devices(
+    raw: dict[str, Any], drivers: _Drivers, issues: _Issues, base_dir: Path
+) -> None:
     devices = raw.get("devices")
     if not isinstance(devices, list):
         return
     for i, dev in enumerate(devices):
-        driver = _known_driver(dev)
+        driver = drivers.of(dev)
         if driver is None:
             continue
         try:
@@ -567,11 +589,11 @@ def _expand_devices(raw: dict[str, Any], issues: _Issues, base_dir: Path) -> Non
 
 
 def _check_devices(
-    raw: dict[str, Any], settings: dict[int, _DeviceSettings], issues: _Issues
+    raw: dict[str, Any], drivers: _Drivers, settings: dict[int, _DeviceSettings], issues: _Issues
 ) -> None:
     """Each driver's cross-point checks, on devices whose settings all validated."""
     for i, (device_settings, point_settings) in settings.items():
-        driver = _known_driver(raw["devices"][i])
+        driver = drivers.of(raw["devices"][i])
         if driver is None or device_settings is None or None in point_settings:
             continue
         points = [p for p in point_settings if p is not None]
@@ -581,7 +603,7 @@ def _check_devices(
 
 
 def _validate_driver_settings(
-    raw: dict[str, Any], issues: _Issues, context: dict[str, Any]
+    raw: dict[str, Any], drivers: _Drivers, issues: _Issues, context: dict[str, Any]
 ) -> dict[int, _DeviceSettings]:
     """Phase 2: each device's and point's extra keys against its driver's models."""
     out: dict[int, _DeviceSettings] = {}
@@ -593,7 +615,7 @@ def _validate_driver_settings(
             continue  # reported by phase 1
         name = dev["driver"]
         try:
-            driver = registry.load_driver(name)
+            driver = drivers.load(name)
         except registry.DriverNotFound as exc:
             installed = ", ".join(exc.installed) if exc.installed else "none"
             issues.add(("devices", i, "driver"), f"unknown driver {name!r}; installed: {installed}")
