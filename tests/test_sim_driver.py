@@ -225,6 +225,14 @@ def test_driver_pushes_one_batch_per_poll_with_one_timestamp() -> None:
     assert h.last_success_ms is not None and before_ms <= h.last_success_ms <= after_ms
 
 
+def test_polls_faster_than_a_millisecond_still_get_distinct_timestamps() -> None:
+    driver = SimDriver([device("fast", (point(1, "x"),), poll_s=0.0002)])
+    sink = Sink()
+    asyncio.run(run_driver_until(driver, sink, lambda: len(sink.batches) >= 50))
+    stamps = [b.timestamps[0] for b in sink.batches]
+    assert all(b > a for a, b in itertools.pairwise(stamps)), stamps
+
+
 def test_failing_device_records_failures_and_pushes_nothing() -> None:
     dead = device("dead", (point(1, base=1.0),), fail_probability=1.0)
     alive = device("alive", (point(2, base=2.0),), seed=3)

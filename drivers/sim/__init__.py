@@ -133,6 +133,7 @@ class SimDriver(Driver):
             self._waves[p.id] = waves[-1]
         health = self._health[device.name]
         schedule = FixedRate(device.poll_s, phase_for(device.name, device.poll_s))
+        last_ms = 0
         while True:
             health.skipped_polls += await schedule.wait()
             if settings.latency:
@@ -140,9 +141,10 @@ class SimDriver(Driver):
             if settings.fail_probability and rng.random() < settings.fail_probability:
                 health.failure("simulated timeout: device did not answer")
                 continue
-            now_ns = time.time_ns()
-            t = now_ns / 1e9
-            batch = Batch.at(now_ns // 1_000_000, ids, [w.sample(t) for w in waves])
+            # A late tick followed by an on-time one can land in the same millisecond;
+            # a simulated device, like a real one, never reports two readings at one time.
+            last_ms = max(time.time_ns() // 1_000_000, last_ms + 1)
+            batch = Batch.at(last_ms, ids, [w.sample(last_ms / 1e3) for w in waves])
             if sink.push(batch):
                 health.success(len(batch))
             else:
