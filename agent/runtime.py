@@ -31,7 +31,8 @@ from drivers.base import DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
 from native import codec
 from native.batch import Batch
-from native.pipeline import Pipeline, RangeStage, StageSpec
+from native.pipeline import Pipeline
+from native.stages import RangeStage, StageSpec
 
 log = logging.getLogger("citygw.agent")
 T = TypeVar("T")

@@ -1,110 +1,97 @@
 """The per-point pipeline: an ordered list of stages per point, run over whole batches.
 
-Stages are compiled into lookup tables indexed by point id, so a batch goes through each
-kernel in one columnar pass with no Python object per reading. Depth k of the pipeline
-holds the k-th stage of every point; points are independent, so running depth by depth
-keeps each point's own stage order. Later stages (Hampel, deadband, SDT, aggregates,
-alarm rules) become more stage specs with their own tables at each depth.
+Depth k of the pipeline holds the k-th stage of every point, grouped into one table per
+stage type (native/table.py); points are independent, so running depth by depth, table by
+table, keeps each point's own stage order while every kernel makes one columnar pass over
+the batch. Alarm rules are stages too: they pass readings on and emit AlarmEvents.
 """
 
 from __future__ import annotations
 
-import math
-from array import array
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import import_module
 
-from native import impl
+from native import stages as st
 from native.batch import Batch
-from native.kernels_py import ACTION_DROP, ACTION_FLAG, ACTION_NONE
+from native.range_table import RangeTable
+from native.table import PipelineCounts, StageTable
 
 MAX_POINT_ID = 999_999  # ids are small ints; tables are sized max id + 1
 
-
-@dataclass(frozen=True, slots=True)
-class RangeStage:
-    """Physical limits of a point. Out of range (or NaN): ``flag`` sets quality BAD and
-    keeps the reading, ``drop`` removes it. ``None`` means no limit on that side."""
-
-    min: float | None = None
-    max: float | None = None
-    action: Literal["flag", "drop"] = "flag"
-
-    def __post_init__(self) -> None:
-        if self.action not in ("flag", "drop"):
-            raise ValueError(f"range stage action must be 'flag' or 'drop', not {self.action!r}")
-        for name, bound in (("min", self.min), ("max", self.max)):
-            if bound is not None and math.isnan(bound):
-                raise ValueError(f"range stage {name} is NaN")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"range stage min {self.min} is above max {self.max}")
+# spec type -> "module:TableClass" of the table that runs it
+_TABLES: dict[type, str] = {
+    st.RangeStage: "native.range_table:RangeTable",
+    st.HampelStage: "native.filters:HampelTable",
+    st.MedianStage: "native.filters:MedianTable",
+    st.DeadbandStage: "native.filters:DeadbandTable",
+    st.SdtStage: "native.filters:SdtTable",
+    st.RateLimitStage: "native.filters:RateLimitTable",
+    st.EmaStage: "native.filters:EmaTable",
+    st.AggregateStage: "native.aggregate:AggregateTable",
+    st.ThresholdRule: "native.alarms:AlarmTable",
+    st.RateRule: "native.alarms:AlarmTable",
+    st.StaleRule: "native.alarms:AlarmTable",
+    st.FlatlineRule: "native.alarms:AlarmTable",
+    st.BadQualityRule: "native.alarms:AlarmTable",
+}
 
 
-# The union grows as stages are added.
-StageSpec: TypeAlias = RangeStage
-
-
-@dataclass(frozen=True, slots=True)
-class PipelineCounts:
-    flagged: int = 0  # readings marked BAD by a stage
-    dropped: int = 0  # readings removed by a stage
-
-
-class _RangeTable:
-    """lo/hi/action by point id for the range stages at one depth of the pipeline."""
-
-    __slots__ = ("action", "hi", "lo")
-
-    def __init__(self, stages: Mapping[int, RangeStage]) -> None:
-        size = max(stages) + 1
-        self.lo = array("d", [-math.inf]) * size
-        self.hi = array("d", [math.inf]) * size
-        self.action = array("B", [ACTION_NONE]) * size
-        for pid, stage in stages.items():
-            if stage.min is not None:
-                self.lo[pid] = stage.min
-            if stage.max is not None:
-                self.hi[pid] = stage.max
-            self.action[pid] = ACTION_DROP if stage.action == "drop" else ACTION_FLAG
-
-    def apply(self, batch: Batch) -> tuple[int, int]:
-        kept, flagged, dropped = impl.range_check(
-            batch.point_ids,
-            batch.timestamps,
-            batch.values,
-            batch.quality,
-            self.lo,
-            self.hi,
-            self.action,
-        )
-        if dropped:
-            # the kernel compacted the kept readings to the front of each column
-            for col in (batch.point_ids, batch.timestamps, batch.values, batch.quality):
-                del col[kept:]
-        return flagged, dropped
+def table_class(spec: object) -> type[StageTable[object]]:
+    path = _TABLES.get(type(spec))
+    if path is None:
+        raise TypeError(f"unknown stage {spec!r}")
+    module, name = path.split(":")
+    cls: type[StageTable[object]] = getattr(import_module(module), name)
+    return cls
 
 
 class Pipeline:
     """Runs each point's stages over batches. Points without stages pass through."""
 
-    def __init__(self, stages_by_point: Mapping[int, Sequence[StageSpec]]) -> None:
-        depth = max((len(s) for s in stages_by_point.values()), default=0)
-        by_depth: list[dict[int, RangeStage]] = [{} for _ in range(depth)]
+    def __init__(self, stages_by_point: Mapping[int, Sequence[st.StageSpec]]) -> None:
+        # (depth, table class) -> {pid: spec}, in first-seen order
+        groups: dict[tuple[int, type[StageTable[object]]], dict[int, object]] = {}
         for pid, stages in stages_by_point.items():
             if not 0 <= pid <= MAX_POINT_ID:
                 raise ValueError(f"point id {pid} outside 0..{MAX_POINT_ID}")
-            for k, stage in enumerate(stages):
-                if not isinstance(stage, RangeStage):
-                    raise TypeError(f"point {pid}: unknown stage {stage!r}")
-                by_depth[k][pid] = stage
-        self._tables = [_RangeTable(stages) for stages in by_depth]
+            for depth, spec in enumerate(stages):
+                groups.setdefault((depth, table_class(spec)), {})[pid] = spec
+        self.tables: list[tuple[str, StageTable[object]]] = [
+            (f"{depth}:{cls.kind}", cls(specs))
+            for (depth, cls), specs in sorted(groups.items(), key=lambda kv: kv[0][0])
+        ]
+        self.timed = any(t.timed for _, t in self.tables)
 
-    def process(self, batch: Batch) -> tuple[Batch, PipelineCounts]:
-        """Filters ``batch`` in place (its arrays are modified) and returns it with counts."""
-        flagged = dropped = 0
-        for table in self._tables:
-            f, d = table.apply(batch)
-            flagged += f
-            dropped += d
-        return batch, PipelineCounts(flagged, dropped)
+    def process(self, batch: Batch, now_ms: int = 0) -> tuple[Batch, PipelineCounts]:
+        """Runs ``batch`` through every table (its arrays may be modified) and returns
+        the result with what the stages did. ``now_ms``: the wall clock, for timed
+        stages (aggregate windows, stale alarms)."""
+        counts = PipelineCounts()
+        for _, table in self.tables:
+            batch = table.run(batch, now_ms, counts)
+        return batch, counts
+
+    def save_state(self, pids: Iterable[int] | None = None) -> dict[str, bytes]:
+        """The state worth keeping across a restart, as ``{"<depth>:<kind>:<pid>": blob}``:
+        of the points in ``pids`` (the ones a run touched; timed tables: all points)."""
+        wanted = None if pids is None else frozenset(pids)
+        out: dict[str, bytes] = {}
+        for key, table in self.tables:
+            if not table.persistent:
+                continue
+            for pid, blob in table.save_state(None if table.timed else wanted).items():
+                out[f"{key}:{pid}"] = blob
+        return out
+
+    def load_state(self, saved: Mapping[str, bytes]) -> int:
+        """Restores what ``save_state`` produced, where the config still matches;
+        returns how many (point, stage) states resumed."""
+        by_table: dict[str, dict[int, bytes]] = {}
+        for k, blob in saved.items():
+            key, _, pid = k.rpartition(":")
+            if pid.isdigit():
+                by_table.setdefault(key, {})[int(pid)] = blob
+        return sum(table.load_state(by_table.get(key, {})) for key, table in self.tables)
+
+
+__all__ = ["MAX_POINT_ID", "Pipeline", "PipelineCounts", "RangeTable", "table_class"]

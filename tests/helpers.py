@@ -16,22 +16,23 @@ import pytest
 
 from agent.config import ConfigError, load_config
 from drivers.base import BatchSink, Driver
-from native import impl, kernels_py
+from native import impl
 
 IMPLEMENTATIONS = ["cython", "python"]
 
 
-def load_kernels(name: str) -> ModuleType:
-    """The kernel module by name. A missing extension fails, unless twins are forced."""
+def load_kernels(name: str, module: str = "kernels") -> ModuleType:
+    """The kernel module pair ``module`` (see native.impl.MODULES) in implementation
+    ``name`` ("cython" or "python"). A missing extension fails, unless twins are forced."""
     if name == "python":
-        return kernels_py
+        return importlib.import_module(f"native.{module}_py")
     if impl.pure_python_forced():
         pytest.skip("CITYGW_PURE_PYTHON is set: compiled kernels not under test")
     try:
-        return importlib.import_module("native._kernels")
+        return importlib.import_module(f"native._{module}")
     except ImportError as exc:
         pytest.fail(
-            f"native._kernels is not built ({exc}): run `python setup.py build_ext --inplace`, "
+            f"native._{module} is not built ({exc}): run `python setup.py build_ext --inplace`, "
             "or set CITYGW_PURE_PYTHON=1 to test only the pure-Python twins"
         )
 

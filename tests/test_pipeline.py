@@ -11,7 +11,9 @@ import pytest
 
 from native import impl, kernels_py
 from native.batch import BAD, GOOD, UNCERTAIN, Batch
-from native.pipeline import Pipeline, PipelineCounts, RangeStage
+from native.pipeline import Pipeline
+from native.stages import RangeStage
+from native.table import PipelineCounts
 from tests.helpers import load_kernels
 
 NONE, FLAG, DROP = kernels_py.ACTION_NONE, kernels_py.ACTION_FLAG, kernels_py.ACTION_DROP
