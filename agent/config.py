@@ -42,9 +42,14 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails
 
+from agent.config_common import AT_KEY as _AT_KEY
+from agent.config_common import Section as _Section
+from agent.config_common import at as _at
+from agent.config_common import fail as _fail
 from agent.mqtt_url import BrokerUrl, ClientId
+from agent.stage_config import STAGE_MODELS, STAGE_TYPES, PipelineStage, check_pipeline
 from agent.units import Duration, Size, parse_duration, parse_size
 from drivers import registry
 from drivers.base import DeviceConfigProblem, Driver
@@ -59,7 +64,6 @@ __all__ = [
     "Location",
     "PipelineStage",
     "PointConfig",
-    "RangeStageConfig",
     "UplinkConfig",
     "load_config",
     "parse_config",
@@ -73,8 +77,6 @@ _ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: keys whose values are never shown in a message
 _SECRET_KEYS = frozenset({"password", "secret", "token", "api_key", "psk"})
-#: custom error type whose ctx may name the key the problem is about
-_AT_KEY = "citygw_at_key"
 
 
 # -- issues ------------------------------------------------------------------------
@@ -116,15 +118,6 @@ def key_path(loc: Iterable[str | int]) -> str:
     return out
 
 
-def _at(key: str, message: str) -> PydanticCustomError:
-    """An error from a model validator that belongs to one of the model's keys."""
-    return PydanticCustomError(_AT_KEY, "{message}", {"key": key, "message": message})
-
-
-def _fail(message: str) -> PydanticCustomError:
-    return PydanticCustomError(_AT_KEY, "{message}", {"key": "", "message": message})
-
-
 # -- shared field checks -------------------------------------------------------------
 
 
@@ -149,10 +142,6 @@ def _existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
 
 
 # -- sections ------------------------------------------------------------------------
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Location(_Section):
@@ -238,41 +227,6 @@ class BufferConfig(_Section):
         return _resolve_path(v, info)
 
 
-# -- pipeline stages: one model per stage type, joined in PipelineStage ----------------
-
-
-class RangeStageConfig(_Section):
-    """Readings outside [min, max] are flagged (quality bad) or dropped."""
-
-    type: Literal["range"]
-    min: float | None = None
-    max: float | None = None
-    action: Literal["flag", "drop"] = "flag"
-
-    @field_validator("min", "max")
-    @classmethod
-    def _not_nan(cls, v: float | None) -> float | None:
-        if v is not None and v != v:
-            raise _fail("must be a number, got nan")
-        return v
-
-    @model_validator(mode="after")
-    def _check_bounds(self) -> RangeStageConfig:
-        if self.min is None and self.max is None:
-            raise _fail("a range stage needs min, max or both")
-        if self.min is not None and self.max is not None and not self.min < self.max:
-            raise _at("min", f"must be less than max ({self.max:g}), got {self.min:g}")
-        return self
-
-
-# To add a stage type: write its model (with ``type: Literal["<name>"]``) and add it here.
-PipelineStage = Annotated[Union[RangeStageConfig], Field(discriminator="type")]  # noqa: UP007
-_STAGE_MODELS: tuple[type[BaseModel], ...] = (RangeStageConfig,)
-STAGE_TYPES: dict[str, type[BaseModel]] = {
-    get_args(m.model_fields["type"].annotation)[0]: m for m in _STAGE_MODELS
-}
-
-
 # -- devices and points ----------------------------------------------------------------
 
 
@@ -304,6 +258,7 @@ class PointConfig(BaseModel):
     def _check_range(self) -> PointConfig:
         if self.min is not None and self.max is not None and not self.min < self.max:
             raise _at("max", f"must be greater than min ({self.min:g}), got {self.max:g}")
+        check_pipeline(self.pipeline, self.min, self.max)
         return self
 
     @field_validator("name")
@@ -682,9 +637,9 @@ def _unwrap(tp: Any) -> Any:
 
 
 def _is_stage(tp: Any) -> bool:
-    if tp in _STAGE_MODELS:
+    if tp in STAGE_MODELS:
         return True
-    return get_origin(tp) is Union and all(a in _STAGE_MODELS for a in get_args(tp))
+    return get_origin(tp) is Union and all(a in STAGE_MODELS for a in get_args(tp))
 
 
 def _walk(root: type[BaseModel], loc: Loc) -> tuple[Loc, type[BaseModel] | None, FieldInfo | None]:

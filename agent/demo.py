@@ -226,6 +226,74 @@ _BLOCK: list[tuple[str, int, str, list[tuple[str, str, str, tuple[float, float]]
 ]
 
 
+# what each kind of point does on the gateway, after its range check: spike filters,
+# compression (deadband, swinging door), aggregates, and the alarm rules of a street block
+_STAGES: dict[tuple[str, str], str] = {
+    ("bridge", "strain"): (
+        '{ type = "hampel", window = 7, threshold = 3.0 }, '
+        '{ type = "threshold", id = "overstrain", above = 600.0, hysteresis = 50.0, '
+        'for = "3s", severity = "critical" }, '
+        '{ type = "sdt", deviation = 3.0, max_interval = "1m" }'
+    ),
+    ("bridge", "temperature"): ('{ type = "deadband", band = 0.1, heartbeat = "5m" }'),
+    ("manhole", "tilt"): (
+        '{ type = "threshold", id = "cover-tilted", above = 5.0, hysteresis = 1.0, '
+        'severity = "critical" }, '
+        '{ type = "deadband", band = 0.3, heartbeat = "5m" }'
+    ),
+    ("manhole", "cover_open"): (
+        '{ type = "threshold", id = "cover-open", above = 0.5, severity = "critical" }, '
+        '{ type = "deadband", band = 0.5, heartbeat = "1m" }'
+    ),
+    ("manhole", "water_cm"): ('{ type = "sdt", deviation = 0.5, max_interval = "5m" }'),
+    ("manhole", "battery"): (
+        '{ type = "threshold", id = "battery-low", below = 3.65, hysteresis = 0.05, for = "2s" }, '
+        '{ type = "deadband", band = 0.01, heartbeat = "10m" }'
+    ),
+    ("river-gauge", "level"): (
+        '{ type = "threshold", id = "flood", above = 4.0, for = "30s", severity = "critical" }, '
+        '{ type = "flatline", id = "gauge-stuck", for = "30m" }, '
+        '{ type = "sdt", deviation = 0.005, max_interval = "10m" }'
+    ),
+    ("river-gauge", "flow"): (
+        '{ type = "ema", alpha = 0.5 }, { type = "sdt", deviation = 0.2, max_interval = "10m" }'
+    ),
+    ("river-gauge", "water_temp"): ('{ type = "deadband", band = 0.05, heartbeat = "10m" }'),
+    ("air", "pm2_5"): (
+        '{ type = "hampel", window = 5, threshold = 3.5 }, '
+        '{ type = "threshold", id = "pm25-high", above = 55.0, hysteresis = 5.0, for = "1m" }, '
+        '{ type = "deadband", band = 0.5, heartbeat = "5m" }'
+    ),
+    ("air", "pm10"): (
+        '{ type = "median", window = 3 }, { type = "deadband", band = 1.0, heartbeat = "5m" }'
+    ),
+    ("air", "no2"): ('{ type = "deadband", band = 1.0, heartbeat = "5m" }'),
+    ("air", "o3"): ('{ type = "deadband", band = 1.0, heartbeat = "5m" }'),
+    ("air", "co2"): (
+        '{ type = "ratelimit", max_rate = 20.0 }, '
+        '{ type = "deadband", band = 5.0, heartbeat = "5m" }'
+    ),
+    ("air", "temperature"): ('{ type = "deadband", band = 0.1, heartbeat = "5m" }'),
+    ("air", "humidity"): ('{ type = "deadband", band = 0.5, heartbeat = "5m" }'),
+    ("noise", "laeq_1s"): (
+        '{ type = "threshold", id = "loud", above = 85.0, for = "5s" }, '
+        '{ type = "aggregate", window = "10s", functions = ["laeq", "min", "max"] }'
+    ),
+    ("noise", "lafmax_1s"): ('{ type = "aggregate", window = "10s", functions = ["max"] }'),
+    ("streetlight", "power"): (
+        '{ type = "bad_quality", id = "meter-fault", count = 3 }, '
+        '{ type = "deadband", band = 2.0, heartbeat = "1m" }'
+    ),
+    ("streetlight", "voltage"): ('{ type = "deadband", band = 1.0, heartbeat = "5m" }'),
+    ("streetlight", "current"): ('{ type = "deadband", band = 0.01, heartbeat = "5m" }'),
+    ("streetlight", "lamp_on"): ('{ type = "deadband", band = 0.5, heartbeat = "5m" }'),
+    ("streetlight", "burn_hours"): ('{ type = "deadband", band = 0.5, heartbeat = "10m" }'),
+    ("streetlight", "dimming"): ('{ type = "deadband", band = 0.5, heartbeat = "5m" }'),
+    ("streetlight", "temperature"): ('{ type = "deadband", band = 0.2, heartbeat = "5m" }'),
+    ("streetlight", "ambient_lux"): ('{ type = "sdt", deviation = 10.0, max_interval = "5m" }'),
+}
+
+
 #: the pump station on Modbus TCP: a serial server with two units behind it
 MODBUS_UNITS = {1: "sdm120", 2: "adam4017-level"}
 
@@ -312,9 +380,13 @@ def demo_config_text(
                 f'poll = "{poll}"\nseed = {seed}\n'
             )
             for name, unit, wave, (lo, hi) in points:
+                more = _STAGES.get((kind, name)) or _STAGES.get((kind, name.rsplit("_", 1)[0]))
+                stages = f'{{ type = "range", min = {lo}, max = {hi}, action = "flag" }}'
+                if more:
+                    stages += ",\n  " + more.replace("}, {", "},\n  {")
                 out.append(
                     f'[[devices.points]]\nname = "{name}"\nunit = "{unit}"\n{wave}\n'
-                    f'pipeline = [{{ type = "range", min = {lo}, max = {hi}, action = "flag" }}]\n'
+                    f"pipeline = [\n  {stages},\n]\n"
                 )
     if modbus_port is not None:
         for unit_id, profile in MODBUS_UNITS.items():

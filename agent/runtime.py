@@ -21,10 +21,12 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, TypeVar
 
+import native
 from agent import wire
 from agent.commands import CommandRefused, parse_command, response
-from agent.config import Config, RangeStageConfig
+from agent.config import Config
 from agent.logs import Throttle
+from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
 from drivers.base import DeviceSpec, Driver, PointSpec
@@ -32,7 +34,8 @@ from drivers.registry import load_driver
 from native import codec
 from native.batch import Batch
 from native.pipeline import Pipeline
-from native.stages import RangeStage, StageSpec
+from native.stages import AlarmEvent
+from native.table import PipelineCounts
 
 log = logging.getLogger("citygw.agent")
 T = TypeVar("T")
@@ -46,8 +49,15 @@ class Counters:
     read: int = 0  # readings pushed by drivers and accepted
     refused: int = 0  # readings refused by the full memory queue (back-pressure)
     flagged: int = 0  # readings marked bad by the pipeline
-    dropped: int = 0  # readings removed by the pipeline
-    sent: int = 0  # readings the pipeline passed into the buffer
+    dropped: int = 0  # readings removed by the pipeline as invalid, or lost (see flush)
+    replaced: int = 0  # spikes replaced by their window's median
+    clamped: int = 0  # readings moved to their rate limit
+    suppressed: int = 0  # readings held back as redundant (deadband, sdt, aggregates)
+    windows: int = 0  # aggregate windows closed
+    late: int = 0  # readings too late for their aggregate window
+    alarms_raised: int = 0
+    alarms_cleared: int = 0
+    sent: int = 0  # readings the pipeline passed into the buffer (aggregates included)
     encoded_bytes: int = 0  # codec payload bytes appended to the buffer
     flushes: int = 0
 
@@ -99,19 +109,41 @@ class MemoryQueue:
 
 
 def point_meta(config: Config) -> list[dict[str, Any]]:
-    """Registry entries for every configured point (the platform gets these in up/meta)."""
-    return [
+    """Registry entries for every configured point and every aggregate series made of
+    one (``<device>/<point>:<function>``); the platform gets these in up/meta."""
+    out: list[dict[str, Any]] = []
+    for d in config.devices:
+        for p in d.points:
+            key = f"{d.name}/{p.name}"
+            base = {"device": d.name, "driver": d.driver}
+            out.append({"key": key, "name": p.name, "unit": p.unit, "type": p.type, **base})
+            for f in aggregate_functions(p.pipeline):
+                unit = "" if f == "count" else p.unit
+                name = f"{p.name}:{f}"
+                out.append(
+                    {
+                        "key": aggregate_key(key, f),
+                        "name": name,
+                        "unit": unit,
+                        "type": "float",
+                        **base,
+                    }
+                )
+    return out
+
+
+def build_pipeline(config: Config, ids: dict[str, int]) -> Pipeline:
+    """The pipeline of the enabled devices' points; `ids` as from `point_meta`'s keys."""
+    return Pipeline(
         {
-            "key": f"{d.name}/{p.name}",
-            "device": d.name,
-            "name": p.name,
-            "unit": p.unit,
-            "driver": d.driver,
-            "type": p.type,
+            ids[key]: stage_specs(p.pipeline, PointContext(key, p.min, p.max, ids))
+            for d in config.devices
+            if d.enabled
+            for p in d.points
+            if p.pipeline
+            for key in (f"{d.name}/{p.name}",)
         }
-        for d in config.devices
-        for p in d.points
-    ]
+    )
 
 
 def device_specs(config: Config, ids: dict[str, int]) -> dict[str, list[DeviceSpec]]:
@@ -141,10 +173,6 @@ def device_specs(config: Config, ids: dict[str, int]) -> dict[str, list[DeviceSp
     return by_driver
 
 
-def _stage(stage: RangeStageConfig) -> StageSpec:
-    return RangeStage(min=stage.min, max=stage.max, action=stage.action)
-
-
 class Agent:
     def __init__(
         self,
@@ -168,6 +196,11 @@ class Agent:
         self.uplink: Uplink | None = None
         self.points: dict[str, PointSpec] = {}  # "device/point" -> spec, enabled devices only
         self._driver_of: dict[str, Driver] = {}
+        self._key_of: dict[int, str] = {}  # point id -> key, for logs
+        # pipeline output a failed append left behind (see _flush_sync)
+        self._pending: list[Batch] = []
+        self._pending_alarms: list[AlarmEvent] = []
+        self._pending_state: dict[str, bytes] = {}
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -181,14 +214,9 @@ class Agent:
         )
         metas = point_meta(cfg)
         ids: dict[str, int] = await self._on_buffer(buffer.registry.ensure, metas)
-        self.pipeline = Pipeline(
-            {
-                ids[f"{d.name}/{p.name}"]: [_stage(s) for s in p.pipeline]
-                for d in cfg.devices
-                for p in d.points
-                if p.pipeline
-            }
-        )
+        self.pipeline = build_pipeline(cfg, ids)
+        self._key_of = {pid: key for key, pid in ids.items()}
+        resumed = self.pipeline.load_state(await self._on_buffer(buffer.pipeline_state))
         self.drivers = self._build_drivers(ids)
         meta = wire.encode_meta(
             {
@@ -242,6 +270,8 @@ class Agent:
                 "points": len(metas),
                 "buffer": str(cfg.buffer.path),
                 "codec": codec.FORMAT_VERSION,
+                "stages_resumed": resumed,
+                "accelerated": native.ACCELERATED,
             },
         )
 
@@ -298,52 +328,121 @@ class Agent:
         assert self.buffer is not None
         return await self._on_buffer(self.buffer.ack, list(seqs))
 
-    def _flush_sync(self, batches: list[Batch]) -> int:
+    def _flush_sync(self, batches: list[Batch], now_ms: int) -> int:
         """Runs on the buffer thread: pipeline, encode, one append transaction.
-        Counters move only once the append committed, so a retried flush is not
-        counted twice."""
+
+        The pipeline's output (alarms, telemetry chunks) and the stage state it leaves
+        are appended together, so a restart resumes the stages exactly where the
+        buffer's content ends. If the append fails (disk full, I/O error), the output
+        stays pending, in memory within the queue's bound, and goes first next time:
+        the readings are not run through the stateful stages twice."""
         assert self.buffer is not None
-        batch, counts = self.pipeline.process(Batch.concat(batches))
-        step = self.config.uplink.max_batch_points
-        items = [
-            (Lane.TELEMETRY, codec.encode(chunk), len(chunk))
-            for chunk in (batch.slice(i, i + step) for i in range(0, len(batch), step))
-        ]
-        if items:
-            self.buffer.append_many(items)
+        if batches or self.pipeline.timed:
+            batch = Batch.concat(batches)
+            touched = set(batch.point_ids)
+            out, counts = self.pipeline.process(batch, now_ms)
+            self._count(counts)
+            if counts.alarms:
+                self._pending_alarms.extend(counts.alarms)
+            step = self.config.uplink.max_batch_points
+            self._pending.extend(out.slice(i, i + step) for i in range(0, len(out), step))
+            self._pending_state.update(self.pipeline.save_state(touched))
+            self._bound_pending()
+        if not (self._pending or self._pending_alarms or self._pending_state):
+            return 0
+        gateway = self.config.gateway.id
+        sizes: list[int] = []
+
+        def encoded(chunk: Batch) -> Callable[[int], bytes]:
+            def make(seq: int) -> bytes:
+                payload = codec.encode(chunk, gateway=gateway, seq=seq)
+                sizes.append(len(payload))
+                return payload
+
+            return make
+
+        items: list[tuple[Lane, bytes | Callable[[int], bytes], int]] = []
+        if self._pending_alarms:
+            alarms = wire.encode_alarms(gateway, self._pending_alarms)
+            items.append((Lane.ALARM, alarms, len(self._pending_alarms)))
+        items += [(Lane.TELEMETRY, encoded(chunk), len(chunk)) for chunk in self._pending]
+        self.buffer.append_many(items, self._pending_state)
+        n = sum(len(chunk) for chunk in self._pending)
+        c = self.counters
+        c.sent += n
+        c.encoded_bytes += sum(sizes)
+        c.flushes += 1
+        for e in self._pending_alarms:
+            log.warning(
+                "alarm raised" if e.raised else "alarm cleared",
+                extra={
+                    "point": self._key_of.get(e.point_id, e.point_id),
+                    "rule": e.rule,
+                    "severity": e.severity,
+                    "value": e.value,
+                    "ts_ms": e.ts_ms,
+                    "since_ms": e.since_ms,
+                },
+            )
+        self._pending, self._pending_alarms, self._pending_state = [], [], {}
+        return n
+
+    def _bound_pending(self) -> None:
+        """Output waiting for a failed buffer stays within the memory bound: beyond it the
+        oldest telemetry is lost, counted and logged (alarms are kept)."""
+        excess = sum(len(b) for b in self._pending) - self.queue.max_points
+        lost = 0
+        while excess > 0 and self._pending:
+            chunk = self._pending.pop(0)
+            excess -= len(chunk)
+            lost += len(chunk)
+        if lost:
+            self.counters.dropped += lost
+            log.error(
+                "buffer unavailable for too long: oldest readings lost",
+                extra={"lost_readings": lost, "max_memory_points": self.queue.max_points},
+            )
+
+    def _count(self, counts: PipelineCounts) -> None:
         c = self.counters
         c.flagged += counts.flagged
         c.dropped += counts.dropped
-        c.sent += len(batch)
-        c.encoded_bytes += sum(len(payload) for _, payload, _ in items)
-        c.flushes += 1
-        if counts.flagged or counts.dropped:
-            n = self._throttle.ready("pipeline", counts.flagged + counts.dropped)
+        c.replaced += counts.replaced
+        c.clamped += counts.clamped
+        c.suppressed += counts.suppressed
+        c.windows += counts.windows
+        c.late += counts.late
+        raised = sum(e.raised for e in counts.alarms)
+        c.alarms_raised += raised
+        c.alarms_cleared += len(counts.alarms) - raised
+        if counts.flagged or counts.dropped or counts.late:
+            n = self._throttle.ready("pipeline", counts.flagged + counts.dropped + counts.late)
             if n is not None:
                 log.warning(
-                    "readings out of range",
-                    extra={"flagged": counts.flagged, "dropped": counts.dropped, "since_last": n},
+                    "readings rejected by the pipeline",
+                    extra={
+                        "flagged": counts.flagged,
+                        "dropped": counts.dropped,
+                        "late": counts.late,
+                        "since_last": n,
+                    },
                 )
-        return len(batch)
 
     async def flush(self) -> int:
         batches = self.queue.take()
-        if not batches:
+        if not (batches or self.pipeline.timed or self._pending or self._pending_alarms):
             return 0
+        now_ms = time.time_ns() // 1_000_000
         try:
-            n: int = await self._on_buffer(self._flush_sync, batches)
+            n: int = await self._on_buffer(self._flush_sync, batches, now_ms)
         except Exception as exc:
-            # The buffer refused (disk full, I/O error). Keep the readings in memory for
-            # the next flush while the memory bound allows; count and report the rest.
-            lost = self.queue.put_back(batches)
-            self.counters.dropped += lost
             if (n_failed := self._throttle.ready("flush-failed")) is not None:
                 log.error(
-                    "flush to buffer failed; readings kept in memory for the next flush",
+                    "flush to buffer failed; output kept in memory for the next flush",
                     extra={
                         "buffer": str(self.config.buffer.path),
                         "error": f"{type(exc).__name__}: {exc}",
-                        "lost_readings": lost,
+                        "pending_readings": sum(len(b) for b in self._pending),
                         "failed_flushes": n_failed,
                     },
                 )

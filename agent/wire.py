@@ -24,13 +24,16 @@ The platform deduplicates on (gateway, stream, seq). Every parser here raises on
 
 from __future__ import annotations
 
+import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
+
+from native.stages import SEVERITIES, AlarmEvent
 
 DEFAULT_PREFIX: Final = "citygw"
 
@@ -356,3 +359,91 @@ def decode_meta(data: bytes | bytearray | memoryview | str) -> Meta:
     except (orjson.JSONDecodeError, TypeError) as e:
         raise WireError(f"meta is not valid JSON: {e}") from None
     return meta_from_dict(obj)
+
+
+# -- alarms (the alarm lane's body) ---------------------------------------------------------
+#
+# JSON, because alarms are few and a person on the platform side may have to read one:
+#   {"v": 1, "gateway": "gw-1", "events": [{"point": 12, "rule": "high", "severity":
+#    "critical", "state": "raise", "ts": 1795938246112, "value": 3.7, "since": ...}]}
+# "value" is null for NaN (a stale alarm has no reading). "since": when the condition
+# began (raise) or when the alarm was raised (clear).
+
+ALARM_VERSION: Final = 1
+_ALARM_STATES: Final = {"raise": True, "clear": False}
+_SEVERITIES: Final = frozenset(SEVERITIES)
+_INT64: Final = 2**63
+
+
+def encode_alarms(gateway: str, events: Sequence[AlarmEvent]) -> bytes:
+    return orjson.dumps(
+        {
+            "v": ALARM_VERSION,
+            "gateway": gateway,
+            "events": [
+                {
+                    "point": e.point_id,
+                    "rule": e.rule,
+                    "severity": e.severity,
+                    "state": "raise" if e.raised else "clear",
+                    "ts": e.ts_ms,
+                    "value": e.value if math.isfinite(e.value) else None,
+                    "since": e.since_ms,
+                }
+                for e in events
+            ],
+        }
+    )
+
+
+def _int(obj: Mapping[str, Any], field: str, where: str, lo: int, hi: int) -> int:
+    v = obj.get(field)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise WireError(f"alarm {where}: {field!r} must be an integer in {lo}..{hi}")
+    return v
+
+
+def _alarm(obj: Any, i: int) -> AlarmEvent:
+    where = f"events[{i}]"
+    if not isinstance(obj, Mapping):
+        raise WireError(f"alarm {where}: must be an object")
+    rule, severity, state = obj.get("rule"), obj.get("severity"), obj.get("state")
+    if not isinstance(rule, str) or not rule:
+        raise WireError(f"alarm {where}: 'rule' must be a non-empty string")
+    if severity not in _SEVERITIES:
+        raise WireError(f"alarm {where}: 'severity' must be one of {', '.join(SEVERITIES)}")
+    if state not in _ALARM_STATES:
+        raise WireError(f"alarm {where}: 'state' must be 'raise' or 'clear'")
+    value = obj.get("value")
+    if value is None:
+        value = math.nan
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise WireError(f"alarm {where}: 'value' must be a number or null")
+    return AlarmEvent(
+        point_id=_int(obj, "point", where, 0, MAX_U32),
+        rule=rule,
+        severity=severity,
+        raised=_ALARM_STATES[state],
+        ts_ms=_int(obj, "ts", where, -_INT64, _INT64 - 1),
+        value=float(value),
+        since_ms=_int(obj, "since", where, -_INT64, _INT64 - 1),
+    )
+
+
+def decode_alarms(data: bytes | bytearray | memoryview) -> tuple[str, list[AlarmEvent]]:
+    """(gateway, events) of an alarm-lane body. Raises WireError (only) on bad input."""
+    try:
+        obj = orjson.loads(data)
+    except (orjson.JSONDecodeError, TypeError) as e:
+        raise WireError(f"alarms are not valid JSON: {e}") from None
+    if not isinstance(obj, Mapping):
+        raise WireError("alarms must be a JSON object")
+    if obj.get("v") != ALARM_VERSION or isinstance(obj.get("v"), bool):
+        raise WireError(f"alarms: unknown version {obj.get('v')!r} (this platform understands 1)")
+    gateway = obj.get("gateway")
+    if not isinstance(gateway, str):
+        raise WireError("alarms: 'gateway' must be a string")
+    events = obj.get("events")
+    if not isinstance(events, list):
+        raise WireError("alarms: 'events' must be a list")
+    return gateway, [_alarm(e, i) for i, e in enumerate(events)]

@@ -16,12 +16,12 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeAlias, TypeVar
 
 import orjson
 
@@ -110,6 +110,10 @@ class _Evicted:
         if self.by_lane is None:
             self.by_lane = {}
         self.by_lane[lane] = self.by_lane.get(lane, 0) + 1
+
+
+#: a message payload, or a function making it from the seq the message gets
+Payload: TypeAlias = bytes | Callable[[int], bytes]
 
 
 def _now_ms() -> int:
@@ -342,17 +346,23 @@ class Buffer:
         """Appends one message and returns its seq; durable (per sync mode) on return."""
         return self.append_many([(lane, payload, n_points)])[0]
 
-    def append_many(self, items: Sequence[tuple[Lane, bytes, int]]) -> list[int]:
+    def append_many(
+        self,
+        items: Sequence[tuple[Lane, Payload, int]],
+        state: Mapping[str, bytes] | None = None,
+    ) -> list[int]:
         """Appends messages in ONE transaction, durable (per sync mode) on return,
         evicting old messages in the same transaction if capacity requires. Returns
-        the seqs in order. Raises BufferWriteError (nothing stored) on disk full or
-        I/O errors."""
-        rows: list[tuple[Lane, bytes, int]] = []
+        the seqs in order. A payload may be a function of the message's seq (for
+        self-describing payloads). ``state`` upserts pipeline state in the same
+        transaction (see `pipeline_state`). Raises BufferWriteError (nothing stored)
+        on disk full or I/O errors."""
+        rows: list[tuple[Lane, Payload, int]] = []
         for lane, payload, n_points in items:
             if n_points < 0:
                 raise ValueError(f"n_points must be >= 0, got {n_points}")
-            rows.append((Lane(lane), bytes(payload), int(n_points)))
-        if not rows:
+            rows.append((Lane(lane), payload, int(n_points)))
+        if not rows and not state:
             return []
         now = _now_ms()
         cap = self.capacity_bytes
@@ -362,23 +372,28 @@ class Buffer:
             total = self._total_bytes
             with self._db.write("append") as conn:
                 too_big: list[int] = []
-                for lane, payload, n_points in rows:
+                last = conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+                ).fetchone()
+                seq = int(last[0]) if last else 0
+                for lane, make, n_points in rows:
+                    seq += 1
+                    payload = bytes(make(seq) if callable(make) else make)
                     # A non-alarm larger than the whole capacity can never be held: it takes
                     # a seq (never reused) and is dropped at once, without first evicting
                     # everything else for nothing.
                     fits = lane == Lane.ALARM or len(payload) <= cap
                     stored = payload if fits else b""
-                    cur = conn.execute(
-                        "INSERT INTO messages (lane, n_points, nbytes, created_ms, payload) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (lane, n_points, len(stored), now, stored),
+                    conn.execute(
+                        "INSERT INTO messages (seq, lane, n_points, nbytes, created_ms, payload) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (seq, lane, n_points, len(stored), now, stored),
                     )
-                    assert cur.lastrowid is not None
-                    seqs.append(cur.lastrowid)
+                    seqs.append(seq)
                     if fits:
                         total += len(payload)
                     else:
-                        too_big.append(cur.lastrowid)
+                        too_big.append(seq)
                         evicted.add(lane, n_points, len(payload))
                 if too_big:
                     conn.execute(
@@ -387,6 +402,12 @@ class Buffer:
                     )
                 if total > cap:
                     total = self._evict(conn, total, evicted)
+                if state:
+                    conn.executemany(
+                        "INSERT INTO pipeline_state (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        state.items(),
+                    )
                 self._add_counter(conn, "appended_points", sum(r[2] for r in rows))
                 self._count_evictions(conn, evicted)
             # Only after the commit: a failed append leaves the running total as it was.
@@ -476,6 +497,12 @@ class Buffer:
         with self._db.read("get_state") as conn:
             rows = conn.execute("SELECT key, value FROM state ORDER BY key").fetchall()
         return {str(k): orjson.loads(v) for k, v in rows}
+
+    def pipeline_state(self) -> dict[str, bytes]:
+        """The pipeline state stored by `append_many`, by key."""
+        with self._db.read("pipeline_state") as conn:
+            rows = conn.execute("SELECT key, value FROM pipeline_state").fetchall()
+        return {str(k): bytes(v) for k, v in rows}
 
     def close(self) -> None:
         """Closes the database (idempotent); reports evictions not yet logged."""

@@ -15,7 +15,11 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# The pipeline's per-point stage state (deadband, SDT, aggregate windows, alarms), written
+# in the same transaction as the messages it produced, so a restart resumes consistently.
+_PIPELINE_STATE = "CREATE TABLE pipeline_state (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
 
 DDL = (
     # Small key/value facts about the database itself: stream_id, created_ms, capacity_bytes.
@@ -45,6 +49,7 @@ DDL = (
         key TEXT NOT NULL UNIQUE,
         meta TEXT NOT NULL
     )""",
+    _PIPELINE_STATE,
 )
 
 COLUMNS: dict[str, frozenset[str]] = {
@@ -53,12 +58,13 @@ COLUMNS: dict[str, frozenset[str]] = {
     "counters": frozenset({"name", "value"}),
     "state": frozenset({"key", "value", "updated_ms"}),
     "points": frozenset({"id", "key", "meta"}),
+    "pipeline_state": frozenset({"key", "value"}),
 }
 
 COUNTERS = ("evicted_points", "evicted_messages", "appended_points", "acked_points")
 
 #: version -> statements that take a database from that version to version + 1
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: (_PIPELINE_STATE,)}
 
 
 class BufferCorrupt(BufferError):

@@ -154,6 +154,46 @@ def test_state_roundtrip(db: Path) -> None:
         assert buf.get_state() == {"agent": snap, "n": 2}
 
 
+def test_payload_made_from_its_seq_and_state_in_the_same_transaction(db: Path) -> None:
+    with Buffer(db, 1_000_000) as buf:
+        buf.ack(buf.append_many([(Lane.TELEMETRY, b"x", 1)] * 3))  # seqs 1..3, gone
+        seqs = buf.append_many(
+            [(Lane.TELEMETRY, lambda seq: b"seq=%d" % seq, 1)] * 2, state={"0:sdt:7": b"s1"}
+        )
+        assert seqs == [4, 5]
+        assert [(m.seq, m.payload) for m in buf.peek(10)] == [(4, b"seq=4"), (5, b"seq=5")]
+        buf.append_many([], state={"0:sdt:7": b"s2", "1:alarm:7": b"a"})  # state alone
+        assert buf.pipeline_state() == {"0:sdt:7": b"s2", "1:alarm:7": b"a"}
+        conn = buf._db.conn
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 2}")  # the next append cannot fit
+        with pytest.raises(BufferWriteError):
+            buf.append_many([(Lane.TELEMETRY, os.urandom(50_000), 1)], state={"0:sdt:7": b"s3"})
+        conn.execute("PRAGMA max_page_count = 1073741823")
+        assert buf.pipeline_state()["0:sdt:7"] == b"s2"  # rolled back with the messages
+        assert buf.append(Lane.TELEMETRY, b"y", 1) == 6  # the failed seq is not burnt
+    with Buffer(db, 1_000_000) as buf:
+        assert buf.pipeline_state()["0:sdt:7"] == b"s2"
+
+
+def test_version_1_database_is_migrated(db: Path) -> None:
+    with Buffer(db, 1_000_000) as buf:
+        buf.append(Lane.TELEMETRY, b"old", 1)
+    conn = sqlite3.connect(db)
+    conn.execute("DROP TABLE pipeline_state")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    with Buffer(db, 1_000_000) as buf:
+        assert [m.payload for m in buf.peek(10)] == [b"old"]
+        assert buf.pipeline_state() == {}
+        buf.append_many([], state={"k": b"v"})
+        assert buf.pipeline_state() == {"k": b"v"}
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
+
+
 def test_threads_share_one_buffer(db: Path) -> None:
     with Buffer(db, 10_000_000) as buf:
         seqs: list[int] = []

@@ -23,11 +23,11 @@ from agent.config import (
     ConfigError,
     ConfigIssue,
     GatewayConfig,
-    RangeStageConfig,
     UplinkConfig,
     load_config,
     parse_config,
 )
+from agent.stage_config import RangeStageConfig
 from drivers import registry
 from drivers.base import BatchSink, Driver
 from drivers.sim.settings import SimDeviceSettings, SimPointSettings

@@ -8,12 +8,14 @@ as a dropped duplicate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from agent.wire import Envelope, Meta
 from native.batch import Batch
+from native.stages import AlarmEvent
 
 SEQ_SIGN_FLIP = 2**63
 
@@ -38,12 +40,12 @@ class StoreCounts:
 
 @runtime_checkable
 class Store(Protocol):
-    def store_batch(self, gateway: str, env: Envelope, batch: Batch) -> bool:
-        """Store one uplink's readings; False (and nothing stored) if (gateway,
-        env.stream, env.seq) was already stored."""
+    def store_batch(self, gateway: str, env: Envelope, body: Body) -> bool:
+        """Store one uplink's readings or alarms; False (and nothing stored) if
+        (gateway, env.stream, env.seq) was already stored."""
         ...
 
-    def store_batches(self, items: Sequence[tuple[str, Envelope, Batch]]) -> list[bool]:
+    def store_batches(self, items: Sequence[tuple[str, Envelope, Body]]) -> list[bool]:
         """`store_batch` for several uplinks in one transaction, results in order."""
         ...
 
@@ -61,6 +63,10 @@ class Store(Protocol):
         self, gateway: str, point_key: str | None = None
     ) -> list[tuple[int, int, float, int]]:
         """(point_id, ts, value, quality) in insertion order, for tests and tools."""
+        ...
+
+    def alarms(self, gateway: str) -> list[AlarmEvent]:
+        """The gateway's alarm events in the order received, for tests and tools."""
         ...
 
     def close(self) -> None: ...
@@ -87,9 +93,48 @@ def point_rows(gateway: str, meta: Meta, now_ms: int) -> list[tuple[Any, ...]]:
     ]
 
 
-def check_batch(env: Envelope, batch: Batch) -> None:
-    if env.n_points != len(batch):
-        raise ValueError(f"envelope says {env.n_points} points but the batch has {len(batch)}")
+#: what an uplink carries: readings (batch lanes) or alarm events (alarm lane)
+Body: TypeAlias = Batch | Sequence[AlarmEvent]
+
+
+def check_batch(env: Envelope, body: Body) -> None:
+    if env.n_points != len(body):
+        raise ValueError(f"envelope says {env.n_points} points but the body has {len(body)}")
+
+
+def split_bodies(
+    items: Sequence[tuple[str, Envelope, Body]],
+) -> tuple[list[tuple[str, Batch]], list[tuple[str, AlarmEvent]]]:
+    """The readings and the alarm events of the given (fresh) uplinks."""
+    batches: list[tuple[str, Batch]] = []
+    alarms: list[tuple[str, AlarmEvent]] = []
+    for gateway, _, body in items:
+        if isinstance(body, Batch):
+            batches.append((gateway, body))
+        else:
+            alarms.extend((gateway, e) for e in body)
+    return batches, alarms
+
+
+def alarm_row(gateway: str, e: AlarmEvent, now_ms: int) -> tuple[Any, ...]:
+    value = e.value if math.isfinite(e.value) else None
+    return (gateway, e.point_id, e.rule, e.severity, e.raised, e.ts_ms, value, e.since_ms, now_ms)
+
+
+ALARM_COLUMNS = "gateway, point_id, rule, severity, raised, ts, value, since_ms, received_ms"
+
+
+def alarm_from_row(row: Sequence[Any]) -> AlarmEvent:
+    point_id, rule, severity, raised, ts, value, since = row
+    return AlarmEvent(
+        point_id=int(point_id),
+        rule=str(rule),
+        severity=severity,
+        raised=bool(raised),
+        ts_ms=int(ts),
+        value=math.nan if value is None else float(value),
+        since_ms=int(since),
+    )
 
 
 def open_store(url: str) -> Store:

@@ -7,8 +7,9 @@ parameters are passed to libpq.
 
 Per uplink, in one transaction: ``INSERT INTO uplinks ... ON CONFLICT DO NOTHING`` on
 the dedup key (gateway, stream, seq); if that inserted a row, the readings go in with
-binary ``COPY`` (values as float8: NaN, ±inf and -0.0 round-trip bit-exactly;
-`readings` reads in binary format too, since the text format would lose NaN payloads). Two
+binary ``COPY`` (values as float8: NaN, ±inf and -0.0 round-trip bit-exactly; `readings`
+reads in binary format too, since the text format would lose NaN payloads), and the events
+of an alarm-lane uplink go into ``alarms``. Two
 workers storing the same uplink at once serialise on the unique key: the second one
 waits for the first to commit and then inserts nothing.
 """
@@ -26,9 +27,20 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from agent.ingest.store import StoreCounts, check_batch, point_rows, points_upsert, seq_to_db
+from agent.ingest.store import (
+    ALARM_COLUMNS,
+    Body,
+    StoreCounts,
+    alarm_from_row,
+    alarm_row,
+    check_batch,
+    point_rows,
+    points_upsert,
+    seq_to_db,
+    split_bodies,
+)
 from agent.wire import Envelope, Meta
-from native.batch import Batch
+from native.stages import AlarmEvent
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _LOCK_KEY = 0x63677731  # advisory lock id for schema creation ("cgw1")
@@ -72,6 +84,19 @@ CREATE TABLE IF NOT EXISTS gateways (
     stream     text,
     updated_ms bigint NOT NULL
 );
+CREATE TABLE IF NOT EXISTS alarms (
+    id          bigint GENERATED ALWAYS AS IDENTITY,
+    gateway     text     NOT NULL,
+    point_id    bigint   NOT NULL,
+    rule        text     NOT NULL,
+    severity    text     NOT NULL,
+    raised      boolean  NOT NULL,
+    ts          bigint   NOT NULL,
+    value       double precision,
+    since_ms    bigint   NOT NULL,
+    received_ms bigint   NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alarms_gateway_point_ts ON alarms (gateway, point_id, ts);
 CREATE TABLE IF NOT EXISTS counters (
     name  text PRIMARY KEY,
     value bigint NOT NULL
@@ -134,18 +159,18 @@ class PostgresStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def store_batch(self, gateway: str, env: Envelope, batch: Batch) -> bool:
-        return self.store_batches([(gateway, env, batch)])[0]
+    def store_batch(self, gateway: str, env: Envelope, body: Body) -> bool:
+        return self.store_batches([(gateway, env, body)])[0]
 
-    def store_batches(self, items: Sequence[tuple[str, Envelope, Batch]]) -> list[bool]:
-        for _, env, batch in items:
-            check_batch(env, batch)
+    def store_batches(self, items: Sequence[tuple[str, Envelope, Body]]) -> list[bool]:
+        for _, env, body in items:
+            check_batch(env, body)
         now = time.time_ns() // 1_000_000
         results: list[bool] = []
         readings = batches = dups = 0
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
-            fresh: list[tuple[str, Batch]] = []
-            for gateway, env, batch in items:
+            fresh: list[tuple[str, Envelope, Body]] = []
+            for gateway, env, body in items:
                 cur.execute(
                     "INSERT INTO uplinks (gateway, stream, seq, lane, n_points, received_ms) "
                     "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
@@ -155,20 +180,27 @@ class PostgresStore:
                     dups += 1
                     results.append(False)
                     continue
-                fresh.append((gateway, batch))
-                readings += len(batch)
+                fresh.append((gateway, env, body))
                 batches += 1
                 results.append(True)
+            fresh_batches, fresh_alarms = split_bodies(fresh)
+            readings = sum(len(b) for _, b in fresh_batches)
+            if fresh_alarms:
+                cur.executemany(
+                    f"INSERT INTO alarms ({ALARM_COLUMNS}) "
+                    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [alarm_row(g, e, now) for g, e in fresh_alarms],
+                )
             if readings:
                 with cur.copy(
                     "COPY readings (gateway, point_id, ts, value, quality) "
                     "FROM STDIN (FORMAT BINARY)"
                 ) as copy:
                     copy.set_types(["text", "int8", "int8", "float8", "int2"])
-                    for gateway, batch in fresh:
+                    for gateway, batch in fresh_batches:
                         for pid, ts, v, q in batch.rows():
                             copy.write_row((gateway, pid, ts, v, q))
-            for gateway in {g for g, _ in fresh}:
+            for gateway in {g for g, _, _ in fresh}:
                 cur.execute(
                     "INSERT INTO gateways (gateway, updated_ms) VALUES (%s, %s) "
                     "ON CONFLICT DO NOTHING",
@@ -208,6 +240,16 @@ class PostgresStore:
             duplicates_dropped=c.get("duplicates_dropped", 0),
             gateways=int(row[0]) if row else 0,
         )
+
+    def alarms(self, gateway: str) -> list[AlarmEvent]:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(
+                "SELECT point_id, rule, severity, raised, ts, value, since_ms FROM alarms "
+                "WHERE gateway = %s ORDER BY id",
+                (gateway,),
+            )
+            rows = cur.fetchall()
+        return [alarm_from_row(r) for r in rows]
 
     def duplicate_readings(self) -> int:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:

@@ -9,6 +9,7 @@ Schema::
     points(gateway, point_id, key, device, name, unit, driver, type, updated_ms,
            PRIMARY KEY (gateway, point_id))
     gateways(gateway PRIMARY KEY, site, location, stream, updated_ms)
+    alarms(gateway, point_id, rule, severity, raised, ts, value, since_ms, received_ms)
     counters(name PRIMARY KEY, value)                -- readings, batches, duplicates_dropped
 
 What a SQLite REAL column does to IEEE doubles, and how this store keeps them exact:
@@ -42,9 +43,21 @@ from pathlib import Path
 
 import orjson
 
-from agent.ingest.store import StoreCounts, check_batch, point_rows, points_upsert, seq_to_db
+from agent.ingest.store import (
+    ALARM_COLUMNS,
+    Body,
+    StoreCounts,
+    alarm_from_row,
+    alarm_row,
+    check_batch,
+    point_rows,
+    points_upsert,
+    seq_to_db,
+    split_bodies,
+)
 from agent.wire import Envelope, Meta
 from native.batch import Batch
+from native.stages import AlarmEvent
 
 _D = struct.Struct("<d")
 
@@ -87,6 +100,18 @@ CREATE TABLE IF NOT EXISTS gateways (
     stream     TEXT,
     updated_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS alarms (
+    gateway     TEXT    NOT NULL,
+    point_id    INTEGER NOT NULL,
+    rule        TEXT    NOT NULL,
+    severity    TEXT    NOT NULL,
+    raised      INTEGER NOT NULL,
+    ts          INTEGER NOT NULL,
+    value       REAL,
+    since_ms    INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alarms_gateway_point_ts ON alarms (gateway, point_id, ts);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -156,18 +181,19 @@ class SqliteStore:
             finally:
                 cur.close()
 
-    def store_batch(self, gateway: str, env: Envelope, batch: Batch) -> bool:
-        return self.store_batches([(gateway, env, batch)])[0]
+    def store_batch(self, gateway: str, env: Envelope, body: Body) -> bool:
+        return self.store_batches([(gateway, env, body)])[0]
 
-    def store_batches(self, items: Sequence[tuple[str, Envelope, Batch]]) -> list[bool]:
-        for _, env, batch in items:
-            check_batch(env, batch)
+    def store_batches(self, items: Sequence[tuple[str, Envelope, Body]]) -> list[bool]:
+        for _, env, body in items:
+            check_batch(env, body)
         now = time.time_ns() // 1_000_000
         results: list[bool] = []
         readings = batches = dups = 0
         with self._write() as cur:
             seen: set[str] = set()
-            for gateway, env, batch in items:
+            fresh: list[tuple[str, Envelope, Body]] = []
+            for gateway, env, body in items:
                 cur.execute(
                     "INSERT OR IGNORE INTO uplinks "
                     "(gateway, stream, seq, lane, n_points, received_ms) "
@@ -178,6 +204,17 @@ class SqliteStore:
                     dups += 1
                     results.append(False)
                     continue
+                fresh.append((gateway, env, body))
+                if gateway not in seen:
+                    seen.add(gateway)
+                    cur.execute(
+                        "INSERT OR IGNORE INTO gateways (gateway, updated_ms) VALUES (?, ?)",
+                        (gateway, now),
+                    )
+                batches += 1
+                results.append(True)
+            fresh_batches, fresh_alarms = split_bodies(fresh)
+            for gateway, batch in fresh_batches:
                 if len(batch):
                     cur.executemany(
                         "INSERT INTO readings "
@@ -185,15 +222,12 @@ class SqliteStore:
                         "VALUES (?, ?, ?, ?, ?, ?)",
                         _rows(gateway, batch),
                     )
-                if gateway not in seen:
-                    seen.add(gateway)
-                    cur.execute(
-                        "INSERT OR IGNORE INTO gateways (gateway, updated_ms) VALUES (?, ?)",
-                        (gateway, now),
-                    )
                 readings += len(batch)
-                batches += 1
-                results.append(True)
+            if fresh_alarms:
+                cur.executemany(
+                    f"INSERT INTO alarms ({ALARM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [alarm_row(g, e, now) for g, e in fresh_alarms],
+                )
             cur.executemany(
                 _BUMP,
                 [
@@ -229,6 +263,15 @@ class SqliteStore:
             duplicates_dropped=int(c.get("duplicates_dropped", 0)),
             gateways=int(gateways),
         )
+
+    def alarms(self, gateway: str) -> list[AlarmEvent]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT point_id, rule, severity, raised, ts, value, since_ms FROM alarms "
+                "WHERE gateway = ? ORDER BY rowid",
+                (gateway,),
+            ).fetchall()
+        return [alarm_from_row(r) for r in rows]
 
     def duplicate_readings(self) -> int:
         with self._lock:

@@ -29,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import wire
-from agent.ingest.store import Store, open_store
+from agent.ingest.store import Body, Store, open_store
 from agent.logs import Throttle
 from agent.mqtt_url import BrokerAddress, tls_context
 from agent.wire import Envelope, Meta, WireError
@@ -46,6 +46,7 @@ class IngestCounters:
     messages: int = 0  # messages received (all topics)
     batches_stored: int = 0
     readings_stored: int = 0
+    alarms_stored: int = 0
     duplicates_dropped: int = 0
     metas_stored: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
@@ -65,7 +66,7 @@ class _Item:
 
 @dataclass(slots=True)
 class _Work:
-    batches: list[tuple[str, Envelope, Batch]] = field(default_factory=list)
+    batches: list[tuple[str, Envelope, Body]] = field(default_factory=list)
     metas: list[tuple[str, Meta]] = field(default_factory=list)
 
 
@@ -222,7 +223,11 @@ class IngestWorker:
                     results = await asyncio.to_thread(self._store_batches, work.batches)
                     stored = [b for b, ok in zip(work.batches, results, strict=True) if ok]
                     self.counters.batches_stored += len(stored)
-                    self.counters.readings_stored += sum(len(b) for _, _, b in stored)
+                    for _, _, body in stored:
+                        if isinstance(body, Batch):
+                            self.counters.readings_stored += len(body)
+                        else:
+                            self.counters.alarms_stored += len(body)
                     self.counters.duplicates_dropped += len(results) - len(stored)
                     work.batches = []
                 while work.metas:
@@ -241,7 +246,7 @@ class IngestWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
 
-    def _store_batches(self, items: Sequence[tuple[str, Envelope, Batch]]) -> list[bool]:
+    def _store_batches(self, items: Sequence[tuple[str, Envelope, Body]]) -> list[bool]:
         return self.store.store_batches(items)
 
     async def deliver(self, topic: str, payload: bytes) -> None:
@@ -284,17 +289,30 @@ class IngestWorker:
             if not wire.lane_matches_kind(env.lane, kind):
                 self._reject("lane", topic, f"lane {env.lane_name} on {kind}")
                 continue
-            try:
-                batch = codec.decode(env.body)
-            except Exception as e:  # CodecError, or a codec bug: never crash on input
-                self._reject("codec", topic, e)
+            body: Body
+            if kind == wire.KIND_ALARM:
+                try:
+                    claimed, body = wire.decode_alarms(env.body)
+                except WireError as e:
+                    self._reject("alarm", topic, e)
+                    continue
+            else:
+                try:
+                    decoded = codec.decode_message(env.body)
+                except Exception as e:  # CodecError, or a codec bug: never crash on input
+                    self._reject("codec", topic, e)
+                    continue
+                claimed, body = decoded.gateway, decoded.batch
+                if decoded.version >= 2 and decoded.seq != env.seq:
+                    self._reject("seq", topic, f"envelope seq {env.seq}, batch seq {decoded.seq}")
+                    continue
+            if claimed and claimed != gateway:
+                self._reject("gateway", topic, f"the body says gateway {claimed!r}")
                 continue
-            if len(batch) != env.n_points:
-                self._reject(
-                    "n_points", topic, f"header says {env.n_points}, body has {len(batch)}"
-                )
+            if len(body) != env.n_points:
+                self._reject("n_points", topic, f"header says {env.n_points}, body has {len(body)}")
                 continue
-            work.batches.append((gateway, env, batch))
+            work.batches.append((gateway, env, body))
         return work
 
     def _reject(self, reason: str, topic: str, error: object) -> None:

@@ -1,0 +1,91 @@
+"""The aggregate stage's table: tumbling windows by point, one kernel pass per batch.
+
+The specs compile into arrays by slot (window, grace, raw, function codes and output ids,
+8 per slot); the window state (phase, start, count and the accumulators) lives in state
+arrays, saved and restored per point by the base class. The kernels are
+``impl.kernels("aggregate")`` (``native/_aggregate.pyx`` or its twin
+``native/aggregate_py.py``, where the algorithm is described), or a module given to the
+constructor (tests route a table through one implementation that way).
+
+Each run first asks ``aggregate_size`` for the exact number of output rows (readings
+passed on plus aggregates emitted), then ``aggregate`` writes them into columns of that
+size. ``now_ms`` is the wall clock: windows whose end plus grace it has passed are closed
+after the batch's readings; ``now_ms == 0`` means "no clock", and then only a point's next
+window's reading closes its open window (tests, replays).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+
+from native import impl
+from native.aggregate_py import ACC, FUNCTIONS, MAX_FN
+from native.batch import Batch
+from native.stages import AGGREGATE_FUNCTIONS, AggregateStage
+from native.table import PipelineCounts, StageTable, empty_columns, truncate
+
+assert FUNCTIONS == AGGREGATE_FUNCTIONS, "aggregate function codes out of step with the specs"
+
+_INT64_MAX = 2**63 - 1
+
+
+class AggregateTable(StageTable[AggregateStage]):
+    kind = "aggregate"
+    persistent = True
+    timed = True
+
+    def __init__(
+        self, specs: Mapping[int, AggregateStage], kernels: ModuleType | None = None
+    ) -> None:
+        super().__init__(specs)
+        self.kernels = kernels if kernels is not None else impl.kernels("aggregate")
+        stages = list(self.specs.values())
+        for pid, stage in self.specs.items():
+            if stage.window_ms > _INT64_MAX or stage.grace_ms > _INT64_MAX:
+                raise ValueError(f"aggregate window/grace of point {pid} beyond int64 ms")
+            if len(stage.outputs) > MAX_FN:  # specs forbid repeats, so this cannot happen
+                raise ValueError(f"aggregate of point {pid}: more than {MAX_FN} functions")
+        self.window_ms = self._param("q", (s.window_ms for s in stages))
+        self.grace_ms = self._param("q", (s.grace_ms for s in stages))
+        self.raw = self._param("B", (int(s.raw) for s in stages))
+        self.nfn = self._param("B", (len(s.outputs) for s in stages))
+        codes: list[int] = []
+        outs: list[int] = []
+        for s in stages:
+            pad = MAX_FN - len(s.outputs)
+            codes += [FUNCTIONS.index(f) for f, _ in s.outputs] + [0] * pad
+            outs += [pid for _, pid in s.outputs] + [0] * pad
+        self.fcode = self._param("B", codes)
+        self.fout = self._param("I", outs)
+        # state: see aggregate_py's docstring (phase NEVER=0 / OPEN=1 / CLOSED=2)
+        self.phase = self._state_array("phase", "B")
+        self.start = self._state_array("start", "q")
+        self.count = self._state_array("count", "q")
+        self.acc = self._state_array("acc", "d", ACC, 0.0)
+
+    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+        k = self.kernels
+        cols = (batch.point_ids, batch.timestamps, batch.values, batch.quality)
+        params = (self.slot_of, self.window_ms, self.grace_ms, self.raw, self.nfn)
+        size = k.aggregate_size(*cols, *params, self.phase, self.start, now_ms)
+        out = empty_columns(size)
+        n_out, windows, late, suppressed = k.aggregate(
+            *cols,
+            *params,
+            self.fcode,
+            self.fout,
+            self.phase,
+            self.start,
+            self.count,
+            self.acc,
+            now_ms,
+            out.point_ids,
+            out.timestamps,
+            out.values,
+            out.quality,
+        )
+        counts.windows += windows
+        counts.late += late
+        counts.suppressed += suppressed
+        return truncate(out, n_out)
