@@ -247,7 +247,7 @@ _STAGES: dict[tuple[str, str], str] = {
     ),
     ("manhole", "water_cm"): ('{ type = "sdt", deviation = 0.5, max_interval = "5m" }'),
     ("manhole", "battery"): (
-        '{ type = "threshold", id = "battery-low", below = 3.65, hysteresis = 0.05, for = "2s" }, '
+        '{ type = "threshold", id = "battery-low", below = 3.65, hysteresis = 0.05, for = "1s" }, '
         '{ type = "deadband", band = 0.01, heartbeat = "10m" }'
     ),
     ("river-gauge", "level"): (
@@ -441,8 +441,10 @@ class DemoResult:
     ingested: int
     lost: int
     duplicates: int
-    bytes_per_point: float
+    bytes_per_point: float  # uplink bytes per reading taken
     read_by_driver: dict[str, int]
+    alarms_sent: int  # raise and clear events the gateway sent
+    alarms_stored: int  # ... and the platform stored
 
     def summary(self) -> str:
         return (
@@ -460,7 +462,10 @@ def _status_table(agent: Agent, ingested: int, elapsed: float, duration: float) 
     t.add_row("devices / healthy", f"{len(devices)} / {sum(1 for h in devices if h.errors == 0)}")
     t.add_row("read (from drivers)", str(c.read))
     t.add_row("sent (into buffer)", str(c.sent))
-    t.add_row("flagged by range check", str(c.flagged))
+    t.add_row("held back (deadband, sdt)", str(c.suppressed))
+    t.add_row("aggregate windows", str(c.windows))
+    t.add_row("flagged / spikes replaced", f"{c.flagged} / {c.replaced}")
+    t.add_row("alarms raised / cleared", f"{c.alarms_raised} / {c.alarms_cleared}")
     t.add_row("uplink", up.state if up else "-")
     t.add_row("acked by broker (points)", str(up.published_points if up else 0))
     t.add_row("ingested by platform", str(ingested))
@@ -542,6 +547,7 @@ async def run_demo(
                     await ingest_task
         counts = store.counts()
         dups = store.duplicate_readings()
+        alarms_stored = len(store.alarms(agent.config.gateway.id))
     c = agent.counters
     up = agent.uplink.status if agent.uplink else None
     return DemoResult(
@@ -550,8 +556,10 @@ async def run_demo(
         ingested=counts.readings,
         lost=c.sent - counts.readings,
         duplicates=dups,
-        bytes_per_point=(up.published_bytes / c.sent) if up and c.sent else 0.0,
+        bytes_per_point=(up.published_bytes / c.read) if up and c.read else 0.0,
         read_by_driver={
             d.name: sum(h.readings for h in d.health().values()) for d in agent.drivers
         },
+        alarms_sent=c.alarms_raised + c.alarms_cleared,
+        alarms_stored=alarms_stored,
     )

@@ -91,22 +91,6 @@ class MemoryQueue:
         batches, self._batches, self._points = self._batches, [], 0
         return batches
 
-    def put_back(self, batches: list[Batch]) -> int:
-        """Returns batches the buffer could not take to the front of the queue, as far
-        as the bound allows; returns how many readings did not fit (lost)."""
-        room = self.max_points - self._points
-        kept: list[Batch] = []
-        lost = 0
-        for batch in batches:
-            if len(batch) <= room:
-                kept.append(batch)
-                room -= len(batch)
-            else:
-                lost += len(batch)
-        self._batches[:0] = kept
-        self._points += sum(len(b) for b in kept)
-        return lost
-
 
 def point_meta(config: Config) -> list[dict[str, Any]]:
     """Registry entries for every configured point and every aggregate series made of

@@ -161,7 +161,9 @@ def aggregate_size(
             n_out += 1  # late
     if now_ms != 0:
         for slot in range(len(ph)):
-            if ph[slot] == OPEN and closes_by_time(st[slot], window_ms[slot], grace_ms[slot], now_ms):
+            if ph[slot] == OPEN and closes_by_time(
+                st[slot], window_ms[slot], grace_ms[slot], now_ms
+            ):
                 n_out += nfn[slot]
     return n_out
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Mapping
 from types import ModuleType
+from typing import TypeAlias
 
 from native import impl
 from native.alarms_py import (
@@ -38,6 +39,11 @@ from native.stages import (
 from native.table import PipelineCounts, StageTable
 
 _INT64_MAX = 2**63 - 1
+#: event buffers up to this many rows are kept whatever the batch size
+_KEEP_ROWS = 1 << 16
+
+#: the kernel's event columns: slot, raised (0/1), ts, value, since
+EventColumns: TypeAlias = "tuple[array[int], array[int], array[int], array[float], array[int]]"
 
 
 def compile_rule(rule: AlarmRule) -> tuple[int, float, float, int]:
@@ -61,6 +67,8 @@ def compile_rule(rule: AlarmRule) -> tuple[int, float, float, int]:
 
 
 class AlarmTable(StageTable[AlarmRule]):
+    """The alarm rules of one depth: ``{pid: rule}``, rules of any of the five types."""
+
     kind = "alarm"
     persistent = True
     timed = True
@@ -83,6 +91,23 @@ class AlarmTable(StageTable[AlarmRule]):
         self.v0 = self._state_array("v0", "d")
         self.count = self._state_array("count", "q")
         self.raised_at = self._state_array("raised_at", "q")
+        self._events: EventColumns | None = None
+
+    def _event_columns(self, rows: int) -> EventColumns:
+        """The kernel's event columns, of at least ``rows`` rows. Allocating (and first
+        touching) ~30 bytes per reading on every run cost more than the kernel itself, so
+        they are kept between runs: grown to a power of two, shrunk when far too large."""
+        have = 0 if self._events is None else len(self._events[0])
+        if self._events is None or have < rows or (have > _KEEP_ROWS and have > 4 * rows):
+            size = 1 << max(rows - 1, 1).bit_length()
+            self._events = (
+                array("i", bytes(4 * size)),
+                array("B", bytes(size)),
+                array("q", bytes(8 * size)),
+                array("d", bytes(8 * size)),
+                array("q", bytes(8 * size)),
+            )
+        return self._events
 
     def raised_points(self) -> list[int]:
         """The points whose alarm here is raised now."""
@@ -90,12 +115,9 @@ class AlarmTable(StageTable[AlarmRule]):
 
     def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
         # each reading decides at most one event, the clock check at most one per slot
-        cap = len(batch) + len(self.specs)
-        ev_slot = array("i", bytes(4 * cap))
-        ev_raised = array("B", bytes(cap))
-        ev_ts = array("q", bytes(8 * cap))
-        ev_value = array("d", bytes(8 * cap))
-        ev_since = array("q", bytes(8 * cap))
+        ev_slot, ev_raised, ev_ts, ev_value, ev_since = self._event_columns(
+            len(batch) + len(self.specs)
+        )
         n_events: int = self.kernels.evaluate(
             batch.point_ids,
             batch.timestamps,

@@ -123,7 +123,7 @@ def evaluate(
         ts = timestamps[i]
         v = values[i]
         good = quality[i] == GOOD
-        if r == RULE_ABOVE or r == RULE_BELOW:
+        if r in (RULE_ABOVE, RULE_BELOW):
             if not (good and math.isfinite(v)):
                 active[s] = 0  # interrupts a pending run; a raised alarm stays
             elif raised[s]:

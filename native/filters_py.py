@@ -18,16 +18,18 @@ Shared rules:
   (every divisor is a positive time difference or a positive tau).
 * Kernels raise ValueError only on inconsistent array lengths, never on data.
 
-1:1 stages (hampel, median, ratelimit, ema) work in place; hampel and ratelimit compact
-the columns when they drop readings (the first ``kept`` rows are the result). Deadband
-and sdt can emit a held reading of an earlier batch next to the current one, so they
-write into output columns of capacity ``2 * n`` and return how many rows they wrote.
+All kernels work in place. Hampel and ratelimit compact the columns when they drop
+readings (the first ``kept`` rows are the result). Deadband and sdt mostly drop rows
+too, but can emit a held reading of an earlier batch next to the current one: the few
+rows that would overtake the input wait and, when the output is longer than the input,
+end up in small spill columns the caller appends (``_Output``).
 """
 
 from __future__ import annotations
 
 import math
 from array import array
+from collections import deque
 
 GOOD = 0  # native.batch.GOOD / BAD, repeated so the kernels import nothing
 BAD = 1
@@ -49,9 +51,17 @@ def _columns(name: str, point_ids: array[int], *cols: array[int] | array[float])
     return n
 
 
-def _outputs(name: str, n: int, *cols: array[int] | array[float]) -> None:
-    if any(len(c) < 2 * n for c in cols):
-        raise ValueError(f"{name}: output columns shorter than twice the input")
+def spill_capacity(n: int, holding: array[int], n_slots: int) -> int:
+    """Rows of spill columns deadband and sdt need for ``n`` input rows (see _Output)."""
+    return 2 * min(n, n_slots - holding[:n_slots].count(0)) + 4
+
+
+def _spill_room(
+    name: str, n: int, holding: array[int], n_slots: int, *cols: array[int] | array[float]
+) -> None:
+    need = spill_capacity(n, holding, n_slots)
+    if any(len(c) < need for c in cols):
+        raise ValueError(f"{name}: spill columns shorter than the held readings need")
 
 
 def _per_slot(name: str, n_slots: int, *arrays: array[int] | array[float]) -> None:
@@ -63,9 +73,10 @@ def _per_slot(name: str, n_slots: int, *arrays: array[int] | array[float]) -> No
 #
 # Per slot, ``stride`` doubles of ``ring`` hold the last ``w`` good raw values in arrival
 # order (``pos`` = where the next one goes, the oldest when the window is full) and the
-# same stride of ``srt`` holds those values sorted ascending. A push removes the oldest
-# value from the sorted copy (linear scan, shift left) and inserts the new one (insertion
-# from the top, shift right): O(w) per reading, no allocation.
+# same stride of ``srt`` holds those values sorted ascending. While the window fills, a
+# push inserts the new value (from the top, shifting right); once it is full, the new
+# value overwrites the oldest one in the sorted copy (found by a linear scan) and moves
+# to its rank, shifting the values in between: O(w) per reading, no allocation.
 
 
 def _window_check(name: str, window: array[int], stride: int) -> None:
@@ -81,25 +92,33 @@ def _window_push(
         cnt = 0
         pos = 0
     if cnt == w:
+        # full: the new value takes the oldest one's place in the sorted copy, then
+        # moves to its rank (after the values equal to it, as an insertion would)
         old = ring[base + pos]
         j = base
         last = base + cnt - 1
         while j < last and srt[j] != old:
             j += 1
-        while j < last:
-            srt[j] = srt[j + 1]
-            j += 1
-        cnt -= 1
+        if x > old:
+            while j < last and srt[j + 1] <= x:
+                srt[j] = srt[j + 1]
+                j += 1
+        else:
+            while j > base and srt[j - 1] > x:
+                srt[j] = srt[j - 1]
+                j -= 1
+    else:
+        j = base + cnt
+        while j > base and srt[j - 1] > x:
+            srt[j] = srt[j - 1]
+            j -= 1
+        cnt += 1
+    srt[j] = x
     ring[base + pos] = x
     pos += 1
     if pos == w:
         pos = 0
-    j = base + cnt
-    while j > base and srt[j - 1] > x:
-        srt[j] = srt[j - 1]
-        j -= 1
-    srt[j] = x
-    return cnt + 1, pos
+    return cnt, pos
 
 
 def _mid(a: float, b: float) -> float:
@@ -248,15 +267,59 @@ def median(
                 values[i] = _sorted_median(srt, base, c)
 
 
+# -- in-place output with a spill (deadband, sdt) ----------------------------------------
+
+
+class _Output:
+    """Writes output rows back into the input columns, in order: row ``j`` may be
+    written once input row ``i >= j`` has been read. A stage emits at most the input
+    readings themselves (each once: at once, or later as the held one) plus the
+    readings held since an earlier batch, at most one per slot and each released by a
+    reading of its point in this batch; so the output runs ahead of the input by at
+    most ``h = min(n, slots holding a reading)`` rows. Those rows wait in a FIFO and go
+    into place as the input moves on; what is left at the end (only when the output
+    is longer than the input) lands in the spill columns, which the caller appends.
+    The compiled twin keeps the FIFO in the spill columns themselves, compacting it
+    when it reaches their end (2h + 4 rows: at most h + 2 wait at any time)."""
+
+    __slots__ = ("ids", "j", "pending", "quality", "ts", "values")
+
+    def __init__(
+        self, ids: array[int], ts: array[int], values: array[float], quality: array[int]
+    ) -> None:
+        self.ids, self.ts, self.values, self.quality = ids, ts, values, quality
+        self.j = 0
+        self.pending: deque[tuple[int, int, float, int]] = deque()
+
+    def put(self, row: tuple[int, int, float, int]) -> None:
+        self.pending.append(row)
+
+    def flush(self, i: int) -> None:
+        """Moves waiting rows into place now that input row ``i`` has been read."""
+        pending, j = self.pending, self.j
+        while pending and j <= i:
+            self.ids[j], self.ts[j], self.values[j], self.quality[j] = pending.popleft()
+            j += 1
+        self.j = j
+
+    def spill(
+        self, ids: array[int], ts: array[int], values: array[float], quality: array[int]
+    ) -> int:
+        """Writes the rows still waiting to the spill columns; returns how many."""
+        for k, (pid, t, v, q) in enumerate(self.pending):
+            ids[k], ts[k], values[k], quality[k] = pid, t, v, q
+        return len(self.pending)
+
+
 def deadband(
     point_ids: array[int],
     timestamps: array[int],
     values: array[float],
     quality: array[int],
-    out_ids: array[int],
-    out_ts: array[int],
-    out_values: array[float],
-    out_quality: array[int],
+    spill_ids: array[int],
+    spill_ts: array[int],
+    spill_values: array[float],
+    spill_quality: array[int],
     slot_of: array[int],
     band: array[float],
     heartbeat: array[int],
@@ -266,8 +329,10 @@ def deadband(
     has_held: array[int],
     held_ts: array[int],
     held_value: array[float],
-) -> tuple[int, int]:
-    """Deadband with heartbeat; writes to the out_* columns, returns (n_out, suppressed).
+) -> tuple[int, int, int]:
+    """Deadband with heartbeat, in place; returns (kept, spilled, suppressed): the output
+    is the first ``kept`` rows of the columns, then the first ``spilled`` rows of the
+    spill columns (see ``_Output``).
 
     The first good reading after a start or reset is sent. Then a reading is sent when
     |x - sent_value| > band (the held reading, if any, goes out first: where the change
@@ -278,26 +343,24 @@ def deadband(
     of the batch is not counted yet.
     """
     n = _columns("deadband", point_ids, timestamps, values, quality)
-    _outputs("deadband", n, out_ids, out_ts, out_values, out_quality)
     n_slots = len(band)
     _per_slot("deadband", n_slots, heartbeat, has_sent, sent_ts, sent_value)
     _per_slot("deadband", n_slots, has_held, held_ts, held_value)
+    _spill_room("deadband", n, has_held, n_slots, spill_ids, spill_ts, spill_values, spill_quality)
     n_map = len(slot_of)
-    j = suppressed = 0
+    out = _Output(point_ids, timestamps, values, quality)
+    suppressed = 0
     for i in range(n):
         pid = point_ids[i]
         ts = timestamps[i]
         x = values[i]
         q = quality[i]
         slot = slot_of[pid] if pid < n_map else -1
+        send = True
         if 0 <= slot < n_slots:
             if q != GOOD or not _isfinite(x):
                 if has_held[slot]:
-                    out_ids[j] = pid
-                    out_ts[j] = held_ts[slot]
-                    out_values[j] = held_value[slot]
-                    out_quality[j] = GOOD
-                    j += 1
+                    out.put((pid, held_ts[slot], held_value[slot], GOOD))
                     has_held[slot] = 0
                 has_sent[slot] = 0
             elif not has_sent[slot]:
@@ -306,11 +369,7 @@ def deadband(
                 sent_value[slot] = x
             elif abs(x - sent_value[slot]) > band[slot]:
                 if has_held[slot]:
-                    out_ids[j] = pid
-                    out_ts[j] = held_ts[slot]
-                    out_values[j] = held_value[slot]
-                    out_quality[j] = GOOD
-                    j += 1
+                    out.put((pid, held_ts[slot], held_value[slot], GOOD))
                     has_held[slot] = 0
                 sent_ts[slot] = ts
                 sent_value[slot] = x
@@ -328,13 +387,11 @@ def deadband(
                 has_held[slot] = 1
                 held_ts[slot] = ts
                 held_value[slot] = x
-                continue
-        out_ids[j] = pid
-        out_ts[j] = ts
-        out_values[j] = x
-        out_quality[j] = q
-        j += 1
-    return j, suppressed
+                send = False
+        if send:
+            out.put((pid, ts, x, q))
+        out.flush(i)
+    return out.j, out.spill(spill_ids, spill_ts, spill_values, spill_quality), suppressed
 
 
 def sdt(
@@ -342,10 +399,10 @@ def sdt(
     timestamps: array[int],
     values: array[float],
     quality: array[int],
-    out_ids: array[int],
-    out_ts: array[int],
-    out_values: array[float],
-    out_quality: array[int],
+    spill_ids: array[int],
+    spill_ts: array[int],
+    spill_values: array[float],
+    spill_quality: array[int],
     slot_of: array[int],
     deviation: array[float],
     max_interval: array[int],
@@ -358,9 +415,9 @@ def sdt(
     h_value: array[float],
     door_lo: array[float],
     door_hi: array[float],
-) -> tuple[int, int]:
-    """Swinging-door trending (archives actual readings); writes to the out_* columns,
-    returns (n_out, suppressed).
+) -> tuple[int, int, int]:
+    """Swinging-door trending (archives actual readings), in place; returns (kept,
+    spilled, suppressed) like ``deadband``.
 
     State per point: the archived point A, the held point H (latest, not archived) and
     the door [lo, hi]: the slopes s for which the line from A with slope s passes within
@@ -381,47 +438,41 @@ def sdt(
     between them. A reading discarded by min_interval is not covered by that bound.
     """
     n = _columns("sdt", point_ids, timestamps, values, quality)
-    _outputs("sdt", n, out_ids, out_ts, out_values, out_quality)
     n_slots = len(deviation)
     _per_slot("sdt", n_slots, max_interval, min_interval, has_a, a_ts, a_value)
     _per_slot("sdt", n_slots, has_h, h_ts, h_value, door_lo, door_hi)
+    _spill_room("sdt", n, has_h, n_slots, spill_ids, spill_ts, spill_values, spill_quality)
     n_map = len(slot_of)
-    j = suppressed = 0
+    out = _Output(point_ids, timestamps, values, quality)
+    suppressed = 0
     for i in range(n):
         pid = point_ids[i]
         ts = timestamps[i]
         x = values[i]
         q = quality[i]
         slot = slot_of[pid] if pid < n_map else -1
+        send = True
         if 0 <= slot < n_slots:
             if q != GOOD or not _isfinite(x):
                 if has_h[slot]:
-                    out_ids[j] = pid
-                    out_ts[j] = h_ts[slot]
-                    out_values[j] = h_value[slot]
-                    out_quality[j] = GOOD
-                    j += 1
+                    out.put((pid, h_ts[slot], h_value[slot], GOOD))
                     has_h[slot] = 0
                 has_a[slot] = 0
             else:
-                emit = False
+                send = False  # unless (re)started from
                 while True:
                     ta = a_ts[slot]
                     if not has_a[slot] or ts < ta or (ts == ta and min_interval[slot] <= 0):
                         # (re)start from p; H, if any, goes out first
                         if has_h[slot]:
-                            out_ids[j] = pid
-                            out_ts[j] = h_ts[slot]
-                            out_values[j] = h_value[slot]
-                            out_quality[j] = GOOD
-                            j += 1
+                            out.put((pid, h_ts[slot], h_value[slot], GOOD))
                             has_h[slot] = 0
                         has_a[slot] = 1
                         a_ts[slot] = ts
                         a_value[slot] = x
                         door_lo[slot] = -_INF
                         door_hi[slot] = _INF
-                        emit = True
+                        send = True
                         break
                     if min_interval[slot] > 0 and ts - ta < min_interval[slot]:
                         suppressed += 1
@@ -436,11 +487,7 @@ def sdt(
                     ):
                         # archive H, then judge p again from the new A (H is gone now,
                         # so this happens at most once per reading)
-                        out_ids[j] = pid
-                        out_ts[j] = h_ts[slot]
-                        out_values[j] = h_value[slot]
-                        out_quality[j] = GOOD
-                        j += 1
+                        out.put((pid, h_ts[slot], h_value[slot], GOOD))
                         has_h[slot] = 0
                         a_ts[slot] = h_ts[slot]
                         a_value[slot] = h_value[slot]
@@ -460,14 +507,10 @@ def sdt(
                     h_ts[slot] = ts
                     h_value[slot] = x
                     break
-                if not emit:
-                    continue
-        out_ids[j] = pid
-        out_ts[j] = ts
-        out_values[j] = x
-        out_quality[j] = q
-        j += 1
-    return j, suppressed
+        if send:
+            out.put((pid, ts, x, q))
+        out.flush(i)
+    return out.j, out.spill(spill_ids, spill_ts, spill_values, spill_quality), suppressed
 
 
 def ratelimit(

@@ -95,7 +95,7 @@ class DeadbandStage:
     def __post_init__(self) -> None:
         _finite("deadband band", self.band)
         _require(self.band >= 0, f"deadband band must be >= 0, got {self.band}")
-        _require(self.heartbeat_ms >= 0, f"deadband heartbeat must be >= 0, got {self.heartbeat_ms}")
+        _require(self.heartbeat_ms >= 0, f"deadband heartbeat must be >= 0: {self.heartbeat_ms}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,7 +86,9 @@ class StageTable(ABC, Generic[S]):
     def __len__(self) -> int:
         return len(self.specs)
 
-    def _state_array(self, name: str, typecode: str, per_slot: int = 1, fill: Any = 0) -> array[Any]:
+    def _state_array(
+        self, name: str, typecode: str, per_slot: int = 1, fill: Any = 0
+    ) -> array[Any]:
         """A state array of ``per_slot`` items per slot, registered for save/restore."""
         arr = array(typecode, [fill]) * (per_slot * len(self.specs))
         self.state[name] = (arr, per_slot)

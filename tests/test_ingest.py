@@ -22,7 +22,9 @@ from agent.ingest.store import Store, StoreCounts, open_store
 from agent.ingest.store_postgres import split_url
 from agent.ingest.worker import IngestWorker
 from agent.wire import Envelope, Meta, PointMeta
+from native import codec
 from native.batch import BAD, GOOD, Batch
+from native.stages import AlarmEvent
 
 GW = "gw-1"
 STREAM = uuid.UUID(int=0x1234).hex
@@ -267,10 +269,10 @@ class Gateway:
         self.ts = 1_700_000_000_000
 
     def uplink(self, seq: int, n: int = 20, lane: int = wire.LANE_TELEMETRY) -> tuple[bytes, Batch]:
-        from native import codec
 
         b = make_batch(n, start_ts=self.ts + seq * 1000)
-        return wire.wrap(lane, self.stream, seq, len(b), codec.encode(b)), b
+        body = codec.encode(b, gateway=self.gateway, seq=seq)
+        return wire.wrap(lane, self.stream, seq, len(b), body), b
 
     async def publish(self, items: list[tuple[str, bytes]]) -> None:
         async with aiomqtt.Client(
@@ -313,16 +315,32 @@ def test_worker_stores_batches_and_meta(mosquitto: Mosquitto, store: Store) -> N
         meta = wire.encode_meta(make_meta().to_dict())
         await gw.publish([(wire.meta_topic(GW), meta)])
         sent = await gw.send(list(range(1, 11)))
-        alarm, ab = gw.uplink(11, 3, lane=wire.LANE_ALARM)
-        await gw.publish([(wire.alarm_topic(GW), alarm)])
-        sent.append(ab)
-        await wait_until(lambda: store.counts().batches == 11 and worker.counters.metas_stored >= 1)
-        assert store.readings(GW) == [r for b in sent for r in b.rows()]  # in order
-        assert store.readings(GW, "bridge-7/strain_1") == [
-            r for b in sent for r in b.rows() if r[0] == 1
+        events = [
+            AlarmEvent(
+                1, "overstrain", "critical", True, 1_700_000_000_500, 612.5, 1_700_000_000_000
+            ),
+            AlarmEvent(2, "stale", "warning", True, 1_700_000_000_600, math.nan, 1_699_999_000_000),
+            AlarmEvent(
+                1, "overstrain", "critical", False, 1_700_000_009_000, 550.0, 1_700_000_000_500
+            ),
         ]
+        alarm = wire.wrap(wire.LANE_ALARM, STREAM, 11, 3, wire.encode_alarms(GW, events))
+        await gw.publish([(wire.alarm_topic(GW), alarm)])
+        await wait_until(lambda: store.counts().batches == 11 and worker.counters.metas_stored >= 1)
+        # each uplink's readings grouped by point (codec v2), uplinks in order
+        expected = [r for b in sent for r in sorted(b.rows(), key=lambda r: r[0])]
+        assert store.readings(GW) == expected
+        assert store.readings(GW, "bridge-7/strain_1") == [r for r in expected if r[0] == 1]
+        stored = store.alarms(GW)
+        assert [e for e in stored if e.point_id != 2] == [events[0], events[2]]
+        assert stored[1].rule == "stale" and math.isnan(stored[1].value)
         c = worker.counters
-        assert (c.batches_stored, c.readings_stored, c.rejected) == (11, 203, {})
+        assert (c.batches_stored, c.readings_stored, c.alarms_stored, c.rejected) == (
+            11,
+            200,
+            3,
+            {},
+        )
 
     asyncio.run(with_workers([worker], body))
 
@@ -341,7 +359,8 @@ def test_worker_drops_duplicate_seq(mosquitto: Mosquitto, tmp_path: Path) -> Non
             readings=40, batches=2, duplicates_dropped=2, gateways=1
         )
         assert worker.counters.duplicates_dropped == 2
-        assert store.readings(GW)[:20] == list(b.rows())
+        # codec v2 keeps each point's order and groups the points
+        assert store.readings(GW)[:20] == sorted(b.rows(), key=lambda r: r[0])
         assert store.duplicate_readings() == 0
 
     asyncio.run(with_workers([worker], body))
@@ -357,8 +376,17 @@ def test_worker_survives_garbage(
     good, _ = gw.uplink(1)
     alarm_on_batch, _ = gw.uplink(2, lane=wire.LANE_ALARM)
     env = wire.unwrap(good)
-    short_count = wire.wrap(env.lane, env.stream, 3, env.n_points + 1, env.body)
+    short_count = wire.wrap(env.lane, env.stream, 1, env.n_points + 1, env.body)
     bad_body = wire.wrap(env.lane, env.stream, 4, 1, b"\xff\x00garbage")
+    # a body made for another seq, and one that claims to come from another gateway
+    other_seq = wire.wrap(env.lane, env.stream, 5, env.n_points, env.body)
+    b = make_batch(3)
+    other_gw = wire.wrap(env.lane, env.stream, 6, 3, codec.encode(b, gateway="gw-9", seq=6))
+    alarms = [AlarmEvent(1, "high", "critical", True, 1, 2.0, 1)]
+    alarm_other_gw = wire.wrap(
+        wire.LANE_ALARM, env.stream, 7, 1, wire.encode_alarms("gw-9", alarms)
+    )
+    alarm_garbage = wire.wrap(wire.LANE_ALARM, env.stream, 8, 1, b'{"v": 1, "events": 3}')
     garbage: list[tuple[str, bytes]] = [
         (wire.batch_topic(GW), b""),  # envelope: short
         (wire.batch_topic(GW), b"\x00" * 64),  # envelope: magic
@@ -366,6 +394,10 @@ def test_worker_survives_garbage(
         (wire.batch_topic(GW), alarm_on_batch),  # lane on the wrong topic
         (wire.batch_topic(GW), short_count),  # n_points
         (wire.batch_topic(GW), bad_body),  # codec
+        (wire.batch_topic(GW), other_seq),  # seq
+        (wire.batch_topic(GW), other_gw),  # gateway
+        (wire.alarm_topic(GW), alarm_other_gw),  # gateway
+        (wire.alarm_topic(GW), alarm_garbage),  # alarm
         (wire.meta_topic(GW), b"{nope"),  # meta
         (wire.meta_topic(GW), wire.encode_meta(make_meta("gw-9").to_dict())),  # meta_gateway
     ]
@@ -380,6 +412,9 @@ def test_worker_survives_garbage(
             "lane": 1,
             "n_points": 1,
             "codec": 1,
+            "seq": 1,
+            "gateway": 2,
+            "alarm": 1,
             "meta": 1,
             "meta_gateway": 1,
         }

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
+from agent.stage_config import STAGE_TYPES
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 
@@ -46,3 +47,14 @@ def test_ble_example_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     (device,) = parse_config(head + block).devices
     assert device.driver == "ble"
     assert [p.name for p in device.points] == ["temperature", "rssi"]
+
+
+def test_edge_processing_example_config_validates() -> None:
+    section = README.split("## Edge processing", 1)[1]
+    block = section.split("```toml", 1)[1].split("```", 1)[0]
+    config = parse_config('[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n' + block)
+    (device,) = config.devices
+    level, noise = device.points
+    types = [s.type for s in level.pipeline] + [s.type for s in noise.pipeline]
+    # every stage type has its example
+    assert sorted(set(types)) == sorted(STAGE_TYPES)

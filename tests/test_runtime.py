@@ -54,14 +54,6 @@ def test_memory_queue_is_bounded_and_counts_refusals() -> None:
     assert q.take() == []
 
 
-def test_put_back_keeps_what_fits_in_front() -> None:
-    q = MemoryQueue(10, Counters())
-    q.push(batch(3))
-    lost = q.put_back([batch(5), batch(4)])  # 5 fits beside the 3, then 4 does not
-    assert lost == 4
-    assert [len(b) for b in q.take()] == [5, 3]
-
-
 def test_failed_flush_keeps_readings_for_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -72,7 +64,7 @@ def test_failed_flush_keeps_readings_for_the_next(
         assert agent.buffer is not None
         real_append = agent.buffer.append_many
 
-        def disk_full(items: object) -> list[int]:
+        def disk_full(*args: object) -> list[int]:
             raise BufferWriteError("database or disk is full")
 
         monkeypatch.setattr(agent.buffer, "append_many", disk_full)
