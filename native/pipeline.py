@@ -9,39 +9,47 @@ the batch. Alarm rules are stages too: they pass readings on and emit AlarmEvent
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from importlib import import_module
+from typing import Any
 
 from native import stages as st
+from native.aggregate import AggregateTable
+from native.alarms import AlarmTable
 from native.batch import Batch
+from native.filters import (
+    DeadbandTable,
+    EmaTable,
+    HampelTable,
+    MedianTable,
+    RateLimitTable,
+    SdtTable,
+)
 from native.range_table import RangeTable
 from native.table import PipelineCounts, StageTable
 
 MAX_POINT_ID = 999_999  # ids are small ints; tables are sized max id + 1
 
-# spec type -> "module:TableClass" of the table that runs it
-_TABLES: dict[type, str] = {
-    st.RangeStage: "native.range_table:RangeTable",
-    st.HampelStage: "native.filters:HampelTable",
-    st.MedianStage: "native.filters:MedianTable",
-    st.DeadbandStage: "native.filters:DeadbandTable",
-    st.SdtStage: "native.filters:SdtTable",
-    st.RateLimitStage: "native.filters:RateLimitTable",
-    st.EmaStage: "native.filters:EmaTable",
-    st.AggregateStage: "native.aggregate:AggregateTable",
-    st.ThresholdRule: "native.alarms:AlarmTable",
-    st.RateRule: "native.alarms:AlarmTable",
-    st.StaleRule: "native.alarms:AlarmTable",
-    st.FlatlineRule: "native.alarms:AlarmTable",
-    st.BadQualityRule: "native.alarms:AlarmTable",
+# spec type -> the table that runs it
+_TABLES: dict[type, type[StageTable[Any]]] = {
+    st.RangeStage: RangeTable,
+    st.HampelStage: HampelTable,
+    st.MedianStage: MedianTable,
+    st.DeadbandStage: DeadbandTable,
+    st.SdtStage: SdtTable,
+    st.RateLimitStage: RateLimitTable,
+    st.EmaStage: EmaTable,
+    st.AggregateStage: AggregateTable,
+    st.ThresholdRule: AlarmTable,
+    st.RateRule: AlarmTable,
+    st.StaleRule: AlarmTable,
+    st.FlatlineRule: AlarmTable,
+    st.BadQualityRule: AlarmTable,
 }
 
 
-def table_class(spec: object) -> type[StageTable[object]]:
-    path = _TABLES.get(type(spec))
-    if path is None:
+def table_class(spec: object) -> type[StageTable[Any]]:
+    cls = _TABLES.get(type(spec))
+    if cls is None:
         raise TypeError(f"unknown stage {spec!r}")
-    module, name = path.split(":")
-    cls: type[StageTable[object]] = getattr(import_module(module), name)
     return cls
 
 
@@ -50,13 +58,13 @@ class Pipeline:
 
     def __init__(self, stages_by_point: Mapping[int, Sequence[st.StageSpec]]) -> None:
         # (depth, table class) -> {pid: spec}, in first-seen order
-        groups: dict[tuple[int, type[StageTable[object]]], dict[int, object]] = {}
+        groups: dict[tuple[int, type[StageTable[Any]]], dict[int, object]] = {}
         for pid, stages in stages_by_point.items():
             if not 0 <= pid <= MAX_POINT_ID:
                 raise ValueError(f"point id {pid} outside 0..{MAX_POINT_ID}")
             for depth, spec in enumerate(stages):
                 groups.setdefault((depth, table_class(spec)), {})[pid] = spec
-        self.tables: list[tuple[str, StageTable[object]]] = [
+        self.tables: list[tuple[str, StageTable[Any]]] = [
             (f"{depth}:{cls.kind}", cls(specs))
             for (depth, cls), specs in sorted(groups.items(), key=lambda kv: kv[0][0])
         ]
@@ -94,4 +102,4 @@ class Pipeline:
         return sum(table.load_state(by_table.get(key, {})) for key, table in self.tables)
 
 
-__all__ = ["MAX_POINT_ID", "Pipeline", "PipelineCounts", "RangeTable", "table_class"]
+__all__ = ["MAX_POINT_ID", "Pipeline", "PipelineCounts", "table_class"]

@@ -11,12 +11,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
 from agent.config import ConfigError, load_config
 from drivers.base import BatchSink, Driver
 from native import impl
+from native.batch import Batch
+from native.table import StageTable
 
 IMPLEMENTATIONS = ["cython", "python"]
 
@@ -35,6 +38,21 @@ def load_kernels(name: str, module: str = "kernels") -> ModuleType:
             f"native._{module} is not built ({exc}): run `python setup.py build_ext --inplace`, "
             "or set CITYGW_PURE_PYTHON=1 to test only the pure-Python twins"
         )
+
+
+def columns(batch: Batch) -> tuple[bytes, bytes, bytes, bytes]:
+    """A batch's columns as bytes: equal only if bit-identical (NaN payloads, -0.0)."""
+    return (
+        batch.point_ids.tobytes(),
+        batch.timestamps.tobytes(),
+        batch.values.tobytes(),
+        batch.quality.tobytes(),
+    )
+
+
+def state_bytes(table: StageTable[Any]) -> dict[str, bytes]:
+    """A stage table's state arrays as bytes, by name."""
+    return {name: arr.tobytes() for name, (arr, _) in table.state.items()}
 
 
 async def run_driver_until(

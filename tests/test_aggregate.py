@@ -20,7 +20,7 @@ from native.batch import BAD, GOOD, UNCERTAIN, Batch
 from native.pipeline import Pipeline
 from native.stages import AGGREGATE_FUNCTIONS, AggregateStage
 from native.table import PipelineCounts
-from tests.helpers import IMPLEMENTATIONS, load_kernels
+from tests.helpers import IMPLEMENTATIONS, columns, load_kernels, state_bytes
 
 NAN = math.nan
 INF = math.inf
@@ -52,16 +52,6 @@ def run(table: AggregateTable, rows: Sequence[Row], now_ms: int = 0) -> tuple[li
     counts = PipelineCounts()
     out = table.run(Batch.from_rows(rows), now_ms, counts)
     return list(out.rows()), counts
-
-
-def columns(batch: Batch) -> tuple[bytes, ...]:
-    return tuple(
-        c.tobytes() for c in (batch.point_ids, batch.timestamps, batch.values, batch.quality)
-    )
-
-
-def state_bytes(table: AggregateTable) -> tuple[bytes, ...]:
-    return tuple(arr.tobytes() for name, (arr, _) in sorted(table.state.items()))
 
 
 def by_id(rows: Sequence[Row]) -> dict[int, float]:

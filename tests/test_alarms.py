@@ -27,7 +27,7 @@ from native.stages import (
     ThresholdRule,
 )
 from native.table import PipelineCounts
-from tests.helpers import load_kernels
+from tests.helpers import columns, load_kernels, state_bytes
 
 NAN = math.nan
 INF = math.inf
@@ -40,15 +40,6 @@ Ev = tuple[int, bool, int, float, int]  # (pid, raised, ts, value, since)
 @pytest.fixture(params=["cython", "python"])
 def mod(request: pytest.FixtureRequest) -> ModuleType:
     return load_kernels(request.param, "alarms")
-
-
-def columns(batch: Batch) -> tuple[bytes, bytes, bytes, bytes]:
-    return (
-        batch.point_ids.tobytes(),
-        batch.timestamps.tobytes(),
-        batch.values.tobytes(),
-        batch.quality.tobytes(),
-    )
 
 
 def run(table: AlarmTable, rows: list[Row], now_ms: int = 0) -> list[AlarmEvent]:
@@ -71,10 +62,6 @@ def exact(events: list[AlarmEvent]) -> list[tuple[object, ...]]:
         (e.point_id, e.rule, e.severity, e.raised, e.ts_ms, struct.pack("<d", e.value), e.since_ms)
         for e in events
     ]
-
-
-def state_bytes(table: AlarmTable) -> dict[str, bytes]:
-    return {name: arr.tobytes() for name, (arr, _) in table.state.items()}
 
 
 # -- threshold -----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from native.stages import (
     SdtStage,
 )
 from native.table import PipelineCounts
-from tests.helpers import load_kernels
+from tests.helpers import columns, load_kernels, state_bytes
 
 NAN = math.nan
 INF = math.inf
@@ -60,19 +60,6 @@ TABLES: dict[str, type[Table]] = {
 @pytest.fixture(params=["cython", "python"])
 def mod(request: pytest.FixtureRequest) -> ModuleType:
     return load_kernels(request.param, "filters")
-
-
-def columns(batch: Batch) -> tuple[bytes, bytes, bytes, bytes]:
-    return (
-        batch.point_ids.tobytes(),
-        batch.timestamps.tobytes(),
-        batch.values.tobytes(),
-        batch.quality.tobytes(),
-    )
-
-
-def state_bytes(table: Table) -> dict[str, bytes]:
-    return {name: arr.tobytes() for name, (arr, _) in table.state.items()}
 
 
 def run(table: Table, batches: Sequence[Batch]) -> tuple[list[Batch], PipelineCounts]:

@@ -14,7 +14,7 @@ from native.batch import BAD, GOOD, UNCERTAIN, Batch
 from native.pipeline import Pipeline
 from native.stages import RangeStage
 from native.table import PipelineCounts
-from tests.helpers import load_kernels
+from tests.helpers import columns, load_kernels
 
 NONE, FLAG, DROP = kernels_py.ACTION_NONE, kernels_py.ACTION_FLAG, kernels_py.ACTION_DROP
 INF = math.inf
@@ -32,15 +32,6 @@ def use_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     mod = load_kernels(request.param)
     monkeypatch.setattr(impl, "range_check", mod.range_check)
     return mod
-
-
-def columns(batch: Batch) -> tuple[bytes, bytes, bytes, bytes]:
-    return (
-        batch.point_ids.tobytes(),
-        batch.timestamps.tobytes(),
-        batch.values.tobytes(),
-        batch.quality.tobytes(),
-    )
 
 
 def run_kernel(
