@@ -1,15 +1,22 @@
 """A private Mosquitto broker on a free loopback port, for the demo, the tests and
 the benchmarks: started from the binary on PATH with a config written to a
-temporary directory, stoppable and restartable on the same port (outages)."""
+temporary directory, stoppable and restartable on the same port (outages).
+
+For the security tests: `tls_listener` (a TLS listener, optionally requiring client
+certificates) for `extra_conf`, and `write_password_file` with `allow_anonymous=False`."""
 
 from __future__ import annotations
 
+import base64
 import getpass
+import hashlib
+import os
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -30,13 +37,67 @@ def mosquitto_binary() -> str | None:
     )
 
 
+def tls_listener(
+    port: int,
+    cafile: Path,
+    certfile: Path,
+    keyfile: Path,
+    *,
+    require_certificate: bool = False,
+    use_identity_as_username: bool = False,
+) -> str:
+    """mosquitto.conf lines for a TLS listener on 127.0.0.1:`port` (for `extra_conf`):
+    the broker's certificate and key, and the CA its clients' certificates must chain to
+    when `require_certificate`; `use_identity_as_username` makes a client certificate's
+    CN its username."""
+    lines = [
+        f"listener {port} 127.0.0.1",
+        f"cafile {cafile}",
+        f"certfile {certfile}",
+        f"keyfile {keyfile}",
+    ]
+    if require_certificate:
+        lines.append("require_certificate true")
+    if use_identity_as_username:
+        lines.append("use_identity_as_username true")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def write_password_file(path: Path, users: Mapping[str, str]) -> Path:
+    """A Mosquitto password file for `users` (name -> password), mode 0600: made by
+    `mosquitto_passwd` when it is installed, else in its PBKDF2-SHA512 format ($7$)."""
+    path.write_text("")
+    path.chmod(0o600)
+    tool = shutil.which("mosquitto_passwd")
+    if tool is not None:
+        for user, password in users.items():
+            subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+        return path
+    lines = []
+    for user, password in users.items():
+        salt = os.urandom(12)
+        digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101, 64)
+        b64 = base64.b64encode
+        lines.append(f"{user}:$7$101${b64(salt).decode()}${b64(digest).decode()}\n")
+    path.write_text("".join(lines))
+    return path
+
+
 class Mosquitto:
     """`with Mosquitto() as broker: ... broker.url ...`"""
 
     def __init__(
-        self, port: int | None = None, workdir: Path | None = None, extra_conf: str = ""
+        self,
+        port: int | None = None,
+        workdir: Path | None = None,
+        extra_conf: str = "",
+        *,
+        allow_anonymous: bool = True,
+        password_file: Path | None = None,
     ) -> None:
-        """`extra_conf` is appended to the generated mosquitto.conf (e.g. a TLS listener)."""
+        """`extra_conf` is appended to the generated mosquitto.conf (e.g. a TLS listener,
+        see `tls_listener`). `allow_anonymous=False` with a `password_file` (see
+        `write_password_file`) makes every listener require a username and password."""
         binary = mosquitto_binary()
         if binary is None:
             raise BrokerError(
@@ -47,12 +108,14 @@ class Mosquitto:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="citygw-mosquitto-"))
         self.conf = self.workdir / "mosquitto.conf"
         self.log = self.workdir / "mosquitto.log"
+        auth = f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
+        if password_file is not None:
+            auth += f"password_file {password_file}\n"
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             # started as root, mosquitto would switch to user "mosquitto", which cannot
             # write the persistence file and log in our (private) work directory
-            f"user {getpass.getuser()}\n"
-            "allow_anonymous true\n"
+            f"user {getpass.getuser()}\n" + auth +
             # persistence keeps the ingest's session (its subscription and queued
             # messages) across a restart, as a production broker does
             "persistence true\n"

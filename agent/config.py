@@ -180,6 +180,8 @@ class UplinkConfig(_Section):
     backoff_min: Duration = Field(1.0, ge=0.01, le=3600.0)
     backoff_max: Duration = Field(60.0, ge=0.01, le=86400.0)
     max_batch_points: int = Field(10_000, ge=100, le=100_000)
+    #: how often the retained up/stats message (evictions, backlog) is refreshed
+    stats_interval: Duration = Field(60.0, ge=0.1, le=86400.0)
 
     @field_validator("topic_prefix")
     @classmethod

@@ -43,7 +43,7 @@ class LoopbackSession:
         timeout: float | None = None,
     ) -> None:
         _, kind = wire.parse_topic(topic, self._prefix)
-        if kind in (wire.KIND_BATCH, wire.KIND_ALARM, wire.KIND_META):  # what ingest subscribes
+        if kind in (wire.KIND_BATCH, wire.KIND_ALARM, wire.KIND_META, wire.KIND_STATS):
             await self._deliver(topic, payload)
 
 

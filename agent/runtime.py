@@ -31,7 +31,7 @@ from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
 from drivers.base import DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
-from native import codec
+from native import codec, impl
 from native.batch import Batch
 from native.pipeline import Pipeline
 from native.stages import AlarmEvent
@@ -41,6 +41,11 @@ log = logging.getLogger("citygw.agent")
 T = TypeVar("T")
 
 STATUS_INTERVAL_S = 5.0
+# An obviously wrong clock: before 2020 (an RTC that lost power restarts in 1970 or at
+# its build date) or over a day ahead of the gateway's own clock.
+CLOCK_VALID_FROM_MS = 1_577_836_800_000
+CLOCK_AHEAD_MAX_MS = 86_400_000
+CLOCK_STEP_S = 2.0  # a wall-clock jump against the monotonic clock worth reporting
 COMMAND_TIMEOUT_S = 10.0
 
 
@@ -49,7 +54,10 @@ class Counters:
     read: int = 0  # readings pushed by drivers and accepted
     refused: int = 0  # readings refused by the full memory queue (back-pressure)
     flagged: int = 0  # readings marked bad by the pipeline
-    dropped: int = 0  # readings removed by the pipeline as invalid, or lost (see flush)
+    dropped: int = 0  # readings removed by the pipeline as invalid
+    lost: int = 0  # pipeline output lost while the buffer refused writes (memory bound)
+    clock_flagged: int = 0  # readings stamped by an obviously wrong clock: UNCERTAIN
+    clock_steps: int = 0  # wall-clock jumps seen (NTP step, RTC reset, manual change)
     replaced: int = 0  # spikes replaced by their window's median
     clamped: int = 0  # readings moved to their rate limit
     suppressed: int = 0  # readings held back as redundant (deadband, sdt, aggregates)
@@ -185,6 +193,7 @@ class Agent:
         self._pending: list[Batch] = []
         self._pending_alarms: list[AlarmEvent] = []
         self._pending_state: dict[str, bytes] = {}
+        self._clock_offset = time.time() - time.monotonic()
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -229,12 +238,14 @@ class Agent:
                 ack_timeout=up.ack_timeout,
                 backoff_min=up.backoff_min,
                 backoff_max=up.backoff_max,
+                stats_interval=up.stats_interval,
             ),
             BufferPort(self._peek, self._ack),
             buffer.stream_id,
             meta,
             self._connect,
             self.handle_command,
+            self._stats,
         )
         for driver in self.drivers:
             self._driver_tasks.append(
@@ -257,6 +268,23 @@ class Agent:
                 "stages_resumed": resumed,
                 "accelerated": native.ACCELERATED,
             },
+        )
+
+    async def _stats(self) -> bytes:
+        """The retained up/stats message: what the buffer took, evicted and still holds."""
+        assert self.buffer is not None
+        stats = await self._on_buffer(self.buffer.stats)
+        return wire.encode_stats(
+            wire.GatewayStats(
+                gateway=self.config.gateway.id,
+                ts=time.time_ns() // 1_000_000,
+                appended_points=stats.appended_points,
+                evicted_points=stats.evicted_points,
+                evicted_messages=stats.evicted_messages,
+                backlog_points=sum(lane.points for lane in stats.lanes.values()),
+                backlog_messages=sum(lane.messages for lane in stats.lanes.values()),
+                lost_points=self.counters.lost,
+            )
         )
 
     async def handle_command(self, payload: bytes) -> bytes:
@@ -323,6 +351,16 @@ class Agent:
         assert self.buffer is not None
         if batches or self.pipeline.timed:
             batch = Batch.concat(batches)
+            flagged = impl.flag_timestamps(
+                batch.timestamps, batch.quality, CLOCK_VALID_FROM_MS, now_ms + CLOCK_AHEAD_MAX_MS
+            )
+            if flagged:
+                self.counters.clock_flagged += flagged
+                if (n := self._throttle.ready("clock", flagged)) is not None:
+                    log.warning(
+                        "readings stamped by an obviously wrong clock flagged uncertain",
+                        extra={"readings": n, "gateway_clock_ms": now_ms},
+                    )
             touched = set(batch.point_ids)
             out, counts = self.pipeline.process(batch, now_ms)
             self._count(counts)
@@ -381,7 +419,7 @@ class Agent:
             excess -= len(chunk)
             lost += len(chunk)
         if lost:
-            self.counters.dropped += lost
+            self.counters.lost += lost
             log.error(
                 "buffer unavailable for too long: oldest readings lost",
                 extra={"lost_readings": lost, "max_memory_points": self.queue.max_points},
@@ -417,6 +455,7 @@ class Agent:
         if not (batches or self.pipeline.timed or self._pending or self._pending_alarms):
             return 0
         now_ms = time.time_ns() // 1_000_000
+        self._check_clock(now_ms)
         try:
             n: int = await self._on_buffer(self._flush_sync, batches, now_ms)
         except Exception as exc:
@@ -434,6 +473,16 @@ class Agent:
         if n and self.uplink is not None:
             self.uplink.wake()
         return n
+
+    def _check_clock(self, now_ms: int) -> None:
+        """Reports a step of the wall clock (readings keep the time they were taken, and
+        sequence numbers do not depend on the clock, so nothing is reordered)."""
+        offset = now_ms / 1000.0 - time.monotonic()
+        step = offset - self._clock_offset
+        self._clock_offset = offset
+        if abs(step) > CLOCK_STEP_S:
+            self.counters.clock_steps += 1
+            log.warning("wall clock stepped", extra={"step_s": round(step, 3), "now_ms": now_ms})
 
     async def _flush_loop(self) -> None:
         interval = self.config.buffer.flush_interval

@@ -45,6 +45,7 @@ class UplinkSettings:
     ack_timeout: float = 10.0
     backoff_min: float = 1.0
     backoff_max: float = 60.0
+    stats_interval: float = 60.0
 
 
 class Publisher(Protocol):
@@ -115,12 +116,16 @@ class Uplink:
         meta: bytes,
         connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
         on_command: Callable[[bytes], Awaitable[bytes]] | None = None,
+        stats: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         """`connect` opens a session with the broker; the default is an MQTT client
         for `settings.broker` (the demo passes an in-process link instead).
-        `on_command` answers a downlink command (down/cmd) with its response (up/resp)."""
+        `on_command` answers a downlink command (down/cmd) with its response (up/resp).
+        `stats` makes the retained up/stats message, published on connect and then
+        every `settings.stats_interval` seconds."""
         self.s = settings
         self._on_command = on_command
+        self._stats = stats
         self._connect = connect or self._client
         self.buffer = buffer
         self.stream_id = stream_id
@@ -139,6 +144,7 @@ class Uplink:
         self._meta_topic = wire.topic(prefix, gw, "up/meta")
         self._cmd_topic = wire.topic(prefix, gw, "down/cmd")
         self._resp_topic = wire.topic(prefix, gw, "up/resp")
+        self._stats_topic = wire.topic(prefix, gw, wire.KIND_STATS)
 
     def wake(self) -> None:
         """New data is in the buffer."""
@@ -200,17 +206,19 @@ class Uplink:
             log.info("uplink connected", extra={"broker": self.s.broker})
             await client.publish(self._state_topic, b"online", qos=1, retain=True)
             await client.publish(self._meta_topic, self.meta, qos=1, retain=True)
-            commands: asyncio.Task[None] | None = None
+            helpers: list[asyncio.Task[None]] = []
             if self._on_command is not None and isinstance(client, aiomqtt.Client):
                 await client.subscribe(self._cmd_topic, qos=1)
-                commands = asyncio.create_task(self._commands(client), name="downlink")
+                helpers.append(asyncio.create_task(self._commands(client), name="downlink"))
+            if self._stats is not None:
+                helpers.append(asyncio.create_task(self._report(client), name="stats"))
             try:
-                await self._pump(client)
+                await self._pump(client, helpers)
             finally:
-                if commands is not None:
-                    commands.cancel()
+                for task in helpers:
+                    task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await commands
+                        await task
                 # a clean goodbye: the will only fires on an unclean one
                 if self.status.state == "online":
                     with contextlib.suppress(aiomqtt.MqttError):
@@ -227,15 +235,30 @@ class Uplink:
             answer = await self._on_command(message.payload)
             await client.publish(self._resp_topic, answer, qos=1)
 
+    async def _report(self, client: Publisher) -> None:
+        """The buffer's counters, retained, so the platform knows evictions and backlog."""
+        assert self._stats is not None
+        while True:
+            payload = await self._stats()
+            await client.publish(
+                self._stats_topic, payload, qos=1, retain=True, timeout=self.s.ack_timeout
+            )
+            await asyncio.sleep(self.s.stats_interval)
+
     async def _publish(self, client: Publisher, msg: Message) -> Message:
         payload = wire.wrap(msg.lane, self.stream_id, msg.seq, msg.n_points, msg.payload)
         await client.publish(self._topics[msg.lane], payload, qos=1, timeout=self.s.ack_timeout)
         return msg
 
-    async def _pump(self, client: Publisher) -> None:
+    async def _pump(self, client: Publisher, helpers: Sequence[asyncio.Task[None]] = ()) -> None:
+        """Keeps the window full until a publish (or a helper task) fails."""
         inflight: dict[int, asyncio.Task[Message]] = {}
+        running = list(helpers)
         try:
             while True:
+                for helper in [t for t in running if t.done()]:
+                    helper.result()  # a failed stats publish or command loop: reconnect
+                    running.remove(helper)
                 self._wake.clear()
                 free = self.s.window - len(inflight)
                 if free > 0:
@@ -243,11 +266,10 @@ class Uplink:
                         if msg.seq in self.status.seen_seqs:
                             self.status.resent_messages += 1
                         inflight[msg.seq] = asyncio.create_task(self._publish(client, msg))
-                if not inflight:
-                    await self._wake.wait()
-                    continue
                 wake = asyncio.create_task(self._wake.wait())
-                await asyncio.wait([*inflight.values(), wake], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [*inflight.values(), *running, wake], return_when=asyncio.FIRST_COMPLETED
+                )
                 wake.cancel()
                 # result() re-raises a publish error, which ends the session: reconnect
                 acked = [task.result() for task in inflight.values() if task.done()]

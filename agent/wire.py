@@ -6,6 +6,7 @@ Topics (``prefix`` is configurable, default ``citygw``)::
     <prefix>/<gateway>/up/alarm   alarm lane (binary envelope)
     <prefix>/<gateway>/up/meta    retained, JSON point registry (see `encode_meta`)
     <prefix>/<gateway>/state      retained text "online" / "offline" (last will "offline")
+    <prefix>/<gateway>/up/stats   retained JSON, the buffer's counters (see `encode_stats`)
 
 Uplink envelope: a fixed 32-byte big-endian header, then the codec body::
 
@@ -55,7 +56,10 @@ KIND_META: Final = "up/meta"
 KIND_STATE: Final = "state"
 KIND_CMD: Final = "down/cmd"  # platform -> gateway commands
 KIND_RESP: Final = "up/resp"  # their answers
-KINDS: Final = frozenset({KIND_BATCH, KIND_ALARM, KIND_META, KIND_STATE, KIND_CMD, KIND_RESP})
+KIND_STATS: Final = "up/stats"  # retained JSON: the buffer's counters (evictions, backlog)
+KINDS: Final = frozenset(
+    {KIND_BATCH, KIND_ALARM, KIND_META, KIND_STATE, KIND_CMD, KIND_RESP, KIND_STATS}
+)
 
 STATE_ONLINE: Final = b"online"
 STATE_OFFLINE: Final = b"offline"
@@ -124,17 +128,19 @@ def ingest_filters(prefix: str = DEFAULT_PREFIX, group: str | None = None) -> li
     """What an ingest worker subscribes to: the batch, alarm and meta topics of every
     gateway (not up/resp: command answers are for whoever sent the command). In a group:
     the batch and alarm topics shared (``$share/<group>/<prefix>/+/up/batch`` and
-    ``.../up/alarm``: each uplink goes to one worker), and ``<prefix>/+/up/meta``
-    unshared, because a broker never sends retained messages to a shared subscription
-    and every worker should know every gateway's points (the upsert is idempotent)."""
+    ``.../up/alarm``: each uplink goes to one worker), and ``<prefix>/+/up/meta`` and
+    ``up/stats`` unshared, because a broker never sends retained messages to a shared
+    subscription and every worker should know every gateway (the upserts are idempotent)."""
     _check_prefix(prefix)
     if not group:
-        return [f"{prefix}/+/{kind}" for kind in (KIND_BATCH, KIND_ALARM, KIND_META)]
+        kinds = (KIND_BATCH, KIND_ALARM, KIND_META, KIND_STATS)
+        return [f"{prefix}/+/{kind}" for kind in kinds]
     _check_level(group, "shared subscription group")
     return [
         f"$share/{group}/{prefix}/+/{KIND_BATCH}",
         f"$share/{group}/{prefix}/+/{KIND_ALARM}",
         f"{prefix}/+/{KIND_META}",
+        f"{prefix}/+/{KIND_STATS}",
     ]
 
 
@@ -399,7 +405,7 @@ def encode_alarms(gateway: str, events: Sequence[AlarmEvent]) -> bytes:
 def _int(obj: Mapping[str, Any], field: str, where: str, lo: int, hi: int) -> int:
     v = obj.get(field)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise WireError(f"alarm {where}: {field!r} must be an integer in {lo}..{hi}")
+        raise WireError(f"{where or 'stats'}: {field!r} must be an integer in {lo}..{hi}")
     return v
 
 
@@ -420,13 +426,13 @@ def _alarm(obj: Any, i: int) -> AlarmEvent:
     elif isinstance(value, bool) or not isinstance(value, int | float):
         raise WireError(f"alarm {where}: 'value' must be a number or null")
     return AlarmEvent(
-        point_id=_int(obj, "point", where, 0, MAX_U32),
+        point_id=_int(obj, "point", f"alarm {where}", 0, MAX_U32),
         rule=rule,
         severity=severity,
         raised=_ALARM_STATES[state],
-        ts_ms=_int(obj, "ts", where, -_INT64, _INT64 - 1),
+        ts_ms=_int(obj, "ts", f"alarm {where}", -_INT64, _INT64 - 1),
         value=float(value),
-        since_ms=_int(obj, "since", where, -_INT64, _INT64 - 1),
+        since_ms=_int(obj, "since", f"alarm {where}", -_INT64, _INT64 - 1),
     )
 
 
@@ -447,3 +453,60 @@ def decode_alarms(data: bytes | bytearray | memoryview) -> tuple[str, list[Alarm
     if not isinstance(events, list):
         raise WireError("alarms: 'events' must be a list")
     return gateway, [_alarm(e, i) for i, e in enumerate(events)]
+
+
+# -- stats (retained, up/stats) -------------------------------------------------------------
+#
+#   {"v": 1, "gateway": "gw-1", "ts": 1795938246112, "appended_points": 120000,
+#    "evicted_points": 0, "evicted_messages": 0, "backlog_points": 40, "backlog_messages": 2,
+#    "lost_points": 0}
+# evicted_*: readings the full buffer evicted since it was created (never sent, counted);
+# lost_points: readings the agent lost before the buffer (memory bound while the buffer
+# refused writes), since the agent started.
+
+STATS_VERSION: Final = 1
+STATS_FIELDS: Final = (
+    "ts",
+    "appended_points",
+    "evicted_points",
+    "evicted_messages",
+    "backlog_points",
+    "backlog_messages",
+    "lost_points",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayStats:
+    gateway: str
+    ts: int
+    appended_points: int
+    evicted_points: int
+    evicted_messages: int
+    backlog_points: int
+    backlog_messages: int
+    lost_points: int
+
+
+def encode_stats(stats: GatewayStats) -> bytes:
+    return orjson.dumps(
+        {"v": STATS_VERSION, "gateway": stats.gateway}
+        | {f: getattr(stats, f) for f in STATS_FIELDS}
+    )
+
+
+def decode_stats(data: bytes | bytearray | memoryview) -> GatewayStats:
+    """Raises WireError (only) on bad input."""
+    try:
+        obj = orjson.loads(data)
+    except (orjson.JSONDecodeError, TypeError) as e:
+        raise WireError(f"stats are not valid JSON: {e}") from None
+    if not isinstance(obj, Mapping):
+        raise WireError("stats must be a JSON object")
+    if obj.get("v") != STATS_VERSION or isinstance(obj.get("v"), bool):
+        raise WireError(f"stats: unknown version {obj.get('v')!r} (this platform understands 1)")
+    gateway = obj.get("gateway")
+    if not isinstance(gateway, str):
+        raise WireError("stats: 'gateway' must be a string")
+    values = {f: _int(obj, f, "", 0, _INT64 - 1) for f in STATS_FIELDS}
+    return GatewayStats(gateway=gateway, **values)

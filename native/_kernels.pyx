@@ -12,7 +12,9 @@ cdef enum:
     ACTION_NONE = 0
     ACTION_FLAG = 1
     ACTION_DROP = 2
+    GOOD = 0
     BAD = 1
+    UNCERTAIN = 2
 
 
 def range_check(
@@ -82,3 +84,17 @@ def delta_decode(uint_t[::1] col):
         for i in range(col.shape[0]):
             acc += col[i]
             col[i] = acc
+
+
+def flag_timestamps(const int64_t[::1] timestamps, uint8_t[::1] quality, int64_t lo, int64_t hi):
+    """See kernels_py.flag_timestamps: GOOD readings stamped outside [lo, hi) become
+    UNCERTAIN; returns how many."""
+    cdef Py_ssize_t i, n = timestamps.shape[0], flagged = 0
+    if quality.shape[0] != n:
+        raise ValueError("flag_timestamps: columns differ in length")
+    with nogil:
+        for i in range(n):
+            if (timestamps[i] < lo or timestamps[i] >= hi) and quality[i] == GOOD:
+                quality[i] = UNCERTAIN
+                flagged += 1
+    return flagged

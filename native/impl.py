@@ -50,9 +50,10 @@ _kernels, IMPLEMENTATION = _load("kernels")
 
 if TYPE_CHECKING:
     # Both modules share these signatures (the tests hold them to it); type by the twin.
-    from native.kernels_py import delta_decode, delta_encode, range_check
+    from native.kernels_py import delta_decode, delta_encode, flag_timestamps, range_check
 else:
     range_check = _kernels.range_check
+    flag_timestamps = _kernels.flag_timestamps
     delta_encode = _kernels.delta_encode
     delta_decode = _kernels.delta_decode
 
@@ -62,6 +63,7 @@ __all__ = [
     "accelerated",
     "delta_decode",
     "delta_encode",
+    "flag_timestamps",
     "kernels",
     "pure_python_forced",
     "range_check",

@@ -16,7 +16,7 @@ ACTION_NONE = 0
 ACTION_FLAG = 1
 ACTION_DROP = 2
 
-BAD = 1  # native.batch.BAD; repeated so the kernels import nothing
+GOOD, BAD, UNCERTAIN = 0, 1, 2  # native.batch's; repeated so the kernels import nothing
 
 
 def range_check(
@@ -73,3 +73,16 @@ def delta_decode(col: array[int]) -> None:
     """In place: undo ``delta_encode`` (running sum, wrapping)."""
     mask = (1 << (8 * col.itemsize)) - 1
     col[:] = array(col.typecode, [x & mask for x in accumulate(col)])
+
+
+def flag_timestamps(timestamps: array[int], quality: array[int], lo: int, hi: int) -> int:
+    """Readings stamped outside [lo, hi) by an obviously wrong clock: each GOOD one becomes
+    UNCERTAIN (kept, not dropped: the value is fine, its time is not); returns how many."""
+    if len(quality) != len(timestamps):
+        raise ValueError("flag_timestamps: columns differ in length")
+    flagged = 0
+    for i, ts in enumerate(timestamps):
+        if (ts < lo or ts >= hi) and quality[i] == GOOD:
+            quality[i] = UNCERTAIN
+            flagged += 1
+    return flagged

@@ -26,6 +26,7 @@ id = "{GW}"
 [uplink]
 broker = "mqtt://127.0.0.1"
 backoff_min = "50ms"
+stats_interval = "100ms"
 [buffer]
 path = "{buffer}"
 flush_interval = "100ms"
@@ -98,6 +99,11 @@ def test_alarms_aggregates_and_deadband_reach_the_platform(tmp_path: Path) -> No
     assert c.sent == len(level) + len(laeq) + len(count) == store.counts().readings
     # all but the level's first reading were held back (the latest may still be held)
     assert c.read - 2 <= c.suppressed <= c.read - 1
+    # the gateway's buffer counters reached the platform (retained up/stats)
+    stats = store.stats(GW)
+    assert stats is not None and stats.gateway == GW
+    assert stats.evicted_points == stats.lost_points == 0
+    assert 0 < stats.appended_points <= c.sent + c.alarms_raised
     store.close()
 
 

@@ -205,3 +205,14 @@ def test_empty_pipeline_and_empty_batch(use_impl: ModuleType) -> None:
     assert Pipeline({}).process(b) == (b, PipelineCounts(0, 0))
     out, counts = Pipeline({0: [RangeStage(action="drop")]}).process(Batch())
     assert len(out) == 0 and counts == PipelineCounts()
+
+
+def test_flag_timestamps_marks_good_readings_outside_the_window(kernels: ModuleType) -> None:
+    lo, hi = 1_577_836_800_000, 1_900_000_000_000
+    ts = array("q", [0, lo - 1, lo, 1_800_000_000_000, hi - 1, hi, -(2**63), 2**63 - 1])
+    quality = array("B", [GOOD, BAD, GOOD, GOOD, GOOD, GOOD, UNCERTAIN, GOOD])
+    assert kernels.flag_timestamps(ts, quality, lo, hi) == 3
+    # BAD stays BAD; inside [lo, hi) untouched; outside and GOOD -> UNCERTAIN
+    assert list(quality) == [UNCERTAIN, BAD, GOOD, GOOD, GOOD, UNCERTAIN, UNCERTAIN, UNCERTAIN]
+    with pytest.raises(ValueError):
+        kernels.flag_timestamps(ts, array("B", [0]), lo, hi)

@@ -65,13 +65,26 @@ def test_topic_builders() -> None:
         "citygw/+/up/batch",
         "citygw/+/up/alarm",
         "citygw/+/up/meta",
+        "citygw/+/up/stats",
     ]
     assert wire.ingest_filters("citygw", "") == wire.ingest_filters("citygw", None)
     assert wire.ingest_filters("c", "g") == [
         "$share/g/c/+/up/batch",
         "$share/g/c/+/up/alarm",
         "c/+/up/meta",
+        "c/+/up/stats",
     ]
+
+
+def test_stats_round_trip_and_rejects() -> None:
+    stats = wire.GatewayStats("gw-1", 1795938246112, 120_000, 35, 2, 40, 3, 7)
+    assert wire.decode_stats(wire.encode_stats(stats)) == stats
+    for bad in (b"", b"[]", b'{"v": 2}', b'{"v": 1, "gateway": 3}', b'{"v": 1, "gateway": "g"}'):
+        with pytest.raises(WireError):
+            wire.decode_stats(bad)
+    negative = wire.encode_stats(stats).replace(b'"evicted_points":35', b'"evicted_points":-1')
+    with pytest.raises(WireError, match="evicted_points"):
+        wire.decode_stats(negative)
 
 
 @pytest.mark.parametrize("gateway", ["", "a/b", "a+", "#", "x\x00"])

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
-from agent.wire import Envelope, Meta
+from agent.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
 
@@ -62,11 +62,19 @@ class Store(Protocol):
     def readings(
         self, gateway: str, point_key: str | None = None
     ) -> list[tuple[int, int, float, int]]:
-        """(point_id, ts, value, quality) in insertion order, for tests and tools."""
+        """(point_id, ts, value, quality) in sending order (uplink seq, then position)."""
         ...
 
     def alarms(self, gateway: str) -> list[AlarmEvent]:
         """The gateway's alarm events in the order received, for tests and tools."""
+        ...
+
+    def store_stats(self, stats: GatewayStats) -> None:
+        """Keep the gateway's latest reported buffer counters (an older report is ignored)."""
+        ...
+
+    def stats(self, gateway: str) -> GatewayStats | None:
+        """The latest counters the gateway reported, if any."""
         ...
 
     def close(self) -> None: ...
@@ -104,13 +112,14 @@ def check_batch(env: Envelope, body: Body) -> None:
 
 def split_bodies(
     items: Sequence[tuple[str, Envelope, Body]],
-) -> tuple[list[tuple[str, Batch]], list[tuple[str, AlarmEvent]]]:
-    """The readings and the alarm events of the given (fresh) uplinks."""
-    batches: list[tuple[str, Batch]] = []
+) -> tuple[list[tuple[str, int, Batch]], list[tuple[str, AlarmEvent]]]:
+    """The readings (gateway, seq as stored, batch) and the alarm events of the given
+    (fresh) uplinks."""
+    batches: list[tuple[str, int, Batch]] = []
     alarms: list[tuple[str, AlarmEvent]] = []
-    for gateway, _, body in items:
+    for gateway, env, body in items:
         if isinstance(body, Batch):
-            batches.append((gateway, body))
+            batches.append((gateway, seq_to_db(env.seq), body))
         else:
             alarms.extend((gateway, e) for e in body)
     return batches, alarms
@@ -152,3 +161,25 @@ def open_store(url: str) -> Store:
 
         return PostgresStore(url)
     raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path.db or postgresql://...")
+
+
+STATS_COLUMNS = ", ".join(("gateway", *STATS_FIELDS))
+
+
+def stats_upsert(placeholder: str) -> str:
+    """Upsert of a gateway's latest stats; a report older than the stored one is ignored."""
+    values = ", ".join([placeholder] * (1 + len(STATS_FIELDS)))
+    updates = ", ".join(f"{f} = excluded.{f}" for f in STATS_FIELDS)
+    return (
+        f"INSERT INTO gateway_stats ({STATS_COLUMNS}) VALUES ({values}) "
+        f"ON CONFLICT (gateway) DO UPDATE SET {updates} WHERE excluded.ts >= gateway_stats.ts"
+    )
+
+
+def stats_row(stats: GatewayStats) -> tuple[Any, ...]:
+    return (stats.gateway, *(getattr(stats, f) for f in STATS_FIELDS))
+
+
+def stats_from_row(row: Sequence[Any]) -> GatewayStats:
+    gateway, *values = row
+    return GatewayStats(str(gateway), *(int(v) for v in values))

@@ -29,6 +29,7 @@ from psycopg import sql
 
 from agent.ingest.store import (
     ALARM_COLUMNS,
+    STATS_COLUMNS,
     Body,
     StoreCounts,
     alarm_from_row,
@@ -38,8 +39,11 @@ from agent.ingest.store import (
     points_upsert,
     seq_to_db,
     split_bodies,
+    stats_from_row,
+    stats_row,
+    stats_upsert,
 )
-from agent.wire import Envelope, Meta
+from agent.wire import Envelope, GatewayStats, Meta
 from native.stages import AlarmEvent
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -63,6 +67,7 @@ CREATE TABLE IF NOT EXISTS readings (
     value    double precision NOT NULL,
     quality  smallint         NOT NULL
 );
+ALTER TABLE readings ADD COLUMN IF NOT EXISTS seq bigint;
 CREATE INDEX IF NOT EXISTS readings_gateway_point_ts ON readings (gateway, point_id, ts);
 CREATE TABLE IF NOT EXISTS points (
     gateway    text   NOT NULL,
@@ -97,6 +102,16 @@ CREATE TABLE IF NOT EXISTS alarms (
     received_ms bigint   NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alarms_gateway_point_ts ON alarms (gateway, point_id, ts);
+CREATE TABLE IF NOT EXISTS gateway_stats (
+    gateway          text PRIMARY KEY,
+    ts               bigint NOT NULL,
+    appended_points  bigint NOT NULL,
+    evicted_points   bigint NOT NULL,
+    evicted_messages bigint NOT NULL,
+    backlog_points   bigint NOT NULL,
+    backlog_messages bigint NOT NULL,
+    lost_points      bigint NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name  text PRIMARY KEY,
     value bigint NOT NULL
@@ -184,7 +199,7 @@ class PostgresStore:
                 batches += 1
                 results.append(True)
             fresh_batches, fresh_alarms = split_bodies(fresh)
-            readings = sum(len(b) for _, b in fresh_batches)
+            readings = sum(len(b) for _, _, b in fresh_batches)
             if fresh_alarms:
                 cur.executemany(
                     f"INSERT INTO alarms ({ALARM_COLUMNS}) "
@@ -193,13 +208,13 @@ class PostgresStore:
                 )
             if readings:
                 with cur.copy(
-                    "COPY readings (gateway, point_id, ts, value, quality) "
+                    "COPY readings (gateway, point_id, ts, value, quality, seq) "
                     "FROM STDIN (FORMAT BINARY)"
                 ) as copy:
-                    copy.set_types(["text", "int8", "int8", "float8", "int2"])
-                    for gateway, batch in fresh_batches:
+                    copy.set_types(["text", "int8", "int8", "float8", "int2", "int8"])
+                    for gateway, seq, batch in fresh_batches:
                         for pid, ts, v, q in batch.rows():
-                            copy.write_row((gateway, pid, ts, v, q))
+                            copy.write_row((gateway, pid, ts, v, q, seq))
             for gateway in {g for g, _, _ in fresh}:
                 cur.execute(
                     "INSERT INTO gateways (gateway, updated_ms) VALUES (%s, %s) "
@@ -226,6 +241,10 @@ class PostgresStore:
             if meta.points:
                 cur.executemany(points_upsert("%s"), point_rows(gateway, meta, now))
 
+    def store_stats(self, stats: GatewayStats) -> None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(stats_upsert("%s"), stats_row(stats))
+
     # -- reads ----------------------------------------------------------------------------
 
     def counts(self) -> StoreCounts:
@@ -251,6 +270,12 @@ class PostgresStore:
             rows = cur.fetchall()
         return [alarm_from_row(r) for r in rows]
 
+    def stats(self, gateway: str) -> GatewayStats | None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(f"SELECT {STATS_COLUMNS} FROM gateway_stats WHERE gateway = %s", (gateway,))
+            row = cur.fetchone()
+        return stats_from_row(row) if row else None
+
     def duplicate_readings(self) -> int:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
             cur.execute(
@@ -267,14 +292,14 @@ class PostgresStore:
             if point_key is None:
                 cur.execute(
                     "SELECT point_id, ts, value, quality FROM readings "
-                    "WHERE gateway = %s ORDER BY id",
+                    "WHERE gateway = %s ORDER BY seq, id",
                     (gateway,),
                 )
             else:
                 cur.execute(
                     "SELECT point_id, ts, value, quality FROM readings WHERE gateway = %s "
                     "AND point_id IN (SELECT point_id FROM points WHERE gateway = %s "
-                    "AND key = %s) ORDER BY id",
+                    "AND key = %s) ORDER BY seq, id",
                     (gateway, gateway, point_key),
                 )
             rows = cur.fetchall()

@@ -4,7 +4,7 @@ Schema::
 
     uplinks(gateway, stream, seq, lane, n_points, received_ms,
             PRIMARY KEY (gateway, stream, seq))      -- the dedup key
-    readings(gateway, point_id, ts, value REAL, quality, raw BLOB)
+    readings(gateway, point_id, ts, value REAL, quality, raw BLOB, seq)
             INDEX (gateway, point_id, ts)
     points(gateway, point_id, key, device, name, unit, driver, type, updated_ms,
            PRIMARY KEY (gateway, point_id))
@@ -45,6 +45,7 @@ import orjson
 
 from agent.ingest.store import (
     ALARM_COLUMNS,
+    STATS_COLUMNS,
     Body,
     StoreCounts,
     alarm_from_row,
@@ -54,8 +55,11 @@ from agent.ingest.store import (
     points_upsert,
     seq_to_db,
     split_bodies,
+    stats_from_row,
+    stats_row,
+    stats_upsert,
 )
-from agent.wire import Envelope, Meta
+from agent.wire import Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
 
@@ -77,7 +81,8 @@ CREATE TABLE IF NOT EXISTS readings (
     ts       INTEGER NOT NULL,
     value    REAL,
     quality  INTEGER NOT NULL,
-    raw      BLOB
+    raw      BLOB,
+    seq      INTEGER             -- the uplink's seq: readings in sending order
 );
 CREATE INDEX IF NOT EXISTS readings_gateway_point_ts ON readings (gateway, point_id, ts);
 CREATE TABLE IF NOT EXISTS points (
@@ -112,6 +117,16 @@ CREATE TABLE IF NOT EXISTS alarms (
     received_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alarms_gateway_point_ts ON alarms (gateway, point_id, ts);
+CREATE TABLE IF NOT EXISTS gateway_stats (
+    gateway          TEXT PRIMARY KEY,
+    ts               INTEGER NOT NULL,
+    appended_points  INTEGER NOT NULL,
+    evicted_points   INTEGER NOT NULL,
+    evicted_messages INTEGER NOT NULL,
+    backlog_points   INTEGER NOT NULL,
+    backlog_messages INTEGER NOT NULL,
+    lost_points      INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -128,8 +143,8 @@ def _lossy(v: float) -> bool:
 
 
 def _rows(
-    gateway: str, batch: Batch
-) -> Iterator[tuple[str, int, int, float | None, int, bytes | None]]:
+    gateway: str, seq: int, batch: Batch
+) -> Iterator[tuple[str, int, int, float | None, int, bytes | None, int]]:
     values = batch.values
     # fast path: no NaN and no zero at all (checked in C)
     if not any(map(math.isnan, values)) and 0.0 not in values:
@@ -140,10 +155,11 @@ def _rows(
             values,
             batch.quality,
             repeat(None),
+            repeat(seq),
             strict=False,
         )
     return (
-        (gateway, pid, ts, None if v != v else v, q, _D.pack(v) if _lossy(v) else None)
+        (gateway, pid, ts, None if v != v else v, q, _D.pack(v) if _lossy(v) else None, seq)
         for pid, ts, v, q in batch.rows()
     )
 
@@ -163,6 +179,9 @@ class SqliteStore:
         # the readings index is the hot spot of bulk inserts: give it room (64 MiB)
         self._db.execute("PRAGMA cache_size=-65536")
         self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(readings)")}
+        if "seq" not in columns:  # a store made before readings kept their uplink's seq
+            self._db.execute("ALTER TABLE readings ADD COLUMN seq INTEGER")
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -214,13 +233,13 @@ class SqliteStore:
                 batches += 1
                 results.append(True)
             fresh_batches, fresh_alarms = split_bodies(fresh)
-            for gateway, batch in fresh_batches:
+            for gateway, seq, batch in fresh_batches:
                 if len(batch):
                     cur.executemany(
                         "INSERT INTO readings "
-                        "(gateway, point_id, ts, value, quality, raw) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        _rows(gateway, batch),
+                        "(gateway, point_id, ts, value, quality, raw, seq) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        _rows(gateway, seq, batch),
                     )
                 readings += len(batch)
             if fresh_alarms:
@@ -251,6 +270,10 @@ class SqliteStore:
             )
             cur.executemany(points_upsert("?"), point_rows(gateway, meta, now))
 
+    def store_stats(self, stats: GatewayStats) -> None:
+        with self._write() as cur:
+            cur.execute(stats_upsert("?"), stats_row(stats))
+
     # -- reads ----------------------------------------------------------------------------
 
     def counts(self) -> StoreCounts:
@@ -273,6 +296,13 @@ class SqliteStore:
             ).fetchall()
         return [alarm_from_row(r) for r in rows]
 
+    def stats(self, gateway: str) -> GatewayStats | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {STATS_COLUMNS} FROM gateway_stats WHERE gateway = ?", (gateway,)
+            ).fetchone()
+        return stats_from_row(row) if row else None
+
     def duplicate_readings(self) -> int:
         with self._lock:
             (n,) = self._db.execute(
@@ -289,7 +319,7 @@ class SqliteStore:
         if point_key is not None:
             sql += " AND point_id IN (SELECT point_id FROM points WHERE gateway = ? AND key = ?)"
             args = (gateway, gateway, point_key)
-        sql += " ORDER BY rowid"
+        sql += " ORDER BY seq, rowid"
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [

@@ -68,6 +68,7 @@ class _Item:
 class _Work:
     batches: list[tuple[str, Envelope, Body]] = field(default_factory=list)
     metas: list[tuple[str, Meta]] = field(default_factory=list)
+    stats: list[wire.GatewayStats] = field(default_factory=list)
 
 
 class IngestWorker:
@@ -235,6 +236,9 @@ class IngestWorker:
                     await asyncio.to_thread(self.store.store_meta, gateway, meta)
                     self.counters.metas_stored += 1
                     work.metas.pop(0)
+                while work.stats:
+                    await asyncio.to_thread(self.store.store_stats, work.stats[0])
+                    work.stats.pop(0)
                 return
             except Exception as e:
                 self.counters.store_errors += 1
@@ -277,6 +281,17 @@ class IngestWorker:
                     self._reject("meta_gateway", topic, f"meta says gateway {meta.gateway!r}")
                     continue
                 work.metas.append((gateway, meta))
+                continue
+            if kind == wire.KIND_STATS:
+                try:
+                    stats = wire.decode_stats(payload)
+                except WireError as e:
+                    self._reject("stats", topic, e)
+                    continue
+                if stats.gateway != gateway:
+                    self._reject("gateway", topic, f"stats say gateway {stats.gateway!r}")
+                    continue
+                work.stats.append(stats)
                 continue
             if kind not in (wire.KIND_BATCH, wire.KIND_ALARM):
                 self._reject("topic", topic, f"not an uplink topic ({kind})")
