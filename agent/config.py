@@ -21,6 +21,7 @@ Secrets (``password``) are ``SecretStr`` and never appear in messages.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import tomllib
@@ -70,6 +71,8 @@ __all__ = [
 ]
 
 Loc = tuple[str | int, ...]
+
+_log = logging.getLogger("citygw.config")
 
 _GATEWAY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -123,7 +126,12 @@ def key_path(loc: Iterable[str | int]) -> str:
 
 def _resolve_path(value: Path, info: ValidationInfo) -> Path:
     """Relative paths are relative to the config file's directory."""
-    path = value.expanduser()
+    try:
+        path = value.expanduser()
+    except RuntimeError:  # "~user/..." of a user without a home (found by fuzzing)
+        raise _fail(
+            f"cannot expand {str(value)!r}: no such user's home; write the full path"
+        ) from None
     if not path.is_absolute():
         ctx = info.context or {}
         base = ctx.get("base_dir") or Path.cwd()
@@ -139,6 +147,40 @@ def _existing_file(value: Path | None, info: ValidationInfo) -> Path | None:
         hint = "" if value.expanduser().is_absolute() else " (relative to the config file's folder)"
         raise _fail(f"file not found: {value}{hint}")
     return path
+
+
+def _read_password_file(path: Path) -> str:
+    """The password in ``path``: its text without one trailing newline. The errors never
+    show the file's content."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _at("password_file", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _at("password_file", f"{path} is not UTF-8 text") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password:
+        raise _at("password_file", f"{path} is empty; write the password in it")
+    if "\n" in password or "\r" in password:
+        raise _at("password_file", f"{path} must hold the password alone, on one line")
+    return password
+
+
+def _warn_if_exposed(path: Path, key: str, forbidden: int, chmod: str) -> None:
+    """A WARNING when a secret file's mode grants ``forbidden`` bits (0o077: any access by
+    group or others; 0o007: any access by others)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return  # the existence check has reported it
+    if mode & forbidden:
+        who = "group or others" if forbidden & 0o070 else "others"
+        _log.warning(
+            f"{key} {path} is accessible by {who} (mode {mode:04o}); run: chmod {chmod} {path}",
+            extra={"key": key, "path": str(path), "mode": f"{mode:04o}"},
+        )
 
 
 # -- sections ------------------------------------------------------------------------
@@ -170,6 +212,8 @@ class UplinkConfig(_Section):
     client_id: ClientId = ""  # "" -> "citygw-<gateway id>", filled in by parse_config
     username: str | None = None
     password: SecretStr | None = None
+    #: a file holding the password (read at load, one trailing newline stripped)
+    password_file: Path | None = None
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -193,13 +237,20 @@ class UplinkConfig(_Section):
             )
         return v
 
-    @field_validator("ca_file", "cert_file", "key_file")
+    @field_validator("ca_file", "cert_file", "key_file", "password_file")
     @classmethod
     def _check_files(cls, v: Path | None, info: ValidationInfo) -> Path | None:
         return _existing_file(v, info)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> UplinkConfig:
+        if self.password_file is not None:
+            if self.password is not None:
+                raise _at("password_file", "give either password or password_file, not both")
+            self.password = SecretStr(_read_password_file(self.password_file))
+            _warn_if_exposed(self.password_file, "uplink.password_file", 0o007, "o-rwx")
+        if self.key_file is not None:
+            _warn_if_exposed(self.key_file, "uplink.key_file", 0o077, "600")
         if (self.cert_file is None) != (self.key_file is None):
             missing = "key_file" if self.key_file is None else "cert_file"
             given = "cert_file" if missing == "key_file" else "key_file"
@@ -218,7 +269,7 @@ class UplinkConfig(_Section):
 
 class BufferConfig(_Section):
     path: Path = Field(Path("buffer.db"), validate_default=True)
-    capacity: Size = Field(64 * 1024**2, ge=1024**2)
+    capacity: Size = Field(64 * 1024**2, ge=64 * 1024)
     flush_interval: Duration = Field(1.0, ge=0.01, le=60.0)
     sync: Literal["normal", "full"] = "normal"
     max_memory_points: int = Field(500_000, ge=1_000, le=100_000_000)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import wire
 from agent.mqtt_url import BrokerAddress, tls_context
@@ -107,6 +110,75 @@ def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> flo
     return rng.uniform(lo, max(lo, cap))
 
 
+#: a session that lasted this long (or backoff_max, if smaller) was "up": the next
+#: reconnect starts the backoff from backoff_min again. A broker that accepts the
+#: connection and drops it right away (a duplicate client id, an ACL) keeps backing off.
+STABLE_AFTER_S = 30.0
+
+#: what a TLS failure's text says, in words for the technician (first match wins)
+_TLS_FAILURES = (
+    ("certificate verify failed", "the broker's certificate is not trusted; check ca_file (the "
+     "CA that signed it) and that the certificate names the broker's host"),
+    ("certificate required", "the broker requires a client certificate; set cert_file and "
+     "key_file"),
+    ("unknown ca", "the broker does not trust the CA of the client certificate"),
+    ("bad certificate", "the broker refused the client certificate"),
+    ("certificate unknown", "the broker refused the client certificate"),
+    ("certificate expired", "a certificate has expired"),
+    ("handshake failure", "the TLS handshake failed (no common protocol or cipher?)"),
+    ("wrong version number", "the broker does not speak TLS on this port (mqtt:// instead?)"),
+)  # fmt: skip
+
+
+def connection_error(exc: BaseException, transport_error: str | None = None) -> str:
+    """What made a connection fail, for the status and the log: a refused CONNACK names
+    the refusal, a TLS error what was not accepted. `transport_error` is what the MQTT
+    client logged on its socket (a TLS alert after the handshake only shows there; the
+    connect itself just times out)."""
+    text = str(exc)
+    if isinstance(exc, MqttConnectError):
+        code = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
+        if code in (4, 134):
+            return f"broker refused the connection: bad username or password ({text})"
+        if code in (5, 135):
+            return (
+                f"broker refused the connection: not authorized ({text}); check username and "
+                "password (or password_file), or the client certificate"
+            )
+        return f"broker refused the connection ({text})"
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLCertVerificationError):
+        what = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ssl.SSLError):
+            return f"TLS setup failed (ca_file, cert_file, key_file): {what}"
+        return what
+    detail = transport_error if transport_error and "timed out" in text else text
+    lowered = f"{text} {transport_error or ''}".lower()
+    for marker, meaning in _TLS_FAILURES:
+        if marker in lowered:
+            return f"TLS: {meaning} ({detail})"
+    if detail != text:
+        return f"{text}: {detail}"
+    return text
+
+
+class _PahoLog(logging.Logger):
+    """The MQTT client's log for one connection: passed on to the "mqtt" logger as
+    usual, and its last error kept (however the log levels are set)."""
+
+    def __init__(self) -> None:
+        super().__init__("mqtt.uplink")
+        self.parent = logging.getLogger("mqtt")
+        self.last_error: str | None = None
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level >= logging.ERROR:
+            try:
+                self.last_error = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                self.last_error = str(msg)
+        super().log(level, msg, *args, **kwargs)
+
+
 class Uplink:
     def __init__(
         self,
@@ -134,6 +206,7 @@ class Uplink:
         self._address = BrokerAddress.parse(settings.broker)
         self._wake = asyncio.Event()
         self._rng = random.Random()
+        self._paho_log: _PahoLog | None = None  # the current connection's, for its errors
         gw, prefix = settings.gateway_id, settings.topic_prefix
         self._topics = {
             Lane.ALARM: wire.topic(prefix, gw, "up/alarm"),
@@ -156,14 +229,19 @@ class Uplink:
         try:
             while True:
                 self.status.state = "connecting"
+                self._paho_log = None
                 try:
                     await self._session()
-                except aiomqtt.MqttError as exc:
-                    self.status.last_error = str(exc)
-                except OSError as exc:  # TLS files, DNS, refused before aiomqtt wraps it
-                    self.status.last_error = f"{type(exc).__name__}: {exc}"
-                if self.status.connected_since_ms is not None:
-                    attempt = 0  # it was up: start the backoff again from the bottom
+                except (aiomqtt.MqttError, OSError) as exc:  # OSError: TLS files, before aiomqtt
+                    paho_error = self._paho_log.last_error if self._paho_log else None
+                    self.status.last_error = connection_error(exc, paho_error)
+                up_since = self.status.connected_since_ms
+                stable_s = min(self.s.backoff_max, STABLE_AFTER_S)
+                if (
+                    up_since is not None
+                    and time.time_ns() // 1_000_000 - up_since >= stable_s * 1000
+                ):
+                    attempt = 0  # it was up a while: start the backoff again from the bottom
                 self.status.connected_since_ms = None
                 delay = backoff_delay(attempt, self.s.backoff_min, self.s.backoff_max, self._rng)
                 attempt += 1
@@ -182,6 +260,7 @@ class Uplink:
 
     def _client(self) -> aiomqtt.Client:
         s = self.s
+        self._paho_log = _PahoLog()
         return aiomqtt.Client(
             self._address.host,
             self._address.port,
@@ -196,6 +275,7 @@ class Uplink:
             will=aiomqtt.Will(self._state_topic, b"offline", qos=1, retain=True),
             max_inflight_messages=s.window + 2,  # + state and meta
             timeout=s.ack_timeout,
+            logger=self._paho_log,
         )
 
     async def _session(self) -> None:

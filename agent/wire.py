@@ -416,9 +416,10 @@ def _alarm(obj: Any, i: int) -> AlarmEvent:
     rule, severity, state = obj.get("rule"), obj.get("severity"), obj.get("state")
     if not isinstance(rule, str) or not rule:
         raise WireError(f"alarm {where}: 'rule' must be a non-empty string")
-    if severity not in _SEVERITIES:
+    # a JSON list or object is unhashable: test the type before the membership
+    if not isinstance(severity, str) or severity not in _SEVERITIES:
         raise WireError(f"alarm {where}: 'severity' must be one of {', '.join(SEVERITIES)}")
-    if state not in _ALARM_STATES:
+    if not isinstance(state, str) or state not in _ALARM_STATES:
         raise WireError(f"alarm {where}: 'state' must be 'raise' or 'clear'")
     value = obj.get("value")
     if value is None:

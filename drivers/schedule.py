@@ -1,10 +1,12 @@
 """Fixed-rate schedules that do not drift: tick k is due at start + k * period,
-whatever the previous poll took. A poll that overruns skips the ticks it missed
-(counted) instead of firing them back to back."""
+whatever the previous poll took. A tick reached more than half a period late (a poll
+that overran, a stalled event loop) is skipped and counted, with any others missed, so
+polls never run back to back."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import zlib
 
 
@@ -30,8 +32,11 @@ class FixedRate:
         due = self._start + self._tick * self.period
         now = loop.time()
         missed = 0
-        if now > due + self.period:
-            missed = int((now - due) // self.period)
+        if now > due + self.period / 2:
+            # more than half a period late: skip to the first tick at most half a period
+            # late, so that two polls never run back to back (nor share a timestamp)
+            first_ahead = math.ceil((now - self.period / 2 - self._start) / self.period)
+            missed = first_ahead - self._tick
             self._tick += missed
             due = self._start + self._tick * self.period
             self.missed += missed

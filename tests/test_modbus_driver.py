@@ -10,6 +10,7 @@ import itertools
 import math
 import struct
 import time
+from array import array
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
@@ -558,3 +559,20 @@ def test_simulator_waves_and_images_from_points() -> None:
     assert image.read("input_register", 0, 1) == [150]
     image.tick(3.0)
     assert image.read("input_register", 0, 1) == [50]
+
+
+def test_two_polls_answered_in_one_millisecond_keep_distinct_times() -> None:
+    from types import SimpleNamespace
+
+    from drivers.modbus.driver import _distinct_times
+
+    g = SimpleNamespace(last_ms=0)
+    first = array("q", [1000, 1000, 1002])
+    _distinct_times(g, first)  # type: ignore[arg-type]
+    assert list(first) == [1000, 1000, 1002] and g.last_ms == 1002
+    second = array("q", [1002, 1002, 1003])  # the next poll, answered in the same ms
+    _distinct_times(g, second)  # type: ignore[arg-type]
+    assert list(second) == [1003, 1003, 1003] and g.last_ms == 1003
+    stepped = array("q", [-5000, 0])  # a wall clock stepped back: left as it is
+    _distinct_times(g, stepped)  # type: ignore[arg-type]
+    assert list(stepped) == [-5000, 0] and g.last_ms == 1003

@@ -90,17 +90,20 @@ def test_overrun_skips_the_missed_ticks_and_counts_them(clock: FakeClock) -> Non
     asyncio.run(main())
 
 
-def test_overrun_of_less_than_a_period_fires_late_without_skipping(clock: FakeClock) -> None:
+def test_overrun_of_up_to_half_a_period_fires_late_beyond_it_skips(clock: FakeClock) -> None:
     async def main() -> None:
         start = clock.now
         rate = FixedRate(1.0)
         await rate.wait()
-        clock.now = start + 1.9  # tick 1 is 0.9 late: still fired, nothing missed
+        clock.now = start + 1.4  # tick 1 is 0.4 late: still fired, nothing missed
         assert await rate.wait() == 0
-        assert clock.now == pytest.approx(start + 1.9)
+        assert clock.now == pytest.approx(start + 1.4)
         assert await rate.wait() == 0
         assert clock.now == pytest.approx(start + 2.0)
-        assert rate.missed == 0
+        clock.now = start + 3.9  # tick 3 is 0.9 late: skipped, not fired back to back
+        assert await rate.wait() == 1
+        assert clock.now == pytest.approx(start + 4.0)
+        assert rate.missed == 1
 
     asyncio.run(main())
 

@@ -191,6 +191,7 @@ def _value_reader(p: ModbusPointSettings) -> Callable[[Sequence[int]], float | s
 class _Group:
     __slots__ = (
         "ids",
+        "last_ms",
         "max_skip",
         "name",
         "period",
@@ -224,8 +225,22 @@ class _Group:
         self.ids = array(ID_TYPECODE, ids)
         self.plan = [_Planned(r) for r in _plan(settings, points)]
         self.polls = 0
+        self.last_ms = 0  # the latest reading time this group produced
         #: a failing point is retried at least every this many polls
         self.max_skip = max(1, int(MAX_POINT_BACKOFF_S / period))
+
+
+def _distinct_times(g: _Group, timestamps: array[int]) -> None:
+    """A slow answer followed at once by the next poll (both answered in one millisecond on
+    a busy shared link) would give a point two readings at one time: the later one gets the
+    next millisecond, so a point's readings are always told apart (a clock step back of a
+    second or more is left as it is)."""
+    floor = g.last_ms + 1
+    for i, ts in enumerate(timestamps):
+        if ts < floor and floor - ts < 1000:
+            timestamps[i] = floor
+    if len(timestamps):
+        g.last_ms = max(g.last_ms, max(timestamps))
 
 
 class _Device:
@@ -380,6 +395,7 @@ class ModbusDriver(Driver):
                             "failures_since_last_line": n,
                         },
                     )
+                _distinct_times(g, failed.partial.timestamps)
                 if len(failed.partial) and not sink.push(failed.partial):
                     health.skipped_polls += 1
                 continue
@@ -388,6 +404,7 @@ class ModbusDriver(Driver):
                 health.failure(f"internal error: {exc!r}")
                 continue
             dev.backoff_until = 0.0
+            _distinct_times(g, batch.timestamps)
             if not len(batch):
                 health.success(0)
             elif sink.push(batch):

@@ -141,9 +141,11 @@ class SimDriver(Driver):
             if settings.fail_probability and rng.random() < settings.fail_probability:
                 health.failure("simulated timeout: device did not answer")
                 continue
-            # A late tick followed by an on-time one can land in the same millisecond;
-            # a simulated device, like a real one, never reports two readings at one time.
-            last_ms = max(time.time_ns() // 1_000_000, last_ms + 1)
+            # A late tick followed by an on-time one can land in the same millisecond; a
+            # simulated device, like a real one, never reports two readings at one time.
+            # (A real clock step backwards, seconds or more, is passed through as it is.)
+            now_ms = time.time_ns() // 1_000_000
+            last_ms = last_ms + 1 if 0 <= last_ms - now_ms < 1000 else now_ms
             batch = Batch.at(last_ms, ids, [w.sample(last_ms / 1e3) for w in waves])
             if sink.push(batch):
                 health.success(len(batch))

@@ -1,0 +1,641 @@
+"""The HIL scenario runner: the real agent, as a subprocess, against simulators, a
+private broker behind a fault-injecting proxy, and the platform's ingest; a timeline
+of faults; then the invariants, checked against the platform store and the agent's own
+buffer counters, and a verdict.
+
+What is checked (every scenario):
+- produced = readings (and alarm events) the agent flushed into its buffer, from the
+  buffer's persistent counter, which moves in the same transaction as the append;
+- stored = what the platform store holds for the gateway; evicted = what the full
+  buffer evicted (counted in the same transactions);
+- lost = produced - evicted - stored must be 0, duplicates (a point with two readings
+  at one time) must be 0, and each point's timestamps must strictly increase in sending
+  order (uplink seq, then position), so nothing was reordered;
+plus the scenario's own checks (see hil/scenario.py `Checks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.broker import Mosquitto
+from agent.demo import modbus_image
+from agent.ingest.store import Store, open_store
+from agent.ingest.worker import IngestWorker
+from buffer import Buffer
+from drivers.modbus.simulator import ModbusSimulator
+from hil.scenario import Fault, Scenario
+from native.batch import GOOD, UNCERTAIN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the agent as a subprocess ------------------------------------------------------------
+
+
+class AgentProcess:
+    """``python -m agent run -c CONFIG``, logs appended to ``log``."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.config, self.log, self.env = config, log, env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, **self.env},
+            )
+        self.starts += 1
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """A power cut: SIGKILL, nothing flushed."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(30)
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """A graceful stop (SIGTERM: drivers stop, memory is flushed to the buffer)."""
+        if self.proc is None:
+            return None
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        return self.proc.returncode
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    scenario: str
+    produced: int = 0
+    stored: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    evicted: int = 0
+    failures: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    alarm_latency_ms: int | None = None
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def check(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.failures.append(what)
+
+    def line(self) -> str:
+        out = (
+            f"hil {self.scenario}: produced={self.produced} stored={self.stored} "
+            f"lost={self.lost} duplicates={self.duplicates} evicted={self.evicted} "
+            f"verdict={'pass' if self.passed else 'fail'}"
+        )
+        if self.alarm_latency_ms is not None:
+            out += f" alarm_latency_ms={self.alarm_latency_ms}"
+        return out
+
+
+def _say(msg: str) -> None:
+    print(f"[hil] {msg}", file=sys.stderr, flush=True)
+
+
+# -- the rig ------------------------------------------------------------------------------
+
+
+class Rig:
+    def __init__(self, scn: Scenario, workdir: Path, seed: int = 1) -> None:
+        self.scn = scn
+        self.work = workdir
+        self.rng = random.Random(seed)
+        self.gateway = f"hil-{scn.name}"
+        self.buffer_path = workdir / "buffer.db"
+        self.events: list[tuple[float, str]] = []  # (monotonic, what) of the timeline
+        self.samples: list[tuple[float, int, int]] = []  # (monotonic, backlog, stored)
+        self.power_cuts = 0
+        self.run_state: dict[str, Any] = {}  # the agent's last status snapshot of the run
+        self.t0 = 0.0
+        self.stack = contextlib.AsyncExitStack()
+        self.clock: Any = None
+        self.modbus: ModbusSimulator | None = None
+        self.slow: ModbusSimulator | None = None
+
+    # -- set-up -----------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        scn, work = self.scn, self.work
+        (work / "broker").mkdir(parents=True, exist_ok=True)
+        self.broker = self.stack.enter_context(Mosquitto(workdir=work / "broker"))
+        from hil.proxy import MqttProxy
+
+        self.proxy = MqttProxy("127.0.0.1", self.broker.port)
+        await self.proxy.start()
+        self.stack.push_async_callback(self.proxy.stop)
+        self.store: Store = open_store(f"sqlite:///{work / 'platform.db'}")
+        self.stack.callback(self.store.close)
+        self.worker = IngestWorker(
+            self.broker.url,
+            self.store,
+            group=None,  # Mosquitto restores plain subscriptions after a restart
+            client_id=f"hil-ingest-{scn.name}",
+            session_expiry=3600,
+            backoff_min=0.05,
+            backoff_max=0.5,
+        )
+        ingest = asyncio.create_task(self.worker.run(), name="ingest")
+        self.stack.push_async_callback(_cancel, ingest)
+        await asyncio.wait_for(self.worker.connected.wait(), 30)
+        ports = await self._start_sims()
+        self.config = work / "gateway.toml"
+        self.config.write_text(self._config_text(ports, drain=False))
+        self.drain_config = work / "drain.toml"
+        self.drain_config.write_text(self._config_text(ports, drain=True))
+        env: dict[str, str] = {}
+        if any(f.action == "clock_step" for f in scn.faults):
+            from hil.faults import FakeClock
+
+            self.clock = FakeClock(work / "faketime")
+            env.update(self.clock.env)
+        self.agent = AgentProcess(self.config, work / "agent.log", env)
+
+    async def _start_sims(self) -> dict[str, Any]:
+        sims = self.scn.sims
+        ports: dict[str, Any] = {"site_broker": self.broker.url}
+        if sims.modbus:
+            self.modbus = ModbusSimulator(
+                {1: modbus_image("sdm120"), 2: modbus_image("adam4017-level")}, tick_s=0.5
+            )
+            await self.modbus.start()
+            self.stack.push_async_callback(self.modbus.stop)
+            ports["modbus_port"] = self.modbus.port
+        if sims.modbus_slow:
+            self.slow = ModbusSimulator({1: modbus_image("sdm120")}, tick_s=0.5)
+            await self.slow.start()
+            self.stack.push_async_callback(self.slow.stop)
+            ports["modbus_slow_port"] = self.slow.port
+        if sims.modbus_garbage:
+            from hil.sim_modbus import GarbageRtuServer
+
+            garbage = GarbageRtuServer(probability=sims.modbus_garbage, seed=self.rng.random())
+            await garbage.start()
+            self.stack.push_async_callback(garbage.stop)
+            ports["modbus_rtu_port"] = garbage.port
+        if sims.mqtt_sensors:
+            from hil.sim_mqtt import MqttSensors
+
+            self.sensors = MqttSensors(
+                self.broker.url, count=sims.mqtt_sensors, garbage=sims.mqtt_garbage, seed=7
+            )  # on the broker directly: the site's own network, not the uplink
+            task = asyncio.create_task(self.sensors.run(), name="mqtt-sensors")
+            self.stack.push_async_callback(_cancel, task)
+        if sims.ble_adverts:
+            from hil.sim_ble import write_replay
+
+            replay = self.work / "ble.jsonl"
+            self.ble_record = write_replay(
+                replay, adverts=sims.ble_adverts, garbage=sims.ble_garbage, seed=11
+            )
+            ports["ble_replay"] = replay.as_posix()
+        return ports
+
+    def _config_text(self, ports: dict[str, Any], drain: bool) -> str:
+        scn = self.scn
+        uplink = {
+            "broker": f"mqtt://127.0.0.1:{self.proxy.port}",
+            "window": 8,
+            "backoff_min": "100ms",
+            "backoff_max": "1s",
+            "ack_timeout": "3s",
+            "keepalive": "5s",
+            "stats_interval": "1s",
+            **scn.uplink,
+        }
+        buf = {"path": self.buffer_path.as_posix(), "flush_interval": "250ms", **scn.buffer}
+        devices = scn.devices
+        for key, value in ports.items():  # not str.format: TOML inline tables use braces
+            devices = devices.replace("{" + key + "}", str(value))
+        if drain:  # the same points (and pipeline state), no readings: only the backlog
+            devices = devices.replace("[[devices]]", "[[devices]]\nenabled = false")
+        return (
+            f'[gateway]\nid = "{self.gateway}"\n\n[uplink]\n{_toml(uplink)}\n'
+            f"[buffer]\n{_toml(buf)}\n{devices}\n"
+        )
+
+    # -- the run ----------------------------------------------------------------------
+
+    def mark(self, what: str) -> None:
+        self.events.append((time.monotonic(), what))
+        _say(f"{time.monotonic() - self.t0:6.1f}s {what}")
+
+    async def run(self) -> Verdict:
+        scn = self.scn
+        verdict = Verdict(scn.name)
+        if scn.checks.corrupt_start:
+            self._corrupt_buffer()
+        self.t0 = time.monotonic()
+        self.agent.start()
+        self.mark("agent started")
+        timeline = [asyncio.create_task(self._fault(f)) for f in scn.faults]
+        if scn.sims.uplink_garbage:
+            timeline.append(asyncio.create_task(self._uplink_garbage(scn.sims.uplink_garbage)))
+        sampler = asyncio.create_task(self._sample())
+        await asyncio.sleep(scn.duration)
+        for task in timeline:
+            task.cancel()
+        await asyncio.gather(*timeline, return_exceptions=True)
+        await self._heal()
+        self.mark("devices stopped (SIGTERM: flush)")
+        code = self.agent.stop()
+        verdict.check(code == 0, f"agent exited with {code} at the end of the run")
+        with Buffer.open_readonly(self.buffer_path) as buf:
+            self.run_state = buf.get_state().get("agent", {})
+        self.agent.config = self.drain_config
+        self.agent.start()
+        self.mark("draining the backlog")
+        drained = await self._wait_drained(scn.drain_timeout)
+        verdict.check(drained, f"backlog not drained within {scn.drain_timeout:g} s")
+        status = self._status_output()
+        self.agent.stop()
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+        self._judge(verdict, status)
+        return verdict
+
+    async def _fault(self, f: Fault) -> None:
+        await asyncio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
+        a = f.action
+        if a == "broker_stop":
+            await asyncio.to_thread(self.broker.stop)
+            self.mark("broker stopped")
+        elif a == "broker_start":
+            await asyncio.to_thread(self.broker.start)
+            self.mark("broker started")
+        elif a == "link":
+            self.proxy.mode = f.mode
+            self.mark(f"link {f.mode}")
+        elif a == "flap":
+            for _ in range(f.count):
+                self.proxy.mode = "down"
+                self.mark("link down (flap)")
+                await asyncio.sleep(f.down)
+                self.proxy.mode = "pass"
+                self.mark("link up (flap)")
+                await asyncio.sleep(f.up)
+        elif a == "power_cuts":
+            for _ in range(f.count):
+                await asyncio.sleep(self.rng.uniform(f.min_up, f.max_up))
+                self.agent.kill()
+                self.power_cuts += 1
+                self.mark(f"power cut {self.power_cuts} (SIGKILL)")
+                self.agent.start()
+        elif a == "device":
+            sim = self.slow if f.target == "slow" else self.modbus
+            assert sim is not None, f"no simulator {f.target!r} in this scenario"
+            if f.silent is not None:
+                sim.silent = f.silent
+            if f.delay is not None:
+                sim.delay = f.delay
+            self.mark(f"device {f.target}: silent={sim.silent} delay={sim.delay}")
+        elif a == "modbus_set":
+            assert self.modbus is not None
+            level = self.modbus.devices[2]  # the level transmitter: channel 0, 0-5 m span
+            level._waves = [w for w in level._waves if w.address != 0]  # hold the value
+            level.set_value("holding_register", 0, f.value, scale=5 / 65535)
+            self.mark(f"level set to {f.value} m")
+        elif a == "disk_limit":
+            from hil.faults import limit_file_size
+
+            limit_file_size(self.agent.pid, f.bytes or None)
+            self.mark(f"file size limit {f.bytes or 'off'}")
+        elif a == "clock_step":
+            self.clock.step(f.seconds)
+            self.mark(f"wall clock stepped {f.seconds:+g} s")
+
+    async def _uplink_garbage(self, n: int) -> None:
+        """A hostile or broken client publishing junk on this gateway's uplink topics (and
+        a well-formed batch that claims another gateway): the ingest must reject each."""
+        import aiomqtt
+
+        from agent import wire
+        from native import codec
+        from native.batch import Batch
+
+        await asyncio.sleep(2.0)
+        forged = codec.encode(Batch.at(1, [1], [1.0]), gateway="someone-else", seq=1)
+        junk = [
+            os.urandom(self.rng.randrange(0, 200)),
+            b"CG" + os.urandom(60),
+            wire.wrap(wire.LANE_TELEMETRY, "00" * 16, 1, 1, forged),
+            b'{"v": 1, "events": "x"}',
+        ]
+        kinds = (wire.KIND_BATCH, wire.KIND_ALARM, wire.KIND_META, wire.KIND_STATS)
+        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier="hil-rogue") as c:
+            for i in range(n):
+                topic = wire.topic(wire.DEFAULT_PREFIX, self.gateway, kinds[i % len(kinds)])
+                await c.publish(topic, junk[i % len(junk)], qos=1)
+        self.mark(f"{n} junk messages published on the uplink topics")
+
+    async def _heal(self) -> None:
+        """Ends every fault still in force, so the drain can happen."""
+        self.proxy.mode = "pass"
+        if not self.broker.running:
+            await asyncio.to_thread(self.broker.start)
+        for sim in (self.modbus, self.slow):
+            if sim is not None:
+                sim.silent, sim.delay = False, 0.0
+        if self.agent.alive():
+            from hil.faults import limit_file_size
+
+            limit_file_size(self.agent.pid, None)
+        if self.clock is not None:
+            self.clock.step(0.0)
+
+    async def _sample(self) -> None:
+        while True:
+            backlog = await asyncio.to_thread(self._backlog)
+            stored = await asyncio.to_thread(lambda: self.store.counts().readings)
+            self.samples.append((time.monotonic(), backlog, stored))
+            await asyncio.sleep(0.2)
+
+    def _backlog(self) -> int:
+        try:
+            with Buffer.open_readonly(self.buffer_path) as buf:
+                return sum(lane.points for lane in buf.stats().lanes.values())
+        except Exception:  # not created yet, or moved aside: nothing to report now
+            return -1
+
+    async def _wait_drained(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(self._backlog) == 0:
+                await asyncio.sleep(1.5)  # the ingest commits what it was given
+                return True
+            await asyncio.sleep(0.25)
+        return False
+
+    def _corrupt_buffer(self) -> None:
+        from hil.faults import corrupt_file
+
+        with Buffer(self.buffer_path, 10_000_000) as buf:
+            buf.append_many([(2, os.urandom(2000), 1)] * 200)  # pages to damage
+        corrupt_file(self.buffer_path, seed=3)
+        self.mark("buffer database corrupted before the start")
+
+    def _status_output(self) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "status", "-c", str(self.drain_config)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        return done.stdout + done.stderr
+
+    # -- the verdict ------------------------------------------------------------------
+
+    def _judge(self, v: Verdict, status: str) -> None:
+        checks = self.scn.checks
+        with Buffer.open_readonly(self.buffer_path) as buf:
+            stats = buf.stats()
+        state = self.run_state
+        counters = state.get("counters", {})
+        rows = self.store.readings(self.gateway)
+        alarms = self.store.alarms(self.gateway)
+        v.produced = stats.appended_points
+        v.evicted = stats.evicted_points
+        v.stored = len(rows) + len(alarms)
+        v.lost = v.produced - v.evicted - v.stored
+        v.duplicates = self.store.duplicate_readings()
+        v.check(v.produced > 0, "nothing was produced")
+        v.check(v.lost == 0, f"{v.lost} flushed readings neither stored nor evicted")
+        v.check(v.duplicates == 0, f"{v.duplicates} readings stored twice")
+        skip = {UNCERTAIN} if checks.clock_flagged else set()
+        if checks.order:
+            # a wall clock stepped back makes the next readings earlier than the last
+            # ones: allowed once per step and point, and only then
+            timeline = sorted(self.scn.faults, key=lambda f: f.at)
+            offsets = [0.0, *(f.seconds for f in timeline if f.action == "clock_step")]
+            back = sum(1 for a, b in itertools.pairwise(offsets) if b < a)
+            bad = _order_violations(rows, skip, allowed=back)
+            v.check(not bad, f"per-point order broken at {bad[:3]}")
+        seqs = self._uplink_seqs()
+        v.figures["uplinks"] = len(seqs)
+        if not v.evicted and seqs:
+            numbers = [u[0] for u in seqs]
+            v.check(
+                numbers == list(range(numbers[0], numbers[0] + len(numbers))),
+                "uplink sequence numbers have gaps",
+            )
+        v.figures["lost_before_buffer"] = counters.get("lost", 0)
+        v.figures["read"] = counters.get("read", 0)
+        v.figures["agent_starts"] = self.agent.starts
+        # evictions: exactly what the buffer counted, reported to the platform and status
+        reported = self.store.stats(self.gateway)
+        v.check(reported is not None, "the gateway never reported its stats (up/stats)")
+        if reported is not None:
+            v.check(
+                reported.evicted_points == stats.evicted_points,
+                f"platform was told {reported.evicted_points} evicted, buffer says "
+                f"{stats.evicted_points}",
+            )
+        v.check(
+            f"evicted: {stats.evicted_points} readings" in status,
+            "citygw status does not show the evicted count",
+        )
+        if checks.evictions:
+            v.check(v.evicted > 0, "the buffer never filled up (no eviction)")
+        if checks.corrupt_start:
+            aside = list(self.work.glob("buffer.db.corrupt-*"))
+            v.check(bool(aside), "the corrupt buffer database was not moved aside")
+            v.check("corrupt" in status.lower(), "citygw status does not report the corruption")
+        if checks.min_power_cuts:
+            v.figures["power_cuts"] = self.power_cuts
+            v.check(self.power_cuts >= checks.min_power_cuts, f"{self.power_cuts} power cuts")
+        if checks.clock_flagged:
+            flagged = sum(1 for r in rows if r[3] == UNCERTAIN)
+            v.figures["clock_flagged"] = flagged
+            v.check(flagged > 0, "no reading under the wrong clock was flagged")
+        if checks.jitter_point:
+            jitter = self._jitter(checks.jitter_point)
+            v.figures.update(jitter)
+            v.check(
+                jitter["jitter_max_ms"] <= checks.max_jitter_ms,
+                f"poll jitter of a healthy device {jitter['jitter_max_ms']} ms",
+            )
+        if checks.rejections:
+            rejected = sum(self.worker.counters.rejected.values())
+            device_errors = sum(d.get("errors", 0) for d in state.get("devices", {}).values())
+            v.figures["ingest_rejected"] = rejected
+            v.figures["device_errors"] = device_errors
+            v.check(rejected > 0, "the ingest counted no rejected message")
+            v.check(device_errors > 0, "the agent counted no bad frame or payload")
+        if checks.alarm_latency:
+            self._alarm_checks(v, alarms)
+        self._drain_figures(v)
+
+    def _uplink_seqs(self) -> list[tuple[int, int, int]]:
+        with contextlib.closing(sqlite3.connect(self.work / "platform.db")) as db:
+            return [
+                (int(s), int(lane), int(ms))
+                for s, lane, ms in db.execute(
+                    "SELECT seq, lane, received_ms FROM uplinks WHERE gateway = ? ORDER BY seq",
+                    (self.gateway,),
+                )
+            ]
+
+    def _alarm_checks(self, v: Verdict, alarms: list[Any]) -> None:
+        raised = [a for a in alarms if a.raised]
+        v.check(bool(raised), "no alarm reached the platform")
+        if not raised:
+            return
+        uplinks = self._uplink_seqs()
+        alarm_seq, _, alarm_ms = next(u for u in uplinks if u[1] == 0)
+        v.alarm_latency_ms = alarm_ms - raised[0].ts_ms
+        # the telemetry still queued when the alarm was raised: the alarm must overtake it
+        # (up to the window that leaves together with the alarm after a reconnect)
+        backlog = [u for u in uplinks if u[0] < alarm_seq and u[1] != 0 and u[2] > raised[0].ts_ms]
+        before = [u for u in backlog if u[2] < alarm_ms]
+        v.figures["backlog_uplinks_at_raise"] = len(backlog)
+        v.figures["of_them_stored_before_the_alarm"] = len(before)
+        window = int(self.scn.uplink.get("window", 8))
+        v.check(len(backlog) > window, "no telemetry backlog built up before the alarm")
+        v.check(len(before) < window, "the alarm waited behind the telemetry backlog")
+        restored = [t for t, what in self.events if what == "link pass"]
+        if restored:
+            v.figures["alarm_after_link_ms"] = round(alarm_ms - _wall(restored[-1]))
+
+    def _drain_figures(self, v: Verdict) -> None:
+        """How fast the backlog went after the first outage ended, new readings flowing."""
+        restored = [t for t, what in self.events if what in ("link pass", "broker started")]
+        if not restored:
+            return
+        t_r = restored[0]
+        before = [s for s in self.samples if s[0] < t_r and s[1] >= 0]
+        after = [s for s in self.samples if s[0] >= t_r and s[1] >= 0]
+        if not before or not after or before[-1][1] <= 0:
+            return
+        backlog = before[-1][1]
+        steady = max(100, backlog // 50)  # what one or two flushes hold
+        done = next((s for s in after if s[1] <= steady), None)
+        if done is not None:
+            seconds = max(0.2, done[0] - t_r)
+            v.figures["backlog_at_restore"] = backlog
+            v.figures["drain_s"] = round(seconds, 1)
+            v.figures["drain_points_per_s"] = round(backlog / seconds)
+
+    def _jitter(self, point: str) -> dict[str, float]:
+        rows = [r for r in self.store.readings(self.gateway, point) if r[3] == GOOD]
+        ts = [r[1] for r in rows]
+        gaps = [b - a for a, b in itertools.pairwise(ts)]
+        if not gaps:
+            return {"jitter_max_ms": math.inf, "jitter_p99_ms": math.inf}
+        period = sorted(gaps)[len(gaps) // 2]
+        jitter = sorted(abs(g - period) for g in gaps)
+        return {
+            "poll_period_ms": period,
+            "jitter_p99_ms": jitter[min(len(jitter) - 1, int(len(jitter) * 0.99))],
+            "jitter_max_ms": jitter[-1],
+        }
+
+
+def _order_violations(
+    rows: list[tuple[int, int, float, int]], skip: set[int], allowed: int = 0
+) -> list[tuple[int, int, int]]:
+    """(point, previous ts, ts) where a point's time did not increase in sending order,
+    beyond ``allowed`` times per point; readings with a quality in ``skip`` are ignored."""
+    last: dict[int, int] = {}
+    backwards: dict[int, int] = {}
+    bad = []
+    for pid, ts, _, q in rows:
+        if q in skip:
+            continue
+        if pid in last and ts <= last[pid]:
+            backwards[pid] = backwards.get(pid, 0) + 1
+            if backwards[pid] > allowed:
+                bad.append((pid, last[pid], ts))
+        last[pid] = ts
+    return bad
+
+
+def _wall(monotonic_t: float) -> int:
+    """A monotonic instant of this process as wall-clock ms."""
+    return int((time.time() - (time.monotonic() - monotonic_t)) * 1000)
+
+
+def _toml(values: dict[str, Any]) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def run_scenario(
+    scn: Scenario, workdir: Path | None = None, seed: int = 1, log: Callable[[str], None] = _say
+) -> Verdict:
+    workdir = workdir or Path(tempfile.mkdtemp(prefix=f"citygw-hil-{scn.name}-"))
+    rig = Rig(scn, workdir, seed)
+    log(f"scenario {scn.name} in {workdir}")
+    try:
+        await rig.setup()
+        verdict = await rig.run()
+    finally:
+        if getattr(rig, "agent", None) is not None:
+            rig.agent.kill()
+        await rig.stack.aclose()
+    for k, val in verdict.figures.items():
+        log(f"  {k} = {val}")
+    for failure in verdict.failures:
+        log(f"  FAIL: {failure}")
+    return verdict
+
+
+async def run_all(paths: list[Path], parallel: int = 1) -> list[Verdict]:
+    """Runs the scenarios, ``parallel`` at a time (each has its own broker, ports,
+    simulators and agent); the verdicts in the order given."""
+    from hil.scenario import load_scenario
+
+    gate = asyncio.Semaphore(max(1, parallel))
+
+    async def one(path: Path) -> Verdict:
+        async with gate:
+            return await run_scenario(load_scenario(path))
+
+    return list(await asyncio.gather(*(one(p) for p in paths)))

@@ -1,0 +1,134 @@
+"""A HIL scenario file (hil/scenarios/NAME.toml): what runs, which faults happen when,
+and which checks decide the verdict. Validated with pydantic, like the agent's config.
+
+    name = "outage"
+    description = "..."
+    duration = "40s"          # how long the devices are read (then: drain and check)
+    fast = true               # part of .ci/run
+    devices = '''...'''       # [[devices]] tables of the agent's config; placeholders:
+                              # {modbus_port} {modbus_slow_port} {modbus_rtu_port}
+                              # {site_broker} {ble_replay}
+    [uplink]                  # keys of the agent's [uplink] (broker is the rig's proxy)
+    [buffer]                  # keys of the agent's [buffer] (path is the rig's)
+    [sims]                    # which simulators run (see Sims)
+    [checks]                  # what the verdict requires beside the invariants
+    [[faults]]                # the timeline
+    at = "5s"
+    action = "link"           # see Fault
+    mode = "down"
+
+Real hardware: ``[target]`` replaces the private broker by a real one (``broker``)
+and the device simulators by whatever ``devices`` names (serial ports, real IPs); the
+faults that need a simulator are then skipped.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.units import Duration
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Fault(_Model):
+    """One event of the timeline, at ``at`` seconds after the agent started.
+
+    - ``broker_stop`` / ``broker_start``: the private Mosquitto goes away / comes back.
+    - ``link`` with ``mode``: the proxy between agent and broker: ``pass``, ``down`` (link
+      lost), ``no_ack`` (a broker that accepts but never acknowledges), ``blackhole``.
+    - ``flap``: ``count`` times: link down for ``down`` s, then up for ``up`` s.
+    - ``power_cuts``: ``count`` times: SIGKILL the agent after a random ``min_up`` ..
+      ``max_up`` s of running, and start it again at once.
+    - ``device`` with ``target`` ("slow" simulator) and ``silent`` / ``delay``.
+    - ``modbus_set``: write ``value`` into the level transmitter's register (to cross an
+      alarm threshold).
+    - ``disk_limit``: the agent's file-size limit: ``bytes`` (0 = unlimited again).
+    - ``clock_step``: the agent's wall clock jumps by ``seconds`` (libfaketime).
+    """
+
+    at: Duration
+    action: Literal[
+        "broker_stop",
+        "broker_start",
+        "link",
+        "flap",
+        "power_cuts",
+        "device",
+        "modbus_set",
+        "disk_limit",
+        "clock_step",
+    ]
+    mode: Literal["pass", "down", "no_ack", "blackhole"] = "pass"
+    count: int = Field(1, ge=1, le=1000)
+    down: Duration = 1.0
+    up: Duration = 1.0
+    min_up: Duration = 0.3
+    max_up: Duration = 2.0
+    target: str = "slow"
+    silent: bool | None = None
+    delay: Duration | None = None
+    value: float = 0.0
+    bytes: int = Field(0, ge=0)
+    seconds: float = 0.0
+
+
+class Sims(_Model):
+    modbus: bool = True  # street cabinet: energy meter + level transmitter (Modbus TCP)
+    modbus_slow: bool = False  # a second cabinet on its own link, to be made slow or silent
+    modbus_garbage: float = 0.0  # probability of a garbage RTU-over-TCP answer (0: no server)
+    mqtt_sensors: int = 0  # JSON sensors publishing to the site broker
+    mqtt_garbage: float = 0.0  # probability of a garbage payload
+    ble_adverts: int = 0  # adverts in the replay file the BLE driver plays
+    ble_garbage: float = 0.0
+    uplink_garbage: int = 0  # junk messages published on the platform's uplink topics
+
+
+class Checks(_Model):
+    order: bool = True  # per-point timestamps strictly increase in sending order
+    evictions: bool = False  # the buffer must have evicted (and reported exactly that)
+    alarm_latency: bool = False  # an alarm must reach the store ahead of the backlog
+    corrupt_start: bool = False  # start from a corrupted buffer: moved aside, reported
+    jitter_point: str | None = None  # a healthy point whose poll jitter is measured
+    max_jitter_ms: float = 250.0
+    clock_flagged: bool = False  # readings under an obviously wrong clock flagged
+    rejections: bool = False  # garbage must have been counted (agent and ingest)
+    min_power_cuts: int = 0
+
+
+class Target(_Model):
+    broker: str | None = None  # a real broker instead of the private one
+
+
+class Scenario(_Model):
+    name: str
+    description: str = ""
+    duration: Duration = 30.0
+    drain_timeout: Duration = 120.0
+    fast: bool = True
+    devices: str
+    uplink: dict[str, Any] = Field(default_factory=dict)
+    buffer: dict[str, Any] = Field(default_factory=dict)
+    sims: Sims = Field(default_factory=Sims)
+    checks: Checks = Field(default_factory=Checks)
+    faults: list[Fault] = Field(default_factory=list)
+    target: Target = Field(default_factory=Target)
+
+
+def load_scenario(path: Path) -> Scenario:
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    return Scenario.model_validate(data)
+
+
+SCENARIOS = Path(__file__).parent / "scenarios"
+
+
+def all_scenarios() -> list[Path]:
+    return sorted(SCENARIOS.glob("*.toml"))

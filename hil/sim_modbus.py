@@ -1,0 +1,399 @@
+"""A simulated street cabinet on Modbus, and a front that answers RTU-over-TCP requests
+with garbage.
+
+`CabinetSimulator` is the demo's pump station (`agent.demo.MODBUS_UNITS`: unit 1 an
+Eastron SDM120 energy meter, unit 2 an ADAM-4017+ level transmitter, register images
+from their shipped profiles whose values move with time) on a `ModbusSimulator`, so
+`silent`, `delay` and `requests` work as there. It also records every read it answered
+(`served`: wall time, unit, table, address, the registers or bits sent).
+
+`GarbageRtuFront` listens for RTU over TCP and relays each request to an RTU-over-TCP
+server (a CabinetSimulator with ``transport="rtu-over-tcp"``); with `probability` it
+answers a request with garbage instead, one of `kinds`:
+
+- ``"random"``: 1-32 random bytes, none of whose slices is a frame with a valid CRC (the
+  request is not relayed);
+- ``"truncated"``: the real answer cut short (the master waits, then times out; the
+  rest of the stream is out of step until it resynchronises);
+- ``"bad_crc"``: the real answer with both CRC bytes XORed with 0xA5.
+
+pymodbus's server cannot send malformed frames, hence the front; `GarbageRtuServer` is
+the two together (a cabinet on a free port behind a front). Every injection is recorded
+(`injected`) and counted by kind (`counts`, with "valid" for relayed answers). In
+garbage mode `served` is a superset of what the master got: it includes the answers the
+front then truncated or spoiled. (pymodbus 3.16's master discards all three kinds
+without a word: citygw's Modbus client reports each as a ModbusTimeout.)
+
+    async with GarbageRtuServer(probability=0.2, seed=1) as garbage:   # both in one
+        ... point the agent at 127.0.0.1:garbage.port, transport = "rtu-over-tcp" ...
+        garbage.counts, garbage.injected, garbage.cabinet.served
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from agent.demo import MODBUS_UNITS, modbus_image
+from drivers.modbus.simulator import ModbusSimulator, RegisterImage
+
+__all__ = [
+    "CABINET_UNITS",
+    "CabinetSimulator",
+    "GarbageKind",
+    "GarbageRtuFront",
+    "GarbageRtuServer",
+    "Injection",
+    "ServedRead",
+]
+
+#: unit id -> profile name: the energy meter and the level transmitter
+CABINET_UNITS: dict[int, str] = dict(MODBUS_UNITS)
+
+_READ_TABLES = {1: "coil", 2: "discrete_input", 3: "holding_register", 4: "input_register"}
+
+
+@dataclass(frozen=True, slots=True)
+class ServedRead:
+    """One read the simulator answered."""
+
+    time: float  # wall clock when the values were taken from the image
+    unit: int
+    table: str
+    address: int
+    registers: tuple[int, ...]  # 16-bit registers, or bits as 0/1
+
+
+class CabinetSimulator(ModbusSimulator):
+    """The street cabinet (see the module doc). `units`: unit id -> profile name
+    (default CABINET_UNITS); `tick_s`: how often the values move; `max_served` bounds the
+    record (the oldest half is dropped when it is reached, counted in `served_dropped`)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        transport: str = "tcp",
+        tick_s: float | None = 1.0,
+        units: Mapping[int, str] | None = None,
+        max_served: int = 1_000_000,
+    ) -> None:
+        self.profiles: dict[int, str] = dict(units if units is not None else CABINET_UNITS)
+        images: dict[int, RegisterImage] = {u: modbus_image(p) for u, p in self.profiles.items()}
+        super().__init__(images, host, port, transport=transport, tick_s=tick_s)
+        self.served: list[ServedRead] = []
+        self.served_dropped = 0
+        self.max_served = max_served
+
+    async def __aenter__(self) -> CabinetSimulator:
+        await self.start()
+        return self
+
+    async def _serve(self, unit: int, func_code: int, address: int, count: int) -> RegisterImage:
+        image = await super()._serve(unit, func_code, address, count)
+        table = _READ_TABLES.get(func_code)
+        if table is not None:
+            # pymodbus reads the image right after this returns, with no await between,
+            # so these are the values it sends
+            values = image.read(table, address, count)
+            if values is not None:
+                if len(self.served) >= self.max_served:
+                    drop = max(1, self.max_served // 2)
+                    del self.served[:drop]
+                    self.served_dropped += drop
+                self.served.append(
+                    ServedRead(time.time(), unit, table, address, tuple(int(v) for v in values))
+                )
+        return image
+
+
+# -- garbage on RTU over TCP ------------------------------------------------------------
+
+GarbageKind = Literal["random", "truncated", "bad_crc"]
+GARBAGE_KINDS: tuple[GarbageKind, ...] = get_args(GarbageKind)
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    time: float  # wall clock
+    kind: GarbageKind
+    request: bytes  # the request frame it answered
+    sent: bytes  # what the master got instead of a proper answer
+
+
+class _Unframed(Exception):
+    """A function code whose frame length this front does not know."""
+
+
+# fixed frame lengths (with CRC) by function code; None: a byte count decides
+_REQUEST_LEN: dict[int, int | None] = {
+    1: 8, 2: 8, 3: 8, 4: 8, 5: 8, 6: 8, 7: 4, 8: 8, 11: 4, 12: 4, 15: None, 16: None,
+    17: 4, 22: 10, 23: None,
+}  # fmt: skip
+_RESPONSE_LEN: dict[int, int | None] = {
+    1: None, 2: None, 3: None, 4: None, 5: 8, 6: 8, 7: 5, 8: 8, 11: 8, 12: None,
+    15: 8, 16: 8, 17: None, 22: 10, 23: None,
+}  # fmt: skip
+
+
+async def _read_frame(reader: asyncio.StreamReader, *, request: bool) -> bytes | None:
+    """One RTU frame (unit, function, ..., CRC), or None at a clean end of stream."""
+    head = await reader.read(1)
+    if not head:
+        return None
+    frame = bytearray(head)
+    frame += await reader.readexactly(1)
+    fc = frame[1]
+    if not request and fc & 0x80:  # exception answer: code + CRC
+        frame += await reader.readexactly(3)
+        return bytes(frame)
+    table = _REQUEST_LEN if request else _RESPONSE_LEN
+    if fc not in table:
+        raise _Unframed(f"function code {fc}")
+    fixed = table[fc]
+    if fixed is not None:
+        frame += await reader.readexactly(fixed - 2)
+        return bytes(frame)
+    # byte-counted: requests 15/16 have address + quantity (4 bytes) before the count,
+    # 23 has read address/quantity + write address/quantity (8 bytes); answers none
+    before = {15: 4, 16: 4, 23: 8}.get(fc, 0) if request else 0
+    frame += await reader.readexactly(before + 1)
+    frame += await reader.readexactly(frame[-1] + 2)
+    return bytes(frame)
+
+
+def _crc16(data: bytes, crc: int = 0xFFFF) -> int:
+    """Modbus RTU CRC-16 of `data` (continued from `crc`)."""
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+def _has_frame(data: bytes) -> bool:
+    """True if some slice of `data` (4 bytes or more) ends with a valid CRC of the rest,
+    i.e. a master hunting for a frame in it could find one."""
+    for i in range(len(data)):
+        crc = 0xFFFF
+        for j in range(i, len(data) - 2):
+            crc = _crc16(data[j : j + 1], crc)
+            if j - i >= 1 and data[j + 1] | (data[j + 2] << 8) == crc:
+                return True
+    return False
+
+
+def _junk(rng: random.Random) -> bytes:
+    """1-32 random bytes in which no valid RTU frame hides."""
+    for _ in range(100):
+        junk = rng.randbytes(rng.randint(1, 32))
+        if not _has_frame(junk):
+            return junk
+    return b"\xff"
+
+
+class GarbageRtuFront:
+    """See the module doc. `probability` and `kinds` may be changed while it runs."""
+
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        upstream_host: str = "127.0.0.1",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        probability: float = 0.1,
+        kinds: Sequence[GarbageKind] = GARBAGE_KINDS,
+        seed: int | float = 0,
+        max_injected: int = 100_000,
+    ) -> None:
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"probability must be within 0..1, got {probability}")
+        unknown = set(kinds) - set(GARBAGE_KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be some of {GARBAGE_KINDS}, got {list(kinds)}")
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.host = host
+        self.port = port
+        self.probability = probability
+        self.kinds: tuple[GarbageKind, ...] = tuple(kinds)
+        self.rng = random.Random(seed)
+        self.injected: list[Injection] = []
+        self.max_injected = max_injected
+        #: answers by kind: "valid" (relayed as they came) and each GarbageKind
+        self.counts: Counter[str] = Counter()
+        #: connections closed because a request had a function code it cannot frame
+        self.unframed = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> GarbageRtuFront:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(self._serve(reader, writer), name="garbage-rtu-conn")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _record(self, kind: GarbageKind, request: bytes, sent: bytes) -> None:
+        self.counts[kind] += 1
+        if len(self.injected) < self.max_injected:
+            self.injected.append(Injection(time.time(), kind, request, sent))
+
+    async def _serve(self, client: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_w: asyncio.StreamWriter | None = None
+        back: asyncio.Task[None] | None = None
+        try:
+            up, up_w = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+            # what to do with each relayed answer, in request order
+            pending: deque[tuple[GarbageKind | None, bytes]] = deque()
+            back = asyncio.create_task(self._answers(up, client_w, pending))
+            while True:
+                try:
+                    request = await _read_frame(client, request=True)
+                except _Unframed:
+                    self.unframed += 1
+                    return
+                if request is None:
+                    return
+                kind: GarbageKind | None = None
+                if self.probability > 0 and self.rng.random() < self.probability:
+                    kind = self.rng.choice(self.kinds)
+                if kind == "random":
+                    junk = _junk(self.rng)
+                    client_w.write(junk)
+                    await client_w.drain()
+                    self._record("random", request, junk)
+                    continue
+                pending.append((kind, request))
+                up_w.write(request)
+                await up_w.drain()
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if back is not None:
+                back.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await back
+            for w in (client_w, up_w):
+                if w is not None:
+                    w.transport.abort()
+
+    async def _answers(
+        self,
+        up: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        pending: deque[tuple[GarbageKind | None, bytes]],
+    ) -> None:
+        try:
+            while True:
+                answer = await _read_frame(up, request=False)
+                if answer is None:
+                    break
+                # an unanswered request (a silent unit) shifts the queue: harmless, the
+                # choices are random anyway
+                kind, request = pending.popleft() if pending else (None, b"")
+                if kind == "truncated":
+                    sent = answer[: self.rng.randrange(1, len(answer))]
+                elif kind == "bad_crc":
+                    sent = answer[:-2] + bytes(b ^ 0xA5 for b in answer[-2:])
+                else:
+                    sent = answer
+                client_w.write(sent)
+                await client_w.drain()
+                if kind is None:
+                    self.counts["valid"] += 1
+                else:
+                    self._record(kind, request, sent)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, _Unframed):
+            pass
+        client_w.transport.abort()
+
+
+class GarbageRtuServer:
+    """A self-contained RTU-over-TCP street cabinet that sometimes answers garbage: a
+    CabinetSimulator (``transport="rtu-over-tcp"``, on a free port) behind a
+    GarbageRtuFront listening on `host`:`port`. `cabinet` (served, silent, delay, ...) and
+    `front` (probability, counts, injected) are the two parts."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        probability: float = 0.1,
+        kinds: Sequence[GarbageKind] = GARBAGE_KINDS,
+        seed: int | float = 0,
+        tick_s: float | None = 1.0,
+        units: Mapping[int, str] | None = None,
+    ) -> None:
+        self.cabinet = CabinetSimulator(transport="rtu-over-tcp", tick_s=tick_s, units=units)
+        self.front = GarbageRtuFront(
+            0, host=host, port=port, probability=probability, kinds=kinds, seed=seed
+        )
+
+    @property
+    def port(self) -> int:
+        return self.front.port
+
+    @property
+    def probability(self) -> float:
+        return self.front.probability
+
+    @probability.setter
+    def probability(self, value: float) -> None:
+        self.front.probability = value
+
+    @property
+    def counts(self) -> Counter[str]:
+        return self.front.counts
+
+    @property
+    def injected(self) -> list[Injection]:
+        return self.front.injected
+
+    async def start(self) -> None:
+        await self.cabinet.start()
+        self.front.upstream_port = self.cabinet.port
+        try:
+            await self.front.start()
+        except BaseException:
+            await self.cabinet.stop()
+            raise
+
+    async def stop(self) -> None:
+        await self.front.stop()
+        await self.cabinet.stop()
+
+    async def __aenter__(self) -> GarbageRtuServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

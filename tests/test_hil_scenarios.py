@@ -1,0 +1,42 @@
+"""The HIL scenarios marked fast, run in CI: the real agent as a subprocess against the
+simulators, with their faults, checked by the rig (hil/runner.py). They run a few at a
+time, each with its own broker, ports and agent; `python -m hil run-all` runs them all."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hil.runner import run_all
+from hil.scenario import all_scenarios, load_scenario
+
+FAST = [p for p in all_scenarios() if load_scenario(p).fast]
+
+
+def test_every_shipped_scenario_is_valid_and_the_fast_ones_cover_the_issue() -> None:
+    names = {load_scenario(p).name for p in all_scenarios()}
+    assert names >= {
+        "outage",
+        "power-cut",
+        "disk-full",
+        "flaky-devices",
+        "garbage-input",
+        "clock-step",
+        "alarm-under-backlog",
+    }
+    assert len(FAST) >= 7
+
+
+@pytest.mark.timeout(600)
+def test_fast_scenarios_pass() -> None:
+    verdicts = asyncio.run(run_all(FAST, parallel=4))
+    lines = [v.line() for v in verdicts]
+    failures = {v.scenario: v.failures for v in verdicts if not v.passed}
+    assert not failures, "\n".join(lines) + f"\n{failures}"
+    for v in verdicts:
+        assert v.lost == 0 and v.duplicates == 0 and v.produced > 0
+    by_name = {v.scenario: v for v in verdicts}
+    assert by_name["disk-full"].evicted > 0
+    assert by_name["power-cut"].figures["power_cuts"] >= 20
+    assert by_name["alarm-under-backlog"].alarm_latency_ms is not None

@@ -1,0 +1,809 @@
+"""Security of the uplink against a real Mosquitto: TLS with server verification by
+default, mutual TLS, credentials from the environment or a file (and the warning when a
+secret file is exposed), clear errors and backoff when the broker or the gateway is
+refused; and what the downlink accepts (its own topic only, refusals with a reason, every
+command logged with its outcome).
+
+The PKI is made with `cryptography` in tmp_path: a CA, a server certificate for
+IP:127.0.0.1 and DNS:localhost, a client certificate (CN = the gateway's MQTT username),
+and a second, unrelated CA with a client certificate of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import logging
+import os
+import random
+import ssl
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiomqtt
+import orjson
+import pytest
+from aiomqtt.exceptions import MqttConnectError
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from agent import wire
+from agent.broker import BrokerError, Mosquitto, free_port, tls_listener, write_password_file
+from agent.config import ConfigError, parse_config
+from agent.mqtt_url import tls_context
+from agent.runtime import Agent
+from agent.uplink import BufferPort, Uplink, UplinkSettings, connection_error
+from buffer import Lane, Message
+
+GATEWAY = "gw-sec"
+STREAM = "0123456789abcdef0123456789abcdef"
+#: the refusal tests watch the uplink this long and count its connection attempts
+WATCH_S = 3.0
+BACKOFF_MIN = 0.2
+
+
+# -- a throwaway PKI -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path  # the CA the broker and the gateway's client certificate chain to
+    server_cert: Path  # SAN IP:127.0.0.1, DNS:localhost
+    server_key: Path
+    elsewhere_cert: Path  # a server certificate for another host only (other.example)
+    elsewhere_key: Path
+    client_cert: Path  # CN = GATEWAY
+    client_key: Path
+    other_ca: Path  # an unrelated CA
+    rogue_cert: Path  # a client certificate from other_ca, CN = GATEWAY too
+    rogue_key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def _write_cert(cert: x509.Certificate, path: Path) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def _builder(subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey):  # type: ignore[no-untyped-def]
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+    )
+
+
+def make_ca(d: Path, cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        _builder(cn, _name(cn), key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert, _write_cert(cert, d / f"{cn}.pem")
+
+
+def issue(
+    d: Path,
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path],
+    name: str,
+    cn: str,
+    *,
+    server_names: Sequence[x509.GeneralName] = (),
+) -> tuple[Path, Path]:
+    ca_key, ca_cert, _ = ca
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        _builder(cn, ca_cert.subject, key.public_key())
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+    )
+    if server_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(list(server_names)), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return _write_cert(cert, d / f"{name}.pem"), _write_key(key, d / f"{name}.key")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca(d, "city-ca")
+    other = make_ca(d, "other-ca")
+    local = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    server_cert, server_key = issue(d, ca, "server", "broker", server_names=local)
+    elsewhere_cert, elsewhere_key = issue(
+        d, ca, "elsewhere", "other.example", server_names=[x509.DNSName("other.example")]
+    )
+    client_cert, client_key = issue(d, ca, "client", GATEWAY)
+    rogue_cert, rogue_key = issue(d, other, "rogue", GATEWAY)
+    return Pki(
+        ca[2],
+        server_cert,
+        server_key,
+        elsewhere_cert,
+        elsewhere_key,
+        client_cert,
+        client_key,
+        other[2],
+        rogue_cert,
+        rogue_key,
+    )
+
+
+@dataclass(frozen=True)
+class TlsBroker:
+    broker: Mosquitto
+    tls: int  # server certificate only
+    mtls: int  # client certificate required; its CN becomes the username
+    elsewhere: int  # a valid certificate, but for another host name
+
+
+@pytest.fixture
+def tls_broker(pki: Pki, tmp_path: Path) -> Iterator[TlsBroker]:
+    """One Mosquitto: the plain listener (for the test's own clients), a TLS listener, a
+    mutual-TLS listener, and a TLS listener whose certificate names another host."""
+    ports = TlsBroker(None, free_port(), free_port(), free_port())  # type: ignore[arg-type]
+    extra = (
+        tls_listener(ports.tls, pki.ca, pki.server_cert, pki.server_key)
+        + tls_listener(
+            ports.mtls,
+            pki.ca,
+            pki.server_cert,
+            pki.server_key,
+            require_certificate=True,
+            use_identity_as_username=True,
+        )
+        + tls_listener(ports.elsewhere, pki.ca, pki.elsewhere_cert, pki.elsewhere_key)
+        + "log_type notice\n"  # connections, with the username the broker took
+    )
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    try:
+        broker = Mosquitto(workdir=workdir, extra_conf=extra)
+        broker.start()
+    except BrokerError as e:
+        pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
+    try:
+        yield TlsBroker(broker, ports.tls, ports.mtls, ports.elsewhere)
+    finally:
+        broker.stop()
+
+
+# -- the uplink, with a buffer in memory -------------------------------------------------
+
+
+class MemoryBuffer:
+    """One telemetry batch waiting; acked tells whether its PUBACK came."""
+
+    def __init__(self) -> None:
+        self.waiting = [Message(1, Lane.TELEMETRY, b"\x01\x02\x03", 3, 0)]
+        self.acked: list[int] = []
+        self.acked_event = asyncio.Event()
+
+    async def peek(self, n: int, exclude: Collection[int]) -> list[Message]:
+        return [m for m in self.waiting if m.seq not in exclude][:n]
+
+    async def ack(self, seqs: Sequence[int]) -> int:
+        self.acked += seqs
+        self.waiting = [m for m in self.waiting if m.seq not in seqs]
+        self.acked_event.set()
+        return len(seqs)
+
+
+class CountingUplink(Uplink):
+    """The real uplink; counts its connection attempts. Its backoff jitter is seeded so
+    that the bound on attempts in `refused` holds on every run: with seed 1 and
+    backoff_min 0.2 s the waits are 0.2, 0.37, 0.66, 0.56, 1.69 s, ... so a sixth attempt
+    cannot start before 3.47 s. (Unseeded, full jitter may wait backoff_min a few times
+    in a row, but never less: at most 1 + 3 s / 0.2 s attempts.)"""
+
+    def __init__(self, settings: UplinkSettings, buffer: MemoryBuffer) -> None:
+        super().__init__(settings, BufferPort(buffer.peek, buffer.ack), STREAM, b"{}")
+        self.attempts = 0
+        self._rng = random.Random(1)
+
+    def _client(self) -> aiomqtt.Client:
+        self.attempts += 1
+        return super()._client()
+
+
+def settings(port: int, host: str = "127.0.0.1", **kw: object) -> UplinkSettings:
+    return UplinkSettings(
+        broker=f"mqtts://{host}:{port}" if kw.pop("tls", True) else f"mqtt://{host}:{port}",
+        gateway_id=GATEWAY,
+        client_id=f"citygw-{GATEWAY}",
+        keepalive=5.0,
+        ack_timeout=1.0,
+        backoff_min=BACKOFF_MIN,
+        backoff_max=10.0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def watch(uplink: Uplink, seconds: float, until: Callable[[], bool] = lambda: False) -> None:
+    """Runs the uplink for `seconds` of wall time (not more on a slow machine: the bound
+    on attempts depends on it), or until `until()` is true."""
+    task = asyncio.create_task(uplink.run())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        for _ in range(int(seconds / 0.05) + 1):
+            if until() or loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def delivered(s: UplinkSettings, port: int, user: str | None = None, pw: str | None = None):  # type: ignore[no-untyped-def]
+    """Runs an uplink until its batch is acknowledged, watching the batch topic on the
+    plain listener: (uplink, the envelopes that arrived)."""
+    buf = MemoryBuffer()
+    uplink = CountingUplink(s, buf)
+    seen: list[wire.Envelope] = []
+
+    async def scenario() -> None:
+        async with aiomqtt.Client("127.0.0.1", port, username=user, password=pw) as platform:
+            await platform.subscribe(wire.batch_topic(GATEWAY), qos=1)
+            await watch(uplink, 10.0, until=lambda: bool(buf.acked))
+            async with asyncio.timeout(5):
+                async for message in platform.messages:
+                    assert isinstance(message.payload, bytes)
+                    seen.append(wire.unwrap(message.payload))
+                    break
+
+    asyncio.run(scenario())
+    assert buf.acked == [1]
+    return uplink, seen
+
+
+def refused(s: UplinkSettings) -> CountingUplink:
+    """Runs an uplink that cannot get through for WATCH_S: it backs off, sends nothing."""
+    buf = MemoryBuffer()
+    uplink = CountingUplink(s, buf)
+    asyncio.run(watch(uplink, WATCH_S))
+    assert buf.acked == []
+    assert uplink.status.connects == 0
+    # it retries, but backs off exponentially: at most 5 attempts in 3 s (see above)
+    assert 1 <= uplink.attempts <= 5, uplink.attempts
+    return uplink
+
+
+# -- TLS -----------------------------------------------------------------------------------
+
+
+def test_tls_context_verifies_the_broker_by_default(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded_system_store: list[bool] = []
+    real = ssl.SSLContext.load_default_certs
+
+    def spy(self: ssl.SSLContext, purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH) -> None:
+        loaded_system_store.append(True)
+        real(self, purpose)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_default_certs", spy)
+    ctx = tls_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.check_hostname is True
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert loaded_system_store == [True]  # no ca_file: the system's CA store
+
+    loaded_system_store.clear()
+    ctx = tls_context(str(pki.ca))
+    assert (ctx.verify_mode, ctx.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert loaded_system_store == []  # with a ca_file, only that CA is trusted
+    assert [c["subject"] for c in ctx.get_ca_certs()] == [((("commonName", "city-ca"),),)]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_uplink_delivers_over_tls(tls_broker: TlsBroker, pki: Pki, host: str) -> None:
+    """The broker's certificate names IP:127.0.0.1 and DNS:localhost: both verify."""
+    uplink, seen = delivered(
+        settings(tls_broker.tls, host, ca_file=str(pki.ca)), tls_broker.broker.port
+    )
+    assert [(e.seq, e.stream, e.body) for e in seen] == [(1, STREAM, b"\x01\x02\x03")]
+    assert uplink.status.connects == 1 and uplink.status.last_error is None
+
+
+def test_uplink_delivers_over_mutual_tls_as_its_certificate_identity(
+    tls_broker: TlsBroker, pki: Pki
+) -> None:
+    s = settings(
+        tls_broker.mtls,
+        ca_file=str(pki.ca),
+        cert_file=str(pki.client_cert),
+        key_file=str(pki.client_key),
+    )
+    uplink, seen = delivered(s, tls_broker.broker.port)
+    assert [e.seq for e in seen] == [1]
+    assert uplink.status.connects == 1
+    # use_identity_as_username: the broker took the certificate's CN as the username
+    assert f"u'{GATEWAY}'" in tls_broker.broker.log.read_text()
+
+
+def test_mutual_tls_refuses_an_uplink_without_a_client_certificate(
+    tls_broker: TlsBroker, pki: Pki
+) -> None:
+    uplink = refused(settings(tls_broker.mtls, ca_file=str(pki.ca)))
+    error = uplink.status.last_error or ""
+    assert error.startswith("TLS: the broker requires a client certificate"), error
+    assert "certificate required" in error
+    assert uplink.status.state == "stopped"
+
+
+def test_mutual_tls_refuses_a_certificate_from_another_ca(tls_broker: TlsBroker, pki: Pki) -> None:
+    s = settings(
+        tls_broker.mtls,
+        ca_file=str(pki.ca),
+        cert_file=str(pki.rogue_cert),
+        key_file=str(pki.rogue_key),
+    )
+    error = refused(s).status.last_error or ""
+    assert error.startswith("TLS: the broker does not trust the CA of the client certificate")
+    assert "unknown ca" in error
+
+
+def test_uplink_refuses_a_broker_signed_by_another_ca(tls_broker: TlsBroker, pki: Pki) -> None:
+    error = refused(settings(tls_broker.tls, ca_file=str(pki.other_ca))).status.last_error or ""
+    assert error.startswith("TLS: the broker's certificate is not trusted"), error
+    assert "certificate verify failed" in error and "CERTIFICATE_VERIFY_FAILED" in error
+
+
+def test_uplink_refuses_a_broker_certificate_for_another_host(
+    tls_broker: TlsBroker, pki: Pki
+) -> None:
+    """Signed by the right CA, but for other.example: the host name is checked too."""
+    error = refused(settings(tls_broker.elsewhere, ca_file=str(pki.ca))).status.last_error or ""
+    assert "certificate verify failed" in error and "mismatch" in error, error
+
+
+def test_plain_mqtt_to_a_tls_port_is_a_clear_error(tls_broker: TlsBroker) -> None:
+    """mqtt:// to a TLS listener: no data in clear, the status says the connection
+    failed (the broker drops what is not a TLS handshake)."""
+    uplink = refused(settings(tls_broker.tls, tls=False))
+    # not just "Operation timed out": what the socket said
+    assert "failed to receive on socket" in (uplink.status.last_error or "")
+
+
+def test_unusable_client_key_is_a_tls_setup_error(tls_broker: TlsBroker, pki: Pki) -> None:
+    """A key that does not belong to the certificate fails before any connection."""
+    s = settings(
+        tls_broker.mtls,
+        ca_file=str(pki.ca),
+        cert_file=str(pki.client_cert),
+        key_file=str(pki.rogue_key),
+    )
+    error = refused(s).status.last_error or ""
+    assert error.startswith("TLS setup failed (ca_file, cert_file, key_file): SSLError"), error
+
+
+# -- credentials ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def password_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto that wants a username and password (gw-sec / the right one)."""
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    passwords = write_password_file(
+        workdir / "passwd", {GATEWAY: "right horse battery", "platform": "platform-pw"}
+    )
+    try:
+        broker = Mosquitto(workdir=workdir, allow_anonymous=False, password_file=passwords)
+        broker.start()
+    except BrokerError as e:
+        pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+CONFIG = """
+[gateway]
+id = "gw-sec"
+[uplink]
+broker = "{broker}"
+username = "gw-sec"
+{secret}
+ack_timeout = "1s"
+backoff_min = "200ms"
+backoff_max = "10s"
+[buffer]
+path = "{buffer}"
+flush_interval = "100ms"
+[[devices]]
+name = "meter"
+driver = "sim"
+poll = "50ms"
+  [[devices.points]]
+  name = "power"
+  base = 100.0
+"""
+
+
+def test_password_file_gets_the_agent_through(
+    password_broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The whole agent, its password read from a file (with the newline an editor
+    leaves): it connects and its readings reach the platform's subscriber."""
+    secret = write_secret(tmp_path / "mqtt-password", "right horse battery\n")
+    cfg = parse_config(
+        CONFIG.format(
+            broker=password_broker.url,
+            secret=f'password_file = "{secret}"',
+            buffer=tmp_path / "buf.db",
+        )
+    )
+    assert cfg.uplink.password is not None
+    assert cfg.uplink.password.get_secret_value() == "right horse battery"
+
+    async def scenario() -> tuple[Agent, int]:
+        agent = Agent(cfg)
+        batches = 0
+        async with aiomqtt.Client(
+            "127.0.0.1", password_broker.port, username="platform", password="platform-pw"
+        ) as platform:
+            await platform.subscribe(wire.batch_topic(GATEWAY), qos=1)
+            await agent.start()
+            try:
+                async with asyncio.timeout(10):
+                    async for _ in platform.messages:
+                        batches += 1
+                        break
+            finally:
+                await agent.stop()
+        return agent, batches
+
+    with caplog.at_level(logging.DEBUG):
+        agent, batches = asyncio.run(scenario())
+    assert batches == 1
+    assert agent.uplink is not None and agent.uplink.status.connects >= 1
+    assert "right horse battery" not in caplog.text
+    assert "right horse battery" not in repr(cfg) and "right horse battery" not in str(cfg)
+
+
+def test_wrong_password_is_refused_clearly_and_backed_off(
+    password_broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = settings(password_broker.port, tls=False, username=GATEWAY, password="wrong horse")
+    with caplog.at_level(logging.DEBUG):
+        uplink = refused(s)
+    error = uplink.status.last_error or ""
+    assert error.startswith("broker refused the connection: not authorized"), error
+    assert "wrong horse" not in caplog.text and "wrong horse" not in error
+    assert "uplink down, retrying" in caplog.text
+
+
+def test_no_credentials_is_refused_clearly(password_broker: Mosquitto) -> None:
+    error = refused(settings(password_broker.port, tls=False)).status.last_error or ""
+    assert "not authorized" in error
+
+
+def config_with(tmp_path: Path, uplink_lines: str) -> str:
+    return (
+        f'[gateway]\nid = "gw-sec"\n[uplink]\nbroker = "mqtts://127.0.0.1"\n{uplink_lines}\n'
+        f'[buffer]\npath = "{tmp_path / "buf.db"}"\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "password"),
+    [
+        ("s3cret\n", "s3cret"),
+        ("s3cret\r\n", "s3cret"),
+        ("s3cret", "s3cret"),
+        (" spaced  \n", " spaced  "),  # only the line end goes
+    ],
+)
+def test_password_file_is_read_at_load(tmp_path: Path, content: str, password: str) -> None:
+    write_secret(tmp_path / "pw", content)
+    cfg = parse_config(config_with(tmp_path, 'password_file = "pw"'), base_dir=tmp_path)
+    assert cfg.uplink.password is not None
+    assert cfg.uplink.password.get_secret_value() == password
+    assert password.strip() not in repr(cfg.uplink)
+
+
+def test_password_file_via_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_secret(tmp_path / "pw", "from-file\n")
+    monkeypatch.setenv("CITYGW_TEST_PASSWORD_FILE", str(tmp_path / "pw"))
+    monkeypatch.setenv("CITYGW_TEST_USER", "gw-user")
+    cfg = parse_config(
+        config_with(
+            tmp_path,
+            'username = "${CITYGW_TEST_USER}"\npassword_file = "${CITYGW_TEST_PASSWORD_FILE}"',
+        )
+    )
+    assert cfg.uplink.username == "gw-user"
+    assert cfg.uplink.password is not None
+    assert cfg.uplink.password.get_secret_value() == "from-file"
+
+
+@pytest.mark.parametrize(
+    ("lines", "files", "message"),
+    [
+        (
+            'password_file = "missing"',
+            {},
+            "<string>: uplink.password_file: file not found: missing "
+            "(relative to the config file's folder)",
+        ),
+        (
+            'password = "inline-secret"\npassword_file = "pw"',
+            {"pw": "file-secret\n"},
+            "<string>: uplink.password_file: give either password or password_file, not both",
+        ),
+        (
+            'password_file = "pw"',
+            {"pw": "\n"},
+            "<string>: uplink.password_file: {dir}/pw is empty; write the password in it",
+        ),
+        (
+            'password_file = "pw"',
+            {"pw": "user:file-secret\nother:line\n"},
+            "<string>: uplink.password_file: {dir}/pw must hold the password alone, on one line",
+        ),
+        (
+            'cert_file = "cert.pem"\nkey_file = "missing.key"',
+            {"cert.pem": "x"},
+            "<string>: uplink.key_file: file not found: missing.key "
+            "(relative to the config file's folder)",
+        ),
+    ],
+)
+def test_credential_file_errors_name_the_key(
+    tmp_path: Path, lines: str, files: dict[str, str], message: str
+) -> None:
+    for name, text in files.items():
+        write_secret(tmp_path / name, text)
+    with pytest.raises(ConfigError) as err:
+        parse_config(config_with(tmp_path, lines), base_dir=tmp_path)
+    assert str(err.value) == message.format(dir=tmp_path)
+    assert "secret" not in str(err.value).replace("file-secret", "")
+    assert "file-secret" not in str(err.value) and "inline-secret" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("pw_mode", "key_mode", "warnings"),
+    [
+        (0o600, 0o600, []),
+        (0o640, 0o600, []),  # a password file may be shared with the service's group
+        (0o644, 0o600, ["uplink.password_file {dir}/pw is accessible by others (mode 0644); "
+                        "run: chmod o-rwx {dir}/pw"]),
+        (0o600, 0o640, ["uplink.key_file {dir}/client.key is accessible by group or others "
+                        "(mode 0640); run: chmod 600 {dir}/client.key"]),
+        (0o606, 0o604, ["uplink.password_file {dir}/pw is accessible by others (mode 0606); "
+                        "run: chmod o-rwx {dir}/pw",
+                        "uplink.key_file {dir}/client.key is accessible by group or others "
+                        "(mode 0604); run: chmod 600 {dir}/client.key"]),
+    ],
+)  # fmt: skip
+def test_exposed_secret_files_are_warned_about(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    pw_mode: int,
+    key_mode: int,
+    warnings: list[str],
+) -> None:
+    write_secret(tmp_path / "pw", "the-password\n", pw_mode)
+    write_secret(tmp_path / "client.pem", "cert")
+    write_secret(tmp_path / "client.key", "key", key_mode)
+    lines = 'password_file = "pw"\ncert_file = "client.pem"\nkey_file = "client.key"'
+    with caplog.at_level(logging.WARNING, logger="citygw.config"):
+        parse_config(config_with(tmp_path, lines), base_dir=tmp_path)
+    records = [r for r in caplog.records if r.name == "citygw.config"]
+    assert [r.getMessage() for r in records] == [w.format(dir=tmp_path) for w in warnings]
+    assert all(r.levelno == logging.WARNING for r in records)
+    assert "the-password" not in caplog.text
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_password_file_is_a_config_error(tmp_path: Path) -> None:
+    write_secret(tmp_path / "pw", "s3cret\n", 0o000)
+    with pytest.raises(ConfigError, match=r"uplink\.password_file: cannot read .*pw: Permission"):
+        parse_config(config_with(tmp_path, 'password_file = "pw"'), base_dir=tmp_path)
+
+
+def test_connection_errors_in_words() -> None:
+    connack = ReasonCode(PacketTypes.CONNACK, identifier=135)
+    assert connection_error(MqttConnectError(connack)).startswith(
+        "broker refused the connection: not authorized ([code:135] Not authorized)"
+    )
+    assert connection_error(MqttConnectError(4)).startswith(
+        "broker refused the connection: bad username or password"
+    )
+    timeout = aiomqtt.MqttError("Operation timed out")
+    alert = "failed to receive on socket: [SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca"
+    assert connection_error(timeout, alert) == (
+        f"TLS: the broker does not trust the CA of the client certificate ({alert})"
+    )
+    assert connection_error(timeout, "failed to receive on socket: reset") == (
+        "Operation timed out: failed to receive on socket: reset"
+    )
+    assert connection_error(timeout) == "Operation timed out"
+    assert connection_error(aiomqtt.MqttError("[Errno 111] Connection refused")) == (
+        "[Errno 111] Connection refused"
+    )
+    assert connection_error(FileNotFoundError(2, "No such file or directory")) == (
+        "FileNotFoundError: [Errno 2] No such file or directory"
+    )
+
+
+# -- downlink commands ---------------------------------------------------------------------
+
+COMMAND_CONFIG = """
+[gateway]
+id = "gw-sec"
+[uplink]
+broker = "{broker}"
+backoff_min = "100ms"
+[buffer]
+path = "{buffer}"
+flush_interval = "100ms"
+[[devices]]
+name = "pump"
+driver = "sim"
+poll = "50ms"
+  [[devices.points]]
+  name = "setpoint"
+  writable = true
+  min = 0.0
+  max = 50.0
+  base = 10.0
+  [[devices.points]]
+  name = "level"
+  base = 3.0
+"""
+
+
+def test_downlink_answers_only_its_own_topic_and_logs_every_command(
+    mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Commands on another gateway's down/cmd, on a look-alike topic, or retained are
+    not executed and not answered; each command on its own topic is answered on up/resp
+    (refusals with the reason) and logged with its outcome. The platform's publishes
+    arrive in order and the agent answers in order, so once the last answer is here,
+    any answer to an earlier stray command would be here too."""
+    cfg = parse_config(COMMAND_CONFIG.format(broker=mosquitto.url, buffer=tmp_path / "buf.db"))
+    own = wire.topic("citygw", GATEWAY, "down/cmd")
+    stray = [
+        (wire.topic("citygw", "gw-other", "down/cmd"), "x1"),
+        ("citygw/gw-sec/down/cmd/extra", "x2"),
+        ("citygw/gw-sec/down", "x3"),
+        ("other/gw-sec/down/cmd", "x4"),
+    ]
+    sent = [
+        (b'{"id": "c1", "op": "write", "point": "pump/setpoint", "value": 20}', "c1"),
+        (b'{"id": "c2", "op": "write", "point": "pump/level", "value": 1}', "c2"),
+        (b'{"id": "c3", "op": "write", "point": "pump/setpoint", "value": 51}', "c3"),
+        (b'{"id": "c4", "op": "write", "point": "pump/nothing", "value": 1}', "c4"),
+        (b'{"id": "c5", "op": "write", "point": "pump/setpoint", "value": "NaN"}', "c5"),
+        (b'{"id": "c6", "op": "reboot"}', "c6"),
+        (b'{"id": "c7", "op": "write", "point": "pump/setpoint", "value": 1e999}', None),
+        (b'{"id": "c8", ', None),
+        (b'{"id": "c9", "op": "write", "point": "pump/setpoint", "value": 30}', "c9"),
+    ]
+
+    async def scenario() -> list[dict[str, object]]:
+        agent = Agent(cfg)
+        answers: list[dict[str, object]] = []
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as platform:
+            await platform.subscribe(wire.topic("citygw", GATEWAY, "up/resp"), qos=1)
+            # a retained command waiting before the agent connects: never executed
+            retained = b'{"id": "r1", "op": "write", "point": "pump/setpoint", "value": 5}'
+            await platform.publish(own, retained, qos=1, retain=True)
+            await agent.start()
+            try:
+                for _ in range(200):
+                    if agent.uplink and agent.uplink.status.state == "online":
+                        break
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)  # subscribed (the subscribe follows the connect)
+                for topic, cid in stray:
+                    stray_body = {"id": cid, "op": "write", "point": "pump/setpoint", "value": 1}
+                    await platform.publish(topic, orjson.dumps(stray_body), qos=1)
+                for body, _ in sent:
+                    await platform.publish(own, body, qos=1)
+                async with asyncio.timeout(10):
+                    async for message in platform.messages:
+                        assert isinstance(message.payload, bytes)
+                        answers.append(orjson.loads(message.payload))
+                        if answers[-1]["id"] == "c9":
+                            break
+            finally:
+                await agent.stop()
+                await platform.publish(own, b"", qos=1, retain=True)  # clear the retained one
+        return answers
+
+    with caplog.at_level(logging.INFO, logger="citygw"):
+        answers = asyncio.run(scenario())
+    assert [a["id"] for a in answers] == [cid for _, cid in sent]
+    outcome = {str(a["id"]): (a["ok"], a.get("error")) for a in answers}
+    assert outcome["c1"] == (True, None)
+    assert outcome["c2"] == (False, "point 'pump/level' is not writable")
+    assert outcome["c3"] == (
+        False,
+        "value 51 for 'pump/setpoint' is outside its declared range [0, 50]",
+    )
+    assert outcome["c4"] == (False, "unknown point 'pump/nothing' (give 'device/point')")
+    assert outcome["c5"] == (
+        False,
+        "value for 'pump/setpoint' must be a finite number, got 'NaN'",
+    )
+    assert outcome["c6"] == (False, "unknown op 'reboot'; allowed: write")
+    assert outcome["None"][0] is False and "command is not JSON" in str(outcome["None"][1])
+    assert outcome["c9"] == (True, None)
+    # every command in the log, with its outcome
+    logged = [
+        (r.getMessage(), getattr(r, "id", None)) for r in caplog.records if "command" in r.msg
+    ]
+    assert logged == [
+        ("command executed", "c1"),
+        ("command refused", "c2"),
+        ("command refused", "c3"),
+        ("command refused", "c4"),
+        ("command refused", "c5"),
+        ("command refused", "c6"),
+        ("command refused", None),
+        ("command refused", None),
+        ("command executed", "c9"),
+    ]
+    refusals = [r for r in caplog.records if r.getMessage() == "command refused"]
+    assert all(getattr(r, "error", "") for r in refusals)
