@@ -58,6 +58,7 @@ class Counters:
     lost: int = 0  # pipeline output lost while the buffer refused writes (memory bound)
     clock_flagged: int = 0  # readings stamped by an obviously wrong clock: UNCERTAIN
     clock_steps: int = 0  # wall-clock jumps seen (NTP step, RTC reset, manual change)
+    flush_failures: int = 0  # flushes the buffer refused (disk full, I/O error)
     replaced: int = 0  # spikes replaced by their window's median
     clamped: int = 0  # readings moved to their rate limit
     suppressed: int = 0  # readings held back as redundant (deadband, sdt, aggregates)
@@ -459,6 +460,7 @@ class Agent:
         try:
             n: int = await self._on_buffer(self._flush_sync, batches, now_ms)
         except Exception as exc:
+            self.counters.flush_failures += 1
             if (n_failed := self._throttle.ready("flush-failed")) is not None:
                 log.error(
                     "flush to buffer failed; output kept in memory for the next flush",

@@ -33,6 +33,8 @@ def parse_duration(value: object) -> float:
         seconds = float(m.group(1)) * _DURATION_UNITS[unit]
     else:
         raise ValueError("expected a duration like '250ms', '1s', '5m', '2h'")
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration must be a finite number of seconds, got {seconds}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

@@ -311,7 +311,12 @@ class Uplink:
         assert self._on_command is not None
         async for message in client.messages:
             if message.retain or not isinstance(message.payload, bytes):
-                continue  # a retained command would replay on every connect: never run it
+                # a retained command would replay on every connect: never run it
+                log.warning(
+                    "downlink command ignored",
+                    extra={"topic": str(message.topic), "retained": message.retain},
+                )
+                continue
             answer = await self._on_command(message.payload)
             await client.publish(self._resp_topic, answer, qos=1)
 

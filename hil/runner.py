@@ -38,7 +38,8 @@ from agent.broker import Mosquitto
 from agent.demo import modbus_image
 from agent.ingest.store import Store, open_store
 from agent.ingest.worker import IngestWorker
-from buffer import Buffer
+from agent.mqtt_url import BrokerAddress
+from buffer import Buffer, Lane
 from drivers.modbus.simulator import ModbusSimulator
 from hil.scenario import Fault, Scenario
 from native.batch import GOOD, UNCERTAIN
@@ -159,17 +160,24 @@ class Rig:
 
     async def setup(self) -> None:
         scn, work = self.scn, self.work
-        (work / "broker").mkdir(parents=True, exist_ok=True)
-        self.broker = self.stack.enter_context(Mosquitto(workdir=work / "broker"))
         from hil.proxy import MqttProxy
 
-        self.proxy = MqttProxy("127.0.0.1", self.broker.port)
-        await self.proxy.start()
-        self.stack.push_async_callback(self.proxy.stop)
+        self.broker: Mosquitto | None = None
+        self.proxy: MqttProxy | None = None
+        if scn.target.broker:  # real hardware: its broker, no link faults
+            self.broker_url = self.agent_broker_url = scn.target.broker
+        else:
+            (work / "broker").mkdir(parents=True, exist_ok=True)
+            self.broker = self.stack.enter_context(Mosquitto(workdir=work / "broker"))
+            self.proxy = MqttProxy("127.0.0.1", self.broker.port)
+            await self.proxy.start()
+            self.stack.push_async_callback(self.proxy.stop)
+            self.broker_url = self.broker.url
+            self.agent_broker_url = f"mqtt://127.0.0.1:{self.proxy.port}"
         self.store: Store = open_store(f"sqlite:///{work / 'platform.db'}")
         self.stack.callback(self.store.close)
         self.worker = IngestWorker(
-            self.broker.url,
+            self.broker_url,
             self.store,
             group=None,  # Mosquitto restores plain subscriptions after a restart
             client_id=f"hil-ingest-{scn.name}",
@@ -195,7 +203,7 @@ class Rig:
 
     async def _start_sims(self) -> dict[str, Any]:
         sims = self.scn.sims
-        ports: dict[str, Any] = {"site_broker": self.broker.url}
+        ports: dict[str, Any] = {"site_broker": self.broker_url}
         if sims.modbus:
             self.modbus = ModbusSimulator(
                 {1: modbus_image("sdm120"), 2: modbus_image("adam4017-level")}, tick_s=0.5
@@ -219,7 +227,7 @@ class Rig:
             from hil.sim_mqtt import MqttSensors
 
             self.sensors = MqttSensors(
-                self.broker.url, count=sims.mqtt_sensors, garbage=sims.mqtt_garbage, seed=7
+                self.broker_url, count=sims.mqtt_sensors, garbage=sims.mqtt_garbage, seed=7
             )  # on the broker directly: the site's own network, not the uplink
             task = asyncio.create_task(self.sensors.run(), name="mqtt-sensors")
             self.stack.push_async_callback(_cancel, task)
@@ -236,7 +244,7 @@ class Rig:
     def _config_text(self, ports: dict[str, Any], drain: bool) -> str:
         scn = self.scn
         uplink = {
-            "broker": f"mqtt://127.0.0.1:{self.proxy.port}",
+            "broker": self.agent_broker_url,
             "window": 8,
             "backoff_min": "100ms",
             "backoff_max": "1s",
@@ -299,21 +307,30 @@ class Rig:
     async def _fault(self, f: Fault) -> None:
         await asyncio.sleep(max(0.0, self.t0 + f.at - time.monotonic()))
         a = f.action
+        ours = self.broker is not None and self.proxy is not None
+        if not ours and a in ("broker_stop", "broker_start", "link", "flap"):
+            self.mark(f"{a} skipped: a real broker is not ours to break")
+            return
+        broker, proxy = self.broker, self.proxy
         if a == "broker_stop":
-            await asyncio.to_thread(self.broker.stop)
+            assert broker is not None
+            await asyncio.to_thread(broker.stop)
             self.mark("broker stopped")
         elif a == "broker_start":
-            await asyncio.to_thread(self.broker.start)
+            assert broker is not None
+            await asyncio.to_thread(broker.start)
             self.mark("broker started")
         elif a == "link":
-            self.proxy.mode = f.mode
+            assert proxy is not None
+            proxy.mode = f.mode
             self.mark(f"link {f.mode}")
         elif a == "flap":
+            assert proxy is not None
             for _ in range(f.count):
-                self.proxy.mode = "down"
+                proxy.mode = "down"
                 self.mark("link down (flap)")
                 await asyncio.sleep(f.down)
-                self.proxy.mode = "pass"
+                proxy.mode = "pass"
                 self.mark("link up (flap)")
                 await asyncio.sleep(f.up)
         elif a == "power_cuts":
@@ -364,7 +381,8 @@ class Rig:
             b'{"v": 1, "events": "x"}',
         ]
         kinds = (wire.KIND_BATCH, wire.KIND_ALARM, wire.KIND_META, wire.KIND_STATS)
-        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier="hil-rogue") as c:
+        addr = BrokerAddress.parse(self.broker_url)
+        async with aiomqtt.Client(addr.host, addr.port, identifier="hil-rogue") as c:
             for i in range(n):
                 topic = wire.topic(wire.DEFAULT_PREFIX, self.gateway, kinds[i % len(kinds)])
                 await c.publish(topic, junk[i % len(junk)], qos=1)
@@ -372,8 +390,9 @@ class Rig:
 
     async def _heal(self) -> None:
         """Ends every fault still in force, so the drain can happen."""
-        self.proxy.mode = "pass"
-        if not self.broker.running:
+        if self.proxy is not None:
+            self.proxy.mode = "pass"
+        if self.broker is not None and not self.broker.running:
             await asyncio.to_thread(self.broker.start)
         for sim in (self.modbus, self.slow):
             if sim is not None:
@@ -412,7 +431,7 @@ class Rig:
         from hil.faults import corrupt_file
 
         with Buffer(self.buffer_path, 10_000_000) as buf:
-            buf.append_many([(2, os.urandom(2000), 1)] * 200)  # pages to damage
+            buf.append_many([(Lane.TELEMETRY, os.urandom(2000), 1)] * 200)  # pages to damage
         corrupt_file(self.buffer_path, seed=3)
         self.mark("buffer database corrupted before the start")
 
@@ -479,6 +498,9 @@ class Rig:
         )
         if checks.evictions:
             v.check(v.evicted > 0, "the buffer never filled up (no eviction)")
+        if checks.disk_full:
+            v.figures["flush_failures"] = counters.get("flush_failures", 0)
+            v.check(v.figures["flush_failures"] > 0, "the disk never filled up (no failed flush)")
         if checks.corrupt_start:
             aside = list(self.work.glob("buffer.db.corrupt-*"))
             v.check(bool(aside), "the corrupt buffer database was not moved aside")

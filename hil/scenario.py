@@ -99,6 +99,7 @@ class Checks(_Model):
     max_jitter_ms: float = 250.0
     clock_flagged: bool = False  # readings under an obviously wrong clock flagged
     rejections: bool = False  # garbage must have been counted (agent and ingest)
+    disk_full: bool = False  # the buffer must have refused writes (and the agent lived on)
     min_power_cuts: int = 0
 
 

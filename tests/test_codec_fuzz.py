@@ -117,7 +117,7 @@ def test_forged_crc_mutations_never_crash() -> None:
     assert refused > total // 2  # most damage breaks the structure
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=120))
 def test_hypothesis_bytes_never_crash(payload: bytes) -> None:
     kernels = both()
@@ -126,7 +126,7 @@ def test_hypothesis_bytes_never_crash(payload: bytes) -> None:
         assert results[0] == results[-1]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(min_size=1, max_size=60), st.integers(0, 3))
 def test_hypothesis_splices_into_valid_messages(chunk: bytes, which: int) -> None:
     """Valid header, then a random tail with a good CRC: deep parser paths."""

@@ -150,6 +150,13 @@ class BleDeviceSettings(BaseModel):
             raise _problem("must not be empty")
         return v
 
+    @field_validator("replay_file")
+    @classmethod
+    def _replay_file(cls, v: str | None) -> str | None:
+        if v is not None and "\0" in v:
+            raise _problem("a file path cannot contain a NUL character")
+        return v
+
     @field_validator("bind_key")
     @classmethod
     def _key(cls, v: SecretStr | None) -> SecretStr | None:
@@ -216,6 +223,7 @@ class BlePointSettings(BaseModel):
 def resolve_replay_file(table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """The device table with a relative `replay_file` made absolute against base_dir."""
     path = table.get("replay_file")
-    if isinstance(path, str) and path.strip() and not Path(path).is_absolute():
+    # (a NUL cannot be in a path: left as it is, for the field's check to refuse)
+    if isinstance(path, str) and path.strip() and "\0" not in path and not Path(path).is_absolute():
         return {**table, "replay_file": str((base_dir / path).resolve())}
     return table

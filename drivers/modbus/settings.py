@@ -189,7 +189,8 @@ class ModbusPointSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _bool_in_bit_tables(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("table") in BIT_TABLES and "datatype" not in data:
+        table = data.get("table") if isinstance(data, dict) else None
+        if isinstance(table, str) and table in BIT_TABLES and "datatype" not in data:
             return {**data, "datatype": "bool"}
         return data
 

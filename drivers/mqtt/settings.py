@@ -61,12 +61,16 @@ def parse_path(text: str) -> tuple[PathStep, ...]:
 def _check_file(value: Path | None, info: ValidationInfo) -> Path | None:
     if value is None:
         return None
-    path = value.expanduser()
-    if not path.is_absolute():
+    try:
+        path = value.expanduser()
+    except RuntimeError:  # "~user/..." of a user without a home (found by fuzzing)
+        raise _problem(f"cannot expand {str(value)!r}: no such user's home") from None
+    relative = not path.is_absolute()
+    if relative:
         base = (info.context or {}).get("base_dir") or Path.cwd()
         path = Path(base) / path
     if not path.is_file():
-        hint = "" if value.expanduser().is_absolute() else " (relative to the config file's folder)"
+        hint = " (relative to the config file's folder)" if relative else ""
         raise _problem(f"file not found: {value}{hint}")
     return path
 
