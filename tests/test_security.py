@@ -39,6 +39,7 @@ from agent.mqtt_url import tls_context
 from agent.runtime import Agent
 from agent.uplink import BufferPort, Uplink, UplinkSettings, connection_error
 from buffer import Lane, Message
+from tests.test_commands import CONFIG as COMMANDS_CONFIG
 
 GATEWAY = "gw-sec"
 STREAM = "0123456789abcdef0123456789abcdef"
@@ -696,29 +697,8 @@ def test_connection_errors_in_words() -> None:
 
 # -- downlink commands ---------------------------------------------------------------------
 
-COMMAND_CONFIG = """
-[gateway]
-id = "gw-sec"
-[uplink]
-broker = "{broker}"
-backoff_min = "100ms"
-[buffer]
-path = "{buffer}"
-flush_interval = "100ms"
-[[devices]]
-name = "pump"
-driver = "sim"
-poll = "50ms"
-  [[devices.points]]
-  name = "setpoint"
-  writable = true
-  min = 0.0
-  max = 50.0
-  base = 10.0
-  [[devices.points]]
-  name = "level"
-  base = 3.0
-"""
+# the pump of tests/test_commands.py, under this file's gateway id
+COMMAND_CONFIG = COMMANDS_CONFIG.replace('id = "gw-cmd"', f'id = "{GATEWAY}"')
 
 
 def test_downlink_answers_only_its_own_topic_and_logs_every_command(
