@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
+from agent import wire
 from agent.runtime import STATUS_INTERVAL_S
 from buffer import Buffer, BufferStats, Lane
 from native import codec
@@ -76,8 +77,19 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
     )
     summary.add_row("last PUBACK", _age(up.get("last_puback_ms"), now_ms))
     counters = agent.get("counters") or {}
-    for key in ("read", "sent", "refused", "flagged", "dropped"):
+    for key in ("read", "sent", "refused", "flagged", "dropped", "suppressed", "lost"):
         summary.add_row(key, str(counters.get(key, 0)))
+    summary.add_row(
+        "alarms raised / cleared",
+        f"{counters.get('alarms_raised', 0)} / {counters.get('alarms_cleared', 0)}",
+    )
+    for key, label in (
+        ("flush_failures", "failed flushes"),
+        ("clock_flagged", "readings under a wrong clock"),
+        ("clock_steps", "clock steps"),
+    ):
+        if counters.get(key):
+            summary.add_row(label, str(counters[key]))
     if state.get("buffer_recovered"):
         summary.add_row(
             "buffer recovered", f"corrupt database moved to {state['buffer_recovered']}"
@@ -118,10 +130,14 @@ def render_inspect(buffer_path: Path, limit: int = 20) -> Group:
     for m in messages:
         span, note = "", ""
         try:
-            b = codec.decode(m.payload)
-            if len(b):
-                span = f"{(max(b.timestamps) - min(b.timestamps)) / 1000:.1f} s"
-        except codec.CodecError as exc:
+            if m.lane == Lane.ALARM:
+                _, events = wire.decode_alarms(m.payload)
+                note = ", ".join(f"{e.rule} {'raised' if e.raised else 'cleared'}" for e in events)
+            else:
+                b = codec.decode(m.payload)
+                if len(b):
+                    span = f"{(max(b.timestamps) - min(b.timestamps)) / 1000:.1f} s"
+        except (codec.CodecError, wire.WireError) as exc:
             note = f"undecodable: {exc}"
         table.add_row(
             str(m.seq),

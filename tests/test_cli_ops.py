@@ -15,11 +15,12 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent import cli
+from agent import cli, wire
 from agent.status import render_status
 from buffer import Buffer, BufferStats, Lane, LaneStats
 from native import codec
 from native.batch import Batch
+from native.stages import AlarmEvent
 
 # wide enough that rich never wraps a table cell
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
@@ -81,6 +82,10 @@ def snapshot(
             "sent": 1222,
             "encoded_bytes": 999,
             "flushes": 60,
+            "suppressed": 400,
+            "alarms_raised": 3,
+            "alarms_cleared": 2,
+            "flush_failures": 4,
         },
         "uplink": {
             "state": uplink_state,
@@ -125,7 +130,8 @@ def filled(tmp_path: Path) -> Path:
     buf = Buffer(tmp_path / "buf.db", capacity_bytes=1000)
     try:
         buf.append(Lane.TELEMETRY, encoded(5, now - 60_000), 5)
-        buf.append(Lane.ALARM, encoded(1, now), 1)
+        alarm = AlarmEvent(3, "high", "critical", True, now, 7.5, now - 5000)
+        buf.append(Lane.ALARM, wire.encode_alarms("gw-test", [alarm]), 1)
         buf.append(Lane.TELEMETRY, encoded(7, now - 30_000, span_ms=500), 7)
         buf.append(Lane.EVENT, encoded(3, now), 3)
         buf.append(Lane.TELEMETRY, b"\x00" * 2000, 50)  # larger than the buffer: evicted
@@ -159,6 +165,9 @@ def test_status_shows_lanes_evictions_uplink_and_devices(filled: Path) -> None:
     assert row(out, "sent")[1] == "1222"
     assert row(out, "refused")[1] == "5"
     assert row(out, "dropped")[1] == "7"
+    assert row(out, "suppressed")[1] == "400"
+    assert row(out, "alarms raised / cleared")[1] == "3 / 2"
+    assert row(out, "failed flushes")[1] == "4"
     # devices: name, last success, polls, errors, in a row, skipped, last error
     pump = row(out, "pump-3")
     assert pump[1:] == ["never", "40", "17", "9", "2", "simulated timeout: device did not answer"]
@@ -186,7 +195,7 @@ def test_buffer_inspect_lists_the_next_batches(filled: Path) -> None:
         ("1", "telemetry", "5"),
         ("3", "telemetry", "7"),
     ]
-    assert body[0][5] == "0.0 s"
+    assert body[0][5:] == ["", "high raised"]
     assert body[3][5] == "4.0 s" and body[4][5] == "3.0 s"
     assert body[2][6].startswith("undecodable:")
     assert body[1][6] == ""
