@@ -97,7 +97,12 @@ def load_profile(name_or_path: str, base_dir: Path) -> Profile:
     Raises DeviceConfigProblem at ``("profile",)`` if there is no such profile or the
     file is broken; the message names the file and the key."""
     if _is_path(name_or_path):
-        path = Path(name_or_path).expanduser()
+        try:
+            path = Path(name_or_path).expanduser()
+        except RuntimeError:  # "~user/..." of a user without a home (found by fuzzing)
+            raise DeviceConfigProblem(
+                ("profile",), f"cannot expand {name_or_path!r}: no such user's home"
+            ) from None
         if not path.is_absolute():
             path = base_dir / path
         origin = f"profile file {name_or_path}"
@@ -108,9 +113,10 @@ def load_profile(name_or_path: str, base_dir: Path) -> Profile:
                 ("profile",),
                 f"profile file not found: {name_or_path} (relative to the config file's folder)",
             ) from None
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise DeviceConfigProblem(
-                ("profile",), f"cannot read profile file {name_or_path}: {exc.strerror}"
+                ("profile",), f"cannot read profile file {name_or_path}: {reason}"
             ) from None
     else:
         names = available_profiles()
