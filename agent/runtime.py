@@ -362,7 +362,8 @@ class Agent:
                         "readings stamped by an obviously wrong clock flagged uncertain",
                         extra={"readings": n, "gateway_clock_ms": now_ms},
                     )
-            touched = set(batch.point_ids)
+            # the points whose stage state may change (a set over the batch: only if kept)
+            touched = set(batch.point_ids) if self.pipeline.persistent else ()
             out, counts = self.pipeline.process(batch, now_ms)
             self._count(counts)
             if counts.alarms:

@@ -304,7 +304,6 @@ STAGE_MODELS: tuple[type[BaseModel], ...] = get_args(get_args(PipelineStage)[0])
 STAGE_TYPES: dict[str, type[BaseModel]] = {
     get_args(m.model_fields["type"].annotation)[0]: m for m in STAGE_MODELS
 }
-RULE_MODELS = tuple(m for m in STAGE_MODELS if issubclass(m, _RuleConfig))
 
 
 def check_pipeline(

@@ -527,7 +527,7 @@ class Rig:
             v.check(rejected > 0, "the ingest counted no rejected message")
             v.check(device_errors > 0, "the agent counted no bad frame or payload")
         if checks.alarm_latency:
-            self._alarm_checks(v, alarms)
+            self._alarm_checks(v, alarms, seqs)
         self._drain_figures(v)
 
     def _uplink_seqs(self) -> list[tuple[int, int, int]]:
@@ -540,12 +540,13 @@ class Rig:
                 )
             ]
 
-    def _alarm_checks(self, v: Verdict, alarms: list[Any]) -> None:
+    def _alarm_checks(
+        self, v: Verdict, alarms: list[Any], uplinks: list[tuple[int, int, int]]
+    ) -> None:
         raised = [a for a in alarms if a.raised]
         v.check(bool(raised), "no alarm reached the platform")
         if not raised:
             return
-        uplinks = self._uplink_seqs()
         alarm_seq, _, alarm_ms = next(u for u in uplinks if u[1] == 0)
         v.alarm_latency_ms = alarm_ms - raised[0].ts_ms
         # the telemetry still queued when the alarm was raised: the alarm must overtake it

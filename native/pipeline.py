@@ -69,6 +69,7 @@ class Pipeline:
             for (depth, cls), specs in sorted(groups.items(), key=lambda kv: kv[0][0])
         ]
         self.timed = any(t.timed for _, t in self.tables)
+        self.persistent = any(t.persistent for _, t in self.tables)
 
     def process(self, batch: Batch, now_ms: int = 0) -> tuple[Batch, PipelineCounts]:
         """Runs ``batch`` through every table (its arrays may be modified) and returns

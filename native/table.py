@@ -37,11 +37,6 @@ class PipelineCounts:
     late: int = 0  # readings older than their point's open aggregate window
     alarms: list[AlarmEvent] = field(default_factory=list)
 
-    def add(self, other: PipelineCounts) -> None:
-        for name in ("flagged", "dropped", "replaced", "clamped", "suppressed", "windows", "late"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.alarms.extend(other.alarms)
-
 
 def empty_columns(capacity: int) -> Batch:
     """A zero-filled batch of ``capacity`` rows for a kernel to write its output into;
