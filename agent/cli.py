@@ -159,9 +159,13 @@ def ingest(
             "while it is away (0: a clean session every time)."
         ),
     ] = 3600,
+    report_every: Annotated[
+        float, typer.Option(help="Seconds between throughput lines in the log (0: none).", min=0)
+    ] = 10.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Platform ingest: decode uplinks, drop duplicates, store readings."""
+    """Platform ingest: decode uplinks, drop duplicates and bad batches (kept as dead
+    letters), store readings, alarms and gateway state; logs its throughput."""
     from agent.ingest import run_ingest
 
     setup_logging(log_level)
@@ -175,6 +179,7 @@ def ingest(
                 prefix,
                 client_id=client_id or f"citygw-ingest-{socket.gethostname()}-{group}",
                 session_expiry=session_expiry,
+                report_every=report_every,
             )
         )
         loop = asyncio.get_running_loop()

@@ -75,6 +75,10 @@ class WireError(ValueError):
     """Input that is not a valid citygw topic, envelope or meta message."""
 
 
+class UnknownVersionError(WireError):
+    """An envelope of a format version this build does not know (a newer gateway)."""
+
+
 # -- topics ---------------------------------------------------------------------------------
 
 
@@ -125,22 +129,21 @@ def lane_topic(lane: int, gateway: str, prefix: str = DEFAULT_PREFIX) -> str:
 
 
 def ingest_filters(prefix: str = DEFAULT_PREFIX, group: str | None = None) -> list[str]:
-    """What an ingest worker subscribes to: the batch, alarm and meta topics of every
-    gateway (not up/resp: command answers are for whoever sent the command). In a group:
-    the batch and alarm topics shared (``$share/<group>/<prefix>/+/up/batch`` and
-    ``.../up/alarm``: each uplink goes to one worker), and ``<prefix>/+/up/meta`` and
-    ``up/stats`` unshared, because a broker never sends retained messages to a shared
+    """What an ingest worker subscribes to: the batch, alarm, meta, stats and state topics
+    of every gateway (not up/resp: command answers are for whoever sent the command). In
+    a group: the batch and alarm topics shared (``$share/<group>/<prefix>/+/up/batch`` and
+    ``.../up/alarm``: each uplink goes to one worker), and ``up/meta``, ``up/stats`` and
+    ``state`` unshared, because a broker never sends retained messages to a shared
     subscription and every worker should know every gateway (the upserts are idempotent)."""
     _check_prefix(prefix)
+    retained = [f"{prefix}/+/{kind}" for kind in (KIND_META, KIND_STATS, KIND_STATE)]
     if not group:
-        kinds = (KIND_BATCH, KIND_ALARM, KIND_META, KIND_STATS)
-        return [f"{prefix}/+/{kind}" for kind in kinds]
+        return [f"{prefix}/+/{KIND_BATCH}", f"{prefix}/+/{KIND_ALARM}", *retained]
     _check_level(group, "shared subscription group")
     return [
         f"$share/{group}/{prefix}/+/{KIND_BATCH}",
         f"$share/{group}/{prefix}/+/{KIND_ALARM}",
-        f"{prefix}/+/{KIND_META}",
-        f"{prefix}/+/{KIND_STATS}",
+        *retained,
     ]
 
 
@@ -218,7 +221,9 @@ def unwrap(data: bytes | bytearray | memoryview) -> Envelope:
     if magic != MAGIC:
         raise WireError(f"bad envelope magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
-        raise WireError(f"unknown envelope version {version} (this platform understands {VERSION})")
+        raise UnknownVersionError(
+            f"unknown envelope version {version} (this platform understands {VERSION})"
+        )
     if lane not in LANES:
         raise WireError(f"unknown lane {lane} in envelope")
     return Envelope(lane, stream.hex(), seq, n_points, raw[HEADER_SIZE:])

@@ -151,6 +151,10 @@ class CodecError(ValueError):
     """The bytes are not a batch this build can decode (or a batch cannot be encoded)."""
 
 
+class UnknownVersionError(CodecError):
+    """A batch of a codec version this build does not read (a newer gateway)."""
+
+
 @dataclass(frozen=True, slots=True)
 class DecodedBatch:
     """A decoded message: its format version, the sender's gateway id and sequence
@@ -321,7 +325,9 @@ def _decode(
     decoder = _DECODERS.get(version)
     if decoder is None:
         readable = ", ".join(str(v) for v in sorted(_DECODERS))
-        raise CodecError(f"codec version {version} is not supported (this build reads {readable})")
+        raise UnknownVersionError(
+            f"codec version {version} is not supported (this build reads {readable})"
+        )
     return (version, *decoder(buf, kernels))
 
 

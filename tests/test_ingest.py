@@ -8,6 +8,7 @@ import contextlib
 import math
 import sqlite3
 import struct
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -19,9 +20,9 @@ import pytest
 from agent import wire
 from agent.broker import Mosquitto
 from agent.ingest.store import Store, StoreCounts, open_store
-from agent.ingest.store_postgres import split_url
+from agent.ingest.store_postgres import partition_name, split_url
 from agent.ingest.worker import IngestWorker
-from agent.wire import Envelope, Meta, PointMeta
+from agent.wire import Envelope, GatewayStats, Meta, PointMeta
 from native import codec
 from native.batch import BAD, GOOD, Batch
 from native.stages import AlarmEvent
@@ -249,6 +250,162 @@ def test_postgres_two_stores_same_schema(pg_url: str) -> None:
         b.close()
 
 
+def test_gateway_state_and_last_seen(store: Store) -> None:
+    store.store_state(GW, True, 1000)
+    store.store_state(GW, True, 2000)  # a retained "online" seen again: still online since 1000
+    (info,) = store.gateways()
+    assert (info.state, info.state_ms, info.last_seen_ms, info.stats) == (
+        "online",
+        1000,
+        None,
+        None,
+    )
+    store.store_state(GW, False, 3000)
+    b = make_batch(3)
+    store.store_batch(GW, env_for(b, 1), b)
+    stats = GatewayStats(GW, 2500, 100, 7, 1, 40, 2, 0)
+    store.store_stats(stats)
+    store.store_stats(GatewayStats("gw-0", 10, 1, 0, 0, 0, 0, 0))  # stats only: listed too
+    gw0, gw1 = store.gateways()
+    assert gw0.gateway == "gw-0" and gw0.state is None and gw0.stats is not None
+    assert (gw1.state, gw1.state_ms, gw1.stats) == ("offline", 3000, stats)
+    assert gw1.last_seen_ms is not None and gw1.last_seen_ms > 1_700_000_000_000
+
+
+def test_alarm_raise_clear_pairing(store: Store) -> None:
+    store.store_meta(GW, make_meta())
+
+    def alarm(seq: int, *events: AlarmEvent) -> None:
+        env = Envelope(wire.LANE_ALARM, STREAM, seq, len(events), b"")
+        assert store.store_batch(GW, env, list(events)) is True
+
+    raise_1 = AlarmEvent(1, "high", "critical", True, 100, 9.0, 90)
+    raise_2 = AlarmEvent(2, "high", "warning", True, 150, 5.0, 150)
+    alarm(1, raise_1, raise_2)
+    assert [e.cleared_ts for e in store.alarm_episodes()] == [None, None]
+    alarm(2, AlarmEvent(1, "high", "critical", False, 300, 1.0, 100))  # clears raise_1
+    alarm(3, AlarmEvent(1, "high", "critical", True, 400, 9.5, 400))  # again
+    alarm(4, AlarmEvent(3, "low", "warning", False, 500, 0.0, 450))  # a clear without raise
+    episodes = store.alarm_episodes()
+    assert [(e.point_id, e.raised_ts, e.cleared_ts) for e in episodes] == [
+        (1, 100, 300),
+        (2, 150, None),
+        (1, 400, None),
+    ]
+    assert episodes[0].key == "bridge-7/strain_1" and episodes[0].value == 9.0
+    assert [(e.point_id, e.raised_ts) for e in store.alarm_episodes(active=True)] == [
+        (2, 150),
+        (1, 400),
+    ]
+    assert store.alarm_episodes("gw-2") == []
+    assert len(store.alarms(GW)) == 5  # the events themselves stay as they came
+
+
+def test_query_by_point_name(store: Store) -> None:
+    for gateway in (GW, "gw-2"):
+        store.store_meta(gateway, make_meta(gateway))
+    b1 = make_batch(30)  # ts 0..29 after start, points 1, 2, 3 in turn
+    b2 = make_batch(6, start_ts=1_700_000_000_100)
+    store.store_batch(GW, env_for(b1, 1), b1)
+    store.store_batch(GW, env_for(b2, 2), b2)
+    store.store_batch("gw-2", env_for(b2, 1), b2)
+    t0 = 1_700_000_000_000
+    got = store.query("bridge-7/strain_2", since_ms=t0 + 5, until_ms=t0 + 200)
+    want = [(GW, r) for r in (*b1.rows(), *b2.rows()) if r[0] == 2 and r[1] >= t0 + 5]
+    want += [("gw-2", r) for r in b2.rows() if r[0] == 2]
+    assert [(p.gateway, (2, p.ts, p.value, p.quality)) for p in got] == want
+    assert {p.key for p in got} == {"bridge-7/strain_2"}
+    assert [p.gateway for p in store.query("bridge-7/strain_2", t0, gateway="gw-2")] == ["gw-2"] * 2
+    assert len(store.query("bridge-7/strain_2", t0, limit=3)) == 3
+    assert store.query("bridge-7/strain_2", t0 + 10_000) == []
+    assert store.query("bridge-7/nothing", 0) == []
+
+
+def test_postgres_partitions_by_day(pg_url: str) -> None:
+    import psycopg
+
+    store = open_store(pg_url)
+    schema = split_url(pg_url)[1]
+    now = int(time.time() * 1000)
+    fresh, old = make_batch(4, start_ts=now), make_batch(2, start_ts=1_000_000)  # 1970: default
+    try:
+        store.store_batch(GW, env_for(fresh, 1), fresh)
+        store.store_batch(GW, env_for(old, 2), old)
+        assert store.readings(GW) == [*fresh.rows(), *old.rows()]
+    finally:
+        store.close()
+    with psycopg.connect(split_url(pg_url)[0]) as db:
+        rows = db.execute(
+            "SELECT c.relname, count(*) FILTER (WHERE true) FROM pg_inherits i "
+            "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s GROUP BY c.relname ORDER BY c.relname",
+            (schema,),
+        ).fetchall()
+        names = [r[0] for r in rows]
+        day = partition_name(now // 86_400_000)
+        assert day in names and "reading_blocks_default" in names
+        placed = db.execute(
+            f'SELECT tableoid::regclass::text, seq FROM "{schema}".reading_blocks ORDER BY seq'
+        ).fetchall()
+    assert [(t.split(".")[-1].strip('"'), q) for t, q in placed] == [
+        (day, 1),
+        ("reading_blocks_default", 2),
+    ]
+
+
+V1_SCHEMA = """
+CREATE TABLE uplinks (gateway text NOT NULL, stream text NOT NULL, seq bigint NOT NULL,
+    lane smallint NOT NULL, n_points integer NOT NULL, received_ms bigint NOT NULL,
+    PRIMARY KEY (gateway, stream, seq));
+CREATE TABLE readings (id bigint GENERATED ALWAYS AS IDENTITY, gateway text NOT NULL,
+    point_id bigint NOT NULL, ts bigint NOT NULL, value double precision NOT NULL,
+    quality smallint NOT NULL, seq bigint);
+CREATE TABLE counters (name text PRIMARY KEY, value bigint NOT NULL);
+INSERT INTO counters VALUES ('readings', 5), ('batches', 2), ('duplicates_dropped', 1);
+INSERT INTO uplinks VALUES ('gw-1', 'aa', 1, 2, 3, 0), ('gw-1', 'aa', 2, 2, 2, 0);
+INSERT INTO readings (gateway, point_id, ts, value, quality, seq) VALUES
+    ('gw-1', 2, 1700000000002, 2.5, 0, 1), ('gw-1', 1, 1700000000001, 'NaN', 0, 1),
+    ('gw-1', 1, 1700000000003, '-0', 1, 1), ('gw-1', 1, 1700000001000, 4.0, 0, 2),
+    ('gw-1', 3, 1700000001000, 5.0, 0, 2)
+"""
+
+
+def test_postgres_migrates_a_version_1_schema(pg_url: str) -> None:
+    """The first release kept a row per reading; opening the store converts them into
+    blocks in the same order, and keeps the counters and the dedup keys."""
+    import psycopg
+    from psycopg import sql
+
+    conninfo, schema = split_url(pg_url)
+    with psycopg.connect(conninfo, autocommit=True) as db:
+        db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+        for stmt in V1_SCHEMA.split(";"):
+            db.execute(stmt.encode())
+    store = open_store(pg_url)
+    try:
+        got = store.readings(GW)
+        assert [(p, t, bits(v), q) for p, t, v, q in got] == [
+            (2, 1_700_000_000_002, bits(2.5), 0),
+            (1, 1_700_000_000_001, bits(math.nan), 0),
+            (1, 1_700_000_000_003, bits(-0.0), 1),
+            (1, 1_700_000_001_000, bits(4.0), 0),
+            (3, 1_700_000_001_000, bits(5.0), 0),
+        ]
+        assert store.counts() == StoreCounts(
+            readings=5, batches=2, duplicates_dropped=1, gateways=0
+        )
+        b = make_batch(2)
+        assert store.store_batch(GW, Envelope(2, "aa", 2, 2, b""), b) is False  # seen before
+    finally:
+        store.close()
+    reopened = open_store(pg_url)  # idempotent: nothing converted twice
+    try:
+        assert len(reopened.readings(GW)) == 5
+    finally:
+        reopened.close()
+
+
 # -- worker ---------------------------------------------------------------------------------
 
 
@@ -313,7 +470,7 @@ def test_worker_stores_batches_and_meta(mosquitto: Mosquitto, store: Store) -> N
 
     async def body() -> None:
         meta = wire.encode_meta(make_meta().to_dict())
-        await gw.publish([(wire.meta_topic(GW), meta)])
+        await gw.publish([(wire.meta_topic(GW), meta), (wire.state_topic(GW), b"online")])
         sent = await gw.send(list(range(1, 11)))
         events = [
             AlarmEvent(
@@ -334,6 +491,16 @@ def test_worker_stores_batches_and_meta(mosquitto: Mosquitto, store: Store) -> N
         stored = store.alarms(GW)
         assert [e for e in stored if e.point_id != 2] == [events[0], events[2]]
         assert stored[1].rule == "stale" and math.isnan(stored[1].value)
+        # the clear is paired with its raise; the stale alarm is still active
+        episodes = store.alarm_episodes(GW)
+        assert [(e.key, e.rule, e.raised_ts, e.cleared_ts) for e in episodes] == [
+            ("bridge-7/strain_1", "overstrain", 1_700_000_000_500, 1_700_000_009_000),
+            ("bridge-7/strain_2", "stale", 1_700_000_000_600, None),
+        ]
+        await wait_until(lambda: worker.counters.states_stored >= 1)
+        (info,) = store.gateways()
+        assert (info.gateway, info.site, info.state) == (GW, "block-12", "online")
+        assert info.last_seen_ms is not None and info.state_ms is not None
         c = worker.counters
         assert (c.batches_stored, c.readings_stored, c.alarms_stored, c.rejected) == (
             11,
@@ -387,10 +554,14 @@ def test_worker_survives_garbage(
         wire.LANE_ALARM, env.stream, 7, 1, wire.encode_alarms("gw-9", alarms)
     )
     alarm_garbage = wire.wrap(wire.LANE_ALARM, env.stream, 8, 1, b'{"v": 1, "events": 3}')
+    newer_body = bytearray(env.body)
+    newer_body[len(codec.MAGIC)] = 9
+    newer_codec = wire.wrap(env.lane, env.stream, 9, env.n_points, bytes(newer_body))
     garbage: list[tuple[str, bytes]] = [
         (wire.batch_topic(GW), b""),  # envelope: short
         (wire.batch_topic(GW), b"\x00" * 64),  # envelope: magic
-        (wire.batch_topic(GW), good[:2] + b"\x09" + good[3:]),  # envelope: version
+        (wire.batch_topic(GW), good[:2] + b"\x09" + good[3:]),  # version (envelope)
+        (wire.batch_topic(GW), newer_codec),  # version (codec)
         (wire.batch_topic(GW), alarm_on_batch),  # lane on the wrong topic
         (wire.batch_topic(GW), short_count),  # n_points
         (wire.batch_topic(GW), bad_body),  # codec
@@ -400,6 +571,7 @@ def test_worker_survives_garbage(
         (wire.alarm_topic(GW), alarm_garbage),  # alarm
         (wire.meta_topic(GW), b"{nope"),  # meta
         (wire.meta_topic(GW), wire.encode_meta(make_meta("gw-9").to_dict())),  # meta_gateway
+        (wire.state_topic(GW), b"sleepy"),  # state
     ]
 
     async def body() -> None:
@@ -407,8 +579,9 @@ def test_worker_survives_garbage(
             await gw.publish(garbage)
             await gw.send([10, 11])
             await wait_until(lambda: store.counts().batches == 2)
-        assert worker.counters.rejected == {
-            "envelope": 3,
+        expected = {
+            "envelope": 2,
+            "version": 2,
             "lane": 1,
             "n_points": 1,
             "codec": 1,
@@ -417,7 +590,16 @@ def test_worker_survives_garbage(
             "alarm": 1,
             "meta": 1,
             "meta_gateway": 1,
+            "state": 1,
         }
+        assert worker.counters.rejected == expected
+        # each kept aside with its reason and the exact payload, then acknowledged
+        letters = store.dead_letters(limit=100)
+        assert worker.counters.dead_letters_stored == len(letters) == len(garbage)
+        assert {d.reason for d in letters} == set(expected)
+        by_payload = {(d.topic, d.payload) for d in letters}
+        assert by_payload == set(garbage)
+        assert all(d.size == len(d.payload) and d.error for d in letters)
         reasons = {getattr(r, "reason", None) for r in caplog.records}
         assert {"envelope", "codec", "meta"} <= reasons
         assert all(r.levelname == "WARNING" for r in caplog.records if hasattr(r, "reason"))

@@ -66,6 +66,7 @@ def test_topic_builders() -> None:
         "citygw/+/up/alarm",
         "citygw/+/up/meta",
         "citygw/+/up/stats",
+        "citygw/+/state",
     ]
     assert wire.ingest_filters("citygw", "") == wire.ingest_filters("citygw", None)
     assert wire.ingest_filters("c", "g") == [
@@ -73,6 +74,7 @@ def test_topic_builders() -> None:
         "$share/g/c/+/up/alarm",
         "c/+/up/meta",
         "c/+/up/stats",
+        "c/+/state",
     ]
 
 

@@ -38,6 +38,59 @@ class StoreCounts:
     gateways: int  # gateways seen (batch or meta)
 
 
+@dataclass(frozen=True, slots=True)
+class PointReading:
+    """One reading found by `Store.query`, with the point's name from the registry."""
+
+    gateway: str
+    key: str  # "<device>/<point>" from up/meta
+    ts: int
+    value: float
+    quality: int
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayInfo:
+    """What the platform knows of one gateway (`citygw platform gateways`)."""
+
+    gateway: str
+    site: str | None
+    state: str | None  # "online" / "offline" as last reported, None if never
+    state_ms: int | None  # when the state last changed (platform clock)
+    last_seen_ms: int | None  # last stored uplink (platform clock)
+    stats: GatewayStats | None  # the latest up/stats: backlog, evictions, losses
+
+
+#: at most this much of a rejected payload is kept in the dead-letter table
+DEAD_LETTER_MAX_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A rejected uplink kept aside for inspection (then acknowledged)."""
+
+    received_ms: int
+    topic: str
+    reason: str  # the worker's reject reason: "codec", "version", "gateway", ...
+    error: str
+    payload: bytes  # the first DEAD_LETTER_MAX_BYTES bytes
+    size: int  # the full payload size
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmEpisode:
+    """A raise paired with its clear (``cleared_ts`` None while the alarm is active)."""
+
+    gateway: str
+    point_id: int
+    key: str | None  # from the registry, None if up/meta has not named the point
+    rule: str
+    severity: str
+    raised_ts: int
+    value: float
+    cleared_ts: int | None
+
+
 @runtime_checkable
 class Store(Protocol):
     def store_batch(self, gateway: str, env: Envelope, body: Body) -> bool:
@@ -75,6 +128,38 @@ class Store(Protocol):
 
     def stats(self, gateway: str) -> GatewayStats | None:
         """The latest counters the gateway reported, if any."""
+        ...
+
+    def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
+        """Record the gateway's retained state; the time moves only when it changes."""
+        ...
+
+    def store_dead_letters(self, letters: Sequence[DeadLetter]) -> None: ...
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The newest rejected uplinks first."""
+        ...
+
+    def gateways(self) -> list[GatewayInfo]:
+        """Every gateway seen, by id."""
+        ...
+
+    def query(
+        self,
+        point_key: str,
+        since_ms: int,
+        until_ms: int | None = None,
+        gateway: str | None = None,
+        limit: int | None = None,
+    ) -> list[PointReading]:
+        """Readings of the point named `point_key` (on any gateway, or on `gateway`)
+        with since_ms <= ts < until_ms, ordered by gateway then time."""
+        ...
+
+    def alarm_episodes(
+        self, gateway: str | None = None, active: bool = False
+    ) -> list[AlarmEpisode]:
+        """Raises paired with their clears, oldest first; `active`: only uncleared ones."""
         ...
 
     def close(self) -> None: ...
@@ -183,3 +268,108 @@ def stats_row(stats: GatewayStats) -> tuple[Any, ...]:
 def stats_from_row(row: Sequence[Any]) -> GatewayStats:
     gateway, *values = row
     return GatewayStats(str(gateway), *(int(v) for v in values))
+
+
+# -- SQL shared by the two stores (`ph` is the driver's placeholder: "?" or "%s") ---------
+
+
+def alarm_clear(ph: str, id_column: str = "id") -> str:
+    """Pair a clear with its raise: the open raise of that point and rule that began at the
+    clear's ``since_ms``, else the latest open one."""
+    return (
+        f"UPDATE alarms SET cleared_ts = {ph} WHERE {id_column} = (SELECT {id_column} "
+        f"FROM alarms WHERE gateway = {ph} AND point_id = {ph} AND rule = {ph} AND raised "
+        f"AND cleared_ts IS NULL ORDER BY (ts = {ph}) DESC, ts DESC LIMIT 1)"
+    )
+
+
+def alarm_clear_args(gateway: str, e: AlarmEvent) -> tuple[Any, ...]:
+    return (e.ts_ms, gateway, e.point_id, e.rule, e.since_ms)
+
+
+def alarm_episodes_query(
+    ph: str, gateway: str | None, active: bool, order: str
+) -> tuple[str, tuple[Any, ...]]:
+    where = "a.raised"
+    args: tuple[Any, ...] = ()
+    if gateway is not None:
+        where += f" AND a.gateway = {ph}"
+        args = (gateway,)
+    if active:
+        where += " AND a.cleared_ts IS NULL"
+    return (
+        "SELECT a.gateway, a.point_id, p.key, a.rule, a.severity, a.ts, a.value, a.cleared_ts "
+        "FROM alarms a LEFT JOIN points p ON p.gateway = a.gateway AND p.point_id = a.point_id "
+        f"WHERE {where} ORDER BY a.ts, {order}",
+        args,
+    )
+
+
+def episode_from_row(row: Sequence[Any]) -> AlarmEpisode:
+    gateway, point_id, key, rule, severity, ts, value, cleared = row
+    return AlarmEpisode(
+        gateway=str(gateway),
+        point_id=int(point_id),
+        key=None if key is None else str(key),
+        rule=str(rule),
+        severity=str(severity),
+        raised_ts=int(ts),
+        value=math.nan if value is None else float(value),
+        cleared_ts=None if cleared is None else int(cleared),
+    )
+
+
+def state_upsert(ph: str) -> str:
+    """The time of a state moves only when the state changes: a retained "online"
+    delivered again to a restarted worker keeps the time the gateway came online."""
+    return (
+        "INSERT INTO gateways (gateway, state, state_ms, updated_ms) "
+        f"VALUES ({ph}, {ph}, {ph}, {ph}) ON CONFLICT (gateway) DO UPDATE SET "
+        "state = excluded.state, state_ms = excluded.state_ms "
+        "WHERE COALESCE(gateways.state, '') <> excluded.state"
+    )
+
+
+def state_args(gateway: str, online: bool, now_ms: int) -> tuple[Any, ...]:
+    return (gateway, "online" if online else "offline", now_ms, now_ms)
+
+
+GATEWAYS_QUERY = (
+    f"SELECT ids.gateway, g.site, g.state, g.state_ms, g.last_seen_ms, "
+    f"{', '.join('s.' + c.strip() for c in STATS_COLUMNS.split(','))} "
+    "FROM (SELECT gateway FROM gateways UNION SELECT gateway FROM gateway_stats) ids "
+    "LEFT JOIN gateways g ON g.gateway = ids.gateway "
+    "LEFT JOIN gateway_stats s ON s.gateway = ids.gateway ORDER BY ids.gateway"
+)
+
+
+def gateway_from_row(row: Sequence[Any]) -> GatewayInfo:
+    gateway, site, state, state_ms, last_seen, *stats = row
+    return GatewayInfo(
+        gateway=str(gateway),
+        site=None if site is None else str(site),
+        state=None if state is None else str(state),
+        state_ms=None if state_ms is None else int(state_ms),
+        last_seen_ms=None if last_seen is None else int(last_seen),
+        stats=None if stats[0] is None else stats_from_row(stats),
+    )
+
+
+DEAD_LETTER_COLUMNS = "received_ms, topic, reason, error, payload, size"
+
+
+def dead_letter_insert(ph: str) -> str:
+    return f"INSERT INTO dead_letters ({DEAD_LETTER_COLUMNS}) VALUES ({', '.join([ph] * 6)})"
+
+
+def dead_letter_row(d: DeadLetter) -> tuple[Any, ...]:
+    return (d.received_ms, d.topic, d.reason, d.error, d.payload, d.size)
+
+
+def dead_letters_query(ph: str, order: str) -> str:
+    return f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters ORDER BY {order} DESC LIMIT {ph}"
+
+
+def dead_letter_from_row(row: Sequence[Any]) -> DeadLetter:
+    received, topic, reason, error, payload, size = row
+    return DeadLetter(int(received), str(topic), str(reason), str(error), bytes(payload), int(size))

@@ -8,8 +8,12 @@ Schema::
             INDEX (gateway, point_id, ts)
     points(gateway, point_id, key, device, name, unit, driver, type, updated_ms,
            PRIMARY KEY (gateway, point_id))
-    gateways(gateway PRIMARY KEY, site, location, stream, updated_ms)
-    alarms(gateway, point_id, rule, severity, raised, ts, value, since_ms, received_ms)
+    gateways(gateway PRIMARY KEY, site, location, stream, updated_ms,
+             state, state_ms, last_seen_ms)
+    alarms(gateway, point_id, rule, severity, raised, ts, value, since_ms, received_ms,
+           cleared_ts)                               -- a raise's cleared_ts: its clear
+    gateway_stats(gateway PRIMARY KEY, ts, appended_points, ...)  -- the latest up/stats
+    dead_letters(id, received_ms, topic, reason, error, payload, size)
     counters(name PRIMARY KEY, value)                -- readings, batches, duplicates_dropped
 
 What a SQLite REAL column does to IEEE doubles, and how this store keeps them exact:
@@ -45,16 +49,32 @@ import orjson
 
 from agent.ingest.store import (
     ALARM_COLUMNS,
+    GATEWAYS_QUERY,
     STATS_COLUMNS,
+    AlarmEpisode,
     Body,
+    DeadLetter,
+    GatewayInfo,
+    PointReading,
     StoreCounts,
+    alarm_clear,
+    alarm_clear_args,
+    alarm_episodes_query,
     alarm_from_row,
     alarm_row,
     check_batch,
+    dead_letter_from_row,
+    dead_letter_insert,
+    dead_letter_row,
+    dead_letters_query,
+    episode_from_row,
+    gateway_from_row,
     point_rows,
     points_upsert,
     seq_to_db,
     split_bodies,
+    state_args,
+    state_upsert,
     stats_from_row,
     stats_row,
     stats_upsert,
@@ -127,6 +147,16 @@ CREATE TABLE IF NOT EXISTS gateway_stats (
     backlog_messages INTEGER NOT NULL,
     lost_points      INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    topic       TEXT    NOT NULL,
+    reason      TEXT    NOT NULL,
+    error       TEXT    NOT NULL,
+    payload     BLOB    NOT NULL,
+    size        INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS points_key ON points (key);
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -134,6 +164,14 @@ CREATE TABLE IF NOT EXISTS counters (
 INSERT OR IGNORE INTO counters (name, value)
     VALUES ('readings', 0), ('batches', 0), ('duplicates_dropped', 0);
 """
+
+_ADDED_COLUMNS = (
+    ("readings", "seq INTEGER"),
+    ("gateways", "state TEXT"),
+    ("gateways", "state_ms INTEGER"),
+    ("gateways", "last_seen_ms INTEGER"),
+    ("alarms", "cleared_ts INTEGER"),
+)
 
 _BUMP = "UPDATE counters SET value = value + ? WHERE name = ?"
 
@@ -164,6 +202,11 @@ def _rows(
     )
 
 
+def _value(v: float | None, raw: bytes | None) -> float:
+    """A stored reading's exact value (see the module doc)."""
+    return _D.unpack(raw)[0] if raw is not None else (math.nan if v is None else float(v))
+
+
 class SqliteStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -179,9 +222,11 @@ class SqliteStore:
         # the readings index is the hot spot of bulk inserts: give it room (64 MiB)
         self._db.execute("PRAGMA cache_size=-65536")
         self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(readings)")}
-        if "seq" not in columns:  # a store made before readings kept their uplink's seq
-            self._db.execute("ALTER TABLE readings ADD COLUMN seq INTEGER")
+        # columns added since the first release (SQLite has no ADD COLUMN IF NOT EXISTS)
+        for table, column in _ADDED_COLUMNS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column.split()[0] not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -227,8 +272,10 @@ class SqliteStore:
                 if gateway not in seen:
                     seen.add(gateway)
                     cur.execute(
-                        "INSERT OR IGNORE INTO gateways (gateway, updated_ms) VALUES (?, ?)",
-                        (gateway, now),
+                        "INSERT INTO gateways (gateway, updated_ms, last_seen_ms) "
+                        "VALUES (?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET "
+                        "last_seen_ms = max(COALESCE(last_seen_ms, 0), excluded.last_seen_ms)",
+                        (gateway, now, now),
                     )
                 batches += 1
                 results.append(True)
@@ -242,11 +289,13 @@ class SqliteStore:
                         _rows(gateway, seq, batch),
                     )
                 readings += len(batch)
-            if fresh_alarms:
-                cur.executemany(
+            for gateway, e in fresh_alarms:  # in order: a clear finds the raise before it
+                cur.execute(
                     f"INSERT INTO alarms ({ALARM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [alarm_row(g, e, now) for g, e in fresh_alarms],
+                    alarm_row(gateway, e, now),
                 )
+                if not e.raised:
+                    cur.execute(alarm_clear("?", "rowid"), alarm_clear_args(gateway, e))
             cur.executemany(
                 _BUMP,
                 [
@@ -273,6 +322,15 @@ class SqliteStore:
     def store_stats(self, stats: GatewayStats) -> None:
         with self._write() as cur:
             cur.execute(stats_upsert("?"), stats_row(stats))
+
+    def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
+        with self._write() as cur:
+            cur.execute(state_upsert("?"), state_args(gateway, online, now_ms))
+
+    def store_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        if letters:
+            with self._write() as cur:
+                cur.executemany(dead_letter_insert("?"), [dead_letter_row(d) for d in letters])
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -303,6 +361,49 @@ class SqliteStore:
             ).fetchone()
         return stats_from_row(row) if row else None
 
+    def alarm_episodes(
+        self, gateway: str | None = None, active: bool = False
+    ) -> list[AlarmEpisode]:
+        sql, args = alarm_episodes_query("?", gateway, active, order="a.rowid")
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [episode_from_row(r) for r in rows]
+
+    def gateways(self) -> list[GatewayInfo]:
+        with self._lock:
+            rows = self._db.execute(GATEWAYS_QUERY).fetchall()
+        return [gateway_from_row(r) for r in rows]
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        with self._lock:
+            rows = self._db.execute(dead_letters_query("?", order="id"), (limit,)).fetchall()
+        return [dead_letter_from_row(r) for r in rows]
+
+    def query(
+        self,
+        point_key: str,
+        since_ms: int,
+        until_ms: int | None = None,
+        gateway: str | None = None,
+        limit: int | None = None,
+    ) -> list[PointReading]:
+        sql = (
+            "SELECT r.gateway, p.key, r.ts, r.value, r.quality, r.raw FROM points p "
+            "JOIN readings r ON r.gateway = p.gateway AND r.point_id = p.point_id "
+            "WHERE p.key = ? AND r.ts >= ? AND r.ts < ?"
+        )
+        args: list[object] = [point_key, since_ms, until_ms if until_ms is not None else 2**63 - 1]
+        if gateway is not None:
+            sql += " AND p.gateway = ?"
+            args.append(gateway)
+        sql += " ORDER BY r.gateway, r.ts, r.seq, r.rowid"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [PointReading(g, k, ts, _value(v, raw), q) for g, k, ts, v, q, raw in rows]
+
     def duplicate_readings(self) -> int:
         with self._lock:
             (n,) = self._db.execute(
@@ -322,15 +423,7 @@ class SqliteStore:
         sql += " ORDER BY seq, rowid"
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        return [
-            (
-                pid,
-                ts,
-                _D.unpack(raw)[0] if raw is not None else (math.nan if v is None else float(v)),
-                q,
-            )
-            for pid, ts, v, q, raw in rows
-        ]
+        return [(pid, ts, _value(v, raw), q) for pid, ts, v, q, raw in rows]
 
     def close(self) -> None:
         with self._lock:

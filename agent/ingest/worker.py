@@ -10,7 +10,8 @@ A message is acknowledged (PUBACK) only after its batch is committed to the stor
 broker redelivers within the session. One consumer task stores messages in arrival
 order (so per gateway too), several at a time in one transaction, in a worker thread
 so the event loop stays free. Garbage is counted by reason, logged at WARNING
-(rate-limited), acknowledged and dropped; it never stops the worker.
+(rate-limited), kept aside in the store's dead-letter table and then acknowledged, so it
+never blocks the queue nor stops the worker.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import wire
-from agent.ingest.store import Body, Store, open_store
+from agent.ingest.store import DEAD_LETTER_MAX_BYTES, Body, DeadLetter, Store, open_store
 from agent.logs import Throttle
 from agent.mqtt_url import BrokerAddress, tls_context
 from agent.wire import Envelope, Meta, WireError
@@ -49,7 +51,9 @@ class IngestCounters:
     alarms_stored: int = 0
     duplicates_dropped: int = 0
     metas_stored: int = 0
+    states_stored: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    dead_letters_stored: int = 0
     store_errors: int = 0  # failed store attempts (retried, nothing lost)
     connects: int = 0
 
@@ -69,6 +73,8 @@ class _Work:
     batches: list[tuple[str, Envelope, Body]] = field(default_factory=list)
     metas: list[tuple[str, Meta]] = field(default_factory=list)
     stats: list[wire.GatewayStats] = field(default_factory=list)
+    states: list[tuple[str, bool]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
 
 
 class IngestWorker:
@@ -239,6 +245,16 @@ class IngestWorker:
                 while work.stats:
                     await asyncio.to_thread(self.store.store_stats, work.stats[0])
                     work.stats.pop(0)
+                now = time.time_ns() // 1_000_000
+                while work.states:
+                    gateway, online = work.states[0]
+                    await asyncio.to_thread(self.store.store_state, gateway, online, now)
+                    self.counters.states_stored += 1
+                    work.states.pop(0)
+                if work.dead:
+                    await asyncio.to_thread(self.store.store_dead_letters, work.dead)
+                    self.counters.dead_letters_stored += len(work.dead)
+                    work.dead = []
                 return
             except Exception as e:
                 self.counters.store_errors += 1
@@ -259,84 +275,98 @@ class IngestWorker:
         await self._store(await asyncio.to_thread(self._decode, [(topic, payload)]))
 
     def _decode(self, messages: Sequence[tuple[str, object]]) -> _Work:
-        """Runs in a thread: topic, envelope and codec checks; rejects are counted."""
+        """Runs in a thread: topic, envelope and codec checks; rejects are counted and
+        kept aside."""
         work = _Work()
         for topic, payload in messages:
             self.counters.messages += 1
-            try:
-                gateway, kind = wire.parse_topic(topic, self.prefix)
-            except WireError as e:
-                self._reject("topic", topic, e)
-                continue
-            if not isinstance(payload, bytes | bytearray):
-                self._reject("payload", topic, f"payload type {type(payload).__name__}")
-                continue
-            if kind == wire.KIND_META:
-                try:
-                    meta = wire.decode_meta(payload)
-                except WireError as e:
-                    self._reject("meta", topic, e)
-                    continue
-                if meta.gateway != gateway:
-                    self._reject("meta_gateway", topic, f"meta says gateway {meta.gateway!r}")
-                    continue
-                work.metas.append((gateway, meta))
-                continue
-            if kind == wire.KIND_STATS:
-                try:
-                    stats = wire.decode_stats(payload)
-                except WireError as e:
-                    self._reject("stats", topic, e)
-                    continue
-                if stats.gateway != gateway:
-                    self._reject("gateway", topic, f"stats say gateway {stats.gateway!r}")
-                    continue
-                work.stats.append(stats)
-                continue
-            if kind not in (wire.KIND_BATCH, wire.KIND_ALARM):
-                self._reject("topic", topic, f"not an uplink topic ({kind})")
-                continue
-            try:
-                env = wire.unwrap(payload)
-            except WireError as e:
-                self._reject("envelope", topic, e)
-                continue
-            if not wire.lane_matches_kind(env.lane, kind):
-                self._reject("lane", topic, f"lane {env.lane_name} on {kind}")
-                continue
-            body: Body
-            if kind == wire.KIND_ALARM:
-                try:
-                    claimed, body = wire.decode_alarms(env.body)
-                except WireError as e:
-                    self._reject("alarm", topic, e)
-                    continue
-            else:
-                try:
-                    decoded = codec.decode_message(env.body)
-                except Exception as e:  # CodecError, or a codec bug: never crash on input
-                    self._reject("codec", topic, e)
-                    continue
-                claimed, body = decoded.gateway, decoded.batch
-                if decoded.version >= 2 and decoded.seq != env.seq:
-                    self._reject("seq", topic, f"envelope seq {env.seq}, batch seq {decoded.seq}")
-                    continue
-            if claimed and claimed != gateway:
-                self._reject("gateway", topic, f"the body says gateway {claimed!r}")
-                continue
-            if len(body) != env.n_points:
-                self._reject("n_points", topic, f"header says {env.n_points}, body has {len(body)}")
-                continue
-            work.batches.append((gateway, env, body))
+            reject = self._check(work, topic, payload)
+            if reject is not None:
+                self._reject(work, topic, payload, *reject)
         return work
 
-    def _reject(self, reason: str, topic: str, error: object) -> None:
+    def _check(self, work: _Work, topic: str, payload: object) -> tuple[str, object] | None:
+        """Add the message to `work`, or say why not: (reason, error)."""
+        try:
+            gateway, kind = wire.parse_topic(topic, self.prefix)
+        except WireError as e:
+            return "topic", e
+        if not isinstance(payload, bytes | bytearray):
+            return "payload", f"payload type {type(payload).__name__}"
+        if kind == wire.KIND_META:
+            try:
+                meta = wire.decode_meta(payload)
+            except WireError as e:
+                return "meta", e
+            if meta.gateway != gateway:
+                return "meta_gateway", f"meta says gateway {meta.gateway!r}"
+            work.metas.append((gateway, meta))
+            return None
+        if kind == wire.KIND_STATS:
+            try:
+                stats = wire.decode_stats(payload)
+            except WireError as e:
+                return "stats", e
+            if stats.gateway != gateway:
+                return "gateway", f"stats say gateway {stats.gateway!r}"
+            work.stats.append(stats)
+            return None
+        if kind == wire.KIND_STATE:
+            if payload not in (wire.STATE_ONLINE, wire.STATE_OFFLINE):
+                return "state", f"state {bytes(payload[:40])!r}, expected online or offline"
+            work.states.append((gateway, payload == wire.STATE_ONLINE))
+            return None
+        if kind not in (wire.KIND_BATCH, wire.KIND_ALARM):
+            return "topic", f"not an uplink topic ({kind})"
+        try:
+            env = wire.unwrap(payload)
+        except wire.UnknownVersionError as e:
+            return "version", e
+        except WireError as e:
+            return "envelope", e
+        if not wire.lane_matches_kind(env.lane, kind):
+            return "lane", f"lane {env.lane_name} on {kind}"
+        body: Body
+        if kind == wire.KIND_ALARM:
+            try:
+                claimed, body = wire.decode_alarms(env.body)
+            except WireError as e:
+                return "alarm", e
+        else:
+            try:
+                decoded = codec.decode_message(env.body)
+            except codec.UnknownVersionError as e:
+                return "version", e
+            except Exception as e:  # CodecError, or a codec bug: never crash on input
+                return "codec", e
+            claimed, body = decoded.gateway, decoded.batch
+            if decoded.version >= 2 and decoded.seq != env.seq:
+                return "seq", f"envelope seq {env.seq}, batch seq {decoded.seq}"
+        if claimed and claimed != gateway:
+            return "gateway", f"the body says gateway {claimed!r}"
+        if len(body) != env.n_points:
+            return "n_points", f"header says {env.n_points}, body has {len(body)}"
+        work.batches.append((gateway, env, body))
+        return None
+
+    def _reject(self, work: _Work, topic: str, payload: object, reason: str, error: object) -> None:
         r = self.counters.rejected
         r[reason] = r.get(reason, 0) + 1
+        raw = bytes(payload) if isinstance(payload, bytes | bytearray) else repr(payload).encode()
+        work.dead.append(
+            DeadLetter(
+                received_ms=time.time_ns() // 1_000_000,
+                topic=topic,
+                reason=reason,
+                error=str(error)[:1000],
+                payload=raw[:DEAD_LETTER_MAX_BYTES],
+                size=len(raw),
+            )
+        )
         n = self._throttle.ready(f"reject-{reason}")
         if n is not None:
             log.warning(
-                "ingest: message rejected",
+                "ingest: message rejected, kept as a dead letter",
                 extra={
                     "reason": reason,
                     "topic": topic[:200],
@@ -346,6 +376,30 @@ class IngestWorker:
             )
 
 
+async def report_throughput(worker: IngestWorker, every: float) -> None:
+    """Log the worker's throughput over each interval, until cancelled."""
+    c = worker.counters
+    last = time.monotonic()
+    readings, batches = c.readings_stored, c.batches_stored
+    while True:
+        await asyncio.sleep(every)
+        now = time.monotonic()
+        elapsed = max(now - last, 1e-9)
+        log.info(
+            "ingest: throughput",
+            extra={
+                "readings_per_s": round((c.readings_stored - readings) / elapsed),
+                "batches_per_s": round((c.batches_stored - batches) / elapsed, 1),
+                "readings_total": c.readings_stored,
+                "duplicates_dropped": c.duplicates_dropped,
+                "rejected": c.rejected_total,
+                "store_errors": c.store_errors,
+                "connected": worker.connected.is_set(),
+            },
+        )
+        last, readings, batches = now, c.readings_stored, c.batches_stored
+
+
 async def run_ingest(
     broker: str,
     db_url: str,
@@ -353,8 +407,10 @@ async def run_ingest(
     prefix: str = wire.DEFAULT_PREFIX,
     client_id: str | None = None,
     session_expiry: int = 0,
+    report_every: float = 10.0,
 ) -> None:
-    """`citygw ingest --broker URL --db URL --group NAME`: run until cancelled."""
+    """`citygw ingest --broker URL --db URL --group NAME`: run until cancelled, logging
+    the throughput every `report_every` seconds (0: never)."""
     store = await asyncio.to_thread(open_store, db_url)
     try:
         log.info(
@@ -369,6 +425,15 @@ async def run_ingest(
             client_id=client_id,
             session_expiry=session_expiry,
         )
-        await worker.run()
+        reporter = (
+            asyncio.create_task(report_throughput(worker, report_every))
+            if report_every > 0
+            else None
+        )
+        try:
+            await worker.run()
+        finally:
+            if reporter is not None:
+                reporter.cancel()
     finally:
         await asyncio.to_thread(store.close)
