@@ -94,8 +94,9 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         open_store("mysql://x")
     with pytest.raises(ValueError, match="no database path"):
         open_store("sqlite:///")
-    assert split_url("postgresql://u@h:5/db?schema=s1&sslmode=disable") == (
-        "postgresql://u@h:5/db?sslmode=disable",
+    assert split_url("postgresql://u@h:5/db?schema=s1&sslmode=disable&connect_timeout=3") == (
+        "postgresql://u@h:5/db?sslmode=disable&connect_timeout=3&keepalives=1"
+        "&keepalives_idle=10&keepalives_interval=5&keepalives_count=3",
         "s1",
     )
     assert split_url("postgres://u@h/db")[1] == "public"

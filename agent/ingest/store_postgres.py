@@ -197,8 +197,20 @@ def partition_name(day: int) -> str:
     return "reading_blocks_" + dt.datetime.fromtimestamp(day * 86400, dt.UTC).strftime("%Y%m%d")
 
 
+#: libpq settings the URL may override: a server that went away (host down, cable cut)
+#: must fail the store call within seconds, so that the worker retries instead of hanging
+CONNECTION_DEFAULTS: Final = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+
+
 def split_url(url: str) -> tuple[str, str]:
-    """-> (libpq conninfo URL without ``schema``, schema name)."""
+    """-> (libpq conninfo URL without ``schema``, with `CONNECTION_DEFAULTS` for what
+    the URL does not set; schema name)."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     schema = "public"
@@ -208,6 +220,8 @@ def split_url(url: str) -> tuple[str, str]:
             schema = v
         else:
             rest.append((k, v))
+    given = {k for k, _ in rest}
+    rest += [(k, v) for k, v in CONNECTION_DEFAULTS.items() if k not in given]
     if not _IDENT.fullmatch(schema):
         raise ValueError(f"invalid schema name {schema!r} in store URL")
     scheme = "postgresql" if parts.scheme == "postgres" else parts.scheme
