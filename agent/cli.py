@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from agent import cli_ble, cli_modbus, cli_mqtt
+from agent import cli_ble, cli_firmware, cli_modbus, cli_mqtt
 from agent.broker import BrokerError
 from agent.cli_common import (
     EXIT_INVALID,
@@ -50,6 +50,7 @@ def template_text() -> str:
 app.add_typer(cli_modbus.app, name="modbus")
 app.add_typer(cli_ble.app, name="ble")
 app.add_typer(cli_mqtt.app, name="mqtt")
+app.add_typer(cli_firmware.app, name="firmware")
 
 
 @app.callback()

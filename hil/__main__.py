@@ -3,6 +3,7 @@
     python -m hil sim modbus --port 5020 [--transport rtu-over-tcp --garbage 0.2]
     python -m hil sim mqtt --broker mqtt://127.0.0.1:1883 [--sensors 3 --rate 1 --garbage 0.1]
     python -m hil sim ble --out adverts.jsonl [--duration 60 --garbage 0.1]
+    python -m hil sim mcu --link /tmp/ttyMCU [--interval 1 --version 1.0.0]
     python -m hil run hil/scenarios/outage.toml [--workdir DIR --seed N]
     python -m hil run-all [--fast] [--parallel N]
 
@@ -187,16 +188,49 @@ def _add_sim_ble(kinds: Subparsers) -> None:
     p.set_defaults(func=_sim_ble)
 
 
+async def _sim_mcu(args: argparse.Namespace) -> int:
+    from hil.sim_mcu import SimMcu
+
+    sim = SimMcu.on_pty(interval=args.interval, version=args.version, seed=args.seed)
+    if args.link:
+        args.link.unlink(missing_ok=True)
+        args.link.symlink_to(sim.port)
+    _say(f"mcu: firmware {sim.slots.version} on {args.link or sim.port} (pty {sim.port})")
+    task = asyncio.create_task(sim.run())
+    try:
+        await _until_stopped(args.duration)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sim.close()
+        if args.link:
+            args.link.unlink(missing_ok=True)
+    _say(f"mcu: {dict(sim.counts)}")
+    return 0
+
+
+def _add_sim_mcu(kinds: Subparsers) -> None:
+    p = kinds.add_parser("mcu", help="the gateway's microcontroller on a pseudo-terminal")
+    p.add_argument("--link", type=Path, help="a symlink to the pty: the port to configure")
+    p.add_argument("--interval", type=float, default=1.0, help="sampling interval, s")
+    p.add_argument("--version", default="1.0.0", help="the firmware version it runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--duration", type=float, default=None, help="seconds to run")
+    p.set_defaults(func=lambda a: asyncio.run(_sim_mcu(a)))
+
+
 # -- commands ---------------------------------------------------------------------------
 
 
 def add_sim_command(sub: Subparsers) -> None:
     """``sim <kind>``: run one simulator on its own."""
     p = sub.add_parser("sim", help="run one simulator on its own")
-    kinds = p.add_subparsers(dest="kind", required=True, metavar="{modbus,mqtt,ble}")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="{modbus,mqtt,ble,mcu}")
     _add_sim_modbus(kinds)
     _add_sim_mqtt(kinds)
     _add_sim_ble(kinds)
+    _add_sim_mcu(kinds)
 
 
 def _run(args: argparse.Namespace) -> int:

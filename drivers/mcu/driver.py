@@ -1,0 +1,225 @@
+"""The ``mcu`` driver: readings from the gateway's microcontroller over the serial link.
+
+One task per device keeps an `McuBridge` open: HELLO, then every READINGS frame
+becomes one batch. Device timestamps are uptime milliseconds; they become wall-clock
+ms with the session's offset, ``offset = wall ms when CAPABILITIES arrived - its
+uptime_ms``, taken again at every HELLO (so a device reboot, which restarts uptime at
+0 and forces a new HELLO, re-bases it) and corrected when a HEARTBEAT shows more than
+`max_skew` of drift. A port that cannot be opened or dies is reported in health and
+retried with exponential backoff; sensor ids without a point are counted and logged
+(throttled), never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.logs import Throttle
+from agent.units import Duration
+from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, Driver
+from firmware_bridge import messages as m
+from firmware_bridge.bridge import BridgeError, McuBridge
+from firmware_bridge.link import LinkLost, LinkUp, MessageReceived, Timers
+from native.batch import BAD, GOOD, Batch
+
+log = logging.getLogger("citygw.drivers.mcu")
+
+__all__ = ["McuDeviceSettings", "McuDriver", "McuPointSettings"]
+
+_LOG_LEVELS = {
+    m.LogLevel.DEBUG: logging.DEBUG,
+    m.LogLevel.INFO: logging.INFO,
+    m.LogLevel.WARNING: logging.WARNING,
+    m.LogLevel.ERROR: logging.ERROR,
+}
+
+
+class McuDeviceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    port: str = Field(description="serial device of the microcontroller, e.g. /dev/ttyAMA0")
+    baud: int = Field(115200, gt=0)
+    heartbeat: Duration = Field(1.0, gt=0.0, le=60.0, description="heartbeat interval")
+    max_frame: int = Field(1024, ge=64, le=65535, description="largest frame accepted")
+    sampling_interval: Duration | None = Field(
+        None, description="set on the device at every HELLO (default: keep the device's)"
+    )
+    max_skew: Duration = Field(0.5, gt=0.0, description="clock drift that re-bases timestamps")
+    retry_max: Duration = Field(30.0, gt=0.0, description="longest wait before reopening")
+
+
+class McuPointSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sensor_id: int = Field(ge=0, le=65535, description="the device's sensor id")
+
+
+class McuDriver(Driver):
+    name = "mcu"
+    device_model = McuDeviceSettings
+    point_model = McuPointSettings
+
+    @classmethod
+    def check_device(
+        cls,
+        device: BaseModel,
+        points: Sequence[BaseModel],
+        tables: Sequence[Mapping[str, Any]],
+    ) -> list[DeviceConfigProblem]:
+        seen: dict[int, int] = {}
+        problems = []
+        for i, p in enumerate(points):
+            assert isinstance(p, McuPointSettings)
+            if p.sensor_id in seen:
+                problems.append(
+                    DeviceConfigProblem(
+                        ("points", i, "sensor_id"),
+                        f"sensor_id {p.sensor_id} is already point {seen[p.sensor_id] + 1}",
+                    )
+                )
+            seen.setdefault(p.sensor_id, i)
+        return problems
+
+    def __init__(self, devices: Sequence[DeviceSpec]) -> None:
+        super().__init__(devices)
+        self.bridges: dict[str, McuBridge] = {}  # device name -> open bridge
+        self.counters: dict[str, Counter[str]] = {d.name: Counter() for d in self.devices}
+        self._throttle = Throttle(60.0)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, sink: BatchSink) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for device in self.devices:
+                tg.create_task(self._serve(device, sink), name=f"mcu:{device.name}")
+
+    async def _serve(self, device: DeviceSpec, sink: BatchSink) -> None:
+        s = device.settings
+        assert isinstance(s, McuDeviceSettings)
+        health = self._health[device.name]
+        delay = 0.5
+        while True:
+            bridge = McuBridge(
+                s.port, s.baud, timers=Timers(heartbeat=s.heartbeat), max_frame=s.max_frame
+            )
+            try:
+                await bridge.open()
+            except (OSError, ValueError) as e:
+                health.failure(f"serial port {s.port}: {e}")
+                self._warn(device.name, "open", f"mcu {device.name}: cannot open {s.port}: {e}")
+            else:
+                self.bridges[device.name] = bridge
+                try:
+                    if await self._session(device, s, bridge, sink):
+                        delay = 0.5  # it worked for a while: start the backoff afresh
+                except BridgeError as e:
+                    health.failure(str(e))
+                    log.warning("mcu %s: %s", device.name, e)
+                finally:
+                    self.bridges.pop(device.name, None)
+                    await bridge.close()
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, s.retry_max)
+
+    async def _session(
+        self, device: DeviceSpec, s: McuDeviceSettings, bridge: McuBridge, sink: BatchSink
+    ) -> bool:
+        """Consumes the bridge's events until the port dies (BridgeError); returns
+        whether the link came up at least once."""
+        health = self._health[device.name]
+        counters = self.counters[device.name]
+        points = {}
+        for p in device.points:
+            assert isinstance(p.settings, McuPointSettings)
+            points[p.settings.sensor_id] = p.id
+        offset_ms: int | None = None
+        was_up = False
+        async for ev in bridge.events():
+            if isinstance(ev, LinkUp):
+                was_up = True
+                caps = ev.capabilities
+                offset_ms = _wall_ms() - caps.uptime_ms
+                counters["sessions"] += 1
+                log.info(
+                    "mcu %s: up, firmware %s slot %d (%s), boot %s%s",
+                    device.name,
+                    caps.firmware,
+                    caps.active_slot,
+                    caps.slot_state.name.lower(),
+                    caps.boot_reason.name.lower(),
+                    f", rolled back from {caps.failed_version}"
+                    if caps.boot_reason is m.BootReason.ROLLED_BACK
+                    else "",
+                )
+                if s.sampling_interval is not None:
+                    ms = round(s.sampling_interval * 1000)
+                    if ms != caps.sampling_interval_ms:
+                        task = asyncio.create_task(self._set_interval(device.name, bridge, ms))
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+            elif isinstance(ev, LinkLost):
+                health.failure(f"link lost: {ev.reason}")
+                counters["link_lost"] += 1
+            elif isinstance(ev, MessageReceived) and offset_ms is not None:
+                msg = ev.message
+                if isinstance(msg, m.Readings):
+                    batch = self._batch(device.name, msg, points, offset_ms)
+                    if len(batch) == 0:
+                        continue
+                    if sink.push(batch):
+                        health.success(len(batch))
+                    else:
+                        health.skipped_polls += 1
+                elif isinstance(msg, m.Heartbeat):
+                    skew = _wall_ms() - (offset_ms + msg.uptime_ms)
+                    if abs(skew) > s.max_skew * 1000:
+                        offset_ms += skew
+                        counters["clock_rebased"] += 1
+                elif isinstance(msg, m.Log):
+                    counters["device_logs"] += 1
+                    log.log(_LOG_LEVELS[msg.level], "mcu %s: %s", device.name, msg.text)
+        return was_up
+
+    def _batch(self, device: str, msg: m.Readings, points: dict[int, int], offset_ms: int) -> Batch:
+        batch = Batch()
+        unknown = 0
+        for r in msg.readings:
+            pid = points.get(r.sensor_id)
+            if pid is None:
+                unknown += 1
+                continue
+            batch.append(pid, offset_ms + r.uptime_ms, float(r.value), BAD if r.fault else GOOD)
+        if unknown:
+            self.counters[device]["unknown_sensor_readings"] += unknown
+            ids = sorted({r.sensor_id for r in msg.readings if r.sensor_id not in points})
+            self._warn(
+                device,
+                "unknown",
+                f"mcu {device}: readings of sensor ids without a point: {ids}",
+                unknown,
+            )
+        return batch
+
+    async def _set_interval(self, device: str, bridge: McuBridge, ms: int) -> None:
+        with contextlib.suppress(BridgeError, TimeoutError):
+            result = await bridge.command(m.Command.set_interval(ms), timeout=10.0)
+            if result.status is not m.CommandStatus.OK:
+                log.warning("mcu %s: sampling interval %d ms refused: %s", device, ms,
+                            result.status.name.lower())  # fmt: skip
+
+    def _warn(self, device: str, key: str, text: str, count: int = 1) -> None:
+        n = self._throttle.ready(f"{device}:{key}", count)
+        if n is not None:
+            log.warning("%s (%d times since the last report)", text, n)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000

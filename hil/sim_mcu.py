@@ -1,0 +1,455 @@
+"""A simulated gateway microcontroller on one end of a pseudo-terminal.
+
+`SimMcu` is the device side of docs/firmware-protocol.md: it waits for HELLO, answers
+CAPABILITIES, samples its sensors at the configured interval and sends them as
+reliable READINGS (kept and resent if a frame is not acknowledged), answers COMMANDs
+(set sampling interval, read config, reboot), sends heartbeats and log lines, and keeps
+two firmware slots with the bootloader's trial/confirm/rollback rules (`Slots`).
+
+Sensors: 1 level (a 4-20 mA transmitter, 0-5 m; below 3.8 mA it reports a fault),
+2 manhole tilt switch (bool), 3 temperature (f32, degC), 4 supply voltage (i32, mV).
+
+Faults (`faults`, changeable while running): drop the next received frames of given
+types, drop received bytes or corrupt sent frames at random, stall (neither read nor
+write), reject images, and crash on boot of given versions (the bootloader then rolls
+back after `crash_time`).
+
+OTA: OTA_* messages go to `self.ota` (an `OtaHook`: `handle(message, now)` returns the
+replies). That object is filled in by firmware_bridge/ota.py; it writes images with
+`sim.slots.write_inactive(...)`. An OTA_END_RESULT with status OK makes the sim reboot
+into the inactive slot once that reply was acknowledged. Without a hook OTA is refused.
+
+    sim = SimMcu.on_pty(interval=0.2)    # sim.port: the path the host opens
+    task = asyncio.create_task(sim.run())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import time
+import tty
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from firmware_bridge import messages as m
+from firmware_bridge.frame import FrameDecoder
+from firmware_bridge.link import (
+    Delivered,
+    DeviceLink,
+    Event,
+    LinkLost,
+    MessageReceived,
+    SendFailed,
+    SessionStarted,
+    Timers,
+)
+from firmware_bridge.serial_io import PortClosed, SerialTransport
+
+__all__ = ["Faults", "OtaHook", "SimMcu", "Slots"]
+
+READINGS_QUEUE = 10_000  # readings kept while no host listens (oldest dropped)
+
+
+class OtaHook(Protocol):
+    def handle(self, message: m.Message, now: float) -> list[m.Message]: ...
+
+
+@dataclass
+class Faults:
+    drop_rx_types: Counter[int] = field(default_factory=Counter)  # type -> frames to drop
+    drop_rx_bytes: float = 0.0  # probability that a received byte is lost
+    corrupt_tx: float = 0.0  # probability that a sent frame gets one bit flipped
+    stall: bool = False  # reads nothing, sends nothing (a hung firmware)
+    reject_images: bool = False  # for the OTA hook: refuse every OTA_BEGIN
+    crash_versions: set[str] = field(default_factory=set)  # images that crash at boot
+
+
+@dataclass
+class Slots:
+    """Two firmware slots and the bootloader's rules (docs/firmware-protocol.md, "OTA"):
+    a new image boots once on trial; it stays only if confirmed before the next reset,
+    else the bootloader returns to the other slot and reports ROLLED_BACK."""
+
+    versions: list[m.Version | None]
+    images: list[bytes] = field(default_factory=lambda: [b"", b""])
+    active: int = 0
+    trial: bool = False
+    staged: bool = False  # the inactive slot holds a verified image to boot into
+    failed: m.Version = m.NO_VERSION  # last image rolled back from
+
+    @property
+    def inactive(self) -> int:
+        return 1 - self.active
+
+    @property
+    def version(self) -> m.Version:
+        v = self.versions[self.active]
+        assert v is not None
+        return v
+
+    def erase_inactive(self) -> None:
+        self.versions[self.inactive] = None
+        self.images[self.inactive] = b""
+        self.staged = False
+
+    def write_inactive(self, image: bytes, version: m.Version) -> None:
+        self.images[self.inactive] = image
+        self.versions[self.inactive] = version
+        self.staged = True
+
+    def reboot_into_inactive(self) -> None:
+        if not self.staged:
+            raise RuntimeError("no staged image")
+        self.active, self.trial, self.staged = self.inactive, True, False
+
+    def confirm(self) -> None:
+        self.trial = False
+
+    def rollback(self) -> None:
+        self.failed = self.version
+        self.active, self.trial = self.inactive, False
+
+
+@dataclass(frozen=True)
+class Sensor:
+    id: int
+    name: str
+    type: m.ValueType
+    unit: str
+
+
+SENSORS = (
+    Sensor(1, "level", m.ValueType.F32, "m"),
+    Sensor(2, "tilt", m.ValueType.BOOL, ""),
+    Sensor(3, "temperature", m.ValueType.F32, "degC"),
+    Sensor(4, "supply", m.ValueType.I32, "mV"),
+)
+
+
+class SimMcu:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        port: str = "",
+        interval: float = 1.0,
+        version: str = "1.0.0",
+        hardware_id: str = "citygw-mcu-r1",
+        max_frame: int = 1024,
+        timers: Timers | None = None,
+        seed: int = 0,
+        confirm_timeout: float = 30.0,
+        crash_time: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fd = fd
+        self.port = port
+        self.interval = interval
+        self.hardware_id = hardware_id
+        self.max_frame = max_frame
+        self.timers = timers or Timers()
+        self.confirm_timeout = confirm_timeout
+        self.crash_time = crash_time
+        self.clock = clock
+        self.rng = random.Random(seed)
+        self.faults = Faults()
+        self.slots = Slots([m.Version.parse(version), None])
+        self.ota: OtaHook | None = None
+        self.counts: Counter[str] = Counter()
+        self.commands: list[m.Command] = []  # every command executed (not duplicates)
+        self.boots: list[m.BootReason] = []
+        self._queue: deque[m.Reading] = deque(maxlen=READINGS_QUEUE)
+        self._in_flight: dict[int, tuple[m.Reading, ...]] = {}
+        self._caps_seq: int | None = None
+        self._reboot_after: int | None = None  # seq whose ACK triggers a reboot
+        self._reboot_new = False
+        self._tilt = False
+        self._boot(m.BootReason.POWER_ON)
+
+    @classmethod
+    def on_pty(cls, **kwargs: object) -> SimMcu:
+        """A sim on a new pty; `port` is the path of the end the host opens. The sim
+        also keeps that end open, so the host may close and reopen it."""
+        master, slave = os.openpty()
+        tty.setraw(slave)  # no echo, no line discipline until the host configures it
+        os.set_blocking(master, False)
+        sim = cls(master, port=os.ttyname(slave), **kwargs)  # type: ignore[arg-type]
+        sim._slave = slave
+        return sim
+
+    _slave: int | None = None
+
+    def close(self) -> None:
+        for fd in (self.fd, self._slave):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._slave = None
+
+    # -- boot and the bootloader -----------------------------------------------------------
+
+    def _boot(self, reason: m.BootReason) -> None:
+        now = self.clock()
+        self.boot_time = now
+        self.boot_reason = reason
+        self.boots.append(reason)
+        self.link = DeviceLink(max_frame=self.max_frame, timers=self.timers, now=now)
+        self._in_flight.clear()
+        self._queue.clear()  # RAM is gone
+        self._caps_seq = None
+        self._reboot_after = None
+        self._next_sample = now
+        self._crashed_until: float | None = None
+        if self.slots.trial and str(self.slots.version) in self.faults.crash_versions:
+            self._crashed_until = now + self.crash_time  # silent, then the watchdog
+        self._log(m.LogLevel.INFO, f"boot: {reason.name.lower()}, firmware {self.slots.version}")
+        if hasattr(self, "transport"):
+            self.transport.link = self.link
+
+    def reboot(self, into_new: bool = False) -> None:
+        if into_new:
+            self.slots.reboot_into_inactive()
+            self._boot(m.BootReason.OTA_UPDATE)
+        elif self.slots.trial:
+            self.slots.rollback()  # a reset before the confirm: the bootloader reverts
+            self._boot(m.BootReason.ROLLED_BACK)
+        else:
+            self._boot(m.BootReason.RESET)
+
+    def uptime_ms(self, now: float | None = None) -> int:
+        return max(0, int(((self.clock() if now is None else now) - self.boot_time) * 1000))
+
+    # -- the main loop ---------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.transport = SerialTransport(
+            self.link,
+            self.fd,
+            self._on_event,
+            clock=self.clock,
+            read_filter=self._rx_filter,
+            write_filter=self._tx_filter,
+        )
+        sampler = asyncio.create_task(self._sampler())
+        try:
+            while True:
+                try:
+                    await self.transport.run()
+                except PortClosed:
+                    # nobody has the other end open (EIO on a pty master): wait for one
+                    await asyncio.sleep(0.05)
+        finally:
+            sampler.cancel()
+
+    async def _sampler(self) -> None:
+        while True:
+            now = self.clock()
+            if self._crashed_until is not None:
+                if now >= self._crashed_until:
+                    self.reboot()  # the watchdog: the trial image never ran -> rollback
+                await asyncio.sleep(0.05)
+                continue
+            if self.slots.trial and now - self.boot_time > self.confirm_timeout:
+                self._log(m.LogLevel.ERROR, "trial image not confirmed: rolling back")
+                self.reboot()
+            if now >= self._next_sample:
+                self._sample(now)
+                self._next_sample = max(self._next_sample + self.interval, now)
+            self._send_readings(now)
+            await asyncio.sleep(min(0.05, max(0.0, self._next_sample - self.clock())))
+
+    def _sample(self, now: float) -> None:
+        up = self.uptime_ms(now)
+        t = now - self.boot_time
+        ma = 12.0 + 4.0 * math.sin(t / 30.0) + self.rng.gauss(0, 0.02)
+        if self.rng.random() < 0.02:
+            self._tilt = not self._tilt
+        temp = 14.0 + 3.0 * math.sin(t / 600.0) + self.rng.gauss(0, 0.05)
+        supply = 12000 + int(self.rng.gauss(0, 20))
+        self._queue.extend(
+            (
+                m.Reading(1, up, m.ValueType.F32, (ma - 4.0) / 16.0 * 5.0, fault=ma < 3.8),
+                m.Reading(2, up, m.ValueType.BOOL, self._tilt),
+                m.Reading(3, up, m.ValueType.F32, temp),
+                m.Reading(4, up, m.ValueType.I32, supply),
+            )
+        )
+        self.counts["sampled"] += 4
+
+    def _send_readings(self, now: float) -> None:
+        if not self.link.active or self.faults.stall or self._crashed_until is not None:
+            return
+        if len(self._in_flight) >= 4:  # a small window: do not flood a slow host
+            return
+        room = self.link.max_payload - 1
+        while self._queue and len(self._in_flight) < 4:
+            batch: list[m.Reading] = []
+            size = 0
+            while self._queue and len(batch) < 255:
+                r = self._queue[0]
+                if size + r.encoded_size() > room:
+                    break
+                batch.append(self._queue.popleft())
+                size += r.encoded_size()
+            seq = self.link.send(m.Readings(tuple(batch)), now)
+            self._in_flight[seq] = tuple(batch)
+            self.counts["readings_sent"] += len(batch)
+        self.transport.poke()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _on_event(self, ev: Event) -> None:
+        now = self.clock()
+        if self._crashed_until is not None:
+            return
+        if isinstance(ev, SessionStarted):
+            self._answer_hello(ev, now)
+        elif isinstance(ev, Delivered):
+            self._in_flight.pop(ev.seq, None)
+            if ev.seq == self._caps_seq and self.slots.trial:
+                self.slots.confirm()  # the host heard the new firmware: keep it
+                self._log(m.LogLevel.INFO, f"firmware {self.slots.version} confirmed")
+            if ev.seq == self._reboot_after:
+                asyncio.get_running_loop().call_later(0.05, self.reboot, self._reboot_new)
+        elif isinstance(ev, SendFailed):
+            batch = self._in_flight.pop(ev.seq, None)
+            if batch:
+                self._queue.extendleft(reversed(batch))  # resend them later
+                self.counts["readings_requeued"] += len(batch)
+            if ev.seq == self._reboot_after:
+                self.reboot(self._reboot_new)
+        elif isinstance(ev, LinkLost):
+            self.counts["link_lost"] += 1
+        elif isinstance(ev, MessageReceived):
+            self._on_message(ev.message, ev.seq, now)
+
+    def _answer_hello(self, ev: SessionStarted, now: float) -> None:
+        caps = m.Capabilities(
+            protocol_version=1,
+            firmware=self.slots.version,
+            active_slot=self.slots.active,
+            slot_state=m.SlotState.TRIAL if self.slots.trial else m.SlotState.CONFIRMED,
+            boot_reason=self.boot_reason,
+            max_frame=self.max_frame,
+            uptime_ms=self.uptime_ms(now),
+            sampling_interval_ms=round(self.interval * 1000),
+            failed_version=self.slots.failed,
+            hardware_id=self.hardware_id,
+            request_seq=ev.seq,
+        )
+        self._caps_seq = self.link.send(caps, now)
+        self.counts["hellos"] += 1
+
+    def _on_message(self, msg: m.Message, seq: int, now: float) -> None:
+        if isinstance(msg, m.Command):
+            self.commands.append(msg)
+            self._command(msg, seq, now)
+        elif isinstance(msg, m.OtaBegin | m.OtaChunk | m.OtaEnd | m.OtaStatusReq):
+            self._ota(msg, seq, now)
+
+    def _command(self, cmd: m.Command, seq: int, now: float) -> None:
+        status, data = m.CommandStatus.OK, b""
+        if cmd.opcode == m.Opcode.SET_INTERVAL:
+            if len(cmd.arg) != 4:
+                status = m.CommandStatus.INVALID_ARGUMENT
+            else:
+                ms = int.from_bytes(cmd.arg, "little")
+                if not 100 <= ms <= 86_400_000:
+                    status = m.CommandStatus.INVALID_ARGUMENT
+                else:
+                    self.interval = ms / 1000
+                    self._next_sample = min(self._next_sample, now + self.interval)
+                    self._log(m.LogLevel.INFO, f"sampling interval {ms} ms")
+        elif cmd.opcode == m.Opcode.READ_CONFIG:
+            data = m.ConfigReport(
+                round(self.interval * 1000),
+                round(self.link.timers.heartbeat * 1000),
+                tuple((s.id, s.type) for s in SENSORS),
+            ).encode()
+        elif cmd.opcode == m.Opcode.REBOOT:
+            pass  # after the result is acknowledged
+        else:
+            status = m.CommandStatus.UNSUPPORTED
+        rseq = self.link.send(m.CommandResult(cmd.opcode, status, data, request_seq=seq), now)
+        if cmd.opcode == m.Opcode.REBOOT:
+            self._reboot_after, self._reboot_new = rseq, False
+
+    def _ota(self, msg: m.Message, seq: int, now: float) -> None:
+        if self.ota is None:
+            replies: list[m.Message] = _refuse_ota(msg)
+        else:
+            replies = self.ota.handle(msg, now)
+        for reply in replies:
+            if hasattr(reply, "request_seq"):
+                reply = dataclasses.replace(reply, request_seq=seq)  # type: ignore[arg-type]
+            reliable = not isinstance(reply, m.OtaChunkAck)
+            rseq = self.link.send(reply, now, reliable=reliable)
+            if isinstance(reply, m.OtaEndResult) and reply.ok:
+                self._reboot_after, self._reboot_new = rseq, True
+
+    def _log(self, level: m.LogLevel, text: str) -> None:
+        link = getattr(self, "link", None)
+        if link is None or not link.active:
+            return  # logs are not kept: they go only to a host that listens
+        link.send(m.Log(level, self.uptime_ms(), text), self.clock(), reliable=False)
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def _rx_filter(self, data: bytes) -> bytes:
+        f = self.faults
+        if f.stall or self._crashed_until is not None:
+            return b""
+        if f.drop_rx_bytes:
+            data = bytes(b for b in data if self.rng.random() >= f.drop_rx_bytes)
+        if f.drop_rx_types:
+            data = self._drop_frames(data)
+        return data
+
+    def _drop_frames(self, data: bytes) -> bytes:
+        # whole frames only: split on the delimiter, peek at each frame's type
+        out = []
+        parts = data.split(b"\x00")
+        for part in parts[:-1]:
+            items = FrameDecoder(65535).feed(part + b"\x00") if part else []
+            type_ = getattr(items[0], "type", None) if items else None
+            if type_ is not None and self.faults.drop_rx_types[type_] > 0:
+                self.faults.drop_rx_types[type_] -= 1
+                self.counts["dropped_frames"] += 1
+                continue
+            out.append(part + b"\x00")
+        out.append(parts[-1])
+        return b"".join(out)
+
+    def _tx_filter(self, data: bytes) -> bytes:
+        f = self.faults
+        if f.stall or self._crashed_until is not None:
+            return b""
+        if not f.corrupt_tx:
+            return data
+        frames = data.split(b"\x00")
+        for i, fr in enumerate(frames):
+            if fr and self.rng.random() < f.corrupt_tx:
+                b = bytearray(fr)
+                k = self.rng.randrange(len(b))
+                b[k] = (b[k] ^ (1 << self.rng.randrange(8))) or 0x01  # never a 0x00
+                frames[i] = bytes(b)
+                self.counts["corrupted_frames"] += 1
+        return b"\x00".join(frames)
+
+
+def _refuse_ota(msg: m.Message) -> list[m.Message]:
+    """The answers of a firmware without an OTA receiver."""
+    if isinstance(msg, m.OtaBegin):
+        return [m.OtaBeginResult(msg.transfer_id, m.OtaBeginStatus.REJECTED)]
+    if isinstance(msg, m.OtaEnd):
+        return [m.OtaEndResult(msg.transfer_id, m.OtaEndStatus.UNKNOWN_TRANSFER)]
+    if isinstance(msg, m.OtaStatusReq):
+        return [m.OtaStatus(0, 0, 0, m.OtaState.IDLE)]
+    return []

@@ -1,0 +1,223 @@
+"""The mcu driver and McuBridge against the simulated microcontroller on a pty."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from drivers.base import DeviceSpec, PointSpec
+from drivers.mcu import McuDeviceSettings, McuDriver, McuPointSettings
+from firmware_bridge import messages as m
+from firmware_bridge.bridge import McuBridge, SendError
+from firmware_bridge.link import LinkLost, LinkUp, Timers
+from hil.sim_mcu import SimMcu
+from native.batch import Batch
+from tests.helpers import run_driver_until
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = Timers(rto=0.3, rto_max=1.0, retries=4, heartbeat=0.3, lost_after=3, hello_interval=0.3)
+
+
+@contextlib.asynccontextmanager
+async def running_sim(**kwargs: object) -> AsyncIterator[SimMcu]:
+    sim = SimMcu.on_pty(**kwargs)
+    task = asyncio.create_task(sim.run())
+    try:
+        yield sim
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sim.close()
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+
+    def push(self, batch: Batch) -> bool:
+        self.batches.append(batch)
+        return True
+
+    def readings(self) -> list[tuple[int, int, float, int]]:
+        return [
+            (b.point_ids[i], b.timestamps[i], b.values[i], b.quality[i])
+            for b in self.batches
+            for i in range(len(b))
+        ]
+
+
+def mcu_device(port: str, sensors: dict[int, str], **settings: object) -> DeviceSpec:
+    points = tuple(
+        PointSpec(
+            id=100 + sid,
+            key=f"mcu/{name}",
+            name=name,
+            unit="",
+            kind="float",
+            writable=False,
+            settings=McuPointSettings(sensor_id=sid),
+        )
+        for sid, name in sensors.items()
+    )
+    s = McuDeviceSettings(port=port, heartbeat=0.3, **settings)  # type: ignore[arg-type]
+    return DeviceSpec(name="mcu", poll_s=1.0, settings=s, points=points)
+
+
+async def _readings_flow_through_the_driver_as_batches() -> None:
+    async with running_sim(interval=0.1, seed=3) as sim:
+        # sensor 4 (supply) has no point: counted, not fatal
+        driver = McuDriver([mcu_device(sim.port, {1: "level", 2: "tilt", 3: "temperature"})])
+        sink = Sink()
+        t0 = time.time_ns() // 1_000_000
+        await run_driver_until(driver, sink, lambda: len(sink.readings()) >= 60, timeout=20)
+        t1 = time.time_ns() // 1_000_000
+    rows = sink.readings()
+    by_point: dict[int, list[tuple[int, float, int]]] = {}
+    for pid, ts, value, q in rows:
+        by_point.setdefault(pid, []).append((ts, value, q))
+    assert set(by_point) == {101, 102, 103}
+    for series in by_point.values():
+        stamps = [ts for ts, _, _ in series]
+        assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+        # uptime + hello offset: within the run (a little slack for the offset estimate)
+        assert t0 - 1000 <= stamps[0] and stamps[-1] <= t1 + 1000
+    assert all(0.0 <= v <= 5.0 and q == 0 for _, v, q in by_point[101])  # level, m
+    assert all(v in (0.0, 1.0) for _, v, _ in by_point[102])  # tilt switch
+    assert all(5.0 < v < 25.0 for _, v, _ in by_point[103])  # temperature
+    # samples of one sweep share a timestamp across points
+    assert {ts for ts, _, _ in by_point[101]} == {ts for ts, _, _ in by_point[103]}
+    assert driver.counters["mcu"]["unknown_sensor_readings"] > 0
+    health = driver.health()["mcu"]
+    assert health.readings == len(rows) and health.errors == 0
+
+
+async def _command_retried_after_a_dropped_frame_and_acknowledged() -> None:
+    async with running_sim(interval=1.0) as sim, McuBridge(sim.port, timers=FAST) as bridge:
+        caps = await bridge.wait_up(10)
+        assert caps.firmware == m.Version(1, 0, 0) and caps.hardware_id == "citygw-mcu-r1"
+        sim.faults.drop_rx_types[m.MsgType.COMMAND] = 2  # the first two tries are lost
+        result = await bridge.command(m.Command.set_interval(250), timeout=15)
+        assert result.status is m.CommandStatus.OK
+        assert sim.interval == 0.25
+        assert bridge.link.counters["retransmits"] >= 2
+        assert len(sim.commands) == 1  # executed once
+        cfg = await bridge.command(m.Command(m.Opcode.READ_CONFIG), timeout=15)
+        report = m.ConfigReport.decode(cfg.data)
+        assert report.sampling_interval_ms == 250 and len(report.sensors) == 4
+        bad = await bridge.command(m.Command.set_interval(5), timeout=15)
+        assert bad.status is m.CommandStatus.INVALID_ARGUMENT
+        odd = await bridge.command(m.Command(99), timeout=15)
+        assert odd.status is m.CommandStatus.UNSUPPORTED
+
+
+async def _command_to_a_stalled_device_fails_then_link_recovers() -> None:
+    async with running_sim(interval=1.0) as sim, McuBridge(sim.port, timers=FAST) as bridge:
+        await bridge.wait_up(10)
+        sim.faults.stall = True
+        with pytest.raises(SendError):
+            await bridge.command(m.Command(m.Opcode.READ_CONFIG), timeout=20)
+        assert not bridge.is_up
+        sim.faults.stall = False
+        await bridge.wait_up(10)
+        result = await bridge.command(m.Command(m.Opcode.READ_CONFIG), timeout=15)
+        assert result.status is m.CommandStatus.OK
+
+
+async def _reboot_command_and_corrupted_frames() -> None:
+    async with running_sim(interval=0.1) as sim, McuBridge(sim.port, timers=FAST) as bridge:
+        await bridge.wait_up(10)
+        sim.faults.corrupt_tx = 0.2  # one frame in five from the device has a bit error
+        seen: list[object] = []
+
+        async def watch() -> None:
+            async for ev in bridge.events():
+                if isinstance(ev, LinkUp | LinkLost):
+                    seen.append(ev)
+
+        watcher = asyncio.create_task(watch())
+        result = await bridge.command(m.Command(m.Opcode.REBOOT), timeout=15)
+        assert result.status is m.CommandStatus.OK
+        deadline = time.monotonic() + 15
+        while not any(isinstance(e, LinkUp) for e in seen):
+            assert time.monotonic() < deadline, seen
+            await asyncio.sleep(0.05)
+        watcher.cancel()
+        assert sim.boots[-1] is m.BootReason.RESET
+        up = [e for e in seen if isinstance(e, LinkUp)][-1]
+        assert up.capabilities.boot_reason is m.BootReason.RESET
+        # readings flow again; the corrupted ones are rejected by CRC/COBS and resent
+        c = bridge.link.counters
+        deadline = time.monotonic() + 15
+        while c["rejected_bad_crc"] + c["rejected_cobs"] < 2 or sim.counts["readings_sent"] < 40:
+            assert time.monotonic() < deadline, (c, sim.counts)
+            await asyncio.sleep(0.05)
+        assert sim.counts["corrupted_frames"] >= 2
+
+
+async def _driver_reports_a_dead_port_and_recovers(tmp_path: Path) -> None:
+    link = tmp_path / "ttyMCU"  # the port appears later (plugged in), as a symlink
+    driver = McuDriver([mcu_device(str(link), {1: "level"}, retry_max=0.5)])
+    sink = Sink()
+    health = driver.health()["mcu"]
+    task = asyncio.create_task(driver.run(sink))
+    try:
+        deadline = time.monotonic() + 10
+        while health.errors < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        assert "ttyMCU" in (health.last_error or "")
+        async with running_sim(interval=0.1) as sim:
+            link.symlink_to(sim.port)
+            deadline = time.monotonic() + 15
+            while health.readings < 10:
+                assert time.monotonic() < deadline, health
+                await asyncio.sleep(0.02)
+            link.unlink()
+        # the sim is gone (pty closed): the port dies, reopening fails, health says so
+        failures = health.errors
+        deadline = time.monotonic() + 15
+        while health.errors <= failures:
+            assert time.monotonic() < deadline, health
+            await asyncio.sleep(0.02)
+        assert health.consecutive_failures >= 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_config_rejects_duplicate_sensor_ids() -> None:
+    dev = McuDeviceSettings.model_validate({"port": "/dev/null"})
+    problems = McuDriver.check_device(
+        dev, [McuPointSettings(sensor_id=1), McuPointSettings(sensor_id=1)], [{}, {}]
+    )
+    assert [p.key_path for p in problems] == [("points", 1, "sensor_id")]
+    assert math.isclose(dev.heartbeat, 1.0)
+
+
+def test_readings_flow_through_the_driver_as_batches() -> None:
+    asyncio.run(_readings_flow_through_the_driver_as_batches())
+
+
+def test_command_retried_after_a_dropped_frame_and_acknowledged() -> None:
+    asyncio.run(_command_retried_after_a_dropped_frame_and_acknowledged())
+
+
+def test_command_to_a_stalled_device_fails_then_link_recovers() -> None:
+    asyncio.run(_command_to_a_stalled_device_fails_then_link_recovers())
+
+
+def test_reboot_command_and_corrupted_frames() -> None:
+    asyncio.run(_reboot_command_and_corrupted_frames())
+
+
+def test_driver_reports_a_dead_port_and_recovers(tmp_path: Path) -> None:
+    asyncio.run(_driver_reports_a_dead_port_and_recovers(tmp_path))
