@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from agent import cli_ble, cli_firmware, cli_modbus, cli_mqtt
+from agent import cli_ble, cli_firmware, cli_modbus, cli_mqtt, cli_platform
 from agent.broker import BrokerError
 from agent.cli_common import (
     EXIT_INVALID,
@@ -51,6 +51,7 @@ app.add_typer(cli_modbus.app, name="modbus")
 app.add_typer(cli_ble.app, name="ble")
 app.add_typer(cli_mqtt.app, name="mqtt")
 app.add_typer(cli_firmware.app, name="firmware")
+app.add_typer(cli_platform.app, name="platform")
 
 
 @app.callback()
@@ -143,10 +144,14 @@ def demo(
 
 @app.command()
 def ingest(
-    broker: Annotated[str, typer.Option(help="mqtt://host:port or mqtts://host:port")],
-    db: Annotated[str, typer.Option(help="sqlite:///path.db or postgresql://...")] = (
-        "sqlite:///platform.db"
-    ),
+    # from the environment too, so that passwords in the URLs stay out of `ps`
+    broker: Annotated[
+        str,
+        typer.Option(envvar="CITYGW_BROKER", help="mqtt://host:port or mqtts://user:pw@host:port"),
+    ],
+    db: Annotated[
+        str, typer.Option(envvar="CITYGW_DB", help="sqlite:///path.db or postgresql://...")
+    ] = "sqlite:///platform.db",
     group: Annotated[str, typer.Option(help="Shared-subscription group name.")] = "citygw-ingest",
     prefix: Annotated[str, typer.Option(help="Topic prefix.")] = "citygw",
     client_id: Annotated[

@@ -14,32 +14,22 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import pytest
 
 from agent import wire
 from agent.broker import Mosquitto
-from agent.ingest.store import Store, StoreCounts, open_store
+from agent.ingest.store import Store, StoreCounts, StoreMissing, open_store
 from agent.ingest.store_postgres import partition_name, split_url
 from agent.ingest.worker import IngestWorker
 from agent.wire import Envelope, GatewayStats, Meta, PointMeta
 from native import codec
-from native.batch import BAD, GOOD, Batch
+from native.batch import GOOD, Batch
 from native.stages import AlarmEvent
-
-GW = "gw-1"
-STREAM = uuid.UUID(int=0x1234).hex
+from tests.helpers import GW, STREAM, Gateway, make_batch, wait_until
 
 
 def bits(v: float) -> bytes:
     return struct.pack("<d", v)
-
-
-def make_batch(n: int, start_ts: int = 1_700_000_000_000, pid0: int = 1) -> Batch:
-    b = Batch()
-    for i in range(n):
-        b.append(pid0 + i % 3, start_ts + i, i * 0.1 + 1.0 / 3.0, BAD if i % 7 == 0 else GOOD)
-    return b
 
 
 def env_for(
@@ -95,7 +85,8 @@ def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(ValueError, match="no database path"):
         open_store("sqlite:///")
     assert split_url("postgresql://u@h:5/db?schema=s1&sslmode=disable&connect_timeout=3") == (
-        "postgresql://u@h:5/db?sslmode=disable&connect_timeout=3&keepalives=1"
+        "postgresql://u@h:5/db?sslmode=disable&connect_timeout=3&application_name=citygw"
+        "&keepalives=1"
         "&keepalives_idle=10&keepalives_interval=5&keepalives_count=3",
         "s1",
     )
@@ -383,6 +374,8 @@ def test_postgres_migrates_a_version_1_schema(pg_url: str) -> None:
         db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
         for stmt in V1_SCHEMA.split(";"):
             db.execute(stmt.encode())
+    with pytest.raises(StoreMissing, match="at version 1"):  # readers change nothing
+        open_store(pg_url, create=False)
     store = open_store(pg_url)
     try:
         got = store.readings(GW)
@@ -408,45 +401,6 @@ def test_postgres_migrates_a_version_1_schema(pg_url: str) -> None:
 
 
 # -- worker ---------------------------------------------------------------------------------
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await asyncio.to_thread(pred):
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
-
-
-class Gateway:
-    """A fake gateway: builds uplinks with the real codec and publishes them."""
-
-    def __init__(self, broker: Mosquitto, gateway: str = GW, stream: str = STREAM) -> None:
-        self.broker, self.gateway, self.stream = broker, gateway, stream
-        self.ts = 1_700_000_000_000
-
-    def uplink(self, seq: int, n: int = 20, lane: int = wire.LANE_TELEMETRY) -> tuple[bytes, Batch]:
-
-        b = make_batch(n, start_ts=self.ts + seq * 1000)
-        body = codec.encode(b, gateway=self.gateway, seq=seq)
-        return wire.wrap(lane, self.stream, seq, len(b), body), b
-
-    async def publish(self, items: list[tuple[str, bytes]]) -> None:
-        async with aiomqtt.Client(
-            "127.0.0.1", self.broker.port, protocol=aiomqtt.ProtocolVersion.V5
-        ) as c:
-            for topic, payload in items:
-                await c.publish(topic, payload, qos=1)
-
-    async def send(self, seqs: list[int], n: int = 20) -> list[Batch]:
-        out, msgs = [], []
-        for seq in seqs:
-            payload, b = self.uplink(seq, n)
-            out.append(b)
-            msgs.append((wire.batch_topic(self.gateway), payload))
-        await self.publish(msgs)
-        return out
 
 
 async def with_workers(workers: list[IngestWorker], body: Callable[[], Awaitable[None]]) -> None:
@@ -627,7 +581,13 @@ def test_two_workers_share_a_group(
             sent[g.gateway] = await g.send(list(range(1, 41)), n=10)
         # and a gateway resending a window after a reconnect
         await gws[0].send(list(range(30, 41)), n=10)
-        await wait_until(lambda: sum(w.counters.messages for w in workers) == 131)
+        # counted once committed (`messages` counts at decode time, before the commit)
+        await wait_until(
+            lambda: (
+                sum(w.counters.batches_stored + w.counters.duplicates_dropped for w in workers)
+                == 131
+            )
+        )
         c = stores[0].counts()
         assert (c.batches, c.readings, c.duplicates_dropped) == (120, 1200, 11)
         assert sum(w.counters.batches_stored for w in workers) == 120

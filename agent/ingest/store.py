@@ -38,6 +38,10 @@ class StoreCounts:
     gateways: int  # gateways seen (batch or meta)
 
 
+class StoreMissing(LookupError):
+    """`open_store(url, create=False)` found no (current) store at the URL."""
+
+
 @dataclass(frozen=True, slots=True)
 class PointReading:
     """One reading found by `Store.query`, with the point's name from the registry."""
@@ -156,6 +160,10 @@ class Store(Protocol):
         with since_ms <= ts < until_ms, ordered by gateway then time."""
         ...
 
+    def point_keys(self, gateway: str | None = None) -> list[str]:
+        """The point names the registry (up/meta) knows, on `gateway` or any, sorted."""
+        ...
+
     def alarm_episodes(
         self, gateway: str | None = None, active: bool = False
     ) -> list[AlarmEpisode]:
@@ -231,20 +239,22 @@ def alarm_from_row(row: Sequence[Any]) -> AlarmEvent:
     )
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, create: bool = True) -> Store:
     """``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``
-    or ``postgresql://user@host:port/db?schema=name`` (psycopg 3)."""
+    or ``postgresql://user@host:port/db?schema=name`` (psycopg 3). With `create`, the
+    store is created or migrated as needed (the ingest); without it (tools that only
+    read), nothing is changed and `StoreMissing` says when there is no current store."""
     if url.startswith("sqlite:///"):
         from agent.ingest.store_sqlite import SqliteStore
 
         path = url[len("sqlite:///") :]
         if not path:
             raise ValueError(f"no database path in {url!r}")
-        return SqliteStore(path)
+        return SqliteStore(path, create=create)
     if url.startswith(("postgresql://", "postgres://")):
         from agent.ingest.store_postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, create=create)
     raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path.db or postgresql://...")
 
 

@@ -50,6 +50,7 @@ from agent.ingest.store import (
     GatewayInfo,
     PointReading,
     StoreCounts,
+    StoreMissing,
     alarm_clear,
     alarm_clear_args,
     alarm_episodes_query,
@@ -200,6 +201,7 @@ def partition_name(day: int) -> str:
 #: libpq settings the URL may override: a server that went away (host down, cable cut)
 #: must fail the store call within seconds, so that the worker retries instead of hanging
 CONNECTION_DEFAULTS: Final = {
+    "application_name": "citygw",
     "connect_timeout": "10",
     "keepalives": "1",
     "keepalives_idle": "10",
@@ -229,15 +231,23 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 class PostgresStore:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, create: bool = True) -> None:
         self._conninfo, self.schema = split_url(url)
+        self._create = create
         self._lock = threading.Lock()
         self._days: set[int] = set()  # day partitions known to exist (or not wanted)
         self._partitioned = False
         self._db = self._connect()
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
-        db = psycopg.connect(self._conninfo, autocommit=True, application_name="citygw-ingest")
+        db = psycopg.connect(self._conninfo, autocommit=True)
+        if not self._create:
+            try:
+                self._check_current(db)
+            except BaseException:
+                db.close()
+                raise
+            return db
         try:
             with db.transaction(), db.cursor() as cur:
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -258,6 +268,27 @@ class PostgresStore:
             db.close()
             raise
         return db
+
+    def _check_current(self, db: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """For readers: the schema must hold a store at this version; nothing changed."""
+        with db.cursor() as cur:
+            if self._relkind(cur, "uplinks") is None:
+                raise StoreMissing(f"no citygw platform store in schema {self.schema!r}")
+            version = None
+            if self._relkind(cur, "schema_info") is not None:
+                cur.execute(
+                    sql.SQL("SELECT max(version) FROM {}.schema_info").format(
+                        sql.Identifier(self.schema)
+                    )
+                )
+                row = cur.fetchone()
+                version = row[0] if row else None
+            if version != SCHEMA_VERSION:
+                raise StoreMissing(
+                    f"the store in schema {self.schema!r} is at version {version or 1}, this "
+                    f"citygw reads version {SCHEMA_VERSION} (`citygw ingest` upgrades it)"
+                )
+        db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
 
     def _relkind(self, cur: psycopg.Cursor[tuple[Any, ...]], name: str) -> str | None:
         cur.execute(
@@ -539,6 +570,16 @@ class PostgresStore:
             )
             rows = cur.fetchall()
         return [alarm_from_row(r) for r in rows]
+
+    def point_keys(self, gateway: str | None = None) -> list[str]:
+        text = "SELECT DISTINCT key FROM points"
+        args: tuple[str, ...] = ()
+        if gateway is not None:
+            text, args = text + " WHERE gateway = %s", (gateway,)
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute((text + " ORDER BY key").encode(), args)
+            rows = cur.fetchall()
+        return [str(k) for (k,) in rows]
 
     def alarm_episodes(
         self, gateway: str | None = None, active: bool = False

@@ -57,6 +57,7 @@ from agent.ingest.store import (
     GatewayInfo,
     PointReading,
     StoreCounts,
+    StoreMissing,
     alarm_clear,
     alarm_clear_args,
     alarm_episodes_query,
@@ -208,11 +209,14 @@ def _value(v: float | None, raw: bytes | None) -> float:
 
 
 class SqliteStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = str(path)
+        self._lock = threading.Lock()
+        if not create:
+            self._db = self._open_existing()
+            return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
         self._db = sqlite3.connect(
             self.path, check_same_thread=False, isolation_level=None, timeout=30.0
         )
@@ -224,9 +228,41 @@ class SqliteStore:
         self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
         # columns added since the first release (SQLite has no ADD COLUMN IF NOT EXISTS)
         for table, column in _ADDED_COLUMNS:
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column.split()[0] not in have:
+            if column.split()[0] not in self._columns(table):
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+
+    def _open_existing(self) -> sqlite3.Connection:
+        """Read-only: the file must hold a store with every current column."""
+        path = Path(self.path)
+        if self.path == ":memory:" or not path.is_file():
+            raise StoreMissing(f"{self.path}: no such database file")
+        self._db = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30.0
+        )
+        try:
+            tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
+            if "uplinks" not in tables:
+                raise StoreMissing(f"{self.path}: not a citygw platform store (no uplinks table)")
+            missing = [
+                f"{t}.{c.split()[0]}"
+                for t, c in _ADDED_COLUMNS
+                if c.split()[0] not in self._columns(t)
+            ]
+            if "dead_letters" not in tables or missing:
+                raise StoreMissing(
+                    f"{self.path}: a store of an older citygw (run `citygw ingest` on it once "
+                    "to upgrade it)"
+                )
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            raise StoreMissing(f"{self.path}: cannot read it as SQLite: {e}") from None
+        except BaseException:
+            self._db.close()
+            raise
+        return self._db
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -360,6 +396,15 @@ class SqliteStore:
                 f"SELECT {STATS_COLUMNS} FROM gateway_stats WHERE gateway = ?", (gateway,)
             ).fetchone()
         return stats_from_row(row) if row else None
+
+    def point_keys(self, gateway: str | None = None) -> list[str]:
+        sql = "SELECT DISTINCT key FROM points"
+        args: tuple[str, ...] = ()
+        if gateway is not None:
+            sql, args = sql + " WHERE gateway = ?", (gateway,)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY key", args).fetchall()
+        return [str(k) for (k,) in rows]
 
     def alarm_episodes(
         self, gateway: str | None = None, active: bool = False

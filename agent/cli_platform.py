@@ -1,0 +1,454 @@
+"""`citygw platform …`: what the platform's store holds, for the people who run it.
+
+- `query --db URL --point device/point --since 1h`: a point's readings, on every gateway
+  that has it (or on `--gateway`), between `--since` and `--until` (a duration ago or an
+  ISO 8601 time).
+- `gateways --db URL`: every gateway with its state (online/offline, since when), its
+  last stored uplink, and what it last reported of its buffer (backlog, evicted, lost).
+- `alarms --db URL [--active] [--gateway G]`: alarm episodes, each raise paired with its
+  clear.
+- `dead-letters --db URL [--limit N] [--dump DIR]`: rejected uplinks kept aside by the
+  ingest, newest first; `--dump` writes their payloads to files.
+
+Every command prints a table, or CSV or JSON with `--format`. The commands only read:
+a SQLite file that does not exist or a PostgreSQL schema without a store in it is an
+error, never created.
+
+Exit codes (as every `citygw` command): 0 success, 1 invalid input (a bad URL, time or
+point name), 2 the database is missing, unreachable or not a citygw store.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import io
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal, NoReturn
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from agent.cli_common import EXIT_NO_FILE, fail, out_console
+from agent.ingest.store import AlarmEpisode, DeadLetter, GatewayInfo, PointReading, Store
+from agent.status import _age as age
+from agent.units import parse_duration
+from native.batch import QUALITY_NAMES
+
+app = typer.Typer(
+    help="Look into the platform's store: readings, gateways, alarms, dead letters.",
+    no_args_is_help=True,
+)
+
+Format = Literal["table", "csv", "json"]
+
+DbOption = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        envvar="CITYGW_DB",
+        help="The store: sqlite:///path.db or postgresql://...[?schema=name].",
+    ),
+]
+FormatOption = Annotated[Format, typer.Option("--format", help="table, csv or json.")]
+GatewayOption = Annotated[str | None, typer.Option("--gateway", help="Only this gateway.")]
+
+#: how many close names `query` suggests for a point it does not know
+SUGGESTIONS = 5
+
+
+# -- opening the store, read-only in spirit ------------------------------------------------
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def open_existing(url: str) -> Store:
+    """The store at `url`, which must exist already (nothing is created or migrated);
+    exits with a clear message if not."""
+    from agent.ingest.store import StoreMissing, open_store
+
+    if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        fail(f"unsupported store URL {redact(url)!r}: use sqlite:///path.db or postgresql://...")
+    try:
+        return open_store(url, create=False)
+    except StoreMissing as exc:
+        fail(f"{redact(url)}: {exc}", EXIT_NO_FILE)
+    except ValueError as exc:
+        fail(str(exc))
+    except Exception as exc:  # the driver's own errors: unreadable, refused, dropped
+        fail(f"{redact(url)}: cannot open the store: {str(exc).strip()}", EXIT_NO_FILE)
+
+
+def _run(url: str, read: Callable[[Store], Any]) -> Any:
+    store = open_existing(url)
+    try:
+        return read(store)
+    except Exception as exc:
+        fail(f"{redact(url)}: {type(exc).__name__}: {exc}", EXIT_NO_FILE)
+    finally:
+        store.close()
+
+
+# -- times ---------------------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def parse_time(text: str, now: int, option: str) -> int:
+    """ms UTC from a duration ago (``90s``, ``15m``, ``1h``, ``2d``: agent.units) or an ISO
+    8601 time (``2026-05-01T12:00:00Z``; without a zone it is UTC)."""
+    try:
+        return now - round(parse_duration(text) * 1000)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        fail(
+            f"{option} {text!r}: give a duration ago (90s, 15m, 1h, 2d) "
+            "or an ISO 8601 time (2026-05-01T12:00:00Z)"
+        )
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return math.floor(when.timestamp() * 1000)
+
+
+def iso(ms: int | None) -> str:
+    """``2026-05-01T12:00:00.250Z`` (UTC, milliseconds), "" for None."""
+    if ms is None:
+        return ""
+    t = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def span(ms: int) -> str:
+    """A duration for people: ``45.0 s``, ``12.5 min``, ``3.2 h``, ``4.0 d``."""
+    s = max(0.0, ms / 1000.0)
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def quality_name(q: int) -> str:
+    return QUALITY_NAMES.get(q, str(q))
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def emit(
+    fmt: Format,
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    records: Sequence[dict[str, Any]],
+) -> None:
+    """`rows` (strings) as a rich table or CSV; `records` (machine values) as JSON."""
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(list(records), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+        return
+    out = out_console()
+    if not rows:
+        out.print(Text(f"{title}: none"))
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*r)
+    out.print(table)
+
+
+def value_text(v: float) -> str:
+    """Shortest round-trip text of a float: nothing lost (nan, inf, -0.0 as Python says)."""
+    return repr(v)
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _unknown_point(url: str, point: str, gateway: str | None) -> NoReturn:
+    keys = _run(url, lambda s: s.point_keys(gateway))
+    where = f" on gateway {gateway!r}" if gateway else ""
+    close = difflib.get_close_matches(point, keys, n=SUGGESTIONS, cutoff=0.6)
+    if not close:  # a device or a point name right, the rest wrong: keys that share it
+        parts = [p for p in point.lower().split("/") if p]
+        close = [k for k in keys if any(p in k.lower() for p in parts)][:SUGGESTIONS]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    if not keys:
+        hint = " (its registry is empty: no gateway has sent up/meta)"
+    fail(f"unknown point {point!r}{where}{hint}")
+
+
+@app.command()
+def query(
+    point: Annotated[
+        str, typer.Option("--point", help="The point as device/point, e.g. bridge-7/strain_1.")
+    ],
+    db: DbOption,
+    since: Annotated[
+        str, typer.Option("--since", help="Start: a duration ago (90s, 15m, 1h, 2d) or ISO time.")
+    ] = "1h",
+    until: Annotated[
+        str | None, typer.Option("--until", help="End (excluded), like --since; default now.")
+    ] = None,
+    gateway: GatewayOption = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="At most this many readings.", min=1)
+    ] = None,
+    fmt: FormatOption = "table",
+) -> None:
+    """A point's readings (by its name in the gateways' registry), oldest first per gateway."""
+    if "/" not in point.strip("/"):
+        fail(f"--point {point!r}: give device/point, e.g. bridge-7/strain_1")
+    now = now_ms()
+    since_ms = parse_time(since, now, "--since")
+    until_ms = parse_time(until, now, "--until") if until is not None else None
+    if until_ms is not None and until_ms <= since_ms:
+        fail(f"--until ({iso(until_ms)}) must be after --since ({iso(since_ms)})")
+
+    def read(store: Store) -> list[PointReading]:
+        return store.query(point, since_ms, until_ms, gateway=gateway, limit=limit)
+
+    readings: list[PointReading] = _run(db, read)
+    if not readings and point not in _run(db, lambda s: s.point_keys(gateway)):
+        _unknown_point(db, point, gateway)
+    window = f"{iso(since_ms)} .. {iso(until_ms) if until_ms is not None else 'now'}"
+    emit(
+        fmt,
+        f"{point}, {window}: {len(readings)} reading{'s' if len(readings) != 1 else ''}",
+        ("gateway", "point", "time", "value", "quality"),
+        [
+            (r.gateway, r.key, iso(r.ts), value_text(r.value), quality_name(r.quality))
+            for r in readings
+        ],
+        [
+            {
+                "gateway": r.gateway,
+                "point": r.key,
+                "time": iso(r.ts),
+                "ts_ms": r.ts,
+                "value": r.value,
+                "quality": quality_name(r.quality),
+            }
+            for r in readings
+        ],
+    )
+
+
+def _state_text(g: GatewayInfo, now: int) -> str:
+    if g.state is None:
+        return "unknown"
+    if g.state_ms is None:
+        return g.state
+    return f"{g.state} since {iso(g.state_ms)} ({span(now - g.state_ms)})"
+
+
+@app.command()
+def gateways(db: DbOption, fmt: FormatOption = "table") -> None:
+    """Every gateway: state, last uplink stored, backlog, evicted and lost readings."""
+    infos: list[GatewayInfo] = _run(db, lambda store: store.gateways())
+    now = now_ms()
+
+    def stat(g: GatewayInfo, field: str) -> int | None:
+        return None if g.stats is None else int(getattr(g.stats, field))
+
+    def text(v: int | None) -> str:
+        return "-" if v is None else str(v)
+
+    emit(
+        fmt,
+        f"{len(infos)} gateway{'s' if len(infos) != 1 else ''}",
+        (
+            "gateway",
+            "site",
+            "state",
+            "last seen",
+            "backlog points",
+            "evicted points",
+            "lost points",
+            "stats reported",
+        ),
+        [
+            (
+                g.gateway,
+                g.site or "",
+                _state_text(g, now),
+                age(g.last_seen_ms, now),
+                text(stat(g, "backlog_points")),
+                text(stat(g, "evicted_points")),
+                text(stat(g, "lost_points")),
+                age(g.stats.ts if g.stats else None, now),
+            )
+            for g in infos
+        ],
+        [
+            {
+                "gateway": g.gateway,
+                "site": g.site,
+                "state": g.state,
+                "state_since": iso(g.state_ms) or None,
+                "last_seen": iso(g.last_seen_ms) or None,
+                "backlog_points": stat(g, "backlog_points"),
+                "evicted_points": stat(g, "evicted_points"),
+                "lost_points": stat(g, "lost_points"),
+                "stats_time": iso(g.stats.ts) if g.stats else None,
+            }
+            for g in infos
+        ],
+    )
+
+
+@app.command()
+def alarms(
+    db: DbOption,
+    active: Annotated[bool, typer.Option("--active", help="Only alarms not cleared.")] = False,
+    gateway: GatewayOption = None,
+    fmt: FormatOption = "table",
+) -> None:
+    """Alarm episodes: when each was raised, and cleared or still active, for how long."""
+    episodes: list[AlarmEpisode] = _run(
+        db, lambda store: store.alarm_episodes(gateway=gateway, active=active)
+    )
+    now = now_ms()
+
+    def duration(e: AlarmEpisode) -> int:
+        return (e.cleared_ts if e.cleared_ts is not None else now) - e.raised_ts
+
+    kind = "active alarm" if active else "alarm episode"
+    emit(
+        fmt,
+        f"{len(episodes)} {kind}{'s' if len(episodes) != 1 else ''}",
+        ("gateway", "point", "rule", "severity", "raised", "value", "cleared", "duration"),
+        [
+            (
+                e.gateway,
+                e.key or f"#{e.point_id}",
+                e.rule,
+                e.severity,
+                iso(e.raised_ts),
+                value_text(e.value),
+                iso(e.cleared_ts) if e.cleared_ts is not None else "active",
+                span(duration(e)) + ("" if e.cleared_ts is not None else " so far"),
+            )
+            for e in episodes
+        ],
+        [
+            {
+                "gateway": e.gateway,
+                "point_id": e.point_id,
+                "point": e.key,
+                "rule": e.rule,
+                "severity": e.severity,
+                "raised": iso(e.raised_ts),
+                "value": e.value,
+                "cleared": iso(e.cleared_ts) if e.cleared_ts is not None else None,
+                "active": e.cleared_ts is None,
+                "duration_ms": duration(e),
+            }
+            for e in episodes
+        ],
+    )
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def dump_name(i: int, letter: DeadLetter) -> str:
+    """``0001-20260501T120000.250Z-codec-citygw_gw-1_up_batch.bin``: sortable, safe."""
+    when = iso(letter.received_ms).replace("-", "").replace(":", "")
+    topic = _UNSAFE.sub("_", letter.topic)[:80]
+    return f"{i:04d}-{when}-{_UNSAFE.sub('_', letter.reason)}-{topic}.bin"
+
+
+@app.command("dead-letters")
+def dead_letters(
+    db: DbOption,
+    limit: Annotated[int, typer.Option("--limit", help="The newest N.", min=1)] = 20,
+    dump: Annotated[
+        Path | None,
+        typer.Option(
+            "--dump", help="Write each payload to a file in this directory.", file_okay=False
+        ),
+    ] = None,
+    fmt: FormatOption = "table",
+) -> None:
+    """Uplinks the ingest rejected (and acknowledged), newest first, with the reason."""
+    letters: list[DeadLetter] = _run(db, lambda store: store.dead_letters(limit))
+    files: list[str] = []
+    if dump is not None:
+        try:
+            dump.mkdir(parents=True, exist_ok=True)
+            for i, letter in enumerate(letters, 1):
+                target = dump / dump_name(i, letter)
+                target.write_bytes(letter.payload)
+                files.append(str(target))
+        except OSError as exc:
+            fail(f"{dump}: cannot write: {exc.strerror or exc}", EXIT_NO_FILE)
+
+    def size(d: DeadLetter) -> str:
+        kept = len(d.payload)
+        return str(d.size) if kept >= d.size else f"{d.size} (first {kept} kept)"
+
+    emit(
+        fmt,
+        f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''} (newest first)",
+        ("received", "topic", "reason", "error", "size", *(("file",) if dump else ())),
+        [
+            (
+                iso(d.received_ms),
+                d.topic,
+                d.reason,
+                d.error,
+                size(d),
+                *((files[i],) if dump else ()),
+            )
+            for i, d in enumerate(letters)
+        ],
+        [
+            {
+                "received": iso(d.received_ms),
+                "topic": d.topic,
+                "reason": d.reason,
+                "error": d.error,
+                "size": d.size,
+                "kept": len(d.payload),
+                **({"file": files[i]} if dump else {}),
+            }
+            for i, d in enumerate(letters)
+        ],
+    )
+    if dump is not None and fmt == "table":
+        out_console().print(Text(f"wrote {len(files)} payload file(s) to {dump}"))
