@@ -1,41 +1,72 @@
 """Downlink commands from the platform (`<prefix>/<gateway>/down/cmd`) and their
 responses (`up/resp`).
 
-A command is a JSON object; today the only operation is a write:
+A command is a JSON object with an `id` (1 to 128 characters) and an `op`:
 
-    {"id": "c-42", "op": "write", "point": "pump-3/setpoint", "value": 12.5}
+- ``write``: a value to a writable point, through the point's driver.
 
-It is checked against the config before anything touches a device: the point must
-exist, be marked `writable`, and the value must be a finite number within the point's
-declared `min`/`max`. The response names the command and says what happened:
+      {"id": "c-42", "op": "write", "point": "pump-3/setpoint", "value": 12.5}
+
+  The point must exist and be marked `writable`, and the value must be a finite number
+  within the point's declared `min`/`max`.
+
+- ``firmware_update``: a signed firmware package for a device's microcontroller,
+  fetched from an https URL (docs/firmware-ota.md, "Platform-triggered updates").
+
+      {"id": "c-77", "op": "firmware_update", "device": "mcu", "force": false,
+       "url": "https://fw.city.example/mcu/2.1.0.cgfw", "sha256": "<optional, 64 hex>"}
+
+  The device must exist and take firmware updates (an `mcu` device with a
+  `firmware_key`); the URL must be https, at most 2048 characters; `sha256`, if given,
+  names the image the package must hold.
+
+Everything is checked against the config before anything touches a device or the
+network. The response names the command and says what happened:
 
     {"id": "c-42", "ok": true, "ts": 1764400000000}
     {"id": "c-43", "ok": false, "error": "point 'pump-3/level' is not writable", "ts": ...}
+    {"id": "c-77", "ok": true, "outcome": "updated", "from": "2.0.3", "to": "2.1.0", "ts": ...}
+    {"id": "c-78", "ok": false, "outcome": "refused", "error": "bad_signature: ...", "ts": ...}
+
+A firmware_update's answer always has an `outcome` (updated, rolled_back, refused,
+failed) and comes when the update is over; other commands are answered meanwhile.
 
 Parsing and checking are sans-I/O (bytes in, a command or a refusal out); the agent
-runs the write through the point's driver.
+runs the command (agent/runtime.py, agent/ota_command.py).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from drivers.base import PointSpec
 
 MAX_COMMAND_BYTES = 4096
+MAX_URL = 2048
+WRITE = "write"
+FIRMWARE_UPDATE = "firmware_update"
+OPS = (WRITE, FIRMWARE_UPDATE)
 
 
 class CommandRefused(ValueError):
     """A command that is malformed or not allowed; the message says why."""
 
-    def __init__(self, message: str, command_id: str | None = None) -> None:
+    def __init__(self, message: str, command_id: str | None = None, op: str | None = None) -> None:
         super().__init__(message)
         self.command_id = command_id
+        self.op = op
+
+    def response(self) -> bytes:
+        """The up/resp body; a refused firmware_update says its outcome too."""
+        extra = {"outcome": "refused"} if self.op == FIRMWARE_UPDATE else None
+        return response(self.command_id, str(self), extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +76,24 @@ class WriteCommand:
     value: float
 
 
-def parse_command(payload: bytes, points: dict[str, PointSpec]) -> WriteCommand:
-    """The checked command, or CommandRefused naming what is wrong."""
+@dataclass(frozen=True, slots=True)
+class FirmwareUpdateCommand:
+    id: str
+    device: str
+    url: str
+    sha256: bytes | None  # the image's SHA-256 the package must name, if given
+    force: bool  # allow a downgrade or a reinstall of the running version
+
+
+Command = WriteCommand | FirmwareUpdateCommand
+
+
+def parse_command(
+    payload: bytes, points: Mapping[str, PointSpec], devices: Mapping[str, str | None]
+) -> Command:
+    """The checked command, or CommandRefused naming what is wrong. `points` maps
+    "device/point" to its spec; `devices` maps every device name to None if it takes
+    firmware updates, else the reason it does not."""
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandRefused(f"command larger than {MAX_COMMAND_BYTES} bytes")
     try:
@@ -59,19 +106,27 @@ def parse_command(payload: bytes, points: dict[str, PointSpec]) -> WriteCommand:
     if not isinstance(cid, str) or not cid or len(cid) > 128:
         raise CommandRefused("command needs an 'id': a string of 1 to 128 characters")
     op = obj.get("op")
-    if op != "write":
-        raise CommandRefused(f"unknown op {op!r}; allowed: write", cid)
+    if op == WRITE:
+        return _write(cid, obj, points)
+    if op == FIRMWARE_UPDATE:
+        return _firmware_update(cid, obj, devices)
+    raise CommandRefused(f"unknown op {op!r}; allowed: {', '.join(OPS)}", cid)
+
+
+def _write(cid: str, obj: dict[str, Any], points: Mapping[str, PointSpec]) -> WriteCommand:
     key = obj.get("point")
     if not isinstance(key, str) or key not in points:
-        raise CommandRefused(f"unknown point {key!r} (give 'device/point')", cid)
+        raise CommandRefused(f"unknown point {key!r} (give 'device/point')", cid, WRITE)
     point = points[key]
     if not point.writable:
-        raise CommandRefused(f"point {key!r} is not writable", cid)
+        raise CommandRefused(f"point {key!r} is not writable", cid, WRITE)
     value = obj.get("value")
     if isinstance(value, bool):
         value = float(value)
     if not isinstance(value, int | float) or not math.isfinite(value):
-        raise CommandRefused(f"value for {key!r} must be a finite number, got {value!r}", cid)
+        raise CommandRefused(
+            f"value for {key!r} must be a finite number, got {value!r}", cid, WRITE
+        )
     if (point.min is not None and value < point.min) or (
         point.max is not None and value > point.max
     ):
@@ -79,16 +134,59 @@ def parse_command(payload: bytes, points: dict[str, PointSpec]) -> WriteCommand:
             f"value {value:g} for {key!r} is outside its declared range "
             f"[{_bound(point.min)}, {_bound(point.max)}]",
             cid,
+            WRITE,
         )
     return WriteCommand(cid, point, float(value))
+
+
+def _firmware_update(
+    cid: str, obj: dict[str, Any], devices: Mapping[str, str | None]
+) -> FirmwareUpdateCommand:
+    def refused(message: str) -> CommandRefused:
+        return CommandRefused(message, cid, FIRMWARE_UPDATE)
+
+    device = obj.get("device")
+    if not isinstance(device, str) or device not in devices:
+        raise refused(f"unknown device {device!r} (give the name of an enabled device)")
+    why_not = devices[device]
+    if why_not is not None:
+        raise refused(f"device {device!r} cannot take firmware updates: {why_not}")
+    url = obj.get("url")
+    if not isinstance(url, str) or len(url) > MAX_URL:
+        raise refused(f"'url' must be a string of at most {MAX_URL} characters")
+    try:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname
+    except ValueError:  # an unbalanced IPv6 bracket, say
+        scheme, host = "", None
+    if scheme != "https" or not host:
+        raise refused(f"'url' must be an https:// URL, got {url!r}")
+    sha = obj.get("sha256")
+    digest: bytes | None = None
+    if sha is not None:
+        try:
+            digest = bytes.fromhex(sha) if isinstance(sha, str) else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise refused("'sha256' must be 64 hex digits (the image's SHA-256)")
+    force = obj.get("force", False)
+    if not isinstance(force, bool):
+        raise refused("'force' must be true or false")
+    return FirmwareUpdateCommand(cid, device, url, digest, force)
 
 
 def _bound(v: float | None) -> str:
     return "-" if v is None else f"{v:g}"
 
 
-def response(command_id: str | None, error: str | None = None) -> bytes:
+def response(
+    command_id: str | None, error: str | None = None, extra: Mapping[str, Any] | None = None
+) -> bytes:
+    """An up/resp body: ok unless `error`, with `extra` fields (a firmware outcome)."""
     body: dict[str, Any] = {"id": command_id, "ok": error is None}
+    if extra:
+        body.update(extra)
     if error is not None:
         body["error"] = error
     body["ts"] = time.time_ns() // 1_000_000

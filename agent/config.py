@@ -7,7 +7,9 @@ Loading runs in two phases so that every problem in a file is reported at once:
 2. for each device whose driver is installed, the driver-specific keys of the device
    and of its points (the keys the generic models do not know) are validated with
    the driver's ``device_model`` / ``point_model``. The results are
-   ``DeviceConfig.settings`` and ``PointConfig.settings``.
+   ``DeviceConfig.settings`` and ``PointConfig.settings``. Their validation context
+   holds ``base_dir`` (the config file's folder: relative paths start there) and
+   ``buffer_dir`` (the buffer database's folder: state files default to it).
 
 Problems are collected as ``ConfigIssue(source, key_path, message)`` and raised
 together as one ``ConfigError``; ``str(error)`` is one line per issue, in file order::
@@ -452,6 +454,8 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     _check_unique_names(raw, issues)
 
     # phase 2: the driver-specific keys
+    buffer_path = config.buffer.path if config is not None else context["base_dir"] / "buffer.db"
+    context["buffer_dir"] = buffer_path.parent
     settings = _validate_driver_settings(raw, drivers, issues, context)
     _check_devices(raw, drivers, settings, issues)
 

@@ -3,8 +3,9 @@ uplink, into a private Mosquitto and an in-process platform ingest.
 
 Nothing has to be installed or started by hand: with a `mosquitto` binary on PATH
 the demo starts its own broker on a free loopback port; without one the uplink
-talks to the ingest over an in-process link (agent/loopback.py). Files go to a
-temporary directory.
+talks to the ingest over an in-process link (agent/loopback.py). The gateway's
+microcontroller is simulated on a pseudo-terminal (drivers/mcu/simulator.py) and read
+by the mcu driver over its serial protocol. Files go to a temporary directory.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
 from agent.mqtt_url import BrokerAddress
 from agent.runtime import Agent
+from drivers.mcu.simulator import SimMcu
 from drivers.modbus.profiles import load_profile
 from drivers.modbus.settings import ModbusPointSettings
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
@@ -330,6 +332,17 @@ _BLE_TAGS = [
      [("temperature", "°C"), ("humidity", "%"), ("pressure", "hPa")]),
 ]  # fmt: skip
 
+#: the gateway's own microcontroller (a SimMcu on a pty): its sensors by id, and stages
+MCU_DEVICE = "cabinet-mcu"
+_MCU_POINTS = [
+    (1, "level", "m", "{ type = \"range\", min = 0.0, max = 5.0, action = \"flag\" }, "
+     "{ type = \"deadband\", band = 0.01, heartbeat = \"1m\" }"),
+    (2, "tilt", "", "{ type = \"threshold\", id = \"cover-tilted\", above = 0.5 }"),
+    (3, "temperature", "°C", "{ type = \"deadband\", band = 0.1, heartbeat = \"5m\" }"),
+    (4, "supply", "mV", "{ type = \"range\", min = 9000.0, max = 15000.0, action = \"flag\" }, "
+     "{ type = \"deadband\", band = 50.0, heartbeat = \"5m\" }"),
+]  # fmt: skip
+
 #: air-quality boxes that publish JSON to the site broker (here: the demo's broker)
 MQTT_BOXES = ("airbox-1", "airbox-2", "airbox-3")
 
@@ -360,10 +373,12 @@ def demo_config_text(
     buffer_path: Path,
     modbus_port: int | None = None,
     site_broker: str | None = None,
+    mcu_port: str | None = None,
 ) -> str:
     """The embedded config of the simulated street block (valid citygw TOML); with
-    `modbus_port`, also the pump station on the Modbus simulator at that port, and with
-    `site_broker`, the airboxes that publish there."""
+    `modbus_port`, also the pump station on the Modbus simulator at that port, with
+    `site_broker`, the airboxes that publish there, and with `mcu_port`, the gateway's
+    microcontroller on that serial port."""
     out = [
         '[gateway]\nid = "gw-demo-block-7"\nsite = "Demo street block 7"\n'
         "location = { lat = 52.5200, lon = 13.4050 }\n",
@@ -415,6 +430,16 @@ def demo_config_text(
                     f'topic = "sensors/{{device}}/air"\nformat = "json"\n'
                     f'path = "data.{quantity}"\ntimestamp = "ts"\ntimestamp_format = "epoch_s"\n'
                 )
+    if mcu_port is not None:
+        out.append(
+            f'[[devices]]\nname = "{MCU_DEVICE}"\ndriver = "mcu"\nport = "{mcu_port}"\n'
+            'sampling_interval = "1s"\n'
+        )
+        for sensor_id, name, unit, stages in _MCU_POINTS:
+            out.append(
+                f'[[devices.points]]\nname = "{name}"\nunit = "{unit}"\nsensor_id = {sensor_id}\n'
+                f"pipeline = [{stages}]\n"
+            )
     return "\n".join(out)
 
 
@@ -423,8 +448,9 @@ def demo_config(
     buffer_path: Path,
     modbus_port: int | None = None,
     site_broker: str | None = None,
+    mcu_port: str | None = None,
 ) -> Config:
-    text = demo_config_text(broker_url, buffer_path, modbus_port, site_broker)
+    text = demo_config_text(broker_url, buffer_path, modbus_port, site_broker, mcu_port)
     return parse_config(text, source="<demo>")
 
 
@@ -443,6 +469,7 @@ class DemoResult:
     duplicates: int
     bytes_per_point: float  # uplink bytes per reading taken
     read_by_driver: dict[str, int]
+    ingested_mcu: int  # readings of the microcontroller's points the platform stored
     alarms_sent: int  # raise and clear events the gateway sent
     alarms_stored: int  # ... and the platform stored
 
@@ -472,6 +499,13 @@ def _status_table(agent: Agent, ingested: int, elapsed: float, duration: float) 
     return t
 
 
+async def _stop_mcu(sim: SimMcu, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    sim.close()
+
+
 async def run_demo(
     duration: float,
     console: Console | None = None,
@@ -489,6 +523,8 @@ async def run_demo(
     async with contextlib.AsyncExitStack() as stack:
         await modbus.start()
         stack.push_async_callback(modbus.stop)
+        mcu = SimMcu.on_pty(interval=1.0, seed=7)
+        stack.push_async_callback(_stop_mcu, mcu, asyncio.create_task(mcu.run(), name="sim-mcu"))
         store = open_store(f"sqlite:///{workdir / 'platform.db'}")
         stack.callback(store.close)
         ingest_task: asyncio.Task[None] | None = None
@@ -504,7 +540,9 @@ async def run_demo(
             ingest_task = asyncio.create_task(worker.run(), name="ingest")
             await asyncio.wait_for(worker.connected.wait(), timeout=30)
             console.print(f"uplink: private mosquitto at {broker_url}")
-            agent = Agent(demo_config(broker_url, workdir / "buffer.db", modbus.port, broker_url))
+            agent = Agent(
+                demo_config(broker_url, workdir / "buffer.db", modbus.port, broker_url, mcu.port)
+            )
             airboxes_stop = asyncio.Event()
             airboxes = asyncio.create_task(publish_mqtt_sensors(broker_url, airboxes_stop))
             stack.push_async_callback(_stop_task, airboxes, airboxes_stop)
@@ -512,7 +550,7 @@ async def run_demo(
             broker_url = "mqtt://127.0.0.1"  # never contacted: the link is in-process
             worker = IngestWorker(broker_url, store, group=None)
             agent = Agent(
-                demo_config(broker_url, workdir / "buffer.db", modbus.port),
+                demo_config(broker_url, workdir / "buffer.db", modbus.port, mcu_port=mcu.port),
                 connect=LoopbackLink(worker.deliver).connect,
             )
             console.print("uplink: no mosquitto on PATH, using the in-process link")
@@ -547,7 +585,11 @@ async def run_demo(
                     await ingest_task
         counts = store.counts()
         dups = store.duplicate_readings()
-        alarms_stored = len(store.alarms(agent.config.gateway.id))
+        gateway = agent.config.gateway.id
+        alarms_stored = len(store.alarms(gateway))
+        ingested_mcu = sum(
+            len(store.readings(gateway, f"{MCU_DEVICE}/{name}")) for _, name, _, _ in _MCU_POINTS
+        )
     c = agent.counters
     up = agent.uplink.status if agent.uplink else None
     return DemoResult(
@@ -560,6 +602,7 @@ async def run_demo(
         read_by_driver={
             d.name: sum(h.readings for h in d.health().values()) for d in agent.drivers
         },
+        ingested_mcu=ingested_mcu,
         alarms_sent=c.alarms_raised + c.alarms_cleared,
         alarms_stored=alarms_stored,
     )

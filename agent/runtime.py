@@ -23,14 +23,22 @@ from typing import Any, TypeVar
 
 import native
 from agent import wire
-from agent.commands import CommandRefused, parse_command, response
+from agent.commands import (
+    FIRMWARE_UPDATE,
+    CommandRefused,
+    FirmwareUpdateCommand,
+    parse_command,
+    response,
+)
 from agent.config import Config
 from agent.logs import Throttle
+from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
 from drivers.base import DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
+from firmware_bridge.ota import OtaResult, Outcome
 from native import codec, impl
 from native.batch import Batch
 from native.pipeline import Pipeline
@@ -171,11 +179,14 @@ class Agent:
         self,
         config: Config,
         connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
+        fetch_firmware: Fetch = fetch_https,
     ) -> None:
         """`connect` replaces the MQTT connection to the broker (the demo's in-process
-        link on a machine without mosquitto); by default the config's broker is used."""
+        link on a machine without mosquitto); by default the config's broker is used.
+        `fetch_firmware` downloads a firmware_update command's package (tests fake it)."""
         self.config = config
         self._connect = connect
+        self._fetch_firmware = fetch_firmware
         self.counters = Counters()
         self.queue = MemoryQueue(config.buffer.max_memory_points, self.counters)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citygw-buffer")
@@ -189,6 +200,9 @@ class Agent:
         self.uplink: Uplink | None = None
         self.points: dict[str, PointSpec] = {}  # "device/point" -> spec, enabled devices only
         self._driver_of: dict[str, Driver] = {}
+        # device -> None if it takes firmware updates, else why not (for the commands)
+        self._firmware: dict[str, str | None] = {}
+        self._updates: dict[str, tuple[str, asyncio.Task[None]]] = {}  # device -> (id, task)
         self._key_of: dict[int, str] = {}  # point id -> key, for logs
         # pipeline output a failed append left behind (see _flush_sync)
         self._pending: list[Batch] = []
@@ -288,13 +302,16 @@ class Agent:
             )
         )
 
-    async def handle_command(self, payload: bytes) -> bytes:
-        """A downlink command in, its response out (see agent/commands.py)."""
+    async def handle_command(self, payload: bytes) -> bytes | None:
+        """A downlink command in, its response out (see agent/commands.py); None for a
+        firmware update, which runs on in a task and answers through the uplink."""
         try:
-            cmd = parse_command(payload, self.points)
+            cmd = parse_command(payload, self.points, self._firmware)
         except CommandRefused as exc:
             log.warning("command refused", extra={"id": exc.command_id, "error": str(exc)})
-            return response(exc.command_id, str(exc))
+            return exc.response()
+        if isinstance(cmd, FirmwareUpdateCommand):
+            return self._start_update(cmd)
         driver = self._driver_of[cmd.point.key.split("/", 1)[0]]
         try:
             await asyncio.wait_for(driver.write(cmd.point, cmd.value), COMMAND_TIMEOUT_S)
@@ -312,10 +329,70 @@ class Agent:
         log.warning("command failed", extra={"id": cmd.id, "point": cmd.point.key, "error": error})
         return response(cmd.id, error)
 
+    def _start_update(self, cmd: FirmwareUpdateCommand) -> bytes | None:
+        """Starts a firmware update as a task (one per device at a time)."""
+        running = self._updates.get(cmd.device)
+        if running is not None:
+            error = f"an update of {cmd.device!r} is already running (command {running[0]!r})"
+            log.warning("command refused", extra={"id": cmd.id, "error": error})
+            return CommandRefused(error, cmd.id, FIRMWARE_UPDATE).response()
+        task = asyncio.create_task(self._update(cmd), name=f"firmware:{cmd.device}")
+        self._updates[cmd.device] = (cmd.id, task)
+        task.add_done_callback(lambda _: self._updates.pop(cmd.device, None))
+        log.info(
+            "firmware update started",
+            extra={"id": cmd.id, "device": cmd.device, "url": cmd.url, "force": cmd.force},
+        )
+        return None
+
+    async def _update(self, cmd: FirmwareUpdateCommand) -> None:
+        driver = self._driver_of[cmd.device]
+        logged = [0]
+
+        def progress(done: int, total: int) -> None:
+            quarter = done * 4 // max(total, 1)
+            if quarter > logged[0]:
+                logged[0] = quarter
+                log.info(
+                    "firmware update progress",
+                    extra={"id": cmd.id, "device": cmd.device, "percent": 25 * quarter},
+                )
+
+        async def update(package: bytes, force: bool) -> OtaResult:
+            return await driver.update_firmware(cmd.device, package, force, progress)
+
+        try:
+            result = await run_update(cmd, update, self._fetch_firmware)
+        except asyncio.CancelledError:
+            result = OtaResult(Outcome.FAILED, "the agent stopped during the update")
+            self._answer(cmd, result)
+            raise
+        except Exception as exc:  # a driver bug must still be answered
+            log.exception("firmware update crashed", extra={"id": cmd.id, "device": cmd.device})
+            result = OtaResult(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+        self._answer(cmd, result)
+
+    def _answer(self, cmd: FirmwareUpdateCommand, result: OtaResult) -> None:
+        extra = {
+            "id": cmd.id,
+            "device": cmd.device,
+            "outcome": str(result.outcome),
+            "from": result.from_version,
+            "to": result.to_version,
+            "reason": result.reason,
+        }
+        if result.outcome is Outcome.UPDATED:
+            log.info("firmware update finished", extra=extra)
+        else:
+            log.warning("firmware update finished", extra=extra)
+        assert self.uplink is not None
+        self.uplink.respond(answer(cmd.id, result))
+
     def _build_drivers(self, ids: dict[str, int]) -> list[Driver]:
         by_driver = device_specs(self.config, ids)
         drivers = [load_driver(name)(devices) for name, devices in by_driver.items()]
         self._driver_of = {dev.name: drv for drv in drivers for dev in drv.devices}
+        self._firmware = {dev: drv.firmware_updates(dev) for dev, drv in self._driver_of.items()}
         self.points = {p.key: p for drv in drivers for dev in drv.devices for p in dev.points}
         return drivers
 
@@ -532,6 +609,11 @@ class Agent:
         return sum(lane.messages for lane in stats.lanes.values())
 
     async def stop_drivers(self) -> None:
+        """Stops the drivers, and first any firmware update running through one."""
+        updates = [task for _, task in self._updates.values()]
+        for task in updates:
+            task.cancel()
+        await asyncio.gather(*updates, return_exceptions=True)
         for task in self._driver_tasks:
             task.cancel()
         await asyncio.gather(*self._driver_tasks, return_exceptions=True)

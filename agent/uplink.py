@@ -16,6 +16,7 @@ import logging
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -187,12 +188,14 @@ class Uplink:
         stream_id: str,
         meta: bytes,
         connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
-        on_command: Callable[[bytes], Awaitable[bytes]] | None = None,
+        on_command: Callable[[bytes], Awaitable[bytes | None]] | None = None,
         stats: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
         """`connect` opens a session with the broker; the default is an MQTT client
         for `settings.broker` (the demo passes an in-process link instead).
-        `on_command` answers a downlink command (down/cmd) with its response (up/resp).
+        `on_command` answers a downlink command (down/cmd) with its response (up/resp),
+        or with None when the command runs on (a firmware update): its answer is given
+        later to `respond`.
         `stats` makes the retained up/stats message, published on connect and then
         every `settings.stats_interval` seconds."""
         self.s = settings
@@ -205,6 +208,8 @@ class Uplink:
         self.status = UplinkStatus()
         self._address = BrokerAddress.parse(settings.broker)
         self._wake = asyncio.Event()
+        self._answers: deque[bytes] = deque()  # late command answers, oldest first
+        self._answer_ready = asyncio.Event()
         self._rng = random.Random()
         self._paho_log: _PahoLog | None = None  # the current connection's, for its errors
         gw, prefix = settings.gateway_id, settings.topic_prefix
@@ -222,6 +227,12 @@ class Uplink:
     def wake(self) -> None:
         """New data is in the buffer."""
         self._wake.set()
+
+    def respond(self, answer: bytes) -> None:
+        """The answer of a command that ran on in the background: published on up/resp
+        now, or once the broker is reachable again."""
+        self._answers.append(answer)
+        self._answer_ready.set()
 
     async def run(self) -> None:
         """Connects, forwards, reconnects; until cancelled."""
@@ -290,6 +301,7 @@ class Uplink:
             if self._on_command is not None and isinstance(client, aiomqtt.Client):
                 await client.subscribe(self._cmd_topic, qos=1)
                 helpers.append(asyncio.create_task(self._commands(client), name="downlink"))
+                helpers.append(asyncio.create_task(self._late_answers(client), name="answers"))
             if self._stats is not None:
                 helpers.append(asyncio.create_task(self._report(client), name="stats"))
             try:
@@ -307,7 +319,8 @@ class Uplink:
                         )
 
     async def _commands(self, client: aiomqtt.Client) -> None:
-        """Answers downlink commands one at a time, in the order they arrive."""
+        """Takes downlink commands one at a time, in the order they arrive, and answers
+        each (a firmware update: once it is over, through `respond`)."""
         assert self._on_command is not None
         async for message in client.messages:
             if message.retain or not isinstance(message.payload, bytes):
@@ -318,7 +331,18 @@ class Uplink:
                 )
                 continue
             answer = await self._on_command(message.payload)
-            await client.publish(self._resp_topic, answer, qos=1)
+            if answer is not None:
+                await client.publish(self._resp_topic, answer, qos=1)
+
+    async def _late_answers(self, client: Publisher) -> None:
+        """Publishes what `respond` was given; an answer leaves the queue only once
+        published, so a connection lost meanwhile sends it with the next one."""
+        while True:
+            await self._answer_ready.wait()
+            self._answer_ready.clear()
+            while self._answers:
+                await client.publish(self._resp_topic, self._answers[0], qos=1)
+                self._answers.popleft()
 
     async def _report(self, client: Publisher) -> None:
         """The buffer's counters, retained, so the platform knows evictions and backlog."""

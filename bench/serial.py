@@ -7,7 +7,7 @@
    HEARTBEAT. frames_per_s = frames / (encode time + decode time), i.e. a frame
    encoded and decoded once.
 2. OTA: `push_firmware` of a 128 KiB signed image over a real pty to the simulated
-   microcontroller (hil/sim_mcu.py with the OTA receiver), the host's writes paced to
+   microcontroller (drivers/mcu/simulator.py, given the public key), the host's writes paced to
    115200 baud 8N1 (11520 bytes/s, `McuBridge(pace_baud=...)`). The transfer phase is
    timed from the first progress report (OTA_BEGIN going out) to the last chunk
    acknowledged; ota_efficiency = image bytes / (11520 B/s x that time): what framing,
@@ -32,14 +32,13 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
+from drivers.mcu.simulator import SimMcu  # noqa: E402
 from firmware_bridge import frame  # noqa: E402
 from firmware_bridge import image as fw  # noqa: E402
 from firmware_bridge import messages as m  # noqa: E402
 from firmware_bridge.bridge import McuBridge  # noqa: E402
 from firmware_bridge.ota import Outcome  # noqa: E402
 from firmware_bridge.ota_push import PushSettings, push_firmware  # noqa: E402
-from hil.sim_mcu import SimMcu  # noqa: E402
-from hil.sim_mcu_ota import attach_ota  # noqa: E402
 
 BAUD = 115200
 LINE_BYTES_PER_S = BAUD / 10  # 8N1: a start bit, 8 data bits, a stop bit
@@ -89,8 +88,7 @@ async def bench_ota(size: int, window: int) -> tuple[float, float, int]:
     """(efficiency, seconds of transfer, chunk payload bytes sent)."""
     key = Ed25519PrivateKey.generate()
     package = fw.sign(random.Random(5).randbytes(size), key, fw.Version(1, 1, 0), HW)
-    sim = SimMcu.on_pty(interval=1.0, hardware_id=HW)
-    attach_ota(sim, key.public_key())
+    sim = SimMcu.on_pty(interval=1.0, hardware_id=HW, ota_public_key=key.public_key())
     sim_task = asyncio.create_task(sim.run())
     marks: list[float] = []
 

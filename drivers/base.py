@@ -13,11 +13,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 from native.batch import Batch
+
+if TYPE_CHECKING:
+    from firmware_bridge.ota import OtaResult
+    from firmware_bridge.ota_push import ProgressCallback
 
 
 class NoSettings(BaseModel):
@@ -148,3 +152,19 @@ class Driver(ABC):
 
     async def write(self, point: PointSpec, value: float) -> None:
         raise NotImplementedError(f"driver {self.name!r} does not support writes")
+
+    def firmware_updates(self, device: str) -> str | None:
+        """None if `device` takes firmware updates (`update_firmware`), else why not,
+        in words for the platform's command response."""
+        return f"its driver {self.name!r} does not update firmware"
+
+    async def update_firmware(
+        self,
+        device: str,
+        package: bytes,
+        force: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> OtaResult:
+        """Installs a signed firmware package (docs/firmware-ota.md) on `device`; the
+        result says updated, rolled_back, refused or failed."""
+        raise NotImplementedError(f"driver {self.name!r} does not update firmware")

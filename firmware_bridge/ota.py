@@ -1,5 +1,6 @@
 """The OTA transfer, sans-I/O: `OtaSender` on the gateway, `OtaReceiver` and
-`FirmwareSlots` on the device (the simulator uses them; a C firmware mirrors them).
+`FirmwareSlots` (the two slots and the bootloader's rules) on the device. The simulated
+microcontroller (drivers/mcu/simulator.py) runs these; a C firmware mirrors them.
 
 Messages in, messages out, time passed in as numbers: nothing here reads a clock or a
 port, so the tests drive both ends against each other with loss and reordering.
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -33,7 +32,6 @@ __all__ = [
     "Outcome",
     "SenderState",
     "Slot",
-    "SlotStore",
     "chunk_size_for",
 ]
 
@@ -321,21 +319,6 @@ class OtaSender:
 # -- the device's side -------------------------------------------------------------------
 
 
-class SlotStore(Protocol):
-    """The device's two slots as the receiver needs them (FirmwareSlots here, the
-    simulator's `hil.sim_mcu.Slots` there)."""
-
-    @property
-    def staged(self) -> bool: ...  # the inactive slot holds a verified image to boot
-
-    @property
-    def trial(self) -> bool: ...  # running a new image that has not confirmed yet
-
-    def erase_inactive(self) -> None: ...
-
-    def write_inactive(self, image: bytes, version: m.Version) -> None: ...
-
-
 @dataclass(slots=True)
 class Slot:
     image: bytes
@@ -346,8 +329,9 @@ class Slot:
 class FirmwareSlots:
     """Two slots and the bootloader's rules, the reference model for a firmware: a
     staged image gets one trial boot; it stays only if it boots and is confirmed (the
-    host ACKs its CAPABILITIES) before the next reset. `failed` is the version last
-    rolled back from (for CAPABILITIES)."""
+    host ACKs its CAPABILITIES) before the next reset, else the next reset (a watchdog
+    after a crash, or the device's confirm timeout) returns to the other slot.
+    `failed` is the version last rolled back from (for CAPABILITIES)."""
 
     slots: list[Slot | None]
     active: int = 0
@@ -382,23 +366,19 @@ class FirmwareSlots:
         self.slots[self.inactive] = Slot(image, m.Version(*version))
         self.staged = True
 
-    def boot(self, crashes: Callable[[Slot], bool] = lambda _slot: False) -> m.BootReason:
-        """A reset: try the staged slot, or roll back an unconfirmed trial. `crashes`
-        says whether an image dies before it can confirm (a simulator fault)."""
+    def boot(self, cause: m.BootReason = m.BootReason.POWER_ON) -> m.BootReason:
+        """A reset, and the boot reason the device reports: OTA_UPDATE when it tries
+        the staged slot, ROLLED_BACK when it leaves an unconfirmed trial, else `cause`
+        (power on, a reset command...)."""
         if self.staged:
             self.staged = False
-            slot = self.slots[self.inactive]
-            assert slot is not None
-            if crashes(slot):  # the watchdog fires in the new image: the bootloader reverts
-                self.failed = slot.version
-                return m.BootReason.ROLLED_BACK
             self._previous, self.active, self.trial = self.active, self.inactive, True
             return m.BootReason.OTA_UPDATE
         if self.trial:  # reset before the new image confirmed itself
             self.failed = self.version
             self.active, self.trial = self._previous, False
             return m.BootReason.ROLLED_BACK
-        return m.BootReason.POWER_ON
+        return cause
 
     def confirm(self) -> None:
         self.trial = False
@@ -426,7 +406,7 @@ class OtaReceiver:
 
     def __init__(
         self,
-        slots: SlotStore,
+        slots: FirmwareSlots,
         public_key: Ed25519PublicKey,
         hardware_id: str,
         *,
@@ -448,10 +428,6 @@ class OtaReceiver:
     @property
     def offset(self) -> int:
         return len(self._rx.data) if self._rx else 0
-
-    def handle(self, msg: m.Message, now: float = 0.0) -> list[m.Message]:
-        """The simulator's OTA hook (hil/sim_mcu.py fills in the request seqs)."""
-        return self.on_message(msg)
 
     def on_message(self, msg: m.Message, seq: int = 0) -> list[m.Message]:
         if isinstance(msg, m.OtaBegin):

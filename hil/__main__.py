@@ -3,7 +3,7 @@
     python -m hil sim modbus --port 5020 [--transport rtu-over-tcp --garbage 0.2]
     python -m hil sim mqtt --broker mqtt://127.0.0.1:1883 [--sensors 3 --rate 1 --garbage 0.1]
     python -m hil sim ble --out adverts.jsonl [--duration 60 --garbage 0.1]
-    python -m hil sim mcu --link /tmp/ttyMCU [--interval 1 --version 1.0.0]
+    python -m hil sim mcu --link /tmp/ttyMCU [--interval 1 --version 1.0.0 --pubkey fw.pub]
     python -m hil run hil/scenarios/outage.toml [--workdir DIR --seed N]
     python -m hil run-all [--fast] [--parallel N]
 
@@ -189,9 +189,13 @@ def _add_sim_ble(kinds: Subparsers) -> None:
 
 
 async def _sim_mcu(args: argparse.Namespace) -> int:
-    from hil.sim_mcu import SimMcu
+    from drivers.mcu.simulator import SimMcu
+    from firmware_bridge.image import load_public_key
 
-    sim = SimMcu.on_pty(interval=args.interval, version=args.version, seed=args.seed)
+    key = load_public_key(args.pubkey) if args.pubkey else None
+    sim = SimMcu.on_pty(
+        interval=args.interval, version=args.version, seed=args.seed, ota_public_key=key
+    )
     if args.link:
         args.link.unlink(missing_ok=True)
         args.link.symlink_to(sim.port)
@@ -216,6 +220,7 @@ def _add_sim_mcu(kinds: Subparsers) -> None:
     p.add_argument("--interval", type=float, default=1.0, help="sampling interval, s")
     p.add_argument("--version", default="1.0.0", help="the firmware version it runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pubkey", type=Path, help="accept firmware updates signed for this key")
     p.add_argument("--duration", type=float, default=None, help="seconds to run")
     p.set_defaults(func=lambda a: asyncio.run(_sim_mcu(a)))
 

@@ -13,7 +13,7 @@ import pytest
 
 from agent import wire
 from agent.broker import Mosquitto
-from agent.commands import CommandRefused, parse_command
+from agent.commands import CommandRefused, FirmwareUpdateCommand, parse_command
 from agent.config import parse_config
 from agent.runtime import Agent
 from drivers.base import NoSettings, PointSpec
@@ -36,9 +36,9 @@ def cmd(**fields: object) -> bytes:
 
 
 def test_a_valid_write_is_accepted() -> None:
-    c = parse_command(cmd(point="pump/setpoint", value=42), POINTS)
+    c = parse_command(cmd(point="pump/setpoint", value=42), POINTS, {})
     assert (c.id, c.point.key, c.value) == ("c1", "pump/setpoint", 42.0)
-    assert parse_command(cmd(point="pump/open", value=True), POINTS).value == 1.0
+    assert parse_command(cmd(point="pump/open", value=True), POINTS, {}).value == 1.0
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,10 @@ def test_a_valid_write_is_accepted() -> None:
         (b"{not json", "command is not JSON"),
         (b"[1, 2]", "command must be a JSON object"),
         (orjson.dumps({"op": "write"}), "command needs an 'id'"),
-        (orjson.dumps({"id": "c1", "op": "reboot"}), "unknown op 'reboot'; allowed: write"),
+        (
+            orjson.dumps({"id": "c1", "op": "reboot"}),
+            "unknown op 'reboot'; allowed: write, firmware_update",
+        ),
         (cmd(point="pump/nope", value=1), "unknown point 'pump/nope'"),
         (cmd(point="pump/level", value=1), "point 'pump/level' is not writable"),
         (cmd(point="pump/setpoint", value="12"), "must be a finite number, got '12'"),
@@ -59,7 +62,52 @@ def test_a_valid_write_is_accepted() -> None:
 )
 def test_refusals_say_why(payload: bytes, message: str) -> None:
     with pytest.raises(CommandRefused, match=message.replace("[", r"\[").replace("]", r"\]")):
-        parse_command(payload, POINTS)
+        parse_command(payload, POINTS, {})
+
+
+FIRMWARE = {"mcu": None, "mcu-2": "it has no firmware_key configured"}
+
+
+def fw_cmd(**fields: object) -> bytes:
+    body = {"id": "f1", "op": "firmware_update", "device": "mcu", "url": "https://fw.example/a"}
+    return orjson.dumps({**body, **fields})
+
+
+def test_a_valid_firmware_update_is_accepted() -> None:
+    c = parse_command(fw_cmd(sha256="ab" * 32, force=True), POINTS, FIRMWARE)
+    assert isinstance(c, FirmwareUpdateCommand)
+    assert (c.id, c.device, c.url, c.sha256, c.force) == (
+        "f1",
+        "mcu",
+        "https://fw.example/a",
+        bytes([0xAB]) * 32,
+        True,
+    )
+    plain = parse_command(fw_cmd(), POINTS, FIRMWARE)
+    assert isinstance(plain, FirmwareUpdateCommand) and plain.sha256 is None and not plain.force
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (fw_cmd(device="nope"), "unknown device 'nope'"),
+        (fw_cmd(device=None), "unknown device None"),
+        (fw_cmd(device="mcu-2"), "device 'mcu-2' cannot take firmware updates: it has no firm"),
+        (fw_cmd(url="http://fw.example/a"), "'url' must be an https:// URL"),
+        (fw_cmd(url="https://"), "'url' must be an https:// URL"),
+        (fw_cmd(url="https://[::1/x"), "'url' must be an https:// URL"),
+        (fw_cmd(url=7), "'url' must be a string of at most 2048 characters"),
+        (fw_cmd(url="https://h/" + "a" * 2048), "'url' must be a string of at most 2048"),
+        (fw_cmd(sha256="abc"), "'sha256' must be 64 hex digits"),
+        (fw_cmd(sha256="zz" * 32), "'sha256' must be 64 hex digits"),
+        (fw_cmd(force="yes"), "'force' must be true or false"),
+    ],
+)
+def test_firmware_update_refusals_say_why(payload: bytes, message: str) -> None:
+    with pytest.raises(CommandRefused, match=message.replace("[", r"\[")) as info:
+        parse_command(payload, POINTS, FIRMWARE)
+    answer = orjson.loads(info.value.response())
+    assert answer["id"] == "f1" and answer["ok"] is False and answer["outcome"] == "refused"
 
 
 CONFIG = """

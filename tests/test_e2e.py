@@ -267,6 +267,10 @@ def test_demo_delivers_everything_once(tmp_path: Path) -> None:
     assert result.read_by_driver["mqtt"] >= 3 * 2
     # and the BLE tags from the replay of recorded adverts
     assert result.read_by_driver["ble"] >= 3
+    # and the gateway's microcontroller, simulated on a pty, over the serial protocol:
+    # its four sensors every second, and the platform stored them
+    assert result.read_by_driver["mcu"] >= 4 * 2
+    assert result.ingested_mcu >= 4
     assert sum(result.read_by_driver.values()) == result.read
 
 
@@ -275,5 +279,6 @@ def test_demo_without_mosquitto_uses_the_in_process_link(tmp_path: Path) -> None
 
     result = asyncio.run(run_demo(3.0, workdir=tmp_path, use_broker=False))
     assert result.read > result.sent == result.ingested > 100
+    assert result.read_by_driver["mcu"] >= 4 and result.ingested_mcu >= 4
     assert result.alarms_stored == result.alarms_sent >= 6
     assert result.lost == 0 and result.duplicates == 0

@@ -1,5 +1,5 @@
 """`push_firmware` and `citygw firmware push` over a real pty against the simulated
-microcontroller (hil/sim_mcu.py with the OTA receiver attached): an update completes
+microcontroller (drivers/mcu/simulator.py, given the fleet's public key): an update completes
 and the new version reports; a link drop and a gateway restart resume from the
 device's offset; a bad signature is refused before any byte is sent; an image that
 crashes at boot is rolled back and reported.
@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from agent import cli_firmware
+from drivers.mcu.simulator import SimMcu
 from firmware_bridge import image as fw
 from firmware_bridge import messages as m
 from firmware_bridge.bridge import McuBridge
@@ -28,8 +29,6 @@ from firmware_bridge.link import Timers
 from firmware_bridge.ota import OtaResult, Outcome, chunk_size_for
 from firmware_bridge.ota_push import PushSettings, push_firmware
 from firmware_bridge.ota_state import OtaStateStore
-from hil.sim_mcu import SimMcu
-from hil.sim_mcu_ota import SimOta, attach_ota
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 HW = "citygw-mcu-r1"
@@ -44,12 +43,13 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @contextlib.asynccontextmanager
-async def simulated(**kwargs: object) -> AsyncIterator[tuple[SimMcu, SimOta]]:
-    sim = SimMcu.on_pty(interval=1.0, hardware_id=HW, timers=TIMERS, **kwargs)
-    hook = attach_ota(sim, KEY.public_key())
+async def simulated(**kwargs: object) -> AsyncIterator[SimMcu]:
+    sim = SimMcu.on_pty(
+        interval=1.0, hardware_id=HW, timers=TIMERS, ota_public_key=KEY.public_key(), **kwargs
+    )
     task = asyncio.create_task(sim.run())
     try:
-        yield sim, hook
+        yield sim
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -57,13 +57,13 @@ async def simulated(**kwargs: object) -> AsyncIterator[tuple[SimMcu, SimOta]]:
         sim.close()
 
 
-def chunks(hook: SimOta) -> int:
-    return sum(len(x.data) for x in hook.received if isinstance(x, m.OtaChunk))
+def chunks(sim: SimMcu) -> int:
+    return sim.counts["ota_chunk_bytes"]
 
 
 def test_update_completes_and_new_version_reports(tmp_path: Path) -> None:
     async def go() -> tuple[OtaResult, m.Capabilities | None, SimMcu]:
-        async with simulated() as (sim, _hook), McuBridge(sim.port, timers=TIMERS) as bridge:
+        async with simulated() as sim, McuBridge(sim.port, timers=TIMERS) as bridge:
             seen: list[int] = []
             result = await push_firmware(
                 bridge,
@@ -82,15 +82,16 @@ def test_update_completes_and_new_version_reports(tmp_path: Path) -> None:
     assert result.bytes_resent == 0 and result.bytes_sent == len(IMAGE)
     assert caps is not None and str(caps.firmware) == "1.1.0"
     assert caps.boot_reason is m.BootReason.OTA_UPDATE
-    assert sim.slots.images[sim.slots.active] == IMAGE and not sim.slots.trial
+    active = sim.slots.slots[sim.slots.active]
+    assert active is not None and active.image == IMAGE and not sim.slots.trial
     assert not list(tmp_path.iterdir())  # the transfer record is gone once finished
 
 
 def test_link_drop_resumes_from_offset(tmp_path: Path) -> None:
     window_bytes: list[int] = []
 
-    async def go() -> tuple[OtaResult, int, SimOta]:
-        async with simulated() as (sim, hook), McuBridge(sim.port, timers=TIMERS) as bridge:
+    async def go() -> tuple[OtaResult, int, SimMcu]:
+        async with simulated() as sim, McuBridge(sim.port, timers=TIMERS) as bridge:
             loop = asyncio.get_running_loop()
             at_drop: list[int] = []
 
@@ -104,18 +105,18 @@ def test_link_drop_resumes_from_offset(tmp_path: Path) -> None:
                 bridge, PACKAGE, POLICY, state_dir=tmp_path, progress=progress, settings=SETTINGS
             )
             window_bytes.append(SETTINGS.window * chunk_size_for(bridge.link.max_payload))
-            return result, at_drop[0], hook
+            return result, at_drop[0], sim
 
-    result, acked_at_drop, hook = asyncio.run(go())
+    result, acked_at_drop, sim = asyncio.run(go())
     assert result.outcome is Outcome.UPDATED, result
     assert result.resume_offset >= acked_at_drop  # resumed, not restarted
     assert result.bytes_resent <= window_bytes[0]
-    assert chunks(hook) <= len(IMAGE) + window_bytes[0]
+    assert chunks(sim) <= len(IMAGE) + window_bytes[0]
 
 
 def test_gateway_restart_resumes_from_persisted_state(tmp_path: Path) -> None:
-    async def go() -> tuple[OtaResult, int, SimOta]:
-        async with simulated() as (sim, hook):
+    async def go() -> tuple[OtaResult, int, SimMcu]:
+        async with simulated() as sim:
             stopped = asyncio.Event()
             at_stop: list[int] = []
 
@@ -144,27 +145,27 @@ def test_gateway_restart_resumes_from_persisted_state(tmp_path: Path) -> None:
                 result = await push_firmware(
                     bridge, PACKAGE, POLICY, state_dir=tmp_path, settings=SETTINGS
                 )
-            return result, at_stop[0], hook
+            return result, at_stop[0], sim
 
-    result, acked_at_stop, hook = asyncio.run(go())
+    result, acked_at_stop, sim = asyncio.run(go())
     assert result.outcome is Outcome.UPDATED, result
     assert result.resume_offset >= acked_at_stop
-    assert chunks(hook) <= len(IMAGE) + 8 * 1024  # the first half was not sent again
+    assert chunks(sim) <= len(IMAGE) + 8 * 1024  # the first half was not sent again
     assert result.bytes_sent <= len(IMAGE) - acked_at_stop + 8 * 1024
 
 
 def test_bad_signature_refused_before_any_byte(tmp_path: Path) -> None:
     forged = fw.sign(IMAGE, Ed25519PrivateKey.generate(), Version(1, 1, 0), HW)
 
-    async def go() -> tuple[OtaResult, SimOta, SimMcu]:
-        async with simulated() as (sim, hook), McuBridge(sim.port, timers=TIMERS) as bridge:
+    async def go() -> tuple[OtaResult, SimMcu]:
+        async with simulated() as sim, McuBridge(sim.port, timers=TIMERS) as bridge:
             result = await push_firmware(bridge, forged, POLICY, state_dir=tmp_path)
             await asyncio.sleep(0.2)
-            return result, hook, sim
+            return result, sim
 
-    result, hook, sim = asyncio.run(go())
+    result, sim = asyncio.run(go())
     assert result.outcome is Outcome.REFUSED and result.reason.startswith("bad_signature")
-    assert hook.received == [] and sim.slots.versions[1] is None
+    assert sim.counts["ota_messages"] == 0 and sim.slots.slots[1] is None
 
 
 def test_refusals_by_policy_and_device(tmp_path: Path) -> None:
@@ -172,10 +173,10 @@ def test_refusals_by_policy_and_device(tmp_path: Path) -> None:
     other = fw.sign(IMAGE, KEY, Version(2, 0, 0), "another-board")
 
     async def go() -> list[OtaResult]:
-        async with simulated() as (sim, hook), McuBridge(sim.port, timers=TIMERS) as bridge:
+        async with simulated() as sim, McuBridge(sim.port, timers=TIMERS) as bridge:
             out = [await push_firmware(bridge, older, POLICY, state_dir=tmp_path)]
             out.append(await push_firmware(bridge, other, POLICY, state_dir=tmp_path))
-            assert hook.received == []
+            assert sim.counts["ota_messages"] == 0
             sim.faults.reject_images = True
             out.append(await push_firmware(bridge, PACKAGE, POLICY, state_dir=tmp_path))
             return out
@@ -189,7 +190,7 @@ def test_refusals_by_policy_and_device(tmp_path: Path) -> None:
 def test_image_failing_to_boot_is_rolled_back(tmp_path: Path) -> None:
     async def go() -> tuple[OtaResult, m.Capabilities | None]:
         async with (
-            simulated(crash_time=0.5) as (sim, _),
+            simulated(crash_time=0.5) as sim,
             McuBridge(sim.port, timers=TIMERS) as bridge,
         ):
             sim.faults.crash_versions.add("1.1.0")
@@ -216,8 +217,7 @@ def sim_in_thread(**kwargs: object) -> Iterator[SimMcu]:
     tasks: list[asyncio.Task[None]] = []
 
     async def start() -> None:
-        sim = SimMcu.on_pty(interval=1.0, hardware_id=HW, **kwargs)
-        attach_ota(sim, KEY.public_key())
+        sim = SimMcu.on_pty(interval=1.0, hardware_id=HW, ota_public_key=KEY.public_key(), **kwargs)
         ready.append(sim)
         tasks.append(loop.create_task(sim.run()))
 

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from agent import wire
-from agent.commands import CommandRefused, WriteCommand, parse_command
+from agent.commands import CommandRefused, FirmwareUpdateCommand, WriteCommand, parse_command
 from agent.config import (
     BufferConfig,
     ConfigError,
@@ -558,6 +558,7 @@ CMD_POINTS = {
     "pump/open": _spec("pump/open", True, None, None),
     "pump/low": _spec("pump/low", True, -1e308, -1e300),
 }
+CMD_DEVICES: dict[str, str | None] = {"pump": "the sim driver cannot update firmware", "mcu": None}
 COMMANDS = st.fixed_dictionaries(
     {
         "id": st.text(min_size=1, max_size=130),
@@ -565,6 +566,18 @@ COMMANDS = st.fixed_dictionaries(
         "point": st.sampled_from([*CMD_POINTS, "pump/none", "pump", "/"]),
         "value": st.integers() | st.floats() | st.booleans(),
     }
+) | st.fixed_dictionaries(
+    {
+        "id": st.text(min_size=1, max_size=130),
+        "op": st.just("firmware_update"),
+        "device": st.sampled_from([*CMD_DEVICES, "nope", ""]) | st.integers(),
+        "url": st.sampled_from(["https://fw.example/a.cgfw", "http://x/y", "https://", ""])
+        | st.text(max_size=40),
+    },
+    optional={
+        "sha256": st.sampled_from(["ab" * 32, "zz" * 32, "ab"]) | st.integers(),
+        "force": st.booleans() | st.integers() | st.none(),
+    },
 )
 
 
@@ -573,11 +586,16 @@ COMMANDS = st.fixed_dictionaries(
 @example(b'{"id": "big", "op": "write", "point": "pump/open", "value": 1, "pad": "' + b"x" * 4100)
 def test_commands(payload: bytes) -> None:
     try:
-        cmd = parse_command(payload, CMD_POINTS)
+        cmd = parse_command(payload, CMD_POINTS, CMD_DEVICES)
     except CommandRefused as exc:
         assert str(exc)
         assert exc.command_id is None or isinstance(exc.command_id, str)
     else:
+        if isinstance(cmd, FirmwareUpdateCommand):
+            assert CMD_DEVICES.get(cmd.device, "unknown") is None
+            assert cmd.url.startswith("https://") and isinstance(cmd.force, bool)
+            assert cmd.sha256 is None or len(cmd.sha256) == 32
+            return
         assert isinstance(cmd, WriteCommand) and cmd.point.writable
         assert math.isfinite(cmd.value)
         lo, hi = cmd.point.min, cmd.point.max

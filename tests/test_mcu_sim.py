@@ -13,10 +13,10 @@ import pytest
 
 from drivers.base import DeviceSpec, PointSpec
 from drivers.mcu import McuDeviceSettings, McuDriver, McuPointSettings
+from drivers.mcu.simulator import SimMcu
 from firmware_bridge import messages as m
 from firmware_bridge.bridge import McuBridge, SendError
 from firmware_bridge.link import LinkLost, LinkUp, Timers
-from hil.sim_mcu import SimMcu
 from native.batch import Batch
 from tests.helpers import run_driver_until
 

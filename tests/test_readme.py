@@ -58,3 +58,15 @@ def test_edge_processing_example_config_validates() -> None:
     types = [s.type for s in level.pipeline] + [s.type for s in noise.pipeline]
     # every stage type has its example
     assert sorted(set(types)) == sorted(STAGE_TYPES)
+
+
+def test_mcu_example_config_validates(tmp_path: Path) -> None:
+    from firmware_bridge.image import generate_keypair
+
+    block = README.split("## The gateway's microcontroller", 1)[1]
+    block = block.split("```toml", 1)[1].split("```", 1)[0]
+    _, public = generate_keypair(tmp_path / "fw")
+    block = block.replace("/etc/citygw/fw.pub", str(public))
+    head = '[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n'
+    (device,) = parse_config(head + block).devices
+    assert device.driver == "mcu" and [p.name for p in device.points] == ["level"]

@@ -8,6 +8,10 @@ uptime_ms``, taken again at every HELLO (so a device reboot, which restarts upti
 `max_skew` of drift. A port that cannot be opened or dies is reported in health and
 retried with exponential backoff; sensor ids without a point are counted and logged
 (throttled), never fatal.
+
+Firmware updates (docs/firmware-ota.md): a device with `firmware_key` takes them
+through `update_firmware`, over the bridge this driver already holds for it (the port is
+never opened twice); the transfer record goes to `ota_state_dir`.
 """
 
 from __future__ import annotations
@@ -19,16 +23,22 @@ import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
+from agent.config_common import at
 from agent.logs import Throttle
 from agent.units import Duration
 from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, Driver
+from firmware_bridge import image as fw
 from firmware_bridge import messages as m
 from firmware_bridge.bridge import BridgeError, McuBridge
 from firmware_bridge.link import LinkLost, LinkUp, MessageReceived, Timers
+from firmware_bridge.ota import OtaResult, Outcome
+from firmware_bridge.ota_push import ProgressCallback, push_firmware
 from native.batch import BAD, GOOD, Batch
 
 log = logging.getLogger("citygw.drivers.mcu")
@@ -55,6 +65,50 @@ class McuDeviceSettings(BaseModel):
     )
     max_skew: Duration = Field(0.5, gt=0.0, description="clock drift that re-bases timestamps")
     retry_max: Duration = Field(30.0, gt=0.0, description="longest wait before reopening")
+    firmware_key: Path | None = Field(
+        None,
+        description="Ed25519 public key (PEM, or 64 hex digits) firmware packages must be "
+        "signed for; without it the device takes no firmware updates",
+    )
+    ota_state_dir: Path | None = Field(
+        None,
+        description="where an unfinished transfer is recorded "
+        "(default: the folder 'ota' beside the buffer database)",
+    )
+
+    _public_key: Ed25519PublicKey | None = PrivateAttr(None)
+
+    @property
+    def public_key(self) -> Ed25519PublicKey | None:
+        """The loaded `firmware_key`."""
+        return self._public_key
+
+    @model_validator(mode="after")
+    def _load_firmware_key(self, info: ValidationInfo) -> McuDeviceSettings:
+        """Relative paths are relative to the config file's folder; the key is read and
+        checked now, so that a bad one is a config error, not a failed update."""
+        ctx = info.context or {}
+        base = Path(ctx.get("base_dir") or Path.cwd())
+        if self.ota_state_dir is not None:
+            self.ota_state_dir = base / self.ota_state_dir.expanduser()
+        if self.firmware_key is None:
+            return self
+        path = base / self.firmware_key.expanduser()
+        try:
+            self._public_key = fw.public_key_from_bytes(path.read_bytes(), str(path))
+        except FileNotFoundError:
+            raise at("firmware_key", f"file not found: {path}") from None
+        except OSError as exc:
+            raise at("firmware_key", f"cannot read {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise at("firmware_key", str(exc)) from None
+        self.firmware_key = path
+        if self.ota_state_dir is None:
+            buffer_dir = ctx.get("buffer_dir")
+            if buffer_dir is None:
+                raise at("ota_state_dir", "needed with firmware_key: the transfer record's folder")
+            self.ota_state_dir = Path(buffer_dir) / "ota"
+        return self
 
 
 class McuPointSettings(BaseModel):
@@ -92,9 +146,53 @@ class McuDriver(Driver):
     def __init__(self, devices: Sequence[DeviceSpec]) -> None:
         super().__init__(devices)
         self.bridges: dict[str, McuBridge] = {}  # device name -> open bridge
+        self._settings = {d.name: d.settings for d in self.devices}
         self.counters: dict[str, Counter[str]] = {d.name: Counter() for d in self.devices}
         self._throttle = Throttle(60.0)
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def firmware_updates(self, device: str) -> str | None:
+        s = self._settings[device]
+        assert isinstance(s, McuDeviceSettings)
+        return None if s.public_key is not None else "it has no firmware_key configured"
+
+    async def update_firmware(
+        self,
+        device: str,
+        package: bytes,
+        force: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> OtaResult:
+        """Installs a signed package on `device`'s microcontroller over the driver's own
+        bridge. The signature is checked against `firmware_key` before anything else,
+        then hardware id and version against the device (`force` allows a downgrade or
+        a reinstall): nothing is sent unless all hold. Never raises for what the
+        package, the device or the link decide: the result says so."""
+        s = self._settings[device]
+        assert isinstance(s, McuDeviceSettings)
+        key = s.public_key
+        if key is None:
+            return OtaResult(Outcome.REFUSED, f"device {device!r} has no firmware_key configured")
+        try:
+            pkg = fw.parse(package)
+            pkg.verify_signature(key)
+        except fw.FirmwareError as exc:
+            return OtaResult(Outcome.REFUSED, str(exc))
+        bridge = self.bridges.get(device)
+        if bridge is None:
+            why = self._health[device].last_error or "not open yet"
+            return OtaResult(
+                Outcome.FAILED,
+                f"serial port {s.port} is not open: {why}",
+                to_version=str(pkg.manifest.version),
+            )
+        return await push_firmware(
+            bridge,
+            pkg,
+            fw.UpdatePolicy(key, force),
+            state_dir=s.ota_state_dir,
+            progress=progress,
+        )
 
     async def run(self, sink: BatchSink) -> None:
         async with asyncio.TaskGroup() as tg:

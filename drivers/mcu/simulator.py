@@ -1,10 +1,12 @@
-"""A simulated gateway microcontroller on one end of a pseudo-terminal.
+"""A simulated gateway microcontroller on one end of a pseudo-terminal: the device of
+the demo, the tests, the HIL rig (`python -m hil sim mcu`) and bench/serial.py.
 
 `SimMcu` is the device side of docs/firmware-protocol.md: it waits for HELLO, answers
 CAPABILITIES, samples its sensors at the configured interval and sends them as
 reliable READINGS (kept and resent if a frame is not acknowledged), answers COMMANDs
 (set sampling interval, read config, reboot), sends heartbeats and log lines, and keeps
-two firmware slots with the bootloader's trial/confirm/rollback rules (`Slots`).
+two firmware slots with the bootloader's trial/confirm/rollback rules
+(`firmware_bridge.ota.FirmwareSlots`).
 
 Sensors: 1 level (a 4-20 mA transmitter, 0-5 m; below 3.8 mA it reports a fault),
 2 manhole tilt switch (bool), 3 temperature (f32, degC), 4 supply voltage (i32, mV).
@@ -14,20 +16,23 @@ types, drop received bytes or corrupt sent frames at random, stall (neither read
 write), reject images, and crash on boot of given versions (the bootloader then rolls
 back after `crash_time`).
 
-OTA: OTA_* messages go to `self.ota` (an `OtaHook`: `handle(message, now)` returns the
-replies). That object is filled in by firmware_bridge/ota.py; it writes images with
-`sim.slots.write_inactive(...)`. An OTA_END_RESULT with status OK makes the sim reboot
-into the inactive slot once that reply was acknowledged. Without a hook OTA is refused.
+OTA: given `ota_public_key` (the fleet key a real device keeps in flash), OTA_*
+messages go to a `firmware_bridge.ota.OtaReceiver` writing into `slots`; an
+OTA_END_RESULT with status OK makes the sim reset into the new slot once that reply was
+acknowledged. A reset forgets the transfer held in RAM. Without a key every OTA_BEGIN is
+refused (REJECTED). `counts["ota_messages"]` and `counts["ota_chunk_bytes"]` say what
+reached the receiver.
 
-    sim = SimMcu.on_pty(interval=0.2)    # sim.port: the path the host opens
+    sim = SimMcu.on_pty(interval=0.2, ota_public_key=key)   # sim.port: what the host opens
     task = asyncio.create_task(sim.run())
+    ...
+    task.cancel(); sim.close()
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import math
 import os
 import random
@@ -36,10 +41,11 @@ import tty
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from firmware_bridge import messages as m
-from firmware_bridge.frame import FrameDecoder
+from firmware_bridge.frame import OVERHEAD, FrameDecoder
 from firmware_bridge.link import (
     Delivered,
     DeviceLink,
@@ -50,15 +56,13 @@ from firmware_bridge.link import (
     SessionStarted,
     Timers,
 )
+from firmware_bridge.ota import FirmwareSlots, OtaReceiver
 from firmware_bridge.serial_io import PortClosed, SerialTransport
 
-__all__ = ["Faults", "OtaHook", "SimMcu", "Slots"]
+__all__ = ["SENSORS", "Faults", "Sensor", "SimMcu"]
 
 READINGS_QUEUE = 10_000  # readings kept while no host listens (oldest dropped)
-
-
-class OtaHook(Protocol):
-    def handle(self, message: m.Message, now: float) -> list[m.Message]: ...
+SLOT_CAPACITY = 1024 * 1024  # bytes a firmware slot holds
 
 
 @dataclass
@@ -67,54 +71,8 @@ class Faults:
     drop_rx_bytes: float = 0.0  # probability that a received byte is lost
     corrupt_tx: float = 0.0  # probability that a sent frame gets one bit flipped
     stall: bool = False  # reads nothing, sends nothing (a hung firmware)
-    reject_images: bool = False  # for the OTA hook: refuse every OTA_BEGIN
+    reject_images: bool = False  # refuse every new OTA_BEGIN (REJECTED)
     crash_versions: set[str] = field(default_factory=set)  # images that crash at boot
-
-
-@dataclass
-class Slots:
-    """Two firmware slots and the bootloader's rules (docs/firmware-protocol.md, "OTA"):
-    a new image boots once on trial; it stays only if confirmed before the next reset,
-    else the bootloader returns to the other slot and reports ROLLED_BACK."""
-
-    versions: list[m.Version | None]
-    images: list[bytes] = field(default_factory=lambda: [b"", b""])
-    active: int = 0
-    trial: bool = False
-    staged: bool = False  # the inactive slot holds a verified image to boot into
-    failed: m.Version = m.NO_VERSION  # last image rolled back from
-
-    @property
-    def inactive(self) -> int:
-        return 1 - self.active
-
-    @property
-    def version(self) -> m.Version:
-        v = self.versions[self.active]
-        assert v is not None
-        return v
-
-    def erase_inactive(self) -> None:
-        self.versions[self.inactive] = None
-        self.images[self.inactive] = b""
-        self.staged = False
-
-    def write_inactive(self, image: bytes, version: m.Version) -> None:
-        self.images[self.inactive] = image
-        self.versions[self.inactive] = version
-        self.staged = True
-
-    def reboot_into_inactive(self) -> None:
-        if not self.staged:
-            raise RuntimeError("no staged image")
-        self.active, self.trial, self.staged = self.inactive, True, False
-
-    def confirm(self) -> None:
-        self.trial = False
-
-    def rollback(self) -> None:
-        self.failed = self.version
-        self.active, self.trial = self.inactive, False
 
 
 @dataclass(frozen=True)
@@ -148,6 +106,8 @@ class SimMcu:
         confirm_timeout: float = 30.0,
         crash_time: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        ota_public_key: Ed25519PublicKey | None = None,
+        slot_capacity: int = SLOT_CAPACITY,
     ) -> None:
         self.fd = fd
         self.port = port
@@ -160,8 +120,18 @@ class SimMcu:
         self.clock = clock
         self.rng = random.Random(seed)
         self.faults = Faults()
-        self.slots = Slots([m.Version.parse(version), None])
-        self.ota: OtaHook | None = None
+        self.slots = FirmwareSlots.initial(m.Version.parse(version))
+        self.ota = (
+            OtaReceiver(
+                self.slots,
+                ota_public_key,
+                hardware_id,
+                max_chunk=max_frame - OVERHEAD - m.OtaChunk.HEAD,
+                capacity=slot_capacity,
+            )
+            if ota_public_key is not None
+            else None
+        )
         self.counts: Counter[str] = Counter()
         self.commands: list[m.Command] = []  # every command executed (not duplicates)
         self.boots: list[m.BootReason] = []
@@ -169,7 +139,6 @@ class SimMcu:
         self._in_flight: dict[int, tuple[m.Reading, ...]] = {}
         self._caps_seq: int | None = None
         self._reboot_after: int | None = None  # seq whose ACK triggers a reboot
-        self._reboot_new = False
         self._tilt = False
         self._boot(m.BootReason.POWER_ON)
 
@@ -187,15 +156,20 @@ class SimMcu:
     _slave: int | None = None
 
     def close(self) -> None:
+        """Closes both ends of the pty (after `run` was cancelled); idempotent."""
         for fd in (self.fd, self._slave):
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._slave = None
+        self.fd, self._slave = -1, None
 
     # -- boot and the bootloader -----------------------------------------------------------
 
-    def _boot(self, reason: m.BootReason) -> None:
+    def _boot(self, cause: m.BootReason) -> None:
+        """A reset: the bootloader picks the slot (FirmwareSlots.boot), RAM is gone."""
+        reason = self.slots.boot(cause)
+        if self.ota is not None:
+            self.ota.reset()
         now = self.clock()
         self.boot_time = now
         self.boot_reason = reason
@@ -213,15 +187,10 @@ class SimMcu:
         if hasattr(self, "transport"):
             self.transport.link = self.link
 
-    def reboot(self, into_new: bool = False) -> None:
-        if into_new:
-            self.slots.reboot_into_inactive()
-            self._boot(m.BootReason.OTA_UPDATE)
-        elif self.slots.trial:
-            self.slots.rollback()  # a reset before the confirm: the bootloader reverts
-            self._boot(m.BootReason.ROLLED_BACK)
-        else:
-            self._boot(m.BootReason.RESET)
+    def reboot(self, cause: m.BootReason = m.BootReason.RESET) -> None:
+        """A reset: into a staged image (on trial), back from an unconfirmed trial
+        (rolled back), or the same firmware again (`cause`)."""
+        self._boot(cause)
 
     def uptime_ms(self, now: float | None = None) -> int:
         return max(0, int(((self.clock() if now is None else now) - self.boot_time) * 1000))
@@ -253,7 +222,7 @@ class SimMcu:
             now = self.clock()
             if self._crashed_until is not None:
                 if now >= self._crashed_until:
-                    self.reboot()  # the watchdog: the trial image never ran -> rollback
+                    self.reboot(m.BootReason.WATCHDOG)  # on trial: the bootloader reverts
                 await asyncio.sleep(0.05)
                 continue
             if self.slots.trial and now - self.boot_time > self.confirm_timeout:
@@ -317,14 +286,14 @@ class SimMcu:
                 self.slots.confirm()  # the host heard the new firmware: keep it
                 self._log(m.LogLevel.INFO, f"firmware {self.slots.version} confirmed")
             if ev.seq == self._reboot_after:
-                asyncio.get_running_loop().call_later(0.05, self.reboot, self._reboot_new)
+                asyncio.get_running_loop().call_later(0.05, self.reboot)
         elif isinstance(ev, SendFailed):
             batch = self._in_flight.pop(ev.seq, None)
             if batch:
                 self._queue.extendleft(reversed(batch))  # resend them later
                 self.counts["readings_requeued"] += len(batch)
             if ev.seq == self._reboot_after:
-                self.reboot(self._reboot_new)
+                self.reboot()
         elif isinstance(ev, LinkLost):
             self.counts["link_lost"] += 1
         elif isinstance(ev, MessageReceived):
@@ -335,7 +304,7 @@ class SimMcu:
             protocol_version=1,
             firmware=self.slots.version,
             active_slot=self.slots.active,
-            slot_state=m.SlotState.TRIAL if self.slots.trial else m.SlotState.CONFIRMED,
+            slot_state=self.slots.slot_state,
             boot_reason=self.boot_reason,
             max_frame=self.max_frame,
             uptime_ms=self.uptime_ms(now),
@@ -379,20 +348,23 @@ class SimMcu:
             status = m.CommandStatus.UNSUPPORTED
         rseq = self.link.send(m.CommandResult(cmd.opcode, status, data, request_seq=seq), now)
         if cmd.opcode == m.Opcode.REBOOT:
-            self._reboot_after, self._reboot_new = rseq, False
+            self._reboot_after = rseq
 
     def _ota(self, msg: m.Message, seq: int, now: float) -> None:
         if self.ota is None:
-            replies: list[m.Message] = _refuse_ota(msg)
+            replies = _refuse_ota(msg, seq)
         else:
-            replies = self.ota.handle(msg, now)
+            self.counts["ota_messages"] += 1
+            if isinstance(msg, m.OtaChunk):
+                self.counts["ota_chunk_bytes"] += len(msg.data)
+            reject = self.faults.reject_images
+            self.ota.refuse = m.OtaBeginStatus.REJECTED if reject else None
+            replies = self.ota.on_message(msg, seq)
         for reply in replies:
-            if hasattr(reply, "request_seq"):
-                reply = dataclasses.replace(reply, request_seq=seq)  # type: ignore[arg-type]
             reliable = not isinstance(reply, m.OtaChunkAck)
             rseq = self.link.send(reply, now, reliable=reliable)
             if isinstance(reply, m.OtaEndResult) and reply.ok:
-                self._reboot_after, self._reboot_new = rseq, True
+                self._reboot_after = rseq  # into the staged image once this is ACKed
 
     def _log(self, level: m.LogLevel, text: str) -> None:
         link = getattr(self, "link", None)
@@ -444,12 +416,12 @@ class SimMcu:
         return b"\x00".join(frames)
 
 
-def _refuse_ota(msg: m.Message) -> list[m.Message]:
-    """The answers of a firmware without an OTA receiver."""
+def _refuse_ota(msg: m.Message, seq: int) -> list[m.Message]:
+    """The answers of a firmware without an OTA key."""
     if isinstance(msg, m.OtaBegin):
-        return [m.OtaBeginResult(msg.transfer_id, m.OtaBeginStatus.REJECTED)]
+        return [m.OtaBeginResult(msg.transfer_id, m.OtaBeginStatus.REJECTED, 0, seq)]
     if isinstance(msg, m.OtaEnd):
-        return [m.OtaEndResult(msg.transfer_id, m.OtaEndStatus.UNKNOWN_TRANSFER)]
+        return [m.OtaEndResult(msg.transfer_id, m.OtaEndStatus.UNKNOWN_TRANSFER, seq)]
     if isinstance(msg, m.OtaStatusReq):
-        return [m.OtaStatus(0, 0, 0, m.OtaState.IDLE)]
+        return [m.OtaStatus(0, 0, 0, m.OtaState.IDLE, seq)]
     return []
