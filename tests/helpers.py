@@ -138,12 +138,12 @@ class Gateway:
         body = codec.encode(b, gateway=self.gateway, seq=seq)
         return wire.wrap(lane, self.stream, seq, len(b), body), b
 
-    async def publish(self, items: list[tuple[str, bytes]]) -> None:
+    async def publish(self, items: list[tuple[str, bytes]], retain: bool = False) -> None:
         async with aiomqtt.Client(
             "127.0.0.1", self.broker.port, protocol=aiomqtt.ProtocolVersion.V5
         ) as c:
             for topic, payload in items:
-                await c.publish(topic, payload, qos=1)
+                await c.publish(topic, payload, qos=1, retain=retain)
 
     async def send(self, seqs: list[int], n: int = 20) -> list[Batch]:
         out, msgs = [], []

@@ -467,6 +467,43 @@ def test_worker_stores_batches_and_meta(mosquitto: Mosquitto, store: Store) -> N
     asyncio.run(with_workers([worker], body))
 
 
+def test_retained_topics_replayed_only_to_a_new_subscription(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A worker resuming its session is not sent every gateway's retained meta again;
+    an empty retained message (a retired gateway's meta cleared) is not a dead letter."""
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}")
+    gw = Gateway(mosquitto)
+
+    def worker() -> IngestWorker:
+        return IngestWorker(mosquitto.url, store, group="g", client_id="w1", session_expiry=60)
+
+    async def first() -> None:
+        await gw.publish([(wire.meta_topic(GW), wire.encode_meta(make_meta().to_dict()))], True)
+        await wait_until(lambda: first_worker.counters.metas_stored == 1)
+
+    async def resumed() -> None:
+        await gw.send([1])  # the session is live once this is stored
+        await wait_until(lambda: store.counts().batches == 1)
+        await gw.publish([(wire.meta_topic("gw-gone"), b"")], retain=True)
+        await wait_until(lambda: second_worker.counters.retained_cleared == 1)
+        assert second_worker.counters.metas_stored == 0
+        assert second_worker.counters.rejected == {} and store.dead_letters() == []
+
+    try:
+        first_worker = worker()
+        asyncio.run(with_workers([first_worker], first))
+        second_worker = worker()
+        asyncio.run(with_workers([second_worker], resumed))
+        # a clean session gets the retained meta again
+        fresh = IngestWorker(mosquitto.url, store, group="g")
+        asyncio.run(
+            with_workers([fresh], lambda: wait_until(lambda: fresh.counters.metas_stored == 1))
+        )
+    finally:
+        store.close()
+
+
 def test_worker_drops_duplicate_seq(mosquitto: Mosquitto, tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'p.db'}")
     gw = Gateway(mosquitto)

@@ -29,6 +29,7 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import wire
 from agent.ingest.store import DEAD_LETTER_MAX_BYTES, Body, DeadLetter, Store, open_store
@@ -52,6 +53,7 @@ class IngestCounters:
     duplicates_dropped: int = 0
     metas_stored: int = 0
     states_stored: int = 0
+    retained_cleared: int = 0  # empty retained meta/stats/state: a gateway retired
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     dead_letters_stored: int = 0
     store_errors: int = 0  # failed store attempts (retried, nothing lost)
@@ -188,7 +190,12 @@ class IngestWorker:
         client = self._client()
         async with client:
             for f in self.filters:
-                await client.subscribe(f, qos=1)
+                if f.startswith("$share/"):
+                    await client.subscribe(f, qos=1)
+                else:
+                    # retained topics: replayed when the subscription is new, not when a
+                    # resumed session still holds it (thousands of metas per restart)
+                    await client.subscribe(f, options=SubscribeOptions(qos=1, retainHandling=1))
             self.counters.connects += 1
             self.connected.set()
             log.info(
@@ -293,6 +300,9 @@ class IngestWorker:
             return "topic", e
         if not isinstance(payload, bytes | bytearray):
             return "payload", f"payload type {type(payload).__name__}"
+        if not payload and kind in (wire.KIND_META, wire.KIND_STATS, wire.KIND_STATE):
+            self.counters.retained_cleared += 1  # how MQTT deletes a retained message
+            return None
         if kind == wire.KIND_META:
             try:
                 meta = wire.decode_meta(payload)
