@@ -9,10 +9,11 @@
   clear.
 - `dead-letters --db URL [--limit N] [--dump DIR]`: rejected uplinks kept aside by the
   ingest, newest first; `--dump` writes their payloads to files.
+- `prune --db URL --older-than 90d`: retention, the one command that deletes.
 
-Every command prints a table, or CSV or JSON with `--format`. The commands only read:
-a SQLite file that does not exist or a PostgreSQL schema without a store in it is an
-error, never created.
+Every command prints a table, or CSV or JSON with `--format`. No command creates or
+migrates a store: a SQLite file that does not exist or a PostgreSQL schema without a
+current store in it is an error.
 
 Exit codes (as every `citygw` command): 0 success, 1 invalid input (a bad URL, time or
 point name), 2 the database is missing, unreachable or not a citygw store.
@@ -452,3 +453,32 @@ def dead_letters(
     )
     if dump is not None and fmt == "table":
         out_console().print(Text(f"wrote {len(files)} payload file(s) to {dump}"))
+
+
+@app.command()
+def prune(
+    db: DbOption,
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Keep this much: a duration (30d, 12h).")
+    ],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Retention: delete readings, uplink keys, dead letters and cleared alarms older
+    than --older-than (active alarms stay). A gateway that resends an uplink older than
+    that has it stored again: keep more than the longest gateway backlog."""
+    try:
+        keep_s = parse_duration(older_than)
+    except ValueError as exc:
+        fail(f"--older-than {older_than!r}: {exc}")
+    if keep_s <= 0:
+        fail(f"--older-than {older_than!r}: must be more than 0")
+    before = now_ms() - round(keep_s * 1000)
+    if not yes:
+        typer.confirm(f"Delete what {redact(db)} holds from before {iso(before)}?", abort=True)
+    dropped: dict[str, int] = _run(db, lambda store: store.prune(before))
+    table = Table(title=f"pruned: before {iso(before)}")
+    table.add_column("what")
+    table.add_column("dropped", justify="right")
+    for what, n in dropped.items():
+        table.add_row(what, str(n))
+    out_console().print(table)

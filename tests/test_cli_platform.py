@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import psycopg
 import pytest
 from typer.testing import CliRunner, Result
@@ -364,3 +365,27 @@ def test_dead_letters(filled: Filled, tmp_path: Path) -> None:
     assert [f.read_bytes() for f in files] == [d.payload for d in newest_first[:2]]
     assert files[0].name.startswith("0001-") and "-gateway-citygw_gw-1_up_batch" in files[0].name
     assert "wrote 2 payload file(s)" in result.stdout and "claims gw-9" in result.stdout
+
+
+def test_prune(filled: Filled) -> None:
+    def strain_1(since: str) -> list[dict[str, object]]:
+        args = ["--point", "bridge-7/strain_1", "--since", since, "--format", "json"]
+        result = invoke("query", "--db", filled.url, *args)
+        assert result.exit_code == 0, result.output
+        return list(orjson.loads(result.stdout))
+
+    before = strain_1("4h")
+    assert len(before) == len(filled.recent_strain_1) + 6  # 3 h old ones on both gateways
+    # asks first, and a "no" deletes nothing
+    result = runner.invoke(app, ["prune", "--db", filled.url, "--older-than", "2h"], input="n\n")
+    assert result.exit_code == 1 and "Aborted" in result.output
+    assert strain_1("4h") == before
+    result = invoke("prune", "--db", filled.url, "--older-than", "2h", "--yes")
+    assert result.exit_code == 0, result.output
+    assert "dead_letters" in result.stdout and "alarms" in result.stdout
+    # the recent readings and the active alarm stay (whether the 3 h old readings go
+    # depends on PostgreSQL's day partitions: prune drops whole days only)
+    assert len(strain_1("1h")) == len(filled.recent_strain_1)
+    assert "stale" in invoke("alarms", "--db", filled.url, "--active").stdout
+    assert invoke("prune", "--db", filled.url, "--older-than", "0s", "--yes").exit_code == 1
+    assert invoke("prune", "--db", filled.url, "--older-than", "soon", "--yes").exit_code == 1

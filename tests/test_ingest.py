@@ -18,7 +18,7 @@ import pytest
 
 from agent import wire
 from agent.broker import Mosquitto
-from agent.ingest.store import Store, StoreCounts, StoreMissing, open_store
+from agent.ingest.store import DeadLetter, Store, StoreCounts, StoreMissing, open_store
 from agent.ingest.store_postgres import partition_name, split_url
 from agent.ingest.worker import IngestWorker
 from agent.wire import Envelope, GatewayStats, Meta, PointMeta
@@ -343,6 +343,55 @@ def test_postgres_partitions_by_day(pg_url: str) -> None:
         (day, 1),
         ("reading_blocks_default", 2),
     ]
+
+
+def test_prune_keeps_what_is_recent_and_active_alarms(store_url: str) -> None:
+    store = open_store(store_url)
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    old, recent = make_batch(4, start_ts=now - 10 * day), make_batch(3, start_ts=now - 1000)
+    try:
+        store.store_batch(GW, env_for(old, 1), old)
+        store.store_batch(GW, env_for(recent, 2), recent)
+        events = [
+            AlarmEvent(1, "high", "critical", True, now - 9 * day, 9.0, now - 9 * day),
+            AlarmEvent(1, "high", "critical", False, now - 8 * day, 1.0, now - 9 * day),
+            AlarmEvent(2, "low", "warning", True, now - 9 * day, 0.1, now - 9 * day),  # active
+        ]
+        store.store_batch(GW, Envelope(wire.LANE_ALARM, STREAM, 3, 3, b""), events)
+        dead = DeadLetter(now - 9 * day, "t", "codec", "bad", b"x", 1)
+        store.store_dead_letters([dead, DeadLetter(now, "t", "codec", "bad", b"y", 1)])
+        dropped = store.prune(now - 5 * day)
+        assert store.readings(GW) == list(recent.rows())
+        assert [(e.point_id, e.cleared_ts) for e in store.alarm_episodes()] == [(2, None)]
+        assert [d.payload for d in store.dead_letters()] == [b"y"]
+        # the old uplink keys went too (received now, so not these) and nothing else
+        assert dropped["alarms"] == 2 and dropped["dead_letters"] == 1
+        assert dropped["uplinks"] == 0
+        assert store.prune(now + 1000)["uplinks"] == 3
+    finally:
+        store.close()
+
+
+def test_postgres_prune_drops_day_partitions(pg_url: str) -> None:
+    store = open_store(pg_url)
+    now = int(time.time() * 1000)
+    day = 86_400_000
+    try:
+        for seq, days_ago in enumerate((3, 2, 0), 1):
+            b = make_batch(2, start_ts=now - days_ago * day)
+            store.store_batch(GW, env_for(b, seq), b)
+        ancient = make_batch(2, start_ts=1_000_000)  # in the default partition
+        store.store_batch(GW, env_for(ancient, 9), ancient)
+        dropped = store.prune((now // day - 1) * day)  # the start of yesterday
+        assert (dropped["partitions"], dropped["reading_blocks"]) == (2, 1)
+        assert [ts for _, ts, _, _ in store.readings(GW)] == [now, now + 1]
+        assert store.store_batch(GW, env_for(ancient, 10), ancient)  # days are made again
+        b = make_batch(1, start_ts=now - 3 * day)
+        assert store.store_batch(GW, env_for(b, 11), b)
+        assert len(store.readings(GW)) == 5
+    finally:
+        store.close()
 
 
 V1_SCHEMA = """

@@ -170,6 +170,12 @@ class Store(Protocol):
         """Raises paired with their clears, oldest first; `active`: only uncleared ones."""
         ...
 
+    def prune(self, before_ms: int) -> dict[str, int]:
+        """Retention: drop readings taken, uplink keys and dead letters received, and
+        alarm episodes cleared before `before_ms` (active alarms stay); what was dropped,
+        by table. An uplink resent after its key was dropped is stored again."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -383,3 +389,12 @@ def dead_letters_query(ph: str, order: str) -> str:
 def dead_letter_from_row(row: Sequence[Any]) -> DeadLetter:
     received, topic, reason, error, payload, size = row
     return DeadLetter(int(received), str(topic), str(reason), str(error), bytes(payload), int(size))
+
+
+#: what `prune` deletes besides the readings: (table, the condition on `before`)
+PRUNE_DELETES: tuple[tuple[str, str], ...] = (
+    ("uplinks", "received_ms < {ph}"),
+    ("dead_letters", "received_ms < {ph}"),
+    # a whole episode once its clear is old; a clear without raise goes by its own time
+    ("alarms", "COALESCE(cleared_ts, ts) < {ph} AND NOT (raised AND cleared_ts IS NULL)"),
+)

@@ -43,6 +43,7 @@ from agent.ingest import pg_copy
 from agent.ingest.store import (
     ALARM_COLUMNS,
     GATEWAYS_QUERY,
+    PRUNE_DELETES,
     STATS_COLUMNS,
     AlarmEpisode,
     Body,
@@ -196,6 +197,12 @@ def _day(ts_ms: int) -> int:
 
 def partition_name(day: int) -> str:
     return "reading_blocks_" + dt.datetime.fromtimestamp(day * 86400, dt.UTC).strftime("%Y%m%d")
+
+
+def _partition_day(name: str) -> int:
+    """The day of a `partition_name`."""
+    when = dt.datetime.strptime(name.removeprefix("reading_blocks_"), "%Y%m%d")
+    return int(when.replace(tzinfo=dt.UTC).timestamp()) // 86400
 
 
 #: libpq settings the URL may override: a server that went away (host down, cable cut)
@@ -547,6 +554,47 @@ class PostgresStore:
             return
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
             cur.executemany(dead_letter_insert("%s"), [dead_letter_row(d) for d in letters])
+
+    def prune(self, before_ms: int) -> dict[str, int]:
+        """Readings go by whole day partitions that end at or before the cut (dropped:
+        cheap, no dead tuples, nothing read; a block belongs to the day of its first
+        reading), and by the blocks of the default partition that end before it; a
+        hypertable's chunks go with drop_chunks. Counted as partitions and blocks."""
+        dropped = {"partitions": 0, "reading_blocks": 0}
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            blocks = "reading_blocks"
+            if self._relkind(cur, "reading_blocks") == "p":
+                blocks = "reading_blocks_default"
+                cur.execute(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                    "WHERE i.inhparent = 'reading_blocks'::regclass AND c.relname <> %s",
+                    (blocks,),
+                )
+                for (name,) in cur.fetchall():
+                    day = _partition_day(str(name))
+                    if (day + 1) * DAY_MS <= before_ms:
+                        cur.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+                        self._days.discard(day)
+                        dropped["partitions"] += 1
+            else:
+                cur.execute(
+                    "SELECT count(*) FROM drop_chunks('reading_blocks', older_than => %s::bigint)",
+                    (before_ms,),
+                )
+                row = cur.fetchone()
+                dropped["partitions"] = int(row[0]) if row else 0
+            cur.execute(
+                sql.SQL("DELETE FROM {} WHERE t_max < %s").format(sql.Identifier(blocks)),
+                (before_ms,),
+            )
+            dropped["reading_blocks"] = cur.rowcount
+            for table, condition in PRUNE_DELETES:
+                cur.execute(
+                    f"DELETE FROM {table} WHERE {condition.format(ph='%s')}".encode(), (before_ms,)
+                )
+                dropped[table] = cur.rowcount
+        return dropped
 
     # -- reads ----------------------------------------------------------------------------
 

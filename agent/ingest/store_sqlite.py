@@ -50,6 +50,7 @@ import orjson
 from agent.ingest.store import (
     ALARM_COLUMNS,
     GATEWAYS_QUERY,
+    PRUNE_DELETES,
     STATS_COLUMNS,
     AlarmEpisode,
     Body,
@@ -235,12 +236,12 @@ class SqliteStore:
         return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
 
     def _open_existing(self) -> sqlite3.Connection:
-        """Read-only: the file must hold a store with every current column."""
+        """An existing store only (mode=rw creates nothing), with every current column."""
         path = Path(self.path)
         if self.path == ":memory:" or not path.is_file():
             raise StoreMissing(f"{self.path}: no such database file")
         self._db = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30.0
+            f"{path.resolve().as_uri()}?mode=rw", uri=True, check_same_thread=False, timeout=30.0
         )
         try:
             tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
@@ -367,6 +368,16 @@ class SqliteStore:
         if letters:
             with self._write() as cur:
                 cur.executemany(dead_letter_insert("?"), [dead_letter_row(d) for d in letters])
+
+    def prune(self, before_ms: int) -> dict[str, int]:
+        dropped = {}
+        with self._write() as cur:
+            cur.execute("DELETE FROM readings WHERE ts < ?", (before_ms,))
+            dropped["readings"] = cur.rowcount
+            for table, condition in PRUNE_DELETES:
+                cur.execute(f"DELETE FROM {table} WHERE {condition.format(ph='?')}", (before_ms,))
+                dropped[table] = cur.rowcount
+        return dropped
 
     # -- reads ----------------------------------------------------------------------------
 
