@@ -30,10 +30,13 @@ class PortClosed(ConnectionError):
 
 
 def open_port(path: str, baud: int = 115200) -> int:
-    """Opens a tty or pty non-blocking, raw, 8N1 at `baud`; returns the fd."""
+    """Opens a tty or pty non-blocking, raw, 8N1 at `baud`, and discards what its
+    receiver already held (frames sent to an earlier process, say a CAPABILITIES that
+    would pass for the answer to our first HELLO); returns the fd."""
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
     try:
         configure(fd, baud)
+        termios.tcflush(fd, termios.TCIFLUSH)
     except BaseException:
         os.close(fd)
         raise

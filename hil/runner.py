@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from agent.ingest.store import Store, open_store
 from agent.ingest.worker import IngestWorker
 from agent.mqtt_url import BrokerAddress
 from buffer import Buffer, Lane
+from drivers.mcu.simulator import SimMcu
 from drivers.modbus.simulator import ModbusSimulator
 from hil.scenario import Fault, Scenario
 from native.batch import GOOD, UNCERTAIN
@@ -155,6 +157,7 @@ class Rig:
         self.clock: Any = None
         self.modbus: ModbusSimulator | None = None
         self.slow: ModbusSimulator | None = None
+        self.mcu: SimMcu | None = None
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -239,6 +242,14 @@ class Rig:
                 replay, adverts=sims.ble_adverts, garbage=sims.ble_garbage, seed=11
             )
             ports["ble_replay"] = replay.as_posix()
+        if sims.mcu:
+            # the pty outlives the agent's power cuts: the sim keeps its end and the
+            # agent's end open, so each new agent process just opens the port again
+            self.mcu = SimMcu.on_pty(interval=1.0, seed=self.rng.randrange(1 << 30))
+            self.mcu.faults.garbage_tx = sims.mcu_garbage
+            task = asyncio.create_task(self.mcu.run(), name="sim-mcu")
+            self.stack.push_async_callback(_stop_mcu, self.mcu, task)
+            ports["mcu_port"] = self.mcu.port
         return ports
 
     def _config_text(self, ports: dict[str, Any], drain: bool) -> str:
@@ -521,14 +532,53 @@ class Rig:
             )
         if checks.rejections:
             rejected = sum(self.worker.counters.rejected.values())
-            device_errors = sum(d.get("errors", 0) for d in state.get("devices", {}).values())
+            devices = state.get("devices", {})
+            device_errors = sum(d.get("errors", 0) for d in devices.values())
             v.figures["ingest_rejected"] = rejected
             v.figures["device_errors"] = device_errors
             v.check(rejected > 0, "the ingest counted no rejected message")
             v.check(device_errors > 0, "the agent counted no bad frame or payload")
+            if self.mcu is not None and self.scn.sims.mcu_garbage:
+                self._mcu_rejections(v, devices)
+        if self.mcu is not None:
+            self._mcu_figures(v)
         if checks.alarm_latency:
             self._alarm_checks(v, alarms, seqs)
         self._drain_figures(v)
+
+    def _mcu_devices(self) -> dict[str, list[str]]:
+        """The scenario's devices on the simulated microcontroller's port: their points."""
+        assert self.mcu is not None
+        config = tomllib.loads(self.config.read_text())
+        return {
+            d["name"]: [p["name"] for p in d.get("points", [])]
+            for d in config.get("devices", [])
+            if d.get("driver") == "mcu" and d.get("port") == self.mcu.port
+        }
+
+    def _mcu_rejections(self, v: Verdict, devices: dict[str, Any]) -> None:
+        """The garbled frames reached the agent's mcu driver as rejected frames, which it
+        counts as the device's health errors (the link's own counters die with it)."""
+        assert self.mcu is not None
+        errors = sum(devices.get(name, {}).get("errors", 0) for name in self._mcu_devices())
+        v.figures["mcu_device_errors"] = errors
+        v.check(errors > 0, "the agent counted no bad frame from the microcontroller")
+
+    def _mcu_figures(self, v: Verdict) -> None:
+        """What the simulated microcontroller did (and what of it the platform holds)."""
+        assert self.mcu is not None
+        c = self.mcu.counts
+        for k in ("sampled", "readings_sent", "readings_requeued", "hellos"):
+            v.figures[f"mcu_{k}"] = c[k]
+        v.figures["mcu_retransmits"] = self.mcu.link.counters["retransmits"]
+        for k, n in sorted(c.items()):
+            if k.startswith("garbage_"):
+                v.figures[f"mcu_{k}"] = n
+        v.figures["mcu_stored"] = sum(
+            len(self.store.readings(self.gateway, f"{name}/{point}"))
+            for name, points in self._mcu_devices().items()
+            for point in points
+        )
 
     def _uplink_seqs(self) -> list[tuple[int, int, int]]:
         with contextlib.closing(sqlite3.connect(self.work / "platform.db")) as db:
@@ -628,6 +678,11 @@ async def _cancel(task: asyncio.Task[Any]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await task
+
+
+async def _stop_mcu(sim: SimMcu, task: asyncio.Task[Any]) -> None:
+    await _cancel(task)
+    sim.close()
 
 
 async def run_scenario(

@@ -8,6 +8,7 @@ and which checks decide the verdict. Validated with pydantic, like the agent's c
     devices = '''...'''       # [[devices]] tables of the agent's config; placeholders:
                               # {modbus_port} {modbus_slow_port} {modbus_rtu_port}
                               # {site_broker} {ble_replay}
+                              # {mcu_port} (the simulated microcontroller's pty)
     [uplink]                  # keys of the agent's [uplink] (broker is the rig's proxy)
     [buffer]                  # keys of the agent's [buffer] (path is the rig's)
     [sims]                    # which simulators run (see Sims)
@@ -28,7 +29,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.units import Duration
 
@@ -88,6 +89,14 @@ class Sims(_Model):
     ble_adverts: int = 0  # adverts in the replay file the BLE driver plays
     ble_garbage: float = 0.0
     uplink_garbage: int = 0  # junk messages published on the platform's uplink topics
+    mcu: bool = False  # the gateway's microcontroller (drivers/mcu/simulator.py) on a pty
+    mcu_garbage: float = Field(0.0, ge=0.0, le=1.0)  # probability a sent frame is garbled
+
+    @model_validator(mode="after")
+    def _garbage_needs_its_sim(self) -> Sims:
+        if self.mcu_garbage and not self.mcu:
+            raise ValueError("mcu_garbage needs mcu = true")
+        return self
 
 
 class Checks(_Model):

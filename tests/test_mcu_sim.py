@@ -99,6 +99,25 @@ async def _readings_flow_through_the_driver_as_batches() -> None:
     assert health.readings == len(rows) and health.errors == 0
 
 
+async def _readings_over_a_garbled_line_arrive_once_in_order() -> None:
+    async with running_sim(interval=0.1, seed=5, timers=FAST) as sim:
+        sim.faults.garbage_tx = 0.3  # a frame in three bit-flipped, cut short or after junk
+        driver = McuDriver([mcu_device(sim.port, {1: "level", 2: "tilt", 3: "temp", 4: "mv"})])
+        sink = Sink()
+        await run_driver_until(driver, sink, lambda: len(sink.readings()) >= 200, timeout=30)
+    health = driver.health()["mcu"]
+    garbled = {k: n for k, n in sim.counts.items() if k.startswith("garbage_")}
+    assert set(garbled) == {"garbage_flip", "garbage_cut", "garbage_junk"}, garbled
+    assert health.errors >= 5 and "bad frame" in (health.last_error or "")
+    by_point: dict[int, list[int]] = {}
+    for pid, ts, _, _ in sink.readings():
+        by_point.setdefault(pid, []).append(ts)
+    for stamps in by_point.values():
+        # resent frames are never overtaken (one READINGS in flight): in order, once each
+        assert stamps == sorted(set(stamps))
+    assert sim.counts["readings_requeued"] == 0  # every frame got through in the end
+
+
 async def _command_retried_after_a_dropped_frame_and_acknowledged() -> None:
     async with running_sim(interval=1.0) as sim, McuBridge(sim.port, timers=FAST) as bridge:
         caps = await bridge.wait_up(10)
@@ -205,6 +224,10 @@ def test_config_rejects_duplicate_sensor_ids() -> None:
 
 def test_readings_flow_through_the_driver_as_batches() -> None:
     asyncio.run(_readings_flow_through_the_driver_as_batches())
+
+
+def test_readings_over_a_garbled_line_arrive_once_in_order() -> None:
+    asyncio.run(_readings_over_a_garbled_line_arrive_once_in_order())
 
 
 def test_command_retried_after_a_dropped_frame_and_acknowledged() -> None:

@@ -6,7 +6,8 @@ ms with the session's offset, ``offset = wall ms when CAPABILITIES arrived - its
 uptime_ms``, taken again at every HELLO (so a device reboot, which restarts uptime at
 0 and forces a new HELLO, re-bases it) and corrected when a HEARTBEAT shows more than
 `max_skew` of drift. A port that cannot be opened or dies is reported in health and
-retried with exponential backoff; sensor ids without a point are counted and logged
+retried with exponential backoff; frames the link rejects (bad CRC, cut short, junk)
+are health errors, logged throttled; sensor ids without a point are counted and logged
 (throttled), never fatal.
 
 Firmware updates (docs/firmware-ota.md): a device with `firmware_key` takes them
@@ -36,7 +37,7 @@ from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, Driver
 from firmware_bridge import image as fw
 from firmware_bridge import messages as m
 from firmware_bridge.bridge import BridgeError, McuBridge
-from firmware_bridge.link import LinkLost, LinkUp, MessageReceived, Timers
+from firmware_bridge.link import FrameRejected, LinkLost, LinkUp, MessageReceived, Timers
 from firmware_bridge.ota import OtaResult, Outcome
 from firmware_bridge.ota_push import ProgressCallback, push_firmware
 from native.batch import BAD, GOOD, Batch
@@ -266,6 +267,11 @@ class McuDriver(Driver):
             elif isinstance(ev, LinkLost):
                 health.failure(f"link lost: {ev.reason}")
                 counters["link_lost"] += 1
+            elif isinstance(ev, FrameRejected):
+                # a frame the link dropped (bad CRC, cut, junk...): the device resends it
+                # if it was reliable; counted in health like any other bad input
+                health.failure(f"bad frame: {ev.reason}")
+                self._warn(device.name, "frame", f"mcu {device.name}: bad frame ({ev.reason})")
             elif isinstance(ev, MessageReceived) and offset_ms is not None:
                 msg = ev.message
                 if isinstance(msg, m.Readings):

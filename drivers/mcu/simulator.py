@@ -3,7 +3,8 @@ the demo, the tests, the HIL rig (`python -m hil sim mcu`) and bench/serial.py.
 
 `SimMcu` is the device side of docs/firmware-protocol.md: it waits for HELLO, answers
 CAPABILITIES, samples its sensors at the configured interval and sends them as
-reliable READINGS (kept and resent if a frame is not acknowledged), answers COMMANDs
+reliable READINGS (kept and resent if a frame is not acknowledged, one frame in flight
+at a time, so they arrive in sampling order), answers COMMANDs
 (set sampling interval, read config, reboot), sends heartbeats and log lines, and keeps
 two firmware slots with the bootloader's trial/confirm/rollback rules
 (`firmware_bridge.ota.FirmwareSlots`).
@@ -12,7 +13,9 @@ Sensors: 1 level (a 4-20 mA transmitter, 0-5 m; below 3.8 mA it reports a fault)
 2 manhole tilt switch (bool), 3 temperature (f32, degC), 4 supply voltage (i32, mV).
 
 Faults (`faults`, changeable while running): drop the next received frames of given
-types, drop received bytes or corrupt sent frames at random, stall (neither read nor
+types, drop received bytes or corrupt sent frames at random (`corrupt_tx`: one bit
+flipped; `garbage_tx`: a noisy line, a bit flipped, the frame cut short or junk bytes
+sent before it, counted in `counts["garbage_<kind>"]`), stall (neither read nor
 write), reject images, and crash on boot of given versions (the bootloader then rolls
 back after `crash_time`).
 
@@ -62,6 +65,10 @@ from firmware_bridge.serial_io import PortClosed, SerialTransport
 __all__ = ["SENSORS", "Faults", "Sensor", "SimMcu"]
 
 READINGS_QUEUE = 10_000  # readings kept while no host listens (oldest dropped)
+# READINGS frames awaiting their ACK. One: a frame that must be resent is never overtaken
+# by a later one, so each sensor's readings reach the host in sampling order (a frame
+# holds up to ~67 readings, so one in flight still outpaces any sampling rate).
+READINGS_WINDOW = 1
 SLOT_CAPACITY = 1024 * 1024  # bytes a firmware slot holds
 
 
@@ -70,6 +77,7 @@ class Faults:
     drop_rx_types: Counter[int] = field(default_factory=Counter)  # type -> frames to drop
     drop_rx_bytes: float = 0.0  # probability that a received byte is lost
     corrupt_tx: float = 0.0  # probability that a sent frame gets one bit flipped
+    garbage_tx: float = 0.0  # probability that a sent frame is garbled (see _garble)
     stall: bool = False  # reads nothing, sends nothing (a hung firmware)
     reject_images: bool = False  # refuse every new OTA_BEGIN (REJECTED)
     crash_versions: set[str] = field(default_factory=set)  # images that crash at boot
@@ -255,10 +263,10 @@ class SimMcu:
     def _send_readings(self, now: float) -> None:
         if not self.link.active or self.faults.stall or self._crashed_until is not None:
             return
-        if len(self._in_flight) >= 4:  # a small window: do not flood a slow host
+        if len(self._in_flight) >= READINGS_WINDOW:
             return
         room = self.link.max_payload - 1
-        while self._queue and len(self._in_flight) < 4:
+        while self._queue and len(self._in_flight) < READINGS_WINDOW:
             batch: list[m.Reading] = []
             size = 0
             while self._queue and len(batch) < 255:
@@ -403,17 +411,36 @@ class SimMcu:
         f = self.faults
         if f.stall or self._crashed_until is not None:
             return b""
-        if not f.corrupt_tx:
+        if not f.corrupt_tx and not f.garbage_tx:
             return data
         frames = data.split(b"\x00")
         for i, fr in enumerate(frames):
-            if fr and self.rng.random() < f.corrupt_tx:
-                b = bytearray(fr)
-                k = self.rng.randrange(len(b))
-                b[k] = (b[k] ^ (1 << self.rng.randrange(8))) or 0x01  # never a 0x00
-                frames[i] = bytes(b)
+            if fr and f.corrupt_tx and self.rng.random() < f.corrupt_tx:
+                fr = self._flip_bit(fr)
                 self.counts["corrupted_frames"] += 1
+            if fr and f.garbage_tx and self.rng.random() < f.garbage_tx:
+                fr = self._garble(fr)
+            frames[i] = fr
         return b"\x00".join(frames)
+
+    def _flip_bit(self, frame: bytes) -> bytes:
+        b = bytearray(frame)
+        k = self.rng.randrange(len(b))
+        b[k] = (b[k] ^ (1 << self.rng.randrange(8))) or 0x01  # never a 0x00
+        return bytes(b)
+
+    def _garble(self, frame: bytes) -> bytes:
+        """Line noise on one encoded frame (its delimiter stays): a bit flipped, the frame
+        cut short, or junk bytes sent before it as a frame of their own (the frame itself
+        then arrives intact). The host drops each garbled frame (cobs, short, bad_crc...)."""
+        kind = self.rng.choice(("flip", "cut", "junk"))
+        self.counts[f"garbage_{kind}"] += 1
+        if kind == "flip":
+            return self._flip_bit(frame)
+        if kind == "cut":
+            return frame[: self.rng.randrange(1, len(frame))] if len(frame) > 1 else b"\x01"
+        junk = bytes(self.rng.randrange(1, 256) for _ in range(self.rng.randrange(1, 64)))
+        return junk + b"\x00" + frame
 
 
 def _refuse_ota(msg: m.Message, seq: int) -> list[m.Message]:
