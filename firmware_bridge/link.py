@@ -11,6 +11,7 @@ or touches a file descriptor, so tests drive it with made-up times. `HostLink` a
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from firmware_bridge.frame import (
     FrameError,
     encode,
 )
+
+#: HELLOs remembered while unanswered (one per hello_interval): an answer to an older
+#: one still opens the session
+MAX_HELLOS = 8
 
 __all__ = [
     "Delivered",
@@ -71,9 +76,14 @@ class SendFailed:
 
 @dataclass(frozen=True, slots=True)
 class LinkUp:
-    """Host side: the device answered HELLO (sent every time a session starts)."""
+    """Host side: the device answered HELLO (sent every time a session starts).
+    ``since_hello``: seconds from sending that HELLO to this answer. The device's uptime
+    in the answer was read in between, so ``now - since_hello - uptime`` maps uptime to
+    host time erring early by at most the device's reply delay, even when the answer
+    is a retransmission (an offset from the arrival would err late by the timeout)."""
 
     capabilities: m.Capabilities
+    since_hello: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,8 +379,11 @@ class HostLink(Link):
         super().__init__(max_frame=max_frame, timers=timers, now=now, screen=screen)
         self.capabilities: m.Capabilities | None = None
         self._hello_due: float | None = now
-        self._hello_seqs: deque[int] = deque(maxlen=8)
+        self._hellos: dict[int, float] = {}  # the HELLOs not yet answered: seq -> sent
         self._device_uptime = -1
+        # a new process must not reuse the HELLO seqs of the one before it: a left-over
+        # answer to that one's HELLO would be taken as the answer to ours
+        self._tx_seq = secrets.randbelow(0x10000)
 
     def rehello(self, now: float) -> None:
         """Starts a new session now (the link counts as down until it is answered)."""
@@ -387,7 +400,9 @@ class HostLink(Link):
         if self.active or self._hello_due is None or now < self._hello_due:
             return
         hello = m.Hello(max_frame=self.max_frame, heartbeat_ms=round(self.timers.heartbeat * 1000))
-        self._hello_seqs.append(self.send(hello, now, reliable=False))
+        if len(self._hellos) >= MAX_HELLOS:
+            del self._hellos[next(iter(self._hellos))]
+        self._hellos[self.send(hello, now, reliable=False)] = now
         self.counters["hellos"] += 1
         self._hello_due = now + self.timers.hello_interval
 
@@ -400,6 +415,13 @@ class HostLink(Link):
         if reason is m.NackReason.NO_SESSION and self.active:
             self._lose("no_session", now, events)
 
+    def _refuse(self, msg: m.Message) -> m.NackReason | None:
+        # before the session (CAPABILITIES) there is no clock offset for readings: a
+        # NACK keeps them queued on the device, where an ACK would throw them away
+        if not self.active:
+            return m.NackReason.NO_SESSION
+        return super()._refuse(msg)
+
     def _session(self, msg: m.Message, frame: Frame, now: float, events: list[Event]) -> bool:
         if isinstance(msg, m.Heartbeat):
             reset = not msg.session or msg.uptime_ms < self._device_uptime
@@ -409,15 +431,16 @@ class HostLink(Link):
             elif not self.active and not msg.session and self._hello_due is not None:
                 self._hello_due = min(self._hello_due, now)  # it waits for us: HELLO now
             return False
-        if isinstance(msg, m.Capabilities) and msg.request_seq in self._hello_seqs:
-            self._hello_seqs.clear()  # later answers to older HELLOs are plain messages
+        if isinstance(msg, m.Capabilities) and msg.request_seq in self._hellos:
+            sent = self._hellos[msg.request_seq]
+            self._hellos.clear()  # later answers to older HELLOs are plain messages
             self.capabilities = msg
             self._device_uptime = msg.uptime_ms
             self.peer_max_frame = min(self.max_frame, max(msg.max_frame, MIN_MAX_FRAME))
             self.active = True
             self._hello_due = None
             self._last_rx = now
-            events.append(LinkUp(msg))
+            events.append(LinkUp(msg, now - sent))
             return True
         return False
 

@@ -113,6 +113,42 @@ def test_hello_negotiates_frame_size_and_starts_session() -> None:
     assert any(isinstance(e, Delivered) for e in p.dev_events)  # host ACKed CAPABILITIES
 
 
+def test_session_offset_is_taken_from_the_hello_answered() -> None:
+    """The answer to a HELLO arrives after a retransmission: since_hello counts from that
+    HELLO, so an uptime-to-host-time offset does not grow by the retransmission delay."""
+    p = Pair()
+    p.to_host = drop_first(1, m.MsgType.CAPABILITIES)  # the first answer is lost
+    p.pump()
+    p.advance(1.0)  # the device retransmits it after rto (0.5 s)
+    (up,) = [e for e in p.host_events if isinstance(e, LinkUp)]
+    assert 0.5 <= up.since_hello < 1.0  # that HELLO went out at 0, the answer came at 0.5+
+
+
+def test_host_refuses_reliable_frames_before_its_session() -> None:
+    """READINGS before CAPABILITIES: NACK no_session, so the device keeps them queued
+    (an ACK would make it throw them away while the host has no clock offset yet)."""
+    p = Pair()
+    p.answer_hello = False
+    p.pump()  # the device has a session (HELLO), the host none (no CAPABILITIES yet)
+    assert p.dev.active and not p.host.active
+    seq = p.dev.send(m.Readings((m.Reading(1, 5, m.ValueType.F32, 1.5),)), p.now)
+    p.pump()
+    assert SendFailed(seq, "no_session") in p.dev_events
+    assert not any(isinstance(e, MessageReceived) for e in p.host_events)
+    p.answer_hello = True
+    p.advance(1.0)
+    assert p.host.active
+    seq = p.dev.send(m.Readings((m.Reading(1, 5, m.ValueType.F32, 1.5),)), p.now)
+    p.pump()
+    assert Delivered(seq) in p.dev_events
+
+
+def test_a_new_host_process_starts_at_another_seq() -> None:
+    # a left-over answer to the HELLO of the process before must not open our session
+    firsts = {HostLink(timers=T)._tx_seq for _ in range(20)}
+    assert len(firsts) > 1
+
+
 def test_frame_size_before_hello_is_the_default() -> None:
     host = HostLink(timers=T)
     try:

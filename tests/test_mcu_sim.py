@@ -107,7 +107,9 @@ async def _readings_over_a_garbled_line_arrive_once_in_order() -> None:
         await run_driver_until(driver, sink, lambda: len(sink.readings()) >= 200, timeout=30)
     health = driver.health()["mcu"]
     garbled = {k: n for k, n in sim.counts.items() if k.startswith("garbage_")}
-    assert set(garbled) == {"garbage_flip", "garbage_cut", "garbage_junk"}, garbled
+    # how many of each kind depends on how many frames 200 readings took: at least some
+    assert set(garbled) <= {"garbage_flip", "garbage_cut", "garbage_junk"}, garbled
+    assert sum(garbled.values()) >= 5, garbled
     assert health.errors >= 5 and "bad frame" in (health.last_error or "")
     by_point: dict[int, list[int]] = {}
     for pid, ts, _, _ in sink.readings():
@@ -115,7 +117,9 @@ async def _readings_over_a_garbled_line_arrive_once_in_order() -> None:
     for stamps in by_point.values():
         # resent frames are never overtaken (one READINGS in flight): in order, once each
         assert stamps == sorted(set(stamps))
-    assert sim.counts["readings_requeued"] == 0  # every frame got through in the end
+    # a frame that failed (retries used up, or NACKed no_session while the host was
+    # between sessions) went back to the head of the device's queue: resent, not lost
+    assert sim.counts["readings_sent"] - sim.counts["readings_requeued"] >= 200, sim.counts
 
 
 async def _command_retried_after_a_dropped_frame_and_acknowledged() -> None:

@@ -2,8 +2,8 @@
 
 One task per device keeps an `McuBridge` open: HELLO, then every READINGS frame
 becomes one batch. Device timestamps are uptime milliseconds; they become wall-clock
-ms with the session's offset, ``offset = wall ms when CAPABILITIES arrived - its
-uptime_ms``, taken again at every HELLO (so a device reboot, which restarts uptime at
+ms with the session's offset, ``offset = wall ms when the HELLO it answers was sent -
+its uptime_ms``, taken again at every HELLO (so a device reboot, which restarts uptime at
 0 and forces a new HELLO, re-bases it) and corrected when a HEARTBEAT shows more than
 `max_skew` of drift. A port that cannot be opened or dies is reported in health and
 retried with exponential backoff; frames the link rejects (bad CRC, cut short, junk)
@@ -245,7 +245,7 @@ class McuDriver(Driver):
             if isinstance(ev, LinkUp):
                 was_up = True
                 caps = ev.capabilities
-                offset_ms = _wall_ms() - caps.uptime_ms
+                offset_ms = _wall_ms() - round(ev.since_hello * 1000) - caps.uptime_ms
                 counters["sessions"] += 1
                 log.info(
                     "mcu %s: up, firmware %s slot %d (%s), boot %s%s",

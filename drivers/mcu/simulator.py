@@ -146,6 +146,7 @@ class SimMcu:
         self._queue: deque[m.Reading] = deque(maxlen=READINGS_QUEUE)
         self._in_flight: dict[int, tuple[m.Reading, ...]] = {}
         self._caps_seq: int | None = None
+        self._caps_acked = False  # the host has a session: READINGS may go
         self._reboot_after: int | None = None  # seq whose ACK triggers a reboot
         self._tilt = False
         self._boot(m.BootReason.POWER_ON)
@@ -186,6 +187,7 @@ class SimMcu:
         self._in_flight.clear()
         self._queue.clear()  # RAM is gone
         self._caps_seq = None
+        self._caps_acked = False
         self._reboot_after = None
         self._next_sample = now
         self._crashed_until: float | None = None
@@ -261,7 +263,11 @@ class SimMcu:
         self.counts["sampled"] += 4
 
     def _send_readings(self, now: float) -> None:
-        if not self.link.active or self.faults.stall or self._crashed_until is not None:
+        # only once the host ACKed CAPABILITIES: before that it has no session and would
+        # NACK them (no_session)
+        if not self.link.active or not self._caps_acked:
+            return
+        if self.faults.stall or self._crashed_until is not None:
             return
         if len(self._in_flight) >= READINGS_WINDOW:
             return
@@ -290,12 +296,17 @@ class SimMcu:
             self._answer_hello(ev, now)
         elif isinstance(ev, Delivered):
             self._in_flight.pop(ev.seq, None)
+            if ev.seq == self._caps_seq:
+                self._caps_acked = True
             if ev.seq == self._caps_seq and self.slots.trial:
                 self.slots.confirm()  # the host heard the new firmware: keep it
                 self._log(m.LogLevel.INFO, f"firmware {self.slots.version} confirmed")
             if ev.seq == self._reboot_after:
                 asyncio.get_running_loop().call_later(0.05, self.reboot)
         elif isinstance(ev, SendFailed):
+            self.counts[f"send_failed_{ev.reason}"] += 1
+            if ev.reason == "no_session":
+                self._caps_acked = False  # the host lost its session: wait for the next
             batch = self._in_flight.pop(ev.seq, None)
             if batch:
                 self._queue.extendleft(reversed(batch))  # resend them later
@@ -321,6 +332,7 @@ class SimMcu:
             hardware_id=self.hardware_id,
             request_seq=ev.seq,
         )
+        self._caps_acked = False  # a new session: wait until the host has it too
         self._caps_seq = self.link.send(caps, now)
         self.counts["hellos"] += 1
 
