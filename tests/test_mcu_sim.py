@@ -217,6 +217,36 @@ async def _driver_reports_a_dead_port_and_recovers(tmp_path: Path) -> None:
             await task
 
 
+def test_a_reading_delivered_twice_is_stored_once() -> None:
+    """A READINGS frame in flight when a session ends comes again in the next session
+    (at least once); the driver knows it by the sensor's uptime, until a reboot. The
+    offset only moves later within a boot, so times never step back."""
+    driver = McuDriver([mcu_device("/dev/null", {1: "level", 2: "tilt"})])
+    points = {1: 101, 2: 102}
+    clock = driver._clocks["mcu"]
+
+    def readings(*uptimes: int) -> m.Readings:
+        return m.Readings(
+            tuple(m.Reading(sid, up, m.ValueType.F32, 1.0) for up in uptimes for sid in (1, 2))
+        )
+
+    def stamps(*uptimes: int) -> list[int]:
+        return list(driver._batch("mcu", readings(*uptimes), points).timestamps)
+
+    clock.session(hello_sent_ms=10_500, uptime_ms=500)
+    assert stamps(1000, 2000) == [11_000, 11_000, 12_000, 12_000]
+    # a new session whose HELLO was answered late: its estimate is earlier, not taken;
+    # the frame sent again is dropped, the new reading kept
+    clock.session(hello_sent_ms=12_400, uptime_ms=2_450)
+    assert stamps(1000, 2000, 3000) == [13_000, 13_000]
+    assert driver.counters["mcu"]["repeated_readings"] == 4
+    # a reboot, seen by its uptime (restarted) or by an offset seconds later
+    clock.session(hello_sent_ms=20_000, uptime_ms=100)
+    assert stamps(200) == [20_100, 20_100]
+    clock.session(hello_sent_ms=90_000, uptime_ms=5_000)  # rebooted and up for a while
+    assert stamps(150, 4_000) == [85_150, 85_150, 89_000, 89_000]
+
+
 def test_config_rejects_duplicate_sensor_ids() -> None:
     dev = McuDeviceSettings.model_validate({"port": "/dev/null"})
     problems = McuDriver.check_device(

@@ -7,7 +7,9 @@ its uptime_ms``, taken again at every HELLO (so a device reboot, which restarts 
 0 and forces a new HELLO, re-bases it) and corrected when a HEARTBEAT shows more than
 `max_skew` of drift. A port that cannot be opened or dies is reported in health and
 retried with exponential backoff; frames the link rejects (bad CRC, cut short, junk)
-are health errors, logged throttled; sensor ids without a point are counted and logged
+are health errors, logged throttled; a reading the link delivers twice (a READINGS
+frame in flight when a session ends is sent again) is dropped by its uptime, which only
+grows within a boot; sensor ids without a point are counted and logged
 (throttled), never fatal.
 
 Firmware updates (docs/firmware-ota.md): a device with `firmware_key` takes them
@@ -24,6 +26,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +152,7 @@ class McuDriver(Driver):
         self.bridges: dict[str, McuBridge] = {}  # device name -> open bridge
         self._settings = {d.name: d.settings for d in self.devices}
         self.counters: dict[str, Counter[str]] = {d.name: Counter() for d in self.devices}
+        self._clocks = {d.name: _DeviceClock() for d in self.devices}
         self._throttle = Throttle(60.0)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -239,13 +243,13 @@ class McuDriver(Driver):
         for p in device.points:
             assert isinstance(p.settings, McuPointSettings)
             points[p.settings.sensor_id] = p.id
-        offset_ms: int | None = None
+        clock = self._clocks[device.name]
         was_up = False
         async for ev in bridge.events():
             if isinstance(ev, LinkUp):
                 was_up = True
                 caps = ev.capabilities
-                offset_ms = _wall_ms() - round(ev.since_hello * 1000) - caps.uptime_ms
+                clock.session(_wall_ms() - round(ev.since_hello * 1000), caps.uptime_ms)
                 counters["sessions"] += 1
                 log.info(
                     "mcu %s: up, firmware %s slot %d (%s), boot %s%s",
@@ -272,10 +276,10 @@ class McuDriver(Driver):
                 # if it was reliable; counted in health like any other bad input
                 health.failure(f"bad frame: {ev.reason}")
                 self._warn(device.name, "frame", f"mcu {device.name}: bad frame ({ev.reason})")
-            elif isinstance(ev, MessageReceived) and offset_ms is not None:
+            elif isinstance(ev, MessageReceived) and clock.offset_ms is not None:
                 msg = ev.message
                 if isinstance(msg, m.Readings):
-                    batch = self._batch(device.name, msg, points, offset_ms)
+                    batch = self._batch(device.name, msg, points)
                     if len(batch) == 0:
                         continue
                     if sink.push(batch):
@@ -283,16 +287,19 @@ class McuDriver(Driver):
                     else:
                         health.skipped_polls += 1
                 elif isinstance(msg, m.Heartbeat):
-                    skew = _wall_ms() - (offset_ms + msg.uptime_ms)
+                    skew = _wall_ms() - (clock.offset_ms + msg.uptime_ms)
                     if abs(skew) > s.max_skew * 1000:
-                        offset_ms += skew
+                        clock.offset_ms += skew
                         counters["clock_rebased"] += 1
                 elif isinstance(msg, m.Log):
                     counters["device_logs"] += 1
                     log.log(_LOG_LEVELS[msg.level], "mcu %s: %s", device.name, msg.text)
         return was_up
 
-    def _batch(self, device: str, msg: m.Readings, points: dict[int, int], offset_ms: int) -> Batch:
+    def _batch(self, device: str, msg: m.Readings, points: dict[int, int]) -> Batch:
+        clock = self._clocks[device]
+        assert clock.offset_ms is not None
+        offset_ms, taken = clock.offset_ms, clock.last_taken
         batch = Batch()
         unknown = 0
         for r in msg.readings:
@@ -300,6 +307,10 @@ class McuDriver(Driver):
             if pid is None:
                 unknown += 1
                 continue
+            if r.uptime_ms <= taken.get(r.sensor_id, -1):
+                self.counters[device]["repeated_readings"] += 1  # sent again: had it
+                continue
+            taken[r.sensor_id] = r.uptime_ms
             batch.append(pid, offset_ms + r.uptime_ms, float(r.value), BAD if r.fault else GOOD)
         if unknown:
             self.counters[device]["unknown_sensor_readings"] += unknown
@@ -323,6 +334,39 @@ class McuDriver(Driver):
         n = self._throttle.ready(f"{device}:{key}", count)
         if n is not None:
             log.warning("%s (%d times since the last report)", text, n)
+
+
+#: an offset estimate this much later than the current one means the device rebooted
+#: (uptime restarted); within a boot, estimates differ by the link's delays only
+REBOOT_STEP_MS = 2000
+
+
+@dataclass
+class _DeviceClock:
+    """A device's uptime -> wall-clock mapping, kept across sessions and port reopens."""
+
+    offset_ms: int | None = None
+    # sensor id -> the uptime of its last reading taken: the link delivers at least once
+    # (a READINGS frame in flight when a session ends is sent again in the next one),
+    # and uptime, monotonic within a boot, tells a repeat apart
+    last_taken: dict[int, int] = field(default_factory=dict)
+
+    def session(self, hello_sent_ms: int, uptime_ms: int) -> None:
+        """A new session: its CAPABILITIES says `uptime_ms`, in answer to a HELLO sent
+        at `hello_sent_ms` (wall clock)."""
+        estimate = hello_sent_ms - uptime_ms
+        rebooted = self.offset_ms is not None and (
+            estimate > self.offset_ms + REBOOT_STEP_MS
+            or (bool(self.last_taken) and uptime_ms < max(self.last_taken.values()))
+        )
+        if rebooted:  # uptime restarted: a new mapping, and its readings are all new
+            self.last_taken.clear()
+            self.offset_ms = estimate
+        elif self.offset_ms is None or estimate > self.offset_ms:
+            # within a boot the true offset stays put and every estimate errs early
+            # (see LinkUp): keep the largest, so that a point's times never step back
+            # from one session to the next
+            self.offset_ms = estimate
 
 
 def _wall_ms() -> int:
