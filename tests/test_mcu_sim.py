@@ -247,6 +247,25 @@ def test_a_reading_delivered_twice_is_stored_once() -> None:
     assert stamps(150, 4_000) == [85_150, 85_150, 89_000, 89_000]
 
 
+def test_heartbeats_rebase_the_clock_on_drift_not_on_a_busy_host() -> None:
+    driver = McuDriver([mcu_device("/dev/null", {1: "level"})])
+    clock = driver._clocks["mcu"]
+    clock.session(hello_sent_ms=10_000, uptime_ms=0)
+    # one heartbeat read a second late (the host was busy): nothing moves
+    assert not clock.heartbeat(wall_ms=12_000, uptime_ms=1_000, max_skew_ms=500)
+    assert not clock.heartbeat(wall_ms=12_000, uptime_ms=2_000, max_skew_ms=500)
+    assert clock.offset_ms == 10_000
+    # the device's crystal runs slow: every heartbeat says so, the least skew is taken
+    skews = [900, 800, 850, 700, 950]
+    moved = [
+        clock.heartbeat(13_000 + i * 1000 + k, 3_000 + i * 1000, 500) for i, k in enumerate(skews)
+    ]
+    assert moved == [False] * 4 + [True] and clock.offset_ms == 10_700
+    # a device ahead of the host (or the host's clock stepped back): at once
+    assert clock.heartbeat(wall_ms=17_000, uptime_ms=8_000, max_skew_ms=500)
+    assert clock.offset_ms == 9_000
+
+
 def test_config_rejects_duplicate_sensor_ids() -> None:
     dev = McuDeviceSettings.model_validate({"port": "/dev/null"})
     problems = McuDriver.check_device(

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,9 +287,7 @@ class McuDriver(Driver):
                     else:
                         health.skipped_polls += 1
                 elif isinstance(msg, m.Heartbeat):
-                    skew = _wall_ms() - (clock.offset_ms + msg.uptime_ms)
-                    if abs(skew) > s.max_skew * 1000:
-                        clock.offset_ms += skew
+                    if clock.heartbeat(_wall_ms(), msg.uptime_ms, round(s.max_skew * 1000)):
                         counters["clock_rebased"] += 1
                 elif isinstance(msg, m.Log):
                     counters["device_logs"] += 1
@@ -336,6 +334,9 @@ class McuDriver(Driver):
             log.warning("%s (%d times since the last report)", text, n)
 
 
+#: heartbeats in a row that must all show the device behind before the offset moves later
+SKEW_HEARTBEATS = 5
+
 #: an offset estimate this much later than the current one means the device rebooted
 #: (uptime restarted); within a boot, estimates differ by the link's delays only
 REBOOT_STEP_MS = 2000
@@ -346,6 +347,9 @@ class _DeviceClock:
     """A device's uptime -> wall-clock mapping, kept across sessions and port reopens."""
 
     offset_ms: int | None = None
+    # the latest heartbeats' skews (host clock - device time): a late arrival (a busy
+    # host) looks like a device behind, never like one ahead
+    skews: deque[int] = field(default_factory=lambda: deque(maxlen=SKEW_HEARTBEATS))
     # sensor id -> the uptime of its last reading taken: the link delivers at least once
     # (a READINGS frame in flight when a session ends is sent again in the next one),
     # and uptime, monotonic within a boot, tells a repeat apart
@@ -367,6 +371,25 @@ class _DeviceClock:
             # (see LinkUp): keep the largest, so that a point's times never step back
             # from one session to the next
             self.offset_ms = estimate
+        self.skews.clear()
+
+    def heartbeat(self, wall_ms: int, uptime_ms: int, max_skew_ms: int) -> bool:
+        """Re-bases the offset on drift beyond `max_skew_ms`; True if it did. A device
+        ahead of the host is corrected at once (no delay explains it); one behind only
+        when `SKEW_HEARTBEATS` heartbeats in a row all say so, by the least of them, so
+        that a host busy for a second does not shift the times of what follows."""
+        assert self.offset_ms is not None
+        skew = wall_ms - (self.offset_ms + uptime_ms)
+        self.skews.append(skew)
+        if skew < -max_skew_ms:
+            correction = skew
+        elif len(self.skews) == SKEW_HEARTBEATS and min(self.skews) > max_skew_ms:
+            correction = min(self.skews)
+        else:
+            return False
+        self.offset_ms += correction
+        self.skews.clear()
+        return True
 
 
 def _wall_ms() -> int:
