@@ -59,3 +59,11 @@ def pg_url() -> Iterator[str]:
             admin.execute(
                 sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
             )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A platform store URL: a SQLite file, then a private PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'platform.db'}"
+    return str(request.getfixturevalue("pg_url"))

@@ -109,13 +109,6 @@ def fill(store: Store, now: int) -> Filled:
     return Filled("", now, recent, letters)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'platform.db'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
 @pytest.fixture
 def filled(store_url: str) -> Iterator[Filled]:
     store = open_store(store_url)

@@ -55,13 +55,6 @@ def make_meta(gateway: str = GW, unit: str = "µε") -> Meta:
 # -- stores ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'platform.db'}"
-    return str(request.getfixturevalue("pg_url"))
-
-
 @pytest.fixture
 def store(store_url: str) -> Iterator[Store]:
     s = open_store(store_url)
