@@ -499,13 +499,6 @@ def _status_table(agent: Agent, ingested: int, elapsed: float, duration: float) 
     return t
 
 
-async def _stop_mcu(sim: SimMcu, task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    sim.close()
-
-
 async def run_demo(
     duration: float,
     console: Console | None = None,
@@ -523,8 +516,7 @@ async def run_demo(
     async with contextlib.AsyncExitStack() as stack:
         await modbus.start()
         stack.push_async_callback(modbus.stop)
-        mcu = SimMcu.on_pty(interval=1.0, seed=7)
-        stack.push_async_callback(_stop_mcu, mcu, asyncio.create_task(mcu.run(), name="sim-mcu"))
+        mcu = await stack.enter_async_context(SimMcu.on_pty(interval=1.0, seed=7).running())
         store = open_store(f"sqlite:///{workdir / 'platform.db'}")
         stack.callback(store.close)
         ingest_task: asyncio.Task[None] | None = None

@@ -89,7 +89,6 @@ async def bench_ota(size: int, window: int) -> tuple[float, float, int]:
     key = Ed25519PrivateKey.generate()
     package = fw.sign(random.Random(5).randbytes(size), key, fw.Version(1, 1, 0), HW)
     sim = SimMcu.on_pty(interval=1.0, hardware_id=HW, ota_public_key=key.public_key())
-    sim_task = asyncio.create_task(sim.run())
     marks: list[float] = []
 
     def progress(done: int, total: int) -> None:
@@ -98,17 +97,11 @@ async def bench_ota(size: int, window: int) -> tuple[float, float, int]:
         if done >= total and len(marks) == 1:
             marks.append(time.perf_counter())
 
-    try:
-        async with McuBridge(sim.port, BAUD, pace_baud=BAUD) as bridge:
-            await bridge.wait_up(10)
-            settings = PushSettings(window=window, stall_timeout=30.0)
-            policy = fw.UpdatePolicy(key.public_key())
-            result = await push_firmware(
-                bridge, package, policy, progress=progress, settings=settings
-            )
-    finally:
-        sim_task.cancel()
-        sim.close()
+    async with sim.running(), McuBridge(sim.port, BAUD, pace_baud=BAUD) as bridge:
+        await bridge.wait_up(10)
+        settings = PushSettings(window=window, stall_timeout=30.0)
+        policy = fw.UpdatePolicy(key.public_key())
+        result = await push_firmware(bridge, package, policy, progress=progress, settings=settings)
     if result.outcome is not Outcome.UPDATED or len(marks) != 2:
         raise SystemExit(f"OTA did not complete: {result.summary()}")
     elapsed = marks[1] - marks[0]

@@ -200,14 +200,10 @@ async def _sim_mcu(args: argparse.Namespace) -> int:
         args.link.unlink(missing_ok=True)
         args.link.symlink_to(sim.port)
     _say(f"mcu: firmware {sim.slots.version} on {args.link or sim.port} (pty {sim.port})")
-    task = asyncio.create_task(sim.run())
     try:
-        await _until_stopped(args.duration)
+        async with sim.running():
+            await _until_stopped(args.duration)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sim.close()
         if args.link:
             args.link.unlink(missing_ok=True)
     _say(f"mcu: {dict(sim.counts)}")

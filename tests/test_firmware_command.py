@@ -7,7 +7,6 @@ up/resp. Other commands are answered while the update runs."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from pathlib import Path
 from typing import Any
@@ -97,87 +96,83 @@ def test_firmware_update_command_end_to_end(mosquitto: Mosquitto, tmp_path: Path
             timers=Timers(heartbeat=0.3),
             ota_public_key=KEY.public_key(),
         )
-        sim_task = asyncio.create_task(sim.run())
-        text = CONFIG.format(
-            broker=mosquitto.url,
-            buffer=tmp_path / "buf.db",
-            port=sim.port,
-            missing=tmp_path / "ttyNONE",
-        )
-        config = parse_config(text, base_dir=tmp_path)
-        release = asyncio.Event()  # the good download completes when the test says so
+        async with sim.running():
+            text = CONFIG.format(
+                broker=mosquitto.url,
+                buffer=tmp_path / "buf.db",
+                port=sim.port,
+                missing=tmp_path / "ttyNONE",
+            )
+            config = parse_config(text, base_dir=tmp_path)
+            release = asyncio.Event()  # the good download completes when the test says so
 
-        async def fetch(url: str) -> bytes:
-            fetched.append(url)
-            if url == URL:
-                await release.wait()
-                return PACKAGE
-            return FORGED
+            async def fetch(url: str) -> bytes:
+                fetched.append(url)
+                if url == URL:
+                    await release.wait()
+                    return PACKAGE
+                return FORGED
 
-        agent = Agent(config, fetch_firmware=fetch)
-        await agent.start()
-        answers: dict[str, dict[str, Any]] = {}
-        order: list[str] = []
-        running: str | None = None
-        try:
-            async with aiomqtt.Client("127.0.0.1", mosquitto.port) as platform:
-                await platform.subscribe(resp, qos=1)
+            agent = Agent(config, fetch_firmware=fetch)
+            await agent.start()
+            answers: dict[str, dict[str, Any]] = {}
+            order: list[str] = []
+            running: str | None = None
+            try:
+                async with aiomqtt.Client("127.0.0.1", mosquitto.port) as platform:
+                    await platform.subscribe(resp, qos=1)
 
-                async def wait_for(*ids: str) -> None:
-                    async with asyncio.timeout(60):
-                        async for message in platform.messages:
-                            assert isinstance(message.payload, bytes)
-                            body = orjson.loads(message.payload)
-                            answers[body["id"]] = body
-                            order.append(body["id"])
-                            if all(i in answers for i in ids):
-                                return
+                    async def wait_for(*ids: str) -> None:
+                        async with asyncio.timeout(60):
+                            async for message in platform.messages:
+                                assert isinstance(message.payload, bytes)
+                                body = orjson.loads(message.payload)
+                                answers[body["id"]] = body
+                                order.append(body["id"])
+                                if all(i in answers for i in ids):
+                                    return
 
-                for _ in range(200):  # until the agent is connected and subscribed
-                    if agent.uplink and agent.uplink.status.state == "online":
-                        break
-                    await asyncio.sleep(0.05)
-                await asyncio.sleep(0.3)
-                driver = next(d for d in agent.drivers if isinstance(d, McuDriver))
-                for _ in range(200):  # and the mcu link is up
-                    bridge = driver.bridges.get("mcu")
-                    if bridge is not None and bridge.is_up:
-                        break
-                    await asyncio.sleep(0.05)
-                # refused by the checks, before any download
-                for body in (
-                    fw_cmd("f-http", url="http://fw.example/mcu/1.1.0.cgfw"),
-                    fw_cmd("f-unknown", device="nope"),
-                    fw_cmd("f-nokey", device="mcu-2"),
-                    fw_cmd("f-sim", device="pump"),
-                ):
-                    await platform.publish(down, body, qos=1)
-                await wait_for("f-http", "f-unknown", "f-nokey", "f-sim")
-                assert fetched == []
-                # a package signed with another key: refused before any OTA message
-                await platform.publish(down, fw_cmd("f-forged", url=FORGED_URL), qos=1)
-                await wait_for("f-forged")
-                assert sim.counts["ota_messages"] == 0
-                # the real one; meanwhile a second update is refused and a write answered
-                await platform.publish(down, fw_cmd("f-ok", sha256=IMAGE_SHA), qos=1)
-                await platform.publish(down, fw_cmd("f-again"), qos=1)
-                write = {"id": "w1", "op": "write", "point": "pump/setpoint", "value": 7}
-                await platform.publish(down, orjson.dumps(write), qos=1)
-                await wait_for("f-again", "w1")
-                running = None if "f-ok" in answers else "f-ok"
-                release.set()
-                await wait_for("f-ok")
-                # the device reports the new version to the driver's own bridge, which
-                # stayed open all along (the update never opened the port a second time)
-                assert bridge is not None and driver.bridges.get("mcu") is bridge
-                caps = bridge.capabilities
-                assert caps is not None and str(caps.firmware) == "1.1.0"
-        finally:
-            await agent.stop()
-            sim_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sim_task
-            sim.close()
+                    for _ in range(200):  # until the agent is connected and subscribed
+                        if agent.uplink and agent.uplink.status.state == "online":
+                            break
+                        await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.3)
+                    driver = next(d for d in agent.drivers if isinstance(d, McuDriver))
+                    for _ in range(200):  # and the mcu link is up
+                        bridge = driver.bridges.get("mcu")
+                        if bridge is not None and bridge.is_up:
+                            break
+                        await asyncio.sleep(0.05)
+                    # refused by the checks, before any download
+                    for body in (
+                        fw_cmd("f-http", url="http://fw.example/mcu/1.1.0.cgfw"),
+                        fw_cmd("f-unknown", device="nope"),
+                        fw_cmd("f-nokey", device="mcu-2"),
+                        fw_cmd("f-sim", device="pump"),
+                    ):
+                        await platform.publish(down, body, qos=1)
+                    await wait_for("f-http", "f-unknown", "f-nokey", "f-sim")
+                    assert fetched == []
+                    # a package signed with another key: refused before any OTA message
+                    await platform.publish(down, fw_cmd("f-forged", url=FORGED_URL), qos=1)
+                    await wait_for("f-forged")
+                    assert sim.counts["ota_messages"] == 0
+                    # the real one; meanwhile a second update is refused and a write answered
+                    await platform.publish(down, fw_cmd("f-ok", sha256=IMAGE_SHA), qos=1)
+                    await platform.publish(down, fw_cmd("f-again"), qos=1)
+                    write = {"id": "w1", "op": "write", "point": "pump/setpoint", "value": 7}
+                    await platform.publish(down, orjson.dumps(write), qos=1)
+                    await wait_for("f-again", "w1")
+                    running = None if "f-ok" in answers else "f-ok"
+                    release.set()
+                    await wait_for("f-ok")
+                    # the device reports the new version to the driver's own bridge, which
+                    # stayed open all along (the update never opened the port a second time)
+                    assert bridge is not None and driver.bridges.get("mcu") is bridge
+                    caps = bridge.capabilities
+                    assert caps is not None and str(caps.firmware) == "1.1.0"
+            finally:
+                await agent.stop()
         return answers, order, sim, running
 
     answers, order, sim, running = asyncio.run(scenario())

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,19 +42,10 @@ SETTINGS = PushSettings(window=4, ack_timeout=5.0, stall_timeout=120.0, reboot_t
 pytestmark = pytest.mark.timeout(180)
 
 
-@contextlib.asynccontextmanager
-async def simulated(**kwargs: object) -> AsyncIterator[SimMcu]:
-    sim = SimMcu.on_pty(
+def simulated(**kwargs: object) -> contextlib.AbstractAsyncContextManager[SimMcu]:
+    return SimMcu.on_pty(
         interval=1.0, hardware_id=HW, timers=TIMERS, ota_public_key=KEY.public_key(), **kwargs
-    )
-    task = asyncio.create_task(sim.run())
-    try:
-        yield sim
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sim.close()
+    ).running()
 
 
 def chunks(sim: SimMcu) -> int:

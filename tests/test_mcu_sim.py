@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,17 +24,8 @@ pytestmark = pytest.mark.timeout(60)
 FAST = Timers(rto=0.3, rto_max=1.0, retries=4, heartbeat=0.3, lost_after=3, hello_interval=0.3)
 
 
-@contextlib.asynccontextmanager
-async def running_sim(**kwargs: object) -> AsyncIterator[SimMcu]:
-    sim = SimMcu.on_pty(**kwargs)
-    task = asyncio.create_task(sim.run())
-    try:
-        yield sim
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        sim.close()
+def running_sim(**kwargs: object) -> contextlib.AbstractAsyncContextManager[SimMcu]:
+    return SimMcu.on_pty(**kwargs).running()
 
 
 class Sink:

@@ -42,7 +42,7 @@ import random
 import time
 import tty
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -163,6 +163,18 @@ class SimMcu:
         return sim
 
     _slave: int | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[SimMcu]:
+        """Runs the sim for the `async with` block, then stops it and closes the pty."""
+        task = asyncio.create_task(self.run(), name="sim-mcu")
+        try:
+            yield self
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.close()
 
     def close(self) -> None:
         """Closes both ends of the pty (after `run` was cancelled); idempotent."""
