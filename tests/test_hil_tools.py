@@ -38,6 +38,7 @@ from hil.faults import (
     kill_at_random,
     limit_file_size,
 )
+from hil.mqtt_packets import connect_packet, publish_packet
 from hil.proxy import MalformedPacket, MqttProxy, read_packet
 from hil.sim_ble import BleTagsSim, write_replay
 from hil.sim_modbus import (
@@ -63,30 +64,6 @@ async def eventually(cond: Callable[[], bool], what: str, timeout: float = WAIT_
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout}s: {what}")
         await asyncio.sleep(0.01)
-
-
-# -- raw MQTT 3.1.1 packets --------------------------------------------------------------
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def connect_packet(client_id: str) -> bytes:
-    cid = client_id.encode()
-    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
-    return b"\x10" + varint(len(body)) + body
-
-
-def publish_packet(topic: str, payload: bytes, mid: int) -> bytes:
-    t = topic.encode()
-    body = len(t).to_bytes(2, "big") + t + mid.to_bytes(2, "big") + payload
-    return b"\x32" + varint(len(body)) + body
 
 
 CONNACK_OK = b"\x20\x02\x00\x00"
@@ -124,11 +101,11 @@ def test_read_packet_frames_any_chunking() -> None:
     async def main() -> None:
         reader = asyncio.StreamReader()
         big = publish_packet("a/b", b"x" * 20_000, 7)  # 3-byte remaining length
-        stream = connect_packet("c") + big + b"\xc0\x00" + b"\xe0\x00"
+        stream = connect_packet("c", keepalive=60) + big + b"\xc0\x00" + b"\xe0\x00"
         for i in range(0, len(stream), 5):  # 5-byte reads: every packet split
             reader.feed_data(stream[i : i + 5])
         reader.feed_eof()
-        assert await read_packet(reader) == (1, connect_packet("c"))
+        assert await read_packet(reader) == (1, connect_packet("c", keepalive=60))
         assert await read_packet(reader) == (3, big)
         assert await read_packet(reader) == (12, b"\xc0\x00")
         assert await read_packet(reader) == (14, b"\xe0\x00")
@@ -163,7 +140,7 @@ def test_proxy_frames_split_and_coalesced_packets(mosquitto: Mosquitto) -> None:
     async def main() -> None:
         async with MqttProxy("127.0.0.1", mosquitto.port) as proxy:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            connect = connect_packet("raw-split")
+            connect = connect_packet("raw-split", keepalive=60)
             for part in (connect[:1], connect[1:3], connect[3:]):  # one packet, three writes
                 writer.write(part)
                 await writer.drain()
