@@ -60,6 +60,24 @@ def state_bytes(table: StageTable[Any]) -> dict[str, bytes]:
     return {name: arr.tobytes() for name, (arr, _) in table.state.items()}
 
 
+class Sink:
+    """A driver's sink that keeps every batch pushed to it."""
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+
+    def push(self, batch: Batch) -> bool:
+        self.batches.append(batch)
+        return True
+
+    def rows(self) -> list[tuple[int, int, float, int]]:
+        """Every reading pushed, as (point id, ts, value, quality), in push order."""
+        return [r for b in self.batches for r in b.rows()]
+
+    def values(self, point_id: int) -> list[float]:
+        return [v for pid, _, v, _ in self.rows() if pid == point_id]
+
+
 async def run_driver_until(
     driver: Driver, sink: BatchSink, done: Callable[[], bool], timeout: float = 10.0
 ) -> None:

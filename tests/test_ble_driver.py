@@ -24,8 +24,7 @@ from drivers.ble.driver import BleDriver, SourceConfig
 from drivers.ble.gatt import GattClient
 from drivers.ble.settings import BleDeviceSettings, BlePointSettings
 from drivers.ble.source import ReplaySource, load_recording
-from native.batch import Batch
-from tests.helpers import run_driver_until
+from tests.helpers import Sink, run_driver_until
 
 BLE = Path(__file__).resolve().parent.parent / "drivers" / "ble"
 DEMO = BLE / "replay" / "demo.jsonl"
@@ -38,18 +37,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[Batch] = []
-
-    def push(self, batch: Batch) -> bool:
-        self.batches.append(batch)
-        return True
-
-    def values(self, point_id: int) -> list[float]:
-        return [v for b in self.batches for pid, _, v, _ in b.rows() if pid == point_id]
 
 
 _next_id = iter(range(1, 10_000))

@@ -16,8 +16,7 @@ from drivers.mcu.simulator import SimMcu
 from firmware_bridge import messages as m
 from firmware_bridge.bridge import McuBridge, SendError
 from firmware_bridge.link import LinkLost, LinkUp, Timers
-from native.batch import Batch
-from tests.helpers import run_driver_until
+from tests.helpers import Sink, run_driver_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,22 +25,6 @@ FAST = Timers(rto=0.3, rto_max=1.0, retries=4, heartbeat=0.3, lost_after=3, hell
 
 def running_sim(**kwargs: object) -> contextlib.AbstractAsyncContextManager[SimMcu]:
     return SimMcu.on_pty(**kwargs).running()
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[Batch] = []
-
-    def push(self, batch: Batch) -> bool:
-        self.batches.append(batch)
-        return True
-
-    def readings(self) -> list[tuple[int, int, float, int]]:
-        return [
-            (b.point_ids[i], b.timestamps[i], b.values[i], b.quality[i])
-            for b in self.batches
-            for i in range(len(b))
-        ]
 
 
 def mcu_device(port: str, sensors: dict[int, str], **settings: object) -> DeviceSpec:
@@ -67,9 +50,9 @@ async def _readings_flow_through_the_driver_as_batches() -> None:
         driver = McuDriver([mcu_device(sim.port, {1: "level", 2: "tilt", 3: "temperature"})])
         sink = Sink()
         t0 = time.time_ns() // 1_000_000
-        await run_driver_until(driver, sink, lambda: len(sink.readings()) >= 60, timeout=20)
+        await run_driver_until(driver, sink, lambda: len(sink.rows()) >= 60, timeout=20)
         t1 = time.time_ns() // 1_000_000
-    rows = sink.readings()
+    rows = sink.rows()
     by_point: dict[int, list[tuple[int, float, int]]] = {}
     for pid, ts, value, q in rows:
         by_point.setdefault(pid, []).append((ts, value, q))
@@ -94,7 +77,7 @@ async def _readings_over_a_garbled_line_arrive_once_in_order() -> None:
         sim.faults.garbage_tx = 0.3  # a frame in three bit-flipped, cut short or after junk
         driver = McuDriver([mcu_device(sim.port, {1: "level", 2: "tilt", 3: "temp", 4: "mv"})])
         sink = Sink()
-        await run_driver_until(driver, sink, lambda: len(sink.readings()) >= 200, timeout=30)
+        await run_driver_until(driver, sink, lambda: len(sink.rows()) >= 200, timeout=30)
     health = driver.health()["mcu"]
     garbled = {k: n for k, n in sim.counts.items() if k.startswith("garbage_")}
     # how many of each kind depends on how many frames 200 readings took: at least some
@@ -102,7 +85,7 @@ async def _readings_over_a_garbled_line_arrive_once_in_order() -> None:
     assert sum(garbled.values()) >= 5, garbled
     assert health.errors >= 5 and "bad frame" in (health.last_error or "")
     by_point: dict[int, list[int]] = {}
-    for pid, ts, _, _ in sink.readings():
+    for pid, ts, _, _ in sink.rows():
         by_point.setdefault(pid, []).append(ts)
     for stamps in by_point.values():
         # resent frames are never overtaken (one READINGS in flight): in order, once each

@@ -18,7 +18,8 @@ from drivers.base import DeviceSpec, PointSpec
 from drivers.modbus import ModbusDeviceSettings, ModbusPointSettings
 from drivers.modbus.driver import ModbusDriver
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
-from native.batch import GOOD, Batch
+from native.batch import GOOD
+from tests.helpers import Sink
 
 POLL_S = 0.05
 INTER_FRAME_S = 0.01
@@ -113,15 +114,6 @@ def rtu_device(name: str, tty: str, unit: int, points: tuple[PointSpec, ...]) ->
         ),
         points=points,
     )
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[Batch] = []
-
-    def push(self, batch: Batch) -> bool:
-        self.batches.append(batch)
-        return True
 
 
 def test_two_units_on_one_rtu_bus_are_read_in_turn() -> None:

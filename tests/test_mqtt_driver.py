@@ -16,7 +16,7 @@ from agent.cli import app
 from agent.config import ConfigError, parse_config
 from agent.runtime import device_specs
 from drivers.mqtt.driver import MqttDriver
-from native.batch import Batch
+from tests.helpers import Sink
 
 HEAD = '[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n'
 T0_MS = 1_700_000_000_000
@@ -64,18 +64,6 @@ device_value = "dev-0008"
   scale = 0.1
 """
     )
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.batches: list[Batch] = []
-
-    def push(self, batch: Batch) -> bool:
-        self.batches.append(batch)
-        return True
-
-    def rows(self) -> list[tuple[int, int, float, int]]:
-        return [r for b in self.batches for r in b.rows()]
 
 
 def make_driver(url: str) -> tuple[MqttDriver, dict[str, int]]:
