@@ -234,7 +234,7 @@ class IngestWorker:
         while True:
             try:
                 if work.batches:
-                    results = await asyncio.to_thread(self._store_batches, work.batches)
+                    results = await asyncio.to_thread(self.store.store_batches, work.batches)
                     stored = [b for b, ok in zip(work.batches, results, strict=True) if ok]
                     self.counters.batches_stored += len(stored)
                     for _, _, body in stored:
@@ -272,9 +272,6 @@ class IngestWorker:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
-
-    def _store_batches(self, items: Sequence[tuple[str, Envelope, Body]]) -> list[bool]:
-        return self.store.store_batches(items)
 
     async def deliver(self, topic: str, payload: bytes) -> None:
         """Decode and store one message handed over in-process (no broker), returning
