@@ -39,6 +39,8 @@ app = typer.Typer(
     help="Edge gateway for city sensors.",
     no_args_is_help=True,
     add_completion=False,
+    # a traceback must not print local variables: broker and database URLs hold passwords
+    pretty_exceptions_show_locals=False,
 )
 
 

@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import typer
@@ -41,6 +40,7 @@ from rich.text import Text
 
 from agent.cli_common import EXIT_NO_FILE, fail, out_console
 from agent.ingest.store import AlarmEpisode, DeadLetter, GatewayInfo, PointReading, Store
+from agent.redact import redact
 from agent.status import _age as age
 from agent.units import parse_duration
 from native.batch import QUALITY_NAMES
@@ -68,18 +68,6 @@ SUGGESTIONS = 5
 
 
 # -- opening the store, read-only in spirit ------------------------------------------------
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def open_existing(url: str) -> Store:

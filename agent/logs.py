@@ -1,7 +1,12 @@
 """Structured logging: one JSON object per line for the service (journald, log
 shippers), readable lines for a technician's terminal, and a throttle so that a
 flood of identical warnings (a dead sensor, a full buffer) becomes one line per
-interval with a count."""
+interval with a count.
+
+Both formatters mask secrets before a line is written (agent/redact.py): URL passwords and
+``password=…`` in the message, in `extra` values (nested too) and in exception text, and
+the whole value of an `extra` key named like a secret (``password``, ``token``, …). Code
+still shows URLs through `redact`; this is the net for what slips through."""
 
 from __future__ import annotations
 
@@ -12,12 +17,32 @@ from typing import Any
 
 import orjson
 
+from agent.redact import MASK, is_secret_key, redact
+
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
+def _masked(key: str, value: Any) -> Any:
+    if is_secret_key(key):
+        return MASK
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _masked(str(k), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked("", v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_masked("", v) for v in value)
+    return value  # numbers as they are; other objects are masked as text when shown
+
+
+def _text(value: object) -> str:
+    return redact(str(value))
+
+
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+    return {k: _masked(k, v) for k, v in record.__dict__.items() if k not in _STANDARD}
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,23 +51,24 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
             **_fields(record),
         }
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+            entry["exc"] = redact(self.formatException(record.exc_info))
+        # dataclasses too go through `_text` (their repr), so a password field is masked
+        return orjson.dumps(entry, default=_text, option=orjson.OPT_PASSTHROUGH_DATACLASS).decode()
 
 
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        extra = " ".join(f"{k}={_text(v)}" for k, v in _fields(record).items())
         line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} "
-        line += f"{record.levelname:<7} {record.name}: {record.getMessage()}"
+        line += f"{record.levelname:<7} {record.name}: {redact(record.getMessage())}"
         if extra:
             line += f" [{extra}]"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + redact(self.formatException(record.exc_info))
         return line
 
 

@@ -5,11 +5,13 @@ for them: shared by the uplink, the ingest and config validation."""
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 from urllib.parse import unquote, urlsplit
 
 from pydantic import AfterValidator
+
+from agent.redact import redact
 
 ALLOWED = "use mqtt://host[:port] (default port 1883) or mqtts://host[:port] (8883)"
 
@@ -20,7 +22,7 @@ class BrokerAddress:
     port: int
     tls: bool
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     has_path: bool = False
 
     @classmethod
@@ -30,11 +32,11 @@ class BrokerAddress:
             parts = urlsplit(url)
             port = parts.port
         except ValueError:
-            raise ValueError(f"{url!r} is not a valid broker URL; {ALLOWED}") from None
+            raise ValueError(f"{redact(url)!r} is not a valid broker URL; {ALLOWED}") from None
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"{url!r} is not a valid broker URL; {ALLOWED}")
+            raise ValueError(f"{redact(url)!r} is not a valid broker URL; {ALLOWED}")
         if port == 0:
-            raise ValueError(f"{url!r} is not a valid broker URL; port must be 1..65535")
+            raise ValueError(f"{redact(url)!r} is not a valid broker URL; port must be 1..65535")
         tls = parts.scheme == "mqtts"
         return cls(
             host=parts.hostname,
@@ -53,7 +55,7 @@ def check_config_broker(url: str) -> str:
     if address.username or address.password:
         raise ValueError("the broker URL must not contain credentials; use username and password")
     if address.has_path:
-        raise ValueError(f"{url!r} is not a valid broker URL; {ALLOWED}")
+        raise ValueError(f"{redact(url)!r} is not a valid broker URL; {ALLOWED}")
     return url
 
 

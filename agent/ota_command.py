@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.commands import FirmwareUpdateCommand, response
+from agent.redact import redact
 from firmware_bridge.image import FirmwareError, parse
 from firmware_bridge.ota import OtaResult, Outcome
 
@@ -54,7 +55,9 @@ async def run_update(cmd: FirmwareUpdateCommand, update: Update, fetch: Fetch) -
     try:
         data = await fetch(cmd.url)
     except Exception as exc:  # any download failure is the command's answer, not a crash
-        return OtaResult(Outcome.FAILED, f"cannot fetch {cmd.url}: {type(exc).__name__}: {exc}")
+        # the URL may carry credentials or a token, and the error may repeat it
+        what = redact(f"cannot fetch {cmd.url}: {type(exc).__name__}: {exc}")
+        return OtaResult(Outcome.FAILED, what)
     if len(data) > MAX_PACKAGE_BYTES:
         return OtaResult(Outcome.REFUSED, f"the package is larger than {MAX_PACKAGE_BYTES} bytes")
     if cmd.sha256 is not None:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from agent.redact import redact
+
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
@@ -132,7 +134,7 @@ async def _sim_mqtt(args: argparse.Namespace) -> int:
     )
     _say(
         f"mqtt: {len(sensors.names)} sensors ({', '.join(sensors.names)}) publishing "
-        f"{args.rate:g}/s each to {args.broker}"
+        f"{args.rate:g}/s each to {redact(args.broker)}"
     )
     await sensors.start()
     try:

@@ -39,6 +39,7 @@ import aiomqtt
 import orjson
 
 from agent.mqtt_url import BrokerAddress
+from agent.redact import redact
 
 __all__ = ["GARBAGE_KINDS", "GarbageKind", "MqttSensors", "SentMessage"]
 
@@ -97,7 +98,7 @@ class MqttSensors:
             raise ValueError(f"kinds must be some of {GARBAGE_KINDS}, got {list(kinds)}")
         self.address = BrokerAddress.parse(broker_url)
         if self.address.tls:
-            raise ValueError(f"{broker_url}: the simulated sensors speak plain MQTT only")
+            raise ValueError(f"{redact(broker_url)}: the simulated sensors speak plain MQTT only")
         if names is None:
             names = [f"airbox-{i}" for i in range(1, count + 1)]
         self.names: tuple[str, ...] = tuple(names)
