@@ -20,7 +20,11 @@ Uplink envelope: a fixed 32-byte big-endian header, then the codec body::
     32     ...  codec payload (`native.codec`)
 
 The platform deduplicates on (gateway, stream, seq). Every parser here raises only
-`WireError` (a `ValueError`) on bad input, whatever the bytes.
+`WireError` (a `ValueError`) on bad input, whatever the bytes, and what it accepts every
+platform store can keep: no string with a NUL (PostgreSQL text refuses it) or a lone
+surrogate (not UTF-8), ids and names within what a PostgreSQL index entry holds, integers
+within their columns (all bigint, or wider than the wire's range), a `location` that
+serialises back to JSON.
 """
 
 from __future__ import annotations
@@ -68,7 +72,20 @@ META_VERSION: Final = 1
 MAX_U32: Final = 2**32 - 1
 MAX_U64: Final = 2**64 - 1
 
+#: the longest gateway id (any topic level), in UTF-8 bytes: every store keys on it, and a
+#: PostgreSQL btree entry holds at most 2704 bytes, (gateway, point key) together
+MAX_ID_BYTES: Final = 256
+#: the longest meta string (point key, device, name, unit, ..., site) or alarm rule id
+MAX_TEXT_BYTES: Final = 1024
+#: a meta's `location`: at most this deep and this large as JSON (orjson writes at most
+#: 254 levels, so a deeper one would decode here and then fail in the store)
+MAX_LOCATION_DEPTH: Final = 16
+MAX_LOCATION_BYTES: Final = 64 * 1024
+
 _STREAM_RE: Final = re.compile(r"[0-9a-f]{32}")
+#: a gateway id (`gateway.id`), which is also its MQTT username: no '.', so the broker's
+#: role users (role.ingest, ...) can never be taken for a gateway (deploy/mosquitto)
+GATEWAY_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class WireError(ValueError):
@@ -82,11 +99,33 @@ class UnknownVersionError(WireError):
 # -- topics ---------------------------------------------------------------------------------
 
 
+def check_text(value: str, what: str, limit: int = MAX_TEXT_BYTES) -> None:
+    """A string every store can keep, or WireError naming `what` is wrong with it."""
+    if "\x00" in value:
+        raise WireError(f"{what} contains a NUL character, which the platform cannot store")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise WireError(f"{what} contains a lone surrogate (not valid Unicode)") from None
+    if size > limit:
+        raise WireError(f"{what} is {size} bytes long (UTF-8), at most {limit} allowed")
+
+
 def _check_level(value: str, what: str) -> None:
     if not isinstance(value, str) or not value:
         raise WireError(f"{what} must be a non-empty string")
     if any(c in value for c in "/+#\x00"):
-        raise WireError(f"{what} {value!r} must not contain '/', '+', '#' or NUL")
+        raise WireError(f"{what} {value[:64]!r} must not contain '/', '+', '#' or NUL")
+    check_text(value, what, MAX_ID_BYTES)
+
+
+def check_gateway_id(gateway: str) -> None:
+    """WireError unless `gateway` is a valid gateway id (GATEWAY_ID)."""
+    _check_level(gateway, "gateway id")
+    if not GATEWAY_ID.fullmatch(gateway):
+        raise WireError(
+            f"gateway id {gateway[:64]!r} is not valid: 1 to 64 letters, digits, '-' or '_'"
+        )
 
 
 def _check_prefix(prefix: str) -> None:
@@ -99,7 +138,7 @@ def _check_prefix(prefix: str) -> None:
 def topic(prefix: str, gateway: str, kind: str) -> str:
     """`topic("citygw", "gw-1", "up/batch")` -> ``"citygw/gw-1/up/batch"``."""
     _check_prefix(prefix)
-    _check_level(gateway, "gateway id")
+    check_gateway_id(gateway)
     if kind not in KINDS:
         raise WireError(f"unknown topic kind {kind!r}; expected one of {sorted(KINDS)}")
     return f"{prefix}/{gateway}/{kind}"
@@ -148,7 +187,9 @@ def ingest_filters(prefix: str = DEFAULT_PREFIX, group: str | None = None) -> li
 
 
 def parse_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
-    """``"citygw/gw-1/up/batch"`` -> ``("gw-1", "up/batch")``; anything else: WireError."""
+    """``"citygw/gw-1/up/batch"`` -> ``("gw-1", "up/batch")``; anything else: WireError,
+    a gateway segment that is not a valid gateway id too (a broker role user's own
+    topics, ``citygw/role.ingest/...``, are nobody's uplinks)."""
     if not isinstance(topic, str):
         raise WireError("topic must be a string")
     head = prefix + "/"
@@ -157,7 +198,7 @@ def parse_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
     gateway, sep, kind = topic[len(head) :].partition("/")
     if not sep or kind not in KINDS:
         raise WireError(f"topic {topic[:200]!r} is not a citygw uplink/state topic")
-    _check_level(gateway, "gateway id")
+    check_gateway_id(gateway)
     return gateway, kind
 
 
@@ -284,6 +325,7 @@ def _str(obj: Mapping[str, Any], field: str, where: str, *, optional: bool = Fal
         return ""
     if not isinstance(value, str):
         raise WireError(f"meta {where}: field {field!r} must be a string")
+    check_text(value, f"meta {where}: field {field!r}")
     return value
 
 
@@ -328,9 +370,13 @@ def meta_from_dict(obj: Any) -> Meta:
     site = obj.get("site")
     if site is not None and not isinstance(site, str):
         raise WireError("meta: 'site' must be a string or null")
+    if site is not None:
+        check_text(site, "meta: field 'site'")
     location = obj.get("location")
     if location is not None and not isinstance(location, Mapping):
         raise WireError("meta: 'location' must be an object or null")
+    if location is not None:
+        _check_location(location)
     if "points" not in obj:
         raise WireError("meta: missing field 'points'")
     raw_points = obj["points"]
@@ -348,6 +394,36 @@ def meta_from_dict(obj: Any) -> Meta:
         site=site,
         location=dict(location) if location is not None else None,
     )
+
+
+def _check_json(value: Any, where: str, depth: int) -> None:
+    """Every string (keys too) storable, at most MAX_LOCATION_DEPTH levels of nesting."""
+    if isinstance(value, str):
+        check_text(value, where, MAX_LOCATION_BYTES)
+    elif isinstance(value, Mapping | list | tuple):
+        if depth >= MAX_LOCATION_DEPTH:
+            raise WireError(f"{where} is nested deeper than {MAX_LOCATION_DEPTH} levels")
+        if not isinstance(value, Mapping):
+            for i, item in enumerate(value):
+                _check_json(item, f"{where}[{i}]", depth + 1)
+            return
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise WireError(f"{where}: the key {key!r:.40} is not a string")
+            check_text(key, f"{where}: a key", MAX_TEXT_BYTES)
+            _check_json(item, f"{where}[{key[:40]!r}]", depth + 1)
+
+
+def _check_location(location: Mapping[str, Any]) -> None:
+    """A meta's free-form `location`: what the stores keep as JSON (jsonb refuses a NUL
+    even escaped), and what serialises back within MAX_LOCATION_BYTES."""
+    _check_json(location, "meta: 'location'", 0)
+    try:
+        size = len(orjson.dumps(location))
+    except TypeError as e:  # a Python caller's value: not JSON, an int beyond 64 bits
+        raise WireError(f"meta: 'location' is not JSON-serialisable: {e}") from None
+    if size > MAX_LOCATION_BYTES:
+        raise WireError(f"meta: 'location' is {size} bytes as JSON, at most {MAX_LOCATION_BYTES}")
 
 
 def encode_meta(meta: Mapping[str, Any] | Meta) -> bytes:
@@ -421,6 +497,7 @@ def _alarm(obj: Any, i: int) -> AlarmEvent:
     rule, severity, state = obj.get("rule"), obj.get("severity"), obj.get("state")
     if not isinstance(rule, str) or not rule:
         raise WireError(f"alarm {where}: 'rule' must be a non-empty string")
+    check_text(rule, f"alarm {where}: 'rule'")
     # a JSON list or object is unhashable: test the type before the membership
     if not isinstance(severity, str) or severity not in _SEVERITIES:
         raise WireError(f"alarm {where}: 'severity' must be one of {', '.join(SEVERITIES)}")
@@ -455,6 +532,7 @@ def decode_alarms(data: bytes | bytearray | memoryview) -> tuple[str, list[Alarm
     gateway = obj.get("gateway")
     if not isinstance(gateway, str):
         raise WireError("alarms: 'gateway' must be a string")
+    check_text(gateway, "alarms: 'gateway'", MAX_ID_BYTES)
     events = obj.get("events")
     if not isinstance(events, list):
         raise WireError("alarms: 'events' must be a list")
@@ -514,5 +592,6 @@ def decode_stats(data: bytes | bytearray | memoryview) -> GatewayStats:
     gateway = obj.get("gateway")
     if not isinstance(gateway, str):
         raise WireError("stats: 'gateway' must be a string")
+    check_text(gateway, "stats: 'gateway'", MAX_ID_BYTES)
     values = {f: _int(obj, f, "", 0, _INT64 - 1) for f in STATS_FIELDS}
     return GatewayStats(gateway=gateway, **values)

@@ -10,7 +10,7 @@ import sqlite3
 import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +53,6 @@ def make_meta(gateway: str = GW, unit: str = "µε") -> Meta:
 
 
 # -- stores ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    s = open_store(store_url)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_open_store_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -707,7 +698,8 @@ def test_worker_reconnects_after_broker_outage(mosquitto: Mosquitto, tmp_path: P
 
 
 class FailingStore:
-    """Wraps a store; its batch writes fail while `failing` is set."""
+    """Wraps a store; its batch writes fail while `failing` is set, as a store that is down
+    does (a transient error: retried, never dead-lettered)."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
@@ -717,7 +709,7 @@ class FailingStore:
     def store_batches(self, items: Any) -> list[bool]:
         self.attempts += 1
         if self.failing:
-            raise RuntimeError("database is down")
+            raise ConnectionRefusedError("database is down")
         return self.inner.store_batches(items)
 
     def __getattr__(self, name: str) -> Any:

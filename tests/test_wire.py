@@ -89,7 +89,7 @@ def test_stats_round_trip_and_rejects() -> None:
         wire.decode_stats(negative)
 
 
-@pytest.mark.parametrize("gateway", ["", "a/b", "a+", "#", "x\x00"])
+@pytest.mark.parametrize("gateway", ["", "a/b", "a+", "#", "x\x00", "role.ingest", "g" * 65])
 def test_topic_rejects_bad_gateway(gateway: str) -> None:
     with pytest.raises(WireError):
         wire.topic("citygw", gateway, "up/batch")
@@ -129,6 +129,12 @@ def test_parse_topic(topic: str, prefix: str, expected: tuple[str, str]) -> None
         "other/gw-1/up/batch",
         "citygwx/gw-1/up/batch",
         "citygw/gw+/up/batch",
+        # the gateway segment must be a gateway id, which a broker's role user is not
+        # (the shipped ACL's gateway patterns give every user its own "<prefix>/%u/up/#")
+        "citygw/role.ingest/up/batch",
+        "citygw/role.commands/state",
+        "citygw/" + "g" * 65 + "/up/meta",
+        "citygw/gw é/up/alarm",
     ],
 )
 def test_parse_topic_rejects(topic: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+from agent.redact import redact
 from agent.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
@@ -261,7 +262,9 @@ def open_store(url: str, *, create: bool = True) -> Store:
         from agent.ingest.store_postgres import PostgresStore
 
         return PostgresStore(url, create=create)
-    raise ValueError(f"unsupported store URL {url!r}: use sqlite:///path.db or postgresql://...")
+    raise ValueError(
+        f"unsupported store URL {redact(url)!r}: use sqlite:///path.db or postgresql://..."
+    )
 
 
 STATS_COLUMNS = ", ".join(("gateway", *STATS_FIELDS))

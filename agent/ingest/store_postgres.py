@@ -426,9 +426,14 @@ class PostgresStore:
         if not self._partitioned or days <= self._days:
             return
         db = self._conn()
-        with db.transaction(), db.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            self._create_partitions(db, cur, days)
+        known = set(self._days)
+        try:
+            with db.transaction(), db.cursor() as cur:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                self._create_partitions(db, cur, days)
+        except BaseException:  # rolled back: those days have no partition yet
+            self._days = known
+            raise
 
     def _conn(self) -> psycopg.Connection[tuple[Any, ...]]:
         """The connection, reopened if the server dropped it (the failed call raised,
@@ -498,14 +503,23 @@ class PostgresStore:
                 )
             if fresh:
                 # after the commit and in key order: the gateway rows are hot when several
-                # workers store at once, so their locks are held for one statement only
-                self._db.execute(
-                    "INSERT INTO gateways AS g (gateway, updated_ms, last_seen_ms) "
-                    "SELECT n, %s, %s FROM unnest(%s::text[]) AS n ORDER BY n "
-                    "ON CONFLICT (gateway) DO UPDATE SET last_seen_ms = "
-                    "GREATEST(g.last_seen_ms, excluded.last_seen_ms)",
-                    (now, now, sorted({g for g, _, _ in fresh})),
-                )
+                # workers store at once, so their locks are held for one statement only.
+                # The uplinks are committed: a failure here must not make the caller store
+                # them again (they would come back as duplicates), it only misses a
+                # last_seen that the next uplink sets.
+                try:
+                    self._db.execute(
+                        "INSERT INTO gateways AS g (gateway, updated_ms, last_seen_ms) "
+                        "SELECT n, %s, %s FROM unnest(%s::text[]) AS n ORDER BY n "
+                        "ON CONFLICT (gateway) DO UPDATE SET last_seen_ms = "
+                        "GREATEST(g.last_seen_ms, excluded.last_seen_ms)",
+                        (now, now, sorted({g for g, _, _ in fresh})),
+                    )
+                except psycopg.Error as e:
+                    log.warning(
+                        "ingest: gateways' last_seen not updated (the uplinks are stored)",
+                        extra={"error": str(e)[:300]},
+                    )
         return results
 
     def _shard(self) -> int:

@@ -41,7 +41,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from itertools import repeat
 from pathlib import Path
 
@@ -210,20 +210,24 @@ def _value(v: float | None, raw: bytes | None) -> float:
 
 
 class SqliteStore:
-    def __init__(self, path: str | Path, create: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, create: bool = True, *, busy_timeout: float = 30.0
+    ) -> None:
+        """`busy_timeout`: how long a write waits for another connection's lock before
+        it fails with "database is locked" (the ingest retries it)."""
         self.path = str(path)
         self._lock = threading.Lock()
+        self._busy_timeout = busy_timeout
         if not create:
             self._db = self._open_existing()
             return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(
-            self.path, check_same_thread=False, isolation_level=None, timeout=30.0
+            self.path, check_same_thread=False, isolation_level=None, timeout=busy_timeout
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
         # the readings index is the hot spot of bulk inserts: give it room (64 MiB)
         self._db.execute("PRAGMA cache_size=-65536")
         self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
@@ -241,7 +245,10 @@ class SqliteStore:
         if self.path == ":memory:" or not path.is_file():
             raise StoreMissing(f"{self.path}: no such database file")
         self._db = sqlite3.connect(
-            f"{path.resolve().as_uri()}?mode=rw", uri=True, check_same_thread=False, timeout=30.0
+            f"{path.resolve().as_uri()}?mode=rw",
+            uri=True,
+            check_same_thread=False,
+            timeout=self._busy_timeout,
         )
         try:
             tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master")}
@@ -269,15 +276,20 @@ class SqliteStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Cursor]:
-        """One write transaction, taken eagerly (BEGIN IMMEDIATE) under the lock."""
+        """One write transaction, taken eagerly (BEGIN IMMEDIATE) under the lock. On any
+        error nothing of it stays and the connection is ready for the next one; the
+        error raised is the one that failed the transaction (SQLite may have rolled back
+        already, after a full disk or an I/O error, and a second ROLLBACK would fail)."""
         with self._lock:
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
             try:
+                cur.execute("BEGIN IMMEDIATE")
                 yield cur
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        cur.execute("ROLLBACK")
                 raise
             finally:
                 cur.close()

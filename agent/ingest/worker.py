@@ -12,6 +12,14 @@ order (so per gateway too), several at a time in one transaction, in a worker th
 so the event loop stays free. Garbage is counted by reason, logged at WARNING
 (rate-limited), kept aside in the store's dead-letter table and then acknowledged, so it
 never blocks the queue nor stops the worker.
+
+A store error is classified (`store_errors.classify`). Transient (the store cannot take
+anything now: connection lost, server restarting, locked, disk full): the same messages
+are tried again with backoff for as long as it lasts, unacknowledged. Refused (this data
+can never be stored): the group is split in halves until the refused message stands
+alone; the others are stored, it becomes a dead letter (reason ``unstorable``) and all
+are acknowledged. Unknown: retried `UNKNOWN_ERROR_ATTEMPTS` times, then handled as
+refused for a message that still fails on its own.
 """
 
 from __future__ import annotations
@@ -19,12 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Final, TypeVar
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -33,8 +41,17 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent import wire
 from agent.ingest.store import DEAD_LETTER_MAX_BYTES, Body, DeadLetter, Store, open_store
+from agent.ingest.store_errors import StoreFault, classify
 from agent.logs import Throttle
 from agent.mqtt_url import BrokerAddress, tls_context
+from agent.reconnect import (
+    STABLE_AFTER_S,
+    MqttClient,
+    ReconnectPolicy,
+    ReconnectSettings,
+    tcp_probe,
+)
+from agent.redact import redact
 from agent.wire import Envelope, Meta, WireError
 from native import codec
 from native.batch import Batch
@@ -42,6 +59,14 @@ from native.batch import Batch
 log = logging.getLogger("citygw.ingest")
 
 DEFAULT_GROUP = "citygw-ingest"
+
+#: store calls that fail with an error `classify` does not know, before the message that
+#: still fails alone is dead-lettered (transient errors are retried without limit)
+UNKNOWN_ERROR_ATTEMPTS: Final = 4
+#: the reject reason of a message that decoded but that the store refuses
+UNSTORABLE: Final = "unstorable"
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -56,7 +81,9 @@ class IngestCounters:
     retained_cleared: int = 0  # empty retained meta/stats/state: a gateway retired
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
     dead_letters_stored: int = 0
-    store_errors: int = 0  # failed store attempts (retried, nothing lost)
+    # failed store calls: retried, or for data the store refuses, its message dead-lettered
+    store_errors: int = 0
+    dead_letters_lost: int = 0  # dead letters the store refused too: logged, then acked
     connects: int = 0
 
     @property
@@ -70,13 +97,28 @@ class _Item:
     message: aiomqtt.Message
 
 
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """The message a decoded item came from: what its dead letter keeps if it is refused."""
+
+    topic: str
+    payload: bytes
+
+
 @dataclass(slots=True)
 class _Work:
-    batches: list[tuple[str, Envelope, Body]] = field(default_factory=list)
-    metas: list[tuple[str, Meta]] = field(default_factory=list)
-    stats: list[wire.GatewayStats] = field(default_factory=list)
-    states: list[tuple[str, bool]] = field(default_factory=list)
+    batches: list[tuple[str, Envelope, Body, _Source]] = field(default_factory=list)
+    metas: list[tuple[str, Meta, _Source]] = field(default_factory=list)
+    stats: list[tuple[wire.GatewayStats, _Source]] = field(default_factory=list)
+    states: list[tuple[str, bool, _Source]] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refused:
+    """A store call given up on: the data was refused (or an unknown error persisted)."""
+
+    error: BaseException
 
 
 class IngestWorker:
@@ -92,12 +134,16 @@ class IngestWorker:
         keepalive: int = 10,
         backoff_min: float = 0.1,
         backoff_max: float = 5.0,
+        probe_interval: float = 0.25,
+        reconnect_spread: float = 0.25,
         max_group: int = 256,
         receive_maximum: int = 1024,
         ca_file: str | None = None,
     ) -> None:
         """`client_id` with `session_expiry` > 0 gives a persistent session: the broker
-        keeps this worker's queued and unacknowledged messages while it is away."""
+        keeps this worker's queued and unacknowledged messages while it is away.
+        `probe_interval` and `reconnect_spread`: agent/reconnect.py (short: a platform runs
+        few workers, and they should subscribe before the gateways are back)."""
         self.broker = broker
         self.address = BrokerAddress.parse(broker)
         self.store = store
@@ -109,6 +155,8 @@ class IngestWorker:
         self.keepalive = keepalive
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
+        self.probe_interval = probe_interval
+        self.reconnect_spread = reconnect_spread
         self.max_group = max_group
         self.receive_maximum = receive_maximum
         self.ca_file = ca_file
@@ -116,44 +164,52 @@ class IngestWorker:
         self.connected = asyncio.Event()  # set while subscribed
         self._throttle = Throttle(10.0)
         self._queue: asyncio.Queue[_Item] | None = None
+        self._online_since: float | None = None  # time.monotonic() of the last subscribe
 
     # -- public ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Receive and store until cancelled; reconnects with backoff."""
+        """Receive and store until cancelled; reconnects by agent/reconnect.py's policy:
+        backoff, and probes of the broker's port that bring the worker back (subscribed)
+        within about `probe_interval` + `reconnect_spread` of a broker's restart, which
+        matters on a broker that lost its sessions (gateways would publish into the void)."""
         self._queue = asyncio.Queue(maxsize=self.max_group * 4)
         consumer = asyncio.create_task(self._consume(self._queue), name="ingest-store")
-        backoff = self.backoff_min
+        reconnect = ReconnectPolicy(
+            ReconnectSettings(
+                self.backoff_min,
+                self.backoff_max,
+                self.probe_interval,
+                self.reconnect_spread,
+                stable_after=min(self.backoff_max, STABLE_AFTER_S),
+            ),
+            tcp_probe(self.address.host, self.address.port),
+            name="ingest",
+        )
         try:
             while True:
                 if consumer.done():  # pragma: no cover - _consume does not return
                     consumer.result()
+                self._online_since = None
                 try:
                     await self._session(self._queue)
                 except aiomqtt.MqttError as e:
-                    if self.connected.is_set():
-                        backoff = self.backoff_min
                     self.connected.clear()
-                    if isinstance(e.__context__, ConnectionRefusedError):
-                        # nobody listening (broker restarting): a refused connect costs
-                        # nothing, and subscribing before the gateways reconnect matters
-                        # on a broker that lost its sessions (they would publish into
-                        # the void), so keep trying at the shortest interval.
-                        backoff = self.backoff_min
-                    delay = backoff * random.uniform(0.5, 1.0)
+                    online = self._online_since
+                    online_s = None if online is None else time.monotonic() - online
+                    delay = reconnect.failed(e, online_s)
                     attempts = self._throttle.ready("reconnect")
                     if attempts is not None:
                         log.warning(
                             "ingest: broker connection lost, reconnecting",
                             extra={
-                                "broker": self.broker,
+                                "broker": redact(self.broker),
                                 "error": str(e),
                                 "retry_s": round(delay, 2),
                                 "attempts": attempts,
                             },
                         )
-                    await asyncio.sleep(delay)
-                    backoff = min(backoff * 2, self.backoff_max)
+                    await reconnect.wait()
         finally:
             self.connected.clear()
             consumer.cancel()
@@ -168,7 +224,7 @@ class IngestWorker:
         props.ReceiveMaximum = self.receive_maximum
         if self.session_expiry:
             props.SessionExpiryInterval = self.session_expiry
-        client = aiomqtt.Client(
+        client = MqttClient(  # ends an attempt at a reset, not at its timeout
             a.host,
             a.port,
             identifier=self.client_id,
@@ -197,10 +253,15 @@ class IngestWorker:
                     # resumed session still holds it (thousands of metas per restart)
                     await client.subscribe(f, options=SubscribeOptions(qos=1, retainHandling=1))
             self.counters.connects += 1
+            self._online_since = time.monotonic()
             self.connected.set()
             log.info(
                 "ingest: subscribed",
-                extra={"broker": self.broker, "filters": self.filters, "client_id": self.client_id},
+                extra={
+                    "broker": redact(self.broker),
+                    "filters": self.filters,
+                    "client_id": self.client_id,
+                },
             )
             async for message in client.messages:
                 await queue.put(_Item(client, message))
@@ -230,48 +291,128 @@ class IngestWorker:
                 log.debug("ingest: ack failed", exc_info=True)
 
     async def _store(self, work: _Work) -> None:
+        """Store everything in `work`. Returns once each message is stored or kept as a
+        dead letter, so that all of them may be acknowledged (see the module doc)."""
+        if work.batches:
+            await self._store_uplinks(work, work.batches, UNKNOWN_ERROR_ATTEMPTS)
+            work.batches = []
+        for gateway, meta, src in work.metas:
+            done = await self._call(partial(self.store.store_meta, gateway, meta), "meta")
+            if isinstance(done, _Refused):
+                self._unstorable(work, src, done.error)
+            else:
+                self.counters.metas_stored += 1
+        work.metas = []
+        for stats, src in work.stats:
+            done = await self._call(partial(self.store.store_stats, stats), "stats")
+            if isinstance(done, _Refused):
+                self._unstorable(work, src, done.error)
+        work.stats = []
+        now = time.time_ns() // 1_000_000
+        for gateway, online, src in work.states:
+            store_state = partial(self.store.store_state, gateway, online, now)
+            done = await self._call(store_state, "state")
+            if isinstance(done, _Refused):
+                self._unstorable(work, src, done.error)
+            else:
+                self.counters.states_stored += 1
+        work.states = []
+        await self._store_dead_letters(work.dead)
+        work.dead = []
+
+    async def _store_uplinks(
+        self, work: _Work, items: list[tuple[str, Envelope, Body, _Source]], attempts: int
+    ) -> None:
+        """`items` in one transaction; if the store refuses them, each half on its own
+        until the refused uplink stands alone. Every call is one transaction with the
+        dedup keys in it, so whatever a call stored is stored once."""
+        uplinks = [(gateway, env, body) for gateway, env, body, _ in items]
+        done = await self._call(partial(self.store.store_batches, uplinks), "uplinks", attempts)
+        if not isinstance(done, _Refused):
+            self._count_uplinks(uplinks, done)
+            return
+        if len(items) == 1:
+            self._unstorable(work, items[0][3], done.error)
+            return
+        half = len(items) // 2
+        for part in (items[:half], items[half:]):  # in order: per gateway too
+            # an unknown error gets its full retries again only where it is alone
+            await self._store_uplinks(work, part, UNKNOWN_ERROR_ATTEMPTS if len(part) == 1 else 1)
+
+    def _count_uplinks(
+        self, uplinks: list[tuple[str, Envelope, Body]], results: list[bool]
+    ) -> None:
+        stored = [body for (_, _, body), ok in zip(uplinks, results, strict=True) if ok]
+        self.counters.batches_stored += len(stored)
+        for body in stored:
+            if isinstance(body, Batch):
+                self.counters.readings_stored += len(body)
+            else:
+                self.counters.alarms_stored += len(body)
+        self.counters.duplicates_dropped += len(results) - len(stored)
+
+    async def _store_dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Kept like everything else: a store that is down is waited for. A letter the
+        store refuses (tried alone) is logged and counted as lost, never retried forever:
+        its message is acknowledged with the rest."""
+        if not letters:
+            return
+        done = await self._call(partial(self.store.store_dead_letters, letters), "dead letters")
+        if not isinstance(done, _Refused):
+            self.counters.dead_letters_stored += len(letters)
+            return
+        if len(letters) > 1:
+            for letter in letters:
+                await self._store_dead_letters([letter])
+            return
+        self.counters.dead_letters_lost += 1
+        log.error(
+            "ingest: the store refused a dead letter too; dropped",
+            extra={
+                "topic": letters[0].topic[:200],
+                "reason": letters[0].reason,
+                "size": letters[0].size,
+                "error": str(done.error)[:300],
+            },
+        )
+
+    async def _call(
+        self, fn: Callable[[], _T], what: str, attempts: int = UNKNOWN_ERROR_ATTEMPTS
+    ) -> _T | _Refused:
+        """`fn()` in a thread until it succeeds. A transient error is retried with backoff
+        for as long as it lasts; `_Refused` when the store refuses the data, or once
+        `attempts` calls failed with an error `classify` does not know."""
         delay = self.backoff_min
+        failures = 0
         while True:
             try:
-                if work.batches:
-                    results = await asyncio.to_thread(self.store.store_batches, work.batches)
-                    stored = [b for b, ok in zip(work.batches, results, strict=True) if ok]
-                    self.counters.batches_stored += len(stored)
-                    for _, _, body in stored:
-                        if isinstance(body, Batch):
-                            self.counters.readings_stored += len(body)
-                        else:
-                            self.counters.alarms_stored += len(body)
-                    self.counters.duplicates_dropped += len(results) - len(stored)
-                    work.batches = []
-                while work.metas:
-                    gateway, meta = work.metas[0]
-                    await asyncio.to_thread(self.store.store_meta, gateway, meta)
-                    self.counters.metas_stored += 1
-                    work.metas.pop(0)
-                while work.stats:
-                    await asyncio.to_thread(self.store.store_stats, work.stats[0])
-                    work.stats.pop(0)
-                now = time.time_ns() // 1_000_000
-                while work.states:
-                    gateway, online = work.states[0]
-                    await asyncio.to_thread(self.store.store_state, gateway, online, now)
-                    self.counters.states_stored += 1
-                    work.states.pop(0)
-                if work.dead:
-                    await asyncio.to_thread(self.store.store_dead_letters, work.dead)
-                    self.counters.dead_letters_stored += len(work.dead)
-                    work.dead = []
-                return
+                return await asyncio.to_thread(fn)
             except Exception as e:
                 self.counters.store_errors += 1
-                log.error(
-                    "ingest: store failed, retrying (messages not acknowledged)",
-                    extra={"error": repr(e), "retry_s": round(delay, 2)},
-                    exc_info=self._throttle.ready("store-error") is not None,
-                )
+                failures += 1
+                fault = classify(e)
+                if fault is StoreFault.REFUSED:
+                    return _Refused(e)
+                if fault is StoreFault.UNKNOWN and failures >= attempts:
+                    return _Refused(e)
+                n = self._throttle.ready(f"store-{fault.value}")
+                if n is not None:
+                    log.error(
+                        "ingest: store failed, retrying (messages not acknowledged)",
+                        extra={
+                            "what": what,
+                            "fault": fault.value,
+                            "error": repr(e)[:500],
+                            "retry_s": round(delay, 2),
+                            "count": n,
+                        },
+                        exc_info=fault is StoreFault.UNKNOWN,
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
+
+    def _unstorable(self, work: _Work, src: _Source, error: BaseException) -> None:
+        self._reject(work, src.topic, src.payload, UNSTORABLE, f"{type(error).__name__}: {error}")
 
     async def deliver(self, topic: str, payload: bytes) -> None:
         """Decode and store one message handed over in-process (no broker), returning
@@ -297,6 +438,7 @@ class IngestWorker:
             return "topic", e
         if not isinstance(payload, bytes | bytearray):
             return "payload", f"payload type {type(payload).__name__}"
+        src = _Source(topic, bytes(payload))
         if not payload and kind in (wire.KIND_META, wire.KIND_STATS, wire.KIND_STATE):
             self.counters.retained_cleared += 1  # how MQTT deletes a retained message
             return None
@@ -307,7 +449,7 @@ class IngestWorker:
                 return "meta", e
             if meta.gateway != gateway:
                 return "meta_gateway", f"meta says gateway {meta.gateway!r}"
-            work.metas.append((gateway, meta))
+            work.metas.append((gateway, meta, src))
             return None
         if kind == wire.KIND_STATS:
             try:
@@ -316,12 +458,12 @@ class IngestWorker:
                 return "stats", e
             if stats.gateway != gateway:
                 return "gateway", f"stats say gateway {stats.gateway!r}"
-            work.stats.append(stats)
+            work.stats.append((stats, src))
             return None
         if kind == wire.KIND_STATE:
             if payload not in (wire.STATE_ONLINE, wire.STATE_OFFLINE):
                 return "state", f"state {bytes(payload[:40])!r}, expected online or offline"
-            work.states.append((gateway, payload == wire.STATE_ONLINE))
+            work.states.append((gateway, payload == wire.STATE_ONLINE, src))
             return None
         if kind not in (wire.KIND_BATCH, wire.KIND_ALARM):
             return "topic", f"not an uplink topic ({kind})"
@@ -353,7 +495,7 @@ class IngestWorker:
             return "gateway", f"the body says gateway {claimed!r}"
         if len(body) != env.n_points:
             return "n_points", f"header says {env.n_points}, body has {len(body)}"
-        work.batches.append((gateway, env, body))
+        work.batches.append((gateway, env, body, src))
         return None
 
     def _reject(self, work: _Work, topic: str, payload: object, reason: str, error: object) -> None:
@@ -363,16 +505,18 @@ class IngestWorker:
         work.dead.append(
             DeadLetter(
                 received_ms=time.time_ns() // 1_000_000,
-                topic=topic,
+                topic=_storable(topic),
                 reason=reason,
-                error=str(error)[:1000],
+                error=_storable(str(error)[:1000]),
                 payload=raw[:DEAD_LETTER_MAX_BYTES],
                 size=len(raw),
             )
         )
         n = self._throttle.ready(f"reject-{reason}")
         if n is not None:
-            log.warning(
+            log.log(
+                # the decoder let through what the store refuses: a gap to close
+                logging.ERROR if reason == UNSTORABLE else logging.WARNING,
                 "ingest: message rejected, kept as a dead letter",
                 extra={
                     "reason": reason,
@@ -381,6 +525,12 @@ class IngestWorker:
                     "count": n,
                 },
             )
+
+
+def _storable(text: str) -> str:
+    """Text every store keeps (a dead letter's topic or error must never be refused in
+    turn): NUL and lone surrogates written as escapes."""
+    return text.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\x00")
 
 
 async def report_throughput(worker: IngestWorker, every: float) -> None:
@@ -422,7 +572,12 @@ async def run_ingest(
     try:
         log.info(
             "ingest: starting",
-            extra={"broker": broker, "db": db_url.split("?")[0], "group": group, "prefix": prefix},
+            extra={
+                "broker": redact(broker),
+                "db": redact(db_url),
+                "group": group,
+                "prefix": prefix,
+            },
         )
         worker = IngestWorker(
             broker,
