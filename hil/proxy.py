@@ -305,6 +305,10 @@ class MqttProxy:
         """Pumps client -> broker in this task; the broker -> client pump runs in a task of
         its own, started when the broker side is opened."""
         try:
+            # in pass mode it connects upstream as it accepts, as a TCP proxy or load
+            # balancer does: with the broker down, the client's connection closes at once
+            if self._mode == "pass" and await self._open_broker(conn) is None:
+                return
             await self._pump(conn, client, to_broker=True)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
