@@ -3,7 +3,9 @@ the benchmarks: started from the binary on PATH with a config written to a
 temporary directory, stoppable and restartable on the same port (outages).
 
 For the security tests: `tls_listener` (a TLS listener, optionally requiring client
-certificates) for `extra_conf`, and `write_password_file` with `allow_anonymous=False`."""
+certificates) for `extra_conf`, and `write_password_file` with `allow_anonymous=False`.
+For a broker with the shipped ACL (deploy/mosquitto/citygw.acl): `acl_conf` (users,
+their password file and the ACL, for `extra_conf`) and `gateway_listener`."""
 
 from __future__ import annotations
 
@@ -18,6 +20,14 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
+
+#: deploy/mosquitto in a source checkout: the shipped ACL and mosquitto.conf
+DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+SHIPPED_ACL = DEPLOY_DIR / "citygw.acl"
+SHIPPED_CONF = DEPLOY_DIR / "citygw.conf"
+#: the platform's role users in the shipped ACL (a '.' makes them invalid gateway ids)
+ROLE_INGEST = "role.ingest"
+ROLE_COMMANDS = "role.commands"
 
 
 class BrokerError(RuntimeError):
@@ -45,11 +55,12 @@ def tls_listener(
     *,
     require_certificate: bool = False,
     use_identity_as_username: bool = False,
+    use_username_as_clientid: bool = False,
 ) -> str:
     """mosquitto.conf lines for a TLS listener on 127.0.0.1:`port` (for `extra_conf`):
     the broker's certificate and key, and the CA its clients' certificates must chain to
     when `require_certificate`; `use_identity_as_username` makes a client certificate's
-    CN its username."""
+    CN its username, `use_username_as_clientid` the username its client id."""
     lines = [
         f"listener {port} 127.0.0.1",
         f"cafile {cafile}",
@@ -60,7 +71,51 @@ def tls_listener(
         lines.append("require_certificate true")
     if use_identity_as_username:
         lines.append("use_identity_as_username true")
+    if use_username_as_clientid:
+        lines.append("use_username_as_clientid true")
     return "\n" + "\n".join(lines) + "\n"
+
+
+def gateway_listener(port: int) -> str:
+    """mosquitto.conf lines for a plain listener on 127.0.0.1:`port` for gateways, as
+    the shipped citygw.conf has them (there with TLS): the client id is the username, so
+    no client can take over another's session by its client id. The broker's own
+    listener (`Mosquitto.port`) stays the platform's, where clients keep their ids."""
+    return f"\nlistener {port} 127.0.0.1\nuse_username_as_clientid true\n"
+
+
+def write_acl_file(path: Path, prefix: str = "citygw") -> Path:
+    """The shipped ACL (deploy/mosquitto/citygw.acl) at `path`, its topics moved under
+    `prefix` the way its header tells a deployment to (the leading ``citygw/``)."""
+    try:
+        text = SHIPPED_ACL.read_text()
+    except OSError as exc:
+        raise BrokerError(
+            f"cannot read the shipped ACL {SHIPPED_ACL} (a source checkout has it): {exc}"
+        ) from None
+    lines = [
+        line.replace(" citygw/", f" {prefix}/", 1)
+        if line.startswith(("topic ", "pattern "))
+        else line
+        for line in text.splitlines()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def acl_conf(workdir: Path, users: Mapping[str, str], *, prefix: str = "citygw") -> str:
+    """mosquitto.conf lines (for `Mosquitto(extra_conf=...)`) for the shipped ACL: no
+    anonymous clients, `users` (name -> password; a gateway's name is its id, the
+    platform's are ROLE_INGEST and ROLE_COMMANDS) in a password file, and the ACL, both
+    written to `workdir`. E.g.::
+
+        conf = acl_conf(work, {"gw-1": "pw1", ROLE_INGEST: "pw2"}) + gateway_listener(p)
+        with Mosquitto(workdir=work, extra_conf=conf) as broker: ...
+    """
+    passwords = write_password_file(workdir / "citygw.passwd", users)
+    acl = write_acl_file(workdir / "citygw.acl", prefix)
+    # after the Mosquitto's own "allow_anonymous true": the last one counts
+    return f"\nallow_anonymous false\npassword_file {passwords}\nacl_file {acl}\n"
 
 
 def write_password_file(path: Path, users: Mapping[str, str]) -> Path:

@@ -18,7 +18,10 @@ A command is a JSON object with an `id` (1 to 128 characters) and an `op`:
 
   The device must exist and take firmware updates (an `mcu` device with a
   `firmware_key`); the URL must be https, at most 2048 characters; `sha256`, if given,
-  names the image the package must hold.
+  names the image the package must hold. `"force": true` (a downgrade, or a reinstall
+  of the running version) is refused unless the device's own config allows it
+  (`allow_downgrade = true`): whoever can publish on down/cmd cannot roll a device back
+  to an older, perhaps vulnerable, firmware on their own.
 
 Everything is checked against the config before anything touches a device or the
 network. The response names the command and says what happened:
@@ -39,13 +42,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
+from agent.redact import redact
 from drivers.base import PointSpec
 
 MAX_COMMAND_BYTES = 4096
@@ -89,11 +93,15 @@ Command = WriteCommand | FirmwareUpdateCommand
 
 
 def parse_command(
-    payload: bytes, points: Mapping[str, PointSpec], devices: Mapping[str, str | None]
+    payload: bytes,
+    points: Mapping[str, PointSpec],
+    devices: Mapping[str, str | None],
+    downgrades: Collection[str] = frozenset(),
 ) -> Command:
     """The checked command, or CommandRefused naming what is wrong. `points` maps
     "device/point" to its spec; `devices` maps every device name to None if it takes
-    firmware updates, else the reason it does not."""
+    firmware updates, else the reason it does not; `downgrades` names the devices whose
+    config allows a forced update (`Driver.firmware_downgrades`)."""
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandRefused(f"command larger than {MAX_COMMAND_BYTES} bytes")
     try:
@@ -109,7 +117,7 @@ def parse_command(
     if op == WRITE:
         return _write(cid, obj, points)
     if op == FIRMWARE_UPDATE:
-        return _firmware_update(cid, obj, devices)
+        return _firmware_update(cid, obj, devices, downgrades)
     raise CommandRefused(f"unknown op {op!r}; allowed: {', '.join(OPS)}", cid)
 
 
@@ -140,7 +148,7 @@ def _write(cid: str, obj: dict[str, Any], points: Mapping[str, PointSpec]) -> Wr
 
 
 def _firmware_update(
-    cid: str, obj: dict[str, Any], devices: Mapping[str, str | None]
+    cid: str, obj: dict[str, Any], devices: Mapping[str, str | None], downgrades: Collection[str]
 ) -> FirmwareUpdateCommand:
     def refused(message: str) -> CommandRefused:
         return CommandRefused(message, cid, FIRMWARE_UPDATE)
@@ -160,7 +168,7 @@ def _firmware_update(
     except ValueError:  # an unbalanced IPv6 bracket, say
         scheme, host = "", None
     if scheme != "https" or not host:
-        raise refused(f"'url' must be an https:// URL, got {url!r}")
+        raise refused(f"'url' must be an https:// URL, got {redact(url)!r}")
     sha = obj.get("sha256")
     digest: bytes | None = None
     if sha is not None:
@@ -173,6 +181,11 @@ def _firmware_update(
     force = obj.get("force", False)
     if not isinstance(force, bool):
         raise refused("'force' must be true or false")
+    if force and device not in downgrades:
+        raise refused(
+            f"device {device!r} does not allow a forced update (downgrade or reinstall) from "
+            "the platform; only its own config can (allow_downgrade = true on the device)"
+        )
     return FirmwareUpdateCommand(cid, device, url, digest, force)
 
 

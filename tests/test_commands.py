@@ -74,7 +74,7 @@ def fw_cmd(**fields: object) -> bytes:
 
 
 def test_a_valid_firmware_update_is_accepted() -> None:
-    c = parse_command(fw_cmd(sha256="ab" * 32, force=True), POINTS, FIRMWARE)
+    c = parse_command(fw_cmd(sha256="ab" * 32, force=True), POINTS, FIRMWARE, {"mcu"})
     assert isinstance(c, FirmwareUpdateCommand)
     assert (c.id, c.device, c.url, c.sha256, c.force) == (
         "f1",
@@ -108,6 +108,26 @@ def test_firmware_update_refusals_say_why(payload: bytes, message: str) -> None:
         parse_command(payload, POINTS, FIRMWARE)
     answer = orjson.loads(info.value.response())
     assert answer["id"] == "f1" and answer["ok"] is False and answer["outcome"] == "refused"
+
+
+def test_a_forced_update_needs_the_devices_own_setting() -> None:
+    """A forced update (a downgrade or a reinstall) is not the command's to decide: refused
+    unless the device's config allows it, whoever sent it; without force, the setting
+    changes nothing."""
+    forced = fw_cmd(force=True)
+    for allowed in (set(), {"mcu-2"}):  # not allowed, or allowed for another device only
+        with pytest.raises(CommandRefused) as info:
+            parse_command(forced, POINTS, FIRMWARE, allowed)
+        assert str(info.value) == (
+            "device 'mcu' does not allow a forced update (downgrade or reinstall) from the "
+            "platform; only its own config can (allow_downgrade = true on the device)"
+        )
+        assert orjson.loads(info.value.response())["outcome"] == "refused"
+    c = parse_command(forced, POINTS, FIRMWARE, {"mcu"})
+    assert isinstance(c, FirmwareUpdateCommand) and c.force
+    for allowed in (set(), {"mcu"}):
+        c = parse_command(fw_cmd(force=False), POINTS, FIRMWARE, allowed)
+        assert isinstance(c, FirmwareUpdateCommand) and not c.force
 
 
 CONFIG = """
@@ -169,7 +189,8 @@ def test_commands_over_mqtt_write_and_answer(mosquitto: Mosquitto, tmp_path: Pat
         finally:
             await agent.stop_drivers()
             sp = agent.points["pump/setpoint"].id
-            values = [v for b in agent.queue.take() for pid, _, v, _ in b.rows() if pid == sp]
+            taken = agent.queue.take()
+            values = [v for h in taken for pid, _, v, _ in h.batch.rows() if pid == sp]
             with contextlib.suppress(Exception):
                 await agent.stop()
         return answers, values

@@ -7,6 +7,7 @@ up/resp. Other commands are answered while the update runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,106 @@ def test_ota_state_dir_defaults_beside_the_buffer(tmp_path: Path) -> None:
     explicit = parse_config(text + 'ota_state_dir = "/var/lib/citygw/ota"\n', base_dir=tmp_path)
     s2 = explicit.devices[0].settings
     assert isinstance(s2, McuDeviceSettings) and s2.ota_state_dir == Path("/var/lib/citygw/ota")
+
+
+OLDER = fw.sign(IMAGE, KEY, fw.Version(0, 9, 0), HW).encode()
+OLDER_URL = "https://fw.example/mcu/0.9.0.cgfw"
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_forced_update_needs_the_devices_own_setting(
+    mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture, allowed: bool
+) -> None:
+    """`"force": true` in a command does not make a downgrade: whoever can publish on
+    down/cmd could otherwise roll the microcontroller back to an old, perhaps
+    vulnerable, firmware. Only `allow_downgrade = true` on the device lets it through;
+    without it the command is refused before any download, on up/resp and in the log."""
+    (tmp_path / "fw.pub").write_text(fw.raw_public_key(KEY.public_key()).hex())
+    fetched: list[str] = []
+
+    async def fetch(url: str) -> bytes:
+        fetched.append(url)
+        return OLDER
+
+    async def scenario() -> tuple[dict[str, Any], SimMcu]:
+        sim = SimMcu.on_pty(
+            interval=0.2,
+            hardware_id=HW,
+            timers=Timers(heartbeat=0.3),
+            ota_public_key=KEY.public_key(),
+        )
+        async with sim.running():
+            text = CONFIG.format(
+                broker=mosquitto.url,
+                buffer=tmp_path / "buf.db",
+                port=sim.port,
+                missing=tmp_path / "ttyNONE",
+            )
+            if allowed:
+                text = text.replace(
+                    'firmware_key = "fw.pub"\n',
+                    'firmware_key = "fw.pub"\nallow_downgrade = true\n',
+                    1,
+                )
+            agent = Agent(parse_config(text, base_dir=tmp_path), fetch_firmware=fetch)
+            await agent.start()
+            try:
+                async with aiomqtt.Client("127.0.0.1", mosquitto.port) as platform:
+                    await platform.subscribe(wire.topic("citygw", "gw-fw", "up/resp"), qos=1)
+                    driver = next(d for d in agent.drivers if isinstance(d, McuDriver))
+                    for _ in range(200):  # the mcu link up
+                        bridge = driver.bridges.get("mcu")
+                        if bridge is not None and bridge.is_up:
+                            break
+                        await asyncio.sleep(0.05)
+                    down = wire.topic("citygw", "gw-fw", "down/cmd")
+                    probe = {"id": "probe", "op": "write", "point": "pump/setpoint", "value": 1}
+                    for _ in range(100):  # until the agent answers: it is subscribed
+                        await platform.publish(down, orjson.dumps(probe), qos=1)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.2):
+                                async for _ in platform.messages:
+                                    break
+                            break
+                    await platform.publish(down, fw_cmd("f-old", url=OLDER_URL, force=True), qos=1)
+                    async with asyncio.timeout(60):
+                        async for message in platform.messages:
+                            assert isinstance(message.payload, bytes)
+                            answer: dict[str, Any] = orjson.loads(message.payload)
+                            if answer["id"] == "f-old":  # not a late answer to a probe
+                                return answer, sim
+            finally:
+                await agent.stop()
+        raise AssertionError("no answer")
+
+    answer, sim = asyncio.run(scenario())
+    if allowed:
+        assert (answer["ok"], answer["outcome"]) == (True, "updated"), answer
+        assert (answer["from"], answer["to"]) == ("1.0.0", "0.9.0")
+        assert fetched == [OLDER_URL] and str(sim.slots.version) == "0.9.0"
+        return
+    error = (
+        "device 'mcu' does not allow a forced update (downgrade or reinstall) from the "
+        "platform; only its own config can (allow_downgrade = true on the device)"
+    )
+    assert answer == {
+        "id": "f-old",
+        "ok": False,
+        "outcome": "refused",
+        "error": error,
+        "ts": answer["ts"],
+    }
+    assert fetched == [] and sim.counts["ota_messages"] == 0
+    assert str(sim.slots.version) == "1.0.0"
+    logged = [(r.getMessage(), getattr(r, "error", None)) for r in caplog.records]
+    assert ("command refused", error) in logged
+
+
+def test_allow_downgrade_needs_a_firmware_key(tmp_path: Path) -> None:
+    text = (
+        '[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n'
+        '[[devices]]\nname = "mcu"\ndriver = "mcu"\nport = "/dev/ttyAMA0"\n'
+        "allow_downgrade = true\n"
+    )
+    with pytest.raises(ConfigError, match=r"devices\[0\]\.allow_downgrade: needs firmware_key"):
+        parse_config(text, base_dir=tmp_path)

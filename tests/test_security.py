@@ -4,7 +4,7 @@ secret file is exposed), clear errors and backoff when the broker or the gateway
 refused; and what the downlink accepts (its own topic only, refusals with a reason, every
 command logged with its outcome).
 
-The PKI is made with `cryptography` in tmp_path: a CA, a server certificate for
+The PKI is made with tests/pki.py in tmp_path: a CA, a server certificate for
 IP:127.0.0.1 and DNS:localhost, a client certificate (CN = the gateway's MQTT username),
 and a second, unrelated CA with a client certificate of its own."""
 
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import logging
 import random
 import ssl
@@ -26,9 +24,6 @@ import orjson
 import pytest
 from aiomqtt.exceptions import MqttConnectError
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -39,6 +34,7 @@ from agent.mqtt_url import tls_context
 from agent.runtime import Agent
 from agent.uplink import BufferPort, Uplink, UplinkSettings, connection_error
 from buffer import Lane, Message
+from tests.pki import LOCALHOST, issue, make_ca
 from tests.test_commands import CONFIG as COMMANDS_CONFIG
 
 GATEWAY = "gw-sec"
@@ -65,102 +61,12 @@ class Pki:
     rogue_key: Path
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-    return path
-
-
-def _write_cert(cert: x509.Certificate, path: Path) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def _builder(
-    subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
-) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-    )
-
-
-def make_ca(d: Path, cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        _builder(cn, _name(cn), key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert, _write_cert(cert, d / f"{cn}.pem")
-
-
-def issue(
-    d: Path,
-    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate, Path],
-    name: str,
-    cn: str,
-    *,
-    server_names: Sequence[x509.GeneralName] = (),
-) -> tuple[Path, Path]:
-    ca_key, ca_cert, _ = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (
-        _builder(cn, ca_cert.subject, key.public_key())
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-    )
-    if server_names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(list(server_names)), critical=False
-        )
-    cert = builder.sign(ca_key, hashes.SHA256())
-    return _write_cert(cert, d / f"{name}.pem"), _write_key(key, d / f"{name}.key")
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("pki")
     ca = make_ca(d, "city-ca")
     other = make_ca(d, "other-ca")
-    local = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    server_cert, server_key = issue(d, ca, "server", "broker", server_names=local)
+    server_cert, server_key = issue(d, ca, "server", "broker", server_names=LOCALHOST)
     elsewhere_cert, elsewhere_key = issue(
         d, ca, "elsewhere", "other.example", server_names=[x509.DNSName("other.example")]
     )

@@ -79,6 +79,11 @@ class McuDeviceSettings(BaseModel):
         description="where an unfinished transfer is recorded "
         "(default: the folder 'ota' beside the buffer database)",
     )
+    allow_downgrade: bool = Field(
+        False,
+        description="let a platform firmware_update with force install an older version "
+        "or reinstall the running one (off: the platform can only move the device forward)",
+    )
 
     _public_key: Ed25519PublicKey | None = PrivateAttr(None)
 
@@ -96,6 +101,8 @@ class McuDeviceSettings(BaseModel):
         if self.ota_state_dir is not None:
             self.ota_state_dir = base / self.ota_state_dir.expanduser()
         if self.firmware_key is None:
+            if self.allow_downgrade:
+                raise at("allow_downgrade", "needs firmware_key: without it no update is taken")
             return self
         path = base / self.firmware_key.expanduser()
         try:
@@ -160,6 +167,11 @@ class McuDriver(Driver):
         s = self._settings[device]
         assert isinstance(s, McuDeviceSettings)
         return None if s.public_key is not None else "it has no firmware_key configured"
+
+    def firmware_downgrades(self, device: str) -> bool:
+        s = self._settings[device]
+        assert isinstance(s, McuDeviceSettings)
+        return s.allow_downgrade
 
     async def update_firmware(
         self,
@@ -275,6 +287,7 @@ class McuDriver(Driver):
                 # a frame the link dropped (bad CRC, cut, junk...): the device resends it
                 # if it was reliable; counted in health like any other bad input
                 health.failure(f"bad frame: {ev.reason}")
+                health.reject(ev.reason)
                 self._warn(device.name, "frame", f"mcu {device.name}: bad frame ({ev.reason})")
             elif isinstance(ev, MessageReceived) and clock.offset_ms is not None:
                 msg = ev.message
