@@ -55,15 +55,26 @@ cdef inline int64_t window_start(int64_t ts, int64_t w) noexcept nogil:
     return ts - r
 
 
-cdef inline bint closes_by_time(int64_t start, int64_t w, int64_t g, int64_t now) noexcept nogil:
-    """aggregate_py.closes_by_time: now >= start + w + g, exactly (no int64 overflow)."""
-    cdef int64_t end
-    if now == 0 or start > INT64_MAX - w:
-        return False
-    end = start + w
-    if end > INT64_MAX - g:
-        return False
-    return now >= end + g
+cdef inline int64_t deadline_of(int64_t ts, int64_t st, int64_t w, int64_t g, int64_t now,
+                                int64_t elapsed) noexcept nogil:
+    """aggregate_py.deadline_of, exactly: unsigned arithmetic where int64 could overflow
+    (0 <= ts - st < w, so the time to the end is in (0, w] and that plus grace < 2**64)."""
+    cdef uint64_t rem = <uint64_t>w - (<uint64_t>ts - <uint64_t>st)
+    cdef uint64_t lag = 0
+    if now != 0 and now > ts:
+        lag = <uint64_t>now - <uint64_t>ts
+        if lag > <uint64_t>g:
+            lag = <uint64_t>g
+    rem += <uint64_t>g - lag
+    # elapsed + rem < INT64_MAX, else INT64_MAX (never); the headroom is exact in uint64
+    if rem >= <uint64_t>INT64_MAX - <uint64_t>elapsed:
+        return INT64_MAX
+    return <int64_t>(<uint64_t>elapsed + rem)
+
+
+cdef inline bint closes_by_time(int64_t deadline, int64_t now, int64_t elapsed) noexcept nogil:
+    """aggregate_py.closes_by_time."""
+    return now != 0 and deadline != INT64_MAX and elapsed >= deadline
 
 
 cdef inline double energy(double x) noexcept nogil:
@@ -130,13 +141,14 @@ cdef check_slots(
     const uint8_t[::1] nfn,
     const uint8_t[::1] phase,
     const int64_t[::1] start,
+    const int64_t[::1] deadline,
 ):
     cdef Py_ssize_t ns = window_ms.shape[0], s
     if timestamps.shape[0] != n or values.shape[0] != n or quality.shape[0] != n:
         raise ValueError("aggregate: columns differ in length")
     if (
         grace_ms.shape[0] != ns or raw.shape[0] != ns or nfn.shape[0] != ns
-        or phase.shape[0] != ns or start.shape[0] != ns
+        or phase.shape[0] != ns or start.shape[0] != ns or deadline.shape[0] != ns
     ):
         raise ValueError("aggregate: slot arrays differ in length")
     for s in range(ns):
@@ -167,7 +179,9 @@ def aggregate_size(
     const uint8_t[::1] nfn,
     const uint8_t[::1] phase,
     const int64_t[::1] start,
+    const int64_t[::1] deadline,
     int64_t now_ms,
+    int64_t elapsed_ms,
 ):
     """See aggregate_py.aggregate_size: the exact row count of ``aggregate``."""
     cdef Py_ssize_t n = point_ids.shape[0]
@@ -181,17 +195,23 @@ def aggregate_size(
     cdef int err = ERR_NONE
     cdef uint8_t* ph
     cdef int64_t* sts
-    check_slots(n, timestamps, values, quality, window_ms, grace_ms, raw, nfn, phase, start)
+    cdef int64_t* dls
+    check_slots(
+        n, timestamps, values, quality, window_ms, grace_ms, raw, nfn, phase, start, deadline
+    )
     ph = <uint8_t*>malloc(ns + 1)
     sts = <int64_t*>malloc((ns + 1) * sizeof(int64_t))
-    if ph == NULL or sts == NULL:
+    dls = <int64_t*>malloc((ns + 1) * sizeof(int64_t))
+    if ph == NULL or sts == NULL or dls == NULL:
         free(ph)
         free(sts)
+        free(dls)
         raise MemoryError()
     with nogil:
         if ns:
             memcpy(ph, &phase[0], ns)
             memcpy(sts, &start[0], ns * sizeof(int64_t))
+            memcpy(dls, &deadline[0], ns * sizeof(int64_t))
         for i in range(n):
             pid = point_ids[i]
             slot = slot_of[pid] if pid < n_slot_of else -1
@@ -216,6 +236,9 @@ def aggregate_size(
                     n_out += nfn[slot]
                 ph[slot] = OPEN
                 sts[slot] = s
+                dls[slot] = deadline_of(
+                    ts, s, window_ms[slot], grace_ms[slot], now_ms, elapsed_ms
+                )
                 n_out += raw[slot] != 0
             elif p == OPEN and s == st:
                 n_out += raw[slot] != 0
@@ -223,12 +246,11 @@ def aggregate_size(
                 n_out += 1  # late
         if err == ERR_NONE and now_ms != 0:
             for slot in range(ns):
-                if ph[slot] == OPEN and closes_by_time(
-                    sts[slot], window_ms[slot], grace_ms[slot], now_ms
-                ):
+                if ph[slot] == OPEN and closes_by_time(dls[slot], now_ms, elapsed_ms):
                     n_out += nfn[slot]
     free(ph)
     free(sts)
+    free(dls)
     raise_error(err)
     return n_out
 
@@ -249,7 +271,9 @@ def aggregate(
     int64_t[::1] start,
     int64_t[::1] count,
     double[::1] acc,
+    int64_t[::1] deadline,
     int64_t now_ms,
+    int64_t elapsed_ms,
     uint32_t[::1] out_ids,
     int64_t[::1] out_ts,
     double[::1] out_values,
@@ -281,7 +305,9 @@ def aggregate(
     cdef int64_t* ots_p = NULL
     cdef double* oval_p = NULL
     cdef uint8_t* oq_p = NULL
-    check_slots(n, timestamps, values, quality, window_ms, grace_ms, raw, nfn, phase, start)
+    check_slots(
+        n, timestamps, values, quality, window_ms, grace_ms, raw, nfn, phase, start, deadline
+    )
     if fcode.shape[0] != ns * MAX_FN or fout.shape[0] != ns * MAX_FN:
         raise ValueError("aggregate: fcode/fout must hold 8 entries per slot")
     if count.shape[0] != ns or acc.shape[0] != ns * ACC:
@@ -341,6 +367,9 @@ def aggregate(
                         windows += 1
                     phase[slot] = OPEN
                     start[slot] = s
+                    deadline[slot] = deadline_of(
+                        ts, s, window_ms[slot], grace_ms[slot], now_ms, elapsed_ms
+                    )
                     count[slot] = 1
                     a[A_SUM] = x
                     a[A_MIN] = x
@@ -381,9 +410,7 @@ def aggregate(
             n_out += 1
         if err == ERR_NONE and now_ms != 0:
             for slot in range(ns):
-                if phase[slot] == OPEN and closes_by_time(
-                    start[slot], window_ms[slot], grace_ms[slot], now_ms
-                ):
+                if phase[slot] == OPEN and closes_by_time(deadline[slot], now_ms, elapsed_ms):
                     if n_out + nfn[slot] > cap:
                         err = ERR_ROOM
                         break

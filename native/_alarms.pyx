@@ -48,6 +48,7 @@ def evaluate(
     const double[::1] values,
     const uint8_t[::1] quality,
     int64_t now_ms,
+    int64_t elapsed_ms,
     const int32_t[::1] slot_of,
     const uint8_t[::1] rule,
     const double[::1] level,
@@ -59,6 +60,7 @@ def evaluate(
     double[::1] v0,
     int64_t[::1] count,
     int64_t[::1] raised_at,
+    int64_t[::1] seen,
     int32_t[::1] ev_slot,
     uint8_t[::1] ev_raised,
     int64_t[::1] ev_ts,
@@ -85,7 +87,7 @@ def evaluate(
         or span.shape[0] != n_slots or raised.shape[0] != n_slots
         or active.shape[0] != n_slots or t0.shape[0] != n_slots
         or v0.shape[0] != n_slots or count.shape[0] != n_slots
-        or raised_at.shape[0] != n_slots
+        or raised_at.shape[0] != n_slots or seen.shape[0] != n_slots
     ):
         raise ValueError("alarms.evaluate: parameter and state arrays differ in length")
     if (
@@ -160,6 +162,7 @@ def evaluate(
             elif r == RULE_STALE:
                 active[s] = 1
                 t0[s] = ts
+                seen[s] = elapsed_ms
                 if raised[s]:
                     raised[s] = 0
                     _emit(&e, s, 0, ts, v, raised_at[s])
@@ -201,7 +204,8 @@ def evaluate(
                 if not active[s]:
                     active[s] = 1
                     t0[s] = now_ms
-                if not raised[s] and _elapsed(now_ms, t0[s], span[s]):
+                    seen[s] = elapsed_ms
+                if not raised[s] and _elapsed(elapsed_ms, seen[s], span[s]):
                     raised[s] = 1
                     raised_at[s] = now_ms
                     _emit(&e, s, 1, now_ms, NAN, t0[s])

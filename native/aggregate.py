@@ -9,9 +9,12 @@ constructor (tests route a table through one implementation that way).
 
 Each run first asks ``aggregate_size`` for the exact number of output rows (readings
 passed on plus aggregates emitted), then ``aggregate`` writes them into columns of that
-size. ``now_ms`` is the wall clock: windows whose end plus grace it has passed are closed
-after the batch's readings; ``now_ms == 0`` means "no clock", and then only a point's next
-window's reading closes its open window (tests, replays).
+size. After the batch's readings, windows whose deadline has come are closed: the deadline
+is set when a window opens, on the pipeline's monotonic clock (``elapsed_ms``), from the
+opening reading's time to the window's end plus grace (``aggregate_py.deadline_of``), so a
+step of the wall clock neither closes windows early nor holds them open. ``now_ms == 0``
+means "no clock", and then only a point's next window's reading closes its open window
+(tests, replays).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Mapping
 from types import ModuleType
 
 from native import impl
-from native.aggregate_py import ACC, FUNCTIONS, MAX_FN
+from native.aggregate_py import ACC, FUNCTIONS, MAX_FN, OPEN
 from native.batch import Batch
 from native.stages import AGGREGATE_FUNCTIONS, AggregateStage
 from native.table import PipelineCounts, StageTable, empty_columns, truncate
@@ -34,6 +37,7 @@ class AggregateTable(StageTable[AggregateStage]):
     kind = "aggregate"
     persistent = True
     timed = True
+    added_state = ("deadline",)  # came with the monotonic clock: see _upgraded
 
     def __init__(
         self, specs: Mapping[int, AggregateStage], kernels: ModuleType | None = None
@@ -63,12 +67,22 @@ class AggregateTable(StageTable[AggregateStage]):
         self.start = self._state_array("start", "q")
         self.count = self._state_array("count", "q")
         self.acc = self._state_array("acc", "d", ACC, 0.0)
+        self.deadline = self._state_array("deadline", "q")
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def _upgraded(self, slot: int) -> None:
+        # A window saved without its deadline closes by time within window + grace of the
+        # pipeline clock's start (the state had no clock either), never at once.
+        if self.phase[slot] == OPEN:
+            self.deadline[slot] = min(self.window_ms[slot] + self.grace_ms[slot], _INT64_MAX)
+
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         k = self.kernels
         cols = (batch.point_ids, batch.timestamps, batch.values, batch.quality)
         params = (self.slot_of, self.window_ms, self.grace_ms, self.raw, self.nfn)
-        size = k.aggregate_size(*cols, *params, self.phase, self.start, now_ms)
+        clocks = (now_ms, now_ms if elapsed_ms is None else elapsed_ms)
+        size = k.aggregate_size(*cols, *params, self.phase, self.start, self.deadline, *clocks)
         out = empty_columns(size)
         n_out, windows, late, suppressed = k.aggregate(
             *cols,
@@ -79,7 +93,8 @@ class AggregateTable(StageTable[AggregateStage]):
             self.start,
             self.count,
             self.acc,
-            now_ms,
+            self.deadline,
+            *clocks,
             out.point_ids,
             out.timestamps,
             out.values,

@@ -12,7 +12,13 @@ below INT64_MIN (only for timestamps within one window of it) is clamped to INT6
 State per slot. ``phase``: NEVER (no window yet), OPEN (a window at ``start`` holds
 ``count`` >= 1 readings) or CLOSED (the window at ``start`` was emitted and nothing is open).
 ``acc[slot * ACC : (slot + 1) * ACC]``: sum, min, max, last, mean, M2 (Welford), energy
-(sum of pow(10, L / 10), kept only when the slot has ``laeq``, else 0).
+(sum of pow(10, L / 10), kept only when the slot has ``laeq``, else 0). ``deadline``: when
+the open window closes by time, on the pipeline's monotonic clock (see below).
+
+Two clocks: ``now_ms`` is the wall clock (0 means "no clock": then only readings close
+windows), ``elapsed_ms`` the pipeline's monotonic clock (native/pipeline.py). Windows are
+in the readings' time; the timed close is measured on the monotonic clock, so a step of
+the wall clock neither closes windows early nor holds them open.
 
 Per reading, in input order:
 
@@ -21,7 +27,8 @@ Per reading, in input order:
 * otherwise, with ``s`` its window start:
 
   - ``s`` is after ``start`` (or the point has no window yet): the open window, if any, is
-    closed (its aggregates are written first), and a window at ``s`` opens with this value;
+    closed (its aggregates are written first), and a window at ``s`` opens with this value,
+    its ``deadline`` set by ``deadline_of``;
   - ``s == start`` and the window is open: the value is added to it;
   - else (``s`` before ``start``, or ``s == start`` of a window already emitted): *late*,
     counted and not aggregated; it passes through unchanged (whatever ``raw`` says: a late
@@ -30,9 +37,10 @@ Per reading, in input order:
   An aggregated reading is copied to the output too when its slot's ``raw`` is set; when
   not, it is counted as suppressed.
 
-After the readings, when ``now_ms != 0`` (0 means "no clock": then only readings close
-windows), every OPEN window with ``now_ms >= start + window_ms + grace_ms`` is closed, in
-slot order. ``phase`` becomes CLOSED, so readings for it that come later are late.
+After the readings, when ``now_ms != 0``, every OPEN window whose deadline has come
+(``closes_by_time``) is closed, in slot order. ``phase`` becomes CLOSED, so readings for it
+that come later are late. A window opened in a run never closes by time in that run (its
+deadline is past ``elapsed_ms``).
 
 Closing writes one reading per function of the slot, in the slot's order of functions
 (``fcode[slot * MAX_FN + k]`` for k < ``nfn[slot]``), under ``fout[slot * MAX_FN + k]``,
@@ -79,9 +87,23 @@ def window_start(ts: int, window_ms: int) -> int:
     return s if s >= INT64_MIN else INT64_MIN
 
 
-def closes_by_time(start: int, window_ms: int, grace_ms: int, now_ms: int) -> bool:
-    """Whether the wall clock closes the window at ``start`` (never without a clock)."""
-    return now_ms != 0 and now_ms >= start + window_ms + grace_ms
+def deadline_of(
+    ts: int, start: int, window_ms: int, grace_ms: int, now_ms: int, elapsed_ms: int
+) -> int:
+    """The monotonic deadline of the window at ``start`` that the reading at ``ts``, arriving
+    at ``elapsed_ms``, opens: the time left until the window's end as the reading's own
+    timestamp sees it, plus the grace less the reading's delay (its age by the wall clock,
+    counted only up to the grace). So the wall clock moves the close within the grace at
+    most; without a step it closes when the wall clock passes end + grace, as long as
+    readings arrive within the grace. INT64_MAX (past int64): never by time."""
+    lag = 0 if now_ms == 0 or now_ms <= ts else min(now_ms - ts, grace_ms)
+    deadline = elapsed_ms + (window_ms - (ts - start)) + (grace_ms - lag)
+    return deadline if deadline < INT64_MAX else INT64_MAX
+
+
+def closes_by_time(deadline: int, now_ms: int, elapsed_ms: int) -> bool:
+    """Whether the clock closes a window with this ``deadline`` (never without a clock)."""
+    return now_ms != 0 and deadline != INT64_MAX and elapsed_ms >= deadline
 
 
 def _energy(x: float) -> float:
@@ -103,12 +125,14 @@ def _check(
     nfn: array[int],
     phase: array[int],
     start: array[int],
+    deadline: array[int],
 ) -> None:
     n = len(point_ids)
     if not (len(timestamps) == len(values) == len(quality) == n):
         raise ValueError("aggregate: columns differ in length")
     ns = len(window_ms)
-    if not (len(grace_ms) == len(raw) == len(nfn) == len(phase) == len(start) == ns):
+    sizes = (len(grace_ms), len(raw), len(nfn), len(phase), len(start), len(deadline))
+    if any(k != ns for k in sizes):
         raise ValueError("aggregate: slot arrays differ in length")
     if any(w <= 0 for w in window_ms) or any(g < 0 for g in grace_ms):
         raise ValueError("aggregate: window must be > 0 and grace >= 0")
@@ -128,15 +152,19 @@ def aggregate_size(
     nfn: array[int],
     phase: array[int],
     start: array[int],
+    deadline: array[int],
     now_ms: int,
+    elapsed_ms: int,
 ) -> int:
     """The number of rows ``aggregate`` will write for these arguments. Changes nothing:
-    it plays the window decisions on copies of ``phase`` and ``start``."""
+    it plays the window decisions on copies of ``phase``, ``start`` and ``deadline``."""
     _check(
-        point_ids, timestamps, values, quality, slot_of, window_ms, grace_ms, raw, nfn, phase, start
-    )
+        point_ids, timestamps, values, quality, slot_of, window_ms, grace_ms, raw, nfn,
+        phase, start, deadline,
+    )  # fmt: skip
     ph = phase.tolist()
     st = start.tolist()
+    dl = deadline.tolist()
     n_slot_of = len(slot_of)
     n_out = 0
     for i in range(len(point_ids)):
@@ -154,17 +182,17 @@ def aggregate_size(
                 n_out += nfn[slot]
             ph[slot] = OPEN
             st[slot] = s
+            dl[slot] = deadline_of(
+                timestamps[i], s, window_ms[slot], grace_ms[slot], now_ms, elapsed_ms
+            )
             n_out += raw[slot] != 0
         elif p == OPEN and s == st[slot]:
             n_out += raw[slot] != 0
         else:
             n_out += 1  # late
-    if now_ms != 0:
-        for slot in range(len(ph)):
-            if ph[slot] == OPEN and closes_by_time(
-                st[slot], window_ms[slot], grace_ms[slot], now_ms
-            ):
-                n_out += nfn[slot]
+    for slot in range(len(ph)):
+        if ph[slot] == OPEN and closes_by_time(dl[slot], now_ms, elapsed_ms):
+            n_out += nfn[slot]
     return n_out
 
 
@@ -230,7 +258,9 @@ def aggregate(
     start: array[int],
     count: array[int],
     acc: array[float],
+    deadline: array[int],
     now_ms: int,
+    elapsed_ms: int,
     out_ids: array[int],
     out_ts: array[int],
     out_values: array[float],
@@ -239,15 +269,17 @@ def aggregate(
     """Runs the windows over one batch (see the module docstring); returns
     ``(n_out, windows, late, suppressed)``. Writes the output rows to the ``out_*``
     columns (which must hold ``aggregate_size(...)`` rows; more are left as they are) and
-    updates ``phase``, ``start``, ``count`` and ``acc`` in place.
+    updates ``phase``, ``start``, ``count``, ``acc`` and ``deadline`` in place.
 
     Slot arrays: ``window_ms``/``grace_ms`` (int64), ``raw`` (uint8, 0/1), ``nfn``
     (uint8, 1..8), ``fcode`` (uint8, MAX_FN per slot), ``fout`` (uint32, MAX_FN per slot),
     state ``phase`` (uint8), ``start`` (int64), ``count`` (int64), ``acc`` (double, ACC
-    per slot). ``slot_of``: int32 by point id, -1 for points without the stage."""
+    per slot), ``deadline`` (int64). ``slot_of``: int32 by point id, -1 for points without
+    the stage."""
     _check(
-        point_ids, timestamps, values, quality, slot_of, window_ms, grace_ms, raw, nfn, phase, start
-    )
+        point_ids, timestamps, values, quality, slot_of, window_ms, grace_ms, raw, nfn,
+        phase, start, deadline,
+    )  # fmt: skip
     ns = len(window_ms)
     if len(fcode) != ns * MAX_FN or len(fout) != ns * MAX_FN:
         raise ValueError("aggregate: fcode/fout must hold 8 entries per slot")
@@ -286,6 +318,9 @@ def aggregate(
                     windows += 1
                 phase[slot] = OPEN
                 start[slot] = s
+                deadline[slot] = deadline_of(
+                    timestamps[i], s, window_ms[slot], grace_ms[slot], now_ms, elapsed_ms
+                )
                 count[slot] = 1
                 acc[a + A_SUM] = x
                 acc[a + A_MIN] = x
@@ -323,16 +358,13 @@ def aggregate(
         out_values[n_out] = x
         out_quality[n_out] = quality[i]
         n_out += 1
-    if now_ms != 0:
-        for slot in range(ns):
-            if phase[slot] == OPEN and closes_by_time(
-                start[slot], window_ms[slot], grace_ms[slot], now_ms
-            ):
-                room(nfn[slot])
-                n_out = _emit(
-                    slot, nfn, fcode, fout, start, count, acc,
-                    out_ids, out_ts, out_values, out_quality, n_out,
-                )  # fmt: skip
-                windows += 1
-                phase[slot] = CLOSED
+    for slot in range(ns):
+        if phase[slot] == OPEN and closes_by_time(deadline[slot], now_ms, elapsed_ms):
+            room(nfn[slot])
+            n_out = _emit(
+                slot, nfn, fcode, fout, start, count, acc,
+                out_ids, out_ts, out_values, out_quality, n_out,
+            )  # fmt: skip
+            windows += 1
+            phase[slot] = CLOSED
     return n_out, windows, late, suppressed

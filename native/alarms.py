@@ -6,7 +6,9 @@ batch whatever mix of rules its points have. Readings pass on unchanged; raises 
 clears come out of the kernel as event columns and become ``AlarmEvent``s here, in the
 order the kernel decided them (readings in batch order, then the stale rules' clock
 check in point id order). All rule state is in registered state arrays: a restart
-resumes active alarms (raised ones are not raised again, and clear normally).
+resumes active alarms (raised ones are not raised again, and clear normally). The stale
+rule measures silence on the pipeline's monotonic clock (``elapsed_ms``), from the
+arrival of the point's last reading, so a step of the wall clock does not move it.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class AlarmTable(StageTable[AlarmRule]):
     kind = "alarm"
     persistent = True
     timed = True
+    # "seen" (the stale rule's arrival time) came with the monotonic clock; a stale rule
+    # loaded without it counts its silence from the restart
+    added_state = ("seen",)
 
     def __init__(self, specs: Mapping[int, AlarmRule], kernels: ModuleType | None = None) -> None:
         """``kernels``: the alarm kernel module to use (default: ``impl.kernels("alarms")``)."""
@@ -91,6 +96,7 @@ class AlarmTable(StageTable[AlarmRule]):
         self.v0 = self._state_array("v0", "d")
         self.count = self._state_array("count", "q")
         self.raised_at = self._state_array("raised_at", "q")
+        self.seen = self._state_array("seen", "q")
         self._events: EventColumns | None = None
 
     def _event_columns(self, rows: int) -> EventColumns:
@@ -113,7 +119,9 @@ class AlarmTable(StageTable[AlarmRule]):
         """The points whose alarm here is raised now."""
         return [pid for pid, up in zip(self.pids, self.raised, strict=True) if up]
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         # each reading decides at most one event, the clock check at most one per slot
         ev_slot, ev_raised, ev_ts, ev_value, ev_since = self._event_columns(
             len(batch) + len(self.specs)
@@ -124,6 +132,7 @@ class AlarmTable(StageTable[AlarmRule]):
             batch.values,
             batch.quality,
             now_ms,
+            now_ms if elapsed_ms is None else elapsed_ms,
             self.slot_of,
             self.rule,
             self.level,
@@ -135,6 +144,7 @@ class AlarmTable(StageTable[AlarmRule]):
             self.v0,
             self.count,
             self.raised_at,
+            self.seen,
             ev_slot,
             ev_raised,
             ev_ts,

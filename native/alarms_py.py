@@ -2,9 +2,12 @@
 
 One call of ``evaluate`` runs every alarm rule of one table (one pipeline depth) over a
 batch: each reading goes to the rule of its point (``slot_of[pid]``), then the stale
-rules check the wall clock. Readings are never modified. Raises and clears come out as
-event columns (slot, raised flag, ts, value, since) written from index 0; the return
-value is how many were written.
+rules check the clock. Readings are never modified. Two clocks: ``now_ms`` is the wall
+clock (0 means "no clock": no stale check), which only stamps what the stale check
+decides; ``elapsed_ms`` is the pipeline's monotonic clock (native/pipeline.py), on which
+silence is measured, so a step of the wall clock neither fakes nor hides one. Raises
+and clears come out as event columns (slot, raised flag, ts, value, since) written from
+index 0; the return value is how many were written.
 
 Rules by slot (``rule``, with ``level``, ``clear_level`` and ``span``):
 
@@ -21,9 +24,9 @@ Rules by slot (``rule``, with ``level``, ``clear_level`` and ``span``):
   non-finite readings are skipped; every GOOD finite one becomes the previous reading,
   whatever its ts (pairs with ts <= t0 are just not judged).
 - RULE_STALE: span = after. Every reading (any quality or value) sets t0 = its ts and
-  clears a raised alarm. After the readings, when ``now_ms`` != 0 (0 means "no clock"),
-  a point never heard of gets t0 = now_ms, and one with now_ms - t0 >= span raises
-  (ts = now_ms, value = NaN, since = t0).
+  seen = elapsed_ms (its arrival), and clears a raised alarm. After the readings, when
+  ``now_ms`` != 0, a point never heard of gets t0 = now_ms and seen = elapsed_ms, and one
+  with elapsed_ms - seen >= span raises (ts = now_ms, value = NaN, since = t0).
 - RULE_FLATLINE: level = tolerance, span = duration. Over GOOD finite readings only:
   a reading within level of the run's reference v0 (|v - v0| <= level) continues the
   run, which raises once ts - t0 >= span (since = t0); one outside starts a new run
@@ -33,7 +36,8 @@ Rules by slot (``rule``, with ``level``, ``clear_level`` and ``span``):
   (since = t0). A GOOD reading resets the counter and clears a raised alarm.
 
 State by slot: ``raised`` (0/1), ``active`` (a run / previous reading / last ts is
-held), ``t0``, ``v0``, ``count``, ``raised_at`` (the raise ts: a clear's since).
+held), ``t0``, ``v0``, ``count``, ``raised_at`` (the raise ts: a clear's since), ``seen``
+(stale only: elapsed_ms at the last reading's arrival).
 
 Durations are compared as ``ts >= t0 and ts - t0 >= span`` (unsigned in C, so no int64
 overflow): repeated timestamps make 0, backwards ones never reach a duration. Each reading
@@ -70,6 +74,7 @@ def evaluate(
     values: array[float],
     quality: array[int],
     now_ms: int,
+    elapsed_ms: int,
     slot_of: array[int],
     rule: array[int],
     level: array[float],
@@ -81,19 +86,20 @@ def evaluate(
     v0: array[float],
     count: array[int],
     raised_at: array[int],
+    seen: array[int],
     ev_slot: array[int],
     ev_raised: array[int],
     ev_ts: array[int],
     ev_value: array[float],
     ev_since: array[int],
 ) -> int:
-    """Runs the rules over a batch and the stale rules over the clock (see the module
+    """Runs the rules over a batch and the stale rules over the clocks (see the module
     docstring); updates the state arrays and returns the number of events written."""
     n = len(point_ids)
     if not (len(timestamps) == len(values) == len(quality) == n):
         raise ValueError("alarms.evaluate: columns differ in length")
     n_slots = len(rule)
-    for arr in (level, clear_level, span, raised, active, t0, v0, count, raised_at):
+    for arr in (level, clear_level, span, raised, active, t0, v0, count, raised_at, seen):
         if len(arr) != n_slots:
             raise ValueError("alarms.evaluate: parameter and state arrays differ in length")
     cap = n + n_slots
@@ -161,6 +167,7 @@ def evaluate(
         elif r == RULE_STALE:
             active[s] = 1
             t0[s] = ts
+            seen[s] = elapsed_ms
             if raised[s]:
                 raised[s] = 0
                 emit(s, 0, ts, v, raised_at[s])
@@ -202,7 +209,8 @@ def evaluate(
             if not active[s]:
                 active[s] = 1
                 t0[s] = now_ms
-            if not raised[s] and _elapsed(now_ms, t0[s], span[s]):
+                seen[s] = elapsed_ms
+            if not raised[s] and _elapsed(elapsed_ms, seen[s], span[s]):
                 raised[s] = 1
                 raised_at[s] = now_ms
                 emit(s, 1, now_ms, math.nan, t0[s])

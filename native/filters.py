@@ -89,7 +89,9 @@ class HampelTable(_WindowTable[HampelStage]):
         self.k = self._param("d", (s.threshold * MAD_SCALE for s in stages))
         self.action = self._param("B", (_ACTIONS[s.action] for s in stages))
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         kept, replaced, flagged, dropped = self.kernels.hampel(
             *self._cols(batch),
             self.slot_of,
@@ -115,7 +117,9 @@ class MedianTable(_WindowTable[MedianStage]):
         super().__init__(specs, kernels)
         self._windows([s.window for s in self.specs.values()])
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         self.kernels.median(
             *self._cols(batch),
             self.slot_of,
@@ -147,7 +151,9 @@ class DeadbandTable(FilterTable[DeadbandStage]):
         self.held_ts = self._state_array("held_ts", "q")
         self.held_value = self._state_array("held_value", "d", fill=0.0)
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         spill = empty_columns(spill_capacity(len(batch), self.has_held, len(self)))
         kept, spilled, suppressed = self.kernels.deadband(
             *self._cols(batch),
@@ -185,7 +191,9 @@ class SdtTable(FilterTable[SdtStage]):
         self.door_lo = self._state_array("door_lo", "d", fill=-math.inf)
         self.door_hi = self._state_array("door_hi", "d", fill=math.inf)
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         spill = empty_columns(spill_capacity(len(batch), self.has_h, len(self)))
         kept, spilled, suppressed = self.kernels.sdt(
             *self._cols(batch),
@@ -222,7 +230,9 @@ class RateLimitTable(FilterTable[RateLimitStage]):
         self.last_ts = self._state_array("last_ts", "q")
         self.last_value = self._state_array("last_value", "d", fill=0.0)
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         kept, clamped, flagged, dropped = self.kernels.ratelimit(
             *self._cols(batch),
             self.slot_of,
@@ -252,7 +262,9 @@ class EmaTable(FilterTable[EmaStage]):
         self.last_ts = self._state_array("last_ts", "q")
         self.y = self._state_array("y", "d", fill=0.0)
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         self.kernels.ema(
             *self._cols(batch),
             self.slot_of,

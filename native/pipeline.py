@@ -4,10 +4,18 @@ Depth k of the pipeline holds the k-th stage of every point, grouped into one ta
 stage type (native/table.py); points are independent, so running depth by depth, table by
 table, keeps each point's own stage order while every kernel makes one columnar pass over
 the batch. Alarm rules are stages too: they pass readings on and emit AlarmEvents.
+
+Timed stages (stale alarms, the timed close of aggregate windows) measure real time on the
+pipeline's own clock, ``elapsed_ms``: the milliseconds the pipeline has run, advanced by
+the monotonic clock between runs and saved with the stage state. The wall clock can step
+(NTP, an RTC back in 1970, a technician) and the monotonic clock starts again at every
+boot, so neither can be kept in state; this clock does neither. Time while the agent was
+not running does not count: a restart resumes the stale rules' silence where it stopped.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +35,9 @@ from native.range_table import RangeTable
 from native.table import PipelineCounts, StageTable
 
 MAX_POINT_ID = 999_999  # ids are small ints; tables are sized max id + 1
+#: the pipeline clock's key in the saved state (not a point's: no digits after the last ":")
+ELAPSED_KEY = "clock:elapsed"
+_ELAPSED = struct.Struct("<q")
 
 # spec type -> the table that runs it
 _TABLES: dict[type, type[StageTable[Any]]] = {
@@ -70,21 +81,38 @@ class Pipeline:
         ]
         self.timed = any(t.timed for _, t in self.tables)
         self.persistent = any(t.persistent for _, t in self.tables)
+        self.elapsed_ms = 0  # the pipeline clock (module docstring)
+        self._last_monotonic_ms: int | None = None  # none yet since start
 
-    def process(self, batch: Batch, now_ms: int = 0) -> tuple[Batch, PipelineCounts]:
+    def process(
+        self, batch: Batch, now_ms: int = 0, monotonic_ms: int | None = None
+    ) -> tuple[Batch, PipelineCounts]:
         """Runs ``batch`` through every table (its arrays may be modified) and returns
-        the result with what the stages did. ``now_ms``: the wall clock, for timed
-        stages (aggregate windows, stale alarms)."""
+        the result with what the stages did. For timed stages: ``now_ms`` is the wall
+        clock (0: no clock, no timed checks), which stamps their events; ``monotonic_ms``
+        a monotonic clock (any origin), which advances the pipeline clock. Without it
+        ``now_ms`` serves as both (tests, replays); give it always or never."""
+        elapsed = None if monotonic_ms is None else self._advance(monotonic_ms)
         counts = PipelineCounts()
         for _, table in self.tables:
-            batch = table.run(batch, now_ms, counts)
+            batch = table.run(batch, now_ms, counts, elapsed)
         return batch, counts
+
+    def _advance(self, monotonic_ms: int) -> int:
+        """The pipeline clock, advanced by the monotonic time since the last run (none
+        for the first run after a start; never backwards)."""
+        last, self._last_monotonic_ms = self._last_monotonic_ms, monotonic_ms
+        if last is not None and monotonic_ms > last:
+            self.elapsed_ms += monotonic_ms - last
+        return self.elapsed_ms
 
     def save_state(self, pids: Iterable[int] | None = None) -> dict[str, bytes]:
         """The state worth keeping across a restart, as ``{"<depth>:<kind>:<pid>": blob}``:
         of the points in ``pids`` (the ones a run touched; timed tables: all points)."""
         wanted = None if pids is None else frozenset(pids)
         out: dict[str, bytes] = {}
+        if self.timed:  # saved with the timed tables' state, which is on this clock
+            out[ELAPSED_KEY] = _ELAPSED.pack(self.elapsed_ms)
         for key, table in self.tables:
             if not table.persistent:
                 continue
@@ -94,7 +122,12 @@ class Pipeline:
 
     def load_state(self, saved: Mapping[str, bytes]) -> int:
         """Restores what ``save_state`` produced, where the config still matches;
-        returns how many (point, stage) states resumed."""
+        returns how many (point, stage) states resumed. The pipeline clock resumes where
+        it was saved (state saved before it existed: from 0, see the tables' upgrades)."""
+        clock = saved.get(ELAPSED_KEY, b"")
+        if len(clock) == _ELAPSED.size:
+            self.elapsed_ms = max(_ELAPSED.unpack(clock)[0], 0)
+        self._last_monotonic_ms = None
         by_table: dict[str, dict[int, bytes]] = {}
         for k, blob in saved.items():
             key, _, pid = k.rpartition(":")
@@ -103,4 +136,4 @@ class Pipeline:
         return sum(table.load_state(by_table.get(key, {})) for key, table in self.tables)
 
 
-__all__ = ["MAX_POINT_ID", "Pipeline", "PipelineCounts", "table_class"]
+__all__ = ["ELAPSED_KEY", "MAX_POINT_ID", "Pipeline", "PipelineCounts", "table_class"]

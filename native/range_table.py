@@ -31,7 +31,9 @@ class RangeTable(StageTable[RangeStage]):
                 self.hi[pid] = stage.max
             self.action[pid] = ACTION_DROP if stage.action == "drop" else ACTION_FLAG
 
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         kept, flagged, dropped = impl.range_check(
             batch.point_ids,
             batch.timestamps,

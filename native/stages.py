@@ -160,8 +160,8 @@ class EmaStage:
 @dataclass(frozen=True, slots=True)
 class AggregateStage:
     """Tumbling windows of ``window_ms`` aligned to the epoch (a 1 min window starts on
-    the minute). When a window closes — a later reading of the point arrives, or the
-    wall clock passes its end plus ``grace_ms`` — one reading per function is emitted,
+    the minute). When a window closes — a later reading of the point arrives, or its end
+    plus ``grace_ms`` has passed in real time — one reading per function is emitted,
     under the point id paired with it in ``outputs``, stamped with the window's start.
     Only GOOD finite readings are aggregated. ``raw`` also passes the readings on; a
     reading older than the open window is late: counted, not aggregated."""
@@ -225,8 +225,8 @@ class RateRule:
 
 @dataclass(frozen=True, slots=True)
 class StaleRule:
-    """Raised when the point has had no reading for ``after_ms`` (by the wall clock);
-    cleared by its next reading."""
+    """Raised when no reading of the point has arrived for ``after_ms`` (real time while
+    the agent runs, not the wall clock); cleared by its next reading."""
 
     id: str
     after_ms: int

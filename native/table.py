@@ -64,9 +64,12 @@ class StageTable(ABC, Generic[S]):
     kind: ClassVar[str]
     #: whether the state is worth saving across restarts (see Pipeline.save_state)
     persistent: ClassVar[bool] = False
-    #: whether the stage acts on the wall clock too (aggregate windows, stale alarms),
-    #: so it runs on every flush even when no reading came in
+    #: whether the stage acts on the clock too (aggregate windows, stale alarms), so it
+    #: runs on every flush even when no reading came in
     timed: ClassVar[bool] = False
+    #: state arrays added since the table's first state layout, oldest first: a point's
+    #: state saved before one was added still loads, that array zeroed, then `_upgraded`
+    added_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, specs: Mapping[int, S]) -> None:
         if not specs:
@@ -94,10 +97,14 @@ class StageTable(ABC, Generic[S]):
         return array(typecode, values)
 
     @abstractmethod
-    def run(self, batch: Batch, now_ms: int, counts: PipelineCounts) -> Batch:
+    def run(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
         """Applies the stages to ``batch`` (which the table may modify or replace) and
         returns the resulting batch; readings of points without a stage here pass
-        through in their order. ``now_ms`` is the wall clock, for timed stages."""
+        through in their order. For timed stages: ``now_ms`` is the wall clock (0: no
+        clock, no timed check), ``elapsed_ms`` the pipeline's monotonic clock, on which
+        they measure time (None: ``now_ms`` serves as both, for tests and replays)."""
 
     # -- state across restarts ------------------------------------------------------------
 
@@ -117,9 +124,14 @@ class StageTable(ABC, Generic[S]):
         return out
 
     def load_state(self, saved: Mapping[int, bytes]) -> int:
-        """Restores the points whose saved spec and layout match; returns how many."""
+        """Restores the points whose saved spec matches, in the current state layout or an
+        earlier one (``added_state``); returns how many."""
+        current = sorted(self.state)
+        layouts = [current] + [
+            [n for n in current if n not in self.added_state[k:]]
+            for k in reversed(range(len(self.added_state)))
+        ]
         restored = 0
-        names = sorted(self.state)
         for pid, blob in saved.items():
             spec = self.specs.get(pid)
             if spec is None:
@@ -127,14 +139,28 @@ class StageTable(ABC, Generic[S]):
             head, sep, body = blob.partition(b"\0")
             if not sep or head != repr(spec).encode():
                 continue
-            sizes = [self.state[n][1] * self.state[n][0].itemsize for n in names]
-            if len(body) != sum(sizes):
+            # each added array makes a layout longer, so the length tells them apart
+            for names in layouts:
+                sizes = [self.state[n][1] * self.state[n][0].itemsize for n in names]
+                if len(body) == sum(sizes):
+                    break
+            else:
                 continue
             slot = self.slot_of[pid]
             offset = 0
-            for name, size in zip(names, sizes, strict=True):
+            for name in current:
                 arr, k = self.state[name]
-                arr[slot * k : (slot + 1) * k] = array(arr.typecode, body[offset : offset + size])
-                offset += size
+                if name in names:
+                    size = k * arr.itemsize
+                    part = array(arr.typecode, body[offset : offset + size])
+                    offset += size
+                else:
+                    part = array(arr.typecode, bytes(k * arr.itemsize))
+                arr[slot * k : (slot + 1) * k] = part
+            if names is not current:
+                self._upgraded(slot)
             restored += 1
         return restored
+
+    def _upgraded(self, slot: int) -> None:
+        """Sets the state arrays a slot's state, loaded from an earlier layout, lacked."""

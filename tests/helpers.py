@@ -60,6 +60,18 @@ def state_bytes(table: StageTable[Any]) -> dict[str, bytes]:
     return {name: arr.tobytes() for name, (arr, _) in table.state.items()}
 
 
+def saved_without(table: StageTable[Any], pid: int, missing: tuple[str, ...]) -> bytes:
+    """Point ``pid``'s state as a version without the state arrays ``missing`` saved it
+    (``StageTable.save_state``'s format: spec repr, NUL, the arrays in name order)."""
+    slot = table.slot_of[pid]
+    parts = [repr(table.specs[pid]).encode(), b"\0"]
+    for name in sorted(table.state):
+        if name not in missing:
+            arr, k = table.state[name]
+            parts.append(arr[slot * k : (slot + 1) * k].tobytes())
+    return b"".join(parts)
+
+
 class Sink:
     """A driver's sink that keeps every batch pushed to it."""
 

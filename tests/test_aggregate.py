@@ -20,7 +20,7 @@ from native.batch import BAD, GOOD, UNCERTAIN, Batch
 from native.pipeline import Pipeline
 from native.stages import AGGREGATE_FUNCTIONS, AggregateStage
 from native.table import PipelineCounts
-from tests.helpers import IMPLEMENTATIONS, columns, load_kernels, state_bytes
+from tests.helpers import IMPLEMENTATIONS, columns, load_kernels, saved_without, state_bytes
 
 NAN = math.nan
 INF = math.inf
@@ -48,9 +48,11 @@ def stage(
     return AggregateStage(window_ms=window_ms, outputs=outputs, **kw)
 
 
-def run(table: AggregateTable, rows: Sequence[Row], now_ms: int = 0) -> tuple[list[Row], Any]:
+def run(
+    table: AggregateTable, rows: Sequence[Row], now_ms: int = 0, elapsed_ms: int | None = None
+) -> tuple[list[Row], Any]:
     counts = PipelineCounts()
-    out = table.run(Batch.from_rows(rows), now_ms, counts)
+    out = table.run(Batch.from_rows(rows), now_ms, counts, elapsed_ms)
     return list(out.rows()), counts
 
 
@@ -186,8 +188,8 @@ def test_timed_closes_come_after_the_readings_in_slot_order(kern: ModuleType) ->
     t = AggregateTable(
         {7: stage(["count"], 700, window_ms=1000), 3: stage(["count"], 300, window_ms=1000)}, kern
     )
-    rows: list[Row] = [(7, 0, 1.0, GOOD), (3, 0, 1.0, GOOD), (8, 5, 1.0, GOOD)]
-    out, counts = run(t, rows, now_ms=1_000_000)
+    assert run(t, [(7, 0, 1.0, GOOD), (3, 0, 1.0, GOOD)])[0] == []
+    out, counts = run(t, [(8, 5, 1.0, GOOD)], now_ms=1_000_000)
     assert out == [(8, 5, 1.0, GOOD), (300, 0, 1.0, GOOD), (700, 0, 1.0, GOOD)]
     assert counts.windows == 2
 
@@ -280,12 +282,16 @@ def test_table_and_kernel_validation(kern: ModuleType) -> None:
     # output columns shorter than the size the kernel asks for
     b = Batch.from_rows([(3, 0, 1.0, GOOD)])
     args = (t.slot_of, t.window_ms, t.grace_ms, t.raw, t.nfn, t.fcode, t.fout)
-    state = (t.phase, t.start, t.count, t.acc)
+    state = (t.phase, t.start, t.count, t.acc, t.deadline)
     cols = (b.point_ids, b.timestamps, b.values, b.quality)
     with pytest.raises(ValueError, match="shorter"):
-        kern.aggregate(*cols, *args, *state, 0, array("I"), array("q"), array("d"), array("B"))
+        kern.aggregate(*cols, *args, *state, 0, 0, array("I"), array("q"), array("d"), array("B"))
     with pytest.raises(ValueError, match="window must be > 0"):
-        kern.aggregate_size(*cols, t.slot_of, array("q", [0]), *args[2:5], t.phase, t.start, 0)
+        kern.aggregate_size(
+            *cols, t.slot_of, array("q", [0]), *args[2:5], t.phase, t.start, t.deadline, 0, 0
+        )
+    with pytest.raises(ValueError, match="slot arrays differ"):
+        kern.aggregate_size(*cols, *args[:5], t.phase, t.start, array("q"), 0, 0)
 
 
 def test_empty_batch(kern: ModuleType) -> None:
@@ -328,6 +334,73 @@ def test_save_load_round_trip(kern: ModuleType) -> None:
     assert 100 not in by_id(out)
 
 
+# -- the clocks: the timed close is measured on the monotonic clock ------------------------
+
+HOUR = 3_600_000
+K = 1_780_000_020_000  # a minute's start on the wall clock
+
+
+@pytest.mark.parametrize("step_ms", [2 * HOUR, -HOUR])
+def test_timed_close_ignores_wall_clock_steps(kern: ModuleType, step_ms: int) -> None:
+    """Windows of several points open, then the gateway's wall clock steps: +2 h must not
+    close them all at once (the readings that follow, stamped by their devices, still
+    belong to them), -1 h must not hold them open for an hour. They close when end +
+    grace has passed on the monotonic clock."""
+    t = AggregateTable({pid: stage(["count"], 100 * pid, grace_ms=2000) for pid in (1, 2, 3)}, kern)
+    real, mono = K + 10_000, 5_000  # the right time, and a monotonic clock
+    wall = real
+
+    def flush(*ts: int) -> tuple[list[Row], Any]:
+        return run(t, [(pid, x, 1.0, GOOD) for x in ts for pid in (1, 2, 3)], wall, mono)
+
+    assert flush(real) == ([], PipelineCounts(suppressed=3))
+    real, mono, wall = real + 11_000, mono + 11_000, real + 11_000 + step_ms
+    out, counts = flush()
+    assert out == [] and counts.windows == 0
+    real, mono, wall = real + 20_000, mono + 20_000, wall + 20_000
+    # a reading stamped by its device in the open window: aggregated, not late
+    assert flush(real) == ([], PipelineCounts(suppressed=3))
+    end_plus_grace = K + MIN + 2000
+    mono, wall = mono + end_plus_grace - real - 1, wall + end_plus_grace - real - 1
+    assert flush() == ([], PipelineCounts())
+    out, counts = run(t, [], wall + 1, mono + 1)
+    assert out == [(100, K, 2.0, GOOD), (200, K, 2.0, GOOD), (300, K, 2.0, GOOD)]
+    assert counts.windows == 3
+
+
+def test_timed_close_within_grace_follows_the_wall_clock(kern: ModuleType) -> None:
+    """Without a step the close is where the wall clock passes end + grace, for a reading
+    that arrived within the grace; one that arrived later (or a wall clock that stepped
+    ahead) moves the close by the grace at most."""
+    t = AggregateTable({1: stage(["count"], grace_ms=2000)}, kern)
+    run(t, [(1, K + 5000, 1.0, GOOD)], K + 5800, 100)  # 800 ms on its way: lag counted
+    assert run(t, [], K + MIN + 1999, 100 + MIN - 5000 + 1199)[1].windows == 0
+    assert run(t, [], K + MIN + 2000, 100 + MIN - 5000 + 1200)[1].windows == 1
+    run(t, [(1, K + MIN + 5000, 1.0, GOOD)], K + 2 * HOUR, 0)  # 2 h late: grace dropped
+    assert run(t, [], K + 2 * HOUR, MIN - 5000 - 1)[1].windows == 0
+    assert run(t, [], K + 2 * HOUR, MIN - 5000)[1].windows == 1
+
+
+def test_aggregate_state_of_the_previous_version_loads(kern: ModuleType) -> None:
+    """A window saved before the monotonic clock (no deadline, no pipeline clock) loads,
+    goes on aggregating, and closes by time within window + grace of the restart (the
+    pipeline clock starts at 0), not at once."""
+    specs = {1: stage(["count"], grace_ms=2000), 2: stage(["count"], 200, grace_ms=2000)}
+    t = AggregateTable(specs, kern)
+    run(t, [(1, K + 1000, 1.0, GOOD), (2, K - 5000, 1.0, GOOD), (2, K, 1.0, GOOD)], K + 1000)
+    old = {pid: saved_without(t, pid, ("deadline",)) for pid in specs}
+    restarted = AggregateTable(specs, kern)
+    assert restarted.load_state(old) == 2
+    assert state_bytes(restarted)["phase"] == state_bytes(t)["phase"]
+    assert run(restarted, [(1, K + 2000, 1.0, GOOD)], K + 3 * HOUR, 0) == (
+        [],
+        PipelineCounts(suppressed=1),
+    )
+    assert run(restarted, [], K + 3 * HOUR, MIN + 1999)[1].windows == 0
+    out, counts = run(restarted, [], K + 3 * HOUR, MIN + 2000)
+    assert out == [(100, K, 2.0, GOOD), (200, K, 1.0, GOOD)] and counts.windows == 2
+
+
 # -- random batches: both implementations, split or not, saved or not ----------------------
 
 WINDOWS = [1, 7, 100, 1000, MIN]
@@ -350,6 +423,7 @@ TS = hs.one_of(
     hs.sampled_from([INT64_MIN, INT64_MIN + 1, INT64_MAX, INT64_MAX - 1, -1, 0]),
 )
 ROW = hs.tuples(hs.integers(0, 6), TS, VALUE, hs.sampled_from([GOOD, GOOD, GOOD, BAD, UNCERTAIN]))
+ELAPSED = hs.one_of(hs.none(), hs.integers(0, 300_000), hs.sampled_from([INT64_MIN, INT64_MAX]))
 NOW = hs.one_of(
     hs.just(0),
     hs.integers(-1000, 300_000),
@@ -378,44 +452,46 @@ def make_batch(rows: Sequence[Row]) -> Batch:
     return Batch.from_rows(rows)
 
 
+Step = tuple[list[Row], int, int | None]  # readings, wall clock, monotonic (None: the wall)
+
+
 def drive(
-    table: AggregateTable, steps: Sequence[tuple[Sequence[Row], int]]
+    table: AggregateTable, steps: Sequence[Step]
 ) -> list[tuple[tuple[bytes, ...], tuple[int, int, int]]]:
     results = []
-    for rows, now in steps:
+    for rows, now, elapsed in steps:
         counts = PipelineCounts()
-        out = table.run(make_batch(rows), now, counts)
+        out = table.run(make_batch(rows), now, counts, elapsed)
         results.append((columns(out), (counts.windows, counts.late, counts.suppressed)))
     return results
 
 
-STEPS = hs.lists(hs.tuples(hs.lists(ROW, max_size=40), NOW), min_size=1, max_size=6)
+STEPS = hs.lists(hs.tuples(hs.lists(ROW, max_size=40), NOW, ELAPSED), min_size=1, max_size=6)
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def on_the_edge(
-    specs: dict[int, AggregateStage], steps: list[tuple[list[Row], int]], data: hs.DataObject
-) -> list[tuple[list[Row], int]]:
+    specs: dict[int, AggregateStage], steps: list[Step], data: hs.DataObject
+) -> list[Step]:
     """Moves some steps' clock onto (or 1 ms next to) the end + grace of the window of
-    one of the readings so far, where a timed close is decided."""
+    one of the readings so far, where a timed close is decided (both clocks the same:
+    then a window opened by a reading within its grace closes there)."""
     seen: list[Row] = []
     out = []
-    for rows, now in steps:
+    for rows, now, elapsed in steps:
         seen += [r for r in rows if r[0] in specs and INT64_MIN / 2 < r[1] < INT64_MAX / 2]
         move: bool = data.draw(hs.booleans())
         if move and seen:
             pid, ts, _, _ = data.draw(hs.sampled_from(seen))
             w, g = specs[pid].window_ms, specs[pid].grace_ms
-            now = ts - ts % w + w + g + data.draw(hs.integers(-1, 1))
-        out.append((rows, now))
+            now, elapsed = ts - ts % w + w + g + data.draw(hs.integers(-1, 1)), None
+        out.append((rows, now, elapsed))
     return out
 
 
 @SETTINGS
 @given(hs.lists(SPEC, min_size=1, max_size=5), STEPS, hs.data())
-def test_twins_agree(
-    raw_specs: list[Any], steps: list[tuple[list[Row], int]], data: hs.DataObject
-) -> None:
+def test_twins_agree(raw_specs: list[Any], steps: list[Step], data: hs.DataObject) -> None:
     specs = build_specs(raw_specs)
     steps = on_the_edge(specs, steps, data)
     cy, py = (AggregateTable(specs, k) for k in both())
@@ -428,17 +504,17 @@ def test_twins_agree(
 def test_split_batches_give_the_same_output(
     raw_specs: list[Any], rows: list[Row], data: hs.DataObject
 ) -> None:
-    """One batch or the same readings in several: same output, same counts, same state,
-    when the clock only shows on the last run."""
+    """One batch or the same readings in several at the same clocks: same output, same
+    counts, same state (a window never closes by time in the run that opened it)."""
     specs = build_specs(raw_specs)
-    now = data.draw(NOW)
+    now, elapsed = data.draw(NOW), data.draw(ELAPSED)
     cuts = sorted(data.draw(hs.lists(hs.integers(0, len(rows)), max_size=4)))
     pieces = [rows[a:b] for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True)]
     for k in both():
         whole = AggregateTable(specs, k)
         split = AggregateTable(specs, k)
-        ((cols, counts),) = drive(whole, [(rows, now)])
-        results = drive(split, [(p, 0) for p in pieces[:-1]] + [(pieces[-1], now)])
+        ((cols, counts),) = drive(whole, [(rows, now, elapsed)])
+        results = drive(split, [(p, now, elapsed) for p in pieces])
         joined = tuple(b"".join(r[0][c] for r in results) for c in range(4))
         total = tuple(sum(r[1][c] for r in results) for c in range(3))
         assert (joined, total) == (cols, counts)
@@ -448,7 +524,7 @@ def test_split_batches_give_the_same_output(
 @SETTINGS
 @given(hs.lists(SPEC, min_size=1, max_size=5), STEPS, hs.data())
 def test_restored_table_continues_exactly(
-    raw_specs: list[Any], steps: list[tuple[list[Row], int]], data: hs.DataObject
+    raw_specs: list[Any], steps: list[Step], data: hs.DataObject
 ) -> None:
     specs = build_specs(raw_specs)
     at = data.draw(hs.integers(0, len(steps)))
@@ -463,21 +539,22 @@ def test_restored_table_continues_exactly(
 
 @SETTINGS
 @given(hs.lists(SPEC, min_size=1, max_size=5), STEPS)
-def test_size_is_exact(raw_specs: list[Any], steps: list[tuple[list[Row], int]]) -> None:
+def test_size_is_exact(raw_specs: list[Any], steps: list[Step]) -> None:
     """aggregate_size predicts aggregate's row count, and changes no state."""
     for k in both():
         t = AggregateTable(specs := build_specs(raw_specs), k)
-        for rows, now in steps:
+        for rows, now, elapsed in steps:
             b = make_batch(rows)
             before = state_bytes(t)
             cols = (b.point_ids, b.timestamps, b.values, b.quality)
             params = (t.slot_of, t.window_ms, t.grace_ms, t.raw, t.nfn)
-            size = k.aggregate_size(*cols, *params, t.phase, t.start, now)
+            clocks = (now, now if elapsed is None else elapsed)
+            size = k.aggregate_size(*cols, *params, t.phase, t.start, t.deadline, *clocks)
             assert state_bytes(t) == before
             out = Batch.from_rows([(0, 0, 0.0, 0)] * (size + 3))
             n_out, *_ = k.aggregate(
-                *cols, *params, t.fcode, t.fout, t.phase, t.start, t.count, t.acc, now,
-                out.point_ids, out.timestamps, out.values, out.quality,
+                *cols, *params, t.fcode, t.fout, t.phase, t.start, t.count, t.acc, t.deadline,
+                *clocks, out.point_ids, out.timestamps, out.values, out.quality,
             )  # fmt: skip
             assert n_out == size
             assert list(out.rows())[size:] == [(0, 0, 0.0, 0)] * 3  # nothing past n_out

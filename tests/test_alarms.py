@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from native import alarms_py
 from native.alarms import AlarmTable, compile_rule
 from native.batch import BAD, GOOD, UNCERTAIN, Batch
-from native.pipeline import Pipeline
+from native.pipeline import ELAPSED_KEY, Pipeline
 from native.stages import (
     AlarmEvent,
     AlarmRule,
@@ -27,7 +27,7 @@ from native.stages import (
     ThresholdRule,
 )
 from native.table import PipelineCounts
-from tests.helpers import columns, load_kernels, state_bytes
+from tests.helpers import columns, load_kernels, saved_without, state_bytes
 
 NAN = math.nan
 INF = math.inf
@@ -42,12 +42,14 @@ def mod(request: pytest.FixtureRequest) -> ModuleType:
     return load_kernels(request.param, "alarms")
 
 
-def run(table: AlarmTable, rows: list[Row], now_ms: int = 0) -> list[AlarmEvent]:
+def run(
+    table: AlarmTable, rows: list[Row], now_ms: int = 0, elapsed_ms: int | None = None
+) -> list[AlarmEvent]:
     """Runs ``rows`` through the table, checks they pass unchanged, returns the events."""
     batch = Batch.from_rows(rows)
     before = columns(batch)
     counts = PipelineCounts()
-    out = table.run(batch, now_ms, counts)
+    out = table.run(batch, now_ms, counts, elapsed_ms)
     assert out is batch and columns(out) == before
     return counts.alarms
 
@@ -187,10 +189,11 @@ def test_stale_raises_by_clock_and_clears_on_a_reading(mod: ModuleType) -> None:
     got = run(t, [(7, 20_500, NAN, BAD)], now_ms=21_000)
     assert len(got) == 1 and got[0].raised is False
     assert (got[0].ts_ms, got[0].since_ms) == (20_500, 11_000) and math.isnan(got[0].value)
+    # silence counts from the reading's arrival (30 000), since = its timestamp
     assert run(t, [(7, 25_000, 1.0, GOOD)], now_ms=30_000) == []
-    assert run(t, [(9, 31_000, 1.0, GOOD)], now_ms=34_999) == []  # another point's reading
-    assert [(e.raised, e.ts_ms, e.since_ms) for e in run(t, [], now_ms=35_000)] == [
-        (True, 35_000, 25_000)
+    assert run(t, [(9, 31_000, 1.0, GOOD)], now_ms=39_999) == []  # another point's reading
+    assert [(e.raised, e.ts_ms, e.since_ms) for e in run(t, [], now_ms=40_000)] == [
+        (True, 40_000, 25_000)
     ]
 
 
@@ -329,6 +332,7 @@ def test_kernel_rejects_inconsistent_arrays(mod: ModuleType) -> None:
             batch.values,
             batch.quality,
             0,
+            0,
             t.slot_of,
             t.rule,
             t.level if level is None else level,
@@ -340,6 +344,7 @@ def test_kernel_rejects_inconsistent_arrays(mod: ModuleType) -> None:
             t.v0,
             t.count,
             t.raised_at,
+            t.seen,
             *ev,
         )
         return n
@@ -399,7 +404,100 @@ def test_pipeline_runs_alarm_rules_after_filters() -> None:
     assert [(r[0], r[1]) for r in out.rows()] == [(1, 2), (2, 3)]
     # depth by depth: point 2's rule is its first stage, point 1's its second
     assert [(e.point_id, e.rule, e.ts_ms) for e in counts.alarms] == [(2, "bad", 3), (1, "hot", 2)]
-    assert sorted(p.save_state()) == ["0:alarm:2", "1:alarm:1"]
+    assert sorted(p.save_state()) == ["0:alarm:2", "1:alarm:1", ELAPSED_KEY]
+
+
+# -- the clocks: silence is measured on the monotonic clock --------------------------------
+
+MIN = 60_000
+HOUR = 3_600_000
+WALL = 1_780_000_000_000  # the wall clock when these scenarios start
+
+
+class Clocks:
+    """A wall clock that can step and a monotonic one that cannot, advancing together."""
+
+    def __init__(self) -> None:
+        self.wall, self.mono = WALL, 7_000
+
+    def tick(self, ms: int, step_ms: int = 0) -> None:
+        self.wall += ms + step_ms
+        self.mono += ms
+
+
+def test_stale_ignores_wall_clock_steps(mod: ModuleType) -> None:
+    """Wall clock +2 h: no point looks silent. Then -1 h: a real silence is still raised
+    on time, 5 min after the point's last reading arrived, since that reading's time."""
+    quiet = StaleRule(id="quiet", after_ms=5 * MIN)
+    t = AlarmTable({1: quiet, 2: quiet}, kernels=mod)
+    c = Clocks()
+
+    def flush(*pids: int) -> list[tuple[int, bool, int, int]]:
+        rows = [(pid, c.wall, 1.0, GOOD) for pid in pids]
+        return [(e.point_id, e.raised, e.ts_ms, e.since_ms) for e in run(t, rows, c.wall, c.mono)]
+
+    for _ in range(3):  # both points report every minute
+        assert flush(1, 2) == []
+        c.tick(MIN)
+    c.tick(1000, step_ms=2 * HOUR)
+    assert flush() == []  # 2 h ahead: nothing has been silent for that long
+    for _ in range(10):
+        assert flush(1, 2) == []
+        c.tick(MIN)
+    assert flush(1, 2) == []
+    last = c.wall  # point 2's last reading
+    c.tick(1000, step_ms=-3 * HOUR)  # an hour behind the right time now
+    for _ in range(4):
+        assert flush(1) == []
+        c.tick(MIN)
+    c.tick(MIN - 1001)
+    assert flush(1) == []  # 4:59.999 since point 2's last reading arrived
+    c.tick(1)
+    assert flush(1) == [(2, True, c.wall, last)]
+
+
+def test_stale_silence_resumes_after_a_reboot() -> None:
+    """The pipeline clock is saved with the stage state, so after a restart on another
+    boot (the monotonic clock starts again near 0) a silence resumes where it stopped.
+    The time the agent was down does not count: a restart does not raise every stale
+    rule at once before the drivers have polled."""
+    rules: dict[int, list[StaleRule]] = {1: [StaleRule(id="quiet", after_ms=5 * MIN)]}
+    p = Pipeline(rules)
+    c = Clocks()
+    p.process(Batch.from_rows([(1, c.wall, 1.0, GOOD)]), c.wall, c.mono)
+    c.tick(3 * MIN)
+    assert p.process(Batch(), c.wall, c.mono)[1].alarms == []
+    saved = p.save_state()
+    c.wall, c.mono = c.wall + 10 * MIN, 2_000  # down for 10 min, then a new boot
+    restarted = Pipeline(rules)
+    assert restarted.load_state(saved) == 1
+    assert restarted.process(Batch(), c.wall, c.mono)[1].alarms == []
+    c.tick(2 * MIN - 1)
+    assert restarted.process(Batch(), c.wall, c.mono)[1].alarms == []
+    c.tick(1)
+    (ev,) = restarted.process(Batch(), c.wall, c.mono)[1].alarms
+    assert (ev.point_id, ev.raised, ev.ts_ms, ev.since_ms) == (1, True, c.wall, WALL)
+
+
+def test_alarm_state_of_the_previous_version_loads(mod: ModuleType) -> None:
+    """State saved before the monotonic clock (no "seen" array, no pipeline clock) still
+    loads: a raised alarm stays raised, and a stale rule counts its silence from the
+    restart (the pipeline clock starts at 0)."""
+    specs: dict[int, AlarmRule] = {
+        1: ThresholdRule(id="hot", above=10.0),
+        2: StaleRule(id="quiet", after_ms=5 * MIN),
+    }
+    t = AlarmTable(specs, kernels=mod)
+    assert len(run(t, [(1, WALL, 12.0, GOOD), (2, WALL, 1.0, GOOD)], WALL)) == 1
+    old = {pid: saved_without(t, pid, ("seen",)) for pid in specs}
+    restarted = AlarmTable(specs, kernels=mod)
+    assert restarted.load_state(old) == 2
+    assert restarted.raised_points() == [1]
+    now = WALL + HOUR
+    assert run(restarted, [], now, 0) == []
+    assert run(restarted, [], now + 5 * MIN - 1, 5 * MIN - 1) == []
+    got = run(restarted, [(1, now, 9.0, GOOD)], now + 5 * MIN, 5 * MIN)
+    assert [(e.point_id, e.raised, e.since_ms) for e in got] == [(1, False, WALL), (2, True, WALL)]
 
 
 # -- both implementations on random data ---------------------------------------------------
@@ -439,9 +537,12 @@ VALUES = st.one_of(
 PIDS = [0, 1, 2, 3, 5, 8, 13]  # the rules are on a random subset of these
 
 
+Clock = tuple[int, int | None]  # (wall, monotonic pipeline clock or None: the wall's)
+
+
 @st.composite
-def scenarios(draw: st.DrawFn) -> tuple[dict[int, AlarmRule], list[Row], list[int], list[int]]:
-    """(rules, readings, cut points, the clock of each run): several points interleaved."""
+def scenarios(draw: st.DrawFn) -> tuple[dict[int, AlarmRule], list[Row], list[int], list[Clock]]:
+    """(rules, readings, cut points, the clocks of each run): several points interleaved."""
     ruled = draw(st.lists(st.sampled_from(PIDS), min_size=1, max_size=6, unique=True))
     specs = {pid: draw(RULES) for pid in ruled}
     n = draw(st.integers(0, 200))
@@ -458,12 +559,10 @@ def scenarios(draw: st.DrawFn) -> tuple[dict[int, AlarmRule], list[Row], list[in
             (pid, ts, draw(VALUES), draw(st.sampled_from([GOOD, GOOD, GOOD, BAD, UNCERTAIN])))
         )
     cuts = sorted(draw(st.lists(st.integers(0, n), max_size=4)))
-    clocks = [
-        draw(
-            st.one_of(st.just(0), st.integers(-2000, 400_000), st.sampled_from([I64_MIN, I64_MAX]))
-        )
-        for _ in range(len(cuts) + 1)
-    ]
+    extremes = st.sampled_from([I64_MIN, I64_MAX])
+    walls = st.one_of(st.just(0), st.integers(-2000, 400_000), extremes)
+    monotonic = st.one_of(st.none(), st.integers(0, 400_000), extremes)
+    clocks = [(draw(walls), draw(monotonic)) for _ in range(len(cuts) + 1)]
     return specs, rows, cuts, clocks
 
 
@@ -473,12 +572,12 @@ def chunks(rows: list[Row], cuts: list[int]) -> list[list[Row]]:
 
 
 def replay(
-    name: str, specs: dict[int, AlarmRule], parts: list[list[Row]], clocks: list[int]
+    name: str, specs: dict[int, AlarmRule], parts: list[list[Row]], clocks: list[Clock]
 ) -> tuple[list[tuple[object, ...]], dict[str, bytes], AlarmTable]:
     t = AlarmTable(specs, kernels=load_kernels(name, "alarms"))
     events: list[AlarmEvent] = []
-    for part, now in zip(parts, clocks, strict=True):
-        events += run(t, part, now)
+    for part, (now, elapsed) in zip(parts, clocks, strict=True):
+        events += run(t, part, now, elapsed)
     return exact(events), state_bytes(t), t
 
 
@@ -488,7 +587,7 @@ SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 @SETTINGS
 @given(scenarios())
 def test_both_implementations_agree(
-    case: tuple[dict[int, AlarmRule], list[Row], list[int], list[int]],
+    case: tuple[dict[int, AlarmRule], list[Row], list[int], list[Clock]],
 ) -> None:
     specs, rows, cuts, clocks = case
     parts = chunks(rows, cuts)
@@ -497,13 +596,14 @@ def test_both_implementations_agree(
     assert compiled_events == twin_events
     assert compiled_state == twin_state
     # per point, events alternate raise / clear, starting with a raise; a raise decided by
-    # a duration or a rate never looks back from before its start
+    # a duration or a rate of readings never looks back from before its start (a stale
+    # raise is stamped by the wall clock, which may have stepped back since the reading)
     up_now: dict[int, bool] = {}
     for pid, _, _, up, ts, _, since in twin_events:
         assert isinstance(pid, int) and isinstance(ts, int) and isinstance(since, int)
         assert up_now.get(pid, False) != up
         up_now[pid] = bool(up)
-        if up and not isinstance(specs[pid], BadQualityRule):
+        if up and not isinstance(specs[pid], BadQualityRule | StaleRule):
             assert since <= ts
     assert sorted(p for p, up in up_now.items() if up) == table.raised_points()
 
@@ -512,15 +612,18 @@ def test_both_implementations_agree(
 @SETTINGS
 @given(case=scenarios())
 def test_split_batches_give_the_same_events_as_one(
-    case: tuple[dict[int, AlarmRule], list[Row], list[int], list[int]], name: str
+    case: tuple[dict[int, AlarmRule], list[Row], list[int], list[Clock]], name: str
 ) -> None:
     specs, rows, cuts, clocks = case
-    now = clocks[-1]
-    whole = replay(name, specs, [rows], [now])
-    # the clock only on the last run: a clock check between the parts could see a stale
-    # point that the next part's readings would have kept quiet
+    now, elapsed = clocks[-1]
+    if elapsed is None:
+        elapsed = now
+    whole = replay(name, specs, [rows], [(now, elapsed)])
+    # the parts arrive together (one monotonic clock), the wall clock only on the last
+    # run: a clock check between the parts could see a stale point that the next part's
+    # readings would have kept quiet
     parts = chunks(rows, cuts)
-    split = replay(name, specs, parts, [0] * (len(parts) - 1) + [now])
+    split = replay(name, specs, parts, [(0, elapsed)] * (len(parts) - 1) + [(now, elapsed)])
     assert whole[:2] == split[:2]
 
 
@@ -528,16 +631,16 @@ def test_split_batches_give_the_same_events_as_one(
 @SETTINGS
 @given(case=scenarios())
 def test_restart_resumes_exactly(
-    case: tuple[dict[int, AlarmRule], list[Row], list[int], list[int]], name: str
+    case: tuple[dict[int, AlarmRule], list[Row], list[int], list[Clock]], name: str
 ) -> None:
     specs, rows, cuts, clocks = case
     parts = chunks(rows, cuts)
     mod = load_kernels(name, "alarms")
     uninterrupted = AlarmTable(specs, kernels=mod)
     table = AlarmTable(specs, kernels=mod)
-    for part, now in zip(parts, clocks, strict=True):
-        expected = exact(run(uninterrupted, part, now))
-        assert exact(run(table, part, now)) == expected
+    for part, (now, elapsed) in zip(parts, clocks, strict=True):
+        expected = exact(run(uninterrupted, part, now, elapsed))
+        assert exact(run(table, part, now, elapsed)) == expected
         table = AlarmTable(specs, kernels=mod)  # restart after every run
         assert table.load_state(uninterrupted.save_state()) == len(specs)
     assert state_bytes(table) == state_bytes(uninterrupted)

@@ -62,7 +62,9 @@ async def run_agent(buffer: Path, store: Store, points: str, seconds: float) -> 
     await agent.start()
     await asyncio.sleep(seconds)
     await agent.stop_drivers()
-    await asyncio.sleep(0.3)  # the last aggregate window closes by the clock
+    # the last aggregate window closes by the clock: its end (grace 0) after its first
+    # reading arrived, so up to a flush interval (100 ms) after the end itself
+    await asyncio.sleep(0.4)
     await agent.flush()
     assert await agent.drain(timeout=10)
     await agent.stop()
@@ -150,7 +152,7 @@ def test_failed_flush_keeps_the_pipeline_output_not_its_input(
         assert agent.counters.sent == 0 and agent._pending_alarms
         monkeypatch.setattr(agent.buffer, "append_many", real)
         await agent.stop_drivers()
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.4)
         await agent.flush()
         assert await agent.drain(timeout=10)
         await agent.stop()
