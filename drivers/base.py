@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -72,6 +72,10 @@ class DeviceHealth:
     polls: int = 0
     skipped_polls: int = 0
     readings: int = 0
+    #: inputs the device sent that were refused as malformed, by reason (a frame with a
+    #: bad CRC, a payload that does not parse...); `errors` mixes them with timeouts and
+    #: lost links, this says exactly how much junk arrived
+    rejected: dict[str, int] = field(default_factory=dict)
 
     def success(self, n_readings: int) -> None:
         self.polls += 1
@@ -86,6 +90,11 @@ class DeviceHealth:
         self.last_error = error
         self.last_error_ms = time.time_ns() // 1_000_000
 
+    def reject(self, reason: str) -> None:
+        """Counts one refused input by reason; the failure it may also be is recorded
+        by the caller as before."""
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
     def as_dict(self) -> dict[str, object]:
         return {
             "last_success_ms": self.last_success_ms,
@@ -96,6 +105,7 @@ class DeviceHealth:
             "polls": self.polls,
             "skipped_polls": self.skipped_polls,
             "readings": self.readings,
+            "rejected": dict(self.rejected),
         }
 
 
@@ -157,6 +167,11 @@ class Driver(ABC):
         """None if `device` takes firmware updates (`update_firmware`), else why not,
         in words for the platform's command response."""
         return f"its driver {self.name!r} does not update firmware"
+
+    def firmware_downgrades(self, device: str) -> bool:
+        """Whether `device`'s own config lets the platform force an update (a downgrade
+        or a reinstall): off unless the driver has a setting that turns it on."""
+        return False
 
     async def update_firmware(
         self,

@@ -11,18 +11,21 @@ from their shipped profiles whose values move with time) on a `ModbusSimulator`,
 server (a CabinetSimulator with ``transport="rtu-over-tcp"``); with `probability` it
 answers a request with garbage instead, one of `kinds`:
 
-- ``"random"``: 1-32 random bytes, none of whose slices is a frame with a valid CRC (the
+- ``"random"``: 1-32 random bytes, none of whose slices is a frame with a valid CRC and
+  whose first byte is not the request's unit id, so never the start of an answer (the
   request is not relayed);
-- ``"truncated"``: the real answer cut short (the master waits, then times out; the
-  rest of the stream is out of step until it resynchronises);
+- ``"truncated"``: the real answer cut short, at least its first byte kept (the master
+  waits, then times out; the rest is never sent, so the next answer is in step);
 - ``"bad_crc"``: the real answer with both CRC bytes XORed with 0xA5.
 
 pymodbus's server cannot send malformed frames, hence the front; `GarbageRtuServer` is
 the two together (a cabinet on a free port behind a front). Every injection is recorded
-(`injected`) and counted by kind (`counts`, with "valid" for relayed answers). In
-garbage mode `served` is a superset of what the master got: it includes the answers the
-front then truncated or spoiled. (pymodbus 3.16's master discards all three kinds
-without a word: citygw's Modbus client reports each as a ModbusTimeout.)
+(`injected`) and counted by kind (`counts`, with "valid" for relayed answers, which
+`relayed` counts by the request they answered). In garbage mode `served` is a superset
+of what the master got: it includes the answers the front then truncated or spoiled.
+(pymodbus 3.16's master discards all three kinds
+without a word; citygw's Modbus client reports each as a ModbusGarbledAnswer of kind
+"junk", "truncated" or "bad_crc", see drivers/modbus/garbled.py.)
 
     async with GarbageRtuServer(probability=0.2, seed=1) as garbage:   # both in one
         ... point the agent at 127.0.0.1:garbage.port, transport = "rtu-over-tcp" ...
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from agent.demo import MODBUS_UNITS, modbus_image
+from drivers.modbus.garbled import crc16
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 
 __all__ = [
@@ -169,34 +173,27 @@ async def _read_frame(reader: asyncio.StreamReader, *, request: bool) -> bytes |
     return bytes(frame)
 
 
-def _crc16(data: bytes, crc: int = 0xFFFF) -> int:
-    """Modbus RTU CRC-16 of `data` (continued from `crc`)."""
-    for b in data:
-        crc ^= b
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return crc
-
-
 def _has_frame(data: bytes) -> bool:
     """True if some slice of `data` (4 bytes or more) ends with a valid CRC of the rest,
     i.e. a master hunting for a frame in it could find one."""
     for i in range(len(data)):
         crc = 0xFFFF
         for j in range(i, len(data) - 2):
-            crc = _crc16(data[j : j + 1], crc)
+            crc = crc16(data[j : j + 1], crc)
             if j - i >= 1 and data[j + 1] | (data[j + 2] << 8) == crc:
                 return True
     return False
 
 
-def _junk(rng: random.Random) -> bytes:
-    """1-32 random bytes in which no valid RTU frame hides."""
+def _junk(rng: random.Random, unit: int = 0) -> bytes:
+    """1-32 random bytes in which no valid RTU frame hides and that do not start with
+    `unit` (the unit id of the request they answer), so that they are never the start of
+    an answer: a master can tell them from a truncated answer."""
     for _ in range(100):
         junk = rng.randbytes(rng.randint(1, 32))
-        if not _has_frame(junk):
+        if junk[0] != unit and not _has_frame(junk):
             return junk
-    return b"\xff"
+    return b"\xff" if unit != 0xFF else b"\xfe"
 
 
 class GarbageRtuFront:
@@ -230,8 +227,12 @@ class GarbageRtuFront:
         self.max_injected = max_injected
         #: answers by kind: "valid" (relayed as they came) and each GarbageKind
         self.counts: Counter[str] = Counter()
+        #: valid answers relayed, by the request frame they answered
+        self.relayed: Counter[bytes] = Counter()
         #: connections closed because a request had a function code it cannot frame
         self.unframed = 0
+        #: loop time of the last answer (or junk) sent to a master, None before any
+        self.last_answer: float | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -286,8 +287,9 @@ class GarbageRtuFront:
                 if self.probability > 0 and self.rng.random() < self.probability:
                     kind = self.rng.choice(self.kinds)
                 if kind == "random":
-                    junk = _junk(self.rng)
+                    junk = _junk(self.rng, request[0])
                     client_w.write(junk)
+                    self.last_answer = asyncio.get_running_loop().time()
                     await client_w.drain()
                     self._record("random", request, junk)
                     continue
@@ -326,9 +328,11 @@ class GarbageRtuFront:
                 else:
                     sent = answer
                 client_w.write(sent)
+                self.last_answer = asyncio.get_running_loop().time()
                 await client_w.drain()
                 if kind is None:
                     self.counts["valid"] += 1
+                    self.relayed[request] += 1
                 else:
                     self._record(kind, request, sent)
         except (ConnectionError, OSError, asyncio.IncompleteReadError, _Unframed):

@@ -273,6 +273,7 @@ def test_decode_error_counted_in_health_and_logged_once(caplog: pytest.LogCaptur
     with caplog.at_level("WARNING", logger="citygw.drivers.ble"):
         run(driver, sink, lambda: len(sink.batches) >= 1)
     assert health.errors == 3
+    assert health.as_dict()["rejected"] == {"truncated": 3}
     assert health.consecutive_failures == 0  # the good advert came after
     assert sink.values(pid(dev, "t")) == [22.0]
     assert len([r for r in caplog.records if "cannot decode" in r.getMessage()]) == 1
@@ -293,6 +294,7 @@ def test_stale_device_is_a_failure() -> None:
     assert health["silent"].last_error is not None
     assert health["silent"].last_error.startswith("no advertisement for")
     assert health["heard"].readings == 1
+    assert health["silent"].rejected == {}  # silence is no junk
 
 
 def test_adapter_error_is_retried_not_raised(caplog: pytest.LogCaptureFixture) -> None:

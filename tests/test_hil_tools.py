@@ -38,6 +38,7 @@ from hil.faults import (
     kill_at_random,
     limit_file_size,
 )
+from hil.garbage import MQTT_REASONS, UPLINK_JUNK, compare_counts, uplink_junk
 from hil.mqtt_packets import connect_packet, publish_packet
 from hil.proxy import MalformedPacket, MqttProxy, read_packet
 from hil.sim_ble import BleTagsSim, write_replay
@@ -590,8 +591,9 @@ def test_mqtt_sensors_publish_and_record_every_message(mosquitto: Mosquitto) -> 
                     value, ts = parse(m.payload, spec)
                     assert value == m.values[q] and ts is not None
                 else:
-                    with pytest.raises(PayloadError):
+                    with pytest.raises(PayloadError) as info:
                         parse(m.payload, spec)
+                    assert info.value.reason == MQTT_REASONS[m.garbage]  # what garbage-input counts
         assert sum(sensors.counts.values()) == 36 and sensors.counts["failed"] == 0
         assert set(GARBAGE_KINDS) >= set(sensors.counts) - {"valid"}
 
@@ -679,3 +681,45 @@ def test_sim_cli_ble_and_mqtt(tmp_path: Path, mosquitto: Mosquitto) -> None:
     assert hil_main(args) == 0
     rows = [orjson.loads(line) for line in sent.read_text().splitlines()]
     assert rows and {r["sensor"] for r in rows} == {"airbox-1", "airbox-2"}
+
+
+# -- the garbage-input verdict ------------------------------------------------------------
+
+
+def test_each_kind_of_uplink_junk_gets_its_one_reason_from_the_ingest(tmp_path: Path) -> None:
+    from agent import wire
+    from agent.ingest.store import open_store
+    from agent.ingest.worker import IngestWorker
+
+    store = open_store(f"sqlite:///{tmp_path / 'platform.db'}")
+    try:
+        worker = IngestWorker("mqtt://127.0.0.1:1", store)
+        for i, (kind, (topic_kind, reason)) in enumerate(UPLINK_JUNK.items()):
+            topic = wire.topic(wire.DEFAULT_PREFIX, "gw-1", topic_kind)
+            run(worker.deliver(topic, uplink_junk(kind, "gw-1", i + 1)))
+            assert worker.counters.rejected == {reason: 1}, kind
+            worker.counters.rejected.clear()
+        assert store.readings("gw-1") == []
+    finally:
+        store.close()
+
+
+def test_compare_counts_checks_each_reason_against_the_kinds_that_get_it() -> None:
+    from hil.runner import Verdict
+
+    reason_of = {"not_json": "bad_json", "cut_json": "bad_json", "no_field": "missing_path"}
+    injected = {"not_json": 2, "cut_json": 1, "no_field": 0}
+    ok = Verdict("x")
+    compare_counts(ok, "mqtt", injected, {"bad_json": 3}, reason_of)
+    assert ok.passed, ok.failures
+    assert ok.figures == {
+        "injected_mqtt_not_json": 2, "injected_mqtt_cut_json": 1, "injected_mqtt_no_field": 0,
+        "rejected_mqtt_bad_json": 3, "rejected_mqtt_missing_path": 0,
+    }  # fmt: skip
+    off = Verdict("x")  # one junk message missed, one good message rejected
+    compare_counts(off, "mqtt", injected, {"bad_json": 2, "not_numeric": 1}, reason_of)
+    assert len(off.failures) == 2
+    assert "2 rejected as 'bad_json', 3 injected (cut_json, not_json)" in off.failures[0]
+    none = Verdict("x")
+    compare_counts(none, "mqtt", {"no_field": 0}, {}, reason_of)
+    assert none.failures == ["mqtt: no junk was injected"]

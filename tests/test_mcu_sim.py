@@ -77,13 +77,29 @@ async def _readings_over_a_garbled_line_arrive_once_in_order() -> None:
         sim.faults.garbage_tx = 0.3  # a frame in three bit-flipped, cut short or after junk
         driver = McuDriver([mcu_device(sim.port, {1: "level", 2: "tilt", 3: "temp", 4: "mv"})])
         sink = Sink()
-        await run_driver_until(driver, sink, lambda: len(sink.rows()) >= 200, timeout=30)
+        sampled_at_quiet: list[int] = []
+
+        def garbled_then_quiet() -> bool:
+            if not sampled_at_quiet and len(sink.rows()) >= 200:
+                sim.faults.garbage_tx = 0.0
+                sampled_at_quiet.append(sim.counts["sampled"])
+            # a reading sampled after the line went quiet reached the sink: every garbled
+            # piece before it has been through the driver
+            return bool(sampled_at_quiet) and len(sink.rows()) > sampled_at_quiet[0]
+
+        await run_driver_until(driver, sink, garbled_then_quiet, timeout=30)
     health = driver.health()["mcu"]
     garbled = {k: n for k, n in sim.counts.items() if k.startswith("garbage_")}
     # how many of each kind depends on how many frames 200 readings took: at least some
     assert set(garbled) <= {"garbage_flip", "garbage_cut", "garbage_junk"}, garbled
     assert sum(garbled.values()) >= 5, garbled
     assert health.errors >= 5 and "bad frame" in (health.last_error or "")
+    # each garbled piece rejected and counted once, for the reason the line made it get
+    expected: dict[str, int] = {}
+    for (_kind, reason), n in sim.garbled.items():
+        expected[reason] = expected.get(reason, 0) + n
+    assert sum(expected.values()) == sum(garbled.values()) and "accepted" not in expected
+    assert health.as_dict()["rejected"] == expected
     by_point: dict[int, list[int]] = {}
     for pid, ts, _, _ in sink.rows():
         by_point.setdefault(pid, []).append(ts)
@@ -237,6 +253,15 @@ def test_heartbeats_rebase_the_clock_on_drift_not_on_a_busy_host() -> None:
     # a device ahead of the host (or the host's clock stepped back): at once
     assert clock.heartbeat(wall_ms=17_000, uptime_ms=8_000, max_skew_ms=500)
     assert clock.offset_ms == 9_000
+
+
+def test_a_flipped_bit_always_changes_the_frame_and_never_makes_a_delimiter() -> None:
+    sim = SimMcu(-1, seed=9)
+    frame = bytes(1 << i for i in range(8))  # bytes with one bit set: the hard case
+    for _ in range(400):
+        flipped = sim._flip_bit(frame)
+        assert flipped != frame and b"\x00" not in flipped
+        assert sum(bin(a ^ b).count("1") for a, b in zip(frame, flipped, strict=True)) == 1
 
 
 def test_config_rejects_duplicate_sensor_ids() -> None:

@@ -157,6 +157,7 @@ def test_malformed_and_unmatched_messages_are_counted(mosquitto: Mosquitto) -> N
         h = driver.health()["street-7"]
         assert h.errors == 2
         assert h.last_error == "sensors/street-7/json: bad_json"
+        assert h.as_dict()["rejected"] == {"not_a_number": 1, "bad_json": 1}
         assert driver.links[0].rejected == 2
         assert driver.health()["street-8"].errors == 0
 
@@ -176,6 +177,7 @@ def test_reconnects_and_resubscribes_after_an_outage(mosquitto: Mosquitto) -> No
         for name in ("street-7", "street-8"):
             error = driver.health()[name].last_error or ""
             assert error.startswith(f"broker 127.0.0.1:{mosquitto.port}:"), error
+            assert driver.health()[name].rejected == {}  # a lost link is no junk
         await asyncio.to_thread(mosquitto.start)
         await until(lambda: link.connects == 2 and bool(link.subscribed))
         await publish(

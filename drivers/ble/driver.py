@@ -346,7 +346,9 @@ class BleDriver(Driver):
     def _decode_failed(self, dev: _Device, adv: Advertisement, exc: DecodeError) -> None:
         dev.decode_errors += 1
         reason = f"{exc.format}: {exc.reason}" if getattr(exc, "reason", None) else str(exc)
-        self._health[dev.spec.name].failure(f"decode error: {reason}")
+        health = self._health[dev.spec.name]
+        health.failure(f"decode error: {reason}")
+        health.reject(exc.reason)
         n = self._throttle.ready(f"decode:{dev.spec.name}")
         if n is not None:
             log.warning(

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from firmware_bridge import messages as m
-from firmware_bridge.frame import OVERHEAD, FrameDecoder
+from firmware_bridge.frame import MAX_MAX_FRAME, OVERHEAD, FrameDecoder, FrameError
 from firmware_bridge.link import (
     Delivered,
     DeviceLink,
@@ -141,6 +141,9 @@ class SimMcu:
             else None
         )
         self.counts: Counter[str] = Counter()
+        #: garbled pieces sent by (garble kind, the reason a receiver's frame decoder
+        #: rejects the piece: "cobs", "short", "bad_crc"...; "accepted" if it does not)
+        self.garbled: Counter[tuple[str, str]] = Counter()
         self.commands: list[m.Command] = []  # every command executed (not duplicates)
         self.boots: list[m.BootReason] = []
         self._queue: deque[m.Reading] = deque(maxlen=READINGS_QUEUE)
@@ -213,6 +216,11 @@ class SimMcu:
         """A reset: into a staged image (on trial), back from an unconfirmed trial
         (rolled back), or the same firmware again (`cause`)."""
         self._boot(cause)
+
+    @property
+    def backlog(self) -> int:
+        """Readings sampled and not yet acknowledged by the host (queued or in flight)."""
+        return len(self._queue) + sum(len(b) for b in self._in_flight.values())
 
     def uptime_ms(self, now: float | None = None) -> int:
         return max(0, int(((self.clock() if now is None else now) - self.boot_time) * 1000))
@@ -448,23 +456,38 @@ class SimMcu:
         return b"\x00".join(frames)
 
     def _flip_bit(self, frame: bytes) -> bytes:
+        """The frame with one bit flipped, never into a 0x00 (a delimiter): a byte that
+        has only that bit set gets the next bit flipped instead, so the frame always
+        changes."""
         b = bytearray(frame)
         k = self.rng.randrange(len(b))
-        b[k] = (b[k] ^ (1 << self.rng.randrange(8))) or 0x01  # never a 0x00
+        bit = self.rng.randrange(8)
+        b[k] ^= 1 << (bit if b[k] != 1 << bit else (bit + 1) % 8)
         return bytes(b)
 
     def _garble(self, frame: bytes) -> bytes:
         """Line noise on one encoded frame (its delimiter stays): a bit flipped, the frame
         cut short, or junk bytes sent before it as a frame of their own (the frame itself
-        then arrives intact). The host drops each garbled frame (cobs, short, bad_crc...)."""
+        then arrives intact). The host drops each garbled piece (cobs, short, bad_crc...),
+        one rejected frame per garble: `garbled` records which."""
         kind = self.rng.choice(("flip", "cut", "junk"))
         self.counts[f"garbage_{kind}"] += 1
         if kind == "flip":
-            return self._flip_bit(frame)
-        if kind == "cut":
-            return frame[: self.rng.randrange(1, len(frame))] if len(frame) > 1 else b"\x01"
-        junk = bytes(self.rng.randrange(1, 256) for _ in range(self.rng.randrange(1, 64)))
-        return junk + b"\x00" + frame
+            piece = out = self._flip_bit(frame)
+        elif kind == "cut":
+            piece = out = frame[: self.rng.randrange(1, len(frame))] if len(frame) > 1 else b"\x01"
+        else:
+            piece = bytes(self.rng.randrange(1, 256) for _ in range(self.rng.randrange(1, 64)))
+            out = piece + b"\x00" + frame
+        self.garbled[(kind, _rejection(piece))] += 1
+        return out
+
+
+def _rejection(piece: bytes) -> str:
+    """Why a receiver's frame decoder drops `piece` (an encoded frame without its
+    delimiter), "accepted" if it takes it (a CRC-32C collision)."""
+    (item,) = FrameDecoder(MAX_MAX_FRAME).feed(piece + b"\x00")
+    return item.reason if isinstance(item, FrameError) else "accepted"
 
 
 def _refuse_ota(msg: m.Message, seq: int) -> list[m.Message]:

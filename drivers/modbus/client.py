@@ -9,8 +9,10 @@ silence after each answer. Separate connections run concurrently. The connection
 opened on demand and reopened after a link error.
 
 Errors are raised as `ModbusExceptionResponse` (the device answered with an exception
-code), `ModbusTimeout` (no answer) or `ModbusLinkError` (no connection, garbled answer),
-each naming the link, unit id, function code, address and count.
+code), `ModbusTimeout` (no answer), its subclass `ModbusGarbledAnswer` (on an RTU link,
+bytes came but no valid answer: truncated, bad CRC or junk, see garbled.py) or
+`ModbusLinkError` (no connection, an answer that makes no sense), each naming the link,
+unit id, function code, address and count.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pymodbus import FramerType
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
+from drivers.modbus.garbled import GarbledKind, garbled_kind
 from drivers.modbus.settings import ModbusDeviceSettings
 
 log = logging.getLogger("citygw.drivers.modbus")
@@ -44,6 +47,7 @@ __all__ = [
     "ModbusConnection",
     "ModbusError",
     "ModbusExceptionResponse",
+    "ModbusGarbledAnswer",
     "ModbusLinkError",
     "ModbusTimeout",
     "probe",
@@ -126,6 +130,34 @@ class ModbusTimeout(ModbusError):
     """The device did not answer in time."""
 
 
+class ModbusGarbledAnswer(ModbusTimeout):
+    """No valid answer in time, but bytes came (an RTU link): the answer was garbled on
+    the line. `kind`: "truncated", "bad_crc" or "junk"; `received`: the bytes."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: GarbledKind,
+        received: bytes,
+        link: str,
+        unit: int,
+        function_code: int,
+        address: int,
+        count: int,
+    ) -> None:
+        super().__init__(
+            message,
+            link=link,
+            unit=unit,
+            function_code=function_code,
+            address=address,
+            count=count,
+        )
+        self.kind = kind
+        self.received = received
+
+
 class ModbusLinkError(ModbusError):
     """No connection to the device, or an answer that makes no sense."""
 
@@ -176,6 +208,8 @@ class ModbusConnection:
         self._lock = asyncio.Lock()
         self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
         self.transactions = 0
+        self._rx = bytearray()  # what arrived since the last request went out
+        self._rx_shown = b""  # pymodbus's receive buffer as the trace last showed it
 
     @classmethod
     def for_device(cls, settings: ModbusDeviceSettings) -> ModbusConnection:
@@ -201,6 +235,7 @@ class ModbusConnection:
                 timeout=self.timeout,
                 retries=0,
                 reconnect_delay=0,
+                trace_packet=self._trace,
             )
         return AsyncModbusTcpClient(
             e.host,
@@ -209,7 +244,22 @@ class ModbusConnection:
             timeout=self.timeout,
             retries=0,
             reconnect_delay=0,
+            trace_packet=self._trace,
         )
+
+    def _trace(self, sending: bool, data: bytes) -> bytes:
+        """pymodbus's packet trace: keeps the bytes received for the current request.
+        pymodbus clears its receive buffer with each request and shows the whole buffer
+        on every arrival; its RTU framer keeps all of it or none, so new bytes are what
+        extends the buffer shown last (a buffer it dropped starts afresh)."""
+        if sending:
+            self._rx.clear()
+            self._rx_shown = b""
+        else:
+            shown = self._rx_shown
+            self._rx += data[len(shown) :] if shown and data.startswith(shown) else data
+            self._rx_shown = bytes(data)
+        return data
 
     async def _connected(
         self, unit: int, fc: int, address: int, count: int
@@ -259,6 +309,17 @@ class ModbusConnection:
                     ) from exc
                 except ModbusIOException as exc:
                     if "no response" in str(exc).lower():
+                        received = bytes(self._rx)
+                        if received and self.endpoint.transport != "tcp":
+                            kind = garbled_kind(received, unit, fc, count)
+                            raise ModbusGarbledAnswer(
+                                f"{self.label} unit {unit}: garbled answer ({kind}, "
+                                f"{len(received)} bytes {received[:16].hex()}) to function "
+                                f"{fc} address {address} count {count}",
+                                kind=kind,
+                                received=received,
+                                **where,  # type: ignore[arg-type]
+                            ) from exc
                         raise ModbusTimeout(
                             f"{self.label} unit {unit}: no response within {self.timeout:g}s "
                             f"to function {fc} address {address} count {count}",

@@ -16,7 +16,8 @@ Failures stay small:
 - A timeout or link error is retried (`retries`, short backoff, the bus released in
   between); then the poll fails, the device's health records it, and the device backs
   off (polls skipped and counted, up to 60 s). Every (device, poll group) has its own
-  task, so a dead device never delays another.
+  task, so a dead device never delays another. A garbled answer (RTU: truncated, bad
+  CRC, junk) is a timeout that is also counted by kind in the health's `rejected`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from drivers.modbus.client import (
     ModbusConnection,
     ModbusError,
     ModbusExceptionResponse,
+    ModbusGarbledAnswer,
 )
 from drivers.modbus.planner import Request, Span, plan, split
 from drivers.modbus.settings import (
@@ -454,7 +456,9 @@ class ModbusDriver(Driver):
             except ModbusExceptionResponse as exc:
                 if exc.exception_code in MAP_EXCEPTIONS or attempt + 1 == attempts:
                     raise
-            except ModbusError:
+            except ModbusError as exc:
+                if isinstance(exc, ModbusGarbledAnswer):
+                    dev.health.reject(exc.kind)  # every garbled answer, retried or not
                 if attempt + 1 == attempts:
                     raise
             await asyncio.sleep(pause)  # the bus is free meanwhile

@@ -310,6 +310,7 @@ class MqttDriver(Driver):
             else:
                 link.rejected += 1
                 health.failure(f"{topic}: {o.reason}")
+                health.reject(o.reason or "payload")
                 key = f"bad:{topic}:{o.route.point.key}"
                 if (n := self._throttle.ready(key)) is not None:
                     log.warning(
