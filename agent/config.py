@@ -47,13 +47,16 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
+from agent import wire
 from agent.config_common import AT_KEY as _AT_KEY
 from agent.config_common import Section as _Section
 from agent.config_common import at as _at
 from agent.config_common import fail as _fail
 from agent.mqtt_url import BrokerUrl, ClientId
+from agent.redact import is_secret_key
 from agent.stage_config import STAGE_MODELS, STAGE_TYPES, PipelineStage, check_pipeline
 from agent.units import Duration, Size, parse_duration, parse_size
+from agent.wire import GATEWAY_ID as _GATEWAY_ID
 from drivers import registry
 from drivers.base import DeviceConfigProblem, Driver
 
@@ -76,12 +79,9 @@ Loc = tuple[str | int, ...]
 
 _log = logging.getLogger("citygw.config")
 
-_GATEWAY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-#: keys whose values are never shown in a message
-_SECRET_KEYS = frozenset({"password", "secret", "token", "api_key", "psk"})
 
 
 # -- issues ------------------------------------------------------------------------
@@ -198,6 +198,11 @@ class GatewayConfig(_Section):
     site: str = ""
     location: Location | None = None
 
+    @field_validator("site")
+    @classmethod
+    def _check_site(cls, v: str) -> str:
+        return _storable(v, "site")
+
     @field_validator("id")
     @classmethod
     def _check_id(cls, v: str) -> str:
@@ -225,6 +230,12 @@ class UplinkConfig(_Section):
     ack_timeout: Duration = Field(10.0, ge=0.1, le=3600.0)
     backoff_min: Duration = Field(1.0, ge=0.01, le=3600.0)
     backoff_max: Duration = Field(60.0, ge=0.01, le=86400.0)
+    #: while backing off, the broker's port is probed about this often (TCP connect and
+    #: close); N gateways send N / probe_interval SYNs a second while it is down
+    probe_interval: Duration = Field(5.0, ge=0.1, le=3600.0)
+    #: a probe that finds the broker back cuts the wait to a random delay within this, so
+    #: N gateways come back at most N / max(probe_interval, reconnect_spread) a second
+    reconnect_spread: Duration = Field(10.0, ge=0.0, le=3600.0)
     max_batch_points: int = Field(10_000, ge=100, le=100_000)
     #: how often the retained up/stats message (evictions, backlog) is refreshed
     stats_interval: Duration = Field(60.0, ge=0.1, le=86400.0)
@@ -273,6 +284,9 @@ class BufferConfig(_Section):
     path: Path = Field(Path("buffer.db"), validate_default=True)
     capacity: Size = Field(64 * 1024**2, ge=64 * 1024)
     flush_interval: Duration = Field(1.0, ge=0.01, le=60.0)
+    #: readings are committed (unsynced) to the intake this soon after a driver hands
+    #: them over: what a process crash can lose
+    intake_delay: Duration = Field(0.01, ge=0.0, le=10.0)
     sync: Literal["normal", "full"] = "normal"
     max_memory_points: int = Field(500_000, ge=1_000, le=100_000_000)
 
@@ -283,6 +297,15 @@ class BufferConfig(_Section):
 
 
 # -- devices and points ----------------------------------------------------------------
+
+
+def _storable(v: str, what: str) -> str:
+    """Text the platform can store (it travels in up/meta): no NUL, bounded length."""
+    try:
+        wire.check_text(v, what)
+    except wire.WireError as exc:
+        raise _fail(str(exc)) from None
+    return v
 
 
 def _check_name(v: str, what: str) -> str:
@@ -320,6 +343,11 @@ class PointConfig(BaseModel):
     @classmethod
     def _check_point_name(cls, v: str) -> str:
         return _check_name(v, "point")
+
+    @field_validator("unit")
+    @classmethod
+    def _check_unit(cls, v: str) -> str:
+        return _storable(v, "unit")
 
     @property
     def settings(self) -> BaseModel:
@@ -371,6 +399,51 @@ class Config(_Section):
 
     def point_count(self) -> int:
         return sum(len(d.points) for d in self.devices)
+
+    @model_validator(mode="after")
+    def _warn_identity(self) -> Config:
+        _warn_if_not_gateway_identity(self.gateway.id, self.uplink)
+        return self
+
+
+def _warn_if_not_gateway_identity(gateway_id: str, uplink: UplinkConfig) -> None:
+    """A WARNING when the gateway's MQTT identity (its username, or its client
+    certificate's CN, which a broker with `use_identity_as_username` takes as the
+    username) is not its gateway id: the shipped broker ACL (deploy/mosquitto) lets a
+    gateway publish only under its own id, and over MQTT 3.1.1 the broker acknowledges
+    what it refuses, so the gateway would lose its readings without an error."""
+    acl = "a broker with citygw's ACL (deploy/mosquitto/citygw.acl) drops its uplinks"
+    if uplink.username is not None and uplink.username != gateway_id:
+        _log.warning(
+            f"uplink.username {uplink.username!r} differs from gateway.id {gateway_id!r}: "
+            f"{acl}; set username = {gateway_id!r} (and the broker user of that name)",
+            extra={"key": "uplink.username", "gateway": gateway_id},
+        )
+    cn = _certificate_cn(uplink.cert_file)
+    if cn is not None and cn != gateway_id:
+        _log.warning(
+            f"uplink.cert_file {uplink.cert_file}: its CN {cn!r} differs from gateway.id "
+            f"{gateway_id!r}: {acl} when it takes the CN as the username; issue the "
+            f"certificate for CN={gateway_id}",
+            extra={"key": "uplink.cert_file", "gateway": gateway_id},
+        )
+
+
+def _certificate_cn(path: Path | None) -> str | None:
+    """The CN of the (first) PEM certificate in `path`; None if there is none to read
+    (a file that is not a certificate fails later, at the TLS setup, with its reason)."""
+    if path is None:
+        return None
+    from cryptography import x509  # only for a config with a client certificate
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except (OSError, ValueError):
+        return None
+    value = names[0].value if names else None
+    return value if isinstance(value, str) else None
 
 
 # -- loading -------------------------------------------------------------------------
@@ -787,7 +860,7 @@ def _translate(
     kind = err["type"]
     ctx: dict[str, Any] = dict(err.get("ctx") or {})
     value = err.get("input")
-    if any(isinstance(k, str) and k in _SECRET_KEYS for k in loc):
+    if any(isinstance(k, str) and is_secret_key(k) for k in loc):  # never shown
         shown = "(hidden)"
     else:
         shown = _show(value)

@@ -1,16 +1,20 @@
 """The agent process: drivers -> memory queue -> pipeline -> codec -> buffer -> uplink.
 
 Drivers push columnar batches into a bounded in-memory queue (a full queue refuses
-the batch and the driver counts a skipped poll). Every flush interval the queue is
-drained on the buffer thread: the batches are concatenated, run through the
-per-point pipeline, cut into uplink-sized chunks, encoded and appended to the
-buffer in one transaction. The uplink then forwards the buffer. All SQLite work
-happens on one dedicated thread, so the event loop never waits on a disk sync.
+the batch and the driver counts a skipped poll). Within `buffer.intake_delay` of a push
+the new batches are committed, raw, to the buffer's intake (no fsync), so a process
+crash loses only the last few milliseconds of readings. Every flush interval the queue
+is drained on the buffer thread: the batches are concatenated, run through the
+per-point pipeline, cut into uplink-sized chunks, encoded and appended to the buffer
+in one transaction that also deletes their intake rows. The uplink then forwards the
+buffer. All SQLite work happens on one dedicated thread, so the event loop never waits
+on a disk sync. Every long-lived task runs under `agent.supervise`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -33,7 +37,9 @@ from agent.commands import (
 from agent.config import Config
 from agent.logs import Throttle
 from agent.ota_command import Fetch, answer, fetch_https, run_update
+from agent.redact import redact
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
+from agent.supervise import TaskHealth, supervise
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
 from drivers.base import DeviceSpec, Driver, PointSpec
@@ -77,17 +83,37 @@ class Counters:
     sent: int = 0  # readings the pipeline passed into the buffer (aggregates included)
     encoded_bytes: int = 0  # codec payload bytes appended to the buffer
     flushes: int = 0
+    intake_failures: int = 0  # intake commits the buffer refused (readings stay in memory)
+    recovered: int = 0  # readings a previous run left in the intake, taken at start
+    intake_dropped: int = 0  # intake readings dropped at start after a power cut
+    status_failures: int = 0  # status snapshots or sync points the buffer refused
+
+
+@dataclass(slots=True, eq=False)
+class Held:
+    """A batch in the memory queue. `intake_id` is set (on the buffer thread) once the
+    batch is committed to the intake; `taken` once a flush took it, after which it is
+    never written to the intake (the flush's append carries it)."""
+
+    batch: Batch
+    intake_id: int | None = None
+    taken: bool = False
 
 
 class MemoryQueue:
-    """The bounded queue between drivers and the flusher (the BatchSink)."""
+    """The bounded queue between drivers and the flusher (the BatchSink). `on_push` is
+    called after each accepted batch (the agent schedules the intake commit)."""
 
-    def __init__(self, max_points: int, counters: Counters) -> None:
+    def __init__(
+        self, max_points: int, counters: Counters, on_push: Callable[[], None] | None = None
+    ) -> None:
         self.max_points = max_points
-        self._batches: list[Batch] = []
+        self._held: list[Held] = []
+        self._unsaved: list[Held] = []  # pushed, not yet handed to an intake commit
         self._points = 0
         self._counters = counters
         self._throttle = Throttle()
+        self.on_push = on_push
 
     def push(self, batch: Batch) -> bool:
         n = len(batch)
@@ -99,14 +125,30 @@ class MemoryQueue:
                     extra={"refused_readings": count, "max_memory_points": self.max_points},
                 )
             return False
-        self._batches.append(batch)
+        held = Held(batch)
+        self._held.append(held)
+        self._unsaved.append(held)
         self._points += n
         self._counters.read += n
+        if self.on_push is not None:
+            self.on_push()
         return True
 
-    def take(self) -> list[Batch]:
-        batches, self._batches, self._points = self._batches, [], 0
-        return batches
+    def restore(self, held: list[Held]) -> None:
+        """Puts batches recovered from the intake in front of the queue (not counted as
+        read again, never refused: they were accepted before)."""
+        self._held[:0] = held
+        self._points += sum(len(h.batch) for h in held)
+
+    def take(self) -> list[Held]:
+        held, self._held, self._points = self._held, [], 0
+        for h in held:
+            h.taken = True
+        return held
+
+    def take_unsaved(self) -> list[Held]:
+        unsaved, self._unsaved = self._unsaved, []
+        return [h for h in unsaved if not h.taken]
 
 
 def point_meta(config: Config) -> list[dict[str, Any]]:
@@ -188,10 +230,16 @@ class Agent:
         self._connect = connect
         self._fetch_firmware = fetch_firmware
         self.counters = Counters()
-        self.queue = MemoryQueue(config.buffer.max_memory_points, self.counters)
+        self.queue = MemoryQueue(
+            config.buffer.max_memory_points, self.counters, on_push=self._schedule_intake
+        )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citygw-buffer")
         self._tasks: list[asyncio.Task[None]] = []
         self._driver_tasks: list[asyncio.Task[None]] = []
+        #: every supervised task's health, by task name, for the status
+        self.task_health: dict[str, TaskHealth] = {}
+        self._intake_timer: asyncio.TimerHandle | None = None
+        self._intake_tasks: set[asyncio.Task[None]] = set()
         self._throttle = Throttle()
         self.started_ms = time.time_ns() // 1_000_000
         self._stopped = False
@@ -202,12 +250,14 @@ class Agent:
         self._driver_of: dict[str, Driver] = {}
         # device -> None if it takes firmware updates, else why not (for the commands)
         self._firmware: dict[str, str | None] = {}
+        self._downgrades: frozenset[str] = frozenset()  # devices whose config allows force
         self._updates: dict[str, tuple[str, asyncio.Task[None]]] = {}  # device -> (id, task)
         self._key_of: dict[int, str] = {}  # point id -> key, for logs
         # pipeline output a failed append left behind (see _flush_sync)
         self._pending: list[Batch] = []
         self._pending_alarms: list[AlarmEvent] = []
         self._pending_state: dict[str, bytes] = {}
+        self._pending_intake: list[int] = []  # intake rows the pending output came from
         self._clock_offset = time.time() - time.monotonic()
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
@@ -225,6 +275,7 @@ class Agent:
         self.pipeline = build_pipeline(cfg, ids)
         self._key_of = {pid: key for key, pid in ids.items()}
         resumed = self.pipeline.load_state(await self._on_buffer(buffer.pipeline_state))
+        await self._recover_intake()
         self.drivers = self._build_drivers(ids)
         meta = wire.encode_meta(
             {
@@ -253,9 +304,11 @@ class Agent:
                 ack_timeout=up.ack_timeout,
                 backoff_min=up.backoff_min,
                 backoff_max=up.backoff_max,
+                probe_interval=up.probe_interval,
+                reconnect_spread=up.reconnect_spread,
                 stats_interval=up.stats_interval,
             ),
-            BufferPort(self._peek, self._ack),
+            BufferPort(self._peek, self._ack, buffer.release),
             buffer.stream_id,
             meta,
             self._connect,
@@ -263,15 +316,20 @@ class Agent:
             self._stats,
         )
         for driver in self.drivers:
+            # a driver that crashes is restarted; it must not take the agent down
             self._driver_tasks.append(
-                asyncio.create_task(self._run_driver(driver), name=f"driver:{driver.name}")
+                self._supervised(f"driver:{driver.name}", partial(driver.run, self.queue))
             )
         self._tasks += [
-            asyncio.create_task(self.uplink.run(), name="uplink"),
-            asyncio.create_task(self._flush_loop(), name="flush"),
-            asyncio.create_task(self._status_loop(), name="status"),
+            self._supervised("uplink", self.uplink.run, forever=True),
+            self._supervised("flush", self._flush_loop, forever=True),
+            self._supervised("status", self._status_loop, forever=True),
         ]
         self.uplink.wake()  # a backlog from before a restart
+        # Everything built so far (modules, config models, drivers) lives as long as the
+        # process: keep it out of the garbage collector's full passes, which otherwise
+        # scan it all and stall the event loop for milliseconds (late polls are skipped).
+        gc.freeze()
         log.info(
             "agent started",
             extra={
@@ -284,6 +342,84 @@ class Agent:
                 "accelerated": native.ACCELERATED,
             },
         )
+
+    def _supervised(
+        self, name: str, run: Callable[[], Any], forever: bool = False
+    ) -> asyncio.Task[None]:
+        health = self.task_health[name] = TaskHealth(name)
+        return asyncio.create_task(supervise(health, run, restart_on_return=forever), name=name)
+
+    async def _recover_intake(self) -> None:
+        """What a crashed run had read but not yet put through the pipeline goes first."""
+        assert self.buffer is not None
+        rows, dropped = await self._on_buffer(self.buffer.intake_recover)
+        if dropped:
+            self.counters.intake_dropped += dropped
+            log.warning(
+                "power cut: intake dropped (with sync=normal its readings may be on the "
+                "platform already; they are within what a power cut may lose)",
+                extra={"readings": dropped},
+            )
+        held: list[Held] = []
+        bad: list[int] = []
+        for intake_id, data in rows:
+            try:
+                held.append(Held(Batch.from_bytes(data), intake_id))
+            except ValueError as exc:
+                bad.append(intake_id)
+                log.error(
+                    "unreadable intake row dropped",
+                    extra={"intake_id": intake_id, "error": str(exc)},
+                )
+        if bad:
+            await self._on_buffer(self.buffer.intake_drop, bad)
+        if held:
+            self.queue.restore(held)
+            n = sum(len(h.batch) for h in held)
+            self.counters.recovered += n
+            log.warning(
+                "readings recovered from the intake (the last run did not stop cleanly)",
+                extra={"readings": n, "batches": len(held)},
+            )
+
+    # -- intake ----------------------------------------------------------------------
+
+    def _schedule_intake(self) -> None:
+        if self._intake_timer is None and not self._stopped:
+            loop = asyncio.get_running_loop()
+            self._intake_timer = loop.call_later(self.config.buffer.intake_delay, self._intake)
+
+    def _intake(self) -> None:
+        self._intake_timer = None
+        held = self.queue.take_unsaved()
+        if held:
+            task = asyncio.create_task(self._write_intake(held), name="intake")
+            self._intake_tasks.add(task)
+            task.add_done_callback(self._intake_tasks.discard)
+
+    async def _write_intake(self, held: list[Held]) -> None:
+        try:
+            await self._on_buffer(self._intake_sync, held)
+        except Exception as exc:  # the readings stay in memory for the flush
+            self.counters.intake_failures += 1
+            if (n := self._throttle.ready("intake-failed")) is not None:
+                log.error(
+                    "intake commit failed; readings kept in memory for the next flush",
+                    extra={"error": f"{type(exc).__name__}: {exc}", "failures": n},
+                )
+
+    def _intake_sync(self, held: list[Held]) -> None:
+        """On the buffer thread, so a flush taking these batches runs before or after it,
+        never during: a batch already taken is left to the flush's append. One row for
+        them all: a flush takes the whole queue, so it takes all of a row's batches."""
+        assert self.buffer is not None
+        todo = [h for h in held if not h.taken]
+        if not todo:
+            return
+        batch = todo[0].batch if len(todo) == 1 else Batch.concat(h.batch for h in todo)
+        [intake_id] = self.buffer.intake_put([(batch.to_bytes(), len(batch))])
+        for h in todo:
+            h.intake_id = intake_id
 
     async def _stats(self) -> bytes:
         """The retained up/stats message: what the buffer took, evicted and still holds."""
@@ -306,7 +442,7 @@ class Agent:
         """A downlink command in, its response out (see agent/commands.py); None for a
         firmware update, which runs on in a task and answers through the uplink."""
         try:
-            cmd = parse_command(payload, self.points, self._firmware)
+            cmd = parse_command(payload, self.points, self._firmware, self._downgrades)
         except CommandRefused as exc:
             log.warning("command refused", extra={"id": exc.command_id, "error": str(exc)})
             return exc.response()
@@ -341,7 +477,7 @@ class Agent:
         task.add_done_callback(lambda _: self._updates.pop(cmd.device, None))
         log.info(
             "firmware update started",
-            extra={"id": cmd.id, "device": cmd.device, "url": cmd.url, "force": cmd.force},
+            extra={"id": cmd.id, "device": cmd.device, "url": redact(cmd.url), "force": cmd.force},
         )
         return None
 
@@ -393,40 +529,33 @@ class Agent:
         drivers = [load_driver(name)(devices) for name, devices in by_driver.items()]
         self._driver_of = {dev.name: drv for drv in drivers for dev in drv.devices}
         self._firmware = {dev: drv.firmware_updates(dev) for dev, drv in self._driver_of.items()}
+        self._downgrades = frozenset(
+            dev for dev, drv in self._driver_of.items() if drv.firmware_downgrades(dev)
+        )
         self.points = {p.key: p for drv in drivers for dev in drv.devices for p in dev.points}
         return drivers
-
-    async def _run_driver(self, driver: Driver) -> None:
-        # A driver that crashes is restarted; it must not take the agent down.
-        while True:
-            try:
-                await driver.run(self.queue)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("driver crashed, restarting in 5 s", extra={"driver": driver.name})
-                await asyncio.sleep(5.0)
 
     # -- buffer thread ---------------------------------------------------------
 
     async def _peek(self, limit: int, exclude: Collection[int]) -> list[Message]:
         assert self.buffer is not None
-        return await self._on_buffer(self.buffer.peek, limit, tuple(exclude))
+        return await self._on_buffer(self.buffer.peek, limit, tuple(exclude), True)
 
     async def _ack(self, seqs: Sequence[int]) -> int:
         assert self.buffer is not None
         return await self._on_buffer(self.buffer.ack, list(seqs))
 
-    def _flush_sync(self, batches: list[Batch], now_ms: int) -> int:
+    def _flush_sync(self, held: list[Held], now_ms: int, monotonic_ms: int) -> int:
         """Runs on the buffer thread: pipeline, encode, one append transaction.
 
-        The pipeline's output (alarms, telemetry chunks) and the stage state it leaves
-        are appended together, so a restart resumes the stages exactly where the
-        buffer's content ends. If the append fails (disk full, I/O error), the output
-        stays pending, in memory within the queue's bound, and goes first next time:
-        the readings are not run through the stateful stages twice."""
+        The pipeline's output (alarms, telemetry chunks), the stage state it leaves and
+        the deletion of the intake rows it came from are one transaction, so a restart
+        resumes the stages exactly where the buffer's content ends and replays exactly
+        the intake that had not been through them. If the append fails (disk full, I/O
+        error), the output stays pending, in memory within the queue's bound, and goes
+        first next time: the readings are not run through the stateful stages twice."""
         assert self.buffer is not None
+        batches = [h.batch for h in held]
         if batches or self.pipeline.timed:
             batch = Batch.concat(batches)
             flagged = impl.flag_timestamps(
@@ -441,7 +570,7 @@ class Agent:
                     )
             # the points whose stage state may change (a set over the batch: only if kept)
             touched = set(batch.point_ids) if self.pipeline.persistent else ()
-            out, counts = self.pipeline.process(batch, now_ms)
+            out, counts = self.pipeline.process(batch, now_ms, monotonic_ms)
             self._count(counts)
             if counts.alarms:
                 self._pending_alarms.extend(counts.alarms)
@@ -449,7 +578,11 @@ class Agent:
             self._pending.extend(out.slice(i, i + step) for i in range(0, len(out), step))
             self._pending_state.update(self.pipeline.save_state(touched))
             self._bound_pending()
-        if not (self._pending or self._pending_alarms or self._pending_state):
+        # only now: if the pipeline raised, the rows stay in the intake for the next start
+        self._pending_intake += sorted({h.intake_id for h in held if h.intake_id is not None})
+        if not (
+            self._pending or self._pending_alarms or self._pending_state or self._pending_intake
+        ):
             return 0
         gateway = self.config.gateway.id
         sizes: list[int] = []
@@ -467,7 +600,7 @@ class Agent:
             alarms = wire.encode_alarms(gateway, self._pending_alarms)
             items.append((Lane.ALARM, alarms, len(self._pending_alarms)))
         items += [(Lane.TELEMETRY, encoded(chunk), len(chunk)) for chunk in self._pending]
-        self.buffer.append_many(items, self._pending_state)
+        self.buffer.append_many(items, self._pending_state, self._pending_intake)
         n = sum(len(chunk) for chunk in self._pending)
         c = self.counters
         c.sent += n
@@ -486,6 +619,7 @@ class Agent:
                 },
             )
         self._pending, self._pending_alarms, self._pending_state = [], [], {}
+        self._pending_intake = []
         return n
 
     def _bound_pending(self) -> None:
@@ -531,12 +665,14 @@ class Agent:
 
     async def flush(self) -> int:
         batches = self.queue.take()
-        if not (batches or self.pipeline.timed or self._pending or self._pending_alarms):
+        pending = self._pending or self._pending_alarms or self._pending_intake
+        if not (batches or self.pipeline.timed or pending):
             return 0
         now_ms = time.time_ns() // 1_000_000
+        monotonic_ms = time.monotonic_ns() // 1_000_000  # the timed stages' real time
         self._check_clock(now_ms)
         try:
-            n: int = await self._on_buffer(self._flush_sync, batches, now_ms)
+            n: int = await self._on_buffer(self._flush_sync, batches, now_ms, monotonic_ms)
         except Exception as exc:
             self.counters.flush_failures += 1
             if (n_failed := self._throttle.ready("flush-failed")) is not None:
@@ -583,6 +719,7 @@ class Agent:
             "devices": {
                 name: h.as_dict() for drv in self.drivers for name, h in drv.health().items()
             },
+            "tasks": {name: h.as_dict() for name, h in self.task_health.items()},
         }
 
     async def write_status(self) -> None:
@@ -590,14 +727,30 @@ class Agent:
         await self._on_buffer(self.buffer.put_state, "agent", self.snapshot())
 
     async def _status_loop(self) -> None:
+        """The status snapshot, the sync point and the checkpoint, each on its own: a
+        failed snapshot must not skip the sync point, which (with sync=normal) is what
+        bounds what a power cut can roll back to STATUS_INTERVAL_S."""
         assert self.buffer is not None
+        steps: tuple[tuple[str, Callable[[], Any]], ...] = (
+            ("status snapshot", self.write_status),
+            ("sync point", partial(self._on_buffer, self.buffer.sync_point)),
+            ("checkpoint", partial(self._on_buffer, self.buffer.checkpoint)),
+        )
         while True:
-            await self.write_status()
-            try:
-                # with sync=normal, this bounds what a power cut can lose to the interval
-                await self._on_buffer(self.buffer.checkpoint)
-            except BufferError as exc:
-                log.error("buffer checkpoint failed", extra={"error": str(exc)})
+            for what, step in steps:
+                try:
+                    await step()
+                except Exception as exc:  # the buffer's errors: retried at the next tick
+                    self.counters.status_failures += 1
+                    if (n := self._throttle.ready(f"status-{what}")) is not None:
+                        log.error(
+                            "buffer status step failed",
+                            extra={
+                                "step": what,
+                                "error": f"{type(exc).__name__}: {exc}",
+                                "failures": n,
+                            },
+                        )
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     # -- stop ------------------------------------------------------------------
@@ -632,6 +785,10 @@ class Agent:
         """Graceful stop: drivers first, then flush what is in memory into the buffer,
         optionally wait for the uplink to drain, then stop the rest."""
         await self.stop_drivers()
+        if self._intake_timer is not None:
+            self._intake_timer.cancel()
+            self._intake_timer = None
+        await asyncio.gather(*self._intake_tasks, return_exceptions=True)
         await self.flush()
         if drain_timeout > 0:
             await self.drain(drain_timeout)
@@ -641,7 +798,10 @@ class Agent:
         self._tasks.clear()
         self._stopped = True
         if self.buffer is not None:
-            await self.write_status()
+            try:
+                await self.write_status()
+            except BufferError as exc:  # the readings are safe; only the snapshot is old
+                log.error("final status snapshot failed", extra={"error": str(exc)})
             await self._on_buffer(self.buffer.close)
         self._executor.shutdown(wait=True)
         log.info("agent stopped", extra={**asdict(self.counters)})

@@ -60,8 +60,16 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
     lanes.caption = (
         f"{stats.total_bytes} of {stats.capacity_bytes} bytes used · "
         f"evicted: {stats.evicted_points} readings in {stats.evicted_messages} batches · "
-        f"last ack: {_age(stats.last_ack_ms, now_ms)}"
+        f"last ack: {_age(stats.last_ack_ms, now_ms)} · "
+        f"synced: {_age(stats.last_sync_ms, now_ms)}"
     )
+    if stats.intake_points:
+        lanes.caption += f" · {stats.intake_points} readings in the intake"
+    if stats.unclean_starts:
+        lanes.caption += (
+            f" · {stats.unclean_starts} unclean stops ({stats.seq_skipped} sequence numbers"
+            " skipped)"
+        )
 
     summary = Table(show_header=False, title="agent")
     summary.add_row(
@@ -76,6 +84,11 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
         + (f" — last error: {up['last_error']}" if up.get("last_error") else ""),
     )
     summary.add_row("last PUBACK", _age(up.get("last_puback_ms"), now_ms))
+    if up.get("buffer_errors"):
+        summary.add_row(
+            "uplink buffer errors",
+            f"{up['buffer_errors']} (retried) — last: {up.get('last_buffer_error')}",
+        )
     counters = agent.get("counters") or {}
     for key in ("read", "sent", "refused", "flagged", "dropped", "suppressed", "lost"):
         summary.add_row(key, str(counters.get(key, 0)))
@@ -85,6 +98,9 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
     )
     for key, label in (
         ("flush_failures", "failed flushes"),
+        ("intake_failures", "failed intake commits"),
+        ("status_failures", "failed status/sync steps"),
+        ("recovered", "readings recovered from the intake"),
         ("clock_flagged", "readings under a wrong clock"),
         ("clock_steps", "clock steps"),
     ):
@@ -95,6 +111,19 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
             "buffer recovered", f"corrupt database moved to {state['buffer_recovered']}"
         )
 
+    tasks = Table(title="tasks that failed (restarted with backoff)")
+    for col in ("task", "state", "failures", "last failure", "last error"):
+        tasks.add_column(col)
+    for name, t in sorted((agent.get("tasks") or {}).items()):
+        if t.get("failures"):
+            tasks.add_row(
+                name,
+                str(t.get("state", "")),
+                str(t["failures"]),
+                _age(t.get("last_failure_ms"), now_ms),
+                t.get("last_error") or "",
+            )
+
     devices = Table(title="devices")
     for col in ("device", "last success", "polls", "errors", "in a row", "skipped", "last error"):
         devices.add_column(col)
@@ -103,12 +132,22 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
             name,
             _age(h.get("last_success_ms"), now_ms),
             str(h.get("polls", 0)),
-            str(h.get("errors", 0)),
+            _errors(h),
             str(h.get("consecutive_failures", 0)),
             str(h.get("skipped_polls", 0)),
             h.get("last_error") or "",
         )
-    return Group(summary, lanes, devices)
+    return Group(summary, lanes, *([tasks] if tasks.row_count else []), devices)
+
+
+def _errors(health: dict[str, Any]) -> str:
+    """A device's errors, and the malformed inputs it sent by reason (which a retry may
+    have made good, so they are not all errors)."""
+    rejected = health.get("rejected") or {}
+    text = str(health.get("errors", 0))
+    if rejected:
+        text += " (rejected: " + ", ".join(f"{k} {n}" for k, n in sorted(rejected.items())) + ")"
+    return text
 
 
 def render_inspect(buffer_path: Path, limit: int = 20) -> Group:

@@ -2,10 +2,11 @@
 
 A window of batches is in flight at once; a batch is deleted from the buffer only
 when its PUBACK arrives. On any connection error every in-flight batch is simply
-forgotten: it is still in the buffer, and after reconnecting (exponential backoff
-with jitter) it is peeked and sent again with its original sequence number, which
-the platform uses to drop the duplicate. Alarms are peeked before events, events
-before telemetry, so an alarm takes the next free slot of the window.
+forgotten: it is still in the buffer, and after reconnecting (agent/reconnect.py:
+exponential backoff with jitter, cut short when the broker's port is back) it is
+peeked and sent again with its original sequence number, which the platform uses to
+drop the duplicate. Alarms are peeked before events, events before telemetry, so an
+alarm takes the next free slot of the window.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -27,10 +28,26 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent import wire
+from agent.logs import Throttle
 from agent.mqtt_url import BrokerAddress, tls_context
+from agent.reconnect import (
+    STABLE_AFTER_S,
+    ClosedBeforeConnack,
+    MqttClient,
+    PublishRefused,
+    ReconnectPolicy,
+    ReconnectSettings,
+    tcp_probe,
+)
+from agent.reconnect import backoff_delay as backoff_delay  # where it used to live
+from agent.redact import redact
 from buffer import Lane, Message
 
 log = logging.getLogger("citygw.uplink")
+
+#: a peek or ack the buffer refused is tried again after this, doubling up to the max
+BUFFER_RETRY_MIN_S = 0.5
+BUFFER_RETRY_MAX_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +66,10 @@ class UplinkSettings:
     ack_timeout: float = 10.0
     backoff_min: float = 1.0
     backoff_max: float = 60.0
+    #: while backing off, the broker's port is probed about this often (agent/reconnect.py)
+    probe_interval: float = 5.0
+    #: reconnects after the broker's return are spread uniformly over this long
+    reconnect_spread: float = 10.0
     stats_interval: float = 60.0
 
 
@@ -67,15 +88,19 @@ class Publisher(Protocol):
 
 
 class BufferPort:
-    """The buffer operations the uplink needs, run on the agent's buffer thread."""
+    """The buffer operations the uplink needs, run on the agent's buffer thread. `peek`
+    claims what it returns (never evicted while in flight); `release` gives claims back
+    when a session ends (memory only: callable from the event loop)."""
 
     def __init__(
         self,
         peek: Callable[[int, Collection[int]], Awaitable[list[Message]]],
         ack: Callable[[Sequence[int]], Awaitable[int]],
+        release: Callable[[Iterable[int]], None] = lambda seqs: None,
     ) -> None:
         self.peek = peek
         self.ack = ack
+        self.release = release
 
 
 @dataclass(slots=True)
@@ -89,6 +114,8 @@ class UplinkStatus:
     published_points: int = 0
     published_bytes: int = 0  # MQTT payload bytes (envelope + codec) of acknowledged batches
     resent_messages: int = 0
+    buffer_errors: int = 0  # peeks, acks and stats the buffer refused (retried, no reconnect)
+    last_buffer_error: str | None = None
     seen_seqs: set[int] = field(default_factory=set, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -102,19 +129,10 @@ class UplinkStatus:
             "published_points": self.published_points,
             "published_bytes": self.published_bytes,
             "resent_messages": self.resent_messages,
+            "buffer_errors": self.buffer_errors,
+            "last_buffer_error": self.last_buffer_error,
         }
 
-
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform in [lo, min(hi, lo * 2**attempt)]."""
-    cap = min(hi, lo * (2 ** min(attempt, 30)))
-    return rng.uniform(lo, max(lo, cap))
-
-
-#: a session that lasted this long (or backoff_max, if smaller) was "up": the next
-#: reconnect starts the backoff from backoff_min again. A broker that accepts the
-#: connection and drops it right away (a duplicate client id, an ACL) keeps backing off.
-STABLE_AFTER_S = 30.0
 
 #: what a TLS failure's text says, in words for the technician (first match wins)
 _TLS_FAILURES = (
@@ -135,8 +153,13 @@ def connection_error(exc: BaseException, transport_error: str | None = None) -> 
     """What made a connection fail, for the status and the log: a refused CONNACK names
     the refusal, a TLS error what was not accepted. `transport_error` is what the MQTT
     client logged on its socket (a TLS alert after the handshake only shows there; the
-    connect itself just times out)."""
+    connect itself just ends, or times out)."""
     text = str(exc)
+    if isinstance(exc, PublishRefused) and exc.reason.value == 0x87:
+        return (
+            f"{text}; the broker's ACL lets a gateway publish only under its own id: its "
+            "username (or client certificate CN) must equal gateway.id"
+        )
     if isinstance(exc, MqttConnectError):
         code = exc.rc.value if isinstance(exc.rc, ReasonCode) else exc.rc
         if code in (4, 134):
@@ -152,7 +175,8 @@ def connection_error(exc: BaseException, transport_error: str | None = None) -> 
         if isinstance(exc, ssl.SSLError):
             return f"TLS setup failed (ca_file, cert_file, key_file): {what}"
         return what
-    detail = transport_error if transport_error and "timed out" in text else text
+    said_little = isinstance(exc, ClosedBeforeConnack) or "timed out" in text
+    detail = transport_error if transport_error and said_little else text
     lowered = f"{text} {transport_error or ''}".lower()
     for marker, meaning in _TLS_FAILURES:
         if marker in lowered:
@@ -211,6 +235,10 @@ class Uplink:
         self._answers: deque[bytes] = deque()  # late command answers, oldest first
         self._answer_ready = asyncio.Event()
         self._rng = random.Random()
+        self._throttle = Throttle()
+        self._buffer_backoff = BUFFER_RETRY_MIN_S
+        self._buffer_retry_at = 0.0  # monotonic: no buffer operation before this
+        self._online_since: float | None = None  # time.monotonic() the session went online
         self._paho_log: _PahoLog | None = None  # the current connection's, for its errors
         gw, prefix = settings.gateway_id, settings.topic_prefix
         self._topics = {
@@ -235,44 +263,58 @@ class Uplink:
         self._answer_ready.set()
 
     async def run(self) -> None:
-        """Connects, forwards, reconnects; until cancelled."""
-        attempt = 0
+        """Connects, forwards, reconnects (agent/reconnect.py: backoff, probes of the
+        broker's port, spread); until cancelled."""
+        s = self.s
+        reconnect = ReconnectPolicy(
+            ReconnectSettings(
+                s.backoff_min,
+                s.backoff_max,
+                s.probe_interval,
+                s.reconnect_spread,
+                stable_after=min(s.backoff_max, STABLE_AFTER_S),
+            ),
+            # an injected session (the demo's loopback, tests) has no broker port to probe
+            tcp_probe(self._address.host, self._address.port)
+            if self._connect == self._client
+            else None,
+            name="uplink",
+            rng=self._rng,
+        )
         try:
             while True:
                 self.status.state = "connecting"
                 self._paho_log = None
+                self._online_since = None
+                error: BaseException | None = None
                 try:
                     await self._session()
+                # what ended the session, classified here only; every end then backs off
                 except (aiomqtt.MqttError, OSError) as exc:  # OSError: TLS files, before aiomqtt
                     paho_error = self._paho_log.last_error if self._paho_log else None
                     self.status.last_error = connection_error(exc, paho_error)
-                up_since = self.status.connected_since_ms
-                stable_s = min(self.s.backoff_max, STABLE_AFTER_S)
-                if (
-                    up_since is not None
-                    and time.time_ns() // 1_000_000 - up_since >= stable_s * 1000
-                ):
-                    attempt = 0  # it was up a while: start the backoff again from the bottom
+                    error = exc
+                online = self._online_since
+                online_s = None if online is None else time.monotonic() - online
                 self.status.connected_since_ms = None
-                delay = backoff_delay(attempt, self.s.backoff_min, self.s.backoff_max, self._rng)
-                attempt += 1
+                delay = reconnect.failed(error, online_s)
                 self.status.state = "backoff"
                 log.warning(
                     "uplink down, retrying",
                     extra={
-                        "broker": self.s.broker,
+                        "broker": redact(self.s.broker),
                         "error": self.status.last_error,
                         "retry_in_s": round(delay, 2),
                     },
                 )
-                await asyncio.sleep(delay)
+                await reconnect.wait()
         finally:
             self.status.state = "stopped"
 
     def _client(self) -> aiomqtt.Client:
         s = self.s
         self._paho_log = _PahoLog()
-        return aiomqtt.Client(
+        return MqttClient(  # ends an attempt at a reset, not at ack_timeout
             self._address.host,
             self._address.port,
             identifier=s.client_id,
@@ -282,7 +324,9 @@ class Uplink:
             if self._address.tls
             else None,
             keepalive=max(1, int(s.keepalive)),
-            clean_session=True,  # resends come from the buffer, not the client's session
+            # MQTT 5: a PUBACK says whether the broker took the message (its ACL may not)
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=True,  # resends come from the buffer, not the client's session
             will=aiomqtt.Will(self._state_topic, b"offline", qos=1, retain=True),
             max_inflight_messages=s.window + 2,  # + state and meta
             timeout=s.ack_timeout,
@@ -292,9 +336,10 @@ class Uplink:
     async def _session(self) -> None:
         async with self._connect() as client:
             self.status.connects += 1
-            self.status.connected_since_ms = time.time_ns() // 1_000_000
+            self.status.connected_since_ms = time.time_ns() // 1_000_000  # for display
+            self._online_since = time.monotonic()  # for the backoff (wall clock may step)
             self.status.state = "online"
-            log.info("uplink connected", extra={"broker": self.s.broker})
+            log.info("uplink connected", extra={"broker": redact(self.s.broker)})
             await client.publish(self._state_topic, b"online", qos=1, retain=True)
             await client.publish(self._meta_topic, self.meta, qos=1, retain=True)
             helpers: list[asyncio.Task[None]] = []
@@ -348,10 +393,14 @@ class Uplink:
         """The buffer's counters, retained, so the platform knows evictions and backlog."""
         assert self._stats is not None
         while True:
-            payload = await self._stats()
-            await client.publish(
-                self._stats_topic, payload, qos=1, retain=True, timeout=self.s.ack_timeout
-            )
+            try:
+                payload = await self._stats()
+            except BufferError as exc:  # the buffer's trouble, not the broker's: next time
+                self._buffer_failed("stats", exc)
+            else:
+                await client.publish(
+                    self._stats_topic, payload, qos=1, retain=True, timeout=self.s.ack_timeout
+                )
             await asyncio.sleep(self.s.stats_interval)
 
     async def _publish(self, client: Publisher, msg: Message) -> Message:
@@ -360,8 +409,14 @@ class Uplink:
         return msg
 
     async def _pump(self, client: Publisher, helpers: Sequence[asyncio.Task[None]] = ()) -> None:
-        """Keeps the window full until a publish (or a helper task) fails."""
+        """Keeps the window full until a publish (or a helper task) fails.
+
+        The buffer's own errors (disk full, I/O error, locked) are not the broker's: they
+        do not end the session. A failed peek is tried again after a backoff; batches
+        whose PUBACK came but whose ack failed are kept aside (still claimed, so never
+        evicted) and acked again, never published again."""
         inflight: dict[int, asyncio.Task[Message]] = {}
+        unacked: dict[int, Message] = {}  # PUBACKed; the buffer's ack failed
         running = list(helpers)
         try:
             while True:
@@ -369,23 +424,32 @@ class Uplink:
                     helper.result()  # a failed stats publish or command loop: reconnect
                     running.remove(helper)
                 self._wake.clear()
-                free = self.s.window - len(inflight)
-                if free > 0:
-                    for msg in await self.buffer.peek(free, inflight.keys()):
+                if unacked and self._buffer_ready() and await self._acked(list(unacked.values())):
+                    unacked.clear()
+                free = self.s.window - len(inflight) - len(unacked)
+                if free > 0 and self._buffer_ready():
+                    try:
+                        msgs = await self.buffer.peek(free, inflight.keys() | unacked.keys())
+                    except BufferError as exc:
+                        self._buffer_failed("peek", exc)
+                        msgs = []
+                    for msg in msgs:
                         if msg.seq in self.status.seen_seqs:
                             self.status.resent_messages += 1
                         inflight[msg.seq] = asyncio.create_task(self._publish(client, msg))
                 wake = asyncio.create_task(self._wake.wait())
                 await asyncio.wait(
-                    [*inflight.values(), *running, wake], return_when=asyncio.FIRST_COMPLETED
+                    [*inflight.values(), *running, wake],
+                    timeout=self._buffer_wait(),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 wake.cancel()
                 # result() re-raises a publish error, which ends the session: reconnect
                 acked = [task.result() for task in inflight.values() if task.done()]
                 for msg in acked:
                     del inflight[msg.seq]
-                if acked:
-                    await self._acked(acked)
+                if acked and not await self._acked(acked):
+                    unacked.update((m.seq, m) for m in acked)
         finally:
             for task in inflight.values():
                 if task.done() and not task.cancelled():
@@ -394,9 +458,39 @@ class Uplink:
             if len(self.status.seen_seqs) > 10_000:  # acks discard them; eviction does not
                 self.status.seen_seqs.clear()
             self.status.seen_seqs.update(inflight)
+            self.buffer.release(inflight)  # no PUBACK will come for them on this session
 
-    async def _acked(self, msgs: list[Message]) -> None:
-        await self.buffer.ack([m.seq for m in msgs])
+    def _buffer_ready(self) -> bool:
+        return time.monotonic() >= self._buffer_retry_at
+
+    def _buffer_wait(self) -> float | None:
+        """How long the pump may sleep before a buffer operation is due again."""
+        left = self._buffer_retry_at - time.monotonic()
+        return left if left > 0 else None
+
+    def _buffer_failed(self, what: str, exc: BaseException) -> None:
+        """Counted, shown in the status, logged (rate-limited); retried after a backoff
+        (BUFFER_RETRY_MIN_S doubling to BUFFER_RETRY_MAX_S, from the bottom after a success)."""
+        st = self.status
+        st.buffer_errors += 1
+        st.last_buffer_error = f"{what}: {type(exc).__name__}: {exc}"
+        delay = self._buffer_backoff
+        self._buffer_backoff = min(delay * 2, BUFFER_RETRY_MAX_S)
+        self._buffer_retry_at = time.monotonic() + delay
+        if (n := self._throttle.ready(f"buffer-{what}")) is not None:
+            log.error(
+                "uplink: buffer operation failed, retrying (the connection stays up)",
+                extra={"operation": what, "error": str(exc), "retry_s": delay, "failures": n},
+            )
+
+    async def _acked(self, msgs: list[Message]) -> bool:
+        """Deletes PUBACKed batches from the buffer; False if the buffer refused."""
+        try:
+            await self.buffer.ack([m.seq for m in msgs])
+        except BufferError as exc:
+            self._buffer_failed("ack", exc)
+            return False
+        self._buffer_backoff = BUFFER_RETRY_MIN_S
         st = self.status
         st.last_puback_ms = time.time_ns() // 1_000_000
         st.published_messages += len(msgs)
@@ -404,3 +498,4 @@ class Uplink:
             st.published_points += m.n_points
             st.published_bytes += wire.HEADER_SIZE + len(m.payload)
             st.seen_seqs.discard(m.seq)
+        return True

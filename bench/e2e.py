@@ -79,13 +79,15 @@ def proc_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def config_text(gateway: str, broker: str, buffer: Path, rate: int) -> str:
+def config_text(
+    gateway: str, broker: str, buffer: Path, rate: int, intake_delay: str = "10ms"
+) -> str:
     points = max(1, rate // int(DEVICES / POLL_S))
     out = [
         f'[gateway]\nid = "{gateway}"\n',
         f'[uplink]\nbroker = "{broker}"\nwindow = 16\nmax_batch_points = 20000\n',
         f'[buffer]\npath = "{buffer}"\ncapacity = "512MB"\nflush_interval = "1s"\n'
-        "max_memory_points = 1000000\n",
+        f'intake_delay = "{intake_delay}"\nmax_memory_points = 1000000\n',
     ]
     for d in range(DEVICES):
         out.append(
@@ -134,12 +136,18 @@ def skipped(state: dict) -> int:
 
 
 def run_step(
-    rate: int, broker: Mosquitto, ingest_db: Path, work: Path, warmup: float, window: float
+    rate: int,
+    broker: Mosquitto,
+    ingest_db: Path,
+    work: Path,
+    warmup: float,
+    window: float,
+    intake_delay: str,
 ) -> Step:
     gateway = f"gw-bench-{rate}"
     cfg = work / f"{gateway}.toml"
     buf = work / f"{gateway}.db"
-    cfg.write_text(config_text(gateway, broker.url, buf, rate))
+    cfg.write_text(config_text(gateway, broker.url, buf, rate, intake_delay))
     with (work / f"{gateway}.log").open("wb") as log:
         agent = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "-c", str(cfg), "--log-level", "WARNING"],
@@ -216,6 +224,12 @@ def main() -> None:
     ap.add_argument("--rates", default="25000,50000,100000,150000,200000")
     ap.add_argument("--warmup", type=float, default=6.0)
     ap.add_argument("--window", type=float, default=10.0)
+    ap.add_argument(
+        "--intake-delay",
+        default="10ms",
+        help="the agent's buffer.intake_delay; longer than the 1 s flush interval (10s): "
+        "no intake commit at all, the agent as it was before the intake",
+    )
     args = ap.parse_args()
     rates = [int(r) for r in args.rates.split(",")]
     work = Path(tempfile.mkdtemp(prefix="citygw-bench-"))
@@ -243,7 +257,9 @@ def main() -> None:
             time.sleep(1.5)
             best: Step | None = None
             for rate in rates:
-                step = run_step(rate, broker, ingest_db, work, args.warmup, args.window)
+                step = run_step(
+                    rate, broker, ingest_db, work, args.warmup, args.window, args.intake_delay
+                )
                 print(
                     f"offered={step.offered:>7} stored/s={step.points_per_s:>9.0f} "
                     f"cpu_s/Mpt={step.cpu_s_per_mpoint:6.2f} rss_mb={step.rss_mb:5.1f} "

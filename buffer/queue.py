@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -40,6 +41,9 @@ log = logging.getLogger("citygw.buffer")
 T = TypeVar("T")
 
 BUSY_TIMEOUT_S = 5.0
+# Sequence numbers are reserved this many at a time with a synced commit, so that no seq
+# a power cut could roll back is ever handed out twice (see Buffer.append_many).
+SEQ_RESERVE_BLOCK = 1024
 # Truncate the WAL back to this size after a checkpoint, so that a burst does not
 # leave a large -wal file on the flash for good.
 JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
@@ -94,6 +98,11 @@ class BufferStats:
     last_ack_ms: int | None
     appended_points: int
     acked_points: int
+    seq_skipped: int = 0  # sequence numbers never used: reserved before an unclean stop
+    unclean_starts: int = 0  # opens that found the previous run had not closed the buffer
+    intake_dropped: int = 0  # intake readings dropped after a power cut (sync=normal)
+    last_sync_ms: int | None = None  # the last commit made durable against a power cut
+    intake_points: int = 0  # readings waiting in the intake for the pipeline
 
 
 @dataclass(slots=True)
@@ -118,6 +127,17 @@ Payload: TypeAlias = bytes | Callable[[int], bytes]
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str:
+    """This boot of the machine (Linux; "" elsewhere): a power cut means a new one."""
+    try:
+        return _BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _seq_list(seqs: Iterable[int]) -> str:
@@ -161,7 +181,9 @@ class Buffer:
         self.recovered_from: Path | None = None
         self._init_log_state()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = Db(self._open_writer(), self.path, readonly=False)
+        self._db = Db(
+            self._open_writer(), self.path, readonly=False, synchronous=self.sync.value.upper()
+        )
         self.registry = PointRegistry(self._db)
         try:
             self._finish_open()
@@ -176,12 +198,29 @@ class Buffer:
             self._total_bytes = int(
                 conn.execute("SELECT coalesce(sum(nbytes), 0) FROM messages").fetchone()[0]
             )
-            with self._db.write("open") as wconn:
-                wconn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('capacity_bytes', ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (str(self.capacity_bytes),),
-                )
+            last = self._last_used_seq(conn)
+            reserved = int(self._meta(conn, "seq_reserved", "0"))
+            skipped = max(0, reserved - last)
+            #: the last run did not close the buffer (a crash, a kill, a power cut)
+            self.unclean = self._meta(conn, "open", "0") == "1"
+            boot, last_boot = boot_id(), self._meta(conn, "boot_id", "")
+            #: ... and the machine has booted since: commits not yet synced may be gone
+            self.power_lost = self.unclean and bool(boot and last_boot and boot != last_boot)
+            # Synced: the skip (and a lowered capacity's evictions) must not be undone by
+            # the next power cut, or the skipped seqs would be counted twice.
+            with self._db.write("open", sync=bool(skipped)) as wconn:
+                self._set_meta(wconn, "capacity_bytes", self.capacity_bytes)
+                self._set_meta(wconn, "open", "1")
+                if boot:
+                    self._set_meta(wconn, "boot_id", boot)
+                if self.unclean:
+                    self._add_counter(wconn, "unclean_starts", 1)
+                if skipped:
+                    # The last run stopped without close(): appends up to `reserved` may
+                    # have been published and then rolled back by a power cut. Their seqs
+                    # are the platform's dedup keys, so new messages start above them.
+                    self._set_last_seq(wconn, reserved)
+                    self._add_counter(wconn, "seq_skipped", skipped)
                 if self.recovered_from is not None:
                     self._put_state(wconn, "buffer_recovered", str(self.recovered_from))
                 # The capacity may have been lowered since the last run.
@@ -192,7 +231,14 @@ class Buffer:
                 else:
                     total = self._total_bytes
             self._total_bytes = total
+            self._last_seq = max(last, reserved)
+            self._seq_reserved = self._last_seq
             self._note_evicted(evicted)
+            if skipped:
+                log.warning(
+                    "buffer was not closed cleanly: sequence numbers skipped",
+                    extra={"buffer": str(self.path), "from_seq": last + 1, "to_seq": reserved},
+                )
 
     @classmethod
     def open_readonly(cls, path: str | Path) -> Self:
@@ -240,6 +286,14 @@ class Buffer:
     def _init_log_state(self) -> None:
         self._log_at: float | None = None  # monotonic time of the last eviction line
         self._log_pending = _Evicted()
+        # seqs handed to the uplink and not yet acked or released: never evicted, since a
+        # PUBACK for them may be on its way (see peek(claim=True))
+        self._claimed: set[int] = set()
+        self._claims_lock = threading.Lock()
+        self._last_seq = 0  # the highest seq handed out (or skipped)
+        self._seq_reserved = 0  # the highest seq covered by a synced reservation
+        self.unclean = False
+        self.power_lost = False
 
     @staticmethod
     def _meta(conn: sqlite3.Connection, key: str, default: str | None = None) -> str:
@@ -350,19 +404,27 @@ class Buffer:
         self,
         items: Sequence[tuple[Lane, Payload, int]],
         state: Mapping[str, bytes] | None = None,
+        intake_done: Collection[int] = (),
     ) -> list[int]:
         """Appends messages in ONE transaction, durable (per sync mode) on return,
         evicting old messages in the same transaction if capacity requires. Returns
         the seqs in order. A payload may be a function of the message's seq (for
-        self-describing payloads). ``state`` upserts pipeline state in the same
-        transaction (see `pipeline_state`). Raises BufferWriteError (nothing stored)
-        on disk full or I/O errors."""
+        self-describing payloads). ``state`` upserts pipeline state and
+        ``intake_done`` deletes the intake rows these messages were made from, in the
+        same transaction (see `pipeline_state`, `intake_put`). Raises BufferWriteError
+        (nothing stored) on disk full or I/O errors.
+
+        Sequence numbers: a seq is only handed out once a synced commit has reserved
+        it (`seq_reserved`, SEQ_RESERVE_BLOCK at a time; the commit that takes a new
+        block is itself synced). A power cut with sync=normal can roll back appends
+        whose messages were already published and stored by the platform; the next
+        open starts above the reservation, so their seqs never label other readings."""
         rows: list[tuple[Lane, Payload, int]] = []
         for lane, payload, n_points in items:
             if n_points < 0:
                 raise ValueError(f"n_points must be >= 0, got {n_points}")
             rows.append((Lane(lane), payload, int(n_points)))
-        if not rows and not state:
+        if not rows and not state and not intake_done:
             return []
         now = _now_ms()
         cap = self.capacity_bytes
@@ -370,12 +432,13 @@ class Buffer:
         evicted = _Evicted()
         with self._db.lock:
             total = self._total_bytes
-            with self._db.write("append") as conn:
+            seq = self._last_seq
+            reserve = seq + len(rows) > self._seq_reserved
+            new_reserved = seq + len(rows) + SEQ_RESERVE_BLOCK if reserve else self._seq_reserved
+            with self._db.write("append", sync=True if reserve else None) as conn:
+                if reserve:
+                    self._set_meta(conn, "seq_reserved", new_reserved)
                 too_big: list[int] = []
-                last = conn.execute(
-                    "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
-                ).fetchone()
-                seq = int(last[0]) if last else 0
                 for lane, make, n_points in rows:
                     seq += 1
                     payload = bytes(make(seq) if callable(make) else make)
@@ -408,16 +471,28 @@ class Buffer:
                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                         state.items(),
                     )
+                if intake_done:
+                    conn.execute(
+                        "DELETE FROM intake WHERE id IN (SELECT value FROM json_each(?))",
+                        (_seq_list(intake_done),),
+                    )
                 self._add_counter(conn, "appended_points", sum(r[2] for r in rows))
                 self._count_evictions(conn, evicted)
-            # Only after the commit: a failed append leaves the running total as it was.
+                if reserve:
+                    self._set_counter(conn, "last_sync_ms", now)
+            # Only after the commit: a failed append leaves the running state as it was.
             self._total_bytes = total
+            self._last_seq = seq
+            self._seq_reserved = new_reserved
             self._note_evicted(evicted)
         return seqs
 
-    def peek(self, limit: int, exclude: Collection[int] = ()) -> list[Message]:
+    def peek(self, limit: int, exclude: Collection[int] = (), claim: bool = False) -> list[Message]:
         """Up to `limit` messages in sending order (lane priority, then seq),
-        skipping the seqs in `exclude` (the uplink's in-flight set). Nothing is removed."""
+        skipping the seqs in `exclude` (the uplink's in-flight set). Nothing is removed.
+        With `claim` (the uplink, about to publish them) the messages returned are not
+        evicted until they are acked or `release`d: their PUBACK may be on its way, and
+        a delivered message must not be reported as evicted."""
         if limit <= 0:
             return []
         cols = "seq, lane, payload, n_points, created_ms"
@@ -433,12 +508,26 @@ class Buffer:
                 rows = conn.execute(
                     f"SELECT {cols} FROM messages ORDER BY lane, seq LIMIT ?", (limit,)
                 ).fetchall()
+        if claim:
+            with self._claims_lock:
+                self._claimed.update(int(r[0]) for r in rows)
         return [Message(s, Lane(ln), p, n, c) for s, ln, p, n, c in rows]
+
+    def release(self, seqs: Iterable[int] | None = None) -> None:
+        """Gives claimed messages back to eviction (None: all of them): the uplink lost
+        its connection, so their PUBACKs will not come. Memory only, never blocks on the
+        database, so the event loop may call it."""
+        with self._claims_lock:
+            if seqs is None:
+                self._claimed.clear()
+            else:
+                self._claimed.difference_update(seqs)
 
     def ack(self, seqs: Iterable[int]) -> int:
         """Deletes the acknowledged messages in one transaction and returns how many
         points they held. Unknown seqs (already acked or evicted) are ignored. Any
         non-empty ack records the time as last_ack_ms: the link worked."""
+        seqs = [int(s) for s in seqs]
         seq_json = _seq_list(seqs)
         if seq_json == "[]":
             return 0
@@ -452,12 +541,9 @@ class Buffer:
                 points = sum(int(r[0]) for r in gone)
                 freed = sum(int(r[1]) for r in gone)
                 self._add_counter(conn, "acked_points", points)
-                conn.execute(
-                    "INSERT INTO counters (name, value) VALUES ('last_ack_ms', ?) "
-                    "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (_now_ms(),),
-                )
+                self._set_counter(conn, "last_ack_ms", _now_ms())
             self._total_bytes -= freed
+        self.release(seqs)
         return points
 
     def stats(self) -> BufferStats:
@@ -470,6 +556,7 @@ class Buffer:
             ):
                 lanes[Lane(lane)] = LaneStats(int(msgs), int(pts), int(nbytes), oldest)
             counters = {str(k): v for k, v in conn.execute("SELECT name, value FROM counters")}
+            intake = conn.execute("SELECT coalesce(sum(n_points), 0) FROM intake").fetchone()
         return BufferStats(
             lanes=lanes,
             total_bytes=sum(ls.bytes for ls in lanes.values()),
@@ -479,13 +566,88 @@ class Buffer:
             last_ack_ms=counters.get("last_ack_ms"),
             appended_points=int(counters.get("appended_points", 0)),
             acked_points=int(counters.get("acked_points", 0)),
+            seq_skipped=int(counters.get("seq_skipped", 0)),
+            intake_dropped=int(counters.get("intake_dropped", 0)),
+            unclean_starts=int(counters.get("unclean_starts", 0)),
+            last_sync_ms=counters.get("last_sync_ms"),
+            intake_points=int(intake[0]),
         )
 
     def checkpoint(self) -> None:
-        """Makes every committed append durable against a power cut, also with
-        sync=normal (where a commit alone is not): the agent calls it on a timer,
-        which bounds what a power cut can lose to that interval."""
+        """Copies the WAL into the database file (PASSIVE: never waits for readers), so
+        the WAL stays small. Durability comes from `sync_point`, not from this."""
         self._db.checkpoint()
+
+    def sync_point(self) -> None:
+        """Makes every commit so far durable against a power cut, also with sync=normal
+        (where a commit alone is not): one tiny commit with synchronous=FULL, which syncs
+        the whole WAL. The agent calls it on a timer, which bounds what a power cut can
+        roll back to that interval (a checkpoint alone syncs nothing when a reader holds
+        it back, so it cannot be the bound)."""
+        with self._db.write("sync_point", sync=True) as conn:
+            self._set_counter(conn, "last_sync_ms", _now_ms())
+
+    # -- intake: readings not yet through the pipeline ------------------------------
+
+    def intake_put(self, blobs: Sequence[tuple[bytes, int]]) -> list[int]:
+        """Stores raw reading batches (their bytes, their reading count) in one commit
+        that is never synced by itself (the fsync policy stays the flush's), and returns
+        their ids for `append_many(intake_done=...)`. A process crash after this loses
+        none of them: the next start takes them from `intake_load`."""
+        if not blobs:
+            return []
+        now = _now_ms()
+        with self._db.lock, self._db.write("intake", sync=False) as conn:
+            return [
+                int(
+                    conn.execute(
+                        "INSERT INTO intake (created_ms, n_points, data) VALUES (?, ?, ?) "
+                        "RETURNING id",
+                        (now, n, data),
+                    ).fetchone()[0]
+                )
+                for data, n in blobs
+            ]
+
+    def intake_load(self) -> list[tuple[int, bytes]]:
+        """(id, bytes) of every intake row, oldest first: what a crashed run had read
+        and not yet put through the pipeline."""
+        with self._db.read("intake_load") as conn:
+            rows = conn.execute("SELECT id, data FROM intake ORDER BY id").fetchall()
+        return [(int(i), bytes(d)) for i, d in rows]
+
+    def intake_recover(self) -> tuple[list[tuple[int, bytes]], int]:
+        """The intake a crashed run left, to put through the pipeline first, and the
+        readings dropped instead.
+
+        After a process crash every commit is there: an intake row that is still
+        present was never consumed, so it is replayed. After a power cut with
+        sync=normal it is not that simple: the flush that consumed a row (unsynced) may
+        be gone while the row (synced by a sync point, or written back by the OS) is
+        not, and that flush's messages may already be on the platform; replaying the row
+        would store its readings twice. So then the intake is dropped: those readings
+        are within what sync=normal may lose. With sync=full a flush is synced before
+        its messages can leave, so a row that survived was never sent: replayed."""
+        rows = self.intake_load()
+        if not (rows and self.power_lost and self.sync is SyncMode.NORMAL):
+            return rows, 0
+        with self._db.read("intake_recover") as conn:
+            dropped = int(
+                conn.execute("SELECT coalesce(sum(n_points), 0) FROM intake").fetchone()[0]
+            )
+        with self._db.write("intake_recover", sync=True) as conn:
+            conn.execute("DELETE FROM intake")
+            self._add_counter(conn, "intake_dropped", dropped)
+        return [], dropped
+
+    def intake_drop(self, ids: Collection[int]) -> None:
+        """Deletes intake rows that cannot be read back (counted by the caller)."""
+        if ids:
+            with self._db.write("intake_drop") as conn:
+                conn.execute(
+                    "DELETE FROM intake WHERE id IN (SELECT value FROM json_each(?))",
+                    (_seq_list(ids),),
+                )
 
     def put_state(self, key: str, value: Any) -> None:
         """Stores one JSON value (orjson) of the agent's status snapshot under `key`."""
@@ -505,10 +667,21 @@ class Buffer:
         return {str(k): bytes(v) for k, v in rows}
 
     def close(self) -> None:
-        """Closes the database (idempotent); reports evictions not yet logged."""
+        """Closes the database (idempotent); reports evictions not yet logged.
+
+        A clean close gives back the unused part of the seq reservation (synced), so
+        the next open continues without a gap; without it (crash, power cut) the next
+        open skips to the reservation."""
         with self._db.lock:
             if self._db.closed:
                 return
+            if not self.readonly:
+                try:
+                    with self._db.write("close", sync=True) as conn:
+                        self._set_meta(conn, "seq_reserved", self._last_seq)
+                        self._set_meta(conn, "open", "0")
+                except BufferError as exc:  # the next open treats it as unclean: safe
+                    log.warning("buffer close not recorded", extra={"error": str(exc)})
             self._flush_eviction_log()
             self._db.close()
 
@@ -540,6 +713,39 @@ class Buffer:
         )
 
     @staticmethod
+    def _last_used_seq(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        return int(row[0]) if row else 0
+
+    @staticmethod
+    def _set_last_seq(conn: sqlite3.Connection, seq: int) -> None:
+        """AUTOINCREMENT's high-water mark, so that even an insert without a seq never
+        takes a skipped one."""
+        if (
+            conn.execute(
+                "UPDATE sqlite_sequence SET seq = ? WHERE name = 'messages'", (seq,)
+            ).rowcount
+            == 0
+        ):
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('messages', ?)", (seq,))
+
+    @staticmethod
+    def _set_meta(conn: sqlite3.Connection, key: str, value: int | str) -> None:
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, str(value)),
+        )
+
+    @staticmethod
+    def _set_counter(conn: sqlite3.Connection, name: str, value: int) -> None:
+        conn.execute(
+            "INSERT INTO counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+    @staticmethod
     def _add_counter(conn: sqlite3.Connection, name: str, n: int) -> None:
         if n:
             conn.execute(
@@ -554,12 +760,16 @@ class Buffer:
 
     def _evict(self, conn: sqlite3.Connection, total: int, evicted: _Evicted) -> int:
         """Inside the caller's transaction: deletes oldest telemetry, then events, then
-        alarms until `total` fits the capacity, never the newest alarm. Returns the new
-        total and adds what went to `evicted`."""
+        alarms until `total` fits the capacity, never the newest alarm nor a message in
+        flight (claimed: the buffer then stays over capacity by at most the uplink's
+        window until the PUBACKs or the release). Returns the new total and adds what
+        went to `evicted`."""
         over = total - self.capacity_bytes
         newest_alarm = conn.execute(
             "SELECT max(seq) FROM messages WHERE lane = ?", (Lane.ALARM,)
         ).fetchone()[0]
+        with self._claims_lock:
+            claimed = set(self._claimed)
         victims: list[int] = []
         for lane in _EVICTION_ORDER:
             if over <= 0:
@@ -570,7 +780,7 @@ class Buffer:
                 (lane,),
             )
             for seq, nbytes, n_points in cur:
-                if seq == newest_alarm:
+                if seq == newest_alarm or seq in claimed:
                     continue
                 victims.append(seq)
                 evicted.add(lane, int(n_points), int(nbytes))

@@ -15,14 +15,24 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The pipeline's per-point stage state (deadband, SDT, aggregate windows, alarms), written
 # in the same transaction as the messages it produced, so a restart resumes consistently.
 _PIPELINE_STATE = "CREATE TABLE pipeline_state (key TEXT PRIMARY KEY, value BLOB NOT NULL)"
+# Readings handed over by the drivers and not yet through the pipeline (one row per
+# batch, its columns' bytes): committed within milliseconds of the read, so a process
+# crash loses almost nothing; deleted in the transaction that appends their output.
+_INTAKE = """CREATE TABLE intake (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_ms INTEGER NOT NULL,
+        n_points INTEGER NOT NULL,
+        data BLOB NOT NULL
+    )"""
 
 DDL = (
-    # Small key/value facts about the database itself: stream_id, created_ms, capacity_bytes.
+    # Small key/value facts about the database itself: stream_id, created_ms, capacity_bytes,
+    # seq_reserved (no seq up to it may be handed out again; synced before it is used).
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     # AUTOINCREMENT: a seq is the platform's dedup key, so it must never be reused, not
     # even after the newest rows were acked and the database reopened.
@@ -39,7 +49,7 @@ DDL = (
     # Covers peek's order, eviction's scan and stats without touching the payloads.
     "CREATE INDEX messages_by_lane ON messages (lane, seq, nbytes, n_points, created_ms)",
     # Persistent counters: evicted_points, evicted_messages, appended_points,
-    # acked_points, last_ack_ms.
+    # acked_points, last_ack_ms, seq_skipped, unclean_starts, last_sync_ms.
     "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     # The agent's status snapshot (JSON values) for `citygw status`.
     "CREATE TABLE state (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_ms INTEGER NOT NULL)",
@@ -50,6 +60,7 @@ DDL = (
         meta TEXT NOT NULL
     )""",
     _PIPELINE_STATE,
+    _INTAKE,
 )
 
 COLUMNS: dict[str, frozenset[str]] = {
@@ -59,12 +70,13 @@ COLUMNS: dict[str, frozenset[str]] = {
     "state": frozenset({"key", "value", "updated_ms"}),
     "points": frozenset({"id", "key", "meta"}),
     "pipeline_state": frozenset({"key", "value"}),
+    "intake": frozenset({"id", "created_ms", "n_points", "data"}),
 }
 
 COUNTERS = ("evicted_points", "evicted_messages", "appended_points", "acked_points")
 
 #: version -> statements that take a database from that version to version + 1
-MIGRATIONS: dict[int, tuple[str, ...]] = {1: (_PIPELINE_STATE,)}
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: (_PIPELINE_STATE,), 2: (_INTAKE,)}
 
 
 class BufferCorrupt(BufferError):
@@ -196,10 +208,14 @@ class Db:
     use goes through `lock` (re-entrant, so that the queue can keep it across a
     transaction and the in-memory bookkeeping that follows the commit)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, readonly: bool) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, path: Path, readonly: bool, synchronous: str = "NORMAL"
+    ) -> None:
         self.conn = conn
         self.path = path
         self.readonly = readonly
+        #: the connection's own PRAGMA synchronous (NORMAL or FULL); see `write(sync=)`
+        self.synchronous = synchronous
         self.lock = threading.RLock()
         self.closed = False
 
@@ -209,14 +225,23 @@ class Db:
         return self.conn
 
     @contextlib.contextmanager
-    def write(self, what: str) -> Iterator[sqlite3.Connection]:
+    def write(self, what: str, sync: bool | None = None) -> Iterator[sqlite3.Connection]:
         """One write transaction; on any failure it is rolled back and SQLite errors
-        become BufferWriteError / BufferCorrupt naming the path."""
+        become BufferWriteError / BufferCorrupt naming the path.
+
+        `sync` overrides the connection's durability for this one commit: True syncs
+        the WAL at commit (synchronous=FULL; in WAL mode that makes every earlier commit
+        durable too), False does not (NORMAL), None keeps the connection's mode."""
         if self.readonly:
             raise BufferReadOnly(f"buffer {self.path} was opened read-only ({what})")
+        mode = None if sync is None else ("FULL" if sync else "NORMAL")
+        if mode == self.synchronous:
+            mode = None
         with self.lock:
             conn = self._live()
             try:
+                if mode is not None:
+                    conn.execute(f"PRAGMA synchronous = {mode}")
                 # IMMEDIATE takes the write lock up front: no lock upgrade half way through.
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
@@ -229,6 +254,10 @@ class Db:
                 if isinstance(exc, sqlite3.Error):
                     raise write_error(exc, self.path, what) from exc
                 raise
+            finally:
+                if mode is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
 
     @contextlib.contextmanager
     def read(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -246,9 +275,9 @@ class Db:
                         conn.execute("ROLLBACK")
 
     def checkpoint(self) -> None:
-        """Copies the WAL into the database file without waiting for readers (PASSIVE).
-        SQLite syncs the WAL before a checkpoint, so with synchronous=NORMAL this is
-        when committed transactions become safe against a power cut."""
+        """Copies the WAL into the database file without waiting for readers (PASSIVE),
+        which keeps the WAL small. It is not what makes commits durable: a checkpoint
+        blocked by a reader syncs nothing (see Buffer.sync_point)."""
         if self.readonly:
             raise BufferReadOnly(f"buffer {self.path} was opened read-only (checkpoint)")
         with self.lock:

@@ -9,9 +9,12 @@ the buffer protocol, so Cython typed memoryviews read them without copies).
 
 from __future__ import annotations
 
+import struct
+import sys
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 # Quality flags. GOOD must stay 0 so that the common case compresses to nothing.
 GOOD = 0
@@ -26,6 +29,12 @@ VALUE_TYPECODE = "d"  # float64
 QUALITY_TYPECODE = "B"  # uint8
 
 assert array(ID_TYPECODE).itemsize == 4, "platform 'I' is not 32-bit"
+
+#: the raw form of a batch (`to_bytes`): magic, reading count, then the four columns
+#: little-endian. Not a wire format: the buffer's intake keeps batches in it.
+_RAW_MAGIC = b"CGR1"
+_RAW_HEADER = struct.Struct("<4sI")
+_ROW_BYTES = 4 + 8 + 8 + 1
 
 
 def _ids() -> array[int]:
@@ -96,6 +105,34 @@ class Batch:
     def rows(self) -> Iterator[tuple[int, int, float, int]]:
         """One tuple per reading: for tests, tools and the batch's edges, not hot paths."""
         return zip(self.point_ids, self.timestamps, self.values, self.quality, strict=True)
+
+    def to_bytes(self) -> bytes:
+        """The columns' raw bytes (see `from_bytes`): a copy per column, no per-reading work."""
+        cols: list[array[Any]] = [self.point_ids, self.timestamps, self.values, self.quality]
+        if sys.byteorder == "big":
+            cols = [array(c.typecode, c) for c in cols]
+            for c in cols:
+                c.byteswap()
+        return _RAW_HEADER.pack(_RAW_MAGIC, len(self)) + b"".join(c.tobytes() for c in cols)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Batch:
+        """The batch `to_bytes` made; ValueError if `data` is not one."""
+        if len(data) < _RAW_HEADER.size:
+            raise ValueError(f"raw batch too short: {len(data)} bytes")
+        magic, n = _RAW_HEADER.unpack_from(data)
+        if magic != _RAW_MAGIC or len(data) != _RAW_HEADER.size + n * _ROW_BYTES:
+            raise ValueError(f"not a raw batch (magic {magic!r}, {len(data)} bytes for {n})")
+        ids, ts, values = _ids(), _ts(), _values()
+        at = _RAW_HEADER.size
+        cols: tuple[array[Any], ...] = (ids, ts, values)
+        for col in cols:
+            size = n * col.itemsize
+            col.frombytes(data[at : at + size])
+            at += size
+            if sys.byteorder == "big":
+                col.byteswap()
+        return cls(ids, ts, values, array(QUALITY_TYPECODE, data[at:]))
 
     @classmethod
     def at(cls, timestamp_ms: int, point_ids: Iterable[int], values: Iterable[float]) -> Batch:

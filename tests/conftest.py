@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from agent.broker import BrokerError, Mosquitto
+from agent.ingest.store import Store, open_store
+from hil.powerfs import PowerFs, PowerFsUnavailable, check_available
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -61,9 +63,37 @@ def pg_url() -> Iterator[str]:
             )
 
 
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    """An open platform store at `store_url` (SQLite, then PostgreSQL), closed afterwards."""
+    s = open_store(store_url)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A platform store URL: a SQLite file, then a private PostgreSQL schema."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'platform.db'}"
     return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def fs(tmp_path: Path) -> Iterator[PowerFs]:
+    """A hil/powerfs.py mount (tmp_path / "mnt", backed by tmp_path / "disk") whose unsynced
+    data a `cut()` drops: a power cut. Fails (never skips) where FUSE is unusable."""
+    try:
+        check_available()
+    except PowerFsUnavailable as exc:
+        pytest.fail(
+            f"FUSE is not usable here, so power cuts cannot be tested: {exc}. Install "
+            "Debian's fuse3 and the test extras (mfusepy), and run as root with /dev/fuse.",
+            pytrace=False,
+        )
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with PowerFs(disk, tmp_path / "mnt") as powerfs:
+        yield powerfs

@@ -176,12 +176,15 @@ def test_payload_made_from_its_seq_and_state_in_the_same_transaction(db: Path) -
         assert buf.pipeline_state()["0:sdt:7"] == b"s2"
 
 
-def test_version_1_database_is_migrated(db: Path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_database_is_migrated(db: Path, version: int) -> None:
     with Buffer(db, 1_000_000) as buf:
         buf.append(Lane.TELEMETRY, b"old", 1)
     conn = sqlite3.connect(db)
-    conn.execute("DROP TABLE pipeline_state")
-    conn.execute("PRAGMA user_version = 1")
+    conn.execute("DROP TABLE intake")  # added by version 3
+    if version == 1:
+        conn.execute("DROP TABLE pipeline_state")  # added by version 2
+    conn.execute(f"PRAGMA user_version = {version}")
     conn.commit()
     conn.close()
     with Buffer(db, 1_000_000) as buf:
@@ -189,8 +192,10 @@ def test_version_1_database_is_migrated(db: Path) -> None:
         assert buf.pipeline_state() == {}
         buf.append_many([], state={"k": b"v"})
         assert buf.pipeline_state() == {"k": b"v"}
+        assert buf.intake_load() == []
+        assert buf.append(Lane.TELEMETRY, b"new", 1) == 2
     conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
 
 
@@ -597,3 +602,107 @@ def test_checkpoint_moves_the_wal_into_the_database(tmp_path: Path) -> None:
         assert len(buf.peek(100)) == 50
     with Buffer.open_readonly(path) as ro, pytest.raises(BufferReadOnly):
         ro.checkpoint()
+
+
+def test_crash_skips_the_reserved_seqs_once_and_a_clean_close_skips_none(db: Path) -> None:
+    """A seq handed out may have been published and stored by the platform before a
+    power cut rolled its append back; after an unclean stop the next seq is therefore
+    above the synced reservation. A clean close gives the reservation back."""
+    with Buffer(db, 1_000_000) as buf:
+        assert buf.append(Lane.TELEMETRY, b"a", 1) == 1
+    with Buffer(db, 1_000_000) as buf:
+        assert buf.append(Lane.TELEMETRY, b"b", 1) == 2  # clean: no gap
+    for _ in range(2):  # two crashes in a row, the second before any append
+        subprocess.run(
+            [sys.executable, "-c", _CRASH_SCRIPT.replace("51)", "4)"), str(db), "normal"],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+    with Buffer(db, 1_000_000) as buf:
+        stats = buf.stats()
+        assert stats.unclean_starts == 2
+        # each crashed run appended 3 messages (reserving 3 + a block), then an alarm
+        block = queue_mod.SEQ_RESERVE_BLOCK
+        first = 2 + 3 + block
+        second = first + 3 + block
+        assert buf.append(Lane.TELEMETRY, b"c", 1) == second + 1
+        assert stats.seq_skipped == (first - 6) + (second - (first + 4))
+
+
+def test_claimed_messages_are_never_evicted(db: Path) -> None:
+    """A message the uplink is publishing may be delivered: evicting it would report
+    delivered readings as evicted. Claims hold until the ack or a release."""
+    with Buffer(db, 1000) as buf:
+        a, _ = buf.append_many([(Lane.TELEMETRY, b"a" * 400, 4), (Lane.TELEMETRY, b"b" * 400, 5)])
+        assert [m.seq for m in buf.peek(1, claim=True)] == [a]
+        c = buf.append(Lane.TELEMETRY, b"c" * 400, 6)  # over capacity: evicts b, not a
+        assert [m.seq for m in buf.peek(10)] == [a, c]
+        assert buf.stats().evicted_points == 5
+        assert buf.ack([a]) == 4  # the PUBACK came: delivered, not evicted
+        assert buf.stats().acked_points == 4
+        assert [m.seq for m in buf.peek(1, claim=True)] == [c]
+        buf.release()  # the session ended: c may go now
+        buf.append(Lane.TELEMETRY, b"d" * 700, 7)
+        assert buf.stats().evicted_points == 5 + 6
+
+
+def test_intake_roundtrip_and_deleted_by_the_append(db: Path) -> None:
+    with Buffer(db, 1_000_000, "full") as buf:
+        ids = buf.intake_put([(b"one", 3), (b"two", 4)])
+        assert buf.stats().intake_points == 7
+    with Buffer(db, 1_000_000) as buf:
+        assert buf.intake_load() == list(zip(ids, [b"one", b"two"], strict=True))
+        with pytest.raises(BufferWriteError):  # a failed append keeps the intake rows
+            conn = buf._db.conn
+            conn.execute("PRAGMA max_page_count = 1")
+            try:
+                buf.append_many([(Lane.TELEMETRY, os.urandom(20_000), 3)], intake_done=ids[:1])
+            finally:
+                conn.execute("PRAGMA max_page_count = 1073741823")
+        assert [i for i, _ in buf.intake_load()] == ids
+        buf.append_many([(Lane.TELEMETRY, b"out", 3)], intake_done=ids[:1])
+        assert buf.intake_load() == [(ids[1], b"two")]
+        buf.append_many([], intake_done=ids[1:])  # all suppressed by the pipeline
+        assert buf.stats().intake_points == 0
+        buf.sync_point()
+        assert buf.stats().last_sync_ms is not None
+
+
+_INTAKE_CRASH = """
+import os, sys
+from buffer import Buffer
+buf = Buffer(sys.argv[1], 10_000_000, sys.argv[2])
+buf.intake_put([(b"raw", 5)])
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("sync", "rebooted", "replayed"),
+    [("normal", False, True), ("full", True, True), ("normal", True, False)],
+)
+def test_intake_after_a_crash_is_replayed_unless_a_power_cut_made_it_unsafe(
+    db: Path, monkeypatch: pytest.MonkeyPatch, sync: str, rebooted: bool, replayed: bool
+) -> None:
+    """After a process crash (same boot) the intake is exact: replay it. After a power
+    cut with sync=normal a surviving row may belong to a flush whose messages reached the
+    platform before the cut rolled it back: dropped (counted), never stored twice."""
+    subprocess.run(
+        [sys.executable, "-c", _INTAKE_CRASH, str(db), sync],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+        timeout=60,
+    )
+    if rebooted:
+        monkeypatch.setattr(queue_mod, "boot_id", lambda: "another-boot")
+    with Buffer(db, 1_000_000, sync) as buf:
+        assert buf.unclean and buf.power_lost == rebooted
+        rows, dropped = buf.intake_recover()
+        assert ([d for _, d in rows], dropped) == (([b"raw"], 0) if replayed else ([], 5))
+        assert buf.stats().intake_dropped == (0 if replayed else 5)
+    with Buffer(db, 1_000_000, sync) as buf:  # a clean close in between: nothing unclean
+        assert not buf.unclean and not buf.power_lost

@@ -108,6 +108,7 @@ def snapshot(
                 "polls": 40,
                 "skipped_polls": 2,
                 "readings": 23,
+                "rejected": {"truncated": 1, "bad_crc": 3},
             },
             "bridge-7": {
                 "last_success_ms": now_ms - 1000,
@@ -170,7 +171,14 @@ def test_status_shows_lanes_evictions_uplink_and_devices(filled: Path) -> None:
     assert row(out, "failed flushes")[1] == "4"
     # devices: name, last success, polls, errors, in a row, skipped, last error
     pump = row(out, "pump-3")
-    assert pump[1:] == ["never", "40", "17", "9", "2", "simulated timeout: device did not answer"]
+    assert pump[1:] == [
+        "never",
+        "40",
+        "17 (rejected: bad_crc 3, truncated 1)",
+        "9",
+        "2",
+        "simulated timeout: device did not answer",
+    ]
     bridge = row(out, "bridge-7")
     assert bridge[1].endswith("s ago") and bridge[2:] == ["31", "0", "0", "0", ""]
     assert result.stderr == ""
@@ -259,8 +267,9 @@ def test_missing_config_exits_2(tmp_path: Path) -> None:
         assert "file not found" in result.stderr
 
 
-def test_render_status_running_stale_and_stopped() -> None:
-    stats = BufferStats(
+def empty_stats(**counters: int) -> BufferStats:
+    """The stats of an empty buffer, with the given counters."""
+    return BufferStats(
         lanes={lane: LaneStats(0, 0, 0, None) for lane in Lane},
         total_bytes=0,
         capacity_bytes=100,
@@ -269,7 +278,12 @@ def test_render_status_running_stale_and_stopped() -> None:
         last_ack_ms=None,
         appended_points=0,
         acked_points=0,
+        **counters,
     )
+
+
+def test_render_status_running_stale_and_stopped() -> None:
+    stats = empty_stats()
     now = 1_700_000_000_000
 
     def agent_cell(state: dict[str, object]) -> str:
@@ -286,6 +300,30 @@ def test_render_status_running_stale_and_stopped() -> None:
     stopped = snapshot(now - 1000, uplink_state="stopped", state="stopped")
     assert agent_cell({"agent": stopped}) == "stopped (last seen 1.0 s ago)"
     assert agent_cell({"agent": {**snapshot(now), "uplink": None}}) == "running"
+
+
+def test_render_status_shows_failed_tasks_with_when() -> None:
+    stats = empty_stats(seq_skipped=1024, unclean_starts=1)
+    now = 1_700_000_000_000
+    tasks = {
+        "uplink": {
+            "state": "running",
+            "failures": 2,
+            "last_error": "BufferWriteError: ack failed: SQLITE_FULL",
+            "last_failure_ms": now - 30_000,
+            "restarts": 2,
+        },
+        "flush": {"state": "running", "failures": 0, "last_error": None, "restarts": 0},
+    }
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(render_status(stats, {"agent": {**snapshot(now), "tasks": tasks}}, now_ms=now))
+    text = console.export_text()
+    cells = row(text, "uplink")  # the first "uplink" row is the agent's uplink state
+    failed = [line for line in text.splitlines() if "SQLITE_FULL" in line]
+    assert len(failed) == 1 and "30.0 s ago" in failed[0] and " 2 " in failed[0], cells
+    assert "flush" not in text.split("tasks that failed")[1].split("devices")[0]
+    # the caption wraps to the table's width
+    assert "1 unclean stops (1024 sequence numbers skipped)" in " ".join(text.split())
 
 
 # -- help texts ----------------------------------------------------------------------------

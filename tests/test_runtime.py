@@ -50,7 +50,7 @@ def test_memory_queue_is_bounded_and_counts_refusals() -> None:
     assert not q.push(batch(6))  # would exceed the bound: refused whole
     assert q.push(batch(4))
     assert (counters.read, counters.refused) == (10, 6)
-    assert [len(b) for b in q.take()] == [6, 4]
+    assert [len(h.batch) for h in q.take()] == [6, 4]
     assert q.take() == []
 
 
@@ -100,3 +100,124 @@ def test_graceful_stop_writes_final_status(tmp_path: Path) -> None:
     assert state["counters"]["read"] == agent.counters.read > 0
     assert state["devices"]["d"]["polls"] > 0
     assert state["state"] == state["uplink"]["state"] == "stopped"
+
+
+def broker_config(buffer: Path, broker_url: str) -> str:
+    return (
+        config(buffer)
+        .replace("mqtt://127.0.0.1:9", broker_url)
+        .replace('flush_interval = "60s"', 'flush_interval = "100ms"')
+    )
+
+
+def test_uplink_survives_a_buffer_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mosquitto,  # type: ignore[no-untyped-def]
+) -> None:
+    """One failed ack (disk full, I/O error) must not end the uplink for good: it is
+    logged, counted, shown in the status, and the uplink comes back with backoff and
+    empties the buffer (the unacked batches are resent; the platform drops the copies)."""
+
+    async def scenario() -> tuple[bool, dict[str, object]]:
+        agent = Agent(parse_config(broker_config(tmp_path / "buf.db", mosquitto.url), "t.toml"))
+        await agent.start()
+        assert agent.buffer is not None
+        real_ack = agent.buffer.ack
+        failed: list[int] = []
+
+        def ack_once_failing(seqs: list[int]) -> int:
+            if not failed:
+                failed.append(1)
+                raise BufferWriteError("buffer b.db: ack failed: SQLITE_FULL")
+            return real_ack(seqs)
+
+        monkeypatch.setattr(agent.buffer, "ack", ack_once_failing)
+        await asyncio.sleep(1.0)
+        await agent.stop_drivers()
+        await agent.flush()
+        drained = await agent.drain(timeout=15)
+        snapshot = agent.snapshot()
+        await agent.stop()
+        assert failed
+        return drained, snapshot
+
+    drained, snapshot = asyncio.run(scenario())
+    assert drained, "the uplink never came back after the buffer error"
+    uplink = snapshot["uplink"]  # type: ignore[index]
+    # the buffer's trouble is not the broker's: same connection, the batches of the failed
+    # ack acked again (not published again), the error counted and shown
+    assert uplink["buffer_errors"] == 1 and "SQLITE_FULL" in uplink["last_buffer_error"]
+    assert uplink["connects"] == 1 and uplink["resent_messages"] == 0
+    assert snapshot["tasks"]["uplink"]["failures"] == 0  # type: ignore[index]
+
+
+def test_failed_status_snapshot_does_not_stop_the_sync_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The status loop also makes the buffer durable (sync point, checkpoint): a
+    snapshot the buffer refuses must not stop that, or the power-cut bound of
+    sync = "normal" silently goes away."""
+    import agent.runtime as runtime
+
+    monkeypatch.setattr(runtime, "STATUS_INTERVAL_S", 0.05)
+
+    async def scenario() -> tuple[Agent, int]:
+        agent = Agent(parse_config(config(tmp_path / "buf.db"), source="t.toml"))
+        await agent.start()
+        assert agent.buffer is not None
+        checkpoints: list[int] = []
+        real_checkpoint = agent.buffer.checkpoint
+
+        def refuse(*args: object) -> None:
+            raise BufferWriteError("buffer b.db: put_state failed: SQLITE_IOERR")
+
+        def count_checkpoint() -> None:
+            checkpoints.append(1)
+            real_checkpoint()
+
+        monkeypatch.setattr(agent.buffer, "put_state", refuse)
+        monkeypatch.setattr(agent.buffer, "checkpoint", count_checkpoint)
+        await asyncio.sleep(1.0)
+        n = len(checkpoints)
+        monkeypatch.undo()
+        await agent.stop()
+        return agent, n
+
+    agent, checkpoints = asyncio.run(scenario())
+    assert checkpoints >= 5
+    assert agent.counters.status_failures >= 5
+
+
+def test_a_crashing_driver_is_restarted_and_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent import supervise
+    from drivers.sim import SimDriver
+
+    calls: list[int] = []
+    real_run = SimDriver.run
+
+    async def crash_once(self: SimDriver, sink: object) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("driver bug")
+        await real_run(self, sink)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SimDriver, "run", crash_once)
+    monkeypatch.setattr(supervise, "STABLE_AFTER_S", 60.0)
+
+    async def scenario() -> dict[str, object]:
+        agent = Agent(parse_config(config(tmp_path / "buf.db"), source="t.toml"))
+        await agent.start()
+        await asyncio.sleep(2.5)  # the first backoff is at most 1 s
+        snapshot = agent.snapshot()
+        await agent.stop()
+        return snapshot
+
+    snapshot = asyncio.run(scenario())
+    task = snapshot["tasks"]["driver:sim"]  # type: ignore[index]
+    assert len(calls) == 2
+    assert task["failures"] == 1 and task["restarts"] == 1 and task["state"] == "running"
+    assert task["last_error"] == "RuntimeError: driver bug"
+    assert snapshot["counters"]["read"] > 0  # type: ignore[index]

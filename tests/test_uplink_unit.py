@@ -61,6 +61,8 @@ def test_uplink_status_as_dict() -> None:
         "published_points",
         "published_bytes",
         "resent_messages",
+        "buffer_errors",
+        "last_buffer_error",
     }
     assert d["state"] == "starting"
     assert d["connects"] == 0 and d["last_error"] is None
