@@ -46,12 +46,19 @@ class Fault(_Model):
       lost), ``no_ack`` (a broker that accepts but never acknowledges), ``blackhole``.
     - ``flap``: ``count`` times: link down for ``down`` s, then up for ``up`` s.
     - ``power_cuts``: ``count`` times: SIGKILL the agent after a random ``min_up`` ..
-      ``max_up`` s of running, and start it again at once.
+      ``max_up`` s of running, and start it again at once (a process death: the kernel
+      still writes what the agent wrote).
+    - ``power_loss``: the same, but a power cut (needs ``powerfs = true``): the buffer's
+      filesystem drops what was not synced (keeping a random 0 .. ``keep_max`` of the
+      dirty pages, written back in any order, as an OS may have done), the agent is
+      killed, and it starts again in a new boot (a new boot id).
     - ``device`` with ``target`` ("slow" simulator) and ``silent`` / ``delay``.
     - ``modbus_set``: write ``value`` into the level transmitter's register (to cross an
       alarm threshold).
     - ``disk_limit``: the agent's file-size limit: ``bytes`` (0 = unlimited again).
     - ``clock_step``: the agent's wall clock jumps by ``seconds`` (libfaketime).
+    - ``inject_stop``: no more internal faults (``[[inject]]``); `citygw status` is read
+      first, while the agent still shows what failed.
     """
 
     at: Duration
@@ -65,6 +72,8 @@ class Fault(_Model):
         "modbus_set",
         "disk_limit",
         "clock_step",
+        "inject_stop",
+        "power_loss",
     ]
     mode: Literal["pass", "down", "no_ack", "blackhole"] = "pass"
     count: int = Field(1, ge=1, le=1000)
@@ -78,6 +87,7 @@ class Fault(_Model):
     value: float = 0.0
     bytes: int = Field(0, ge=0)
     seconds: float = 0.0
+    keep_max: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class Sims(_Model):
@@ -91,6 +101,8 @@ class Sims(_Model):
     uplink_garbage: int = 0  # junk messages published on the platform's uplink topics
     mcu: bool = False  # the gateway's microcontroller (drivers/mcu/simulator.py) on a pty
     mcu_garbage: float = Field(0.0, ge=0.0, le=1.0)  # probability a sent frame is garbled
+    # the broker with the shipped ACLs and passwords, and hostile clients (hil/hostile.py)
+    hostile: bool = False
 
     @model_validator(mode="after")
     def _garbage_needs_its_sim(self) -> Sims:
@@ -107,9 +119,17 @@ class Checks(_Model):
     jitter_point: str | None = None  # a healthy point whose poll jitter is measured
     max_jitter_ms: float = 250.0
     clock_flagged: bool = False  # readings under an obviously wrong clock flagged
-    rejections: bool = False  # garbage must have been counted (agent and ingest)
+    rejections: bool = False  # injected = rejected, kind by kind (hil/garbage.py)
     disk_full: bool = False  # the buffer must have refused writes (and the agent lived on)
     min_power_cuts: int = 0
+    # produced and stored counted from the devices' record (hil/produced.py), not from
+    # the buffer's counter, which a power cut can roll back (power-loss)
+    device_count: bool = False
+    # [[inject]] faults: each rule fired, the agent's counters match the record exactly,
+    # its tasks restarted and `citygw status` showed them (hil/inject.py)
+    internal_faults: bool = False
+    # the broker back (broker_start) -> the first reading stored, at most this long
+    max_first_delivery_s: float | None = None
 
 
 class Target(_Model):
@@ -129,6 +149,17 @@ class Scenario(_Model):
     checks: Checks = Field(default_factory=Checks)
     faults: list[Fault] = Field(default_factory=list)
     target: Target = Field(default_factory=Target)
+    #: internal faults (hil/inject.py `Rule` keys), active from the agent's start
+    inject: list[dict[str, Any]] = Field(default_factory=list)
+    inject_seed: int = 1
+    #: the buffer on hil/powerfs.py, whose unsynced data a power_loss drops
+    powerfs: bool = False
+
+    @model_validator(mode="after")
+    def _power_loss_needs_powerfs(self) -> Scenario:
+        if any(f.action == "power_loss" for f in self.faults) and not self.powerfs:
+            raise ValueError("power_loss faults need powerfs = true")
+        return self
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -190,6 +190,7 @@ class SimRequest:
     address: int
     count: int
     time: float  # loop time at arrival
+    wall: float = 0.0  # wall-clock time at arrival (time.time())
 
 
 class _Context(ModbusServerContext):
@@ -282,7 +283,9 @@ class ModbusSimulator:
         if len(self.requests) >= self.max_requests:
             del self.requests[: self.max_requests // 2]
         self.requests.append(
-            SimRequest(unit, func_code, address, count, asyncio.get_running_loop().time())
+            SimRequest(
+                unit, func_code, address, count, asyncio.get_running_loop().time(), time.time()
+            )
         )
         image = self.devices.get(unit)
         if image is None or self.silent:
