@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.reconnect import backoff_delay
+
 log = logging.getLogger("citygw.agent")
 
 #: a run that lasted this long, or longer than the backoff before it, made progress: the
@@ -87,7 +89,7 @@ async def supervise(
         ran = time.monotonic() - started
         if ran >= STABLE_AFTER_S or ran > delay:
             attempt = 0
-        delay = rng.uniform(backoff_min, min(backoff_max, backoff_min * 2 ** min(attempt, 30)))
+        delay = backoff_delay(attempt, backoff_min, backoff_max, rng)
         attempt += 1
         health.failures += 1
         health.last_error = error[:500]

@@ -597,7 +597,7 @@ class Buffer:
         if not blobs:
             return []
         now = _now_ms()
-        with self._db.lock, self._db.write("intake", sync=False) as conn:
+        with self._db.write("intake", sync=False) as conn:
             return [
                 int(
                     conn.execute(
@@ -631,12 +631,9 @@ class Buffer:
         rows = self.intake_load()
         if not (rows and self.power_lost and self.sync is SyncMode.NORMAL):
             return rows, 0
-        with self._db.read("intake_recover") as conn:
-            dropped = int(
-                conn.execute("SELECT coalesce(sum(n_points), 0) FROM intake").fetchone()[0]
-            )
         with self._db.write("intake_recover", sync=True) as conn:
-            conn.execute("DELETE FROM intake")
+            gone = conn.execute("DELETE FROM intake RETURNING n_points").fetchall()
+            dropped = sum(int(r[0]) for r in gone)
             self._add_counter(conn, "intake_dropped", dropped)
         return [], dropped
 

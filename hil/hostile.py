@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,11 +121,10 @@ class Hostile:
         )
 
     def _stream(self) -> str:
-        import sqlite3
-
+        """The gateway's stream id, from the uplinks the platform stored."""
         with contextlib.closing(sqlite3.connect(self.rig.work / "platform.db")) as db:
             row = db.execute(
-                "SELECT stream, max(seq) FROM uplinks WHERE gateway = ?", (self.rig.gateway,)
+                "SELECT stream FROM uplinks WHERE gateway = ? LIMIT 1", (self.rig.gateway,)
             ).fetchone()
         return str(row[0])
 

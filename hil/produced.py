@@ -20,9 +20,10 @@ a commit not yet synced); see docs/architecture.md "Durability".
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 from agent.config import load_config
 from agent.runtime import device_specs
@@ -67,7 +68,11 @@ class ReadLoss:
         }
 
 
-def modbus_spans(config: Path, port: int) -> dict[str, tuple[int, list[tuple[int, int, int, str]]]]:
+#: device -> (unit id, [(function code, address, size, point key)]): what each read carries
+ModbusPlan: TypeAlias = dict[str, tuple[int, list[tuple[int, int, int, str]]]]
+
+
+def modbus_spans(config: Path, port: int) -> ModbusPlan:
     """device -> (unit, [(function code, address, size, point key)]) of the config's
     Modbus devices on `port`, as the driver plans its reads."""
     cfg = load_config(config)
@@ -77,7 +82,7 @@ def modbus_spans(config: Path, port: int) -> dict[str, tuple[int, list[tuple[int
         for d in device_specs(cfg, ids).get("modbus", [])
         if isinstance(d.settings, ModbusDeviceSettings) and d.settings.port == port
     ]
-    out: dict[str, tuple[int, list[tuple[int, int, int, str]]]] = {}
+    out: ModbusPlan = {}
     for device in devices:
         assert isinstance(device.settings, ModbusDeviceSettings)
         groups = dict(device_plans([device])[device.name])
@@ -101,19 +106,19 @@ def _group_points(device: object) -> dict[str, list[str]]:
 
 
 def modbus_read_loss(
-    config: Path,
+    plan: ModbusPlan,
     sim: ModbusSimulator,
-    stored: dict[str, Sequence[int]],
+    stored: Mapping[str, Sequence[int]],
     windows: Iterable[Window],
     *,
     by_count: bool = False,
 ) -> ReadLoss:
-    """The readings `sim` served to the config's devices on its port, against `stored`
-    (point key -> the timestamps the store holds for it)."""
+    """The readings `sim` served to the devices of `plan` (`modbus_spans` of its port),
+    against `stored` (point key -> the timestamps the store holds for it)."""
     windows = list(windows)
     loss = ReadLoss(by_count=by_count)
     served: dict[str, list[tuple[float, float]]] = defaultdict(list)  # key -> (mono, wall)
-    for device, (unit, spans) in sorted(modbus_spans(config, sim.port).items()):
+    for device, (unit, spans) in sorted(plan.items()):
         loss.devices.append(device)
         for req in sim.requests:
             if req.unit != unit:

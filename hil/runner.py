@@ -741,12 +741,10 @@ class Rig:
                 for f in self.injector.record()
                 if f.target.startswith("driver.")
             ]
-        keys = [k for _, (_, spans) in modbus_spans(self.config, self.modbus.port).items()
-                for *_, k in spans]  # fmt: skip
-        stored = {k: [r[1] for r in self.store.readings(self.gateway, k)] for k in set(keys)}
-        return modbus_read_loss(
-            self.config, self.modbus, stored, windows, by_count=self.clock is not None
-        )
+        plan = modbus_spans(self.config, self.modbus.port)
+        keys = {k for _, spans in plan.values() for *_, k in spans}
+        stored = {k: [r[1] for r in self.store.readings(self.gateway, k)] for k in keys}
+        return modbus_read_loss(plan, self.modbus, stored, windows, by_count=self.clock is not None)
 
     def _loss_window(self, kind: str) -> float:
         """How long before a kill or a power cut a reading may still be lost, by design
