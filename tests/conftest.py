@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import BrokerError, Mosquitto
+from agent.broker import Mosquitto
 from agent.ingest.store import Store, open_store
 from hil.powerfs import PowerFs, PowerFsUnavailable, check_available
+from tests.helpers import running_broker
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -23,17 +24,8 @@ PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A mosquitto on a free loopback port (config in tmp_path). `.port`, `.url`,
     `.stop()`, `.start()` (same port again: simulated outages); killed at teardown."""
-    workdir = tmp_path / "mosquitto"
-    workdir.mkdir()
-    try:
-        broker = Mosquitto(workdir=workdir)
-        broker.start()
-    except BrokerError as e:
-        pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
-    try:
+    with running_broker(tmp_path / "mosquitto") as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import importlib
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,7 +19,7 @@ import aiomqtt
 import pytest
 
 from agent import wire
-from agent.broker import Mosquitto
+from agent.broker import BrokerError, Mosquitto
 from agent.config import ConfigError, load_config
 from drivers.base import BatchSink, Driver
 from native import codec, impl
@@ -27,6 +27,23 @@ from native.batch import BAD, GOOD, Batch
 from native.table import StageTable
 
 IMPLEMENTATIONS = ["cython", "python"]
+
+
+@contextlib.contextmanager
+def running_broker(workdir: Path, **kwargs: Any) -> Iterator[Mosquitto]:
+    """A private mosquitto with its config in `workdir` (created), started with
+    `Mosquitto`'s keyword arguments and stopped at exit. It fails the test, never skips
+    it, when the broker cannot start: a skipped integration test looks like a passing one."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        broker = Mosquitto(workdir=workdir, **kwargs)
+        broker.start()
+    except BrokerError as e:
+        pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 def load_kernels(name: str, module: str = "kernels") -> ModuleType:

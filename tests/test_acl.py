@@ -44,7 +44,6 @@ from agent.broker import (
     ROLE_INGEST,
     SHIPPED_ACL,
     SHIPPED_CONF,
-    BrokerError,
     Mosquitto,
     acl_conf,
     free_port,
@@ -60,7 +59,7 @@ from agent.runtime import Agent
 from buffer import Buffer
 from native import codec
 from native.batch import Batch
-from tests.helpers import wait_until
+from tests.helpers import running_broker, wait_until
 from tests.pki import LOCALHOST, issue, make_ca
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,15 +131,8 @@ def acl_broker_at(workdir: Path, pki: Pki, prefix: str = "citygw") -> Iterator[A
             use_username_as_clientid=True,
         )
     )
-    try:
-        broker = Mosquitto(workdir=workdir, extra_conf=conf)
-        broker.start()
-    except BrokerError as e:
-        pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
-    try:
+    with running_broker(workdir, extra_conf=conf) as broker:
         yield AclBroker(broker, gateways, certs, pki)
-    finally:
-        broker.stop()
 
 
 @pytest.fixture

@@ -25,9 +25,10 @@ import orjson
 import pytest
 import typer.main
 
-from agent.broker import BrokerError, Mosquitto, free_port, write_password_file
+from agent.broker import Mosquitto, free_port, write_password_file
 from agent.cli import app
 from agent.logs import ConsoleFormatter, JsonFormatter
+from tests.helpers import running_broker
 
 ROOT = Path(__file__).resolve().parent.parent
 BLE_REPLAY = ROOT / "drivers" / "ble" / "replay" / "demo.jsonl"
@@ -286,19 +287,9 @@ def auth_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     work = tmp_path / "broker"
     work.mkdir()
     users = {"u": BROKER_PW, "gw-secrets": PW_FILE_PW, "site": MQTT_ENV_PW}
-    try:
-        broker = Mosquitto(
-            workdir=work,
-            allow_anonymous=False,
-            password_file=write_password_file(work / "passwd", users),
-        )
-        broker.start()
-    except BrokerError as e:
-        pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
-    try:
+    passwords = write_password_file(work / "passwd", users)
+    with running_broker(work, allow_anonymous=False, password_file=passwords) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def test_no_command_prints_a_secret(tmp_path: Path, auth_broker: Mosquitto, pg_url: str) -> None:

@@ -26,7 +26,7 @@ from agent.ingest.store import open_store
 from agent.ingest.worker import IngestWorker
 from agent.runtime import Agent
 from agent.uplink import UplinkSettings
-from tests.helpers import wait_until
+from tests.helpers import running_broker, wait_until
 from tests.test_security import GATEWAY, CountingUplink, MemoryBuffer, watch
 from tests.test_uplink import FlakyLink
 
@@ -136,12 +136,8 @@ def password_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     workdir = tmp_path / "mosquitto"
     workdir.mkdir()
     passwords = write_password_file(workdir / "passwd", {GATEWAY: "right horse"})
-    broker = Mosquitto(workdir=workdir, allow_anonymous=False, password_file=passwords)
-    broker.start()
-    try:
+    with running_broker(workdir, allow_anonymous=False, password_file=passwords) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @contextlib.contextmanager

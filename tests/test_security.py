@@ -34,6 +34,7 @@ from agent.mqtt_url import tls_context
 from agent.runtime import Agent
 from agent.uplink import BufferPort, Uplink, UplinkSettings, connection_error
 from buffer import Lane, Message
+from tests.helpers import running_broker
 from tests.pki import LOCALHOST, issue, make_ca
 from tests.test_commands import CONFIG as COMMANDS_CONFIG
 
@@ -345,15 +346,8 @@ def password_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     passwords = write_password_file(
         workdir / "passwd", {GATEWAY: "right horse battery", "platform": "platform-pw"}
     )
-    try:
-        broker = Mosquitto(workdir=workdir, allow_anonymous=False, password_file=passwords)
-        broker.start()
-    except BrokerError as e:
-        pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
-    try:
+    with running_broker(workdir, allow_anonymous=False, password_file=passwords) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def write_secret(path: Path, text: str, mode: int = 0o600) -> Path:
