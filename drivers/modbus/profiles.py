@@ -48,6 +48,8 @@ DEVICE_DEFAULT_KEYS = (
     "max_bits",
     "max_gap",
     "even_address_only",
+    "table_limits",
+    "address_base",
     "poll_groups",
     "timeout",
     "retries",

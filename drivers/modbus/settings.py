@@ -31,6 +31,7 @@ DataType = Literal[
 #: is little-endian. For 64-bit types the pattern extends to 8 bytes.
 Order = Literal["ABCD", "CDAB", "BADC", "DCBA"]
 Transport = Literal["tcp", "rtu", "rtu-over-tcp"]
+AddressBase = Literal[0, 1, "modicon"]
 
 #: tables of single bits (function codes 1, 2, 5, 15)
 BIT_TABLES: frozenset[str] = frozenset({"coil", "discrete_input"})
@@ -60,6 +61,16 @@ def register_count(datatype: str, length: int | None) -> int:
     return REGISTERS[datatype]
 
 
+class TableLimits(BaseModel):
+    """Request limits for one table, overriding the device's (see ModbusDeviceSettings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_registers: int | None = Field(None, ge=1, le=125)
+    max_bits: int | None = Field(None, ge=1, le=2000)
+    max_gap: int | None = Field(None, ge=0, le=124)
+
+
 class ModbusDeviceSettings(BaseModel):
     """Keys a ``driver = "modbus"`` device accepts besides the common ones."""
 
@@ -87,6 +98,14 @@ class ModbusDeviceSettings(BaseModel):
     max_bits: int = Field(2000, ge=1, le=2000)
     #: unused registers a merged read may span to save a request (0: never merge across)
     max_gap: int = Field(10, ge=0, le=124)
+    #: limits for one table that differ from the device-wide ones above, e.g.
+    #: { holding_register = { max_gap = 0 }, input_register = { max_gap = 20 } }
+    table_limits: dict[Table, TableLimits] = Field(default_factory=dict)
+    #: how the addresses of this device's own points are written (a profile states its
+    #: own): 0 = the protocol (PDU) address as is, also for hex tables; 1 = register
+    #: number counted from 1 (PDU = number - 1); "modicon" = 0xxxx/1xxxx/3xxxx/4xxxx
+    #: numbers (30001 -> input register 0, 40001 -> holding register 0)
+    address_base: AddressBase = 0
     #: the device rejects 32/64-bit values that start on an odd address
     even_address_only: bool = False
     #: poll groups besides the device's `poll`: e.g. { totals = "60s" }
@@ -185,6 +204,12 @@ class ModbusPointSettings(BaseModel):
     offset: Offset = 0.0
     #: which poll group reads this point ("" = the device's `poll`)
     group: str = ""
+    #: raw values (before scale/offset) the device sends for "not available", e.g.
+    #: [0x7FFFFFFF] for an int32 or [0xFFFF] for a uint16; NaN is always one for floats
+    invalid: list[int | float] = Field(default_factory=list)
+    #: some models of the device lack this register: after the device refuses it, it is
+    #: dropped from the plan (reported) instead of reading BAD forever
+    optional: bool = False
 
     @model_validator(mode="before")
     @classmethod
