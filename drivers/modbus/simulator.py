@@ -5,7 +5,7 @@ the benchmark and the tests.
 or RTU on a serial port (pymodbus's server does the protocol). An image holds the four
 tables, answers exception 2 (illegal data address) on declared holes (or everywhere but
 the addresses a table is limited to, `only()`), can refuse register reads and writes that
-do not start on an even address or cover an odd count (`even_only`, as meters with
+do not start on an even address or cover an odd count (`even_only`, as some meters with
 32-bit values do), can ignore writes (a device that acknowledges and does nothing), and
 `tick()` moves the registers declared with `wave()`. The simulator can stop answering
 (`silent`), answer late (`delay`), answer for absent unit ids with a gateway's exception
@@ -184,21 +184,24 @@ class RegisterImage:
     # -- serving ----------------------------------------------------------------------
 
     def read(self, table: str, address: int, count: int) -> list[int] | None:
-        """Raw values, or None when the range touches a hole or leaves the address space."""
-        if address + count > 0x10000 or self._touches_hole(table, address, count):
+        """Raw values, or None when the image refuses the range (a hole, an address
+        outside `only()`, an odd start or count when `even_only`) or it leaves the
+        address space."""
+        if address + count > 0x10000 or self._refuses(table, address, count):
             return None
         store = self.tables[table]
         return [store.get(a, 0) for a in range(address, address + count)]
 
     def write(self, table: str, address: int, values: Sequence[int] | Sequence[bool]) -> bool:
-        """False when the range touches a hole (exception 2)."""
-        if address + len(values) > 0x10000 or self._touches_hole(table, address, len(values)):
+        """False when the image refuses the range, as `read` does (exception 2)."""
+        if address + len(values) > 0x10000 or self._refuses(table, address, len(values)):
             return False
         if not self.ignore_writes:
             self.set(table, address, values)
         return True
 
-    def _touches_hole(self, table: str, address: int, count: int) -> bool:
+    def _refuses(self, table: str, address: int, count: int) -> bool:
+        """The device answers exception 2 to a request for this range."""
         if self.even_only and table not in BIT_TABLES and (address % 2 or count % 2):
             return True
         extent = self.extent.get(table)
