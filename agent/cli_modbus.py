@@ -4,15 +4,15 @@
 - `read`: one read from a device, raw and decoded, no config needed.
 - `write -c FILE --point dev/point --value V`: one verified write through the driver
   (writable points only, within their declared range).
-- `scan`: which unit ids answer and which address ranges are readable; optionally
-  writes a starting config.
+- `scan`: which unit ids answer and exactly which address ranges are readable (the
+  search is drivers/modbus/scan.py); optionally writes a starting config.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -24,6 +24,9 @@ from agent.cli_common import ConfigOption, err_console, fail, load_or_exit, out_
 from agent.runtime import device_specs
 from drivers.modbus.settings import DataType, ModbusDeviceSettings, Order
 from drivers.modbus.settings import Table as ModbusTable
+
+if TYPE_CHECKING:
+    from drivers.modbus.scan import ScanResult
 
 app = typer.Typer(help="Modbus tools: plan, scan, read, write.", no_args_is_help=True)
 
@@ -197,7 +200,17 @@ def scan(
     units: Annotated[str, typer.Option(help="Unit ids: 1-10 or 5.")] = "1-10",
     table: Annotated[ModbusTable, typer.Option(help="Table to probe.")] = "holding_register",
     addresses: Annotated[str, typer.Option(help="Address range: 0-199.")] = "0-99",
-    block: Annotated[int, typer.Option(help="Registers/bits per probe.", min=1, max=125)] = 10,
+    block: Annotated[
+        int,
+        typer.Option(
+            help="Registers/bits of the first read at each step. A refused read is "
+            "bisected down to single registers (and even-aligned pairs), so ranges "
+            "smaller than the block are found with exact edges; the block only sets "
+            "how many requests that takes.",
+            min=1,
+            max=125,
+        ),
+    ] = 10,
     transport: TransportOption = "tcp",
     host: HostOption = None,
     port: PortOption = 502,
@@ -209,63 +222,95 @@ def scan(
         Path | None, typer.Option(help="Write a starting config for what answered.")
     ] = None,
 ) -> None:
-    """Which unit ids answer, and which address ranges they let you read."""
+    """Which unit ids answer, and exactly which address ranges they let you read."""
     from drivers.modbus.client import (
+        EXCEPTION_NAMES,
         ModbusConnection,
         ModbusExceptionResponse,
         ModbusLinkError,
         ModbusTimeout,
         probe,
     )
+    from drivers.modbus.datatypes import BIT_TABLES
+    from drivers.modbus.scan import MapScan, Outcome, merge, outcome_of_exception
 
     link = _link(transport, host, port, serial_port, baudrate, parity, timeout)
     unit_ids = _range(units, "units", 0, 255)
     span = _range(addresses, "addresses", 0, 65535)
-    starts = list(range(span.start, span.stop, block))
+    registers = table not in BIT_TABLES
+    #: unit -> what its scan found, and the exception code of its last answer (None: none)
+    results: dict[int, tuple[ScanResult, int | None]] = {}
 
-    async def go(progress: Progress) -> dict[int, list[tuple[int, int]]]:
+    async def go(progress: Progress) -> None:
         conn = ModbusConnection.for_device(link)
-        found: dict[int, list[tuple[int, int]]] = {}
-        task = progress.add_task("scanning", total=len(unit_ids) * len(starts))
+        task = progress.add_task("scanning", total=None)
         try:
             for unit in unit_ids:
-                readable: list[tuple[int, int]] = []
-                answered = False
-                for start in starts:
-                    n = min(block, span.stop - start)
-                    progress.update(task, advance=1, description=f"unit {unit} @ {start}")
+                search = MapScan(span.start, span.stop, block, registers=registers)
+                code: int | None = None
+                while (p := search.next_probe()) is not None:
+                    progress.update(task, description=f"unit {unit} @ {p.address}+{p.count}")
+                    outcome: Outcome
                     try:
-                        got = await probe(conn, unit, table, start, n)
+                        got = await probe(conn, unit, table, p.address, p.count)
                     except ModbusTimeout:
-                        if not answered:  # nobody home: skip the rest of this unit
-                            progress.update(task, advance=len(starts) - 1 - starts.index(start))
-                            break
-                        continue
-                    answered = True
-                    if isinstance(got, ModbusExceptionResponse):
-                        continue
-                    if readable and readable[-1][1] == start:
-                        readable[-1] = (readable[-1][0], start + n)
+                        outcome, code = "silent", None
                     else:
-                        readable.append((start, start + n))
-                if answered:
-                    found[unit] = readable
+                        if isinstance(got, ModbusExceptionResponse):
+                            code = got.exception_code
+                            outcome = outcome_of_exception(code)
+                        else:
+                            outcome = "read"
+                    search.feed(p, outcome)
+                results[unit] = (search.result, code)
         except ModbusLinkError as exc:
             fail(str(exc))
         finally:
             conn.close()
-        return found
 
     with Progress(console=err_console(), transient=True) as progress:
-        found = asyncio.run(go(progress))
+        asyncio.run(go(progress))
+    found = {unit: r for unit, (r, _) in results.items() if r.present}
+    absent = {unit: code for unit, (r, code) in results.items() if not r.present}
+    what = "registers" if registers else "bits"
     result = Table(title=f"{table} {span.start}-{span.stop - 1} on {_where(link)}")
     result.add_column("unit")
     result.add_column("readable ranges (end exclusive)")
-    for unit, ranges in found.items():
-        text = ", ".join(f"{a}-{b}" for a, b in ranges) or "answers, nothing readable here"
+    for unit, r in found.items():
+        text = ", ".join(f"{a}-{b}" for a, b in r.readable) or "answers, nothing readable here"
         result.add_row(str(unit), text)
     out = out_console()
     out.print(result if found else Text("no unit answered"))
+    for unit, r in found.items():
+        if r.unanswered:
+            ranges = ", ".join(f"{a}-{b}" for a, b in r.unanswered)
+            out.print(Text(f"unit {unit}: no answer for {ranges}: not known whether readable"))
+        if r.even_only:
+            rules = [
+                *(["start on an even address"] if r.even_start else []),
+                *(["cover an even number of registers"] if r.even_count else []),
+            ] or ["read whole even-aligned register pairs"]
+            out.print(Text(
+                f"unit {unit}: reads must {' and '.join(rules)} (whole 32-bit values): "
+                "set even_address_only = true for it"))  # fmt: skip
+    for code in sorted({c for c in absent.values()}, key=lambda c: -1 if c is None else c):
+        ids = ", ".join(
+            f"{a}-{b - 1}" if b - a > 1 else f"{a}"
+            for a, b in merge([(u, u + 1) for u, c in absent.items() if c == code])
+        )
+        why = (
+            f"no answer within {timeout:g} s"
+            if code is None
+            else f"no such unit: the gateway answered exception {code} "
+            f"({EXCEPTION_NAMES.get(code, 'unknown')})"
+        )
+        out.print(Text(f"unit{'s' if ',' in ids or '-' in ids else ''} {ids}: {why}"))
+    requests = sum(r.requests for r, _ in results.values())
+    out.print(Text(
+        f"{requests} requests. Probed {block} {what} at a time (--block); a refused read "
+        f"was bisected down to single {what}"
+        + (" and even-aligned pairs" if registers else "")
+        + ", so the edges above are exact where the unit answered."))  # fmt: skip
     if write_config is not None and found:
         write_config.write_text(_starting_config(link, table, found), encoding="utf-8")
         out.print(Text(f"wrote {write_config}: check names, types and units, then validate it"))
@@ -277,13 +322,13 @@ def _where(link: ModbusDeviceSettings) -> str:
     return f"{link.host}:{link.port} ({link.transport})"
 
 
-def _starting_config(
-    link: ModbusDeviceSettings, table: str, found: dict[int, list[tuple[int, int]]]
-) -> str:
+def _starting_config(link: ModbusDeviceSettings, table: str, found: dict[int, ScanResult]) -> str:
     """A config to start from: one device per unit that answered, one uint16 (or bool)
-    point per readable address, at most 50 per device."""
+    point per readable address — one uint32 per even-aligned pair on a unit that reads
+    only whole pairs — at most 50 per device."""
     lines = [
-        "# Written by `citygw modbus scan`: every readable address as a raw uint16 (or bool).",
+        "# Written by `citygw modbus scan`: every readable address as a raw uint16 (or bool;",
+        "# uint32 pairs where the unit reads only whole pairs).",
         "# Replace names, datatypes, scale and units from the device's register map.",
         '[gateway]\nid = "gw-CHANGE-ME"\n',
         '[uplink]\nbroker = "mqtts://platform.example.city:8883"\n',
@@ -293,13 +338,21 @@ def _starting_config(
         if link.transport == "rtu"
         else f'host = "{link.host}"\nport = {link.port}'
     )
-    datatype = "bool" if table in ("coil", "discrete_input") else "uint16"
-    for unit, ranges in found.items():
+    from drivers.modbus.datatypes import BIT_TABLES
+
+    bits = table in BIT_TABLES
+    for unit, result in found.items():
+        pairs = result.even_only and not bits
         lines.append(
             f'[[devices]]\nname = "unit-{unit}"\ndriver = "modbus"\n'
             f'transport = "{link.transport}"\n{conn}\nunit_id = {unit}\npoll = "10s"\n'
+            + ("even_address_only = true\n" if pairs else "")
         )
-        addresses = [a for lo, hi in ranges for a in range(lo, hi)][:50]
+        step = 2 if pairs else 1
+        datatype = "bool" if bits else "uint32" if pairs else "uint16"
+        addresses = [
+            a for lo, hi in result.readable for a in range(lo + lo % step, hi - step + 1, step)
+        ][:50]
         for a in addresses:
             lines.append(
                 f'  [[devices.points]]\n  name = "{table[:2]}_{a}"\n  table = "{table}"\n'

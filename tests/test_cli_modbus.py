@@ -20,7 +20,14 @@ from typer.testing import CliRunner, Result
 from agent import cli
 from drivers.modbus.datatypes import encode, from_engineering
 from drivers.modbus.planner import Request, Span, describe
+from drivers.modbus.scan import merge
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
+from hil.sim_field import (
+    SDM630_HOLDING_PARAMETERS,
+    SDM630_INPUT_PARAMETERS,
+    block_device_image,
+    sdm630_image,
+)
 
 # wide enough that rich never wraps a line or a table cell
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
@@ -415,3 +422,87 @@ def test_scan_with_nobody_home() -> None:
         )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "no unit answered" in result.stdout
+
+
+# -- scan: a meter as met in the field (hil/sim_field.py: an SDM630 on its published map,
+#    a 96-register block, a gateway answering exception 11 for absent units) ------------
+
+
+@pytest.fixture
+def field() -> Iterator[ModbusSimulator]:
+    with serving({1: sdm630_image(), 2: block_device_image()}) as sim:
+        sim.absent_exception = 11  # a TCP-to-RTU gateway: "target device failed to respond"
+        yield sim
+
+
+def field_scan(sim: ModbusSimulator, units: str, table: str, addresses: str, *extra: str) -> Result:
+    return citygw(
+        "modbus", "scan", "--host", "127.0.0.1", "--port", str(sim.port), "--units", units,
+        "--table", table, "--addresses", addresses, "--timeout", "1", *extra,
+    )  # fmt: skip
+
+
+def test_scan_finds_every_readable_block_of_the_meter_with_exact_edges(
+    field: ModbusSimulator,
+) -> None:
+    """The default block (10) used to drop every block that shared 10 addresses with a
+    hole (neutral current at 224, the power factor at 254, ...) and to cut the rest on
+    multiples of 10."""
+    result = field_scan(field, "1", "input_register", "0-399")
+    assert result.exit_code == 0, result.output
+    expected = merge([(a, a + 2) for a in SDM630_INPUT_PARAMETERS])
+    assert table_rows(result.stdout) == {"1": ", ".join(f"{a}-{b}" for a, b in expected)}
+    assert "224-226" in result.stdout and "254-256" in result.stdout
+    assert f"{len(field.reads())} requests." in result.stdout
+    assert "Probed 10 registers at a time (--block)" in result.stdout
+    assert "bisected" in result.stdout
+
+
+def test_scan_shows_odd_addressed_holding_registers_and_the_even_rule(
+    field: ModbusSimulator,
+) -> None:
+    """From address 1 every read starts odd and the meter refuses it: the registers are
+    readable as their even-aligned pairs, and the rule is the device's, so it is said."""
+    result = field_scan(field, "1", "holding_register", "1-39")
+    assert result.exit_code == 0, result.output
+    assert table_rows(result.stdout) == {"1": "1-4, 6-14, 18-22, 28-30, 36-38"}
+    assert (
+        "unit 1: reads must start on an even address and cover an even number of registers "
+        "(whole 32-bit values): set even_address_only = true for it"
+    ) in result.stdout
+
+
+def test_scan_takes_gateway_exception_11_as_no_such_unit(field: ModbusSimulator) -> None:
+    result = field_scan(field, "1-4", "input_register", "1000-1109")
+    assert result.exit_code == 0, result.output
+    rows = table_rows(result.stdout)
+    assert rows == {"1": "answers, nothing readable here", "2": "1003-1099"}  # 96 registers
+    assert (
+        "units 3-4: no such unit: the gateway answered exception 11 (gateway target device "
+        "failed to respond)"
+    ) in result.stdout
+    assert [r.address for r in field.reads(3)] == [1000] == [r.address for r in field.reads(4)]
+    assert f"{len(field.reads())} requests." in result.stdout
+
+
+def test_scan_writes_pairs_for_an_even_only_unit(field: ModbusSimulator, tmp_path: Path) -> None:
+    out = tmp_path / "meter.toml"
+    result = field_scan(field, "1", "holding_register", "0-39", "--write-config", str(out))
+    assert result.exit_code == 0, result.output
+    valid = citygw("validate", "-c", str(out))
+    assert valid.exit_code == 0, valid.output + out.read_text()
+
+    import tomllib
+
+    (device,) = tomllib.loads(out.read_text(encoding="utf-8"))["devices"]
+    assert device["even_address_only"] is True
+    assert [(p["address"], p["datatype"]) for p in device["points"]] == [
+        (a, "uint32") for a in SDM630_HOLDING_PARAMETERS if a < 40
+    ]
+
+
+def test_scan_help_says_what_the_block_is() -> None:
+    result = citygw("modbus", "scan", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "A refused read is bisected down to single registers" in text

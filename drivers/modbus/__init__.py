@@ -3,6 +3,7 @@
 - settings.py: config models; profiles.py, checks.py: register maps and cross-point checks
 - datatypes.py, planner.py: decoding and request planning (sans-I/O)
 - client.py: the pymodbus adapter (connections, errors, `probe` for scans)
+- scan.py: the register-map search of `citygw modbus scan` (sans-I/O)
 - driver.py: `ModbusDriver`, `device_plans`, `ModbusWriteError`
 - simulator.py: `ModbusSimulator`, `RegisterImage` (demo, bench, tests)
 

@@ -3,10 +3,13 @@ the benchmark and the tests.
 
 `ModbusSimulator` serves one `RegisterImage` per unit id over Modbus TCP, RTU over TCP,
 or RTU on a serial port (pymodbus's server does the protocol). An image holds the four
-tables, answers exception 2 (illegal data address) on declared holes, can ignore writes
-(a device that acknowledges and does nothing), and `tick()` moves the registers declared
-with `wave()`. The simulator can stop answering (`silent`) and answer late (`delay`),
-and records every request it served (`requests`).
+tables, answers exception 2 (illegal data address) on declared holes (or everywhere but
+the addresses a table is limited to, `only()`), can refuse register reads and writes that
+do not start on an even address or cover an odd count (`even_only`, as some meters with
+32-bit values do), can ignore writes (a device that acknowledges and does nothing), and
+`tick()` moves the registers declared with `wave()`. The simulator can stop answering
+(`silent`), answer late (`delay`), answer for absent unit ids with a gateway's exception
+(`absent_exception`, e.g. 11), and records every request it served (`requests`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,15 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from drivers.modbus.settings import BIT_TABLES, DataType, ModbusPointSettings, Order
 
 __all__ = ["ModbusSimulator", "RegisterImage", "SimRequest"]
+
+
+class _GatewayAnswer(Exception):
+    """An absent unit, answered for by the gateway with exception `code`."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"gateway exception {code}")
+        self.code = code
+
 
 _TABLE_OF_FUNCTION = {
     1: "coil",
@@ -63,6 +75,10 @@ class RegisterImage:
     def __init__(self) -> None:
         self.tables: dict[str, dict[int, int]] = {t: {} for t in _TABLES}
         self.holes: dict[str, set[int]] = {t: set() for t in _TABLES}
+        #: tables limited to these addresses (`only()`): any other answers exception 2
+        self.extent: dict[str, set[int]] = {}
+        #: register reads/writes must start on an even address and have an even count
+        self.even_only = False
         #: acknowledge writes without storing them (for read-back checks)
         self.ignore_writes = False
         self._waves: list[_Wave] = []
@@ -109,6 +125,12 @@ class RegisterImage:
     def hole(self, table: str, address: int, count: int = 1) -> None:
         """Addresses that do not exist: reads and writes touching them get exception 2."""
         self.holes[table].update(range(address, address + count))
+
+    def only(self, table: str, ranges: Iterable[tuple[int, int]]) -> None:
+        """The table exists only at these (first, end exclusive) ranges: a request
+        touching any other address gets exception 2 (a device that refuses the addresses
+        its register map does not document)."""
+        self.extent[table] = {a for lo, hi in ranges for a in range(lo, hi)}
 
     def wave(
         self,
@@ -162,21 +184,29 @@ class RegisterImage:
     # -- serving ----------------------------------------------------------------------
 
     def read(self, table: str, address: int, count: int) -> list[int] | None:
-        """Raw values, or None when the range touches a hole or leaves the address space."""
-        if address + count > 0x10000 or self._touches_hole(table, address, count):
+        """Raw values, or None when the image refuses the range (a hole, an address
+        outside `only()`, an odd start or count when `even_only`) or it leaves the
+        address space."""
+        if address + count > 0x10000 or self._refuses(table, address, count):
             return None
         store = self.tables[table]
         return [store.get(a, 0) for a in range(address, address + count)]
 
     def write(self, table: str, address: int, values: Sequence[int] | Sequence[bool]) -> bool:
-        """False when the range touches a hole (exception 2)."""
-        if address + len(values) > 0x10000 or self._touches_hole(table, address, len(values)):
+        """False when the image refuses the range, as `read` does (exception 2)."""
+        if address + len(values) > 0x10000 or self._refuses(table, address, len(values)):
             return False
         if not self.ignore_writes:
             self.set(table, address, values)
         return True
 
-    def _touches_hole(self, table: str, address: int, count: int) -> bool:
+    def _refuses(self, table: str, address: int, count: int) -> bool:
+        """The device answers exception 2 to a request for this range."""
+        if self.even_only and table not in BIT_TABLES and (address % 2 or count % 2):
+            return True
+        extent = self.extent.get(table)
+        if extent is not None and any(a not in extent for a in range(address, address + count)):
+            return True
         holes = self.holes[table]
         return bool(holes) and any(a in holes for a in range(address, address + count))
 
@@ -209,7 +239,10 @@ class _Context(ModbusServerContext):
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | list[bool] | ExcCodes:
         if func_code in (1, 2, 3, 4):
-            image = await self._sim._serve(device_id, func_code, address, count)
+            try:
+                image = await self._sim._serve(device_id, func_code, address, count)
+            except _GatewayAnswer as exc:
+                return ExcCodes(exc.code)
         else:  # pymodbus reads back what a write request just set: not a request
             image = self._sim.devices[device_id]
         table = _TABLE_OF_FUNCTION.get(func_code)
@@ -229,7 +262,10 @@ class _Context(ModbusServerContext):
         address: int,
         values: Sequence[int] | Sequence[bool],
     ) -> ExcCodes | None:
-        image = await self._sim._serve(device_id, func_code, address, len(values))
+        try:
+            image = await self._sim._serve(device_id, func_code, address, len(values))
+        except _GatewayAnswer as exc:
+            return ExcCodes(exc.code)
         table = _TABLE_OF_FUNCTION.get(func_code)
         if table not in ("coil", "holding_register"):
             return ExcCodes.ILLEGAL_FUNCTION
@@ -269,6 +305,10 @@ class ModbusSimulator:
         self.silent = False
         #: seconds to wait before each answer
         self.delay = 0.0
+        #: answer requests for absent unit ids with this exception, as a TCP-to-RTU
+        #: gateway does (10: path unavailable, 11: target device failed to respond);
+        #: None: send nothing (the master times out)
+        self.absent_exception: int | None = None
         self.requests: list[SimRequest] = []
         self.max_requests = 100_000  # the record is bounded: oldest dropped
         self._server: ModbusTcpServer | ModbusSerialServer | None = None
@@ -279,7 +319,8 @@ class ModbusSimulator:
 
     async def _serve(self, unit: int, func_code: int, address: int, count: int) -> RegisterImage:
         """Records the request, applies the delay; raises NoSuchIdException (pymodbus
-        then sends nothing) for unknown units and in silent mode."""
+        then sends nothing) in silent mode and for unknown units, or _GatewayAnswer for
+        unknown units when `absent_exception` is set."""
         if len(self.requests) >= self.max_requests:
             del self.requests[: self.max_requests // 2]
         self.requests.append(
@@ -288,6 +329,8 @@ class ModbusSimulator:
             )
         )
         image = self.devices.get(unit)
+        if image is None and not self.silent and self.absent_exception is not None:
+            raise _GatewayAnswer(self.absent_exception)
         if image is None or self.silent:
             raise NoSuchIdException(f"unit {unit} does not answer")
         self._busy += 1
