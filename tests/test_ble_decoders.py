@@ -123,6 +123,7 @@ BTHOME_VECTORS = [
     ("5f3c02", "precipitation", 57.2, "mm"),
     ("6001", "channel", 1, ""),
     ("61e803", "rotational_speed", 1000, "rpm"),  # built
+    ("6503", "settings_revision", 3, ""),
 ]
 
 
@@ -230,6 +231,17 @@ def test_bthome_text_that_is_not_utf8_is_dropped_and_reported() -> None:
     assert (info.value.reason, info.value.offset) == ("bad_text", 1)
 
 
+def test_bthome_unknown_object_keeps_the_objects_before_it() -> None:
+    # bthome-ble tests/test_parser_v2.py test_bthome_battery_wrong_object_id_humidity:
+    # "Should only return the battery reading, as humidity is after wrong object id."
+    decoded = Decoders().decode(bthome_adv("40015dfe5d0903b718"))
+    approx_values(decoded, {"battery": 93})
+    assert decoded is not None
+    (err,) = decoded.dropped
+    assert (err.reason, err.offset) == ("unknown_object", 3)
+    assert "object id 0xFE, 6 bytes left unread" in str(err)
+
+
 def test_bthome_undefined_event_codes_are_dropped_and_reported() -> None:
     # the format page defines button events 0x00-0x06 and 0x80, dimmer directions 0-2;
     # bthome-ble (test_bthome_invalid_button_event, payload 403AFE) fires no event for 0xFE
@@ -304,7 +316,6 @@ def test_bthome_encrypted_payload_that_decrypts_to_nothing_is_a_decode_error() -
         ("6002ca09", "unsupported_version", 0),  # v3
         ("4002ca", "truncated", 1),
         ("40016104138a", "truncated", 3),
-        ("400161fe01", "unknown_object", 3),
         ("4030", "unknown_object", 1),
         ("4053", "truncated", 1),
         ("405305414243", "truncated", 1),
@@ -412,7 +423,7 @@ def test_bthome_encrypted_truncated_and_bad_plaintext() -> None:
     with pytest.raises(DecodeError) as info:
         keyed().decode(bthome_adv("4100112233aabb"))
     assert info.value.reason == "truncated"
-    bad = independent_encrypt(KEY, MAC, 0x41, 1, bytes.fromhex("02ca09fe"))
+    bad = independent_encrypt(KEY, MAC, 0x41, 1, bytes.fromhex("fe02ca09"))
     with pytest.raises(DecodeError) as info:
         keyed().decode(bthome_adv(bad))
     assert info.value.reason == "unknown_object"

@@ -3,13 +3,18 @@
 ``device-info`` byte (bit 0 encrypted, bit 1 MAC included (reversed, 6 bytes follow),
 bit 2 trigger-based, bits 5-7 version = 2), then objects: an id byte and its data, sizes
 from the table in `bthome_const`. An id that is not in the table stops the parse
-("unknown_object"): its size is unknown, so nothing after it can be read.
+("unknown_object"): its size is unknown, so nothing after it can be read; the objects
+before it are kept (as bthome-ble does, tests/test_parser_v2.py
+test_bthome_battery_wrong_object_id_humidity): the page adds ids over time (in ascending
+order, so a newer firmware's new object comes last) and one new object must not lose
+the readings in front of it. A truncated object is different -- the payload is damaged
+-- and rejects the whole advert ("truncated").
 
 What is not a number is device information (`Info`): text (UTF-8), raw (as hex), the
 device type id and the firmware version. One object that cannot be taken is dropped and
 reported in `Decoded.dropped` while the rest of the advert is kept: an event code the
-format page does not define ("unknown_event"; bthome-ble fires no event for it either)
-and text that is not UTF-8 ("bad_text": the page says text "has to be encoded in
+format page does not define ("unknown_event"; bthome-ble fires no event for it either),
+an unknown object id (with everything after it), and text that is not UTF-8 ("bad_text": the page says text "has to be encoded in
 UTF-8"; replacing bytes would store a string the device never sent). An advert that
 leaves nothing (no object at all, only a packet id, or only dropped objects) is a
 DecodeError: "no_objects", or the reason of the first dropped object.
@@ -104,8 +109,16 @@ def parse_objects(data: bytes, start: int, where: str = "") -> Objects:
     while i < n:
         oid = data[i]
         row = table[oid]
-        if row is None:
-            raise DecodeError(FORMAT, "unknown_object", f"object id 0x{oid:02X}{where}", offset=i)
+        if row is None:  # its size is unknown: the objects from here on cannot be read
+            out.dropped.append(
+                DecodeError(
+                    FORMAT,
+                    "unknown_object",
+                    f"object id 0x{oid:02X}, {n - i} bytes left unread{where}",
+                    offset=i,
+                )
+            )
+            break
         name, size, signed, mul, div, unit, special = row
         j = i + 1
         if size < 0:  # length-prefixed (text, raw)

@@ -130,6 +130,7 @@ OBJECTS: Final[dict[int, ObjectSpec]] = {
     0x62: ("speed", 4, True, 0.000001, "m/s"),
     0x63: ("acceleration", 4, True, 0.000001, "m/s²"),
     0x64: ("light_level", 1, False, 1, ""),
+    0x65: ("settings_revision", 1, False, 1, ""),  # 6503 -> 3
     # -- device information (https://bthome.io/format/ "Device information") ------------
     0xF0: ("device_type_id", 2, False, 1, ""),
     0xF1: ("firmware_version", 4, False, 1, ""),  # F1 00010204 -> "4.2.1.0"
