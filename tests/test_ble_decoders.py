@@ -396,6 +396,34 @@ def test_bthome_encrypted_sequence_and_replay() -> None:
     assert dec2.decode(bthome_adv(independent_encrypt(KEY, other, 0x41, 1, plain), other))
 
 
+def test_bthome_encryption_counter_restart_is_accepted() -> None:
+    # bthome-ble tests/test_parser_v2.py test_reset_encryption_counter: counter 0xFFFFFFFF,
+    # then 0 after the device restarted (battery change): both decode (the test asserts
+    # the counters, not the values)
+    dec = keyed()
+    approx_values(
+        dec.decode(bthome_adv("41ba0db07aeef6ffffffff21fd4600")),
+        {"temperature": 25.07, "humidity": 50.55},
+    )
+    assert dec.counters[MAC] == 0xFFFFFFFF
+    approx_values(
+        dec.decode(bthome_adv("41de40b50e676600000000d7cb95de")),
+        {"temperature": 25.07, "humidity": 50.55},
+    )
+    assert dec.counters[MAC] == 0
+    # a low counter is a restart only after a high one: 3 then 2 is still a replay
+    plain = bytes.fromhex("0161")
+    dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 3, plain)))
+    with pytest.raises(DecodeError) as info:
+        dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 2, plain)))
+    assert info.value.reason == "replayed_counter"
+    # and 100 or more below the last is a replay
+    dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 5000, plain)))
+    with pytest.raises(DecodeError):
+        dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 100, plain)))
+    assert dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 99, plain))) is not None
+
+
 def test_bthome_wrong_key() -> None:
     dec = keyed(key=bytes(16))
     with pytest.raises(DecodeError) as info:

@@ -43,6 +43,12 @@ FORMAT = "bthome"
 UUID = "0000fcd2-0000-1000-8000-00805f9b34fb"
 
 ENCRYPTED = 0x01
+#: an encryption counter below this, after one at or above it, is a device that started
+#: counting again (battery change, wrap after 2**32 - 1) and is accepted, as bthome-ble
+#: does (src/bthome_ble/parser.py _check_encryption_counter; its test
+#: test_reset_encryption_counter: 0xFFFFFFFF, then 0). The cost: adverts captured with such
+#: a low counter can be replayed while the device's counter is high.
+COUNTER_RESTART = 100
 MAC_INCLUDED = 0x02
 TRIGGER_BASED = 0x04
 
@@ -239,7 +245,8 @@ def decode(
     """One BTHome v2 service data payload: the decoded advert and its encryption counter.
 
     ``cipher``: the bind key's AES-CCM (needed if the advert is encrypted); ``last_counter``:
-    the last accepted counter of that device (a counter not above it: "replayed_counter").
+    the last accepted counter of that device (a counter not above it: "replayed_counter",
+    unless the device restarted: `COUNTER_RESTART`).
     """
     if not data:
         raise DecodeError(FORMAT, "truncated", "empty service data", offset=0)
@@ -264,7 +271,11 @@ def decode(
     if mac is None:
         mac = mac_of(address)
     plain, counter = bthome_encryption.decrypt(cipher, mac, info, data, start)
-    if last_counter is not None and counter <= last_counter:
+    if (
+        last_counter is not None
+        and counter <= last_counter
+        and not counter < COUNTER_RESTART <= last_counter
+    ):
         raise DecodeError(
             FORMAT,
             "replayed_counter",
