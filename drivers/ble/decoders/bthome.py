@@ -14,10 +14,11 @@ What is not a number is device information (`Info`): text (UTF-8), raw (as hex),
 device type id and the firmware version. One object that cannot be taken is dropped and
 reported in `Decoded.dropped` while the rest of the advert is kept: an event code the
 format page does not define ("unknown_event"; bthome-ble fires no event for it either),
-an unknown object id (with everything after it), and text that is not UTF-8 ("bad_text": the page says text "has to be encoded in
-UTF-8"; replacing bytes would store a string the device never sent). An advert that
-leaves nothing (no object at all, only a packet id, or only dropped objects) is a
-DecodeError: "no_objects", or the reason of the first dropped object.
+an unknown object id (with everything after it), and text that is not UTF-8
+("bad_text": the page says text "has to be encoded in UTF-8"; replacing bytes would
+store a string the device never sent). An advert that leaves nothing (no object at
+all, only a packet id, or only dropped objects) is a DecodeError: "no_objects", or the
+reason of the first dropped object.
 """
 
 from __future__ import annotations
