@@ -160,6 +160,11 @@ class Driver(ABC):
     def health(self) -> dict[str, DeviceHealth]:
         return self._health
 
+    def device_info(self, name: str) -> dict[str, str]:
+        """Latest text a device reported that is not a reading (serial number, firmware
+        version, a BTHome text object...), by name. The default: none."""
+        return {}
+
     async def write(self, point: PointSpec, value: float) -> None:
         raise NotImplementedError(f"driver {self.name!r} does not support writes")
 

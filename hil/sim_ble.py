@@ -9,7 +9,7 @@ Ruuvi's measurement sequence), so the ``ble`` driver accepts each one once. Opti
 - `garbage` (a probability): the advert is malformed instead; its `garbage` field is the
   DecodeError reason the citygw decoder gives it: BTHome ``"truncated"`` (last object cut),
   ``"unsupported_version"`` (device-info version 1), ``"unknown_object"`` (an object id
-  not in the table, after the valid ones); Ruuvi ``"truncated"`` (fewer than 24 bytes),
+  not in the table, before the valid ones); Ruuvi ``"truncated"`` (fewer than 24 bytes),
   ``"unsupported_version"`` (data format 3). The file itself always stays loadable:
   a broken JSON line would stop the whole replay, not test the decoder.
 - `duplicates` (a probability): a valid advert is sent again 50 ms later (a quarter
@@ -228,7 +228,8 @@ class BleTagsSim:
             elif reason == "unsupported_version":
                 payload = bytes([0x20]) + payload[1:]
             else:
-                payload = payload + bytes([_UNKNOWN_OBJECT, 0x00])
+                # first: the objects before an unknown id would be kept
+                payload = payload[:1] + bytes([_UNKNOWN_OBJECT, 0x00]) + payload[1:]
             measurements = {}
         record = self._record(tag, t, rssi, service_data={_BTHOME_KEY: payload.hex()})
         return EncodedAdvert(

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from drivers.ble.advert import Advertisement, normalize_uuid, uuid16
+from drivers.ble.advert import Advertisement, Info, normalize_uuid, uuid16
 from drivers.ble.decoders import (
     Decoded,
     DecodeError,
@@ -123,6 +123,7 @@ BTHOME_VECTORS = [
     ("5f3c02", "precipitation", 57.2, "mm"),
     ("6001", "channel", 1, ""),
     ("61e803", "rotational_speed", 1000, "rpm"),  # built
+    ("6503", "settings_revision", 3, ""),
 ]
 
 
@@ -192,9 +193,76 @@ def test_bthome_multiple_objects_of_the_same_type() -> None:
     ]
 
 
-def test_bthome_text_and_raw_are_skipped_by_length() -> None:
+def test_bthome_text_and_raw_are_device_information() -> None:
+    # format page: 530C48656C6C6F20576F726C6421 is text "Hello World!", raw is given as hex
     decoded = Decoders().decode(bthome_adv("40530c48656c6c6f20576f726c642101615402ffff02ca095300"))
     approx_values(decoded, {"battery": 97, "temperature": 25.06})
+    assert decoded is not None
+    assert decoded.info == (
+        Info("text", "Hello World!"),
+        Info("raw", "ffff"),
+        Info("text_2", ""),
+    )
+    assert decoded.dropped == ()
+    # the page's "Device information" examples: device type id, firmware version (4 and 3)
+    info = Decoders().decode(bthome_adv("40f00100f100010204f2000106"))
+    assert info is not None and info.measurements == ()
+    assert info.info == (
+        Info("device_type_id", "1"),
+        Info("firmware_version", "4.2.1.0"),
+        Info("firmware_version_2", "6.1.0"),
+    )
+    # an advert of text only is not empty (bthome-ble tests/test_parser_v2.py test_bthome_text)
+    only = Decoders().decode(bthome_adv("44530c48656c6c6f20576f726c6421"))
+    assert only == Decoded("bthome", (), info=(Info("text", "Hello World!"),))
+
+
+def test_bthome_text_that_is_not_utf8_is_dropped_and_reported() -> None:
+    # bthome-ble tests/test_parser_v2.py test_bthome_text_invalid: 0x87 alone is no UTF-8
+    decoded = Decoders().decode(bthome_adv("445301870161"))
+    assert decoded is not None
+    approx_values(decoded, {"battery": 97})
+    assert decoded.info == ()
+    (err,) = decoded.dropped
+    assert (err.reason, err.offset) == ("bad_text", 1)
+    assert "not UTF-8" in str(err)
+    with pytest.raises(DecodeError) as info:
+        Decoders().decode(bthome_adv("44530187"))
+    assert (info.value.reason, info.value.offset) == ("bad_text", 1)
+
+
+def test_bthome_unknown_object_keeps_the_objects_before_it() -> None:
+    # bthome-ble tests/test_parser_v2.py test_bthome_battery_wrong_object_id_humidity:
+    # "Should only return the battery reading, as humidity is after wrong object id."
+    decoded = Decoders().decode(bthome_adv("40015dfe5d0903b718"))
+    approx_values(decoded, {"battery": 93})
+    assert decoded is not None
+    (err,) = decoded.dropped
+    assert (err.reason, err.offset) == ("unknown_object", 3)
+    assert "object id 0xFE, 6 bytes left unread" in str(err)
+
+
+def test_bthome_undefined_event_codes_are_dropped_and_reported() -> None:
+    # the format page defines button events 0x00-0x06 and 0x80, dimmer directions 0-2;
+    # bthome-ble (test_bthome_invalid_button_event, payload 403AFE) fires no event for 0xFE
+    for code in (0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x80):
+        approx_values(Decoders().decode(bthome_adv(f"403a{code:02x}")), {"button": code})
+    decoded = Decoders().decode(bthome_adv("4001643afe3a01"))
+    approx_values(decoded, {"battery": 100, "button": 1})  # the next button is the 1st kept
+    assert decoded is not None
+    (err,) = decoded.dropped
+    assert (err.format, err.reason, err.offset) == ("bthome", "unknown_event", 3)
+    assert "button event 0xFE" in str(err)
+    for payload, what in [("403afe", "button event 0xFE"), ("403c0503", "dimmer direction")]:
+        with pytest.raises(DecodeError) as info:
+            Decoders().decode(bthome_adv(payload))
+        assert (info.value.reason, info.value.offset) == ("unknown_event", 1)
+        assert what in str(info.value)
+    with pytest.raises(DecodeError) as info:
+        Decoders().decode(bthome_adv("403a073a08"))
+    assert info.value.reason == "unknown_event"
+    assert "2 objects dropped, nothing left" in str(info.value)
+    approx_values(Decoders().decode(bthome_adv("403c0000")), {"dimmer": 0})  # "None"
 
 
 def test_bthome_events() -> None:
@@ -213,8 +281,31 @@ def test_bthome_mac_included_plain() -> None:
     approx_values(decoded, {"pressure": 1008.83})
 
 
-def test_bthome_empty_objects() -> None:
-    assert Decoders().decode(bthome_adv("40")) == Decoded("bthome", ())
+@pytest.mark.parametrize(
+    ("hexdata", "detail"),
+    [
+        ("40", "no object"),  # only the device info byte
+        ("44", "no object"),  # trigger-based, nothing triggered
+        ("42b2188d38c1a4", "no object"),  # the MAC and nothing after it
+        ("400009", "only a packet id"),
+    ],
+)
+def test_bthome_frame_without_objects_is_a_decode_error(hexdata: str, detail: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        Decoders().decode(bthome_adv(hexdata))
+    assert (info.value.format, info.value.reason) == ("bthome", "no_objects")
+    assert detail in str(info.value)
+
+
+def test_bthome_encrypted_payload_that_decrypts_to_nothing_is_a_decode_error() -> None:
+    mac = bytes.fromhex(MAC.replace(":", ""))
+    dec = keyed()
+    with pytest.raises(DecodeError) as info:
+        dec.decode(bthome_adv(encrypt(KEY, mac, 0x41, 7, b"")))
+    assert info.value.reason == "no_objects"
+    assert "in the decrypted data" in str(info.value)
+    # the device's next (non-empty) advert still decodes
+    approx_values(dec.decode(bthome_adv(encrypt(KEY, mac, 0x41, 8, b"\x01\x61"))), {"battery": 97})
 
 
 @pytest.mark.parametrize(
@@ -225,7 +316,6 @@ def test_bthome_empty_objects() -> None:
         ("6002ca09", "unsupported_version", 0),  # v3
         ("4002ca", "truncated", 1),
         ("40016104138a", "truncated", 3),
-        ("400161fe01", "unknown_object", 3),
         ("4030", "unknown_object", 1),
         ("4053", "truncated", 1),
         ("405305414243", "truncated", 1),
@@ -306,6 +396,34 @@ def test_bthome_encrypted_sequence_and_replay() -> None:
     assert dec2.decode(bthome_adv(independent_encrypt(KEY, other, 0x41, 1, plain), other))
 
 
+def test_bthome_encryption_counter_restart_is_accepted() -> None:
+    # bthome-ble tests/test_parser_v2.py test_reset_encryption_counter: counter 0xFFFFFFFF,
+    # then 0 after the device restarted (battery change): both decode (the test asserts
+    # the counters, not the values)
+    dec = keyed()
+    approx_values(
+        dec.decode(bthome_adv("41ba0db07aeef6ffffffff21fd4600")),
+        {"temperature": 25.07, "humidity": 50.55},
+    )
+    assert dec.counters[MAC] == 0xFFFFFFFF
+    approx_values(
+        dec.decode(bthome_adv("41de40b50e676600000000d7cb95de")),
+        {"temperature": 25.07, "humidity": 50.55},
+    )
+    assert dec.counters[MAC] == 0
+    # a low counter is a restart only after a high one: 3 then 2 is still a replay
+    plain = bytes.fromhex("0161")
+    dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 3, plain)))
+    with pytest.raises(DecodeError) as info:
+        dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 2, plain)))
+    assert info.value.reason == "replayed_counter"
+    # and 100 or more below the last is a replay
+    dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 5000, plain)))
+    with pytest.raises(DecodeError):
+        dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 100, plain)))
+    assert dec.decode(bthome_adv(independent_encrypt(KEY, MAC, 0x41, 99, plain))) is not None
+
+
 def test_bthome_wrong_key() -> None:
     dec = keyed(key=bytes(16))
     with pytest.raises(DecodeError) as info:
@@ -333,7 +451,7 @@ def test_bthome_encrypted_truncated_and_bad_plaintext() -> None:
     with pytest.raises(DecodeError) as info:
         keyed().decode(bthome_adv("4100112233aabb"))
     assert info.value.reason == "truncated"
-    bad = independent_encrypt(KEY, MAC, 0x41, 1, bytes.fromhex("02ca09fe"))
+    bad = independent_encrypt(KEY, MAC, 0x41, 1, bytes.fromhex("fe02ca09"))
     with pytest.raises(DecodeError) as info:
         keyed().decode(bthome_adv(bad))
     assert info.value.reason == "unknown_object"

@@ -279,6 +279,64 @@ def test_decode_error_counted_in_health_and_logged_once(caplog: pytest.LogCaptur
     assert len([r for r in caplog.records if "cannot decode" in r.getMessage()]) == 1
 
 
+def test_undefined_event_and_empty_frames_are_decode_errors_with_a_reason() -> None:
+    dev = device(
+        "button",
+        {"b": {"measurement": "battery"}, "p": {"measurement": "button"}},
+        address=MAC,
+        format="bthome",
+    )
+    items = [
+        adv(service={BTHOME: bytes.fromhex("4000010164" + "3afe")}),  # battery + event 0xFE
+        adv(service={BTHOME: bytes.fromhex("40")}),  # nothing after the device info
+        adv(service={BTHOME: bytes.fromhex("42c3b2a138c1a4")}),  # the MAC and nothing else
+        adv(service={BTHOME: bytes.fromhex("4000033a01")}),  # a press
+    ]
+    sink = Sink()
+    driver = BleDriver([dev], source_factory=fake_sources(ListSource(items)))
+    health = driver.health()["button"]
+    run(driver, sink, lambda: len(sink.values(pid(dev, "p"))) >= 1)
+    assert sink.values(pid(dev, "b")) == [100.0]  # the rest of the first advert is kept
+    assert sink.values(pid(dev, "p")) == [1.0]  # never 254.0
+    assert health.as_dict()["rejected"] == {"unknown_event": 1, "no_objects": 2}
+    assert health.errors == 3
+
+
+def test_text_objects_are_device_information() -> None:
+    dev = device("display", {"t": {"measurement": "temperature"}}, address=MAC, format="bthome")
+    items = [
+        adv(service={BTHOME: bytes.fromhex("40000102ca09530c48656c6c6f20576f726c6421")}),
+        adv(service={BTHOME: bytes.fromhex("4000025402beeff2000106")}),  # raw, firmware
+        adv(service={BTHOME: bytes.fromhex("400003530187")}),  # not UTF-8: dropped, counted
+    ]
+    sink = Sink()
+    driver = BleDriver([dev], source_factory=fake_sources(ListSource(items)))
+    health = driver.health()["display"]
+    run(driver, sink, lambda: health.errors >= 1)
+    assert sink.values(pid(dev, "t")) == [25.06]
+    assert driver.device_info("display") == {
+        "text": "Hello World!",
+        "raw": "beef",
+        "firmware_version": "6.1.0",
+    }
+    assert health.as_dict()["rejected"] == {"bad_text": 1}
+    with pytest.raises(KeyError):
+        driver.device_info("nope")
+
+
+def test_a_text_measurement_cannot_be_a_point() -> None:
+    from agent.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            '[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://localhost"\n'
+            '[[devices]]\nname = "a"\ndriver = "ble"\naddress = "AA:BB:CC:DD:EE:FF"\n'
+            '  [[devices.points]]\n  name = "x"\n  measurement = "text_2"\n'
+        )
+    assert "devices[0].points[0].measurement" in str(info.value)
+    assert "device_info" in str(info.value)
+
+
 def test_stale_device_is_a_failure() -> None:
     heard = device("heard", {"t": {"measurement": "temperature"}}, address=MAC, stale_after=0.3)
     silent = device(

@@ -55,6 +55,15 @@ class Measurement:
 
 
 @dataclass(frozen=True, slots=True)
+class Info:
+    """One piece of device information an advert carried as text (BTHome text, raw as hex,
+    firmware version): kept per device, not a reading. Named like `Measurement`."""
+
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
 class Decoded:
     """What one advert of a known format carried."""
 
@@ -63,6 +72,10 @@ class Decoded:
     #: BTHome packet id (else the encryption counter), Ruuvi measurement sequence
     packet_id: int | None = None
     encrypted: bool = False
+    info: tuple[Info, ...] = ()
+    #: objects left out of an advert that was otherwise decoded (an undefined event code,
+    #: text that is not UTF-8): the driver counts each as a decode error
+    dropped: tuple[DecodeError, ...] = ()
 
 
 class DecodeError(ValueError):
@@ -76,6 +89,7 @@ class DecodeError(ValueError):
     def __init__(self, format: str, reason: str, detail: str = "", offset: int | None = None):
         self.format = format
         self.reason = reason
+        self.detail = detail
         self.offset = offset
         where = f" at byte {offset}" if offset is not None else ""
         msg = f"{format}: {reason}{where}"
@@ -84,5 +98,4 @@ class DecodeError(ValueError):
         super().__init__(msg)
 
     def __reduce__(self) -> tuple[type[DecodeError], tuple[str, str, str, int | None]]:
-        detail = str(self).partition(" (")[2][:-1]
-        return (DecodeError, (self.format, self.reason, detail, self.offset))
+        return (DecodeError, (self.format, self.reason, self.detail, self.offset))

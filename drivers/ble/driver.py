@@ -16,6 +16,12 @@ Dedupe rule, per address:
 2. after decoding, an advert with the same packet id as the last accepted one from
    that address is dropped too (the payload differed in something else).
 Dropped repeats still count as "heard" for `stale_after`.
+
+What a decoder hands out as text (BTHome text, raw, firmware version) is not a reading:
+its latest value is kept in `device_info()`, as the Modbus driver keeps string points.
+An object the decoder dropped from an otherwise good advert (an undefined BTHome event
+code, text that is not UTF-8) counts as a decode error of the device; the rest of the
+advert is pushed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from agent.logs import Throttle
 from drivers.base import BatchSink, DeviceSpec, Driver
 from drivers.ble.advert import Advertisement
 from drivers.ble.decoders import Decoded, DecodeError, Decoders, GenericField, GenericLayout
+from drivers.ble.decoders.bthome_const import INFO_OBJECTS, OBJECTS
 from drivers.ble.gatt import BleakGattFactory, GattClientFactory, GattPoller
 from drivers.ble.settings import (
     BleDeviceSettings,
@@ -119,6 +126,8 @@ class _Device:
     points: list[tuple[int, str, float, float]] = field(default_factory=list)
     last_heard: float | None = None  # monotonic
     decode_errors: int = 0
+    #: latest device information (text objects) by name
+    info: dict[str, str] = field(default_factory=dict)
 
     def heard(self) -> float | None:
         return self.last_heard
@@ -169,6 +178,14 @@ class BleDriver(Driver):
                     DeviceConfigProblem(
                         ("points", i, "characteristic"),
                         "a point of a mode = 'gatt' device needs characteristic (a UUID)",
+                    )
+                )
+            if not gatt and p.measurement is not None and _is_info(p.measurement):
+                problems.append(
+                    DeviceConfigProblem(
+                        ("points", i, "measurement"),
+                        f"{p.measurement!r} is text, not a number: it is kept as the "
+                        "device's information (device_info), not as a point",
                     )
                 )
             if not gatt and p.measurement is None:
@@ -341,7 +358,23 @@ class BleDriver(Driver):
             result = decoded[fmt]
             if result is None and not _rssi_only(dev):
                 continue  # no known format in this advert: nothing to report
+            if result is not None:
+                for dropped in result.dropped:
+                    self._decode_failed(dev, adv, dropped)
+                for item in result.info:
+                    dev.info[item.name] = item.value
             self._push(dev, adv, result, sink)
+
+    def device_info(self, name: str) -> dict[str, str]:
+        """Latest device information of an advert device (BTHome text, raw as hex,
+        firmware version...), by name ("text", "text_2", "raw", "firmware_version")."""
+        for devs in self._adverts.values():
+            for dev in devs:
+                if dev.spec.name == name:
+                    return dict(dev.info)
+        if any(spec.name == name for spec in self._gatt):
+            return {}
+        raise KeyError(name)
 
     def _decode_failed(self, dev: _Device, adv: Advertisement, exc: DecodeError) -> None:
         dev.decode_errors += 1
@@ -406,6 +439,15 @@ class BleDriver(Driver):
                 next_check = now + stale_after
             else:
                 next_check = last + stale_after
+
+
+_INFO_NAMES = frozenset(OBJECTS[i][0] for i in INFO_OBJECTS)
+
+
+def _is_info(measurement: str) -> bool:
+    """Whether a measurement name is BTHome device information ("text", "raw_2"...)."""
+    base, _, suffix = measurement.rpartition("_")
+    return measurement in _INFO_NAMES or (suffix.isdigit() and base in _INFO_NAMES)
 
 
 def _rssi_only(dev: _Device) -> bool:

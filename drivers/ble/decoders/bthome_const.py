@@ -3,13 +3,18 @@
 Adding an object type is a row here, not a branch in the parser. Each row:
 ``object id: (name, size in bytes, signed, factor, unit)``; the value is
 ``int.from_bytes(bytes, "little", signed) * factor``. Size `LENGTH_PREFIXED` means the
-first byte after the id is the length of the data (text, raw): the parser skips it.
+first byte after the id is the length of the data (text, raw).
 
 Names are citygw's measurement names (a second object of the same name in one advert
 becomes "<name>_2"). Binary sensors are 0/1; events are their event code (button: 0 none,
 1 press, 2 double press, 3 triple press, 4 long press, 5 long double, 6 long triple,
 0x80 hold press); the dimmer event (2 bytes: direction, steps) becomes a signed number of
-steps (left negative, right positive).
+steps (left negative, right positive). An event code the page does not define is dropped
+(`BUTTON_EVENTS`, `DIMMER_DIRECTIONS`).
+
+Text (0x53, UTF-8), raw (0x54, shown as lower-case hex, as the page says) and the device
+information objects (0xF0 device type id, 0xF1/0xF2 firmware version) are not numbers:
+they are device information (`INFO_OBJECTS`), not measurements.
 
 Checked against the published v2 format page (and cross-checked with bthome-ble's table).
 Ids 0x62-0x64 are the most recent additions to the page; their factors are as published
@@ -107,8 +112,8 @@ OBJECTS: Final[dict[int, ObjectSpec]] = {
     0x50: ("timestamp", 4, False, 1, "s"),  # Unix time (UTC)
     0x51: ("acceleration", 2, False, 0.001, "m/s²"),
     0x52: ("gyroscope", 2, False, 0.001, "°/s"),
-    0x53: ("text", LENGTH_PREFIXED, False, 1, ""),  # skipped
-    0x54: ("raw", LENGTH_PREFIXED, False, 1, ""),  # skipped
+    0x53: ("text", LENGTH_PREFIXED, False, 1, ""),  # device information
+    0x54: ("raw", LENGTH_PREFIXED, False, 1, ""),  # device information
     0x55: ("volume_storage", 4, False, 0.001, "L"),
     0x56: ("conductivity", 2, False, 1, "µS/cm"),
     0x57: ("temperature", 1, True, 1, "°C"),
@@ -125,7 +130,26 @@ OBJECTS: Final[dict[int, ObjectSpec]] = {
     0x62: ("speed", 4, True, 0.000001, "m/s"),
     0x63: ("acceleration", 4, True, 0.000001, "m/s²"),
     0x64: ("light_level", 1, False, 1, ""),
+    0x65: ("settings_revision", 1, False, 1, ""),  # 6503 -> 3
+    # -- device information (https://bthome.io/format/ "Device information") ------------
+    0xF0: ("device_type_id", 2, False, 1, ""),
+    0xF1: ("firmware_version", 4, False, 1, ""),  # F1 00010204 -> "4.2.1.0"
+    0xF2: ("firmware_version", 3, False, 1, ""),  # F2 000106 -> "6.1.0"
 }
 
 PACKET_ID: Final = 0x00
+BUTTON: Final = 0x3A
 DIMMER: Final = 0x3C
+TEXT: Final = 0x53
+RAW: Final = 0x54
+DEVICE_TYPE_ID: Final = 0xF0
+
+#: objects that are device information (a string), not a measurement
+INFO_OBJECTS: Final = frozenset({TEXT, RAW, DEVICE_TYPE_ID, 0xF1, 0xF2})
+
+#: the event codes the format page defines ("Events" table); bthome-ble (src/bthome_ble/
+#: event.py) fires no event for any other code. 0x00 is "None": no event for this button
+#: (a multi-button device names the one pressed by position: 3A00 3A01).
+BUTTON_EVENTS: Final = frozenset({0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x80})
+#: dimmer direction byte: 0x00 none, 0x01 rotate left, 0x02 rotate right
+DIMMER_DIRECTIONS: Final = frozenset({0x00, 0x01, 0x02})
