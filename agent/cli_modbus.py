@@ -126,7 +126,9 @@ def plan(
             out.print(Text(f"  {line}"))
     out.print(Text(f"{total} requests per cycle in all ({naive} if each point were read alone)"))
     if probe:
-        out.print(Text(f"{after} requests per cycle after the probe"))
+        failed = sum(line.startswith("probe failed") for lines in notes.values() for line in lines)
+        untried = f" ({failed} poll groups could not be probed: as planned)" if failed else ""
+        out.print(Text(f"{after} requests per cycle after the probe{untried}"))
 
 
 def _group_points(device: DeviceSpec, group: str) -> list[PointSpec]:
@@ -139,18 +141,19 @@ def _group_points(device: DeviceSpec, group: str) -> list[PointSpec]:
 def _written(request: Request, points: Sequence[PointSpec], line: str) -> str:
     """A request's line with the addresses as the points' sources write them, when they
     do not write protocol addresses: ``input_register 30001..30072 (PDU 0..71, ...)``."""
-    from drivers.modbus.settings import written_address
+    from drivers.modbus.settings import written_number
 
-    bases = {cast(ModbusPointSettings, points[s.key].settings).address_base for s in request.spans}
+    settings = [cast(ModbusPointSettings, points[s.key].settings) for s in request.spans]
+    bases = {p.address_base for p in settings}
     if len(bases) != 1 or 0 in bases:
         return line
     (base,) = bases
-    first = written_address(request.table, request.address, base).split(" ")[0]
-    last = written_address(request.table, request.end - 1, base).split(" ")[0]
+    six = any(p.six_digits for p in settings)
+    first = written_number(request.table, request.address, base, six)
+    last = written_number(request.table, request.end - 1, base, six)
     head = f"{request.table} {request.address}..{request.end - 1} ("
-    return line.replace(
-        head, f"{request.table} {first}..{last} (PDU {request.address}..{request.end - 1}, ", 1
-    )
+    pdu = f"PDU {request.address}..{request.end - 1}, "
+    return line.replace(head, f"{request.table} {first}..{last} ({pdu}", 1)
 
 
 def _learned(planned: list[Request], now: list[Request]) -> list[str]:

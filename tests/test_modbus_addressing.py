@@ -46,6 +46,10 @@ name = "frequency"
 address = 30071
 datatype = "float32"
 [[points]]
+name = "total_kwh"
+address = 300343
+datatype = "float32"
+[[points]]
 name = "demand_period"
 address = 40003
 datatype = "float32"
@@ -210,12 +214,12 @@ address_base = 1
   [[devices.points]]
   name = "extra"
   table = "input_register"
-  address = 343
+  address = 341
 """,
         MODICON_PROFILE,
     )
     assert points["l1_voltage"].address == 0  # type: ignore[attr-defined]
-    assert points["extra"].address == 342  # type: ignore[attr-defined]
+    assert points["extra"].address == 340  # type: ignore[attr-defined]
 
 
 def test_errors_name_the_number_the_convention_and_the_key(tmp_path: Path) -> None:
@@ -286,3 +290,5 @@ def test_plan_shows_the_written_numbers_and_the_protocol_addresses(tmp_path: Pat
     assert "    holding_register 40003..40004 (PDU 2..3, 2 registers, 1 point)" in lines
     assert "    input_register 30001..30002 (PDU 0..1, 2 registers, 1 point)" in lines
     assert "    input_register 30071..30072 (PDU 70..71, 2 registers, 1 point)" in lines
+    # a 6-digit number is shown as written
+    assert "    input_register 300343..300344 (PDU 342..343, 2 registers, 1 point)" in lines

@@ -617,6 +617,11 @@ class ModbusDriver(Driver):
             return pr
         g.dropped.update(s.key for s in optional)
         names = sorted({g.points[s.key].name for s in optional})
+        # the exception itself is already counted in errors; say what became of it
+        dev.health.last_error = (
+            f"optional point(s) {', '.join(names)} dropped: the device refuses "
+            f"{req.table} {req.address}..{req.end - 1} ({exc})"
+        )
         log.warning(
             "modbus optional points dropped: the device refuses their registers (this "
             "model lacks them); not read again until the agent restarts",

@@ -123,18 +123,24 @@ def pdu_address(number: int, base: AddressBase, table: str | None) -> tuple[Tabl
     return chosen, number
 
 
+def written_number(table: str, pdu: int, base: AddressBase, six_digits: bool = False) -> int:
+    """The number convention `base` writes protocol address `pdu` of `table` as (Modicon:
+    5 digits where they suffice, unless `six_digits`)."""
+    if base == 0:
+        return pdu
+    if base == 1:
+        return pdu + 1
+    digit = _DIGIT_OF[table]
+    return digit * (100000 if six_digits or pdu >= 9999 else 10000) + pdu + 1
+
+
 def written_address(table: str, pdu: int, base: AddressBase, written: int | None = None) -> str:
     """An address as its source wrote it, with the protocol address when they differ:
     ``30001 (PDU 0)``, or ``12`` for address_base = 0."""
     if base == 0:
         return str(pdu)
-    if written is None:
-        if base == 1:
-            written = pdu + 1
-        else:
-            digit = _DIGIT_OF[table]
-            written = digit * (10000 if pdu < 9999 else 100000) + pdu + 1
-    return f"{written} (PDU {pdu})"
+    number = written if written is not None else written_number(table, pdu, base)
+    return f"{number} (PDU {pdu})"
 
 
 def register_count(datatype: str, length: int | None) -> int:
@@ -415,3 +421,8 @@ class ModbusPointSettings(BaseModel):
     def shown_address(self) -> str:
         """The address as the source wrote it, e.g. ``30001 (PDU 0)`` or ``12``."""
         return written_address(self.table, self.address, self.address_base, self._written)
+
+    @property
+    def six_digits(self) -> bool:
+        """Whether the source wrote a 6-digit Modicon number (300001)."""
+        return self._written is not None and self._written >= 100000
