@@ -11,8 +11,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from pydantic import ValidationError
@@ -22,7 +23,9 @@ from rich.text import Text
 
 from agent.cli_common import ConfigOption, err_console, fail, load_or_exit, out_console
 from agent.runtime import device_specs
-from drivers.modbus.settings import DataType, ModbusDeviceSettings, Order
+from drivers.base import DeviceSpec, PointSpec
+from drivers.modbus.planner import Request
+from drivers.modbus.settings import DataType, ModbusDeviceSettings, ModbusPointSettings, Order
 from drivers.modbus.settings import Table as ModbusTable
 
 if TYPE_CHECKING:
@@ -73,7 +76,18 @@ def _range(text: str, what: str, lo: int, hi: int) -> range:
 
 
 @app.command()
-def plan(config: ConfigOption = Path("gateway.toml")) -> None:
+def plan(
+    config: ConfigOption = Path("gateway.toml"),
+    probe: Annotated[
+        bool,
+        typer.Option(
+            help="Poll each device once now and show what it refused: the splits and "
+            "dropped optional points the driver learns at run time (the agent learns the "
+            "same on its first poll). It talks to the devices: on a serial line, stop the "
+            "agent first."
+        ),
+    ] = False,
+) -> None:
     """Print each Modbus device's requests per poll group, merged as the driver reads."""
     from drivers.modbus.driver import device_plans
     from drivers.modbus.planner import describe
@@ -84,23 +98,117 @@ def plan(config: ConfigOption = Path("gateway.toml")) -> None:
     devices = device_specs(cfg, ids).get("modbus", [])
     if not devices:
         fail(f"{config}: no enabled device with driver = 'modbus'")
+    learned: dict[str, list[tuple[str, list[Request]]]] = {}
+    notes: dict[str, list[str]] = {}
+    if probe:
+        learned, notes = _probe(devices)
     out = out_console()
-    total = naive = 0
+    total = naive = after = 0
     for device in devices:
         s = device.settings
         assert isinstance(s, ModbusDeviceSettings)
         periods = {"": device.poll_s, **s.poll_groups}
         out.print(Text(f"{device.name} (unit {s.unit_id})", style="bold"))
+        working = dict(learned.get(device.name, []))
         for group, requests in device_plans([device])[device.name]:
+            members = _group_points(device, group)
             points = sum(len(r.spans) for r in requests)
             out.print(Text(
                 f"  group {group or 'poll'} every {periods[group]:g} s: "
                 f"{len(requests)} requests for {points} points"))  # fmt: skip
-            for line in describe(requests):
-                out.print(Text(f"    {line}"))
+            for r, line in zip(requests, describe(requests), strict=True):
+                out.print(Text(f"    {_written(r, members, line)}"))
             total += len(requests)
             naive += points
+            if group in working:
+                now = working[group]
+                after += len(now)
+                for line in _learned(requests, now):
+                    out.print(Text(f"    {line}"))
+        for line in notes.get(device.name, []):
+            out.print(Text(f"  {line}"))
     out.print(Text(f"{total} requests per cycle in all ({naive} if each point were read alone)"))
+    if probe:
+        failed = sum(line.startswith("probe failed") for lines in notes.values() for line in lines)
+        untried = f" ({failed} poll groups could not be probed: as planned)" if failed else ""
+        out.print(Text(f"{after} requests per cycle after the probe{untried}"))
+
+
+def _group_points(device: DeviceSpec, group: str) -> list[PointSpec]:
+    """The points of a poll group, in the order its requests' span keys count them."""
+    from drivers.modbus.driver import device_groups
+
+    return next((pts for g, _period, pts in device_groups(device) if g == group), [])
+
+
+def _written(request: Request, points: Sequence[PointSpec], line: str) -> str:
+    """A request's line with the addresses as the points' sources write them, when they
+    do not write protocol addresses: ``input_register 30001..30072 (PDU 0..71, ...)``."""
+    from drivers.modbus.settings import written_number
+
+    settings = [cast(ModbusPointSettings, points[s.key].settings) for s in request.spans]
+    bases = {p.address_base for p in settings}
+    if len(bases) != 1 or 0 in bases:
+        return line
+    (base,) = bases
+    six = any(p.six_digits for p in settings)
+    first = written_number(request.table, request.address, base, six)
+    last = written_number(request.table, request.end - 1, base, six)
+    head = f"{request.table} {request.address}..{request.end - 1} ("
+    pdu = f"PDU {request.address}..{request.end - 1}, "
+    return line.replace(head, f"{request.table} {first}..{last} ({pdu}", 1)
+
+
+def _learned(planned: list[Request], now: list[Request]) -> list[str]:
+    """What a probe changed in a group's plan: requests split after a refusal, with the
+    parts they became."""
+    lines = []
+    kept = set(now)
+    for r in planned:
+        if r in kept:
+            continue
+        keys = {s.key for s in r.spans}
+        parts = [p for p in now if {s.key for s in p.spans} <= keys]
+        where = ", ".join(f"{p.address}..{p.end - 1}" for p in parts) or "nothing (all dropped)"
+        lines.append(f"learned: {r.table} {r.address}..{r.end - 1} was refused; split into {where}")
+    return lines
+
+
+def _probe(
+    devices: Sequence[DeviceSpec],
+) -> tuple[dict[str, list[tuple[str, list[Request]]]], dict[str, list[str]]]:
+    """Polls each device once through the driver: its working plans afterwards and what
+    to say about it (refused requests, dropped optional points, failed polls)."""
+    from drivers.modbus.driver import ModbusDriver
+
+    async def go() -> tuple[dict[str, list[tuple[str, list[Request]]]], dict[str, list[str]]]:
+        driver = ModbusDriver(devices)
+        plans: dict[str, list[tuple[str, list[Request]]]] = {}
+        notes: dict[str, list[str]] = {}
+        try:
+            for d in devices:
+                errors = await driver.poll_once(d.name)
+                plans[d.name] = driver.working_plans(d.name)
+                lines = [f"probe failed: {e}" for e in errors]
+                for group, r, _n in driver.refused(d.name):
+                    members = _group_points(d, group)
+                    names = ", ".join(members[s.key].name for s in r.spans)
+                    lines.append(
+                        f"refused: {r.table} {r.address}..{r.end - 1} (group "
+                        f"{group or 'poll'}): {names} read BAD, retried with backoff"
+                    )
+                dropped = driver.dropped_points(d.name)
+                if dropped:
+                    lines.append(
+                        f"dropped {len(dropped)} optional point(s) the device refuses: "
+                        + ", ".join(dropped)
+                    )
+                notes[d.name] = lines
+        finally:
+            driver.close()
+        return plans, notes
+
+    return asyncio.run(go())
 
 
 @app.command()

@@ -36,7 +36,10 @@ def _label(j: int, tables: Sequence[Mapping[str, Any]] | None) -> str:
 
 def _span(p: ModbusPointSettings) -> str:
     last = p.address + p.size - 1
-    return f"{p.table} {p.address}" if last == p.address else f"{p.table} {p.address}-{last}"
+    where = f"{p.table} {p.shown_address}"
+    if last == p.address:
+        return where
+    return f"{where}-{last}" if p.address_base == 0 else f"{where}, {p.size} registers"
 
 
 def _conflict(a: ModbusPointSettings, b: ModbusPointSettings) -> bool:
@@ -89,15 +92,14 @@ def check_device(
             add(
                 j,
                 "address",
-                f"{label} is a {p.datatype} on odd address {p.address}, but this device has "
+                f"{label} is a {p.datatype} on odd address {p.shown_address}, but this device has "
                 "even_address_only = true (it rejects 32/64-bit values on odd addresses); "
                 "check the register map",
             )
-        limit, what = (
-            (device.max_bits, "max_bits")
-            if p.table in BIT_TABLES
-            else (device.max_registers, "max_registers")
-        )
+        limit = device.request_limits(p.table)[0]
+        what = "max_bits" if p.table in BIT_TABLES else "max_registers"
+        if p.table in device.table_limits and getattr(device.table_limits[p.table], what):
+            what = f"table_limits.{p.table}.{what}"
         if p.size > limit:
             add(
                 j,

@@ -12,7 +12,10 @@ Failures stay small:
   splitting the read in halves until the failing points are found; the working reads
   replace it in the group's plan, so the next poll does not search again. A point whose
   own read still fails reads BAD (NaN) and is retried every 2, 4, 8 ... polls (up to
-  ~10 minutes) instead of every poll.
+  ~10 minutes) instead of every poll. A point marked `optional` (some models of the
+  device lack it) that the device refuses as an illegal data address (exception 2) is
+  dropped instead: logged once, listed in `device_status()["dropped_points"]`, and its
+  row leaves the batches (tried again after a restart).
 - A timeout or link error is retried (`retries`, short backoff, the bus released in
   between); then the poll fails, the device's health records it, and the device backs
   off (polls skipped and counted, up to 60 s). Every (device, poll group) has its own
@@ -50,7 +53,7 @@ from drivers.modbus.client import (
     ModbusExceptionResponse,
     ModbusGarbledAnswer,
 )
-from drivers.modbus.planner import Request, Span, plan, split
+from drivers.modbus.planner import TABLE_ORDER, Request, Span, plan, split
 from drivers.modbus.settings import (
     BIT_TABLES,
     WRITABLE_TABLES,
@@ -70,13 +73,15 @@ from native.batch import (
 
 log = logging.getLogger("citygw.drivers.modbus")
 
-__all__ = ["ModbusDriver", "ModbusWriteError", "device_plans"]
+__all__ = ["ModbusDriver", "ModbusWriteError", "device_groups", "device_plans"]
 
 #: exception codes that say "this part of the register map does not work" (illegal
 #: function / address / value: some devices answer 3 to reads that are too long); the
 #: others (busy, device failure, gateway path) are the device's state, retried as a
 #: timeout is
 MAP_EXCEPTIONS = frozenset({1, 2, 3})
+#: the exception that drops an optional point (the device has no such register)
+ILLEGAL_DATA_ADDRESS = 2
 #: first pause before retrying a request that timed out (doubles each retry)
 RETRY_BACKOFF_S = 0.05
 #: longest pause of a dead device between polls
@@ -117,7 +122,7 @@ def _psettings(point: PointSpec) -> ModbusPointSettings:
     return s
 
 
-def _groups(device: DeviceSpec) -> list[tuple[str, float, list[PointSpec]]]:
+def device_groups(device: DeviceSpec) -> list[tuple[str, float, list[PointSpec]]]:
     """(group, period, points) of a device, "" (the device's poll) first; empty groups
     are left out. A point naming an unknown group (check_device reports it) is polled
     with the device's poll."""
@@ -141,19 +146,15 @@ def _plan(settings: ModbusDeviceSettings, points: Sequence[PointSpec]) -> list[R
     for i, p in enumerate(points):
         ps = _psettings(p)
         spans.append(Span(i, ps.table, ps.address, ps.size))
-    return plan(
-        spans,
-        max_registers=settings.max_registers,
-        max_bits=settings.max_bits,
-        max_gap=settings.max_gap,
-    )
+    return plan(spans, tables={t: settings.request_limits(t) for t in TABLE_ORDER})
 
 
 def device_plans(devices: Sequence[DeviceSpec]) -> dict[str, list[tuple[str, list[Request]]]]:
     """The read requests each device's polls start with: device -> [(group, requests)].
     A span's key is the point's index in that group's points, in config order."""
     return {
-        d.name: [(g, _plan(_msettings(d), pts)) for g, _period, pts in _groups(d)] for d in devices
+        d.name: [(g, _plan(_msettings(d), pts)) for g, _period, pts in device_groups(d)]
+        for d in devices
     }
 
 
@@ -192,6 +193,7 @@ def _value_reader(p: ModbusPointSettings) -> Callable[[Sequence[int]], float | s
 
 class _Group:
     __slots__ = (
+        "dropped",
         "ids",
         "last_ms",
         "max_skip",
@@ -215,21 +217,29 @@ class _Group:
         self.period = period
         self.points = points
         self.readers = [_value_reader(_psettings(p)) for p in points]
-        # row of each point in the batch; -1: a string point, kept in device_info
+        #: keys of optional points dropped after the device refused them
+        self.dropped: set[int] = set()
         self.rows: list[int] = []
-        ids: list[int] = []
-        for p in points:
-            if _psettings(p).datatype == "string":
-                self.rows.append(-1)
-            else:
-                self.rows.append(len(ids))
-                ids.append(p.id)
-        self.ids = array(ID_TYPECODE, ids)
+        self.ids = array(ID_TYPECODE)
+        self.number_rows()
         self.plan = [_Planned(r) for r in _plan(settings, points)]
         self.polls = 0
         self.last_ms = 0  # the latest reading time this group produced
         #: a failing point is retried at least every this many polls
         self.max_skip = max(1, int(MAX_POINT_BACKOFF_S / period))
+
+    def number_rows(self) -> None:
+        """The row of each point in the batch: -1 for a string point (kept in
+        device_info) and for a dropped one."""
+        self.rows = []
+        ids: list[int] = []
+        for i, p in enumerate(self.points):
+            if _psettings(p).datatype == "string" or i in self.dropped:
+                self.rows.append(-1)
+            else:
+                self.rows.append(len(ids))
+                ids.append(p.id)
+        self.ids = array(ID_TYPECODE, ids)
 
 
 def _distinct_times(g: _Group, timestamps: array[int]) -> None:
@@ -266,7 +276,9 @@ class _Device:
         self.unit = self.settings.unit_id
         self.conn = conn
         self.health = health
-        self.groups = [_Group(g, period, self.settings, pts) for g, period, pts in _groups(spec)]
+        self.groups = [
+            _Group(g, period, self.settings, pts) for g, period, pts in device_groups(spec)
+        ]
         self.info: dict[str, str] = {}
         self.backoff_until = 0.0  # loop time before which polls are skipped
         self.backoff_skips = 0
@@ -344,8 +356,36 @@ class ModbusDriver(Driver):
             "unit_id": dev.unit,
             "requests_per_poll": {g.name: len(g.plan) for g in dev.groups},
             "bad_points": bad,
+            "dropped_points": self.dropped_points(name),
             "backoff_skips": dev.backoff_skips,
         }
+
+    def dropped_points(self, name: str) -> list[str]:
+        """Optional points the device refused, no longer read (until a restart)."""
+        return [g.points[k].name for g in self._devices[name].groups for k in sorted(g.dropped)]
+
+    def refused(self, name: str) -> list[tuple[str, Request, int]]:
+        """(group, request, failures) of the requests the device refuses now: their
+        points read BAD and are retried with backoff."""
+        return [
+            (g.name, pr.request, pr.failures)
+            for g in self._devices[name].groups
+            for pr in g.plan
+            if pr.failures
+        ]
+
+    async def poll_once(self, name: str) -> list[str]:
+        """One poll of each of the device's groups, now, as run() makes them (learning
+        what the device refuses); the readings are discarded. The errors of groups whose
+        poll failed (timeouts, link errors)."""
+        dev = self._devices[name]
+        errors = []
+        for g in dev.groups:
+            try:
+                await self._poll(dev, g)
+            except _PollFailed as failed:
+                errors.append(f"group {g.name or 'poll'}: {failed.error}")
+        return errors
 
     # -- polling ------------------------------------------------------------------------
 
@@ -440,9 +480,29 @@ class ModbusDriver(Driver):
                     array(VALUE_TYPECODE, [values[j] for j in good]),
                     array(QUALITY_TYPECODE, bytes(len(good))),
                 )
+                self._renumber(g)
                 raise _PollFailed(exc, partial) from exc
         g.plan = working
-        return Batch(array(ID_TYPECODE, g.ids), timestamps, values, quality)
+        ids = g.ids
+        kept = self._renumber(g)
+        if kept is not None:  # this poll dropped points: their rows leave the batch
+            return Batch(
+                array(ID_TYPECODE, [ids[j] for j in kept]),
+                array(TS_TYPECODE, [timestamps[j] for j in kept]),
+                array(VALUE_TYPECODE, [values[j] for j in kept]),
+                array(QUALITY_TYPECODE, [quality[j] for j in kept]),
+            )
+        return Batch(array(ID_TYPECODE, ids), timestamps, values, quality)
+
+    @staticmethod
+    def _renumber(g: _Group) -> list[int] | None:
+        """After points were dropped: the batch rows numbered anew; the old rows that
+        remain (None if nothing was dropped since the last time)."""
+        old_rows = g.rows
+        if not any(r >= 0 and i in g.dropped for i, r in enumerate(old_rows)):
+            return None
+        g.number_rows()
+        return [r for i, r in enumerate(old_rows) if r >= 0 and g.rows[i] >= 0]
 
     async def _read(self, dev: _Device, req: Request) -> tuple[list[int] | list[bool], int]:
         """The values of one request and the time (ms) they arrived, retrying timeouts,
@@ -502,6 +562,12 @@ class ModbusDriver(Driver):
                 for part in parts:
                     out.extend(await self._execute(dev, g, _Planned(part), cols))
                 return out
+            if exc.exception_code == ILLEGAL_DATA_ADDRESS:
+                rest = self._drop_optional(dev, g, pr, exc)
+                if rest is None:
+                    return []
+                pr = rest
+                req = pr.request
             pr.failures += 1
             skip = min(2 ** min(pr.failures, 30), g.max_skip)
             pr.retry_at = g.polls + skip
@@ -538,6 +604,43 @@ class ModbusDriver(Driver):
             pr.retry_at = 0
         self._decode(dev, g, req, data, ts, cols)
         return [pr]
+
+    def _drop_optional(
+        self, dev: _Device, g: _Group, pr: _Planned, exc: ModbusExceptionResponse
+    ) -> _Planned | None:
+        """Drops the optional points of a request the device refused as an illegal
+        address, and it cannot be narrowed further: reported once, counted in the
+        device's status. What remains of the request (its other points), or None."""
+        req = pr.request
+        optional = [s for s in req.spans if _psettings(g.points[s.key]).optional]
+        if not optional:
+            return pr
+        g.dropped.update(s.key for s in optional)
+        names = sorted({g.points[s.key].name for s in optional})
+        # the exception itself is already counted in errors; say what became of it
+        dev.health.last_error = (
+            f"optional point(s) {', '.join(names)} dropped: the device refuses "
+            f"{req.table} {req.address}..{req.end - 1} ({exc})"
+        )
+        log.warning(
+            "modbus optional points dropped: the device refuses their registers (this "
+            "model lacks them); not read again until the agent restarts",
+            extra={
+                "device": dev.name,
+                "points": names,
+                "table": req.table,
+                "address": req.address,
+                "count": req.count,
+                "exception_code": exc.exception_code,
+            },
+        )
+        for name in names:
+            dev.info.pop(name, None)
+        rest = tuple(s for s in req.spans if s.key not in g.dropped)
+        if not rest:
+            return None
+        # a request that cannot be narrowed: its other spans cover the same registers
+        return _Planned(Request(req.table, req.address, req.count, rest), pr.failures)
 
     def _decode(
         self,

@@ -9,6 +9,8 @@ device's limits allow:
 - inside a request, the unused addresses between two consecutive covered ranges (the
   union of its spans) are at most ``max_gap`` registers; in bit tables the allowed gap
   is ``max_gap * 16`` bits (the same 2 bytes per unused register on the wire);
+- each table may have its own limits (a device's `table_limits`): the rules above
+  apply table by table, with that table's numbers;
 - overlapping or identical spans (two bits of one register) are fine; each span belongs
   to exactly one request.
 
@@ -45,7 +47,7 @@ against a brute force). Planning is O(n log n).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -94,12 +96,6 @@ class Request:
         return self.address + self.count
 
 
-def _limits(table: str, max_registers: int, max_bits: int, max_gap: int) -> tuple[int, int]:
-    if table in BIT_TABLES:
-        return max_bits, max_gap * GAP_BITS_PER_REGISTER
-    return max_registers, max_gap
-
-
 def _request(spans: Sequence[Span]) -> Request:
     lo = min(s.address for s in spans)
     hi = max(s.end for s in spans)
@@ -107,19 +103,36 @@ def _request(spans: Sequence[Span]) -> Request:
 
 
 def plan(
-    spans: Sequence[Span], max_registers: int = 125, max_bits: int = 2000, max_gap: int = 10
+    spans: Sequence[Span],
+    max_registers: int = 125,
+    max_bits: int = 2000,
+    max_gap: int = 10,
+    tables: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[Request]:
     """The fewest read requests that fetch all `spans` within the limits (see the module
     docstring for the rule and the proof). Ordered by table (coil, discrete_input,
     holding_register, input_register), then address; deterministic.
 
+    `tables` overrides the limits of some tables: table -> (most registers or bits one
+    request reads, max_gap in registers). The rule holds per table, so the proof does too.
+
     ValueError for a span of an unknown table, with count < 1, outside 0..65535, or
     larger than its table's limit (naming the span's key)."""
-    if max_registers < 1 or max_bits < 1 or max_gap < 0:
-        raise ValueError(
-            f"limits must be max_registers >= 1, max_bits >= 1, max_gap >= 0; got "
-            f"{max_registers}, {max_bits}, {max_gap}"
-        )
+    limits: dict[str, tuple[int, int]] = {
+        t: (max_bits if t in BIT_TABLES else max_registers, max_gap) for t in TABLE_ORDER
+    }
+    limits.update(tables or {})
+    for table, (size, gap_) in limits.items():
+        if size < 1 or gap_ < 0:
+            raise ValueError(
+                f"{table}: limits must be max_registers/max_bits >= 1, max_gap >= 0; got "
+                f"{size}, {gap_}"
+            )
+
+    def _limits(table: str) -> tuple[int, int]:
+        size, gap_ = limits[table]
+        return (size, gap_ * GAP_BITS_PER_REGISTER) if table in BIT_TABLES else (size, gap_)
+
     for s in spans:
         if s.table not in _RANK:
             raise ValueError(f"span {s.key}: unknown table {s.table!r}")
@@ -128,7 +141,7 @@ def plan(
                 f"span {s.key}: {s.table} {s.address} count {s.count} is not a valid range "
                 "(count >= 1, addresses 0..65535)"
             )
-        limit = _limits(s.table, max_registers, max_bits, max_gap)[0]
+        limit = _limits(s.table)[0]
         if s.count > limit:
             unit = "bits" if s.table in BIT_TABLES else "registers"
             raise ValueError(
@@ -149,7 +162,7 @@ def plan(
             continue
         if current:
             out.append(Request(current[0].table, lo, hi - lo, tuple(current)))
-        limit, gap = _limits(s.table, max_registers, max_bits, max_gap)
+        limit, gap = _limits(s.table)
         current = [s]
         lo, hi = s.address, s.end
     if current:

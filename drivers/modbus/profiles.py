@@ -14,7 +14,10 @@ before anything is validated and returns the table with the profile filled in:
   overrides that point key by key, any other table adds a point;
 - then the profile's remaining points, in profile order, minus ``points_exclude``;
 - device keys from the config win over the profile's ``[device]`` defaults
-  (``poll_groups`` merge group by group).
+  (``poll_groups`` merge group by group, ``table_limits`` table by table);
+- addresses: every point takes the ``address_base`` of its source (the profile's
+  ``[device]`` for its points, the device's for the device's own points and for an
+  address an own table overrides), so each is written as its own document prints it.
 """
 
 from __future__ import annotations
@@ -184,6 +187,8 @@ def parse_profile(data: bytes, origin: str) -> Profile:
             if key not in allowed:
                 raise problem(f"{where}.{key}: unknown key {key!r}; allowed: {', '.join(allowed)}")
         extras = {k: v for k, v in point.items() if k not in GENERIC_POINT_KEYS}
+        if "address_base" in device and "address_base" not in extras:
+            extras["address_base"] = device["address_base"]
         _validate(ModbusPointSettings, extras, where, problem)
         group = point.get("group", "")
         groups = device.get("poll_groups", {})
@@ -215,6 +220,14 @@ def _validate(model: type[BaseModel], data: dict[str, Any], where: str, problem:
         raise problem(f"{'.'.join([where, *loc])}: {message}") from None
 
 
+def _with_base(point: Any, base: Any) -> Any:
+    """A point table with the address convention of its source, unless it states its
+    own (or its source uses the default, 0)."""
+    if not isinstance(point, dict) or "address_base" in point or base == 0:
+        return point
+    return {**point, "address_base": base}
+
+
 def expand_device(table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     """The raw device table with its profile filled in (see the module docstring).
 
@@ -226,7 +239,10 @@ def expand_device(table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             raise DeviceConfigProblem(
                 ("points_exclude",), "points_exclude only applies to a device with a profile"
             )
-        return table
+        own = table.get("points")
+        if "address_base" not in table or not isinstance(own, list):
+            return table
+        return {**table, "points": [_with_base(p, table["address_base"]) for p in own]}
     if not isinstance(name, str):
         return table  # the device model reports the type
     profile = load_profile(name, base_dir)
@@ -244,24 +260,35 @@ def expand_device(table: dict[str, Any], base_dir: Path) -> dict[str, Any]:
 
     out = dict(table)
     for key, value in profile.device.items():
+        if key == "address_base":
+            continue  # the convention of the profile's points, not of the device's own
         if key not in out:
             out[key] = value
-        elif key == "poll_groups" and isinstance(out[key], dict):
+        elif key in ("poll_groups", "table_limits") and isinstance(out[key], dict):
             out[key] = {**value, **out[key]}
 
     own = table.get("points", [])
     if not isinstance(own, list):
         return out  # the generic model reports the type
-    by_name = {p["name"]: p for p in profile.points if p["name"] not in exclude}
+    # each source's addresses in its own convention: the profile's points in the
+    # profile's, the device's own points (and the addresses they override) in the device's
+    device_base = table.get("address_base", 0)
+    profile_base = profile.device.get("address_base", 0)
+    by_name = {
+        p["name"]: _with_base(p, profile_base) for p in profile.points if p["name"] not in exclude
+    }
     merged: list[Any] = []
     used: set[str] = set()
     for point in own:
         pname = point.get("name") if isinstance(point, dict) else None
         if isinstance(pname, str) and pname in by_name and pname not in used:
-            merged.append({**by_name[pname], **point})
+            override = point
+            if "address" in point and "address_base" not in point:
+                override = {**point, "address_base": device_base}  # even 0: not the profile's
+            merged.append({**by_name[pname], **override})
             used.add(pname)
         else:
-            merged.append(point)
+            merged.append(_with_base(point, device_base))
     merged.extend(dict(p) for n, p in by_name.items() if n not in used)
     out["points"] = merged
     return out

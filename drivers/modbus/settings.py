@@ -7,13 +7,15 @@ The validators here check one table at a time; what only shows across a device's
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
@@ -52,6 +54,93 @@ _AT_KEY = "citygw_at_key"
 
 def _problem(message: str, key: str = "") -> PydanticCustomError:
     return PydanticCustomError(_AT_KEY, "{message}", {"key": key, "message": message})
+
+
+#: Modicon numbering: the leading digit of a 5- or 6-digit number names the table
+_MODICON_DIGIT: dict[int, Table] = {
+    0: "coil", 1: "discrete_input", 3: "input_register", 4: "holding_register"
+}  # fmt: skip
+_DIGIT_OF: dict[str, int] = {t: d for d, t in _MODICON_DIGIT.items()}
+
+
+def _modicon(number: int) -> tuple[Table, int] | None:
+    """(table, PDU address) of a Modicon number, or None if it is not one: 5 digits
+    1..9999 (coils), 10001..19999, 30001..39999, 40001..49999; 6 digits 100001..165536,
+    300001..365536, 400001..465536 (6-digit coils, 000001..065536, cannot be told from
+    5-digit numbers once written as an integer)."""
+    if 1 <= number <= 49999:
+        digit, n = divmod(number, 10000)
+    elif 100001 <= number <= 465536:
+        digit, n = divmod(number, 100000)
+    else:
+        return None
+    if digit not in _MODICON_DIGIT or n == 0:
+        return None
+    return _MODICON_DIGIT[digit], n - 1
+
+
+def _modicon_ranges(table: str) -> str:
+    digit = _DIGIT_OF[table]
+    if digit == 0:
+        return "1..9999"
+    return f"{digit}0001..{digit}9999 or {digit}00001..{digit}65536"
+
+
+def pdu_address(number: int, base: AddressBase, table: str | None) -> tuple[Table, int]:
+    """(table, protocol address) of an address written in convention `base`; `table` is
+    the point's table if it states one (with "modicon" it is inferred from the number
+    and, if stated, must agree). ValueError names the number, the convention and the
+    valid range."""
+    if base == "modicon":
+        found = _modicon(number)
+        if found is None:
+            raise ValueError(
+                f"{number} is not a Modicon register number (address_base = 'modicon'): "
+                "coils 1..9999, discrete inputs 10001..19999 or 100001..165536, input "
+                "registers 30001..39999 or 300001..365536, holding registers "
+                "40001..49999 or 400001..465536"
+            )
+        inferred, pdu = found
+        if table is not None and table != inferred:
+            raise ValueError(
+                f"{number} is a {inferred} number (address_base = 'modicon'), but the point "
+                f"says table = {table!r}; {table} numbers are {_modicon_ranges(table)}"
+            )
+        return inferred, pdu
+    chosen: Table = cast(Table, table) if table is not None else "holding_register"
+    if base == 1:
+        if not 1 <= number <= 65536:
+            raise ValueError(
+                f"{number} is not a 1-based register number (address_base = 1): 1..65536"
+            )
+        return chosen, number - 1
+    if not 0 <= number <= 65535:
+        raise ValueError(
+            f"{number} is not a protocol (PDU) address (address_base = 0): 0..65535 "
+            "(0x0000..0xFFFF); for 30001/40001-style numbers set address_base = 'modicon', "
+            "for numbers counted from 1 address_base = 1"
+        )
+    return chosen, number
+
+
+def written_number(table: str, pdu: int, base: AddressBase, six_digits: bool = False) -> int:
+    """The number convention `base` writes protocol address `pdu` of `table` as (Modicon:
+    5 digits where they suffice, unless `six_digits`)."""
+    if base == 0:
+        return pdu
+    if base == 1:
+        return pdu + 1
+    digit = _DIGIT_OF[table]
+    return digit * (100000 if six_digits or pdu >= 9999 else 10000) + pdu + 1
+
+
+def written_address(table: str, pdu: int, base: AddressBase, written: int | None = None) -> str:
+    """An address as its source wrote it, with the protocol address when they differ:
+    ``30001 (PDU 0)``, or ``12`` for address_base = 0."""
+    if base == 0:
+        return str(pdu)
+    number = written if written is not None else written_number(table, pdu, base)
+    return f"{number} (PDU {pdu})"
 
 
 def register_count(datatype: str, length: int | None) -> int:
@@ -168,6 +257,32 @@ class ModbusDeviceSettings(BaseModel):
                 raise _problem(f"poll group {name!r}: the interval must be >= 10ms")
         return v
 
+    @field_validator("table_limits")
+    @classmethod
+    def _limits_fit_tables(cls, v: dict[str, TableLimits]) -> dict[str, TableLimits]:
+        for table, limits in v.items():
+            wrong = "max_registers" if table in BIT_TABLES else "max_bits"
+            if getattr(limits, wrong) is not None:
+                right = "max_bits" if table in BIT_TABLES else "max_registers"
+                raise _problem(
+                    f"{wrong} does not apply to a {table} (its requests are limited by {right})",
+                    f"{table}.{wrong}",
+                )
+        return v
+
+    def request_limits(self, table: str) -> tuple[int, int]:
+        """(most registers or bits one request of `table` reads, most unused registers
+        it may span): the table's own limits where table_limits sets them, else the
+        device's."""
+        own = self.table_limits.get(cast(Table, table))
+        bits = table in BIT_TABLES
+        size = self.max_bits if bits else self.max_registers
+        gap = self.max_gap
+        if own is not None:
+            size = (own.max_bits if bits else own.max_registers) or size
+            gap = own.max_gap if own.max_gap is not None else gap
+        return size, gap
+
     @model_validator(mode="after")
     def _check_transport(self) -> ModbusDeviceSettings:
         if self.transport in ("tcp", "rtu-over-tcp") and self.host is None:
@@ -191,7 +306,12 @@ class ModbusPointSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     table: Table = "holding_register"
-    address: int = Field(ge=0, le=65535, description="0-based protocol address")
+    #: as the source's register table prints it, in the convention of address_base;
+    #: after validation the protocol (PDU) address
+    address: int = Field(description="protocol address after validation")
+    #: how `address` is written (see ModbusDeviceSettings.address_base); a point takes
+    #: its source's (the device's own, or its profile's) unless it states one
+    address_base: AddressBase = 0
     #: default: "bool" in coil/discrete_input tables, "uint16" in register tables
     datatype: DataType = "uint16"
     order: Order = "ABCD"
@@ -210,14 +330,41 @@ class ModbusPointSettings(BaseModel):
     #: some models of the device lack this register: after the device refuses it, it is
     #: dropped from the plan (reported) instead of reading BAD forever
     optional: bool = False
+    #: the address as written, when address_base is not 0 (for display)
+    _written: int | None = PrivateAttr(None)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _bool_in_bit_tables(cls, data: Any) -> Any:
-        table = data.get("table") if isinstance(data, dict) else None
-        if isinstance(table, str) and table in BIT_TABLES and "datatype" not in data:
-            return {**data, "datatype": "bool"}
-        return data
+    def _to_protocol_address(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        """Converts the written address to the protocol address (and, for Modicon
+        numbers, infers the table), then validates; bit tables default to "bool"."""
+        written = None
+        if isinstance(data, dict):
+            base, number, table = (
+                data.get("address_base", 0),
+                data.get("address"),
+                data.get("table"),
+            )
+            valid_table = table is None or (isinstance(table, str) and table in _DIGIT_OF)
+            if (
+                base in (0, 1, "modicon")
+                and isinstance(number, int)
+                and not isinstance(number, bool)
+                and valid_table
+            ):
+                try:
+                    found, pdu = pdu_address(number, base, table)
+                except ValueError as exc:
+                    raise _problem(str(exc), "address") from None
+                data = {**data, "table": found, "address": pdu}
+                written = number if base != 0 else None
+            table = data.get("table")
+            if isinstance(table, str) and table in BIT_TABLES and "datatype" not in data:
+                data = {**data, "datatype": "bool"}
+        model = handler(data)
+        if isinstance(model, cls) and written is not None:
+            model._written = written
+        return model
 
     @field_validator("datatype")
     @classmethod
@@ -269,3 +416,13 @@ class ModbusPointSettings(BaseModel):
     def size(self) -> int:
         """Registers (or bits, in a bit table) the value takes."""
         return register_count(self.datatype, self.length)
+
+    @property
+    def shown_address(self) -> str:
+        """The address as the source wrote it, e.g. ``30001 (PDU 0)`` or ``12``."""
+        return written_address(self.table, self.address, self.address_base, self._written)
+
+    @property
+    def six_digits(self) -> bool:
+        """Whether the source wrote a 6-digit Modicon number (300001)."""
+        return self._written is not None and self._written >= 100000
