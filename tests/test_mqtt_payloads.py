@@ -552,6 +552,7 @@ def test_unit_from_payload_refused() -> None:
         ({"timestamp_fallback": "reception"}, "only for a timestamp"),
         ({"optional": True}, "only for format = 'json'"),
         ({"unit_path": "U"}, "only for format = 'json'"),
+        ({"format": "binary", "datatype": "u8", "values": {"on": 1}}, "for text formats"),
         ({"format": "json", "path": "v", "unit_path": "a..b"}, "not a JSON path"),
         ({"format": "json", "path": "v", "timestamp": "t", "timestamp_fallback": "x"}, "reject"),
     ],

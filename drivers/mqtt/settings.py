@@ -297,6 +297,8 @@ class MqttPointSettings(BaseModel):
         for key, owner in only.items():
             if key in given and fmt != owner:
                 raise _problem(f"{key} is only for format = {owner!r}; this point has {fmt!r}", key)
+        if fmt == "binary" and "values" in given:
+            raise _problem("values (words) is for text formats, not binary payloads", "values")
         if fmt == "json" and self.path is None:
             raise _problem(
                 "format = 'json' needs path: where the value is in the document, e.g. "
