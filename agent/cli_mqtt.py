@@ -68,6 +68,7 @@ def sniff(
     from agent.runtime import device_specs
     from drivers.mqtt.driver import Router, client_for, payload_bytes, routes_of
     from drivers.mqtt.settings import MqttDeviceSettings
+    from native.batch import GOOD, QUALITY_NAMES
 
     router: Router | None = None
     link: MqttDeviceSettings | None = None
@@ -117,8 +118,13 @@ def sniff(
                         out.print(Text("  → no point's topic matches", style="yellow"))
                     for o in outcomes:
                         key = o.route.point.key
-                        if o.ok:
+                        if o.absent:
+                            out.print(Text(f"  → {key}: not in this message", style="dim"))
+                        elif o.ok:
                             line = f"  → {key} = {o.value:g}"
+                            if o.quality != GOOD:
+                                line += f" ({QUALITY_NAMES[o.quality]}"
+                                line += f", {o.note})" if o.note else ")"
                             if o.timestamp_ms is not None:
                                 iso = time.strftime(
                                     "%Y-%m-%dT%H:%M:%SZ", time.gmtime(o.timestamp_ms / 1000)
@@ -126,7 +132,8 @@ def sniff(
                                 line += f" at {iso}"
                             out.print(Text(line, style="green"))
                         else:
-                            out.print(Text(f"  → matches {key} but: {o.reason}", style="red"))
+                            why = f"{o.reason}: {o.detail}" if o.detail else o.reason
+                            out.print(Text(f"  → matches {key} but: {why}", style="red"))
                 seen += 1
                 if count is not None and seen >= count:
                     break

@@ -79,3 +79,83 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 #: the linear conversion of drivers: value = raw * scale + offset
 Scale = Annotated[float, AfterValidator(check_scale)]
 Offset = Annotated[float, AfterValidator(check_finite)]
+
+
+# -- physical units of readings -------------------------------------------------------
+# A reading's unit as a device states it ("F", "°F", "degF") -> (quantity, factor, offset)
+# with value_in_base = value * factor + offset; base units: K, Pa, m, m/s, J, W, V, A, Hz,
+# m3, s. Exact spellings (case matters: "mV" is not "MV"); a unit missing here cannot be
+# converted, and a reading in it is refused rather than stored under the wrong unit.
+_PHYSICAL: dict[str, tuple[str, float, float]] = {}
+
+
+def _units(quantity: str, factor: float, offset: float, *names: str) -> None:
+    for name in names:
+        _PHYSICAL[name] = (quantity, factor, offset)
+
+
+_units("temperature", 1.0, 273.15, "°C", "degC", "C", "℃", "Celsius", "celsius")
+_units("temperature", 5 / 9, 273.15 - 32 * 5 / 9, "°F", "degF", "F", "℉", "Fahrenheit",
+       "fahrenheit")  # fmt: skip
+_units("temperature", 1.0, 0.0, "K", "kelvin", "Kelvin")
+_units("pressure", 1.0, 0.0, "Pa")
+_units("pressure", 100.0, 0.0, "hPa", "mbar")
+_units("pressure", 1000.0, 0.0, "kPa")
+_units("pressure", 1e5, 0.0, "bar")
+_units("pressure", 133.322387415, 0.0, "mmHg")
+_units("pressure", 3386.389, 0.0, "inHg")
+_units("pressure", 6894.757293168, 0.0, "psi")
+_units("length", 1e-3, 0.0, "mm")
+_units("length", 1e-2, 0.0, "cm")
+_units("length", 1.0, 0.0, "m")
+_units("length", 1e3, 0.0, "km")
+_units("length", 0.0254, 0.0, "in")
+_units("length", 0.3048, 0.0, "ft")
+_units("length", 1609.344, 0.0, "mi")
+_units("speed", 1.0, 0.0, "m/s")
+_units("speed", 1 / 3.6, 0.0, "km/h", "kmh")
+_units("speed", 0.44704, 0.0, "mph")
+_units("speed", 1852 / 3600, 0.0, "kn", "kt", "kts")
+_units("speed", 0.3048, 0.0, "ft/s")
+_units("speed", 0.9144, 0.0, "yd/s")
+_units("energy", 1.0, 0.0, "J")
+_units("energy", 3600.0, 0.0, "Wh")
+_units("energy", 3.6e6, 0.0, "kWh")
+_units("energy", 3.6e9, 0.0, "MWh")
+_units("power", 1e-3, 0.0, "mW")
+_units("power", 1.0, 0.0, "W")
+_units("power", 1e3, 0.0, "kW")
+_units("power", 1e6, 0.0, "MW")
+_units("voltage", 1e-3, 0.0, "mV")
+_units("voltage", 1.0, 0.0, "V")
+_units("voltage", 1e3, 0.0, "kV")
+_units("current", 1e-3, 0.0, "mA")
+_units("current", 1.0, 0.0, "A")
+_units("frequency", 1.0, 0.0, "Hz")
+_units("frequency", 1e3, 0.0, "kHz")
+_units("volume", 1e-3, 0.0, "L", "l")
+_units("volume", 1.0, 0.0, "m3", "m³")
+_units("time", 1e-3, 0.0, "ms")
+_units("time", 1.0, 0.0, "s")
+_units("time", 60.0, 0.0, "min")
+_units("time", 3600.0, 0.0, "h")
+
+
+def physical_unit(name: str) -> tuple[str, float, float] | None:
+    """(quantity, factor, offset) of a unit `convert` knows, else None."""
+    return _PHYSICAL.get(name.strip())
+
+
+def convert(value: float, from_unit: str, to_unit: str) -> float:
+    """`value` in `from_unit` expressed in `to_unit`; ValueError naming both if either is
+    unknown or they measure different quantities (°F -> °C yes, °F -> hPa no)."""
+    a = physical_unit(from_unit)
+    b = physical_unit(to_unit)
+    if a is None or b is None:
+        unknown = from_unit if a is None else to_unit
+        raise ValueError(f"unknown unit {unknown!r}")
+    if a[0] != b[0]:
+        raise ValueError(f"{from_unit!r} ({a[0]}) cannot be converted to {to_unit!r} ({b[0]})")
+    if from_unit.strip() == to_unit.strip() or a[1:] == b[1:]:
+        return value
+    return (value * a[1] + a[2] - b[2]) / b[1]

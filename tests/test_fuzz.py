@@ -49,8 +49,9 @@ from drivers.ble.advert import Advertisement, Decoded, DecodeError, uuid16
 from drivers.ble.decoders import FORMATS, Decoders, beacons, bthome, generic, ruuvi
 from drivers.ble.decoders.bthome_encryption import encrypt, make_cipher
 from drivers.ble.decoders.generic import TYPES, FieldType, GenericField, GenericLayout
-from drivers.mqtt.payloads import REASONS, PayloadError, parse
+from drivers.mqtt.payloads import NOTES, REASONS, PayloadError, parse
 from drivers.mqtt.settings import MqttPointSettings
+from native.batch import BAD
 
 # The same cases on every run (CI must not pass or fail by luck); CITYGW_FUZZ_RANDOM=1
 # draws new ones, to explore.
@@ -490,20 +491,31 @@ def point_settings(draw: st.DrawFn) -> MqttPointSettings:
     kw: dict[str, Any] = {"topic": "t", "format": fmt}
     if fmt == "json":
         kw["path"] = draw(st.sampled_from(["a", "a.b", "[0]", "data.a[1]", "t", "b[2].a"]))
+        kw["optional"] = draw(st.booleans())
+        if draw(st.booleans()):
+            kw["unit_path"] = draw(st.sampled_from(["t", "a.t"]))
         if draw(st.booleans()):
             kw["timestamp"] = draw(st.sampled_from(["t", "a.t", "data"]))
             kw["timestamp_format"] = draw(TS_FORMATS)
+            kw["timestamp_fallback"] = draw(st.sampled_from(["reject", "reception"]))
+            if draw(st.booleans()):
+                kw["timezone"] = "Europe/Berlin"
     elif fmt == "csv":
         kw["column"] = draw(st.integers(0, 4))
         kw["delimiter"] = draw(st.sampled_from([",", ";", "\t", " "]))
         if draw(st.booleans()):
             kw["timestamp"] = draw(st.integers(0, 4))
             kw["timestamp_format"] = draw(TS_FORMATS)
+            kw["timestamp_fallback"] = draw(st.sampled_from(["reject", "reception"]))
+            if draw(st.booleans()):
+                kw["timezone"] = "America/New_York"
     elif fmt == "binary":
         kw["datatype"] = draw(st.sampled_from(["u8", "i8", "u16", "i16", "u32", "i32", "f32",
                                                "f64"]))  # fmt: skip
         kw["byte_offset"] = draw(st.integers(0, 20))
         kw["endian"] = draw(st.sampled_from(["big", "little"]))
+    if fmt != "binary" and draw(st.booleans()):
+        kw["values"] = {"on": 1.0, "Offline": 0.0, "unavailable": math.nan}
     if draw(st.booleans()):
         kw["scale"] = draw(st.sampled_from([0.1, -1e308, 1e308, 1e-300]))
         kw["offset"] = draw(st.sampled_from([0.0, -1e308, 1e308]))
@@ -537,12 +549,16 @@ PAYLOADS = st.one_of(
 @given(point_settings(), PAYLOADS)
 def test_mqtt_payloads(spec: MqttPointSettings, payload: bytes) -> None:
     try:
-        value, ts = parse(payload, spec)
+        reading = parse(payload, spec)
     except PayloadError as exc:
         assert exc.reason in REASONS
     else:
-        assert isinstance(value, float)
-        assert ts is None or isinstance(ts, int)
+        if reading is not None:  # None: an optional path absent
+            value, ts, quality, note = reading
+            assert isinstance(value, float)
+            assert math.isfinite(value) == (quality != BAD)
+            assert ts is None or isinstance(ts, int)
+            assert note is None or note in NOTES
 
 
 # -- downlink commands -----------------------------------------------------------------

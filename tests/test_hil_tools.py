@@ -588,8 +588,9 @@ def test_mqtt_sensors_publish_and_record_every_message(mosquitto: Mosquitto) -> 
             for q, spec in points.items():
                 if m.garbage is None:
                     assert m.values is not None
-                    value, ts = parse(m.payload, spec)
-                    assert value == m.values[q] and ts is not None
+                    reading = parse(m.payload, spec)
+                    assert reading is not None
+                    assert reading.value == m.values[q] and reading.timestamp_ms is not None
                 else:
                     with pytest.raises(PayloadError) as info:
                         parse(m.payload, spec)

@@ -156,7 +156,7 @@ def test_malformed_and_unmatched_messages_are_counted(mosquitto: Mosquitto) -> N
         assert sink.rows()[0][2] == 7.0
         h = driver.health()["street-7"]
         assert h.errors == 2
-        assert h.last_error == "sensors/street-7/json: bad_json"
+        assert h.last_error == "sensors/street-7/json: bad_json: b'{broken'"
         assert h.as_dict()["rejected"] == {"not_a_number": 1, "bad_json": 1}
         assert driver.links[0].rejected == 2
         assert driver.health()["street-8"].errors == 0

@@ -19,6 +19,7 @@ import time
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import tzinfo
 from typing import Any
 
 import aiomqtt
@@ -28,9 +29,16 @@ from agent.logs import Throttle
 from agent.mqtt_url import tls_context
 from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, Driver, PointSpec
 from drivers.mqtt.payloads import PayloadError, parse
-from drivers.mqtt.settings import MqttDeviceSettings, MqttPointSettings
+from drivers.mqtt.settings import MqttDeviceSettings, MqttPointSettings, check_point_unit, zone
 from drivers.mqtt.topics import TopicPattern, TopicPatternError, join_topic
-from native.batch import ID_TYPECODE, QUALITY_TYPECODE, TS_TYPECODE, VALUE_TYPECODE, Batch
+from native.batch import (
+    GOOD,
+    ID_TYPECODE,
+    QUALITY_TYPECODE,
+    TS_TYPECODE,
+    VALUE_TYPECODE,
+    Batch,
+)
 
 log = logging.getLogger("citygw.drivers.mqtt")
 
@@ -50,6 +58,8 @@ class Route:
     device_value: str
     point_value: str
     qos: int
+    #: the device's zone of payload timestamps without an offset (a point's own wins)
+    zone: tzinfo | None = None
 
     def accepts(self, topic: str) -> bool:
         captures = self.pattern.match(topic)
@@ -62,16 +72,23 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one message meant for one point: a reading, or the reason it is none."""
+    """What one message meant for one point: a reading, the reason it is none, or
+    nothing (`absent`: the point's optional path is not in this message)."""
 
     route: Route
     value: float = math.nan
     timestamp_ms: int | None = None
     reason: str | None = None
+    quality: int = GOOD
+    #: what the reason is about: the missing path, the unmapped word...
+    detail: str = ""
+    #: a kept reading's remark, counted (payloads.NOTES: timestamp_fallback...)
+    note: str | None = None
+    absent: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.reason is None
+        return self.reason is None and not self.absent
 
 
 def routes_of(devices: Iterable[DeviceSpec]) -> list[Route]:
@@ -90,6 +107,7 @@ def routes_of(devices: Iterable[DeviceSpec]) -> list[Route]:
                     device_value=ds.device_value or device.name,
                     point_value=ps.point_value or point.name,
                     qos=ds.qos,
+                    zone=zone(ds.timezone) if ds.timezone else None,
                 )
             )
     return routes
@@ -118,11 +136,15 @@ class Router:
             ps = r.point.settings
             assert isinstance(ps, MqttPointSettings)
             try:
-                value, ts = parse(payload, ps)
+                reading = parse(payload, ps, unit=r.point.unit, zone=r.zone)
             except PayloadError as exc:
-                out.append(Outcome(r, reason=exc.reason))
+                out.append(Outcome(r, reason=exc.reason, detail=exc.detail))
             else:
-                out.append(Outcome(r, value=value, timestamp_ms=ts))
+                if reading is None:
+                    out.append(Outcome(r, absent=True))
+                else:
+                    value, ts, quality, note = reading
+                    out.append(Outcome(r, value, ts, quality=quality, note=note))
         return out
 
 
@@ -208,11 +230,15 @@ class MqttDriver(Driver):
         points: Sequence[BaseModel],
         tables: Sequence[Mapping[str, Any]],
     ) -> list[DeviceConfigProblem]:
-        """Each point's topic behind the device's topic_prefix must be a valid pattern."""
+        """Each point's topic behind the device's topic_prefix must be a valid pattern,
+        and a point whose unit comes from the payload needs a unit to convert to."""
         assert isinstance(device, MqttDeviceSettings)
         problems = []
         for j, point in enumerate(points):
             assert isinstance(point, MqttPointSettings)
+            unit = tables[j].get("unit", "") if j < len(tables) else ""
+            if (why := check_point_unit(point, str(unit))) is not None:
+                problems.append(DeviceConfigProblem(("points", j, "unit"), why))
             try:
                 TopicPattern(join_topic(device.topic_prefix, point.topic))
             except TopicPatternError as exc:
@@ -307,9 +333,20 @@ class MqttDriver(Driver):
             health = self._health[o.route.device]
             if o.ok:
                 per_device[o.route.device] = per_device.get(o.route.device, 0) + 1
-            else:
+                if o.note is not None:  # kept, UNCERTAIN, but counted and said
+                    health.reject(o.note)
+                    if (n := self._throttle.ready(f"{o.note}:{o.route.point.key}")) is not None:
+                        log.warning(
+                            "message on %s for %s: %s, kept as uncertain (%d in the last minute)",
+                            topic,
+                            o.route.point.key,
+                            o.note,
+                            n,
+                        )
+            elif not o.absent:
+                why = f"{o.reason}: {o.detail}" if o.detail else str(o.reason)
                 link.rejected += 1
-                health.failure(f"{topic}: {o.reason}")
+                health.failure(f"{topic}: {why}")
                 health.reject(o.reason or "payload")
                 key = f"bad:{topic}:{o.route.point.key}"
                 if (n := self._throttle.ready(key)) is not None:
@@ -317,12 +354,11 @@ class MqttDriver(Driver):
                         "message on %s for %s dropped: %s (%d in the last minute)",
                         topic,
                         o.route.point.key,
-                        o.reason,
+                        why,
                         n,
                     )
         if not good:
             return None
-        n = len(good)
         batch = Batch(
             array(ID_TYPECODE, [o.route.point.id for o in good]),
             array(
@@ -330,7 +366,7 @@ class MqttDriver(Driver):
                 [received_ms if o.timestamp_ms is None else o.timestamp_ms for o in good],
             ),
             array(VALUE_TYPECODE, [o.value for o in good]),
-            array(QUALITY_TYPECODE, bytes(n)),
+            array(QUALITY_TYPECODE, [o.quality for o in good]),
         )
         accepted = sink.push(batch)
         for device, count in per_device.items():

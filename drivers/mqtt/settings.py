@@ -4,9 +4,12 @@ besides the generic ones in agent/config.py."""
 
 from __future__ import annotations
 
+import math
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -21,12 +24,14 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from agent.mqtt_url import BrokerAddress, BrokerUrl, ClientId
-from agent.units import Duration, Offset, Scale
+from agent.units import Duration, Offset, Scale, physical_unit
 from drivers.mqtt.topics import TopicPattern, TopicPatternError
 
 Format = Literal["number", "json", "csv", "binary"]
 BinaryType = Literal["u8", "i8", "u16", "i16", "u32", "i32", "f32", "f64"]
 TimestampFormat = Literal["auto", "epoch_s", "epoch_ms", "iso8601"]
+#: what a point does when its payload's timestamp is missing or unusable
+TimestampFallback = Literal["reject", "reception"]
 #: one step of a JSON path: a key or a list index
 PathStep = str | int
 
@@ -56,6 +61,26 @@ def parse_path(text: str) -> tuple[PathStep, ...]:
             steps.append(m.group(1))
         steps.extend(int(n) for n in _INDEX.findall(m.group(2)))
     return tuple(steps)
+
+
+@lru_cache(maxsize=64)
+def zone(name: str) -> ZoneInfo:
+    """The IANA time zone `name` (cached); ValueError with a hint if unknown."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown time zone {name!r}; give an IANA name such as 'Europe/Berlin' or 'UTC'"
+        ) from None
+
+
+def _check_timezone(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            zone(value)
+        except ValueError as exc:
+            raise _problem(str(exc)) from None
+    return value
 
 
 def _check_file(value: Path | None, info: ValidationInfo) -> Path | None:
@@ -95,6 +120,14 @@ class MqttDeviceSettings(BaseModel):
     topic_prefix: str = ""
     #: what a {device} capture must equal (default: the device's name)
     device_value: str | None = None
+    #: IANA time zone of the payload timestamps that carry no offset (default UTC);
+    #: a point's own `timezone` overrides it
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_device_timezone(cls, v: str | None) -> str | None:
+        return _check_timezone(v)
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
@@ -163,9 +196,25 @@ class MqttPointSettings(BaseModel):
     #: "reception" (when the gateway got it), a JSON path (json) or a column (csv)
     timestamp: str | int = "reception"
     timestamp_format: TimestampFormat = "auto"
+    #: IANA time zone of a payload timestamp without an offset (default: the device's,
+    #: else UTC)
+    timezone: str | None = None
+    #: a missing or unusable payload timestamp: "reject" the reading, or stamp it with
+    #: the "reception" time, quality UNCERTAIN (counted as timestamp_fallback)
+    timestamp_fallback: TimestampFallback = "reject"
+    #: words the payload may carry instead of a number, matched ignoring case and
+    #: surrounding spaces: { Online = 1, Offline = 0 }; nan = a missing value (BAD)
+    values: dict[str, float] | None = None
+    #: json: the path may be absent from a message (no reading, not an error)
+    optional: bool = False
+    #: json: where the payload states the value's unit ("TempUnit"); the value is
+    #: converted to the point's `unit`, or refused if it cannot be
+    unit_path: str | None = None
 
     _path: tuple[PathStep, ...] = PrivateAttr(default=())
     _ts_path: tuple[PathStep, ...] | None = PrivateAttr(default=None)
+    _unit_path: tuple[PathStep, ...] | None = PrivateAttr(default=None)
+    _words: dict[str, float] = PrivateAttr(default_factory=dict)
 
     @field_validator("topic")
     @classmethod
@@ -183,7 +232,31 @@ class MqttPointSettings(BaseModel):
             raise _problem(f"{v!r} cannot be a topic level; no '/', '+' or '#', not empty")
         return v
 
-    @field_validator("path")
+    @field_validator("timezone")
+    @classmethod
+    def _check_point_timezone(cls, v: str | None) -> str | None:
+        return _check_timezone(v)
+
+    @field_validator("values")
+    @classmethod
+    def _check_values(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return None
+        if not v:
+            raise _problem("values needs at least one word, e.g. { Online = 1, Offline = 0 }")
+        seen: dict[str, str] = {}
+        for word, number in v.items():
+            key = word.strip().casefold()
+            if not key:
+                raise _problem("an empty word cannot be matched; remove it")
+            if key in seen:
+                raise _problem(f"{seen[key]!r} and {word!r} are the same word (case is ignored)")
+            seen[key] = word
+            if math.isinf(number):
+                raise _problem(f"{word!r} = {number}: give a finite number, or nan for missing")
+        return v
+
+    @field_validator("path", "unit_path")
     @classmethod
     def _check_path(cls, v: str | None) -> str | None:
         if v is not None:
@@ -218,10 +291,14 @@ class MqttPointSettings(BaseModel):
             "byte_offset": "binary",
             "datatype": "binary",
             "endian": "binary",
+            "optional": "json",
+            "unit_path": "json",
         }
         for key, owner in only.items():
             if key in given and fmt != owner:
                 raise _problem(f"{key} is only for format = {owner!r}; this point has {fmt!r}", key)
+        if fmt == "binary" and "values" in given:
+            raise _problem("values (words) is for text formats, not binary payloads", "values")
         if fmt == "json" and self.path is None:
             raise _problem(
                 "format = 'json' needs path: where the value is in the document, e.g. "
@@ -259,14 +336,20 @@ class MqttPointSettings(BaseModel):
                 self._ts_path = parse_path(ts)
             except ValueError as exc:
                 raise _problem(str(exc), "timestamp") from None
-        elif "timestamp_format" in given:
-            raise _problem(
-                "timestamp_format is only for a timestamp taken from the payload "
-                "(timestamp = a JSON path or a CSV column)",
-                "timestamp_format",
-            )
+        else:
+            for key in ("timestamp_format", "timezone", "timestamp_fallback"):
+                if key in given:
+                    raise _problem(
+                        f"{key} is only for a timestamp taken from the payload "
+                        "(timestamp = a JSON path or a CSV column)",
+                        key,
+                    )
         if self.path is not None:
             self._path = parse_path(self.path)
+        if self.unit_path is not None:
+            self._unit_path = parse_path(self.unit_path)
+        if self.values is not None:
+            self._words = {w.strip().casefold(): n for w, n in self.values.items()}
         return self
 
     @property
@@ -277,3 +360,28 @@ class MqttPointSettings(BaseModel):
     def timestamp_path(self) -> tuple[PathStep, ...] | None:
         """None: reception time; a JSON path (json); () for a CSV column (csv)."""
         return self._ts_path
+
+    @property
+    def unit_json_path(self) -> tuple[PathStep, ...] | None:
+        return self._unit_path
+
+    @property
+    def zone(self) -> ZoneInfo | None:
+        """The point's own time zone (None: the device's, else UTC)."""
+        return zone(self.timezone) if self.timezone else None
+
+    @property
+    def words(self) -> dict[str, float]:
+        """`values` with each word trimmed and case-folded (how payload words are matched)."""
+        return self._words
+
+
+def check_point_unit(point: MqttPointSettings, unit: str) -> str | None:
+    """Why a point's `unit` does not suit its settings (None: it does): a unit taken from
+    the payload needs a configured unit that it can be converted to."""
+    if point.unit_path is not None and physical_unit(unit) is None:
+        return (
+            f"unit_path needs the point's unit to be one citygw converts to (°C, °F, K, hPa, "
+            f"mmHg, m/s, km/h, W, kWh, V, A...); got {unit!r}"
+        )
+    return None
