@@ -179,8 +179,10 @@ def sniff(
         seen = 0
         client = client_for(link, f"citygw-sniff-{secrets.token_hex(4)}")
         async with client:
+            tagged = v5 and client.subscription_ids  # (the broker's CONNACK says)
             for i, f in enumerate(filters):
-                await client.subscribe(f, 0, properties=subscribe_properties(i + 1) if v5 else None)
+                props = subscribe_properties(i + 1) if tagged else None
+                await client.subscribe(f, 0, properties=props)
             out.print(Text(f"listening on {where} to {', '.join(filters)}", style="dim"))
             async for message in client.messages:
                 name = message.topic.value

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -26,7 +29,8 @@ from agent.cli import app
 from agent.config import ConfigError, parse_config
 from agent.runtime import device_specs
 from agent.status import render_status
-from drivers.mqtt.driver import MqttDriver
+from drivers.mqtt.driver import MqttDriver, client_for
+from drivers.mqtt.settings import MqttDeviceSettings
 from drivers.mqtt.topics import covers, overlap
 from native.batch import GOOD, UNCERTAIN
 from tests.helpers import Sink, running_broker
@@ -171,6 +175,24 @@ def test_filter_cover() -> None:
     assert not covers("a/b", "a/b/c") and not covers("a/+/#", "a")
     assert overlap("x/+/c", "x/b/+") and overlap("a/#", "a") and overlap("+/+", "a/#")
     assert not overlap("a/b", "a/c") and not overlap("a", "a/+") and not overlap("+", "$SYS")
+
+
+def test_no_subscription_identifier_to_a_broker_without_them() -> None:
+    """A broker's CONNACK may say it takes no subscription identifiers (sending one
+    would then be a protocol error): the client notes it."""
+
+    async def check(available: int | None) -> bool:
+        client = client_for(MqttDeviceSettings(broker="mqtt://127.0.0.1"), "c")
+        props = None
+        if available is not None:
+            props = Properties(PacketTypes.CONNACK)
+            props.SubscriptionIdentifierAvailable = available
+        client._on_connect(client._client, None, None, ReasonCode(PacketTypes.CONNACK), props)
+        return client.subscription_ids
+
+    assert asyncio.run(check(0)) is False
+    assert asyncio.run(check(1)) is True
+    assert asyncio.run(check(None)) is False  # MQTT 3.1.1: no properties at all
 
 
 def test_sniff_shows_a_message_once_whatever_filters_match(mosquitto: Mosquitto) -> None:

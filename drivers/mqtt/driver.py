@@ -27,7 +27,7 @@ from typing import Any
 
 import aiomqtt
 import orjson
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from agent.logs import Throttle
 from agent.mqtt_url import tls_context
+from agent.reconnect import MqttClient
 from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, Driver, PointSpec
 from drivers.mqtt.payloads import PayloadError, parse
 from drivers.mqtt.settings import MqttDeviceSettings, MqttPointSettings, RetainedPolicy
@@ -380,7 +381,27 @@ class Link:
         return f"{a.host}:{a.port}"
 
 
-def client_for(settings: MqttDeviceSettings, client_id: str) -> aiomqtt.Client:
+class SiteClient(MqttClient):
+    """The client of a site broker: the agent's MQTT client (a connection attempt ends at
+    a reset), which also notes whether the broker takes subscription identifiers (its
+    CONNACK says so; sending one to a broker that does not is a protocol error)."""
+
+    subscription_ids: bool = True
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        available = getattr(properties, "SubscriptionIdentifierAvailable", 1)
+        self.subscription_ids = properties is not None and bool(available)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
+
+
+def client_for(settings: MqttDeviceSettings, client_id: str) -> SiteClient:
     """An aiomqtt client for a device's broker settings (not yet connected)."""
     address = settings.address
     v5 = settings.mqtt_version == "5"
@@ -391,7 +412,7 @@ def client_for(settings: MqttDeviceSettings, client_id: str) -> aiomqtt.Client:
             str(settings.cert_file) if settings.cert_file else None,
             str(settings.key_file) if settings.key_file else None,
         )
-    return aiomqtt.Client(
+    return SiteClient(
         address.host,
         address.port,
         username=settings.username,
@@ -400,7 +421,7 @@ def client_for(settings: MqttDeviceSettings, client_id: str) -> aiomqtt.Client:
         protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
         # a clean session either way (MQTT 5 calls it clean start)
         clean_session=None if v5 else True,
-        clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY,
+        clean_start=True if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
         keepalive=int(settings.keepalive),
         timeout=10.0,
         tls_context=tls,
@@ -531,7 +552,9 @@ class MqttDriver(Driver):
         while True:
             try:
                 async with client_for(link.settings, link.client_id) as client:
-                    v5 = link.settings.mqtt_version == "5"
+                    v5 = link.settings.mqtt_version == "5" and client.subscription_ids
+                    if not v5 and link.settings.mqtt_version == "5":
+                        self._no_subscription_ids(link)
                     link.subscribed = {}
                     for topic, qos in subscriptions.items():
                         sub_id = link.router.subscription_id(topic)
@@ -568,6 +591,15 @@ class MqttDriver(Driver):
             link.subscribed = {}
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.reconnect_max_s)
+
+    def _no_subscription_ids(self, link: Link) -> None:
+        if (n := self._throttle.ready(f"no-sub-ids:{link.where}")) is not None:
+            log.warning(
+                "broker %s does not take subscription identifiers: a message that "
+                "crossing filters match may be read twice (%d connects)",
+                link.where,
+                n,
+            )
 
     def _refused(self, link: Link, topic: str, result: object) -> None:
         """A subscription the broker refused (an ACL, say): its points stay silent."""
