@@ -167,6 +167,25 @@ def test_one_publish_is_one_reading_whatever_filters_match(version: str, tmp_pat
         asyncio.run(with_driver(driver, sink, body))
 
 
+def test_router_reads_each_copy_for_its_own_subscriptions() -> None:
+    driver, ids = make(
+        device("c1", "mqtt://h", "", 'name = "p"\ntopic = "x/+/c"')
+        + device("c2", "mqtt://h", "", 'name = "p"\ntopic = "x/b/+"')
+    )
+    router = driver.links[0].router
+    one, two = router.subscription_id("x/+/c"), router.subscription_id("x/b/+")
+    first = router.route("x/b/c", b"1", sub_ids=[one])
+    second = router.route("x/b/c", b"1", sub_ids=[two])
+    assert [o.route.point.id for o in first.outcomes] == [ids["c1/p"]]
+    assert [o.route.point.id for o in second.outcomes] == [ids["c2/p"]]
+    assert (first.counted, second.counted) == (True, False)  # message counters: once
+    both = router.route("x/b/c", b"1", sub_ids=[one, two])  # a broker that sends one copy
+    assert len(both.outcomes) == 2 and both.devices == ["c1", "c2"]
+    # a subscription the broker refused brings no copy: the other one counts
+    router.refused.add(one)
+    assert router.route("x/b/c", b"1", sub_ids=[two]).counted
+
+
 def test_filter_cover() -> None:
     assert covers("+/sensor/+/state", "homeassistant/sensor/+/state")
     assert covers("a/#", "a") and covers("a/#", "a/+/b") and covers("#", "a/#")

@@ -256,6 +256,8 @@ class Router:
         }
         #: point id -> hash of the last payload it read (a retained repeat is not new)
         self._last: dict[int, int] = {}
+        #: identifiers of the subscriptions the broker refused: no copy comes for them
+        self.refused: set[int] = set()
 
     def subscriptions(self) -> dict[str, int]:
         """Each MQTT filter to subscribe to, with the highest qos asked for it; a filter
@@ -282,7 +284,9 @@ class Router:
         carries (MQTT 5): it is read only by the points of those subscriptions. None
         (MQTT 3.1.1, or a tool): by every point whose topic matches."""
         out = Delivery()
-        matching = [i for f, i in self._filters if f.match(topic) is not None]
+        matching = [
+            i for f, i in self._filters if i not in self.refused and f.match(topic) is not None
+        ]
         if sub_ids is not None and matching:
             out.counted = min(matching) in sub_ids
         # per device, the first subscription that brings it this message: the device
@@ -292,6 +296,7 @@ class Router:
         for r, ids in zip(self.routes, self._route_ids, strict=True):
             if not r.accepts(topic) or r.session.ignores(topic):
                 continue
+            ids = ids - self.refused if self.refused else ids
             if ids:
                 firsts[r.device] = min(firsts.get(r.device, min(ids)), min(ids))
             if sub_ids is not None and ids.isdisjoint(sub_ids):
@@ -319,7 +324,7 @@ class Router:
         for s in self.sessions.values():
             if s.availability is None or not s.is_own(s.availability, topic):
                 continue
-            ids = self._availability_ids[s.device]
+            ids = self._availability_ids[s.device] - self.refused
             if ids:
                 firsts[s.device] = min(firsts.get(s.device, min(ids)), min(ids))
             if sub_ids is not None and ids.isdisjoint(sub_ids):
@@ -556,6 +561,7 @@ class MqttDriver(Driver):
                     if not v5 and link.settings.mqtt_version == "5":
                         self._no_subscription_ids(link)
                     link.subscribed = {}
+                    link.router.refused.clear()
                     for topic, qos in subscriptions.items():
                         sub_id = link.router.subscription_id(topic)
                         props = subscribe_properties(sub_id) if v5 else None
@@ -563,6 +569,7 @@ class MqttDriver(Driver):
                         if granted(result):
                             link.subscribed[topic] = qos
                         else:
+                            link.router.refused.add(sub_id)
                             self._refused(link, topic, result)
                     link.connected = True
                     link.connects += 1
