@@ -125,13 +125,23 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
             )
 
     devices = Table(title="devices")
-    for col in ("device", "last success", "polls", "errors", "in a row", "skipped", "last error"):
+    for col in (
+        "device",
+        "last success",
+        "polls/msgs",
+        "errors",
+        "in a row",
+        "skipped",
+        "last error",
+    ):
         devices.add_column(col)
     for name, h in sorted((agent.get("devices") or {}).items()):
+        # an event-driven device (mqtt) is never polled: count the messages it sent
+        messages = h.get("messages")
         devices.add_row(
-            name,
+            name + (" (offline)" if h.get("online") is False else ""),
             _age(h.get("last_success_ms"), now_ms),
-            str(h.get("polls", 0)),
+            f"{messages} msgs" if messages is not None else str(h.get("polls", 0)),
             _errors(h),
             str(h.get("consecutive_failures", 0)),
             str(h.get("skipped_polls", 0)),

@@ -76,6 +76,10 @@ class DeviceHealth:
     #: bad CRC, a payload that does not parse...); `errors` mixes them with timeouts and
     #: lost links, this says exactly how much junk arrived
     rejected: dict[str, int] = field(default_factory=dict)
+    #: event-driven drivers (mqtt): the messages the device sent (None: a polled device)
+    messages: int | None = None
+    #: what the device's own availability signal (an MQTT LWT) last said; None: no signal
+    online: bool | None = None
 
     def success(self, n_readings: int) -> None:
         self.polls += 1
@@ -106,6 +110,8 @@ class DeviceHealth:
             "skipped_polls": self.skipped_polls,
             "readings": self.readings,
             "rejected": dict(self.rejected),
+            "messages": self.messages,
+            "online": self.online,
         }
 
 

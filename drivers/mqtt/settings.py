@@ -32,6 +32,10 @@ BinaryType = Literal["u8", "i8", "u16", "i16", "u32", "i32", "f32", "f64"]
 TimestampFormat = Literal["auto", "epoch_s", "epoch_ms", "iso8601"]
 #: what a point does when its payload's timestamp is missing or unusable
 TimestampFallback = Literal["reject", "reception"]
+
+#: what a retained message (the broker's copy of an older publish) becomes
+RetainedPolicy = Literal["ignore", "once"]
+MqttVersion = Literal["5", "3.1.1"]
 #: one step of a JSON path: a key or a list index
 PathStep = str | int
 
@@ -129,6 +133,26 @@ class MqttDeviceSettings(BaseModel):
     def _check_device_timezone(cls, v: str | None) -> str | None:
         return _check_timezone(v)
 
+    #: "5" (subscription identifiers tell overlapping filters' copies apart) or "3.1.1"
+    #: for a broker that does not speak MQTT 5 (filters covered by another are dropped)
+    mqtt_version: MqttVersion = "5"
+    #: retained messages (sent at every (re)connect, possibly long dead): "ignore" them,
+    #: or take each retained value "once" (quality uncertain unless the payload dates it)
+    retained: RetainedPolicy = "ignore"
+    #: topic filters (behind topic_prefix) whose messages are expected and not wanted:
+    #: neither read by this device's points nor counted as unmatched
+    ignore_topics: list[str] = Field(default_factory=list, max_length=100)
+    #: the device's availability (LWT) topic, behind topic_prefix: its words set the
+    #: device's health ("tele/{device}/LWT", "zigbee2mqtt/{device}/availability")
+    availability_topic: str | None = None
+    #: in a JSON availability payload, where the word is (default: "state")
+    availability_path: str | None = None
+    #: the words that say online / offline (compared ignoring case)
+    availability_online: list[str] = Field(default_factory=lambda: ["online"], min_length=1)
+    availability_offline: list[str] = Field(default_factory=lambda: ["offline"], min_length=1)
+
+    _availability_path: tuple[PathStep, ...] = PrivateAttr(default=("state",))
+
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
     def _check_files(cls, v: Path | None, info: ValidationInfo) -> Path | None:
@@ -153,8 +177,30 @@ class MqttDeviceSettings(BaseModel):
             raise _problem(f"{v!r} cannot be a topic level; no '/', '+' or '#', not empty")
         return v
 
+    @field_validator("availability_online", "availability_offline")
+    @classmethod
+    def _check_words(cls, v: list[str]) -> list[str]:
+        if any(not w.strip() for w in v):
+            raise _problem("a word must not be empty")
+        return v
+
     @model_validator(mode="after")
     def _cross_checks(self) -> MqttDeviceSettings:
+        fields = self.model_fields_set
+        if self.availability_topic is None:
+            for key in ("availability_path", "availability_online", "availability_offline"):
+                if key in fields:
+                    raise _problem(f"{key} needs availability_topic (the LWT topic)", key)
+        if self.availability_path is not None:
+            try:
+                self._availability_path = parse_path(self.availability_path)
+            except ValueError as exc:
+                raise _problem(str(exc), "availability_path") from None
+        both = self.online_words & self.offline_words
+        if both:
+            raise _problem(
+                f"{sorted(both)[0]!r} is both an online and an offline word", "availability_offline"
+            )
         if (self.cert_file is None) != (self.key_file is None):
             missing = "key_file" if self.key_file is None else "cert_file"
             given = "cert_file" if missing == "key_file" else "key_file"
@@ -169,6 +215,18 @@ class MqttDeviceSettings(BaseModel):
     @property
     def address(self) -> BrokerAddress:
         return BrokerAddress.parse(self.broker)
+
+    @property
+    def online_words(self) -> frozenset[str]:
+        return frozenset(w.strip().casefold() for w in self.availability_online)
+
+    @property
+    def offline_words(self) -> frozenset[str]:
+        return frozenset(w.strip().casefold() for w in self.availability_offline)
+
+    @property
+    def availability_json_path(self) -> tuple[PathStep, ...]:
+        return self._availability_path
 
 
 class MqttPointSettings(BaseModel):

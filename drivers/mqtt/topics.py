@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["TopicPattern", "TopicPatternError", "join_topic"]
+__all__ = ["TopicPattern", "TopicPatternError", "covers", "join_topic", "overlap"]
 
 _CAPTURE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -104,3 +104,37 @@ class TopicPattern:
 def join_topic(prefix: str, topic: str) -> str:
     """A device's topic_prefix and a point's topic as one pattern."""
     return f"{prefix.rstrip('/')}/{topic}" if prefix else topic
+
+
+def covers(general: str, specific: str) -> bool:
+    """Whether MQTT filter `general` matches every topic filter `specific` matches (so
+    subscribing to both only makes the broker send some messages twice)."""
+    g, s = general.split("/"), specific.split("/")
+    for i, level in enumerate(g):
+        if level == "#":  # matches the parent level too ("a/#" matches "a")
+            return i <= len(s) and not (i == 0 and s[0].startswith("$"))
+        if i >= len(s) or s[i] == "#":
+            return False
+        if level == "+":
+            if i == 0 and s[0].startswith("$"):
+                return False
+        elif level != s[i]:
+            return False
+    return len(g) == len(s)
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both MQTT filters `a` and `b`."""
+    x, y = a.split("/"), b.split("/")
+    for i in range(max(len(x), len(y))):
+        p = x[i] if i < len(x) else None
+        q = y[i] if i < len(y) else None
+        if p == "#" or q == "#":  # "a/#" also matches "a": one may end right here
+            return not (i == 0 and ((p or "").startswith("$") or (q or "").startswith("$")))
+        if p is None or q is None:
+            return False
+        if p != q and "+" not in (p, q):
+            return False
+        if i == 0 and "+" in (p, q) and (p + q).lstrip("+").startswith("$"):
+            return False
+    return True
