@@ -1,7 +1,8 @@
 """`citygw modbus …`: the technician's Modbus tools on site.
 
 - `plan -c FILE`: the requests each device's poll groups make (merged reads).
-- `read`: one read from a device, raw and decoded, no config needed.
+- `read`: one read from a device, raw and decoded, no config needed; a "not available"
+  marker (--invalid, by default the datatype's common ones) is shown as such.
 - `write -c FILE --point dev/point --value V`: one verified write through the driver
   (writable points only, within their declared range).
 - `scan`: which unit ids answer and exactly which address ranges are readable (the
@@ -223,6 +224,13 @@ def read(
     bit: Annotated[
         int | None, typer.Option(help="Bit of the register (datatype bit).", min=0, max=15)
     ] = None,
+    invalid: Annotated[
+        list[str] | None,
+        typer.Option(
+            help='A raw value meaning "not available", e.g. 0x7FFFFFFF (repeat for more; '
+            '"none" for none). Default: the common ones of the datatype (NaN for floats).'
+        ),
+    ] = None,
     transport: TransportOption = "tcp",
     host: HostOption = None,
     port: PortOption = 502,
@@ -238,6 +246,7 @@ def read(
     link = _link(transport, host, port, serial_port, baudrate, parity, timeout)
     if table in BIT_TABLES:
         datatype = "bool"
+    absent, declared = _markers(datatype, invalid)
     try:
         n = count or (1 if table in BIT_TABLES else register_count(datatype, length))
     except ValueError as exc:  # a string without --length
@@ -263,9 +272,49 @@ def read(
         regs = [int(v) for v in values]
         out.print(Text(f"hex: {' '.join(f'{r:04X}' for r in regs)}"))
         try:
-            out.print(Text(f"{datatype} {order}: {decode(regs, datatype, order, bit)!r}"))
+            raw = decode(regs, datatype, order, bit)
         except (ValueError, IndexError) as exc:
             err_console().print(Text(f"cannot decode as {datatype}: {exc}"))
+            return
+        out.print(Text(f"{datatype} {order}: {_shown(raw, datatype, absent, declared)}"))
+
+
+def _markers(datatype: DataType, given: list[str] | None) -> tuple[frozenset[int | float], bool]:
+    """The "not available" raw values `read` recognises, and whether they were given
+    (--invalid) rather than the datatype's common ones."""
+    from drivers.modbus.datatypes import COMMON_MARKERS, markers
+
+    if not given:
+        return markers(datatype, COMMON_MARKERS.get(datatype, ())), False
+    numbers: list[int | float] = []
+    for text in given:
+        if text.lower() == "none":
+            continue
+        try:
+            numbers.append(int(text, 0))
+        except ValueError:
+            try:
+                numbers.append(float(text))
+            except ValueError:
+                fail(f"--invalid {text!r}: give a raw value such as 0x7FFFFFFF, -32768 or nan")
+    try:
+        return markers(datatype, numbers), True
+    except ValueError as exc:
+        fail(f"--invalid: {exc}")
+
+
+def _shown(
+    raw: int | float | str, datatype: DataType, absent: frozenset[int | float], declared: bool
+) -> str:
+    """The decoded raw value, or "not available (marker 0x7FFFFFFF)" for a marker."""
+    from drivers.modbus.datatypes import marker_text
+
+    if isinstance(raw, str | bool) or (raw == raw and raw not in absent):
+        return repr(raw)
+    said = f"not available (marker {marker_text(raw, datatype)})"
+    if declared or raw != raw:
+        return said
+    return f"{said}: a common marker of {datatype}; if it is a real value, read with --invalid none"
 
 
 @app.command()
@@ -289,18 +338,19 @@ def write(
     if spec is None:
         fail(f"{config}: device {device_name!r} has no point {point.partition('/')[2]!r}")
 
-    async def go() -> None:
+    async def go() -> float:
         driver = ModbusDriver(devices)
         try:
-            await driver.write(spec, value)
+            return await driver.write(spec, value)
         finally:
             driver.close()
 
     try:
-        asyncio.run(go())
+        written = asyncio.run(go())
     except ModbusWriteError as exc:
         fail(str(exc))
-    out_console().print(Text(f"wrote {value:g} to {point} (verified by reading back)"))
+    # what the register holds, read back: `value` but for a float32's nearest value
+    out_console().print(Text(f"wrote {written:.15g} to {point} (verified by reading back)"))
 
 
 @app.command()

@@ -8,7 +8,11 @@ A command is a JSON object with an `id` (1 to 128 characters) and an `op`:
       {"id": "c-42", "op": "write", "point": "pump-3/setpoint", "value": 12.5}
 
   The point must exist and be marked `writable`, and the value must be a finite number
-  within the point's declared `min`/`max`.
+  within the point's declared `min`/`max`. The driver refuses a value the device cannot
+  hold exactly (10.5 to an integer register with scale 1: the error names the raw value
+  it would need and the nearest writable values); the answer's `written` is the value
+  the point holds after the write, read back (a float32 register holds the nearest
+  float32).
 
 - ``firmware_update``: a signed firmware package for a device's microcontroller,
   fetched from an https URL (docs/firmware-ota.md, "Platform-triggered updates").
@@ -26,7 +30,7 @@ A command is a JSON object with an `id` (1 to 128 characters) and an `op`:
 Everything is checked against the config before anything touches a device or the
 network. The response names the command and says what happened:
 
-    {"id": "c-42", "ok": true, "ts": 1764400000000}
+    {"id": "c-42", "ok": true, "written": 12.5, "ts": 1764400000000}
     {"id": "c-43", "ok": false, "error": "point 'pump-3/level' is not writable", "ts": ...}
     {"id": "c-77", "ok": true, "outcome": "updated", "from": "2.0.3", "to": "2.1.0", "ts": ...}
     {"id": "c-78", "ok": false, "outcome": "refused", "error": "bad_signature: ...", "ts": ...}

@@ -450,7 +450,7 @@ class Agent:
             return self._start_update(cmd)
         driver = self._driver_of[cmd.point.key.split("/", 1)[0]]
         try:
-            await asyncio.wait_for(driver.write(cmd.point, cmd.value), COMMAND_TIMEOUT_S)
+            written = await asyncio.wait_for(driver.write(cmd.point, cmd.value), COMMAND_TIMEOUT_S)
         except NotImplementedError as exc:
             error = str(exc)
         except TimeoutError:
@@ -459,9 +459,15 @@ class Agent:
             error = f"{type(exc).__name__}: {exc}"
         else:
             log.info(
-                "command executed", extra={"id": cmd.id, "point": cmd.point.key, "value": cmd.value}
+                "command executed",
+                extra={
+                    "id": cmd.id,
+                    "point": cmd.point.key,
+                    "value": cmd.value,
+                    "written": written,
+                },
             )
-            return response(cmd.id)
+            return response(cmd.id, extra={"written": written})
         log.warning("command failed", extra={"id": cmd.id, "point": cmd.point.key, "error": error})
         return response(cmd.id, error)
 

@@ -43,7 +43,9 @@ def aggregate_key(point_key: str, function: str) -> str:
 
 
 class RangeStageConfig(Section):
-    """Readings outside [min, max] are flagged (quality bad) or dropped."""
+    """Readings that claim a value (good, uncertain) outside [min, max] are flagged
+    (quality bad, the number kept) or dropped (counted); bad and unavailable readings
+    pass untouched (native.stages.RangeStage)."""
 
     type: Literal["range"]
     min: float | None = Field(None, allow_inf_nan=False)
@@ -273,7 +275,8 @@ class FlatlineRuleConfig(_RuleConfig):
 
 
 class BadQualityRuleConfig(_RuleConfig):
-    """Alarm after ``count`` readings in a row of bad or uncertain quality."""
+    """Alarm after ``count`` readings in a row that are not good (bad, uncertain or
+    unavailable)."""
 
     type: Literal["bad_quality"]
     count: int = Field(ge=1)

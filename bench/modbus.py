@@ -7,7 +7,9 @@ is not counted. Every device has the same 100-point register map, as a fleet of 
 meter model would: float32 measurements (ABCD, and a word-swapped CDAB block), uint32
 energy counters (CDAB and ABCD), int16 temperatures with a scale, uint16 status words,
 bits of a status register and discrete-input alarms, in blocks with small reserved gaps
-between them. The simulators move the register values every second.
+between them; the CDAB counters and the temperatures declare "not available" markers
+(`invalid`), so the decoding path that checks them is measured too. The simulators
+move the register values every second.
 
 The `ModbusDriver` runs in this process with a sink that only counts readings (and
 their quality); its CPU is this process's CPU time (`time.process_time`) over the
@@ -104,6 +106,7 @@ def register_map() -> list[MapPoint]:
         add(
             f"energy_{i}", "int", 1_000_000.0 * (i + 1), 1000.0,
             table="holding_register", address=1000 + 2 * i, datatype="uint32", order="CDAB",
+            invalid=[0xFFFFFFFF],
         )  # fmt: skip
     for i in range(8):
         add(
@@ -116,6 +119,7 @@ def register_map() -> list[MapPoint]:
         add(
             f"temp_{i}", "float", 20.0 + i, 3.0,
             table="holding_register", address=2000 + i, datatype="int16", scale=0.1,
+            invalid=[0x7FFF, 0x8000],
         )  # fmt: skip
     for i in range(4):
         add(

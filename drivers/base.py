@@ -171,7 +171,10 @@ class Driver(ABC):
         version, a BTHome text object...), by name. The default: none."""
         return {}
 
-    async def write(self, point: PointSpec, value: float) -> None:
+    async def write(self, point: PointSpec, value: float) -> float:
+        """Writes `value` to a writable point and returns the value the point now holds
+        (what was really written, which the caller reports): a value the device cannot
+        hold exactly is refused, not rounded silently."""
         raise NotImplementedError(f"driver {self.name!r} does not support writes")
 
     def firmware_updates(self, device: str) -> str | None:

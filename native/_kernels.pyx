@@ -7,7 +7,7 @@ the agent's event loop keeps running while the buffer thread filters a batch.
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
-# Same values as kernels_py.ACTION_* and native.batch.BAD.
+# Same values as kernels_py.ACTION_* and native.batch's quality codes.
 cdef enum:
     ACTION_NONE = 0
     ACTION_FLAG = 1
@@ -15,6 +15,7 @@ cdef enum:
     GOOD = 0
     BAD = 1
     UNCERTAIN = 2
+    UNAVAILABLE = 3
 
 
 def range_check(
@@ -31,7 +32,7 @@ def range_check(
     cdef Py_ssize_t n_table = action.shape[0]
     cdef Py_ssize_t i, kept = 0, flagged = 0, dropped = 0
     cdef uint32_t pid
-    cdef uint8_t act
+    cdef uint8_t act, q
     cdef double v
     if timestamps.shape[0] != n or values.shape[0] != n or quality.shape[0] != n:
         raise ValueError("range_check: columns differ in length")
@@ -41,7 +42,9 @@ def range_check(
         for i in range(n):
             pid = point_ids[i]
             act = action[pid] if pid < n_table else ACTION_NONE
-            if act != ACTION_NONE:
+            q = quality[i]
+            # only readings that claim a value are judged (BAD/UNAVAILABLE pass as they are)
+            if act != ACTION_NONE and (q == GOOD or q == UNCERTAIN):
                 v = values[i]
                 # written as not(a and b) so that NaN fails the check
                 if not (lo[pid] <= v and v <= hi[pid]):

@@ -20,8 +20,12 @@ from typing import Any
 GOOD = 0
 BAD = 1  # the device reported an error or the reading failed validation
 UNCERTAIN = 2  # a value is present but not trusted (e.g. sensor warming up)
+#: the device itself said it has no value (a Modbus "not available" marker such as
+#: 0x7FFFFFFF, a NaN float): the value is NaN; no stage turns it into a number or GOOD,
+#: and a range stage leaves it as it is (it is not out of range, it is absent)
+UNAVAILABLE = 3
 
-QUALITY_NAMES = {GOOD: "good", BAD: "bad", UNCERTAIN: "uncertain"}
+QUALITY_NAMES = {GOOD: "good", BAD: "bad", UNCERTAIN: "uncertain", UNAVAILABLE: "unavailable"}
 
 ID_TYPECODE = "I"  # uint32
 TS_TYPECODE = "q"  # int64

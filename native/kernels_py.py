@@ -16,7 +16,8 @@ ACTION_NONE = 0
 ACTION_FLAG = 1
 ACTION_DROP = 2
 
-GOOD, BAD, UNCERTAIN = 0, 1, 2  # native.batch's; repeated so the kernels import nothing
+# native.batch's quality codes; repeated so the kernels import nothing
+GOOD, BAD, UNCERTAIN, UNAVAILABLE = 0, 1, 2, 3
 
 
 def range_check(
@@ -31,9 +32,13 @@ def range_check(
     """Check each reading against its point's [lo, hi]; returns (kept, flagged, dropped).
 
     ``lo``/``hi``/``action`` are indexed by point id (ids past their end pass through).
-    A reading fails when ``not lo <= v <= hi``, which makes NaN fail too. Flag sets its
-    quality to BAD; drop removes it by compacting all four columns in place, so the first
-    ``kept`` entries of each column are the result: the caller truncates the arrays.
+    Only readings that claim a value (quality GOOD or UNCERTAIN) are judged; BAD and
+    UNAVAILABLE ones already say they have none and pass untouched and uncounted (a drop
+    must not hide a device fault, a flag must not turn "unavailable" into "bad"). A
+    reading fails when ``not lo <= v <= hi``, which makes NaN fail too. Flag sets its
+    quality to BAD and keeps its value (the number the device sent, for diagnosis); drop
+    removes it by compacting all four columns in place, so the first ``kept`` entries of
+    each column are the result: the caller truncates the arrays.
     """
     n = len(point_ids)
     if not (len(timestamps) == len(values) == len(quality) == n):
@@ -45,7 +50,9 @@ def range_check(
     for i in range(n):
         pid = point_ids[i]
         act = action[pid] if pid < n_table else ACTION_NONE
-        if act != ACTION_NONE and not (lo[pid] <= values[i] <= hi[pid]):
+        # only readings that claim a value are judged (BAD/UNAVAILABLE pass as they are)
+        judged = act != ACTION_NONE and quality[i] in (GOOD, UNCERTAIN)
+        if judged and not (lo[pid] <= values[i] <= hi[pid]):
             if act == ACTION_DROP:
                 dropped += 1
                 continue

@@ -5,7 +5,8 @@ arrays indexed by point. Times are int64 milliseconds, rates are per second.
 
 A reading a stage cannot judge (quality not GOOD, or a NaN/inf value) passes through
 every filter untouched and restarts that filter's state for its point, so a filter never
-hides a fault and never compares across a gap of bad data.
+hides a fault and never compares across a gap of bad data. (The range stage also judges
+UNCERTAIN readings and GOOD NaN/inf ones; see RangeStage.)
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ def _finite(name: str, v: float | None) -> None:
 
 @dataclass(frozen=True, slots=True)
 class RangeStage:
-    """Physical limits of a point. Out of range (or NaN): ``flag`` sets quality BAD and
-    keeps the reading, ``drop`` removes it. ``None`` means no limit on that side."""
+    """Physical limits of a point. A reading that claims a value (quality good or
+    uncertain) out of range, or NaN: ``flag`` sets its quality BAD and keeps the value the
+    device sent (for diagnosis; nothing downstream uses a BAD value), ``drop`` removes the
+    reading and counts it. Readings already BAD or UNAVAILABLE pass untouched and
+    uncounted: their quality says there is no value, and dropping them would hide a
+    device fault. ``None`` means no limit on that side."""
 
     min: float | None = None
     max: float | None = None

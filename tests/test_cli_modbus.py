@@ -242,6 +242,45 @@ def test_read_prints_raw_hex_and_decoded() -> None:
     assert (lo, hi) == (0xE979, 0x42F6)
 
 
+def test_read_says_not_available_for_a_marker() -> None:
+    """`read` printed 2147483647 for a device's "no value" (issue 13): a marker, given
+    with --invalid or one of the datatype's common ones, is named as such."""
+    image = RegisterImage()
+    image.set(HR, 0, [0x7FFF, 0xFFFF])  # int32 0x7FFFFFFF
+    image.set(HR, 2, [0x8000])  # int16 0x8000
+    image.set(HR, 3, [0x7FC0, 0x0000])  # float32 NaN
+    image.set(HR, 5, [0x0000, 0x00D7])  # int32 215: a value
+
+    def read(address: int, datatype: str, *extra: str) -> str:
+        result = citygw(
+            "modbus", "read", "--host", "127.0.0.1", "--port", str(sim.port),
+            "--table", HR, "--address", str(address), "--datatype", datatype, *extra,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return result.stdout.splitlines()[-1]
+
+    with serving({1: image}) as sim:
+        assert read(0, "int32", "--invalid", "0x7FFFFFFF") == (
+            "int32 ABCD: not available (marker 0x7FFFFFFF)"
+        )
+        assert (
+            read(2, "int16", "--invalid", "-32768") == "int16 ABCD: not available (marker 0x8000)"
+        )
+        assert read(3, "float32") == "float32 ABCD: not available (marker NaN)"
+        assert read(0, "int32") == (
+            "int32 ABCD: not available (marker 0x7FFFFFFF): a common marker of int32; "
+            "if it is a real value, read with --invalid none"
+        )
+        assert read(0, "int32", "--invalid", "none") == "int32 ABCD: 2147483647"
+        assert read(5, "int32", "--invalid", "0x7FFFFFFF") == "int32 ABCD: 215"
+        bad = citygw(
+            "modbus", "read", "--host", "127.0.0.1", "--port", str(sim.port), "--table", HR,
+            "--address", "2", "--datatype", "uint16", "--invalid", "0x1FFFF",
+        )  # fmt: skip
+        assert bad.exit_code == 1
+        assert "--invalid: marker 0x1FFFF does not fit uint16" in bad.stderr
+
+
 def test_read_of_a_hole_prints_the_exception() -> None:
     image = RegisterImage()
     image.hole(HR, 50, 5)
@@ -351,6 +390,48 @@ def test_write_sets_the_register_and_refuses_what_it_must(tmp_path: Path) -> Non
             assert "wrote" not in result.stdout
         assert writes(sim) == [(1, 16, 20)]  # nothing was sent for the refusals
         assert image.read(HR, 20, 2) == wanted
+
+
+INTEGER_SETPOINT = """
+[[devices]]
+name = "dev"
+driver = "modbus"
+host = "127.0.0.1"
+port = {port}
+timeout = "5s"
+retries = 0
+
+  [[devices.points]]
+  name = "speed"
+  writable = true
+  address = 40
+  datatype = "int16"
+
+  [[devices.points]]
+  name = "temp"
+  writable = true
+  address = 41
+  datatype = "int16"
+  scale = 0.1
+"""
+
+
+def test_write_reports_what_was_written_and_refuses_what_does_not_fit(tmp_path: Path) -> None:
+    """10.5 to an int16 printed "wrote 10.5 ... verified" and wrote 10 (issue 13)."""
+    image = RegisterImage()
+    with serving({1: image}) as sim:
+        config = str(write_config(tmp_path, INTEGER_SETPOINT.format(port=sim.port)))
+        result = citygw("modbus", "write", "-c", config, "--point", "dev/speed", "--value", "10.5")
+        assert result.exit_code == 1, result.output
+        assert result.stderr.startswith("error: cannot write 10.5 to dev/speed: 10.5 needs raw ")
+        assert "which does not fit int16 (not an integer)" in result.stderr
+        assert "the nearest writable values are 10 or 11" in result.stderr
+        assert "wrote" not in result.stdout and writes(sim) == []
+        # scale 0.1: 10.5 is raw 105, which fits
+        result = citygw("modbus", "write", "-c", config, "--point", "dev/temp", "--value", "10.5")
+        assert result.exit_code == 0, result.output
+        assert "wrote 10.5 to dev/temp (verified by reading back)" in result.stdout
+        assert image.read(HR, 41, 1) == [105]
 
 
 # -- scan -----------------------------------------------------------------------------

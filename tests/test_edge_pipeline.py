@@ -5,16 +5,20 @@ failed flush. The uplink is the in-process link to a real ingest (no broker need
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
 import pytest
 
+from agent.cli_platform import quality_name
 from agent.config import parse_config
 from agent.ingest.store import Store, open_store
 from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
 from agent.runtime import Agent, point_meta
 from buffer import Buffer, BufferWriteError
+from drivers.modbus.simulator import ModbusSimulator, RegisterImage
+from native.batch import BAD, UNAVAILABLE
 
 GW = "gw-edge"
 
@@ -163,4 +167,95 @@ def test_failed_flush_keeps_the_pipeline_output_not_its_input(
     assert len(store.alarms(GW)) == 1
     count = store.readings(GW, "kerb/noise:count")
     assert sum(v for _, _, v, _ in count) == agent.counters.read // 2
+    store.close()
+
+
+MODBUS_DEVICE = """
+[gateway]
+id = "{gw}"
+[uplink]
+broker = "mqtt://127.0.0.1"
+backoff_min = "50ms"
+[buffer]
+path = "{buffer}"
+flush_interval = "100ms"
+[[devices]]
+name = "station"
+driver = "modbus"
+host = "127.0.0.1"
+port = {port}
+poll = "50ms"
+timeout = "2s"
+  [[devices.points]]
+  name = "temperature"
+  unit = "°C"
+  address = 0
+  datatype = "int32"
+  scale = 0.1
+  invalid = [0x7FFFFFFF]
+  pipeline = [{{ type = "range", min = -40.0, max = 60.0, action = "flag" }}]
+  [[devices.points]]
+  name = "humidity"
+  unit = "%"
+  address = 2
+  datatype = "int32"
+  scale = 0.1
+  invalid = [0x7FFFFFFF]
+  pipeline = [{{ type = "range", min = 0.0, max = 100.0, action = "drop" }}]
+  [[devices.points]]
+  name = "pressure"
+  unit = "hPa"
+  address = 4
+  datatype = "int32"
+  scale = 0.1
+  pipeline = [{{ type = "range", min = 800.0, max = 1100.0, action = "flag" }}]
+  [[devices.points]]
+  name = "wind"
+  unit = "m/s"
+  address = 6
+  datatype = "float32"
+  pipeline = [{{ type = "range", min = 0.0, max = 75.0, action = "drop" }}]
+"""
+
+
+def test_a_not_available_marker_reaches_the_platform_as_unavailable(tmp_path: Path) -> None:
+    """Issue 13: a weather station's 0x7FFFFFFF ("no value") in an int32 with scale 0.1
+    came out as 214748364.7 °C, quality good. End to end (Modbus simulator -> driver ->
+    pipeline -> buffer -> codec -> ingest): a declared marker or a NaN float is stored
+    as NaN with quality "unavailable", which no range stage re-flags or drops; an
+    undeclared one is an ordinary number that a flagging range marks bad, keeping the
+    number for diagnosis (README, "Edge processing")."""
+    image = RegisterImage()
+    for address in (0, 2, 4):
+        image.set("holding_register", address, [0x7FFF, 0xFFFF])  # int32 0x7FFFFFFF
+    image.set("holding_register", 6, [0x7FC0, 0x0000])  # float32 NaN
+    store = open_store(f"sqlite:///{tmp_path / 'platform.db'}")
+
+    async def scenario() -> Agent:
+        async with ModbusSimulator({1: image}) as sim:
+            worker = IngestWorker("mqtt://127.0.0.1", store, group=None)
+            text = MODBUS_DEVICE.format(gw=GW, buffer=tmp_path / "buf.db", port=sim.port)
+            agent = Agent(parse_config(text, source="edge.toml"), connect=LoopbackLink(
+                worker.deliver).connect)  # fmt: skip
+            await agent.start()
+            async with asyncio.timeout(10):  # three polls of the four points
+                while agent.counters.read < 12:
+                    await asyncio.sleep(0.02)
+            await agent.stop_drivers()
+            await agent.flush()
+            assert await agent.drain(timeout=10)
+            await agent.stop()
+            return agent
+
+    agent = asyncio.run(scenario())
+    polls = agent.counters.read // 4
+    for key in ("station/temperature", "station/humidity", "station/wind"):
+        rows = store.readings(GW, key)
+        assert len(rows) == polls, key  # none dropped by the "drop" ranges
+        assert all(math.isnan(v) and q == UNAVAILABLE for _, _, v, q in rows), (key, rows[:2])
+    pressure = store.readings(GW, "station/pressure")
+    assert len(pressure) == polls
+    assert all(v == pytest.approx(214748364.7) and q == BAD for _, _, v, q in pressure)
+    assert agent.counters.flagged == polls and agent.counters.dropped == 0
+    assert quality_name(UNAVAILABLE) == "unavailable"  # as `citygw platform query` shows it
     store.close()

@@ -20,6 +20,8 @@ from drivers.modbus.datatypes import (
     decoder,
     encode,
     from_engineering,
+    marker_text,
+    markers,
     register_count,
     to_engineering,
 )
@@ -398,10 +400,10 @@ def test_engineering_examples() -> None:
     assert isinstance(to_engineering(3, 1.0, 0.0), float)
     assert from_engineering(230.5, 0.1, 0.0, "uint16") == 2305
     assert from_engineering(60.0, 1.0, -40.0, "int16") == 100
-    # round half to even
-    assert from_engineering(2.5, 1.0, 0.0, "int16") == 2
-    assert from_engineering(3.5, 1.0, 0.0, "int16") == 4
-    assert from_engineering(-2.5, 1.0, 0.0, "int16") == -2
+    # the simulator's quantizing: round half to even
+    assert from_engineering(2.5, 1.0, 0.0, "int16", exact=False) == 2
+    assert from_engineering(3.5, 1.0, 0.0, "int16", exact=False) == 4
+    assert from_engineering(-2.5, 1.0, 0.0, "int16", exact=False) == -2
     assert from_engineering(1.25, 0.5, 0.0, "float32") == 2.5
     assert isinstance(from_engineering(3.0, 1.0, 0.0, "float64"), float)
     assert isinstance(from_engineering(3.0, 1.0, 0.0, "int32"), int)
@@ -430,3 +432,89 @@ def test_engineering_inverse_float(raw: float, scale: float, offset: float) -> N
     value = to_engineering(raw, scale, offset)
     back = from_engineering(value, scale, offset, "float64")
     assert back == pytest.approx(raw, rel=1e-9, abs=1e-9 * (abs(offset) + 1) / abs(scale))
+
+
+# -- writes: exactly what the register can hold ----------------------------------------
+
+
+def test_a_value_between_two_register_steps_is_refused() -> None:
+    """10.5 to an int16 with scale 1 was written as 10 and reported as 10.5 (issue 13)."""
+    with pytest.raises(ValueError) as err:
+        from_engineering(10.5, 1.0, 0.0, "int16")
+    assert str(err.value) == (
+        "10.5 needs raw value 10.5, which does not fit int16 (not an integer); "
+        "the nearest writable values are 10 or 11"
+    )
+    with pytest.raises(ValueError, match=r"raw value 200\.5.* values are 20 or 20\.1$"):
+        from_engineering(20.05, 0.1, 0.0, "int16")
+    with pytest.raises(ValueError, match=r"raw value -0\.5.* values are 0 or 0\.5$"):
+        from_engineering(0.25, -0.5, 0.0, "int16")  # a negative scale: still in order
+
+
+def test_float_rounding_of_the_inverse_is_not_a_refusal() -> None:
+    # (2.3 - 0) / 0.1 is 22.999999999999996 in floats: the register step is 23
+    assert (2.3 - 0.0) / 0.1 != 23
+    assert from_engineering(2.3, 0.1, 0.0, "int16") == 23
+    assert from_engineering(0.7, 0.1, 0.0, "uint16") == 7
+    assert from_engineering(10.5, 0.1, 0.0, "int16") == 105
+    assert from_engineering(25.0, 0.01, -273.15, "uint16") == 29815
+    assert from_engineering(-12.3, 0.1, 0.0, "int16") == -123
+
+
+def test_a_value_out_of_the_type_range_names_the_nearest_writable() -> None:
+    with pytest.raises(ValueError) as err:
+        from_engineering(4000.0, 0.1, 0.0, "int16")
+    assert str(err.value) == (
+        "4000 needs raw value 40000, which does not fit int16 (range -32768..32767); "
+        "the nearest writable value is 3276.7"
+    )
+    with pytest.raises(ValueError, match=r"does not fit uint16 \(range 0\.\.65535\).* is 0$"):
+        from_engineering(-1.0, 1.0, 0.0, "uint16")
+
+
+# -- "not available" markers -------------------------------------------------------------
+
+
+def test_markers_compare_the_register_bits() -> None:
+    # 0x8000 and -32768 are one int16 marker; as decode returns them (signed)
+    assert markers("int16", [0x8000, -32768, 0x7FFF]) == {-32768, 32767}
+    assert decode([0x8000], "int16") in markers("int16", [0x8000])
+    assert markers("uint32", [-1]) == {0xFFFFFFFF}
+    assert markers("int32", [0xFFFFFFFF]) == {-1}
+    assert markers("int64", [0x8000_0000_0000_0000]) == {-(2**63)}
+    # float markers are values, float32 ones rounded to what the register holds
+    assert markers("float32", [-999.9, math.nan]) == {float(np_f32(-999.9))}
+    assert markers("float64", [-9999]) == {-9999.0}
+    assert markers("uint16", []) == frozenset()
+
+
+def np_f32(x: float) -> float:
+    return float(struct.unpack(">f", struct.pack(">f", x))[0])
+
+
+@pytest.mark.parametrize(
+    ("datatype", "marker", "message"),
+    [
+        ("uint16", 0x1FFFF, "marker 0x1FFFF does not fit uint16"),
+        ("int16", -32769, "marker -32769 does not fit int16"),
+        ("int32", 1.5, "marker 1.5 is not an integer, which int32 holds"),
+        ("float32", 1e39, "marker 1e+39 is beyond what float32 can hold"),
+        ("bool", 1, "datatype 'bool' has no \"not available\" markers"),
+        ("bit", 0, "datatype 'bit' has no"),
+        ("string", 0, "datatype 'string' has no"),
+    ],
+)
+def test_markers_a_datatype_cannot_hold_are_refused(
+    datatype: DataType, marker: float, message: str
+) -> None:
+    with pytest.raises(ValueError) as err:
+        markers(datatype, [marker])
+    assert message in str(err.value)
+
+
+def test_marker_text_is_the_vendor_s_hex() -> None:
+    assert marker_text(-1, "int32") == "0xFFFFFFFF"
+    assert marker_text(2**31 - 1, "int32") == "0x7FFFFFFF"
+    assert marker_text(-32768, "int16") == "0x8000"
+    assert marker_text(math.nan, "float32") == "NaN"
+    assert marker_text(-9999.0, "float64") == "-9999.0"

@@ -112,6 +112,7 @@ def test_a_write_command_reaches_the_modbus_register(mosquitto: Mosquitto, tmp_p
                         {"id": "w1", "op": "write", "point": "pump/setpoint", "value": 21.5},
                         {"id": "w2", "op": "write", "point": "pump/setpoint", "value": 99},
                         {"id": "w3", "op": "write", "point": "stuck/setpoint", "value": 21},
+                        {"id": "w4", "op": "write", "point": "stuck/setpoint", "value": 20.5},
                     ]
                     for c in commands:
                         await platform.publish(down, orjson.dumps(c), qos=1)
@@ -130,6 +131,7 @@ def test_a_write_command_reaches_the_modbus_register(mosquitto: Mosquitto, tmp_p
     answers, sim = asyncio.run(scenario())
 
     assert answers["w1"]["ok"] is True and "error" not in answers["w1"]
+    assert answers["w1"]["written"] == 21.5  # what the register holds, read back
     assert pump.read(HR, 10, 2) == registers(21.5, 0.1, "float32", "CDAB")
     assert registers(21.5, 0.1, "float32", "CDAB") == encode(215.0, "float32", "CDAB")
 
@@ -150,3 +152,13 @@ def test_a_write_command_reaches_the_modbus_register(mosquitto: Mosquitto, tmp_p
     assert "the device did not take the value" in error
     assert stuck.read(HR, 10, 1) == [7]
     assert any(r.unit == 2 and r.function_code == 6 for r in sim.requests)
+
+    # an integer register cannot hold 20.5: refused with what it could hold, not
+    # written as 20 (issue 13), and nothing sent for it
+    assert answers["w4"]["ok"] is False
+    assert str(answers["w4"]["error"]) == (
+        "ModbusWriteError: cannot write 20.5 to stuck/setpoint: 20.5 needs raw value 20.5, "
+        "which does not fit uint16 (not an integer); the nearest writable values are 20 or 21"
+    )
+    unit2_writes = [r for r in sim.requests if r.unit == 2 and r.function_code in WRITE_FUNCTIONS]
+    assert len(unit2_writes) == 1  # w3's

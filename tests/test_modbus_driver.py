@@ -19,7 +19,7 @@ from drivers.base import DeviceSpec, PointSpec
 from drivers.modbus import ModbusDeviceSettings, ModbusPointSettings
 from drivers.modbus.driver import ModbusDriver, ModbusWriteError, device_plans
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
-from native.batch import BAD, GOOD, Batch
+from native.batch import BAD, GOOD, UNAVAILABLE, Batch
 from tests.helpers import run_driver_until
 
 POLL_S = 0.05
@@ -205,6 +205,48 @@ def test_every_datatype_and_order_decodes_end_to_end() -> None:
                 assert v == pytest.approx(value, rel=1e-12), (pid, points[pid - 1].name)
             assert driver.device_info("dev") == {"serial": "SN-4711"}
             assert driver.health()["dev"].consecutive_failures == 0
+
+    asyncio.run(main())
+
+
+def test_not_available_markers_read_as_missing_with_quality_unavailable() -> None:
+    """A device's "no value" marker came out as 214748364.7 °C with GOOD quality
+    (issue 13): now a declared marker (compared on the register bits) or a NaN float is
+    a NaN reading with quality UNAVAILABLE; an undeclared value still reads as itself."""
+    image = RegisterImage()
+    image.set(HR, 0, [0x7FFF, 0xFFFF])  # int32 0x7FFFFFFF
+    image.set(HR, 2, words(215, "int32", "ABCD"))  # 21.5 °C, a real value
+    image.set(HR, 4, [0xFFFF, 0xFFFF])  # uint32 0xFFFFFFFF
+    image.set(HR, 6, [0x8000])  # int16 0x8000 = -32768
+    image.set(HR, 7, [0x7FC0, 0x0000])  # float32 quiet NaN
+    image.set(HR, 9, [0x7FFF, 0xFFFF])  # int32 0x7FFFFFFF, no marker declared
+    image.set(HR, 11, [0xFFFF, 0x7FFF])  # int32 0x7FFFFFFF in word order CDAB
+    image.set(HR, 13, words(-9999.0, "float32", "ABCD"))  # a float marker by value
+    points = [
+        mpoint(1, "temperature", address=0, datatype="int32", scale=0.1, invalid=[0x7FFFFFFF]),
+        mpoint(2, "temperature_2", address=2, datatype="int32", scale=0.1, invalid=[0x7FFFFFFF]),
+        mpoint(3, "energy", address=4, datatype="uint32", invalid=[-1]),  # = 0xFFFFFFFF
+        mpoint(4, "level", address=6, datatype="int16", invalid=[0x8000, 0x7FFF]),
+        mpoint(5, "wind", address=7, datatype="float32", scale=2.0),
+        mpoint(6, "undeclared", address=9, datatype="int32", scale=0.1),
+        mpoint(7, "swapped", address=11, datatype="int32", order="CDAB", invalid=[0x7FFFFFFF]),
+        mpoint(8, "rain", address=13, datatype="float32", invalid=[-9999]),
+    ]
+
+    async def main() -> None:
+        async with serving({1: image}) as sim:
+            driver = ModbusDriver([mdevice("dev", sim.port, points)])
+            sink = Sink()
+            await run_driver_until(driver, sink, lambda: len(sink.batches) >= 1)
+            got = {pid: (v, q) for pid, _ts, v, q in sink.batches[0].rows()}
+            for pid in (1, 3, 4, 5, 7, 8):
+                v, q = got[pid]
+                assert math.isnan(v) and q == UNAVAILABLE, (points[pid - 1].name, v, q)
+            assert got[2] == (pytest.approx(21.5), GOOD)
+            assert got[6] == (pytest.approx(214748364.7), GOOD)  # nothing declared
+            # the device answered: a marker is not a failure of the device
+            assert driver.health()["dev"].consecutive_failures == 0
+            assert driver.device_status("dev")["bad_points"] == []
 
     asyncio.run(main())
 
@@ -424,6 +466,7 @@ def write_points() -> list[PointSpec]:
         mpoint(5, "relay", writable=True, table="coil", address=3),
         mpoint(6, "small", writable=True, address=30, datatype="uint16"),
         mpoint(7, "total", writable=True, address=40, datatype="float64", order="DCBA"),
+        mpoint(8, "limit", writable=True, address=50, datatype="int16", invalid=[0x7FFF]),
     ]  # fmt: skip
 
 
@@ -434,10 +477,16 @@ def test_writes_are_encoded_and_read_back() -> None:
         async with serving({1: image}) as sim:
             pts = write_points()
             driver = ModbusDriver([mdevice("dev", sim.port, pts)])
-            await driver.write(pts[0], -12.3)
+            # each write returns the value the register holds, read back
+            assert await driver.write(pts[0], -12.3) == pytest.approx(-12.3, abs=1e-12)
             assert image.read(HR, 10, 1) == [(-123) & 0xFFFF]
-            await driver.write(pts[3], 1.5)
+            assert await driver.write(pts[0], 10.5) == 10.5  # scale 0.1: raw 105, exact
+            assert image.read(HR, 10, 1) == [105]
+            assert await driver.write(pts[3], 1.5) == 1.5
             assert image.read(HR, 20, 2) == words(1.5, "float32", "CDAB")
+            # a float32 holds the nearest float32, and that is what is reported
+            assert await driver.write(pts[3], 0.1) == expected(0.1, "float32") != 0.1
+            assert await driver.write(pts[3], 1.5) == 1.5
             await driver.write(pts[4], 1.0)
             assert image.read("coil", 3, 1) == [1]
             await driver.write(pts[4], 0.0)
@@ -447,7 +496,7 @@ def test_writes_are_encoded_and_read_back() -> None:
             await driver.write(pts[6], 0.1)
             assert image.read(HR, 40, 4) == words(0.1, "float64", "DCBA")
             writes = [r.function_code for r in sim.requests if r.function_code in (5, 6, 15, 16)]
-            assert writes == [6, 16, 5, 5, 16, 16]
+            assert writes == [6, 6, 16, 16, 16, 5, 5, 16, 16]
 
     asyncio.run(main())
 
@@ -463,6 +512,26 @@ def test_writes_are_encoded_and_read_back() -> None:
         (4, 0.5, "a bit takes 0 or 1"),
         (5, 70000, "does not fit uint16"),
         (5, -1, "does not fit uint16"),
+        # wrote 10 and reported 10.5 (issue 13): refused, with what would fit
+        (
+            5,
+            10.5,
+            "10.5 needs raw value 10.5, which does not fit uint16 (not an integer); "
+            "the nearest writable values are 10 or 11",
+        ),
+        (
+            0,
+            12.34,
+            "raw value 123.4, which does not fit int16 (not an integer); "
+            "the nearest writable values are 12.3 or 12.4",
+        ),
+        (
+            5,
+            70000,
+            "70000 needs raw value 70000, which does not fit uint16 (range 0..65535); "
+            "the nearest writable value is 65535",
+        ),
+        (7, 32767, 'raw value 0x7FFF is the point\'s "not available" marker'),
     ],
 )
 def test_writes_are_refused(index: int, value: float, reason: str) -> None:

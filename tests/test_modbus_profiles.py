@@ -413,11 +413,6 @@ def test_wxt530_readings_through_the_driver(tmp_path: Path) -> None:
         assert v == pytest.approx(value), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 13: invalid markers are declared here but their behaviour lands with "
-    "another branch; once merged this passes, and the mark must go",
-)
 def test_wxt530_error_value_is_not_a_reading(tmp_path: Path) -> None:
     # the guide's error value 32767 for an air temperature must not read as 3276.7 °C
     got = read_once(tmp_path, wxt_image({"air_temperature": 32767, "wind_quality": 65535}))

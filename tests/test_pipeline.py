@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 
 from native import impl, kernels_py
-from native.batch import BAD, GOOD, UNCERTAIN, Batch
+from native.batch import BAD, GOOD, UNAVAILABLE, UNCERTAIN, Batch
 from native.pipeline import Pipeline
 from native.stages import RangeStage
 from native.table import PipelineCounts
@@ -84,7 +84,7 @@ def test_drop_compacts_all_columns_in_order(kernels: ModuleType) -> None:
         (2, 4, 5.0, GOOD),  # kept
         (2, 5, NAN, GOOD),  # dropped
         (7, 6, NAN, GOOD),  # id beyond the tables: pass-through
-        (2, 7, -INF, BAD),  # dropped
+        (2, 7, 60.0, UNCERTAIN),  # dropped
     ]
     b = Batch.from_rows(rows)
     kept, flagged, dropped = run_kernel(
@@ -94,6 +94,32 @@ def test_drop_compacts_all_columns_in_order(kernels: ModuleType) -> None:
     got = list(b.slice(0, kept).rows())
     assert got[:3] == [(1, 2, 50.0, BAD), (0, 3, 1.0, UNCERTAIN), (2, 4, 5.0, GOOD)]
     assert got[3][:2] == (7, 6) and math.isnan(got[3][2])
+
+
+@pytest.mark.parametrize("action", [FLAG, DROP])
+def test_readings_without_a_value_pass_the_range_untouched(
+    kernels: ModuleType, action: int
+) -> None:
+    """The documented rule (README, "Edge processing"): a range stage judges readings
+    that claim a value; a BAD reading (failed read) and an UNAVAILABLE one (the device's
+    "not available" marker) keep their quality and are neither dropped nor counted."""
+    rows = [
+        (0, 1, NAN, UNAVAILABLE),
+        (0, 2, NAN, BAD),
+        (0, 3, 99.0, BAD),  # a value flagged by an earlier stage: not counted again
+        (0, 4, 99.0, GOOD),  # the one out-of-range reading
+    ]
+    b = Batch.from_rows(rows)
+    counts = run_kernel(kernels, b, [0.0], [10.0], [action])
+    got = list(b.slice(0, counts[0]).rows())
+    assert got[0][::3] == (0, UNAVAILABLE) and math.isnan(got[0][2])
+    assert got[1][::3] == (0, BAD) and math.isnan(got[1][2])
+    assert got[2] == (0, 3, 99.0, BAD)
+    if action == FLAG:  # flagged: kept with the number the device sent, quality BAD
+        assert counts == (4, 1, 0)
+        assert got[3] == (0, 4, 99.0, BAD)
+    else:  # dropped: gone, and counted
+        assert counts == (3, 0, 1)
 
 
 def test_stage_without_limits_still_rejects_nan_only(kernels: ModuleType) -> None:
@@ -117,7 +143,7 @@ def random_batch(rng: random.Random, n: int, n_points: int) -> Batch:
     b = Batch()
     for _ in range(n):
         v = rng.choice(specials) if rng.random() < 0.05 else rng.uniform(-50.0, 150.0)
-        b.append(rng.randrange(n_points), rng.randrange(-(2**63), 2**63), v, rng.randrange(3))
+        b.append(rng.randrange(n_points), rng.randrange(-(2**63), 2**63), v, rng.randrange(4))
     return b
 
 
@@ -195,9 +221,11 @@ def test_pipeline_runs_a_points_stages_in_order(use_impl: ModuleType) -> None:
     b = Batch.from_rows([(1, 1, 120.0, GOOD), (1, 2, 70.0, GOOD), (1, 3, 1.0, GOOD)])
     b.extend(Batch.from_rows([(2, 4, 5.0, GOOD), (2, 5, 15.0, GOOD)]))
     out, counts = p.process(b)
-    # 120: flagged by the first stage, then dropped by the second; 70: dropped
-    assert counts == PipelineCounts(flagged=1, dropped=3)
-    assert list(out.timestamps) == [3, 4]
+    # 120: flagged BAD by the first stage, which the second leaves as it is (a BAD
+    # reading is not judged again); 70: dropped by the second
+    assert counts == PipelineCounts(flagged=1, dropped=2)
+    assert list(out.timestamps) == [1, 3, 4]
+    assert list(out.quality) == [BAD, GOOD, GOOD]
 
 
 def test_empty_pipeline_and_empty_batch(use_impl: ModuleType) -> None:

@@ -39,8 +39,17 @@ once per point at startup and the returned function on every poll; `decode` is t
 convenience wrapper. Decoders raise ValueError on a register image of the wrong length
 or with a word outside 0..65535.
 
-Scale and offset: ``value = raw * scale + offset`` (`to_engineering`), and the inverse
-(`from_engineering`) rounds half to even (Python's ``round``) for integer types.
+Scale and offset: ``value = raw * scale + offset`` (`to_engineering`). The inverse
+(`from_engineering`) refuses, for integer types, a value whose raw value is not an
+integer (beyond float rounding: 1e-9 relative) or out of the type's range, naming the
+nearest values the register can hold; the simulator asks it to round instead (half to
+even, Python's ``round``), as a sensor's converter would.
+
+"Not available" markers (`markers`): the raw values a device sends instead of a
+reading. For integer types they are compared on the register bits, so a marker may be
+written unsigned or signed (0x8000 and -32768 are the same int16 marker, 0xFFFFFFFF and
+-1 the same uint32 one); for float types they are values (float32: rounded to float32),
+and a NaN is always "not available".
 """
 
 from __future__ import annotations
@@ -56,11 +65,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BIT_TABLES",
+    "COMMON_MARKERS",
     "REGISTER_TABLES",
     "decode",
     "decoder",
     "encode",
     "from_engineering",
+    "marker_text",
+    "markers",
     "register_count",
     "to_engineering",
 ]
@@ -90,6 +102,19 @@ _NUMERIC: dict[str, tuple[str, int, int | None, int | None]] = {
     "float64": ("d", 4, None, None),
 }
 _INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64", "bool", "bit"})
+#: "not available" markers that devices commonly send (`citygw modbus read` checks them
+#: when not told the device's own); NaN is always one for float types
+COMMON_MARKERS: dict[str, tuple[int, ...]] = {
+    "int16": (0x7FFF, 0x8000),
+    "uint16": (0xFFFF,),
+    "int32": (0x7FFF_FFFF, 0x8000_0000),
+    "uint32": (0xFFFF_FFFF,),
+    "int64": (0x7FFF_FFFF_FFFF_FFFF, 0x8000_0000_0000_0000),
+    "uint64": (0xFFFF_FFFF_FFFF_FFFF,),
+}
+#: how far (relative) a raw value may be from an integer and still be that integer:
+#: float rounding of (value - offset) / scale, not a value between two register steps
+_EXACT = 1e-9
 
 _Value = int | float | str
 _Decoder = Callable[[Sequence[int]], _Value]
@@ -273,16 +298,79 @@ def encode(value: int | float | str, datatype: DataType, order: Order = "ABCD") 
     raise ValueError(f"unknown datatype {datatype!r}")
 
 
+def markers(datatype: DataType, invalid: Sequence[int | float]) -> frozenset[int | float]:
+    """The raw values, as `decode` returns them, that mean "not available" for a point
+    of `datatype` declaring `invalid` (module docstring). NaN is not in the set (it is
+    never equal to itself): test a decoded float with ``v != v``. ValueError naming the
+    marker for one the datatype cannot hold: beyond its bits, a float for an integer
+    type, a float beyond float32, or any marker on bool, bit or string."""
+    out: set[int | float] = set()
+    if datatype in ("bool", "bit", "string"):
+        if invalid:
+            raise ValueError(
+                f'datatype {datatype!r} has no "not available" markers; '
+                "remove invalid (markers are for numbers)"
+            )
+        return frozenset()
+    if datatype not in _NUMERIC:
+        raise ValueError(f"unknown datatype {datatype!r}")
+    code, n, lo, _hi = _NUMERIC[datatype]
+    for m in invalid:
+        if isinstance(m, bool) or not isinstance(m, int | float):
+            raise ValueError(f"marker {m!r} is not a number")
+        if lo is None:  # float32/float64: values
+            if math.isnan(m):
+                continue  # always one
+            try:
+                out.add(struct.unpack(f">{code}", struct.pack(f">{code}", m))[0])
+            except (OverflowError, struct.error):
+                raise ValueError(f"marker {m!r} is beyond what {datatype} can hold") from None
+            continue
+        bits = 16 * n
+        if not isinstance(m, int):
+            raise ValueError(
+                f"marker {m!r} is not an integer, which {datatype} holds (a marker is the "
+                "raw register value, before scale and offset)"
+            )
+        if not -(1 << (bits - 1)) <= m < (1 << bits):
+            raise ValueError(
+                f"marker {m if m < 0 else _hex(m)} does not fit {datatype} ({bits} bits: "
+                f"0..{_hex((1 << bits) - 1)}, or {-(1 << (bits - 1))}.."
+                f"{(1 << (bits - 1)) - 1} signed)"
+            )
+        u = m & ((1 << bits) - 1)
+        out.add(u - (1 << bits) if lo < 0 and u >> (bits - 1) else u)
+    return frozenset(out)
+
+
+def _hex(m: int) -> str:
+    return f"0x{m:X}"
+
+
+def marker_text(raw: int | float, datatype: DataType) -> str:
+    """A decoded marker as its vendor's table prints it: the register bits in hex for
+    integer types (int32 -1 -> 0xFFFFFFFF), the value for floats (NaN -> "NaN")."""
+    if isinstance(raw, float):
+        return "NaN" if math.isnan(raw) else repr(raw)
+    bits = 16 * _NUMERIC[datatype][1] if datatype in _NUMERIC else 16
+    return f"0x{raw & ((1 << bits) - 1):0{bits // 4}X}"
+
+
 def to_engineering(raw: int | float, scale: float, offset: float) -> float:
     """``raw * scale + offset``, as a float."""
     return float(raw * scale + offset)
 
 
-def from_engineering(value: float, scale: float, offset: float, datatype: DataType) -> int | float:
-    """The raw value to encode for engineering `value`: ``(value - offset) / scale``,
-    rounded half to even (Python's ``round``) to an int for integer types (and bool,
-    bit); a float for float32/float64. ValueError if scale is 0, for a string, or for a
-    non-finite value of an integer type. Range is checked by `encode`."""
+def from_engineering(
+    value: float, scale: float, offset: float, datatype: DataType, *, exact: bool = True
+) -> int | float:
+    """The raw value to encode for engineering `value`: ``(value - offset) / scale``;
+    a float for float32/float64. For integer types (and bool, bit) an int: a raw value
+    that is not an integer (beyond float rounding) or is out of the type's range is a
+    ValueError giving the raw value it would need and the nearest values the register
+    can hold, unless ``exact=False`` (the simulator), which rounds half to even. Also
+    ValueError if scale is 0, for a string, or for a non-finite value of an integer
+    type. A float type's range is checked by `encode`."""
     if scale == 0:
         raise ValueError("scale must not be 0 (value = raw * scale + offset)")
     if datatype == "string":
@@ -291,7 +379,29 @@ def from_engineering(value: float, scale: float, offset: float, datatype: DataTy
     if datatype in _INTEGER_TYPES:
         if not math.isfinite(raw):
             raise ValueError(f"{value!r} gives raw value {raw!r}, which {datatype} cannot hold")
-        return round(raw)
+        whole = round(raw)
+        if not exact:
+            return whole
+        lo, hi = _NUMERIC[datatype][2:] if datatype in _NUMERIC else (0, 1)
+        assert lo is not None and hi is not None
+        slack = _EXACT * max(1.0, abs(raw), (abs(value) + abs(offset)) / abs(scale))
+        fits = abs(raw - whole) <= slack
+        if fits and lo <= whole <= hi:
+            return whole
+        nearest = sorted(
+            {
+                to_engineering(r, scale, offset)
+                for r in (math.floor(raw), math.ceil(raw))
+                if lo <= r <= hi
+            }
+            or {to_engineering(lo if raw < lo else hi, scale, offset)}
+        )
+        why = "not an integer" if lo <= raw <= hi else f"range {lo}..{hi}"
+        can = " or ".join(f"{v:.15g}" for v in nearest)
+        raise ValueError(
+            f"{value:.15g} needs raw value {raw:.15g}, which does not fit {datatype} ({why}); "
+            f"the nearest writable {'values are' if len(nearest) > 1 else 'value is'} {can}"
+        )
     if datatype in _NUMERIC:
         return raw
     raise ValueError(f"unknown datatype {datatype!r}")

@@ -5,7 +5,8 @@ Per device and poll group, the points are planned into as few read requests as t
 device's limits allow (planner.py); each poll runs the group's requests, decodes every
 point with a decoder chosen once at startup, and pushes one columnar batch stamped with
 the time each response arrived. String points are not readings: their latest value is
-kept in `device_info()`.
+kept in `device_info()`. A value the device marks "not available" (a raw value the point
+declares in `invalid`, or a NaN float) is a NaN reading with quality UNAVAILABLE.
 
 Failures stay small:
 - An exception response (illegal address, say) to a merged read is isolated by
@@ -67,6 +68,7 @@ from native.batch import (
     ID_TYPECODE,
     QUALITY_TYPECODE,
     TS_TYPECODE,
+    UNAVAILABLE,
     VALUE_TYPECODE,
     Batch,
 )
@@ -175,10 +177,11 @@ def _bits_reader(chunk: Sequence[int]) -> float:
 
 
 def _value_reader(p: ModbusPointSettings) -> Callable[[Sequence[int]], float | str]:
-    """Registers (or bits) of one point -> its engineering value (float) or text."""
+    """Registers (or bits) of one point -> its engineering value (float) or text; NaN
+    when the device said "not available" (a declared marker, or a NaN float)."""
     if p.table in BIT_TABLES:
         return _bits_reader
-    from drivers.modbus.datatypes import decoder, to_engineering
+    from drivers.modbus.datatypes import decoder, markers, to_engineering
 
     decode = decoder(p.datatype, p.order, p.bit)
     if p.datatype == "string":
@@ -186,6 +189,15 @@ def _value_reader(p: ModbusPointSettings) -> Callable[[Sequence[int]], float | s
     if p.datatype in ("bool", "bit"):
         return lambda chunk: 1.0 if decode(chunk) else 0.0
     scale, offset = p.scale, p.offset
+    absent = markers(p.datatype, p.invalid)
+    if absent:  # only points that declare markers pay for the lookup
+
+        def read_or_absent(chunk: Sequence[int]) -> float:
+            raw = cast(float, decode(chunk))
+            return _NAN if raw in absent else raw * scale + offset
+
+        return read_or_absent
+    # a NaN float stays NaN through scale and offset: _decode makes it UNAVAILABLE
     if scale == 1.0 and offset == 0.0:
         return lambda chunk: float(decode(chunk))
     return lambda chunk: to_engineering(cast(float, decode(chunk)), scale, offset)
@@ -473,12 +485,12 @@ class ModbusDriver(Driver):
                 working.extend(await self._execute(dev, g, pr, cols))
             except ModbusError as exc:
                 g.plan = working + old[i:]
-                good = [j for j in range(n) if quality[j] == GOOD]
+                read = [j for j in range(n) if quality[j] != BAD]  # decoded this poll
                 partial = Batch(
-                    array(ID_TYPECODE, [g.ids[j] for j in good]),
-                    array(TS_TYPECODE, [timestamps[j] for j in good]),
-                    array(VALUE_TYPECODE, [values[j] for j in good]),
-                    array(QUALITY_TYPECODE, bytes(len(good))),
+                    array(ID_TYPECODE, [g.ids[j] for j in read]),
+                    array(TS_TYPECODE, [timestamps[j] for j in read]),
+                    array(VALUE_TYPECODE, [values[j] for j in read]),
+                    array(QUALITY_TYPECODE, [quality[j] for j in read]),
                 )
                 self._renumber(g)
                 raise _PollFailed(exc, partial) from exc
@@ -678,13 +690,17 @@ class ModbusDriver(Driver):
             assert not isinstance(v, str)
             values[row] = v
             timestamps[row] = ts
-            quality[row] = GOOD
+            # only the device's "no value" is NaN here (a marker, a NaN float)
+            quality[row] = GOOD if v == v else UNAVAILABLE
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def write(self, point: PointSpec, value: float) -> None:
-        """Writes a coil or holding register point and reads it back. Raises
-        ModbusWriteError for every refusal, failure or read-back mismatch."""
+    async def write(self, point: PointSpec, value: float) -> float:
+        """Writes a coil or holding register point, reads it back and returns the value
+        it now holds (engineering units: `value` itself, but for the nearest float32 of a
+        float32 point). Raises ModbusWriteError for every refusal (a value the register
+        cannot hold exactly: see datatypes.from_engineering), failure or read-back
+        mismatch."""
         dev = self._owner.get(point.key)
         device = point.key.rsplit("/", 1)[0] if dev is None else dev.name
 
@@ -712,13 +728,18 @@ class ModbusDriver(Driver):
                 raise refuse("a bit takes 0 or 1")
             words = [value == 1.0] if p.table == "coil" else [int(value)]
         else:
-            from drivers.modbus.datatypes import encode, from_engineering
+            from drivers.modbus.datatypes import encode, from_engineering, marker_text, markers
 
             try:
                 raw = from_engineering(value, p.scale, p.offset, p.datatype)
                 words = encode(raw, p.datatype, p.order)
             except (ValueError, OverflowError) as exc:
-                raise refuse(f"does not fit {p.datatype}: {exc}") from exc
+                raise refuse(str(exc)) from exc
+            if raw in markers(p.datatype, p.invalid):
+                raise refuse(
+                    f'raw value {marker_text(raw, p.datatype)} is the point\'s "not available" '
+                    "marker (invalid): it would read back as no value"
+                )
         try:
             await dev.conn.write(p.table, p.address, words, dev.unit)
             back = await dev.conn.read(p.table, p.address, len(words), dev.unit)
@@ -729,14 +750,19 @@ class ModbusDriver(Driver):
                 f"read back {list(back)} from {p.table} {p.address}, wrote {list(words)}: "
                 "the device did not take the value"
             )
+        # what the register holds now, decoded as a poll would
+        written = _value_reader(p)([int(w) for w in back])
+        assert isinstance(written, float)
         log.info(
             "modbus write verified",
             extra={
                 "device": dev.name,
                 "point": point.name,
                 "value": value,
+                "written": written,
                 "table": p.table,
                 "address": p.address,
                 "registers": list(words),
             },
         )
+        return written

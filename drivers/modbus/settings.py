@@ -325,8 +325,22 @@ class ModbusPointSettings(BaseModel):
     #: which poll group reads this point ("" = the device's `poll`)
     group: str = ""
     #: raw values (before scale/offset) the device sends for "not available", e.g.
-    #: [0x7FFFFFFF] for an int32 or [0xFFFF] for a uint16; NaN is always one for floats
+    #: [0x7FFFFFFF] for an int32 or [0xFFFF] for a uint16; NaN is always one for floats.
+    #: Integers are compared on the register bits (0x8000 and -32768 are the same int16
+    #: marker); such a reading is stored as NaN with quality "unavailable"
     invalid: list[int | float] = Field(default_factory=list)
+
+    @field_validator("invalid", mode="before")
+    @classmethod
+    def _markers_are_numbers(cls, v: Any) -> Any:
+        for m in v if isinstance(v, list) else ():
+            if isinstance(m, bool) or not isinstance(m, int | float):
+                raise _problem(
+                    f"marker {m!r} is not a number; write the raw value as the vendor's "
+                    "table gives it, e.g. 0x7FFFFFFF or -32768 (or nan)"
+                )
+        return v
+
     #: some models of the device lack this register: after the device refuses it, it is
     #: dropped from the plan (reported) instead of reading BAD forever
     optional: bool = False
@@ -405,6 +419,14 @@ class ModbusPointSettings(BaseModel):
                 "most significant)",
                 "bit",
             )
+        if self.invalid:
+            from drivers.modbus.datatypes import markers
+
+            for i, m in enumerate(self.invalid):
+                try:
+                    markers(self.datatype, [m])
+                except ValueError as exc:
+                    raise _problem(str(exc), f"invalid[{i}]") from None
         if self.datatype in ("bool", "bit", "string") and (self.scale != 1 or self.offset != 0):
             raise _problem(
                 f"scale and offset do not apply to datatype = {self.datatype!r}",

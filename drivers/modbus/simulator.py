@@ -119,7 +119,7 @@ class RegisterImage:
             self.set(table, address, [int.from_bytes(data[i : i + 2]) for i in range(0, 2 * n, 2)])
             return
         assert not isinstance(value, str)
-        raw = from_engineering(value, scale, offset, datatype)
+        raw = from_engineering(value, scale, offset, datatype, exact=False)
         self.set(table, address, encode(raw, datatype, order))
 
     def hole(self, table: str, address: int, count: int = 1) -> None:

@@ -107,13 +107,14 @@ class SimDriver(Driver):
         super().__init__(devices)
         self._waves: dict[int, Waveform] = {}  # point id -> its generator, once running
 
-    async def write(self, point: PointSpec, value: float) -> None:
+    async def write(self, point: PointSpec, value: float) -> float:
         """A simulated actuator: the point's level becomes `value` (noise and the
         other components go on around it), as a setpoint written to a controller."""
         wave = self._waves.get(point.id)
         if wave is None:
             raise LookupError(f"sim point {point.key!r} is not being simulated (yet)")
         wave.set_level(value)
+        return value
 
     async def run(self, sink: BatchSink) -> None:
         async with asyncio.TaskGroup() as tg:
