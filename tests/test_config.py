@@ -12,7 +12,7 @@ import os
 import re
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel, ConfigDict, SecretStr
@@ -285,12 +285,12 @@ def test_template_validates(tmp_path: Path) -> None:
 def test_template_has_an_example_of_every_driver(tmp_path: Path) -> None:
     # the real loader checks the switched-off examples too, so they cannot go stale
     cfg = parse_config(cli.template_text(), source="gateway.toml", base_dir=tmp_path)
-    by_driver: dict[str, list[object]] = {}
+    by_driver: dict[str, list[Any]] = {}
     for d in cfg.devices:
         by_driver.setdefault(d.driver, []).append(d.settings)
         assert d.points, f"{d.name}: an example without points"
     assert set(by_driver) == set(REAL_AVAILABLE_DRIVERS())
-    assert sorted(getattr(s, "transport") for s in by_driver["modbus"]) == ["rtu", "tcp"]
+    assert sorted(s.transport for s in by_driver["modbus"]) == ["rtu", "tcp"]
 
 
 def test_template_shows_every_stage_type(tmp_path: Path) -> None:
