@@ -451,5 +451,6 @@ def test_run_with_unreachable_broker_buffers_and_stops_on_sigterm(tmp_path: Path
     assert row(out, "agent")[1].startswith("stopped (last seen")
     assert row(out, "uplink")[1].startswith("stopped — last error:")
     assert row(out, "telemetry")[2] == str(read)
-    assert row(out, "dev-dead")[6] == "simulated timeout: device did not answer"
+    errors = out.split("device errors", 1)[1]
+    assert row(errors, "dev-dead")[2] == "simulated timeout: device did not answer"
     assert row(out, "dev-a")[3] == "0"
