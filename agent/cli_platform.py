@@ -28,7 +28,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
@@ -156,8 +156,13 @@ def emit(
     columns: Sequence[str],
     rows: Sequence[Sequence[str]],
     records: Sequence[dict[str, Any]],
+    numbers: Collection[str] = (),
 ) -> None:
-    """`rows` (strings) as a rich table or CSV; `records` (machine values) as JSON."""
+    """`rows` (strings) as a rich table or CSV; `records` (machine values) as JSON.
+
+    In a table nothing is cut to fit the terminal: text wraps inside its cell, and the
+    `numbers` columns keep their widest value whole on one line (a cut number reads as
+    another number)."""
     if fmt == "json":
         sys.stdout.write(orjson.dumps(list(records), option=orjson.OPT_INDENT_2).decode() + "\n")
         return
@@ -173,8 +178,12 @@ def emit(
         out.print(Text(f"{title}: none"))
         return
     table = Table(title=title)
-    for c in columns:
-        table.add_column(c)
+    for i, c in enumerate(columns):
+        if c in numbers:
+            widest = max(len(r[i]) for r in rows)
+            table.add_column(c, justify="right", no_wrap=True, min_width=widest)
+        else:
+            table.add_column(c, overflow="fold")
     for r in rows:
         table.add_row(*r)
     out.print(table)
@@ -224,8 +233,9 @@ def query(
         fail(f"--point {point!r}: give device/point, e.g. bridge-7/strain_1")
     now = now_ms()
     since_ms = parse_time(since, now, "--since")
-    until_ms = parse_time(until, now, "--until") if until is not None else None
-    if until_ms is not None and until_ms <= since_ms:
+    # without --until: up to now, so that readings stamped in the future stay out
+    until_ms = parse_time(until, now, "--until") if until is not None else now
+    if until_ms <= since_ms:
         fail(f"--until ({iso(until_ms)}) must be after --since ({iso(since_ms)})")
 
     def read(store: Store) -> list[PointReading]:
@@ -234,7 +244,7 @@ def query(
     readings: list[PointReading] = _run(db, read)
     if not readings and point not in _run(db, lambda s: s.point_keys(gateway)):
         _unknown_point(db, point, gateway)
-    window = f"{iso(since_ms)} .. {iso(until_ms) if until_ms is not None else 'now'}"
+    window = f"{iso(since_ms)} .. {iso(until_ms)}"
     emit(
         fmt,
         f"{point}, {window}: {len(readings)} reading{'s' if len(readings) != 1 else ''}",
@@ -254,6 +264,7 @@ def query(
             }
             for r in readings
         ],
+        numbers=("value",),
     )
 
 
@@ -317,6 +328,7 @@ def gateways(db: DbOption, fmt: FormatOption = "table") -> None:
             }
             for g in infos
         ],
+        numbers=("backlog points", "evicted points", "lost points"),
     )
 
 
@@ -369,6 +381,7 @@ def alarms(
             }
             for e in episodes
         ],
+        numbers=("value",),
     )
 
 

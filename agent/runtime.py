@@ -151,6 +151,23 @@ class MemoryQueue:
         return [h for h in unsaved if not h.taken]
 
 
+#: how many points a pipeline warning names (the most affected first)
+WARN_POINTS = 5
+
+
+def _most(by_point: dict[str, int]) -> str:
+    """``"a/x 3, b/y 1"``: the points with the most readings first, at most WARN_POINTS."""
+    ranked = sorted(by_point.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{key} {n}" for key, n in ranked[:WARN_POINTS])
+    if len(ranked) > WARN_POINTS:
+        text += f" and {len(ranked) - WARN_POINTS} more points"
+    return text
+
+
+def _readings(n: int) -> str:
+    return f"{n} reading{'s' if n != 1 else ''}"
+
+
 def point_meta(config: Config) -> list[dict[str, Any]]:
     """Registry entries for every configured point and every aggregate series made of
     one (``<device>/<point>:<function>``); the platform gets these in up/meta."""
@@ -253,6 +270,7 @@ class Agent:
         self._downgrades: frozenset[str] = frozenset()  # devices whose config allows force
         self._updates: dict[str, tuple[str, asyncio.Task[None]]] = {}  # device -> (id, task)
         self._key_of: dict[int, str] = {}  # point id -> key, for logs
+        self._pipeline_held = PipelineCounts()  # flagged/dropped since the last warning
         # pipeline output a failed append left behind (see _flush_sync)
         self._pending: list[Batch] = []
         self._pending_alarms: list[AlarmEvent] = []
@@ -657,17 +675,42 @@ class Agent:
         c.alarms_raised += raised
         c.alarms_cleared += len(counts.alarms) - raised
         if counts.flagged or counts.dropped or counts.late:
-            n = self._throttle.ready("pipeline", counts.flagged + counts.dropped + counts.late)
-            if n is not None:
-                log.warning(
-                    "readings rejected by the pipeline",
-                    extra={
-                        "flagged": counts.flagged,
-                        "dropped": counts.dropped,
-                        "late": counts.late,
-                        "since_last": n,
-                    },
+            # what the throttled lines would have said, until the next line says it
+            held = self._pipeline_held
+            for mine, theirs in (
+                (held.flagged_by_point, counts.flagged_by_point),
+                (held.dropped_by_point, counts.dropped_by_point),
+            ):
+                for pid, n in theirs.items():
+                    mine[pid] = mine.get(pid, 0) + n
+            held.flagged += counts.flagged
+            held.dropped += counts.dropped
+            held.late += counts.late
+            n = counts.flagged + counts.dropped + counts.late
+            if self._throttle.ready("pipeline", n) is not None:
+                self._pipeline_held = PipelineCounts()
+                self._warn_pipeline(held)
+
+    def _warn_pipeline(self, held: PipelineCounts) -> None:
+        """One line for what the pipeline flagged (sent, marked bad), dropped and found
+        too late for its aggregate window since the last such line, naming the points."""
+        parts = []
+        extra: dict[str, object] = {}
+        for what, total, by_point in (
+            ("flagged", held.flagged, held.flagged_by_point),
+            ("dropped", held.dropped, held.dropped_by_point),
+        ):
+            if total:
+                points = {self._key_of.get(p, str(p)): k for p, k in by_point.items()}
+                parts.append(f"{what} {_readings(total)} ({_most(points)})")
+                extra[what] = total
+                extra[f"{what}_points"] = dict(
+                    sorted(points.items(), key=lambda kv: -kv[1])[: 10 * WARN_POINTS]
                 )
+        if held.late:
+            parts.append(f"{_readings(held.late)} too late for their aggregate window")
+            extra["late"] = held.late
+        log.warning("pipeline: " + "; ".join(parts), extra=extra)
 
     async def flush(self) -> int:
         batches = self.queue.take()

@@ -6,6 +6,7 @@ health of every device, as the agent last recorded them."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,10 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
         if running
         else f"{'stopped' if stopped else 'not running'} (last seen {_age(updated, now_ms)})",
     )
+    if updated is not None:  # the ages below are measured now, from what it recorded then
+        summary.add_row(
+            "status written", f"{_age(updated, now_ms)} (every {STATUS_INTERVAL_S:g} s)"
+        )
     summary.add_row(
         "uplink",
         str(up.get("state", "unknown"))
@@ -112,8 +117,9 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
         )
 
     tasks = Table(title="tasks that failed (restarted with backoff)")
-    for col in ("task", "state", "failures", "last failure", "last error"):
-        tasks.add_column(col)
+    for col in ("task", "state", "failures", "last failure"):
+        tasks.add_column(col, no_wrap=True)
+    tasks.add_column("last error", overflow="fold", ratio=1)
     for name, t in sorted((agent.get("tasks") or {}).items()):
         if t.get("failures"):
             tasks.add_row(
@@ -124,40 +130,66 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
                 t.get("last_error") or "",
             )
 
-    devices = Table(title="devices")
-    for col in (
-        "device",
-        "last success",
-        "polls/msgs",
-        "errors",
-        "in a row",
-        "skipped",
-        "last error",
-    ):
-        devices.add_column(col)
-    for name, h in sorted((agent.get("devices") or {}).items()):
-        # an event-driven device (mqtt) is never polled: count the messages it sent
-        messages = h.get("messages")
-        devices.add_row(
+    health = sorted((agent.get("devices") or {}).items())
+    rows = [
+        (
             name + (" (offline)" if h.get("online") is False else ""),
             _age(h.get("last_success_ms"), now_ms),
-            f"{messages} msgs" if messages is not None else str(h.get("polls", 0)),
-            _errors(h),
+            # an event-driven device (mqtt) is never polled: count the messages it sent
+            f"{h['messages']} msgs" if h.get("messages") is not None else str(h.get("polls", 0)),
+            str(h.get("errors", 0)),
             str(h.get("consecutive_failures", 0)),
             str(h.get("skipped_polls", 0)),
-            h.get("last_error") or "",
         )
-    return Group(summary, lanes, *([tasks] if tasks.row_count else []), devices)
+        for name, h in health
+    ]
+    devices = Table(title="devices")
+    _whole_column(devices, "device", (r[0] for r in rows), name=True)
+    _whole_column(devices, "last success", (r[1] for r in rows))
+    _whole_column(devices, "polls or msgs", (r[2] for r in rows))
+    for col in ("errors", "in a row", "skipped"):
+        devices.add_column(col)
+    for r in rows:
+        devices.add_row(*r)
+    # the words in a table of their own: beside six columns they would wrap a word a line
+    failed = [
+        (name, _age(h.get("last_error_ms"), now_ms), _errors(h))
+        for name, h in health
+        if h.get("last_error") or h.get("rejected")
+    ]
+    errors = Table(title="device errors")
+    _whole_column(errors, "device", (f[0] for f in failed), name=True)
+    _whole_column(errors, "when", (f[1] for f in failed))
+    errors.add_column("last error", overflow="fold", ratio=1)
+    for f in failed:
+        errors.add_row(*f)
+    return Group(
+        summary,
+        lanes,
+        *([tasks] if tasks.row_count else []),
+        devices,
+        *([errors] if errors.row_count else []),
+    )
+
+
+def _whole_column(table: Table, title: str, cells: Iterable[str], name: bool = False) -> None:
+    """A column whose cells keep to one line (names, ages), its title wrapping between
+    words if need be; a `name` column is never cut, its title neither."""
+    widest = max((len(c) for c in cells), default=0)
+    if name:
+        table.add_column(title, no_wrap=True, min_width=max(widest, len(title)))
+    else:
+        table.add_column(title, min_width=widest)
 
 
 def _errors(health: dict[str, Any]) -> str:
-    """A device's errors, and the malformed inputs it sent by reason (which a retry may
-    have made good, so they are not all errors)."""
+    """A device's last error, and the malformed inputs it sent by reason (which a retry
+    may have made good, so they are not all errors)."""
     rejected = health.get("rejected") or {}
-    text = str(health.get("errors", 0))
+    lines = [health["last_error"]] if health.get("last_error") else []
     if rejected:
-        text += " (rejected: " + ", ".join(f"{k} {n}" for k, n in sorted(rejected.items())) + ")"
-    return text
+        lines.append("rejected: " + ", ".join(f"{k} {n}" for k, n in sorted(rejected.items())))
+    return "\n".join(lines)
 
 
 def render_inspect(buffer_path: Path, limit: int = 20) -> Group:

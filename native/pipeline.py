@@ -16,13 +16,16 @@ not running does not count: a restart resumes the stale rules' silence where it 
 from __future__ import annotations
 
 import struct
+from array import array
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import compress
 from typing import Any
 
 from native import stages as st
 from native.aggregate import AggregateTable
 from native.alarms import AlarmTable
-from native.batch import Batch
+from native.batch import GOOD, Batch
 from native.filters import (
     DeadbandTable,
     EmaTable,
@@ -64,6 +67,28 @@ def table_class(spec: object) -> type[StageTable[Any]]:
     return cls
 
 
+assert GOOD == 0, "_by_point takes a quality byte's truth for 'not good'"
+
+#: the tables that flag or drop readings (the others replace, hold back or pass on)
+_REJECTING = (RangeTable, HampelTable, RateLimitTable)
+
+
+def _by_point(ids: array[int], quality: array[int], out: Batch, counts: PipelineCounts) -> None:
+    """Adds to ``counts`` what one table flagged and dropped, by point, from its input
+    (``ids``, ``quality``) and output. A point has one action per table, and a stage
+    passes readings that are not good untouched: a point's readings that went missing
+    were dropped, its readings that turned not good were flagged."""
+    dropped = Counter(ids)
+    dropped.subtract(Counter(out.point_ids))
+    # GOOD is 0, so a quality byte is true when the reading is not good (C-speed compress)
+    flagged = Counter(compress(out.point_ids, out.quality))
+    flagged.subtract(Counter(compress(ids, quality)))
+    for by, diff in ((counts.dropped_by_point, dropped), (counts.flagged_by_point, flagged)):
+        for pid, n in diff.items():
+            if n > 0:
+                by[pid] = by.get(pid, 0) + n
+
+
 class Pipeline:
     """Runs each point's stages over batches. Points without stages pass through."""
 
@@ -95,7 +120,15 @@ class Pipeline:
         elapsed = None if monotonic_ms is None else self._advance(monotonic_ms)
         counts = PipelineCounts()
         for _, table in self.tables:
+            if not isinstance(table, _REJECTING):
+                batch = table.run(batch, now_ms, counts, elapsed)
+                continue
+            # the kernels count, but not by point: compare with the input (two memcpys)
+            ids, quality = batch.point_ids[:], batch.quality[:]
+            flagged, dropped = counts.flagged, counts.dropped
             batch = table.run(batch, now_ms, counts, elapsed)
+            if counts.flagged != flagged or counts.dropped != dropped:
+                _by_point(ids, quality, batch, counts)
         return batch, counts
 
     def _advance(self, monotonic_ms: int) -> int:

@@ -36,6 +36,10 @@ class PipelineCounts:
     windows: int = 0  # aggregate windows closed (each emits one reading per function)
     late: int = 0  # readings older than their point's open aggregate window
     alarms: list[AlarmEvent] = field(default_factory=list)
+    #: flagged and dropped readings by point id, so that a warning can name the points
+    #: (details of the totals above: equal counts compare by the totals)
+    flagged_by_point: dict[int, int] = field(default_factory=dict, compare=False)
+    dropped_by_point: dict[int, int] = field(default_factory=dict, compare=False)
 
 
 def empty_columns(capacity: int) -> Batch:

@@ -39,9 +39,8 @@ def pg_url() -> Iterator[str]:
     except psycopg.Error as e:
         pytest.fail(
             f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {e}\n"
-            "Start it (Debian: `pg_ctlcluster 15 main start`, or run .ci/run), with trust "
-            "auth for user postgres and a database named `test` "
-            "(`createdb -h 127.0.0.1 -U postgres test`).",
+            "Set it up with `bash tests/setup-system.sh` (Debian; the README's test command "
+            "runs it): trust auth for user postgres and a database named `test`.",
             pytrace=False,
         )
     schema = f"t_{uuid.uuid4().hex[:16]}"

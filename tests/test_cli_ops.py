@@ -169,18 +169,17 @@ def test_status_shows_lanes_evictions_uplink_and_devices(filled: Path) -> None:
     assert row(out, "suppressed")[1] == "400"
     assert row(out, "alarms raised / cleared")[1] == "3 / 2"
     assert row(out, "failed flushes")[1] == "4"
-    # devices: name, last success, polls, errors, in a row, skipped, last error
+    # devices: name, last success, polls, errors, in a row, skipped
     pump = row(out, "pump-3")
-    assert pump[1:] == [
-        "never",
-        "40",
-        "17 (rejected: bad_crc 3, truncated 1)",
-        "9",
-        "2",
-        "simulated timeout: device did not answer",
-    ]
+    assert pump[1:] == ["never", "40", "17", "9", "2"]
     bridge = row(out, "bridge-7")
-    assert bridge[1].endswith("s ago") and bridge[2:] == ["31", "0", "0", "0", ""]
+    assert bridge[1].endswith("s ago") and bridge[2:] == ["31", "0", "0", "0"]
+    # device errors: name, when, last error, and the junk it sent by reason
+    errors = out.split("device errors", 1)[1]
+    when, error = row(errors, "pump-3")[1:]
+    assert when.endswith("s ago") and error == "simulated timeout: device did not answer"
+    assert "rejected: bad_crc 3, truncated 1" in errors
+    assert "bridge-7" not in errors
     assert result.stderr == ""
 
 
@@ -302,6 +301,53 @@ def test_render_status_running_stale_and_stopped() -> None:
     assert agent_cell({"agent": {**snapshot(now), "uplink": None}}) == "running"
 
 
+def test_render_status_ages_are_measured_when_shown() -> None:
+    # the snapshot holds times; how long ago is worked out by the reader, a minute later
+    now = 1_700_000_000_000
+    taken = now - 60_000
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(render_status(empty_stats(), {"agent": snapshot(taken)}, now_ms=now))
+    text = console.export_text()
+    assert row(text, "status written")[1] == "60.0 s ago (every 5 s)"
+    assert row(text, "bridge-7")[1] == "61.0 s ago"  # last success, 1 s before the snapshot
+    errors = text.split("device errors", 1)[1]
+    assert row(errors, "pump-3")[1:] == ["60.5 s ago", "simulated timeout: device did not answer"]
+
+
+def test_render_status_wraps_errors_at_80_columns() -> None:
+    now = 1_700_000_000_000
+    state = snapshot(now)
+    long_error = (
+        "192.168.10.40:502 unit 3: no answer within 1.0 s to a read of input registers "
+        "10..17 after 2 retries; exception 0x0B (gateway target device failed to respond)"
+    )
+    devices = state["devices"]
+    assert isinstance(devices, dict)
+    devices["pump-3"]["last_error"] = long_error
+    devices["kiosk-7-climate-sensor"] = {**devices["bridge-7"], "last_error": "no advertisement"}
+    state["tasks"] = {
+        "uplink": {
+            "state": "backoff",
+            "failures": 3,
+            "last_error": "BufferWriteError: ack failed: database or disk is full (SQLITE_FULL)",
+            "last_failure_ms": now - 1000,
+        }
+    }
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(render_status(empty_stats(), {"agent": state}, now_ms=now))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines), text
+    assert "…" not in text  # nothing cut: names, ages and counts whole, words wrapped
+    errors = text.split("device errors", 1)[1]
+    # the error's lines, read down its cell, are the error
+    cells = [_split(line) for line in errors.splitlines()]
+    error_text = " ".join(c[-1].strip() for c in cells if len(c) == 3 and c[-1].strip())
+    assert long_error in error_text
+    assert row(text, "kiosk-7-climate-sensor")[1] == "1.0 s ago"
+    assert "(SQLITE_FULL)" in text
+
+
 def test_render_status_shows_failed_tasks_with_when() -> None:
     stats = empty_stats(seq_skipped=1024, unclean_starts=1)
     now = 1_700_000_000_000
@@ -405,5 +451,6 @@ def test_run_with_unreachable_broker_buffers_and_stops_on_sigterm(tmp_path: Path
     assert row(out, "agent")[1].startswith("stopped (last seen")
     assert row(out, "uplink")[1].startswith("stopped — last error:")
     assert row(out, "telemetry")[2] == str(read)
-    assert row(out, "dev-dead")[6] == "simulated timeout: device did not answer"
+    errors = out.split("device errors", 1)[1]
+    assert row(errors, "dev-dead")[2] == "simulated timeout: device did not answer"
     assert row(out, "dev-a")[3] == "0"

@@ -217,6 +217,43 @@ def test_query_table(filled: Filled) -> None:
     assert "0 readings" in result.stdout and "none" in result.stdout
 
 
+def _store_more(url: str, seq: int, rows: list[tuple[int, int, float, int]]) -> None:
+    store = open_store(url)
+    try:
+        b = Batch.from_rows(rows)
+        store.store_batch("gw-1", telemetry(seq, b), b)
+    finally:
+        store.close()
+
+
+def test_query_table_keeps_numbers_whole_at_80_columns(filled: Filled) -> None:
+    # full float64 reprs, the widest a value gets: none may lose a digit to the terminal
+    values = [-1234.5678901234567, 0.30000000000000004, 6.02214076e23, -2.2250738585072014e-308]
+    ts = filled.now - 10 * MINUTE
+    _store_more(filled.url, 10, [(3, ts + i, v, GOOD) for i, v in enumerate(values)])
+    narrow = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1"})
+    result = narrow.invoke(
+        app, ["query", "--db", filled.url, "--point", "bridge-7/temperature", "--since", "1h"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    for v in values:
+        assert repr(v) in result.stdout
+
+
+def test_query_until_defaults_to_now(filled: Filled) -> None:
+    # a reading stamped an hour ahead (a device clock in the wrong zone) is not "until now"
+    ahead = filled.now + HOUR
+    _store_more(filled.url, 11, [(3, ahead, 42.25, GOOD)])
+    args = ["query", "--db", filled.url, "--point", "bridge-7/temperature", "--since", "2h"]
+    assert json_out(invoke(*args, "--format", "json")) == []
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "0 readings" in result.stdout and " .. now" not in result.stdout
+    later = json_out(invoke(*args, "--until", iso(ahead + 1), "--format", "json"))
+    assert [(d["ts_ms"], d["value"]) for d in later] == [(ahead, 42.25)]
+
+
 def test_query_unknown_point_suggests(filled: Filled) -> None:
     result = invoke("query", "--db", filled.url, "--point", "bridge-7/strain1")
     assert result.exit_code == 1

@@ -9,9 +9,10 @@ CITYGW_REGEN_EXPECTED=1 (then read the diff before committing it).
 from __future__ import annotations
 
 import os
+import re
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel, ConfigDict, SecretStr
@@ -27,7 +28,7 @@ from agent.config import (
     load_config,
     parse_config,
 )
-from agent.stage_config import RangeStageConfig
+from agent.stage_config import STAGE_TYPES, RangeStageConfig
 from drivers import registry
 from drivers.base import BatchSink, Driver
 from drivers.sim.settings import SimDeviceSettings, SimPointSettings
@@ -264,12 +265,44 @@ def test_secret_never_in_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- the starter template ----------------------------------------------------------------
 
 
+@pytest.fixture
+def real_drivers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped drivers: the template has an example of each."""
+    monkeypatch.setattr(registry, "available_drivers", REAL_AVAILABLE_DRIVERS)
+
+
+@pytest.mark.usefixtures("real_drivers")
 def test_template_validates(tmp_path: Path) -> None:
     cfg = parse_config(cli.template_text(), source="gateway.toml", base_dir=tmp_path)
-    assert 2 <= len(cfg.devices) <= 3
-    assert all(d.driver == "sim" for d in cfg.devices)
+    enabled = [d for d in cfg.devices if d.enabled]
+    assert 2 <= len(enabled) <= 3
+    assert all(d.driver == "sim" for d in enabled)  # it runs as written, without hardware
     assert cfg.buffer.path == tmp_path / "buffer.db"
     assert cfg.uplink.broker.startswith("mqtts://")
+
+
+@pytest.mark.usefixtures("real_drivers")
+def test_template_has_an_example_of_every_driver(tmp_path: Path) -> None:
+    # the real loader checks the switched-off examples too, so they cannot go stale
+    cfg = parse_config(cli.template_text(), source="gateway.toml", base_dir=tmp_path)
+    by_driver: dict[str, list[Any]] = {}
+    for d in cfg.devices:
+        by_driver.setdefault(d.driver, []).append(d.settings)
+        assert d.points, f"{d.name}: an example without points"
+    assert set(by_driver) == set(REAL_AVAILABLE_DRIVERS())
+    assert sorted(s.transport for s in by_driver["modbus"]) == ["rtu", "tcp"]
+
+
+def test_template_shows_every_stage_type(tmp_path: Path) -> None:
+    text = cli.template_text()
+    # the commented pipeline example, uncommented, is a valid pipeline
+    example = text.split("#   pipeline = [\n", 1)[1].split("#   ]\n", 1)[0]
+    stages = "\n".join(line.removeprefix("#") for line in example.splitlines())
+    head = '[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n'
+    device = '[[devices]]\nname = "d"\ndriver = "sim"\n'
+    point = f'[[devices.points]]\nname = "p"\nmin = 0.0\nmax = 8.0\npipeline = [\n{stages}\n]\n'
+    (dev,) = parse_config(head + device + point, base_dir=tmp_path).devices
+    assert sorted(s.type for s in dev.points[0].pipeline) == sorted(STAGE_TYPES)
 
 
 def test_template_documents_every_key() -> None:
@@ -364,6 +397,7 @@ def test_init_writes_refuses_and_forces(tmp_path: Path) -> None:
     assert target.read_text(encoding="utf-8") == cli.template_text()
 
 
+@pytest.mark.usefixtures("real_drivers")
 def test_init_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(cli.app, ["init"])
@@ -371,7 +405,8 @@ def test_init_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert (tmp_path / "gateway.toml").is_file()
     result = runner.invoke(cli.app, ["validate"])
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "gateway.toml: OK (3 devices, 5 points)"
+    # 3 sim devices and one switched-off example per real driver (a profile's points)
+    assert re.fullmatch(r"gateway\.toml: OK \(8 devices, \d+ points\)", result.stdout.strip())
 
 
 def test_validate_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -335,13 +335,14 @@ def test_ignore_topics_silence_expected_messages() -> None:
 
 
 def status_row(health: dict[str, object], name: str) -> str:
-    """The device's row of `citygw status` for a snapshot holding only it."""
+    """The device's rows of `citygw status` (devices, device errors) for a snapshot
+    holding only it."""
     console = Console(width=250, record=True, file=io.StringIO())
     now = time.time_ns() // 1_000_000
     state = {"agent": {"updated_ms": now, "devices": {name: health}}}
     console.print(render_status(empty_stats(), state, now_ms=now))
     text = console.export_text()
-    return next(ln for ln in text.splitlines() if ln.strip("│ ").startswith(name))
+    return "\n".join(ln for ln in text.splitlines() if ln.strip("│ ").startswith(name))
 
 
 def test_status_counts_messages_for_mqtt_devices() -> None:

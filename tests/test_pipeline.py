@@ -12,7 +12,7 @@ import pytest
 from native import impl, kernels_py
 from native.batch import BAD, GOOD, UNAVAILABLE, UNCERTAIN, Batch
 from native.pipeline import Pipeline
-from native.stages import RangeStage
+from native.stages import HampelStage, RangeStage, RateLimitStage
 from native.table import PipelineCounts
 from tests.helpers import columns, load_kernels
 
@@ -226,6 +226,27 @@ def test_pipeline_runs_a_points_stages_in_order(use_impl: ModuleType) -> None:
     assert counts == PipelineCounts(flagged=1, dropped=2)
     assert list(out.timestamps) == [1, 3, 4]
     assert list(out.quality) == [BAD, GOOD, GOOD]
+    # by point, for the warning that names them
+    assert (counts.flagged_by_point, counts.dropped_by_point) == ({1: 1}, {1: 1, 2: 1})
+
+
+def test_pipeline_counts_flags_and_drops_by_point_for_every_rejecting_stage() -> None:
+    p = Pipeline(
+        {
+            1: [RateLimitStage(max_rate=1.0, action="flag")],
+            2: [RateLimitStage(max_rate=1.0, action="drop")],
+            3: [HampelStage(window=3, threshold=3.0, action="flag")],
+            4: [RateLimitStage(max_rate=1.0, action="clamp")],  # moved, not rejected
+        }
+    )
+    rows = [(pid, t * 1000, 0.0, GOOD) for t in range(3) for pid in (1, 2, 3, 4)]
+    rows += [(pid, 3000, 1000.0, GOOD) for pid in (1, 2, 4)]
+    rows += [(3, 3000, 0.0, GOOD), (3, 4000, 1000.0, GOOD), (1, 4000, 0.0, BAD)]
+    out, counts = p.process(Batch.from_rows(rows))
+    assert (counts.flagged, counts.dropped, counts.clamped) == (2, 1, 1)
+    assert counts.flagged_by_point == {1: 1, 3: 1}
+    assert counts.dropped_by_point == {2: 1}
+    assert len(out) == len(rows) - 1
 
 
 def test_empty_pipeline_and_empty_batch(use_impl: ModuleType) -> None:

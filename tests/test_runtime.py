@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
 
 from agent.config import parse_config
-from agent.runtime import Agent, Counters, MemoryQueue
+from agent.logs import Throttle
+from agent.runtime import Agent, Counters, MemoryQueue, build_pipeline
 from buffer import BufferWriteError
-from native.batch import Batch
+from native.batch import BAD, GOOD, Batch
 
 
 def config(buffer: Path, max_memory_points: int = 500_000) -> str:
@@ -221,3 +223,40 @@ def test_a_crashing_driver_is_restarted_and_shown(
     assert task["failures"] == 1 and task["restarts"] == 1 and task["state"] == "running"
     assert task["last_error"] == "RuntimeError: driver bug"
     assert snapshot["counters"]["read"] > 0  # type: ignore[index]
+
+
+def test_pipeline_warning_names_the_points_and_says_flagged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = parse_config(
+        config(tmp_path / "buf.db")
+        + '  [[devices.points]]\n  name = "c"\n'
+        + '  pipeline = [{ type = "range", max = 2.5, action = "flag" }]\n',
+        source="t.toml",
+    )
+    ids = {"d/a": 1, "d/b": 2, "d/c": 3}
+    agent = Agent(cfg)
+    agent.pipeline = build_pipeline(cfg, ids)
+    agent._key_of = {pid: key for key, pid in ids.items()}
+
+    def flush(rows: list[tuple[int, int, float, int]]) -> None:
+        _, counts = agent.pipeline.process(Batch.from_rows(rows))
+        agent._count(counts)
+
+    # b: 2 over its max, dropped; c: 3 over its max, sent flagged bad; a: no stage
+    rows = [(2, 1, 2.0, GOOD), (2, 2, 1.0, GOOD), (2, 3, 9.0, GOOD), (3, 1, 3.0, GOOD)]
+    rows += [(3, 2, 3.0, GOOD), (3, 3, 3.0, GOOD), (3, 4, 2.0, GOOD), (1, 1, 99.0, GOOD)]
+    with caplog.at_level(logging.WARNING, logger="citygw.agent"):
+        flush(rows)
+        flush([(3, 5, 7.0, GOOD), (2, 5, 7.0, GOOD)])  # within 10 s: held, not lost
+        agent._throttle = Throttle(interval=0.0)
+        flush([(3, 6, 7.0, GOOD), (3, 7, 1.0, BAD)])  # a bad reading is not flagged again
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pipeline")]
+    assert lines == [
+        "pipeline: flagged 3 readings (d/c 3); dropped 2 readings (d/b 2)",
+        "pipeline: flagged 2 readings (d/c 2); dropped 1 reading (d/b 1)",
+    ]
+    first = next(r for r in caplog.records if r.getMessage() == lines[0])
+    assert (first.flagged, first.flagged_points) == (3, {"d/c": 3})  # type: ignore[attr-defined]
+    assert (first.dropped, first.dropped_points) == (2, {"d/b": 2})  # type: ignore[attr-defined]
+    assert (agent.counters.flagged, agent.counters.dropped) == (5, 3)

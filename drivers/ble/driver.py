@@ -432,9 +432,11 @@ class BleDriver(Driver):
             heard = last_heard()
             last = heard if heard is not None else started
             if now - last >= stale_after:
+                # no age in the text: it would be frozen in the status snapshot, while
+                # `citygw status` shows the last success's age as it reads it
                 self._health[name].failure(
-                    f"no {what} for {_human(now - last)}"
-                    + ("" if heard is not None else " (none since start)")
+                    f"no {what} within stale_after ({_human(stale_after)})"
+                    + ("" if heard is not None else "; none since start")
                 )
                 next_check = now + stale_after
             else:
