@@ -31,6 +31,7 @@ from drivers.modbus.settings import Table as ModbusTable
 
 if TYPE_CHECKING:
     from drivers.modbus.scan import ScanResult
+    from drivers.modbus.settings import AddressBase
 
 app = typer.Typer(help="Modbus tools: plan, scan, read, write.", no_args_is_help=True)
 
@@ -215,8 +216,19 @@ def _probe(
 @app.command()
 def read(
     table: Annotated[ModbusTable, typer.Option(help="Register table.")],
-    address: Annotated[int, typer.Option(help="0-based address.", min=0, max=65535)],
+    address: Annotated[
+        int,
+        typer.Option(help="The address, as written in the --address-base convention.", min=0),
+    ],
     unit: Annotated[int, typer.Option(help="Unit id.", min=0, max=255)] = 1,
+    address_base: Annotated[
+        str,
+        typer.Option(
+            help="How --address is written, as a point's address_base: 0 = the protocol "
+            "(PDU) address, 1 = a register number counted from 1, modicon = a "
+            "30001/40001-style number."
+        ),
+    ] = "0",
     count: Annotated[int | None, typer.Option(help="Registers/bits (default: the type's).")] = None,
     datatype: Annotated[DataType, typer.Option(help="How to decode.")] = "uint16",
     order: Annotated[Order, typer.Option(help="Byte/word order.")] = "ABCD",
@@ -242,7 +254,19 @@ def read(
     """One read, printed raw and decoded (no config needed)."""
     from drivers.modbus.client import ModbusConnection, ModbusError
     from drivers.modbus.datatypes import BIT_TABLES, decode, register_count
+    from drivers.modbus.settings import pdu_address
 
+    base: AddressBase
+    if address_base in ("0", "1"):
+        base = int(address_base)  # type: ignore[assignment]
+    elif address_base == "modicon":
+        base = "modicon"
+    else:
+        fail(f"--address-base {address_base!r}: use 0, 1 or modicon")
+    try:
+        pdu = pdu_address(address, base, table)[1]
+    except ValueError as exc:
+        fail(f"--address {exc}")
     link = _link(transport, host, port, serial_port, baudrate, parity, timeout)
     if table in BIT_TABLES:
         datatype = "bool"
@@ -258,7 +282,7 @@ def read(
     async def go() -> list[int] | list[bool]:
         conn = ModbusConnection.for_device(link)
         try:
-            return await conn.read(table, address, n, unit)
+            return await conn.read(table, pdu, n, unit)
         finally:
             conn.close()
 
@@ -267,7 +291,10 @@ def read(
     except ModbusError as exc:
         fail(str(exc))
     out = out_console()
-    out.print(Text(f"{table} {address}..{address + n - 1} unit {unit}: {list(values)}"))
+    span = f"{address}..{address + n - 1}"
+    if base != 0:
+        span += f" (PDU {pdu}..{pdu + n - 1})"
+    out.print(Text(f"{table} {span} unit {unit}: {list(values)}"))
     if table not in BIT_TABLES:
         regs = [int(v) for v in values]
         out.print(Text(f"hex: {' '.join(f'{r:04X}' for r in regs)}"))

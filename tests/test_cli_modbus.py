@@ -33,6 +33,7 @@ from hil.sim_field import (
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
 
 HR = "holding_register"
+IR = "input_register"
 WRITE_FUNCTIONS = {5, 6, 15, 16}
 
 
@@ -279,6 +280,36 @@ def test_read_says_not_available_for_a_marker() -> None:
         )  # fmt: skip
         assert bad.exit_code == 1
         assert "--invalid: marker 0x1FFFF does not fit uint16" in bad.stderr
+
+
+def test_read_takes_the_address_as_the_register_map_prints_it() -> None:
+    """The docs tell a technician to find a map's convention by reading a known register
+    at the candidate addresses: `read` takes the number as printed, in any convention."""
+    image = RegisterImage()
+    image.set(IR, 70, [4242])
+    with serving({1: image}) as sim:
+
+        def read(address: str, *base: str) -> list[str]:
+            result = citygw(
+                "modbus", "read", "--host", "127.0.0.1", "--port", str(sim.port),
+                "--table", IR, "--address", address, *base,
+            )  # fmt: skip
+            assert result.exit_code == 0, result.output
+            return result.stdout.splitlines()
+
+        assert read("70")[0] == "input_register 70..70 unit 1: [4242]"
+        assert read("71", "--address-base", "1")[0] == (
+            "input_register 71..71 (PDU 70..70) unit 1: [4242]"
+        )
+        assert read("30071", "--address-base", "modicon")[0] == (
+            "input_register 30071..30071 (PDU 70..70) unit 1: [4242]"
+        )
+        wrong = citygw(
+            "modbus", "read", "--host", "127.0.0.1", "--port", str(sim.port),
+            "--table", IR, "--address", "40071", "--address-base", "modicon",
+        )  # fmt: skip
+        assert wrong.exit_code == 1
+        assert "--address 40071 is a holding_register number" in wrong.stderr
 
 
 def test_read_of_a_hole_prints_the_exception() -> None:
