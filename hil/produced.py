@@ -100,9 +100,9 @@ def modbus_spans(config: Path, port: int) -> ModbusPlan:
 
 def _group_points(device: object) -> dict[str, list[str]]:
     """The point keys of each poll group, in the order the planner indexes them."""
-    from drivers.modbus.driver import _groups
+    from drivers.modbus.driver import device_groups
 
-    return {g: [p.key for p in pts] for g, _period, pts in _groups(device)}  # type: ignore[arg-type]
+    return {g: [p.key for p in pts] for g, _period, pts in device_groups(device)}  # type: ignore[arg-type]
 
 
 def modbus_read_loss(

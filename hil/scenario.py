@@ -100,7 +100,7 @@ class Sims(_Model):
     ble_garbage: float = 0.0
     uplink_garbage: int = 0  # junk messages published on the platform's uplink topics
     mcu: bool = False  # the gateway's microcontroller (drivers/mcu/simulator.py) on a pty
-    mcu_garbage: float = Field(0.0, ge=0.0, le=1.0)  # probability a sent frame is garbled
+    mcu_garbage: float = Field(default=0.0, ge=0.0, le=1.0)  # probability a sent frame is garbled
     # the broker with the shipped ACLs and passwords, and hostile clients (hil/hostile.py)
     hostile: bool = False
 
