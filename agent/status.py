@@ -188,3 +188,16 @@ def render_inspect(buffer_path: Path, limit: int = 20) -> Group:
             note,
         )
     return Group(head, table)
+
+
+def render_device_info(state: dict[str, Any]) -> Table | None:
+    """The devices' information as the agent last sent it in up/stats (serial numbers,
+    firmware versions, BTHome text...); None if no device has any."""
+    info = (state.get("agent") or {}).get("info") or {}
+    table = Table(title="device information (sent to the platform in up/stats)")
+    for col in ("device", "name", "value"):
+        table.add_column(col, overflow="fold")
+    for device, entries in sorted(info.items()):
+        for name, value in sorted(entries.items()):
+            table.add_row(device, name, value)
+    return table if table.row_count else None

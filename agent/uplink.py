@@ -221,7 +221,7 @@ class Uplink:
         or with None when the command runs on (a firmware update): its answer is given
         later to `respond`.
         `stats` makes the retained up/stats message, published on connect and then
-        every `settings.stats_interval` seconds."""
+        every `settings.stats_interval` seconds, or sooner after `report_now`."""
         self.s = settings
         self._on_command = on_command
         self._stats = stats
@@ -234,6 +234,7 @@ class Uplink:
         self._wake = asyncio.Event()
         self._answers: deque[bytes] = deque()  # late command answers, oldest first
         self._answer_ready = asyncio.Event()
+        self._report_now = asyncio.Event()
         self._rng = random.Random()
         self._throttle = Throttle()
         self._buffer_backoff = BUFFER_RETRY_MIN_S
@@ -255,6 +256,11 @@ class Uplink:
     def wake(self) -> None:
         """New data is in the buffer."""
         self._wake.set()
+
+    def report_now(self) -> None:
+        """What up/stats carries changed (a device's information): published at once if
+        online, else on connect as always."""
+        self._report_now.set()
 
     def respond(self, answer: bytes) -> None:
         """The answer of a command that ran on in the background: published on up/resp
@@ -390,9 +396,11 @@ class Uplink:
                 self._answers.popleft()
 
     async def _report(self, client: Publisher) -> None:
-        """The buffer's counters, retained, so the platform knows evictions and backlog."""
+        """The buffer's counters and the devices' information, retained, so the platform
+        knows evictions, backlog and what each device says it is."""
         assert self._stats is not None
         while True:
+            self._report_now.clear()
             try:
                 payload = await self._stats()
             except BufferError as exc:  # the buffer's trouble, not the broker's: next time
@@ -401,7 +409,13 @@ class Uplink:
                 await client.publish(
                     self._stats_topic, payload, qos=1, retain=True, timeout=self.s.ack_timeout
                 )
-            await asyncio.sleep(self.s.stats_interval)
+            # asyncio.wait, not wait_for: Python 3.11's wait_for loses a cancel that
+            # arrives as the event is set, and the session's end would wait for this loop
+            waiter = asyncio.ensure_future(self._report_now.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self.s.stats_interval)
+            finally:
+                waiter.cancel()
 
     async def _publish(self, client: Publisher, msg: Message) -> Message:
         payload = wire.wrap(msg.lane, self.stream_id, msg.seq, msg.n_points, msg.payload)
