@@ -662,15 +662,19 @@ def _devices(value: Any) -> DeviceInfo:
         raise WireError("stats: 'devices' must be an object")
     out: DeviceInfo = {}
     for device, entries in value.items():
+        if not isinstance(device, str) or not device:
+            raise WireError(
+                f"stats: a device name in 'devices' ({device!r:.40}) is empty or not a string"
+            )
         where = f"stats: devices[{device[:40]!r}]"
-        if not device:
-            raise WireError("stats: a device name in 'devices' is empty")
         check_text(device, where)
         if not isinstance(entries, Mapping):
             raise WireError(f"{where} must be an object")
         for name, text in entries.items():
-            if not name:
-                raise WireError(f"{where}: an information name is empty")
+            if not isinstance(name, str) or not name:
+                raise WireError(
+                    f"{where}: an information name ({name!r:.40}) is empty or not a string"
+                )
             check_text(name, f"{where}: a name")
             if not isinstance(text, str):
                 raise WireError(f"{where}[{name[:40]!r}] must be a string")

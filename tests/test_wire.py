@@ -141,6 +141,13 @@ def test_stats_refuse_hostile_device_information(devices: object, match: str) ->
         wire.encode_stats(dataclasses.replace(STATS, devices=devices))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("devices", [{1: {"serial": "SN"}}, {"d": {2: "SN"}}])
+def test_encode_stats_refuses_names_that_are_not_strings(devices: object) -> None:
+    """A Python caller's mistake (JSON keys are always strings): WireError, not TypeError."""
+    with pytest.raises(WireError, match="not a string"):
+        wire.encode_stats(dataclasses.replace(STATS, devices=devices))  # type: ignore[arg-type]
+
+
 def test_stats_refuse_lone_surrogates_and_oversize() -> None:
     base = wire.encode_stats(STATS)[:-1]
     with pytest.raises(WireError):  # JSON may escape one; no store keeps it
