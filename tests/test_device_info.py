@@ -18,6 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from agent import wire
+from agent.cli import app as cli_app
 from agent.cli_platform import app as platform_app
 from agent.config import parse_config
 from agent.ingest.store import Store, open_store
@@ -291,6 +292,12 @@ def test_agent_bounds_what_drivers_report(
     assert table is not None and table.row_count == 2
     console = Console(width=120, record=True)
     console.print(table)
-    assert "SN-4711" in console.export_text()
+    shown = console.export_text()
+    assert "SN-4711" in shown and "values cut: 2 · entries left out: 1" in shown
+    gw_toml = tmp_path / "gw.toml"
+    gw_toml.write_text(SIM_CONFIG.format(gw=GW, buffer=tmp_path / "buf.db"))
+    status = runner.invoke(cli_app, ["status", "--config", str(gw_toml)])
+    assert status.exit_code == 0, status.output
+    assert "device information" in status.stdout and "SN-4711" in status.stdout
     assert render_device_info({"agent": {"info": {}}}) is None
     assert render_device_info({}) is None  # a snapshot of an agent before issue 13
