@@ -37,6 +37,7 @@ from agent.reconnect import (
     PublishRefused,
     ReconnectPolicy,
     ReconnectSettings,
+    check_cancelled,
     tcp_probe,
 )
 from agent.reconnect import backoff_delay as backoff_delay  # where it used to live
@@ -184,17 +185,6 @@ def connection_error(exc: BaseException, transport_error: str | None = None) -> 
     if detail != text:
         return f"{text}: {detail}"
     return text
-
-
-def _check_cancelled() -> None:
-    """Raises CancelledError if the current task was asked to stop. Python 3.11's
-    `asyncio.wait_for` (in aiomqtt's publish and subscribe) returns a result that arrived
-    with the cancel instead of raising it; a session or a loop that went on would then
-    never end, and the agent's stop waited for it forever. Checked after each await that
-    may have swallowed one."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class _PahoLog(logging.Logger):
@@ -367,7 +357,7 @@ class Uplink:
             if self._stats is not None:
                 helpers.append(asyncio.create_task(self._report(client), name="stats"))
             try:
-                _check_cancelled()  # one the publishes or the subscribe above swallowed
+                check_cancelled()  # one the publishes or the subscribe above swallowed
                 await self._pump(client, helpers)
             finally:
                 for task in helpers:
@@ -396,7 +386,7 @@ class Uplink:
             answer = await self._on_command(message.payload)
             if answer is not None:
                 await client.publish(self._resp_topic, answer, qos=1)
-                _check_cancelled()
+                check_cancelled()
 
     async def _late_answers(self, client: Publisher) -> None:
         """Publishes what `respond` was given; an answer leaves the queue only once
@@ -407,14 +397,14 @@ class Uplink:
             while self._answers:
                 await client.publish(self._resp_topic, self._answers[0], qos=1)
                 self._answers.popleft()
-                _check_cancelled()
+                check_cancelled()
 
     async def _report(self, client: Publisher) -> None:
         """The buffer's counters and the devices' information, retained, so the platform
         knows evictions, backlog and what each device says it is."""
         assert self._stats is not None
         while True:
-            _check_cancelled()
+            check_cancelled()
             self._report_now.clear()
             try:
                 payload = await self._stats()

@@ -845,3 +845,56 @@ def test_store_errors_are_retried(mosquitto: Mosquitto, tmp_path: Path) -> None:
 
     asyncio.run(with_workers([worker], body))
     inner.close()
+
+
+class _SubackWithCancel:
+    """A broker session whose first SUBACK arrives with a cancel, and the subscribe returns
+    it: what Python 3.11's asyncio.wait_for (inside aiomqtt's subscribe) does."""
+
+    def __init__(self) -> None:
+        self.subscribing = asyncio.Event()
+        self.subscribed: list[str] = []
+
+    async def __aenter__(self) -> _SubackWithCancel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def subscribe(self, topic: str, **kwargs: Any) -> None:
+        if not self.subscribed:
+            self.subscribing.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()  # the SUBACK: it comes with the cancel
+        self.subscribed.append(topic)
+
+    @property
+    def messages(self) -> Any:
+        async def never() -> Any:
+            await asyncio.Event().wait()
+            yield
+
+        return never()
+
+
+def test_a_cancel_that_a_subscribe_swallowed_still_stops_the_worker(tmp_path: Path) -> None:
+    """`citygw ingest` stopping while it subscribes: the worker ends (it waited for
+    messages for ever, and the stop with it)."""
+    store = open_store(f"sqlite:///{tmp_path / 'platform.db'}")
+    worker = IngestWorker("mqtt://127.0.0.1:1", store, group=None)
+    session = _SubackWithCancel()
+    worker._client = lambda: session  # type: ignore[assignment,method-assign,return-value]
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(session.subscribing.wait(), 5)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)  # bounded: it hung here
+        assert done == {task} and task.cancelled()
+        assert not worker.connected.is_set() and worker.counters.connects == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    assert session.subscribed == wire.ingest_filters("citygw", None)
