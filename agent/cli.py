@@ -210,8 +210,9 @@ def _existing_buffer(cfg: Config) -> Path:
 
 @app.command()
 def status(config: ConfigOption = Path("gateway.toml")) -> None:
-    """Buffer depth per lane, oldest unsent, evictions, last ack, uplink and device health."""
-    from agent.status import collect, render_status
+    """Buffer depth per lane, oldest unsent, evictions, last ack, uplink, device health
+    and device information."""
+    from agent.status import collect, render_device_info, render_status
 
     path = _existing_buffer(load_or_exit(config))
     try:
@@ -219,6 +220,8 @@ def status(config: ConfigOption = Path("gateway.toml")) -> None:
     except (BufferError, OSError) as exc:  # not a usable buffer, newer schema, unreadable
         fail(str(exc), EXIT_NO_FILE)
     _out().print(render_status(stats, state))
+    if (info := render_device_info(state)) is not None:
+        _out().print(info)
 
 
 buffer_app = typer.Typer(help="Look into the durable buffer.", no_args_is_help=True)

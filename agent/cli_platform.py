@@ -7,6 +7,8 @@
   last stored uplink, and what it last reported of its buffer (backlog, evicted, lost).
 - `alarms --db URL [--active] [--gateway G]`: alarm episodes, each raise paired with its
   clear.
+- `devices --db URL [--gateway G]`: what each device says it is (serial number, firmware
+  version, a BTHome text...), as its gateway last reported it in up/stats.
 - `dead-letters --db URL [--limit N] [--dump DIR]`: rejected uplinks kept aside by the
   ingest, newest first; `--dump` writes their payloads to files.
 - `prune --db URL --older-than 90d`: retention, the one command that deletes.
@@ -39,7 +41,14 @@ from rich.table import Table
 from rich.text import Text
 
 from agent.cli_common import EXIT_NO_FILE, fail, out_console
-from agent.ingest.store import AlarmEpisode, DeadLetter, GatewayInfo, PointReading, Store
+from agent.ingest.store import (
+    AlarmEpisode,
+    DeadLetter,
+    DeviceInfoEntry,
+    GatewayInfo,
+    PointReading,
+    Store,
+)
 from agent.redact import redact
 from agent.status import _age as age
 from agent.units import parse_duration
@@ -483,3 +492,30 @@ def prune(
     for what, n in dropped.items():
         table.add_row(what, str(n))
     out_console().print(table)
+
+
+@app.command()
+def devices(db: DbOption, gateway: GatewayOption = None, fmt: FormatOption = "table") -> None:
+    """Device information: Modbus string points (serial number, firmware...), BTHome
+    text, raw (as hex) and firmware objects, by gateway and device, with the gateway's time
+    of the first report of each value."""
+    entries: list[DeviceInfoEntry] = _run(db, lambda store: store.device_info(gateway))
+    n_devices = len({(e.gateway, e.device) for e in entries})
+    emit(
+        fmt,
+        f"device information: {len(entries)} entr{'ies' if len(entries) != 1 else 'y'} of "
+        f"{n_devices} device{'s' if n_devices != 1 else ''}",
+        ("gateway", "device", "name", "value", "since"),
+        [(e.gateway, e.device, e.name, e.value, iso(e.since_ms)) for e in entries],
+        [
+            {
+                "gateway": e.gateway,
+                "device": e.device,
+                "name": e.name,
+                "value": e.value,
+                "since": iso(e.since_ms),
+                "since_ms": e.since_ms,
+            }
+            for e in entries
+        ],
+    )

@@ -205,6 +205,17 @@ class ReconnectPolicy:
             await self._sleep(remaining)
 
 
+def check_cancelled() -> None:
+    """Raises CancelledError if the current task was asked to stop. Python 3.11's
+    `asyncio.wait_for` (in aiomqtt's connect, publish and subscribe) returns a result that
+    arrived with the cancel instead of raising it; a session or loop that went on would
+    never end, and whoever stopped it waited for ever. Called after the awaits that may
+    have swallowed one."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class ClosedBeforeConnack(aiomqtt.MqttError):
     """The broker (or something on the way) closed or reset the connection before its
     CONNACK: what the MQTT client logged on its socket says why (a TLS alert, a reset)."""

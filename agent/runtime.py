@@ -87,6 +87,10 @@ class Counters:
     recovered: int = 0  # readings a previous run left in the intake, taken at start
     intake_dropped: int = 0  # intake readings dropped at start after a power cut
     status_failures: int = 0  # status snapshots or sync points the buffer refused
+    # device information (up/stats `devices`) cut or left out by wire.bound_devices,
+    # counted once per change of a device's information
+    info_truncated: int = 0
+    info_refused: int = 0
 
 
 @dataclass(slots=True, eq=False)
@@ -277,6 +281,9 @@ class Agent:
         self._pending_state: dict[str, bytes] = {}
         self._pending_intake: list[int] = []  # intake rows the pending output came from
         self._clock_offset = time.time() - time.monotonic()
+        #: the drivers' device information as last collected, and as sent (bounded)
+        self._info_raw: wire.DeviceInfo = {}
+        self.device_info: wire.DeviceInfo = {}
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -439,9 +446,52 @@ class Agent:
         for h in todo:
             h.intake_id = intake_id
 
+    def _collect_info(self) -> wire.DeviceInfo:
+        """Every device's information as its driver has it now (devices with none left out)."""
+        info: wire.DeviceInfo = {}
+        for drv in self.drivers:
+            for dev in drv.devices:
+                try:
+                    entries = drv.device_info(dev.name)
+                except Exception as exc:  # a driver's bug must not stop the stats
+                    if (n := self._throttle.ready(f"info-{dev.name}")) is not None:
+                        log.error(
+                            "device information unreadable",
+                            extra={"device": dev.name, "error": repr(exc), "failures": n},
+                        )
+                    continue
+                if entries:
+                    info[dev.name] = dict(entries)
+        return info
+
+    def refresh_device_info(self) -> bool:
+        """Takes the drivers' device information; True if it changed since last time.
+        What `wire.bound_devices` cuts or leaves out is counted and logged once per change."""
+        raw = self._collect_info()
+        if raw == self._info_raw:
+            return False
+        self._info_raw = raw
+        self.device_info, problems = wire.bound_devices(raw)
+        if problems:
+            truncated = sum(p.truncated for p in problems)
+            self.counters.info_truncated += truncated
+            self.counters.info_refused += len(problems) - truncated
+            log.warning(
+                "device information cut or left out (the platform stores text only within "
+                "its limits)",
+                extra={
+                    "truncated": truncated,
+                    "left_out": len(problems) - truncated,
+                    "entries": [f"{p.device}/{p.name[:64]}: {p.reason}" for p in problems[:10]],
+                },
+            )
+        return True
+
     async def _stats(self) -> bytes:
-        """The retained up/stats message: what the buffer took, evicted and still holds."""
+        """The retained up/stats message: what the buffer took, evicted and still holds,
+        and every device's information."""
         assert self.buffer is not None
+        self.refresh_device_info()
         stats = await self._on_buffer(self.buffer.stats)
         return wire.encode_stats(
             wire.GatewayStats(
@@ -453,6 +503,7 @@ class Agent:
                 backlog_points=sum(lane.points for lane in stats.lanes.values()),
                 backlog_messages=sum(lane.messages for lane in stats.lanes.values()),
                 lost_points=self.counters.lost,
+                devices=self.device_info,
             )
         )
 
@@ -754,6 +805,10 @@ class Agent:
         while True:
             await asyncio.sleep(interval)
             await self.flush()
+            # a device's information changed (a serial read, a BTHome text heard): up/stats
+            # goes now, not at the next stats_interval
+            if self.refresh_device_info() and self.uplink is not None:
+                self.uplink.report_now()
 
     # -- status ----------------------------------------------------------------
 
@@ -769,6 +824,7 @@ class Agent:
                 name: h.as_dict() for drv in self.drivers for name, h in drv.health().items()
             },
             "tasks": {name: h.as_dict() for name, h in self.task_health.items()},
+            "info": self.device_info,
         }
 
     async def write_status(self) -> None:

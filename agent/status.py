@@ -230,3 +230,22 @@ def render_inspect(buffer_path: Path, limit: int = 20) -> Group:
             note,
         )
     return Group(head, table)
+
+
+def render_device_info(state: dict[str, Any]) -> Table | None:
+    """The devices' information as the agent last sent it in up/stats (serial numbers,
+    firmware versions, BTHome text...), with what was cut or left out; None if there is
+    nothing to show."""
+    agent = state.get("agent") or {}
+    info = agent.get("info") or {}
+    counters = agent.get("counters") or {}
+    cut, left_out = counters.get("info_truncated", 0), counters.get("info_refused", 0)
+    table = Table(title="device information (sent to the platform in up/stats)")
+    for col in ("device", "name", "value"):
+        table.add_column(col, overflow="fold")
+    for device, entries in sorted(info.items()):
+        for name, value in sorted(entries.items()):
+            table.add_row(device, name, value)
+    if cut or left_out:  # wire.bound_devices: counted once per change, logged
+        table.caption = f"values cut: {cut} · entries left out: {left_out} (see the log)"
+    return table if table.row_count or table.caption else None

@@ -37,6 +37,7 @@ from agent.reconnect import (
     PublishRefused,
     ReconnectPolicy,
     ReconnectSettings,
+    check_cancelled,
     tcp_probe,
 )
 from agent.reconnect import backoff_delay as backoff_delay  # where it used to live
@@ -221,7 +222,7 @@ class Uplink:
         or with None when the command runs on (a firmware update): its answer is given
         later to `respond`.
         `stats` makes the retained up/stats message, published on connect and then
-        every `settings.stats_interval` seconds."""
+        every `settings.stats_interval` seconds, or sooner after `report_now`."""
         self.s = settings
         self._on_command = on_command
         self._stats = stats
@@ -234,6 +235,7 @@ class Uplink:
         self._wake = asyncio.Event()
         self._answers: deque[bytes] = deque()  # late command answers, oldest first
         self._answer_ready = asyncio.Event()
+        self._report_now = asyncio.Event()
         self._rng = random.Random()
         self._throttle = Throttle()
         self._buffer_backoff = BUFFER_RETRY_MIN_S
@@ -255,6 +257,11 @@ class Uplink:
     def wake(self) -> None:
         """New data is in the buffer."""
         self._wake.set()
+
+    def report_now(self) -> None:
+        """What up/stats carries changed (a device's information): published at once if
+        online, else on connect as always."""
+        self._report_now.set()
 
     def respond(self, answer: bytes) -> None:
         """The answer of a command that ran on in the background: published on up/resp
@@ -350,6 +357,7 @@ class Uplink:
             if self._stats is not None:
                 helpers.append(asyncio.create_task(self._report(client), name="stats"))
             try:
+                check_cancelled()  # one the publishes or the subscribe above swallowed
                 await self._pump(client, helpers)
             finally:
                 for task in helpers:
@@ -378,6 +386,7 @@ class Uplink:
             answer = await self._on_command(message.payload)
             if answer is not None:
                 await client.publish(self._resp_topic, answer, qos=1)
+                check_cancelled()
 
     async def _late_answers(self, client: Publisher) -> None:
         """Publishes what `respond` was given; an answer leaves the queue only once
@@ -388,11 +397,15 @@ class Uplink:
             while self._answers:
                 await client.publish(self._resp_topic, self._answers[0], qos=1)
                 self._answers.popleft()
+                check_cancelled()
 
     async def _report(self, client: Publisher) -> None:
-        """The buffer's counters, retained, so the platform knows evictions and backlog."""
+        """The buffer's counters and the devices' information, retained, so the platform
+        knows evictions, backlog and what each device says it is."""
         assert self._stats is not None
         while True:
+            check_cancelled()
+            self._report_now.clear()
             try:
                 payload = await self._stats()
             except BufferError as exc:  # the buffer's trouble, not the broker's: next time
@@ -401,7 +414,13 @@ class Uplink:
                 await client.publish(
                     self._stats_topic, payload, qos=1, retain=True, timeout=self.s.ack_timeout
                 )
-            await asyncio.sleep(self.s.stats_interval)
+            # asyncio.wait, not wait_for: Python 3.11's wait_for loses a cancel that
+            # arrives as the event is set, and the session's end would wait for this loop
+            waiter = asyncio.ensure_future(self._report_now.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self.s.stats_interval)
+            finally:
+                waiter.cancel()
 
     async def _publish(self, client: Publisher, msg: Message) -> Message:
         payload = wire.wrap(msg.lane, self.stream_id, msg.seq, msg.n_points, msg.payload)

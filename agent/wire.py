@@ -6,7 +6,8 @@ Topics (``prefix`` is configurable, default ``citygw``)::
     <prefix>/<gateway>/up/alarm   alarm lane (binary envelope)
     <prefix>/<gateway>/up/meta    retained, JSON point registry (see `encode_meta`)
     <prefix>/<gateway>/state      retained text "online" / "offline" (last will "offline")
-    <prefix>/<gateway>/up/stats   retained JSON, the buffer's counters (see `encode_stats`)
+    <prefix>/<gateway>/up/stats   retained JSON, the buffer's counters and the devices'
+                                  information (see `encode_stats`)
 
 Uplink envelope: a fixed 32-byte big-endian header, then the codec body::
 
@@ -543,10 +544,14 @@ def decode_alarms(data: bytes | bytearray | memoryview) -> tuple[str, list[Alarm
 #
 #   {"v": 1, "gateway": "gw-1", "ts": 1795938246112, "appended_points": 120000,
 #    "evicted_points": 0, "evicted_messages": 0, "backlog_points": 40, "backlog_messages": 2,
-#    "lost_points": 0}
+#    "lost_points": 0, "devices": {"meter-1": {"serial": "SN-4711"}, "display": {...}}}
 # evicted_*: readings the full buffer evicted since it was created (never sent, counted);
 # lost_points: readings the agent lost before the buffer (memory bound while the buffer
 # refused writes), since the agent started.
+# devices (optional; a gateway before issue 13 does not send it, an ingest before it
+# ignores it): every device's information (`Driver.device_info`: Modbus string points,
+# BTHome text/raw/firmware objects), the whole of it in each message, so the retained
+# message alone tells a restarted platform everything. Devices without any are left out.
 
 STATS_VERSION: Final = 1
 STATS_FIELDS: Final = (
@@ -558,6 +563,16 @@ STATS_FIELDS: Final = (
     "backlog_messages",
     "lost_points",
 )
+#: the longest up/stats message a platform decodes (the counters take < 1 KiB; the rest is
+#: `devices`, which a gateway keeps within MAX_DEVICES_BYTES by `bound_devices`)
+MAX_STATS_BYTES: Final = 256 * 1024
+MAX_DEVICES_BYTES: Final = MAX_STATS_BYTES - 4096
+#: the longest device information value, in UTF-8 bytes (a BTHome raw object as hex or a
+#: 125-register Modbus string take at most 510)
+MAX_INFO_VALUE_BYTES: Final = MAX_TEXT_BYTES
+
+#: device -> information name -> value
+DeviceInfo = dict[str, dict[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,17 +585,120 @@ class GatewayStats:
     backlog_points: int
     backlog_messages: int
     lost_points: int
+    #: None: the message had no `devices` field (a gateway before issue 13)
+    devices: DeviceInfo | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InfoProblem:
+    """A device information entry `bound_devices` cut or left out."""
+
+    device: str
+    name: str
+    truncated: bool  # True: the value was cut; False: the entry was left out
+    reason: str
+
+
+def _cut(value: str, limit: int) -> str:
+    """`value` cut to at most `limit` UTF-8 bytes, at a character boundary."""
+    return value.encode()[:limit].decode(errors="ignore")
+
+
+def bound_devices(
+    devices: Mapping[str, Mapping[str, str]],
+) -> tuple[DeviceInfo, list[InfoProblem]]:
+    """What of the drivers' device information the wire takes, and what it did not.
+
+    The rule (gateway side; the platform refuses any message that breaks it):
+    - a value is cut at its first NUL (a device's C string ends there) and to at most
+      MAX_INFO_VALUE_BYTES (at a character boundary): kept, reported as truncated;
+    - an entry whose device or name is empty, holds a NUL or a lone surrogate or is longer
+      than MAX_TEXT_BYTES, or whose value is not a string or holds a lone surrogate, is
+      left out;
+    - devices in name order, each whole, while `devices` stays within MAX_DEVICES_BYTES
+      as JSON: a device that would take it over is left out (each of its entries reported).
+    """
+    out: DeviceInfo = {}
+    problems: list[InfoProblem] = []
+    size = 2  # {}
+    for device in sorted(devices, key=str):
+        entries: dict[str, str] = {}
+        for name in sorted(devices[device], key=str):
+            value = devices[device][name]
+            try:
+                for text, what in ((device, "device name"), (name, "name")):
+                    if not isinstance(text, str) or not text:
+                        raise WireError(f"{what} {text!r:.40} is not a non-empty string")
+                    check_text(text, what)
+                if not isinstance(value, str):
+                    raise WireError(f"value is a {type(value).__name__}, not a string")
+                head = value.partition("\x00")[0]
+                check_text(head, "value", len(head) * 4)  # a lone surrogate, not the length
+                cut = _cut(head, MAX_INFO_VALUE_BYTES)
+            except WireError as e:
+                problems.append(InfoProblem(str(device), str(name), False, str(e)))
+                continue
+            if cut != value:
+                why = "a NUL" if "\x00" in value else f"over {MAX_INFO_VALUE_BYTES} bytes"
+                problems.append(InfoProblem(device, name, True, f"value cut at {why}"))
+            entries[name] = cut
+        if not entries:
+            continue
+        more = len(orjson.dumps({device: entries})) - 1  # without the outer braces, + comma
+        if size + more > MAX_DEVICES_BYTES:
+            problems += [
+                InfoProblem(device, name, False, f"up/stats full ({MAX_DEVICES_BYTES} bytes)")
+                for name in entries
+            ]
+            continue
+        size += more
+        out[device] = entries
+    return out, problems
+
+
+def _devices(value: Any) -> DeviceInfo:
+    """A decoded `devices` field, checked as `bound_devices` leaves it."""
+    if not isinstance(value, Mapping):
+        raise WireError("stats: 'devices' must be an object")
+    out: DeviceInfo = {}
+    for device, entries in value.items():
+        if not isinstance(device, str) or not device:
+            raise WireError(
+                f"stats: a device name in 'devices' ({device!r:.40}) is empty or not a string"
+            )
+        where = f"stats: devices[{device[:40]!r}]"
+        check_text(device, where)
+        if not isinstance(entries, Mapping):
+            raise WireError(f"{where} must be an object")
+        for name, text in entries.items():
+            if not isinstance(name, str) or not name:
+                raise WireError(
+                    f"{where}: an information name ({name!r:.40}) is empty or not a string"
+                )
+            check_text(name, f"{where}: a name")
+            if not isinstance(text, str):
+                raise WireError(f"{where}[{name[:40]!r}] must be a string")
+            check_text(text, f"{where}[{name[:40]!r}]", MAX_INFO_VALUE_BYTES)
+        out[device] = dict(entries)
+    return out
 
 
 def encode_stats(stats: GatewayStats) -> bytes:
-    return orjson.dumps(
-        {"v": STATS_VERSION, "gateway": stats.gateway}
-        | {f: getattr(stats, f) for f in STATS_FIELDS}
-    )
+    """The message; `devices` must be as `bound_devices` leaves it (WireError if not)."""
+    obj: dict[str, Any] = {"v": STATS_VERSION, "gateway": stats.gateway}
+    obj |= {f: getattr(stats, f) for f in STATS_FIELDS}
+    if stats.devices is not None:
+        obj["devices"] = _devices(stats.devices)
+    data = orjson.dumps(obj)
+    if len(data) > MAX_STATS_BYTES:
+        raise WireError(f"stats are {len(data)} bytes, at most {MAX_STATS_BYTES}")
+    return data
 
 
 def decode_stats(data: bytes | bytearray | memoryview) -> GatewayStats:
     """Raises WireError (only) on bad input."""
+    if isinstance(data, bytes | bytearray | memoryview) and len(data) > MAX_STATS_BYTES:
+        raise WireError(f"stats are {len(data)} bytes, at most {MAX_STATS_BYTES}")
     try:
         obj = orjson.loads(data)
     except (orjson.JSONDecodeError, TypeError) as e:
@@ -594,4 +712,5 @@ def decode_stats(data: bytes | bytearray | memoryview) -> GatewayStats:
         raise WireError("stats: 'gateway' must be a string")
     check_text(gateway, "stats: 'gateway'", MAX_ID_BYTES)
     values = {f: _int(obj, f, "", 0, _INT64 - 1) for f in STATS_FIELDS}
-    return GatewayStats(gateway=gateway, **values)
+    devices = _devices(obj["devices"]) if obj.get("devices") is not None else None
+    return GatewayStats(gateway=gateway, devices=devices, **values)

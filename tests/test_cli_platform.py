@@ -419,3 +419,55 @@ def test_prune(filled: Filled) -> None:
     assert "stale" in invoke("alarms", "--db", filled.url, "--active").stdout
     assert invoke("prune", "--db", filled.url, "--older-than", "0s", "--yes").exit_code == 1
     assert invoke("prune", "--db", filled.url, "--older-than", "soon", "--yes").exit_code == 1
+
+
+def test_devices(store_url: str) -> None:
+    """`citygw platform devices` (issue 13): what the gateways last reported of their
+    devices' information in up/stats."""
+    store = open_store(store_url)
+    try:
+        assert "device information: 0 entries of 0 devices: none" in (
+            invoke("devices", "--db", store_url).stdout
+        )
+        store.store_stats(
+            GatewayStats(
+                "gw-1",
+                1_800_000_000_000,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                {"meter-1": {"serial": "SN-4711", "firmware": "1.02"}, "display": {"raw": "beef"}},
+            )
+        )
+        store.store_stats(
+            GatewayStats("gw-2", 1_800_000_000_500, 0, 0, 0, 0, 0, 0, {"tag": {"text": "µε ☃"}})
+        )
+    finally:
+        store.close()
+    rows = csv_rows(invoke("devices", "--db", store_url, "--format", "csv"))
+    t1, t2 = iso(1_800_000_000_000), iso(1_800_000_000_500)
+    assert rows == [
+        ["gateway", "device", "name", "value", "since"],
+        ["gw-1", "display", "raw", "beef", t1],
+        ["gw-1", "meter-1", "firmware", "1.02", t1],
+        ["gw-1", "meter-1", "serial", "SN-4711", t1],
+        ["gw-2", "tag", "text", "µε ☃", t2],
+    ]
+    got = json_out(invoke("devices", "--db", store_url, "--gateway", "gw-2", "--format", "json"))
+    assert got == [
+        {
+            "gateway": "gw-2",
+            "device": "tag",
+            "name": "text",
+            "value": "µε ☃",
+            "since": t2,
+            "since_ms": 1_800_000_000_500,
+        }
+    ]
+    table = invoke("devices", "--db", store_url)
+    assert table.exit_code == 0, table.output
+    assert "device information: 4 entries of 3 devices" in table.stdout
+    assert "SN-4711" in table.stdout and "µε ☃" in table.stdout

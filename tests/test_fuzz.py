@@ -698,12 +698,23 @@ ALARM_EVENT = st.fixed_dictionaries(
 ALARMS = st.fixed_dictionaries(
     {"v": st.just(1), "gateway": st.just("gw-1"), "events": st.lists(ALARM_EVENT, max_size=3)}
 )
+INFO_TEXT = st.sampled_from(["", "SN-4711", "a\x00b", "\ud800", "x" * 1025])
 STATS = st.fixed_dictionaries(
     {
         "v": st.just(1),
         "gateway": st.just("gw-1"),
         **{f: st.integers(-1, 2**63) for f in wire.STATS_FIELDS},
-    }
+    },
+    optional={  # device information (issue 13)
+        "devices": st.none()
+        | st.lists(st.integers(), max_size=2)
+        | st.dictionaries(
+            INFO_TEXT,
+            st.dictionaries(INFO_TEXT, INFO_TEXT | st.integers() | st.none(), max_size=3)
+            | INFO_TEXT,
+            max_size=3,
+        )
+    },
 )
 
 

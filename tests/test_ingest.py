@@ -248,6 +248,84 @@ def test_gateway_state_and_last_seen(store: Store) -> None:
     assert gw1.last_seen_ms is not None and gw1.last_seen_ms > 1_700_000_000_000
 
 
+def test_device_information_per_gateway_and_device(store: Store) -> None:
+    """up/stats `devices` (issue 13): the newest report's is the whole of a gateway's
+    device information; an unchanged value keeps its since; an older report, or one from
+    a gateway that sends no `devices`, changes nothing."""
+
+    def report(gateway: str, ts: int, devices: wire.DeviceInfo | None) -> None:
+        store.store_stats(GatewayStats(gateway, ts, 100, 0, 0, 0, 0, 0, devices))
+
+    def entries(gateway: str | None = None) -> list[tuple[str, str, str, str, int]]:
+        return [
+            (e.gateway, e.device, e.name, e.value, e.since_ms) for e in store.device_info(gateway)
+        ]
+
+    assert entries() == []
+    report(GW, 1000, {"meter": {"serial": "SN-4711", "firmware": "1.02"}, "ble": {"text": "hi"}})
+    long_text = "\u00b5\u03b5-\u2603" + "x" * 1016  # 1024 bytes in UTF-8, 1020 characters
+    report("gw-0", 1000, {"meter": {"serial": long_text}})
+    assert entries(GW) == [
+        (GW, "ble", "text", "hi", 1000),
+        (GW, "meter", "firmware", "1.02", 1000),
+        (GW, "meter", "serial", "SN-4711", 1000),
+    ]
+    assert [e[0] for e in entries()] == ["gw-0", GW, GW, GW]
+    # new firmware, the text gone, a raw object heard: since moves only where it changed
+    report(GW, 2000, {"meter": {"serial": "SN-4711", "firmware": "1.03"}, "ble": {"raw": "beef"}})
+    assert entries(GW) == [
+        (GW, "ble", "raw", "beef", 2000),
+        (GW, "meter", "firmware", "1.03", 2000),
+        (GW, "meter", "serial", "SN-4711", 1000),
+    ]
+    report(GW, 1500, {"meter": {"serial": "older"}})  # a report older than the stored one
+    report(GW, 3000, None)  # counters only (a gateway before issue 13): nothing known changes
+    assert [e[3] for e in entries(GW)] == ["beef", "1.03", "SN-4711"]
+    stats = store.stats(GW)
+    assert stats is not None and stats.ts == 3000 and stats.devices is None
+    report(GW, 4000, {})  # no device has any now
+    assert entries(GW) == []
+    assert entries("gw-0") == [("gw-0", "meter", "serial", long_text, 1000)]  # kept whole
+
+
+def test_sqlite_readers_need_the_device_info_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    open_store(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE device_info")  # a store of a citygw before issue 13
+    with pytest.raises(StoreMissing, match="older citygw"):
+        open_store(f"sqlite:///{path}", create=False)
+    open_store(f"sqlite:///{path}").close()  # the ingest upgrades it
+    store = open_store(f"sqlite:///{path}", create=False)
+    try:
+        assert store.device_info() == []
+    finally:
+        store.close()
+
+
+def test_postgres_upgrades_a_version_2_schema(pg_url: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    from agent.ingest.store_postgres import SCHEMA_VERSION
+
+    open_store(pg_url).close()
+    conninfo, schema = split_url(pg_url)
+    with psycopg.connect(conninfo, autocommit=True) as db:  # as a citygw before issue 13 left it
+        db.execute(sql.SQL("DROP TABLE {}.device_info").format(sql.Identifier(schema)))
+        db.execute(sql.SQL("UPDATE {}.schema_info SET version = 2").format(sql.Identifier(schema)))
+    with pytest.raises(StoreMissing, match="at version 2"):  # readers change nothing
+        open_store(pg_url, create=False)
+    open_store(pg_url).close()
+    store = open_store(pg_url, create=False)
+    try:
+        assert SCHEMA_VERSION == 3 and store.device_info() == []
+        store.store_stats(GatewayStats(GW, 1, 0, 0, 0, 0, 0, 0, {"d": {"serial": "SN"}}))
+        assert [e.value for e in store.device_info(GW)] == ["SN"]
+    finally:
+        store.close()
+
+
 def test_alarm_raise_clear_pairing(store: Store) -> None:
     store.store_meta(GW, make_meta())
 
@@ -767,3 +845,56 @@ def test_store_errors_are_retried(mosquitto: Mosquitto, tmp_path: Path) -> None:
 
     asyncio.run(with_workers([worker], body))
     inner.close()
+
+
+class _SubackWithCancel:
+    """A broker session whose first SUBACK arrives with a cancel, and the subscribe returns
+    it: what Python 3.11's asyncio.wait_for (inside aiomqtt's subscribe) does."""
+
+    def __init__(self) -> None:
+        self.subscribing = asyncio.Event()
+        self.subscribed: list[str] = []
+
+    async def __aenter__(self) -> _SubackWithCancel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def subscribe(self, topic: str, **kwargs: Any) -> None:
+        if not self.subscribed:
+            self.subscribing.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()  # the SUBACK: it comes with the cancel
+        self.subscribed.append(topic)
+
+    @property
+    def messages(self) -> Any:
+        async def never() -> Any:
+            await asyncio.Event().wait()
+            yield
+
+        return never()
+
+
+def test_a_cancel_that_a_subscribe_swallowed_still_stops_the_worker(tmp_path: Path) -> None:
+    """`citygw ingest` stopping while it subscribes: the worker ends (it waited for
+    messages for ever, and the stop with it)."""
+    store = open_store(f"sqlite:///{tmp_path / 'platform.db'}")
+    worker = IngestWorker("mqtt://127.0.0.1:1", store, group=None)
+    session = _SubackWithCancel()
+    worker._client = lambda: session  # type: ignore[assignment,method-assign,return-value]
+
+    async def main() -> None:
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(session.subscribing.wait(), 5)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)  # bounded: it hung here
+        assert done == {task} and task.cancelled()
+        assert not worker.connected.is_set() and worker.counters.connects == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.close()
+    assert session.subscribed == wire.ingest_filters("citygw", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -53,8 +54,9 @@ def alarm_uplink(seq: int, rule: str = "overstrain", gateway: str = GW) -> bytes
     return wire.wrap(wire.LANE_ALARM, STREAM, seq, 1, wire.encode_alarms(gateway, [event]))
 
 
-def stats_payload(gateway: str = GW) -> bytes:
-    return orjson.dumps({"v": 1, "gateway": gateway} | {f: 1 for f in wire.STATS_FIELDS})
+def stats_payload(gateway: str = GW, devices: object = None) -> bytes:
+    extra = {} if devices is None else {"devices": devices}
+    return orjson.dumps({"v": 1, "gateway": gateway} | {f: 1 for f in wire.STATS_FIELDS} | extra)
 
 
 @pytest.fixture
@@ -102,6 +104,11 @@ UNSTORABLE_AT_DECODE = [
     ("alarm", alarm_uplink(1, rule=TOO_LONG), "'rule' is 2000 bytes"),
     ("alarm", alarm_uplink(1, gateway="gw\x001"), "'gateway' contains a NUL"),
     ("stats", stats_payload("gw\x001"), "'gateway' contains a NUL"),
+    # device information (issue 13): up/stats `devices`
+    ("stats", stats_payload(devices={"m": {"serial": "SN\x00"}}), "devices.*NUL"),
+    ("stats", stats_payload(devices={"m": {TOO_LONG: "x"}}), "devices.* 2000 bytes"),
+    ("stats", stats_payload(devices={"m": {"fw": TOO_LONG}}), "devices.* 2000 bytes"),
+    ("stats", stats_payload(devices={"m": ["SN"]}), "devices.* must be an object"),
 ]
 
 
@@ -144,6 +151,24 @@ def test_decoder_keeps_accepting_what_stores_keep() -> None:
     assert decode("alarm", alarm_uplink(1, rule="r" * 1024)) is not None
 
 
+def test_the_largest_device_information_the_decoder_takes_is_stored(store: Store) -> None:
+    """Every limit at once, incompressible: a 256-byte gateway, a 1024-byte device and
+    name (PostgreSQL's primary key entry holds them) and a 1024-byte value."""
+    rng = random.Random(13)
+
+    def text(n: int) -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyzé☃0123456789") for _ in range(n))
+
+    def cut(t: str, size: int) -> str:
+        return t.encode()[:size].decode(errors="ignore")
+
+    gateway, device, name, value = (cut(text(n), n) for n in (256, 1024, 1024, 1024))
+    stats = wire.decode_stats(stats_payload(gateway, {device: {name: value}}))
+    store.store_stats(stats)
+    (entry,) = store.device_info(gateway)
+    assert (entry.device, entry.name, entry.value) == (device, name, value)
+
+
 def test_rejected_at_decode_is_a_dead_letter(store: Store) -> None:
     """Through `deliver` (the demo's loopback path): each unstorable message is refused
     with its reason, kept as a dead letter naming the field, and the next message is
@@ -155,6 +180,12 @@ def test_rejected_at_decode_is_a_dead_letter(store: Store) -> None:
         (wire.alarm_topic(GW), alarm_uplink(1, rule="hi\x00gh"), "alarm", "'rule'"),
         (wire.meta_topic(GW), deep_location_meta(), "meta", "'location'"),
         (wire.topic("citygw", GW, wire.KIND_STATS), stats_payload("g\x00"), "stats", "gateway"),
+        (
+            wire.topic("citygw", GW, wire.KIND_STATS),
+            stats_payload(devices={"m": {"serial": "SN\x00"}}),
+            "stats",
+            "devices",
+        ),
     ]
 
     async def body() -> None:
@@ -164,13 +195,13 @@ def test_rejected_at_decode_is_a_dead_letter(store: Store) -> None:
         await bounded("deliver a good uplink", worker.deliver(wire.batch_topic(GW), good))
 
     asyncio.run(body())
-    assert worker.counters.rejected == {"meta": 2, "alarm": 1, "stats": 1}
+    assert worker.counters.rejected == {"meta": 2, "alarm": 1, "stats": 2}
     letters = store.dead_letters()[::-1]  # newest first
     assert [(d.topic, d.payload, d.reason) for d in letters] == [(t, p, r) for t, p, r, _ in poison]
     for letter, (_, _, _, field) in zip(letters, poison, strict=True):
         assert field in letter.error, letter.error
     assert store.counts().batches == 1 and store.alarms(GW) == []
-    assert store.point_keys() == []
+    assert store.point_keys() == [] and store.device_info() == []
 
 
 # -- the worker: what gets past the decoder -----------------------------------------------

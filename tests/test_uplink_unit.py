@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 
 import orjson
 import pytest
 
-from agent.uplink import UplinkStatus, backoff_delay
+from agent.uplink import BufferPort, Uplink, UplinkSettings, UplinkStatus, backoff_delay
+from buffer import Message
 
 
 @pytest.mark.parametrize(("lo", "hi"), [(1.0, 60.0), (0.1, 0.5), (2.0, 2.0), (0.25, 1000.0)])
@@ -71,3 +74,68 @@ def test_uplink_status_as_dict() -> None:
     st.state, st.last_error, st.published_points = "backoff", "refused", 12
     d = st.as_dict()
     assert (d["state"], d["last_error"], d["published_points"]) == ("backoff", "refused", 12)
+
+
+class _AckWithCancel:
+    """A session whose meta publish gets its acknowledgement in the same instant the task
+    is cancelled, and returns it: what Python 3.11's asyncio.wait_for (inside aiomqtt's
+    publish and subscribe) does with a cancel that meets a completed wait."""
+
+    def __init__(self) -> None:
+        self.in_meta = asyncio.Event()
+        self.topics: list[str] = []
+
+    async def __aenter__(self) -> _AckWithCancel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, *, timeout=None
+    ) -> None:  # type: ignore[no-untyped-def]
+        self.topics.append(topic)
+        if topic.endswith("/up/meta"):
+            self.in_meta.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()  # the PUBACK: it comes with the cancel
+
+
+def test_a_cancel_that_a_publish_swallowed_still_stops_the_uplink() -> None:
+    """`citygw` stopping while the uplink connects: the cancel must end the session even
+    when the publish it met returned normally (the agent's stop waited forever)."""
+
+    async def main() -> list[str]:
+        session = _AckWithCancel()
+        stats_calls = 0
+
+        async def stats() -> bytes:
+            nonlocal stats_calls
+            stats_calls += 1
+            return b"{}"
+
+        async def peek(limit: int, exclude: object) -> list[Message]:
+            return []
+
+        async def ack(seqs: object) -> int:
+            return 0
+
+        up = Uplink(
+            UplinkSettings(broker="mqtt://127.0.0.1:1", gateway_id="gw", client_id="c"),
+            BufferPort(peek, ack),
+            "0" * 32,
+            b"{}",
+            lambda: session,
+            stats=stats,
+        )
+        task = asyncio.create_task(up.run())
+        await asyncio.wait_for(session.in_meta.wait(), 5)
+        task.cancel()
+        # bounded: without the check the session went on and pumped forever
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done == {task} and task.cancelled()
+        assert stats_calls == 0  # nothing of the session ran after the cancel
+        return session.topics
+
+    topics = asyncio.run(main())
+    assert topics == ["citygw/gw/state", "citygw/gw/up/meta", "citygw/gw/state"]  # offline

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import uuid
 from typing import Any
@@ -87,6 +88,126 @@ def test_stats_round_trip_and_rejects() -> None:
     negative = wire.encode_stats(stats).replace(b'"evicted_points":35', b'"evicted_points":-1')
     with pytest.raises(WireError, match="evicted_points"):
         wire.decode_stats(negative)
+
+
+# -- device information in up/stats (issue 13) -----------------------------------------------
+
+STATS = wire.GatewayStats("gw-1", 1795938246112, 120_000, 35, 2, 40, 3, 7)
+
+
+def test_stats_carry_device_information() -> None:
+    devices = {
+        "meter-1": {"serial": "SN-4711", "firmware": "1.02"},
+        "display": {"text": "Hello World!", "raw": "beef", "firmware_version": "6.1.0"},
+        "caf\u00e9": {"text": "\u00b5\u03b5 \u2603"},  # any Unicode the stores keep
+    }
+    stats = dataclasses.replace(STATS, devices=devices)
+    assert wire.decode_stats(wire.encode_stats(stats)) == stats
+    # a gateway before issue 13 sends no `devices`: it decodes, as None (nothing known)
+    assert b"devices" not in wire.encode_stats(STATS)
+    assert wire.decode_stats(wire.encode_stats(STATS)).devices is None
+    old = orjson.loads(wire.encode_stats(stats))
+    assert wire.decode_stats(orjson.dumps({**old, "devices": None})).devices is None
+    # an empty one is "no device has any" (what was stored goes)
+    assert wire.decode_stats(orjson.dumps({**old, "devices": {}})).devices == {}
+    # and an ingest before issue 13 ignores the field: the counters are where they were
+    assert {k: old[k] for k in wire.STATS_FIELDS} == {
+        f: getattr(STATS, f) for f in wire.STATS_FIELDS
+    }
+
+
+@pytest.mark.parametrize(
+    ("devices", "match"),
+    [
+        ([], "'devices' must be an object"),
+        ({"d": "SN"}, "must be an object"),
+        ({"d": {"serial": 4711}}, "must be a string"),
+        ({"d": {"serial": None}}, "must be a string"),
+        ({"d": {"serial": "SN\x00"}}, "NUL"),
+        ({"d\x00": {"serial": "SN"}}, "NUL"),
+        ({"d": {"se\x00rial": "SN"}}, "NUL"),
+        ({"": {"serial": "SN"}}, "empty"),
+        ({"d": {"": "SN"}}, "empty"),
+        ({"d": {"serial": "x" * (wire.MAX_INFO_VALUE_BYTES + 1)}}, "at most 1024"),
+        ({"d": {"serial": "\u00e9" * 513}}, "1026 bytes"),  # bytes, not characters
+        ({"d" * (wire.MAX_TEXT_BYTES + 1): {"serial": "SN"}}, "at most 1024"),
+    ],
+)
+def test_stats_refuse_hostile_device_information(devices: object, match: str) -> None:
+    data = orjson.dumps({**orjson.loads(wire.encode_stats(STATS)), "devices": devices})
+    with pytest.raises(WireError, match=match):
+        wire.decode_stats(data)
+    with pytest.raises(WireError):  # nor does a gateway send it
+        wire.encode_stats(dataclasses.replace(STATS, devices=devices))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("devices", [{1: {"serial": "SN"}}, {"d": {2: "SN"}}])
+def test_encode_stats_refuses_names_that_are_not_strings(devices: object) -> None:
+    """A Python caller's mistake (JSON keys are always strings): WireError, not TypeError."""
+    with pytest.raises(WireError, match="not a string"):
+        wire.encode_stats(dataclasses.replace(STATS, devices=devices))  # type: ignore[arg-type]
+
+
+def test_stats_refuse_lone_surrogates_and_oversize() -> None:
+    base = wire.encode_stats(STATS)[:-1]
+    with pytest.raises(WireError):  # JSON may escape one; no store keeps it
+        wire.decode_stats(base + b',"devices":{"d":{"text":"\\ud800"}}}')
+    with pytest.raises(WireError, match="lone surrogate"):
+        wire.encode_stats(dataclasses.replace(STATS, devices={"d": {"text": "\ud800"}}))
+    big = {f"dev-{i}": {"serial": "x" * 1000} for i in range(300)}  # each one fine, not all
+    data = orjson.dumps({**orjson.loads(wire.encode_stats(STATS)), "devices": big})
+    assert len(data) > wire.MAX_STATS_BYTES
+    with pytest.raises(WireError, match=f"at most {wire.MAX_STATS_BYTES}"):
+        wire.decode_stats(data)
+    with pytest.raises(WireError, match=f"at most {wire.MAX_STATS_BYTES}"):
+        wire.encode_stats(dataclasses.replace(STATS, devices=big))
+
+
+def test_bound_devices_rule() -> None:
+    """What a gateway does with device information the wire cannot take: cut (at a NUL,
+    at MAX_INFO_VALUE_BYTES on a character boundary) or left out, each reported."""
+    long_value = "a" + "\u20ac" * 400  # 1 + 1200 bytes: the cut falls inside a euro sign
+    devices: dict[str, dict[str, object]] = {
+        "meter": {"serial": "SN-4711\x00\x00junk", "model": "SDM630", "fw": long_value},
+        "ble": {"text": "ok", "bad\x00name": "x", "": "empty name", "raw": b"\xbe\xef"},
+        "sur": {"text": "\ud800"},
+        "x" * 2000: {"serial": "a device name too long"},
+    }
+    got, problems = wire.bound_devices(devices)  # type: ignore[arg-type]
+    cut = wire.MAX_INFO_VALUE_BYTES
+    assert got == {
+        "ble": {"text": "ok"},
+        "meter": {"fw": "a" + "\u20ac" * ((cut - 1) // 3), "model": "SDM630", "serial": "SN-4711"},
+    }
+    assert len(got["meter"]["fw"].encode()) <= cut
+    by_entry = {(p.device[:8], p.name, p.truncated) for p in problems}
+    assert by_entry == {
+        ("meter", "serial", True),
+        ("meter", "fw", True),
+        ("ble", "bad\x00name", False),
+        ("ble", "", False),
+        ("ble", "raw", False),
+        ("sur", "text", False),
+        ("x" * 8, "serial", False),
+    }
+    reasons = {p.name: p.reason for p in problems if p.device == "meter"}
+    assert reasons == {"serial": "value cut at a NUL", "fw": f"value cut at over {cut} bytes"}
+    # what it keeps, the wire takes and the platform decodes as is
+    stats = dataclasses.replace(STATS, devices=got)
+    assert wire.decode_stats(wire.encode_stats(stats)).devices == got
+
+
+def test_bound_devices_keeps_up_stats_within_its_size() -> None:
+    devices = {f"dev-{i:03d}": {"serial": f"{i:03d}" + "x" * 997} for i in range(300)}
+    got, problems = wire.bound_devices(devices)
+    kept = len(got)
+    assert 200 < kept < 300
+    assert list(got) == [f"dev-{i:03d}" for i in range(kept)]  # in name order, each whole
+    assert {p.device for p in problems} == {f"dev-{i:03d}" for i in range(kept, 300)}
+    assert all(not p.truncated and "up/stats full" in p.reason for p in problems)
+    data = wire.encode_stats(dataclasses.replace(STATS, devices=got))
+    assert len(data) <= wire.MAX_STATS_BYTES
+    assert wire.decode_stats(data).devices == got
 
 
 @pytest.mark.parametrize("gateway", ["", "a/b", "a+", "#", "x\x00", "role.ingest", "g" * 65])

@@ -66,6 +66,18 @@ class GatewayInfo:
     stats: GatewayStats | None  # the latest up/stats: backlog, evictions, losses
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceInfoEntry:
+    """One piece of a device's information (`citygw platform devices`): a Modbus string
+    point, a BTHome text/raw/firmware object..., as the gateway last reported it."""
+
+    gateway: str
+    device: str
+    name: str
+    value: str
+    since_ms: int  # the gateway's time of the first report with this value
+
+
 #: at most this much of a rejected payload is kept in the dead-letter table
 DEAD_LETTER_MAX_BYTES = 256 * 1024
 
@@ -128,11 +140,18 @@ class Store(Protocol):
         ...
 
     def store_stats(self, stats: GatewayStats) -> None:
-        """Keep the gateway's latest reported buffer counters (an older report is ignored)."""
+        """Keep the gateway's latest reported buffer counters (an older report is ignored)
+        and, if the report carries `devices`, its devices' information: the report's is
+        the whole of it (an entry it no longer has is deleted)."""
         ...
 
     def stats(self, gateway: str) -> GatewayStats | None:
-        """The latest counters the gateway reported, if any."""
+        """The latest counters the gateway reported, if any (`devices` None: see
+        `device_info`)."""
+        ...
+
+    def device_info(self, gateway: str | None = None) -> list[DeviceInfoEntry]:
+        """The devices' information (on `gateway` or all), by gateway, device, name."""
         ...
 
     def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
@@ -285,8 +304,17 @@ def stats_row(stats: GatewayStats) -> tuple[Any, ...]:
 
 
 def stats_from_row(row: Sequence[Any]) -> GatewayStats:
-    gateway, *values = row
-    return GatewayStats(str(gateway), *(int(v) for v in values))
+    gateway, ts, appended, evicted, evicted_msgs, backlog, backlog_msgs, lost = row
+    return GatewayStats(
+        str(gateway),
+        int(ts),
+        int(appended),
+        int(evicted),
+        int(evicted_msgs),
+        int(backlog),
+        int(backlog_msgs),
+        int(lost),
+    )
 
 
 # -- SQL shared by the two stores (`ph` is the driver's placeholder: "?" or "%s") ---------
@@ -401,3 +429,46 @@ PRUNE_DELETES: tuple[tuple[str, str], ...] = (
     # a whole episode once its clear is old; a clear without raise goes by its own time
     ("alarms", "COALESCE(cleared_ts, ts) < {ph} AND NOT (raised AND cleared_ts IS NULL)"),
 )
+
+
+# -- device information (up/stats `devices`) -----------------------------------------------
+
+DEVICE_INFO_COLUMNS = "gateway, device, name, value, since_ms"
+
+
+def store_device_info(cur: Any, ph: str, stats: GatewayStats) -> None:
+    """In the caller's transaction, right after the stats upsert took `stats` as the
+    newest report: the gateway's entries made what `stats.devices` says, writing only what
+    changed (a value's `since_ms` stays while it does not), in key order (lock order)."""
+    assert stats.devices is not None
+    gateway = stats.gateway
+    cur.execute(f"SELECT device, name, value FROM device_info WHERE gateway = {ph}", (gateway,))
+    old = {(str(d), str(n)): str(v) for d, n, v in cur.fetchall()}
+    new = {(d, n): v for d, entries in stats.devices.items() for n, v in entries.items()}
+    gone = sorted(old.keys() - new.keys())
+    changed = sorted((k, v) for k, v in new.items() if old.get(k) != v)
+    if gone:
+        cur.executemany(
+            f"DELETE FROM device_info WHERE gateway = {ph} AND device = {ph} AND name = {ph}",
+            [(gateway, d, n) for d, n in gone],
+        )
+    if changed:
+        cur.executemany(
+            f"INSERT INTO device_info ({DEVICE_INFO_COLUMNS}) VALUES ({', '.join([ph] * 5)}) "
+            "ON CONFLICT (gateway, device, name) DO UPDATE SET value = excluded.value, "
+            "since_ms = excluded.since_ms",
+            [(gateway, d, n, v, stats.ts) for (d, n), v in changed],
+        )
+
+
+def device_info_query(ph: str, gateway: str | None) -> tuple[str, tuple[str, ...]]:
+    where, args = ("", ()) if gateway is None else (f" WHERE gateway = {ph}", (gateway,))
+    return (
+        f"SELECT {DEVICE_INFO_COLUMNS} FROM device_info{where} ORDER BY gateway, device, name",
+        args,
+    )
+
+
+def device_info_from_row(row: Sequence[Any]) -> DeviceInfoEntry:
+    gateway, device, name, value, since = row
+    return DeviceInfoEntry(str(gateway), str(device), str(name), str(value), int(since))

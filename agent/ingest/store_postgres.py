@@ -48,6 +48,7 @@ from agent.ingest.store import (
     AlarmEpisode,
     Body,
     DeadLetter,
+    DeviceInfoEntry,
     GatewayInfo,
     PointReading,
     StoreCounts,
@@ -62,6 +63,8 @@ from agent.ingest.store import (
     dead_letter_insert,
     dead_letter_row,
     dead_letters_query,
+    device_info_from_row,
+    device_info_query,
     episode_from_row,
     gateway_from_row,
     point_rows,
@@ -73,6 +76,7 @@ from agent.ingest.store import (
     stats_from_row,
     stats_row,
     stats_upsert,
+    store_device_info,
 )
 from agent.wire import Envelope, GatewayStats, Meta
 from native.batch import Batch
@@ -82,7 +86,8 @@ log = logging.getLogger("citygw.ingest")
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _LOCK_KEY = 0x63677731  # advisory lock id for schema changes ("cgw1")
-SCHEMA_VERSION: Final = 2
+#: 1 a row per reading, 2 reading blocks, 3 device_info
+SCHEMA_VERSION: Final = 3
 DAY_MS: Final = 86_400_000
 #: day partitions are made for readings this close to now; the rest go to the default
 PARTITION_PAST_DAYS: Final = 400
@@ -146,6 +151,14 @@ CREATE TABLE IF NOT EXISTS gateway_stats (
     backlog_points   bigint NOT NULL,
     backlog_messages bigint NOT NULL,
     lost_points      bigint NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_info (
+    gateway  text   NOT NULL,
+    device   text   NOT NULL,
+    name     text   NOT NULL,
+    value    text   NOT NULL,
+    since_ms bigint NOT NULL,
+    PRIMARY KEY (gateway, device, name)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -310,7 +323,8 @@ class PostgresStore:
         self, db: psycopg.Connection[tuple[Any, ...]], cur: psycopg.Cursor[tuple[Any, ...]]
     ) -> None:
         """Create or upgrade the schema (inside the caller's locked transaction).
-        Version 1 kept a row per reading in a ``readings`` table; version 2 keeps blocks."""
+        Version 1 kept a row per reading in a ``readings`` table; version 2 keeps blocks;
+        version 3 adds ``device_info`` (made by TABLES, like every added table or column)."""
         for stmt in TABLES.split(";"):
             if stmt.strip():
                 cur.execute(stmt.encode())
@@ -558,6 +572,8 @@ class PostgresStore:
     def store_stats(self, stats: GatewayStats) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
             cur.execute(stats_upsert("%s"), stats_row(stats))
+            if stats.devices is not None and cur.rowcount == 1:  # the newest report
+                store_device_info(cur, "%s", stats)
 
     def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
@@ -663,6 +679,13 @@ class PostgresStore:
             cur.execute(GATEWAYS_QUERY.encode())
             rows = cur.fetchall()
         return [gateway_from_row(r) for r in rows]
+
+    def device_info(self, gateway: str | None = None) -> list[DeviceInfoEntry]:
+        text, args = device_info_query("%s", gateway)
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(text.encode(), args)
+            rows = cur.fetchall()
+        return [device_info_from_row(r) for r in rows]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:

@@ -13,6 +13,8 @@ Schema::
     alarms(gateway, point_id, rule, severity, raised, ts, value, since_ms, received_ms,
            cleared_ts)                               -- a raise's cleared_ts: its clear
     gateway_stats(gateway PRIMARY KEY, ts, appended_points, ...)  -- the latest up/stats
+    device_info(gateway, device, name, value, since_ms,
+                PRIMARY KEY (gateway, device, name))  -- up/stats `devices`
     dead_letters(id, received_ms, topic, reason, error, payload, size)
     counters(name PRIMARY KEY, value)                -- readings, batches, duplicates_dropped
 
@@ -55,6 +57,7 @@ from agent.ingest.store import (
     AlarmEpisode,
     Body,
     DeadLetter,
+    DeviceInfoEntry,
     GatewayInfo,
     PointReading,
     StoreCounts,
@@ -69,6 +72,8 @@ from agent.ingest.store import (
     dead_letter_insert,
     dead_letter_row,
     dead_letters_query,
+    device_info_from_row,
+    device_info_query,
     episode_from_row,
     gateway_from_row,
     point_rows,
@@ -80,6 +85,7 @@ from agent.ingest.store import (
     stats_from_row,
     stats_row,
     stats_upsert,
+    store_device_info,
 )
 from agent.wire import Envelope, GatewayStats, Meta
 from native.batch import Batch
@@ -148,6 +154,14 @@ CREATE TABLE IF NOT EXISTS gateway_stats (
     backlog_points   INTEGER NOT NULL,
     backlog_messages INTEGER NOT NULL,
     lost_points      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_info (
+    gateway  TEXT    NOT NULL,
+    device   TEXT    NOT NULL,
+    name     TEXT    NOT NULL,
+    value    TEXT    NOT NULL,
+    since_ms INTEGER NOT NULL,
+    PRIMARY KEY (gateway, device, name)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -259,7 +273,7 @@ class SqliteStore:
                 for t, c in _ADDED_COLUMNS
                 if c.split()[0] not in self._columns(t)
             ]
-            if "dead_letters" not in tables or missing:
+            if not {"dead_letters", "device_info"} <= tables or missing:
                 raise StoreMissing(
                     f"{self.path}: a store of an older citygw (run `citygw ingest` on it once "
                     "to upgrade it)"
@@ -371,6 +385,8 @@ class SqliteStore:
     def store_stats(self, stats: GatewayStats) -> None:
         with self._write() as cur:
             cur.execute(stats_upsert("?"), stats_row(stats))
+            if stats.devices is not None and cur.rowcount == 1:  # the newest report
+                store_device_info(cur, "?", stats)
 
     def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
         with self._write() as cur:
@@ -441,6 +457,12 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(GATEWAYS_QUERY).fetchall()
         return [gateway_from_row(r) for r in rows]
+
+    def device_info(self, gateway: str | None = None) -> list[DeviceInfoEntry]:
+        sql, args = device_info_query("?", gateway)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [device_info_from_row(r) for r in rows]
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         with self._lock:

@@ -49,6 +49,7 @@ from agent.reconnect import (
     MqttClient,
     ReconnectPolicy,
     ReconnectSettings,
+    check_cancelled,
     tcp_probe,
 )
 from agent.redact import redact
@@ -252,6 +253,7 @@ class IngestWorker:
                     # retained topics: replayed when the subscription is new, not when a
                     # resumed session still holds it (thousands of metas per restart)
                     await client.subscribe(f, options=SubscribeOptions(qos=1, retainHandling=1))
+            check_cancelled()  # one a subscribe above swallowed
             self.counters.connects += 1
             self._online_since = time.monotonic()
             self.connected.set()
