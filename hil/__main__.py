@@ -238,9 +238,18 @@ def add_sim_command(sub: Subparsers) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from hil.runner import run_scenario
-    from hil.scenario import load_scenario
+    from hil.scenario import SCENARIOS, all_scenarios, load_scenario
 
-    verdict = asyncio.run(run_scenario(load_scenario(args.scenario), args.workdir, args.seed))
+    path: Path = args.scenario
+    if not path.exists() and (SCENARIOS / f"{path}.toml").exists():
+        path = SCENARIOS / f"{path}.toml"  # a scenario's name
+    try:
+        scenario = load_scenario(path)
+    except (OSError, ValueError) as exc:  # tomllib and pydantic errors are ValueErrors
+        names = ", ".join(p.stem for p in all_scenarios())
+        print(f"hil run: cannot load scenario {args.scenario}: {exc}\n(names: {names})")
+        return 2
+    verdict = asyncio.run(run_scenario(scenario, args.workdir, args.seed))
     print(verdict.line(), flush=True)
     return 0 if verdict.passed else 1
 
@@ -248,7 +257,7 @@ def _run(args: argparse.Namespace) -> int:
 def add_run_command(sub: Subparsers) -> None:
     """``run SCENARIO``: one scenario, its figures, and its verdict line."""
     p = sub.add_parser("run", help="run one scenario (hil/scenarios/NAME.toml)")
-    p.add_argument("scenario", type=Path)
+    p.add_argument("scenario", type=Path, help="a scenario's name or its .toml file")
     p.add_argument("--workdir", type=Path, default=None, help="keep files here (default: temp)")
     p.add_argument("--seed", type=int, default=1, help="seed of the random fault moments")
     p.set_defaults(func=_run)

@@ -287,7 +287,9 @@ class Hostile:
         good = len(rig.store.readings(POISONER))
         v.figures["good_batches_behind_the_poison"] = good
         v.check(good == GOOD_BATCHES, f"{good} of {GOOD_BATCHES} good batches behind it stored")
-        v.check(
-            rig.store.counts().duplicates_dropped == 0,
-            "batches were dropped as duplicates (pre-claimed keys?)",
-        )
+        # A pre-claimed (stream, seq) key that got through would show elsewhere: the
+        # gateway's own batch under it dropped (lost, read_lost) and the impostor's
+        # readings stored (stored_without_request), all checked by the runner. Dropped
+        # duplicates alone are not a sign of it: a QoS 1 resend after a PUBACK lost in a
+        # stop or a reconnect is one, by design.
+        v.figures["duplicates_dropped"] = rig.store.counts().duplicates_dropped

@@ -160,7 +160,7 @@ def test_commands_over_mqtt_write_and_answer(mosquitto: Mosquitto, tmp_path: Pat
     down = wire.topic("citygw", "gw-cmd", "down/cmd")
     resp = wire.topic("citygw", "gw-cmd", "up/resp")
 
-    async def scenario() -> tuple[list[dict[str, object]], list[float]]:
+    async def scenario() -> list[dict[str, object]]:
         agent = Agent(cfg)
         await agent.start()
         answers: list[dict[str, object]] = []
@@ -185,17 +185,13 @@ def test_commands_over_mqtt_write_and_answer(mosquitto: Mosquitto, tmp_path: Pat
                         answers.append(orjson.loads(message.payload))
                         if len(answers) == 4:
                             break
-            await asyncio.sleep(0.2)  # a few polls after the write
         finally:
             await agent.stop_drivers()
-            sp = agent.points["pump/setpoint"].id
-            taken = agent.queue.take()
-            values = [v for h in taken for pid, _, v, _ in h.batch.rows() if pid == sp]
             with contextlib.suppress(Exception):
                 await agent.stop()
-        return answers, values
+        return answers
 
-    answers, values = asyncio.run(scenario())
+    answers = asyncio.run(scenario())
     by_id = {a["id"]: a for a in answers}
     assert by_id["w1"]["ok"] is True
     assert by_id["w2"] == {
@@ -205,4 +201,7 @@ def test_commands_over_mqtt_write_and_answer(mosquitto: Mosquitto, tmp_path: Pat
     }
     assert by_id["w3"]["ok"] is False and "outside its declared range" in str(by_id["w3"]["error"])
     assert by_id[None]["ok"] is False and "not JSON" in str(by_id[None]["error"])
-    assert values and values[-1] == 33.5  # the simulated actuator took the setpoint
+    # the simulated actuator took the setpoint: the answer carries the value read back
+    # (the readings that follow are not checked here: the flusher may have taken them
+    # from the memory queue at any moment)
+    assert by_id["w1"]["written"] == 33.5

@@ -724,3 +724,17 @@ def test_compare_counts_checks_each_reason_against_the_kinds_that_get_it() -> No
     none = Verdict("x")
     compare_counts(none, "mqtt", {"no_field": 0}, {}, reason_of)
     assert none.failures == ["mqtt: no junk was injected"]
+
+
+def test_hil_run_names_the_scenario_it_cannot_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m hil run NAME` takes a scenario's name; a missing or broken one is a
+    clear error naming the scenarios, not a traceback."""
+    assert hil_main(["run", "no-such-scenario"]) == 2
+    out = capsys.readouterr().out
+    assert "cannot load scenario no-such-scenario" in out and "hostile-clients" in out
+    broken = tmp_path / "broken.toml"
+    broken.write_text('name = "x"\nduration = "soon"\n')
+    assert hil_main(["run", str(broken)]) == 2
+    assert f"cannot load scenario {broken}" in capsys.readouterr().out
