@@ -2,7 +2,7 @@
 
 Commands are grouped by purpose below: setting up (init, validate), running (run,
 demo, ingest), inspecting (status, buffer) and the Modbus tools (agent/cli_modbus.py).
-The helpers every command reports through are in agent/cli_common.py.
+The helpers every command reports through are in common/cli.py.
 
 Exit codes: 0 success, 1 invalid input (e.g. config errors), 2 file not found or
 unreadable.
@@ -22,17 +22,12 @@ import typer
 from rich.text import Text
 
 from agent import cli_ble, cli_firmware, cli_modbus, cli_mqtt, cli_platform
-from agent.broker import BrokerError
-from agent.cli_common import (
-    EXIT_INVALID,
-    EXIT_NO_FILE,
-    ConfigOption,
-    fail,
-    load_or_exit,
-)
-from agent.cli_common import out_console as _out
+from agent.cli_config import ConfigOption, load_or_exit
 from agent.config import Config
-from agent.logs import setup_logging
+from common.broker import BrokerError
+from common.cli import EXIT_INVALID, EXIT_NO_FILE, fail
+from common.cli import out_console as _out
+from common.logs import setup_logging
 
 app = typer.Typer(
     name="citygw",

@@ -20,7 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from agent.cli_common import EXIT_NO_FILE, err_console, fail, out_console
+from common.cli import EXIT_NO_FILE, err_console, fail, out_console
 
 app = typer.Typer(help="Bluetooth LE tools: scan.", no_args_is_help=True)
 

@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from agent.cli_common import EXIT_INVALID, EXIT_NO_FILE, err_console, fail, out_console
+from common.cli import EXIT_INVALID, EXIT_NO_FILE, err_console, fail, out_console
 from firmware_bridge import image as fw
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ import typer
 from pydantic import ValidationError
 from rich.text import Text
 
-from agent.cli_common import EXIT_NO_FILE, fail, load_or_exit, out_console
+from agent.cli_config import load_or_exit
+from common.cli import EXIT_NO_FILE, fail, out_console
 from native.batch import GOOD, QUALITY_NAMES
 
 if TYPE_CHECKING:

@@ -40,7 +40,6 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from agent.cli_common import EXIT_NO_FILE, fail, out_console
 from agent.ingest.store import (
     AlarmEpisode,
     DeadLetter,
@@ -49,9 +48,10 @@ from agent.ingest.store import (
     PointReading,
     Store,
 )
-from agent.redact import redact
 from agent.status import _age as age
-from agent.units import parse_duration
+from common.cli import EXIT_NO_FILE, fail, out_console
+from common.redact import redact
+from common.units import parse_duration
 from native.batch import QUALITY_NAMES
 
 app = typer.Typer(
@@ -114,7 +114,7 @@ def now_ms() -> int:
 
 
 def parse_time(text: str, now: int, option: str) -> int:
-    """ms UTC from a duration ago (``90s``, ``15m``, ``1h``, ``2d``: agent.units) or an ISO
+    """ms UTC from a duration ago (``90s``, ``15m``, ``1h``, ``2d``: common.units) or an ISO
     8601 time (``2026-05-01T12:00:00Z``; without a zone it is UTC)."""
     try:
         return now - round(parse_duration(text) * 1000)

@@ -53,7 +53,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from agent.redact import redact
+from common.redact import redact
 from drivers.base import PointSpec
 
 MAX_COMMAND_BYTES = 4096

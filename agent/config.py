@@ -47,16 +47,16 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
-from agent import wire
-from agent.config_common import AT_KEY as _AT_KEY
-from agent.config_common import Section as _Section
-from agent.config_common import at as _at
-from agent.config_common import fail as _fail
-from agent.mqtt_url import BrokerUrl, ClientId
-from agent.redact import is_secret_key
 from agent.stage_config import STAGE_MODELS, STAGE_TYPES, PipelineStage, check_pipeline
-from agent.units import Duration, Size, parse_duration, parse_size
-from agent.wire import GATEWAY_ID as _GATEWAY_ID
+from common import wire
+from common.keypath import AT_KEY as _AT_KEY
+from common.keypath import Section as _Section
+from common.keypath import at as _at
+from common.keypath import fail as _fail
+from common.mqtt_url import BrokerUrl, ClientId
+from common.redact import is_secret_key
+from common.units import Duration, Size, parse_duration, parse_size
+from common.wire import GATEWAY_ID as _GATEWAY_ID
 from drivers import registry
 from drivers.base import DeviceConfigProblem, Driver
 

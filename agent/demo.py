@@ -25,13 +25,13 @@ from rich.live import Live
 from rich.table import Table
 
 import drivers.ble
-from agent.broker import Mosquitto, mosquitto_binary
 from agent.config import Config, parse_config
 from agent.ingest.store import open_store
 from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
-from agent.mqtt_url import BrokerAddress
 from agent.runtime import Agent
+from common.broker import Mosquitto, mosquitto_binary
+from common.mqtt_url import BrokerAddress
 from drivers.mcu.simulator import SimMcu
 from drivers.modbus.profiles import load_profile
 from drivers.modbus.settings import ModbusPointSettings

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
-from agent import wire
+from common import wire
 
 
 class LoopbackSession:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agent.commands import FirmwareUpdateCommand, response
-from agent.redact import redact
+from common.redact import redact
 from firmware_bridge.image import FirmwareError, parse
 from firmware_bridge.ota import OtaResult, Outcome
 

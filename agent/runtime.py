@@ -26,7 +26,6 @@ from functools import partial
 from typing import Any, TypeVar
 
 import native
-from agent import wire
 from agent.commands import (
     FIRMWARE_UPDATE,
     CommandRefused,
@@ -35,13 +34,14 @@ from agent.commands import (
     response,
 )
 from agent.config import Config
-from agent.logs import Throttle
 from agent.ota_command import Fetch, answer, fetch_https, run_update
-from agent.redact import redact
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.supervise import TaskHealth, supervise
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
+from common import wire
+from common.logs import Throttle
+from common.redact import redact
 from drivers.base import DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
 from firmware_bridge.ota import OtaResult, Outcome

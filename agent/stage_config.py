@@ -15,8 +15,8 @@ from typing import Annotated, Literal, Union, get_args
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from agent.config_common import Section, at, fail
-from agent.units import Duration
+from common.keypath import Section, at, fail
+from common.units import Duration
 from native import stages as st
 
 Severity = Literal["info", "warning", "critical"]

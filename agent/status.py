@@ -13,9 +13,9 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from agent import wire
 from agent.runtime import STATUS_INTERVAL_S
 from buffer import Buffer, BufferStats, Lane
+from common import wire
 from native import codec
 
 

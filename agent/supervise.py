@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.reconnect import backoff_delay
+from common.reconnect import backoff_delay
 
 log = logging.getLogger("citygw.agent")
 

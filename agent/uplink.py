@@ -2,7 +2,7 @@
 
 A window of batches is in flight at once; a batch is deleted from the buffer only
 when its PUBACK arrives. On any connection error every in-flight batch is simply
-forgotten: it is still in the buffer, and after reconnecting (agent/reconnect.py:
+forgotten: it is still in the buffer, and after reconnecting (common/reconnect.py:
 exponential backoff with jitter, cut short when the broker's port is back) it is
 peeked and sent again with its original sequence number, which the platform uses to
 drop the duplicate. Alarms are peeked before events, events before telemetry, so an
@@ -27,10 +27,11 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import wire
-from agent.logs import Throttle
-from agent.mqtt_url import BrokerAddress, tls_context
-from agent.reconnect import (
+from buffer import Lane, Message
+from common import wire
+from common.logs import Throttle
+from common.mqtt_url import BrokerAddress, tls_context
+from common.reconnect import (
     STABLE_AFTER_S,
     ClosedBeforeConnack,
     MqttClient,
@@ -40,9 +41,8 @@ from agent.reconnect import (
     check_cancelled,
     tcp_probe,
 )
-from agent.reconnect import backoff_delay as backoff_delay  # where it used to live
-from agent.redact import redact
-from buffer import Lane, Message
+from common.reconnect import backoff_delay as backoff_delay  # where it used to live
+from common.redact import redact
 
 log = logging.getLogger("citygw.uplink")
 
@@ -67,7 +67,7 @@ class UplinkSettings:
     ack_timeout: float = 10.0
     backoff_min: float = 1.0
     backoff_max: float = 60.0
-    #: while backing off, the broker's port is probed about this often (agent/reconnect.py)
+    #: while backing off, the broker's port is probed about this often (common/reconnect.py)
     probe_interval: float = 5.0
     #: reconnects after the broker's return are spread uniformly over this long
     reconnect_spread: float = 10.0
@@ -270,7 +270,7 @@ class Uplink:
         self._answer_ready.set()
 
     async def run(self) -> None:
-        """Connects, forwards, reconnects (agent/reconnect.py: backoff, probes of the
+        """Connects, forwards, reconnects (common/reconnect.py: backoff, probes of the
         broker's port, spread); until cancelled."""
         s = self.s
         reconnect = ReconnectPolicy(

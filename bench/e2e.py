@@ -30,10 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.broker import Mosquitto  # noqa: E402
 from agent.config import parse_config  # noqa: E402
 from agent.runtime import device_specs, point_meta  # noqa: E402
 from buffer import Buffer  # noqa: E402
+from common.broker import Mosquitto  # noqa: E402
 from drivers.registry import load_driver  # noqa: E402
 from native.batch import Batch  # noqa: E402
 

@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.broker import Mosquitto  # noqa: E402
 from bench.e2e import proc_cpu_s  # noqa: E402
+from common.broker import Mosquitto  # noqa: E402
 
 DEVICES = 10  # 10 devices x 10 points, each device polled once a second
 POINTS = 10

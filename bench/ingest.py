@@ -1,7 +1,7 @@
 """Platform ingest under city load: thousands of gateways -> mosquitto -> 1, then 2,
 `citygw ingest` workers -> PostgreSQL.
 
-Setup. A private mosquitto per phase (`agent.broker.Mosquitto` with extra lines: no limit
+Setup. A private mosquitto per phase (`common.broker.Mosquitto` with extra lines: no limit
 on queued messages or bytes per client, so the workers' persistent sessions can hold a
 whole run; TCP_NODELAY), a fresh PostgreSQL schema per phase, and one or two load
 generator processes (`bench/mqtt_load.py`: raw asyncio MQTT 3.1.1 connections, ~1,000 a
@@ -77,10 +77,10 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from agent.broker import Mosquitto  # noqa: E402
 from agent.ingest.store import Store, StoreCounts, open_store  # noqa: E402
 from agent.ingest.store_postgres import split_url  # noqa: E402
 from bench.mqtt_load import LoadSpec, RoundResult, generator_main  # noqa: E402
+from common.broker import Mosquitto  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from agent import wire
+from common import wire
 from hil.mqtt_packets import (
     CONNACK,
     DISCONNECT_PACKET,

@@ -1,6 +1,6 @@
 """What a reconnecting gateway costs the broker: Mosquitto's CPU per MQTT connect over
 TLS (mutual TLS, as the README recommends: RSA-2048 or ECDSA P-256 keys), over plain TCP,
-and per reconnect probe (agent/reconnect.py: a TCP connect and close, no TLS, no MQTT).
+and per reconnect probe (common/reconnect.py: a TCP connect and close, no TLS, no MQTT).
 docs/architecture.md ("Reconnecting") turns these into connects per second for N gateways.
 
 The broker's CPU is read from getrusage(RUSAGE_CHILDREN) after it exits (it is this
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from agent.broker import Mosquitto, free_port, tls_listener
+from common.broker import Mosquitto, free_port, tls_listener
 from hil.mqtt_packets import CONNACK, DISCONNECT_PACKET, connect_packet
 
 Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -103,7 +103,7 @@ def mqtt_connect(port: int, context: ssl.SSLContext | None, i: int) -> None:
 
 
 def probe(port: int, i: int) -> None:
-    """What agent/reconnect.py's probe does: connect, close."""
+    """What common/reconnect.py's probe does: connect, close."""
     socket.create_connection(("127.0.0.1", port), timeout=10).close()
 
 

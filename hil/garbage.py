@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from agent.config import Config, load_config
-from agent.mqtt_url import BrokerAddress
+from common.mqtt_url import BrokerAddress
 
 if TYPE_CHECKING:
     from hil.runner import Rig, Verdict
@@ -89,7 +89,7 @@ RTU_MARGIN_S = 1.0
 
 def uplink_junk(kind: str, gateway: str, seq: int) -> bytes:
     """One junk message of `kind` (see UPLINK_JUNK) for `gateway`'s topics."""
-    from agent import wire
+    from common import wire
     from native import codec
     from native.batch import Batch
 
@@ -161,7 +161,7 @@ class GarbageInput:
         """A hostile or broken client publishing junk on this gateway's uplink topics."""
         import aiomqtt
 
-        from agent import wire
+        from common import wire
 
         await asyncio.sleep(2.0)
         kinds = list(UPLINK_JUNK)

@@ -2,7 +2,7 @@
 `hostile-clients` scenario: impostors, strangers, forged commands, a downgrade, and
 messages that decode but no store can keep.
 
-The broker runs the shipped ACL and a password file (`agent.broker.acl_conf`): the agent
+The broker runs the shipped ACL and a password file (`common.broker.acl_conf`): the agent
 is its gateway (username = gateway id) on the gateway listener (behind the rig's proxy),
 the ingest is ROLE_INGEST on the platform listener. Then, while the agent forwards:
 
@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 import orjson
 
-from agent import wire
-from agent.broker import ROLE_COMMANDS, ROLE_INGEST, acl_conf, free_port, gateway_listener
-from agent.reconnect import MqttClient, PublishRefused
+from common import wire
+from common.broker import ROLE_COMMANDS, ROLE_INGEST, acl_conf, free_port, gateway_listener
+from common.reconnect import MqttClient, PublishRefused
 from firmware_bridge.image import generate_keypair
 from native import codec
 from native.batch import Batch

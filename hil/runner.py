@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.broker import Mosquitto
 from agent.demo import modbus_image
 from agent.ingest.store import Store, open_store
 from agent.ingest.worker import IngestWorker
 from agent.runtime import STATUS_INTERVAL_S
-from agent.units import parse_duration
 from buffer import Buffer, Lane
+from common.broker import Mosquitto
+from common.units import parse_duration
 from drivers.mcu.simulator import SimMcu
 from drivers.modbus.simulator import ModbusSimulator
 from hil.garbage import GarbageInput

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.units import Duration
+from common.units import Duration
 
 
 class _Model(BaseModel):

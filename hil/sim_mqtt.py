@@ -38,8 +38,8 @@ from typing import Literal, get_args
 import aiomqtt
 import orjson
 
-from agent.mqtt_url import BrokerAddress
-from agent.redact import redact
+from common.mqtt_url import BrokerAddress
+from common.redact import redact
 
 __all__ = ["GARBAGE_KINDS", "GarbageKind", "MqttSensors", "SentMessage"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.broker import Mosquitto
 from agent.ingest.store import Store, open_store
+from common.broker import Mosquitto
 from hil.powerfs import PowerFs, PowerFsUnavailable, check_available
 from tests.helpers import running_broker
 

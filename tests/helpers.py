@@ -18,9 +18,9 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent import wire
-from agent.broker import BrokerError, Mosquitto
 from agent.config import ConfigError, load_config
+from common import wire
+from common.broker import BrokerError, Mosquitto
 from drivers.base import BatchSink, Driver
 from native import codec, impl
 from native.batch import BAD, GOOD, Batch

@@ -11,7 +11,7 @@ read is watched by subscribers, with a marker published after the forgeries: the
 handles one client's publishes in order and queues a subscriber's messages in order,
 so a forgery it let through would arrive before the marker.
 
-The broker here: the shipped ACL and a password file (`agent.broker.acl_conf`), its own
+The broker here: the shipped ACL and a password file (`common.broker.acl_conf`), its own
 listener for the platform's services, a listener for gateways with a password
 (`gateway_listener`) and one for gateways with a client certificate; like the shipped
 conf, both gateway listeners make the client id the username."""
@@ -38,8 +38,13 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import wire
-from agent.broker import (
+from agent.config import parse_config
+from agent.ingest.store import open_store
+from agent.ingest.worker import IngestWorker
+from agent.runtime import Agent
+from buffer import Buffer
+from common import wire
+from common.broker import (
     ROLE_COMMANDS,
     ROLE_INGEST,
     SHIPPED_ACL,
@@ -51,12 +56,7 @@ from agent.broker import (
     tls_listener,
     write_password_file,
 )
-from agent.config import parse_config
-from agent.ingest.store import open_store
-from agent.ingest.worker import IngestWorker
-from agent.mqtt_url import tls_context
-from agent.runtime import Agent
-from buffer import Buffer
+from common.mqtt_url import tls_context
 from native import codec
 from native.batch import Batch
 from tests.helpers import running_broker, wait_until

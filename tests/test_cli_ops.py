@@ -15,9 +15,10 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent import cli, wire
+from agent import cli
 from agent.status import render_status
 from buffer import Buffer, BufferStats, Lane, LaneStats
+from common import wire
 from native import codec
 from native.batch import Batch
 from native.stages import AlarmEvent

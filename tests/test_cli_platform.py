@@ -19,11 +19,11 @@ import psycopg
 import pytest
 from typer.testing import CliRunner, Result
 
-from agent import wire
-from agent.broker import free_port
 from agent.cli_platform import app, iso, parse_time
 from agent.ingest.store import DeadLetter, Store, open_store
-from agent.wire import Envelope, GatewayStats, Meta, PointMeta
+from common import wire
+from common.broker import free_port
+from common.wire import Envelope, GatewayStats, Meta, PointMeta
 from native.batch import BAD, GOOD, UNCERTAIN, Batch
 from native.stages import AlarmEvent
 from tests.conftest import PG_ADMIN_URL

@@ -11,11 +11,11 @@ import aiomqtt
 import orjson
 import pytest
 
-from agent import wire
-from agent.broker import Mosquitto
 from agent.commands import CommandRefused, FirmwareUpdateCommand, parse_command
 from agent.config import parse_config
 from agent.runtime import Agent
+from common import wire
+from common.broker import Mosquitto
 from drivers.base import NoSettings, PointSpec
 
 

@@ -17,7 +17,6 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent import wire
 from agent.cli import app as cli_app
 from agent.cli_platform import app as platform_app
 from agent.config import parse_config
@@ -26,6 +25,7 @@ from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
 from agent.runtime import Agent
 from agent.status import collect, render_device_info
+from common import wire
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 from tests.helpers import running_broker
 

@@ -17,10 +17,10 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import wire
-from agent.broker import Mosquitto
 from agent.config import ConfigError, parse_config
 from agent.runtime import Agent
+from common import wire
+from common.broker import Mosquitto
 from drivers.mcu import McuDeviceSettings, McuDriver
 from drivers.mcu.simulator import SimMcu
 from firmware_bridge import image as fw

@@ -31,7 +31,6 @@ from hypothesis import HealthCheck, assume, example, given, note, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent import wire
 from agent.commands import CommandRefused, FirmwareUpdateCommand, WriteCommand, parse_command
 from agent.config import (
     BufferConfig,
@@ -43,6 +42,7 @@ from agent.config import (
     parse_config,
 )
 from agent.stage_config import STAGE_TYPES
+from common import wire
 from drivers import registry
 from drivers.base import Driver, NoSettings, PointSpec
 from drivers.ble.advert import Advertisement, Decoded, DecodeError, uuid16

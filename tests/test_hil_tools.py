@@ -22,8 +22,8 @@ import aiomqtt
 import orjson
 import pytest
 
-from agent.broker import Mosquitto
 from buffer import Buffer, Lane
+from common.broker import Mosquitto
 from drivers.ble.decoders import DecodeError, Decoders
 from drivers.ble.source import ReplaySource, load_recording, parse_record
 from drivers.modbus.client import Endpoint, ModbusConnection, ModbusError
@@ -688,9 +688,9 @@ def test_sim_cli_ble_and_mqtt(tmp_path: Path, mosquitto: Mosquitto) -> None:
 
 
 def test_each_kind_of_uplink_junk_gets_its_one_reason_from_the_ingest(tmp_path: Path) -> None:
-    from agent import wire
     from agent.ingest.store import open_store
     from agent.ingest.worker import IngestWorker
+    from common import wire
 
     store = open_store(f"sqlite:///{tmp_path / 'platform.db'}")
     try:

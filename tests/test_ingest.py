@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from agent import wire
-from agent.broker import Mosquitto
 from agent.ingest.store import DeadLetter, Store, StoreCounts, StoreMissing, open_store
 from agent.ingest.store_postgres import partition_name, split_url
 from agent.ingest.worker import IngestWorker
-from agent.wire import Envelope, GatewayStats, Meta, PointMeta
+from common import wire
+from common.broker import Mosquitto
+from common.wire import Envelope, GatewayStats, Meta, PointMeta
 from native import codec
 from native.batch import GOOD, Batch
 from native.stages import AlarmEvent

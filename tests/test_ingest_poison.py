@@ -21,12 +21,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from agent import wire
-from agent.broker import Mosquitto
 from agent.ingest import worker as worker_module
 from agent.ingest.store import Store, open_store
 from agent.ingest.store_sqlite import SqliteStore
 from agent.ingest.worker import IngestWorker
+from common import wire
+from common.broker import Mosquitto
 from native.stages import AlarmEvent
 from tests.conftest import PG_ADMIN_URL
 from tests.helpers import GW, STREAM, Gateway, wait_until

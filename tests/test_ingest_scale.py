@@ -32,9 +32,9 @@ import aiomqtt
 import psycopg
 import pytest
 
-from agent import wire
-from agent.broker import Mosquitto
 from agent.ingest.store import Store, open_store
+from common import wire
+from common.broker import Mosquitto
 from native import codec
 from native.batch import Batch
 from tests.conftest import PG_ADMIN_URL

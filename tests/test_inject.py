@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agent.broker import Mosquitto
+from common.broker import Mosquitto
 from hil.faults import FakeClock, find_libfaketime
 from hil.inject import RELOAD_INTERVAL_S, FaultInjector, Plan, Rule
 

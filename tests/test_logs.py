@@ -12,15 +12,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from agent import logs
-from agent.logs import ConsoleFormatter, JsonFormatter, Throttle
+from common import logs
+from common.logs import ConsoleFormatter, JsonFormatter, Throttle
 
 # -- Throttle ----------------------------------------------------------------------------
 
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """agent.logs' monotonic clock, set by assigning now[0]."""
+    """common.logs' monotonic clock, set by assigning now[0]."""
     now = [1000.0]
     fake_time = types.SimpleNamespace(
         monotonic=lambda: now[0], strftime=time.strftime, localtime=time.localtime

@@ -11,10 +11,10 @@ from pathlib import Path
 import aiomqtt
 import orjson
 
-from agent import wire
-from agent.broker import Mosquitto
 from agent.config import parse_config
 from agent.runtime import Agent
+from common import wire
+from common.broker import Mosquitto
 from drivers.modbus.datatypes import encode, from_engineering
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 

@@ -11,10 +11,10 @@ import aiomqtt
 import pytest
 from typer.testing import CliRunner
 
-from agent.broker import Mosquitto
 from agent.cli import app
 from agent.config import ConfigError, parse_config
 from agent.runtime import device_specs
+from common.broker import Mosquitto
 from drivers.mqtt.driver import MqttDriver
 from tests.helpers import Sink
 
@@ -253,7 +253,7 @@ def test_sniff_without_config_stops_after_seconds(mosquitto: Mosquitto) -> None:
 
 
 def test_sniff_broker_down() -> None:
-    from agent.broker import free_port
+    from common.broker import free_port
 
     result = CliRunner().invoke(
         app, ["mqtt", "sniff", "--broker", f"mqtt://127.0.0.1:{free_port()}", "--seconds", "5"]

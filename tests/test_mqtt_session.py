@@ -24,11 +24,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent.broker import Mosquitto
 from agent.cli import app
 from agent.config import ConfigError, parse_config
 from agent.runtime import device_specs
 from agent.status import render_status
+from common.broker import Mosquitto
 from drivers.mqtt.driver import MqttDriver, client_for
 from drivers.mqtt.settings import MqttDeviceSettings
 from drivers.mqtt.topics import covers, overlap

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.mqtt_url import BrokerAddress
+from common.mqtt_url import BrokerAddress
 
 
 def test_defaults_and_credentials() -> None:

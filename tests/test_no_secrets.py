@@ -1,5 +1,5 @@
-"""No secret in any log line or printed output: the redaction helper (agent/redact.py), the
-log formatters' safety net (agent/logs.py), and every `citygw` command run as a
+"""No secret in any log line or printed output: the redaction helper (common/redact.py), the
+log formatters' safety net (common/logs.py), and every `citygw` command run as a
 subprocess with passwords in URLs, in the environment and in a config, its output and the
 status snapshot grepped for them.
 
@@ -25,9 +25,9 @@ import orjson
 import pytest
 import typer.main
 
-from agent.broker import Mosquitto, free_port, write_password_file
 from agent.cli import app
-from agent.logs import ConsoleFormatter, JsonFormatter
+from common.broker import Mosquitto, free_port, write_password_file
+from common.logs import ConsoleFormatter, JsonFormatter
 from tests.helpers import running_broker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,14 +80,14 @@ SECRETS = [BROKER_PW, DB_PW, DB_QUERY_PW, PG_ENV_PW, MQTT_ENV_PW, PW_FILE_PW, TL
     ],
 )
 def test_redact_hides_passwords_and_keeps_the_rest(text: str, shown: str) -> None:
-    from agent.redact import redact  # here, so that the other tests run without it too
+    from common.redact import redact  # here, so that the other tests run without it too
 
     assert redact(text) == shown
     assert redact(shown) == shown
 
 
 def test_secret_key_names() -> None:
-    from agent.redact import is_secret_key
+    from common.redact import is_secret_key
 
     for name in ("password", "mqtt_password", "uplink.password", "bind_key", "token", "psk"):
         assert is_secret_key(name), name

@@ -1,4 +1,4 @@
-"""Reconnecting against real brokers (agent/reconnect.py), for the uplink and the ingest
+"""Reconnecting against real brokers (common/reconnect.py), for the uplink and the ingest
 worker: back within seconds of the broker's return however far the backoff has grown, a
 connection attempt that ends when the broker resets it, no tight loop against a broker
 that refuses. (The policy with a fake clock: tests/test_reconnect_policy.py.)"""
@@ -20,12 +20,12 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from agent.broker import Mosquitto, write_password_file
 from agent.config import parse_config
 from agent.ingest.store import open_store
 from agent.ingest.worker import IngestWorker
 from agent.runtime import Agent
 from agent.uplink import UplinkSettings
+from common.broker import Mosquitto, write_password_file
 from tests.helpers import running_broker, wait_until
 from tests.test_security import GATEWAY, CountingUplink, MemoryBuffer, watch
 from tests.test_uplink import FlakyLink

@@ -1,4 +1,4 @@
-"""The reconnect policy (agent/reconnect.py) with a fake clock and a scripted probe:
+"""The reconnect policy (common/reconnect.py) with a fake clock and a scripted probe:
 when a wait is cut short and when not, the backoff, the classification of failed
 connects, the TCP probe. (Against real brokers: tests/test_reconnect.py.)"""
 
@@ -16,7 +16,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.reconnect import (
+from common.reconnect import (
     ReconnectPolicy,
     ReconnectSettings,
     broker_absent,

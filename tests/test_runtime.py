@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
-from agent.logs import Throttle
 from agent.runtime import Agent, Counters, MemoryQueue, build_pipeline
 from buffer import BufferWriteError
+from common.logs import Throttle
 from native.batch import BAD, GOOD, Batch
 
 

@@ -27,13 +27,13 @@ from cryptography import x509
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent import wire
-from agent.broker import BrokerError, Mosquitto, free_port, tls_listener, write_password_file
 from agent.config import ConfigError, parse_config
-from agent.mqtt_url import tls_context
 from agent.runtime import Agent
 from agent.uplink import BufferPort, Uplink, UplinkSettings, connection_error
 from buffer import Lane, Message
+from common import wire
+from common.broker import BrokerError, Mosquitto, free_port, tls_listener, write_password_file
+from common.mqtt_url import tls_context
 from tests.helpers import running_broker
 from tests.pki import LOCALHOST, issue, make_ca
 from tests.test_commands import CONFIG as COMMANDS_CONFIG

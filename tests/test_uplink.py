@@ -13,12 +13,12 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from agent import wire
-from agent.broker import Mosquitto, free_port
 from agent.config import parse_config
 from agent.ingest.store import open_store
 from agent.ingest.worker import IngestWorker
 from agent.runtime import Agent
+from common import wire
+from common.broker import Mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

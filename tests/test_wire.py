@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from agent import wire
-from agent.wire import Envelope, Meta, PointMeta, WireError
+from common import wire
+from common.wire import Envelope, Meta, PointMeta, WireError
 
 STREAM = "00112233445566778899aabbccddeeff"
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
-from agent.redact import redact
-from agent.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
+from common.redact import redact
+from common.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
 

@@ -78,7 +78,7 @@ from agent.ingest.store import (
     stats_upsert,
     store_device_info,
 )
-from agent.wire import Envelope, GatewayStats, Meta
+from common.wire import Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
 

@@ -39,12 +39,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent import wire
 from agent.ingest.store import DEAD_LETTER_MAX_BYTES, Body, DeadLetter, Store, open_store
 from agent.ingest.store_errors import StoreFault, classify
-from agent.logs import Throttle
-from agent.mqtt_url import BrokerAddress, tls_context
-from agent.reconnect import (
+from common import wire
+from common.logs import Throttle
+from common.mqtt_url import BrokerAddress, tls_context
+from common.reconnect import (
     STABLE_AFTER_S,
     MqttClient,
     ReconnectPolicy,
@@ -52,8 +52,8 @@ from agent.reconnect import (
     check_cancelled,
     tcp_probe,
 )
-from agent.redact import redact
-from agent.wire import Envelope, Meta, WireError
+from common.redact import redact
+from common.wire import Envelope, Meta, WireError
 from native import codec
 from native.batch import Batch
 
@@ -143,7 +143,7 @@ class IngestWorker:
     ) -> None:
         """`client_id` with `session_expiry` > 0 gives a persistent session: the broker
         keeps this worker's queued and unacknowledged messages while it is away.
-        `probe_interval` and `reconnect_spread`: agent/reconnect.py (short: a platform runs
+        `probe_interval` and `reconnect_spread`: common/reconnect.py (short: a platform runs
         few workers, and they should subscribe before the gateways are back)."""
         self.broker = broker
         self.address = BrokerAddress.parse(broker)
@@ -170,7 +170,7 @@ class IngestWorker:
     # -- public ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Receive and store until cancelled; reconnects by agent/reconnect.py's policy:
+        """Receive and store until cancelled; reconnects by common/reconnect.py's policy:
         backoff, and probes of the broker's port that bring the worker back (subscribed)
         within about `probe_interval` + `reconnect_spread` of a broker's restart, which
         matters on a broker that lost its sessions (gateways would publish into the void)."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.logs import Throttle
+from common.logs import Throttle
 from drivers.base import BatchSink, DeviceSpec, Driver
 from drivers.ble.advert import Advertisement
 from drivers.ble.decoders import Decoded, DecodeError, Decoders, GenericField, GenericLayout

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from agent.logs import Throttle
+from common.logs import Throttle
 from drivers.base import BatchSink, DeviceHealth, DeviceSpec, PointSpec
 from drivers.ble.settings import BleDeviceSettings, BlePointSettings
 from drivers.schedule import FixedRate, phase_for

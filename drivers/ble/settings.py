@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.units import Duration, Offset, Scale
+from common.units import Duration, Offset, Scale
 
 Format = Literal["auto", "bthome", "ruuvi", "ibeacon", "eddystone-tlm", "generic"]
 GattType = Literal["u8", "i8", "u16", "i16", "u24", "i24", "u32", "i32", "f32"]

@@ -33,9 +33,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
-from agent.config_common import at
-from agent.logs import Throttle
-from agent.units import Duration
+from common.keypath import at
+from common.logs import Throttle
+from common.units import Duration
 from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, Driver
 from firmware_bridge import image as fw
 from firmware_bridge import messages as m

@@ -38,7 +38,7 @@ from typing import Any, cast
 
 from pydantic import BaseModel
 
-from agent.logs import Throttle
+from common.logs import Throttle
 from drivers.base import (
     BatchSink,
     DeviceConfigProblem,

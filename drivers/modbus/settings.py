@@ -21,7 +21,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.units import Duration, Offset, Scale
+from common.units import Duration, Offset, Scale
 
 Table = Literal["coil", "discrete_input", "input_register", "holding_register"]
 DataType = Literal[

@@ -34,9 +34,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel
 
-from agent.logs import Throttle
-from agent.mqtt_url import tls_context
-from agent.reconnect import MqttClient
+from common.logs import Throttle
+from common.mqtt_url import tls_context
+from common.reconnect import MqttClient
 from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, Driver, PointSpec
 from drivers.mqtt.payloads import PayloadError, parse
 from drivers.mqtt.settings import (

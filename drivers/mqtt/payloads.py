@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import orjson
 
-from agent.units import convert
+from common.units import convert
 from drivers.mqtt.settings import MqttPointSettings, PathStep
 from native.batch import BAD, GOOD, UNCERTAIN
 

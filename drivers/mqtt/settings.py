@@ -23,8 +23,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from agent.mqtt_url import BrokerAddress, BrokerUrl, ClientId
-from agent.units import Duration, Offset, Scale, physical_unit
+from common.mqtt_url import BrokerAddress, BrokerUrl, ClientId
+from common.units import Duration, Offset, Scale, physical_unit
 from drivers.mqtt.topics import TopicPattern, TopicPatternError
 
 Format = Literal["number", "json", "csv", "binary"]

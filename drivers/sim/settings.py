@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.units import Duration
+from common.units import Duration
 
 
 class SimDeviceSettings(BaseModel):

@@ -3,7 +3,7 @@
 ``password=…`` (query parameter or keyword string) shows as ``password=***``.
 
 `redact` is the one way to show a URL or any text that may hold one; the log formatters
-(agent/logs.py) run each message, field and traceback through it as a safety net, so it
+(common/logs.py) run each message, field and traceback through it as a safety net, so it
 must stay cheap."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import AfterValidator
 
-from agent.redact import redact
+from common.redact import redact
 
 ALLOWED = "use mqtt://host[:port] (default port 1883) or mqtts://host[:port] (8883)"
 

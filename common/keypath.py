@@ -1,4 +1,4 @@
-"""What the config models of agent/config.py and agent/stage_config.py share: the
+"""What the config models of agent/config.py, agent/stage_config.py and the drivers share: the
 base of a section that forbids unknown keys, and errors that name the key at fault."""
 
 from __future__ import annotations

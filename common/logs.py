@@ -3,7 +3,7 @@ shippers), readable lines for a technician's terminal, and a throttle so that a
 flood of identical warnings (a dead sensor, a full buffer) becomes one line per
 interval with a count.
 
-Both formatters mask secrets before a line is written (agent/redact.py): URL passwords and
+Both formatters mask secrets before a line is written (common/redact.py): URL passwords and
 ``password=…`` in the message, in `extra` values (nested too) and in exception text, and
 the whole value of an `extra` key named like a secret (``password``, ``token``, …). Code
 still shows URLs through `redact`; this is the net for what slips through."""
@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from agent.redact import MASK, is_secret_key, redact
+from common.redact import MASK, is_secret_key, redact
 
 # Attributes every LogRecord has; anything else came in through `extra=`.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}

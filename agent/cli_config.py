@@ -1,39 +1,21 @@
-"""What every `citygw` command shares: consoles, exit codes, the --config option, and
-loading a config or exiting with every problem listed."""
+"""The gateway config for a command: the --config option, and loading a config or
+exiting with every problem listed."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
 from agent.config import Config, ConfigError, load_config
-
-EXIT_INVALID = 1
-EXIT_NO_FILE = 2
+from common.cli import EXIT_INVALID, EXIT_NO_FILE, err_console, fail
 
 ConfigOption = Annotated[
     Path,
     typer.Option("--config", "-c", help="The gateway's config file.", dir_okay=False),
 ]
-
-
-def out_console() -> Console:
-    return Console(soft_wrap=True, highlight=False)
-
-
-def err_console() -> Console:
-    return Console(stderr=True, soft_wrap=True, highlight=False)
-
-
-def fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
-    """Print ``error: message`` to stderr and exit with ``code``."""
-    console = err_console()
-    console.print(Text.assemble(("error: ", "bold red"), message))
-    raise typer.Exit(code)
 
 
 def load_or_exit(path: Path) -> Config:

@@ -1,0 +1,28 @@
+"""What every `citygw` command shares, gateway and platform side: consoles, exit codes,
+and failing with a clear message."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+EXIT_INVALID = 1
+EXIT_NO_FILE = 2
+
+
+def out_console() -> Console:
+    return Console(soft_wrap=True, highlight=False)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
+    """Print ``error: message`` to stderr and exit with ``code``."""
+    console = err_console()
+    console.print(Text.assemble(("error: ", "bold red"), message))
+    raise typer.Exit(code)
