@@ -21,9 +21,10 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from agent import cli_ble, cli_firmware, cli_modbus, cli_mqtt, cli_platform
+from agent import cli_ble, cli_firmware, cli_modbus, cli_mqtt
 from agent.cli_config import ConfigOption, load_or_exit
 from agent.config import Config
+from central import cli as cli_platform
 from common.broker import BrokerError
 from common.cli import EXIT_INVALID, EXIT_NO_FILE, fail
 from common.cli import out_console as _out
@@ -169,7 +170,7 @@ def ingest(
 ) -> None:
     """Platform ingest: decode uplinks, drop duplicates and bad batches (kept as dead
     letters), store readings, alarms and gateway state; logs its throughput."""
-    from agent.ingest import run_ingest
+    from central.worker import run_ingest
 
     setup_logging(log_level)
 

@@ -26,10 +26,10 @@ from rich.table import Table
 
 import drivers.ble
 from agent.config import Config, parse_config
-from agent.ingest.store import open_store
-from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
 from agent.runtime import Agent
+from central.stores import open_store
+from central.worker import IngestWorker
 from common.broker import Mosquitto, mosquitto_binary
 from common.mqtt_url import BrokerAddress
 from drivers.mcu.simulator import SimMcu

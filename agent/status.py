@@ -16,18 +16,8 @@ from rich.table import Table
 from agent.runtime import STATUS_INTERVAL_S
 from buffer import Buffer, BufferStats, Lane
 from common import wire
+from common.cli import age
 from native import codec
-
-
-def _age(ms: int | None, now_ms: int) -> str:
-    if ms is None:
-        return "never"
-    s = max(0.0, (now_ms - ms) / 1000.0)
-    if s < 120:
-        return f"{s:.1f} s ago"
-    if s < 7200:
-        return f"{s / 60:.1f} min ago"
-    return f"{s / 3600:.1f} h ago"
 
 
 def collect(buffer_path: Path) -> tuple[BufferStats, dict[str, Any]]:
@@ -56,13 +46,13 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
             str(ls.messages),
             str(ls.points),
             str(ls.bytes),
-            _age(ls.oldest_created_ms, now_ms),
+            age(ls.oldest_created_ms, now_ms),
         )
     lanes.caption = (
         f"{stats.total_bytes} of {stats.capacity_bytes} bytes used · "
         f"evicted: {stats.evicted_points} readings in {stats.evicted_messages} batches · "
-        f"last ack: {_age(stats.last_ack_ms, now_ms)} · "
-        f"synced: {_age(stats.last_sync_ms, now_ms)}"
+        f"last ack: {age(stats.last_ack_ms, now_ms)} · "
+        f"synced: {age(stats.last_sync_ms, now_ms)}"
     )
     if stats.intake_points:
         lanes.caption += f" · {stats.intake_points} readings in the intake"
@@ -77,18 +67,16 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
         "agent",
         "running"
         if running
-        else f"{'stopped' if stopped else 'not running'} (last seen {_age(updated, now_ms)})",
+        else f"{'stopped' if stopped else 'not running'} (last seen {age(updated, now_ms)})",
     )
     if updated is not None:  # the ages below are measured now, from what it recorded then
-        summary.add_row(
-            "status written", f"{_age(updated, now_ms)} (every {STATUS_INTERVAL_S:g} s)"
-        )
+        summary.add_row("status written", f"{age(updated, now_ms)} (every {STATUS_INTERVAL_S:g} s)")
     summary.add_row(
         "uplink",
         str(up.get("state", "unknown"))
         + (f" — last error: {up['last_error']}" if up.get("last_error") else ""),
     )
-    summary.add_row("last PUBACK", _age(up.get("last_puback_ms"), now_ms))
+    summary.add_row("last PUBACK", age(up.get("last_puback_ms"), now_ms))
     if up.get("buffer_errors"):
         summary.add_row(
             "uplink buffer errors",
@@ -126,7 +114,7 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
                 name,
                 str(t.get("state", "")),
                 str(t["failures"]),
-                _age(t.get("last_failure_ms"), now_ms),
+                age(t.get("last_failure_ms"), now_ms),
                 t.get("last_error") or "",
             )
 
@@ -134,7 +122,7 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
     rows = [
         (
             name + (" (offline)" if h.get("online") is False else ""),
-            _age(h.get("last_success_ms"), now_ms),
+            age(h.get("last_success_ms"), now_ms),
             # an event-driven device (mqtt) is never polled: count the messages it sent
             f"{h['messages']} msgs" if h.get("messages") is not None else str(h.get("polls", 0)),
             str(h.get("errors", 0)),
@@ -153,7 +141,7 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
         devices.add_row(*r)
     # the words in a table of their own: beside six columns they would wrap a word a line
     failed = [
-        (name, _age(h.get("last_error_ms"), now_ms), _errors(h))
+        (name, age(h.get("last_error_ms"), now_ms), _errors(h))
         for name, h in health
         if h.get("last_error") or h.get("rejected")
     ]
@@ -225,7 +213,7 @@ def render_inspect(buffer_path: Path, limit: int = 20) -> Group:
             m.lane.name.lower(),
             str(m.n_points),
             str(len(m.payload)),
-            _age(m.created_ms, now_ms),
+            age(m.created_ms, now_ms),
             span,
             note,
         )

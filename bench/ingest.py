@@ -77,9 +77,10 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from agent.ingest.store import Store, StoreCounts, open_store  # noqa: E402
-from agent.ingest.store_postgres import split_url  # noqa: E402
 from bench.mqtt_load import LoadSpec, RoundResult, generator_main  # noqa: E402
+from central.store import Store, StoreCounts  # noqa: E402
+from central.store_postgres import split_url  # noqa: E402
+from central.stores import open_store  # noqa: E402
 from common.broker import Mosquitto  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -26,3 +26,15 @@ def fail(message: str, code: int = EXIT_INVALID) -> NoReturn:
     console = err_console()
     console.print(Text.assemble(("error: ", "bold red"), message))
     raise typer.Exit(code)
+
+
+def age(ms: int | None, now_ms: int) -> str:
+    """How long ago epoch-ms `ms` was at `now_ms`, for people: "4.2 s ago", "never"."""
+    if ms is None:
+        return "never"
+    s = max(0.0, (now_ms - ms) / 1000.0)
+    if s < 120:
+        return f"{s:.1f} s ago"
+    if s < 7200:
+        return f"{s / 60:.1f} min ago"
+    return f"{s / 3600:.1f} h ago"

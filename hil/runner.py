@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.demo import modbus_image
-from agent.ingest.store import Store, open_store
-from agent.ingest.worker import IngestWorker
 from agent.runtime import STATUS_INTERVAL_S
 from buffer import Buffer, Lane
+from central.store import Store
+from central.stores import open_store
+from central.worker import IngestWorker
 from common.broker import Mosquitto
 from common.units import parse_duration
 from drivers.mcu.simulator import SimMcu

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.ingest.store import Store, open_store
+from central.store import Store
+from central.stores import open_store
 from common.broker import Mosquitto
 from hil.powerfs import PowerFs, PowerFsUnavailable, check_available
 from tests.helpers import running_broker

@@ -39,10 +39,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import parse_config
-from agent.ingest.store import open_store
-from agent.ingest.worker import IngestWorker
 from agent.runtime import Agent
 from buffer import Buffer
+from central.stores import open_store
+from central.worker import IngestWorker
 from common import wire
 from common.broker import (
     ROLE_COMMANDS,

@@ -19,8 +19,9 @@ import psycopg
 import pytest
 from typer.testing import CliRunner, Result
 
-from agent.cli_platform import app, iso, parse_time
-from agent.ingest.store import DeadLetter, Store, open_store
+from central.cli import app, iso, parse_time
+from central.store import DeadLetter, Store
+from central.stores import open_store
 from common import wire
 from common.broker import free_port
 from common.wire import Envelope, GatewayStats, Meta, PointMeta

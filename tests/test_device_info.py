@@ -18,13 +18,14 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from agent.cli import app as cli_app
-from agent.cli_platform import app as platform_app
 from agent.config import parse_config
-from agent.ingest.store import Store, open_store
-from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
 from agent.runtime import Agent
 from agent.status import collect, render_device_info
+from central.cli import app as platform_app
+from central.store import Store
+from central.stores import open_store
+from central.worker import IngestWorker
 from common import wire
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 from tests.helpers import running_broker

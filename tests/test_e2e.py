@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
-from agent.ingest.store import Store, open_store
-from agent.ingest.worker import IngestWorker
 from agent.runtime import Agent, MemoryQueue
+from central.store import Store
+from central.stores import open_store
+from central.worker import IngestWorker
 from native.batch import Batch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli_platform import quality_name
 from agent.config import parse_config
-from agent.ingest.store import Store, open_store
-from agent.ingest.worker import IngestWorker
 from agent.loopback import LoopbackLink
 from agent.runtime import Agent, point_meta
 from buffer import Buffer, BufferWriteError
+from central.cli import quality_name
+from central.store import Store
+from central.stores import open_store
+from central.worker import IngestWorker
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 from native.batch import BAD, UNAVAILABLE
 

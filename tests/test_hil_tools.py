@@ -688,8 +688,8 @@ def test_sim_cli_ble_and_mqtt(tmp_path: Path, mosquitto: Mosquitto) -> None:
 
 
 def test_each_kind_of_uplink_junk_gets_its_one_reason_from_the_ingest(tmp_path: Path) -> None:
-    from agent.ingest.store import open_store
-    from agent.ingest.worker import IngestWorker
+    from central.stores import open_store
+    from central.worker import IngestWorker
     from common import wire
 
     store = open_store(f"sqlite:///{tmp_path / 'platform.db'}")

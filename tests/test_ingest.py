@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from agent.ingest.store import DeadLetter, Store, StoreCounts, StoreMissing, open_store
-from agent.ingest.store_postgres import partition_name, split_url
-from agent.ingest.worker import IngestWorker
+from central.store import DeadLetter, Store, StoreCounts, StoreMissing
+from central.store_postgres import partition_name, split_url
+from central.stores import open_store
+from central.worker import IngestWorker
 from common import wire
 from common.broker import Mosquitto
 from common.wire import Envelope, GatewayStats, Meta, PointMeta
@@ -307,7 +308,7 @@ def test_postgres_upgrades_a_version_2_schema(pg_url: str) -> None:
     import psycopg
     from psycopg import sql
 
-    from agent.ingest.store_postgres import SCHEMA_VERSION
+    from central.store_postgres import SCHEMA_VERSION
 
     open_store(pg_url).close()
     conninfo, schema = split_url(pg_url)

@@ -21,10 +21,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from agent.ingest import worker as worker_module
-from agent.ingest.store import Store, open_store
-from agent.ingest.store_sqlite import SqliteStore
-from agent.ingest.worker import IngestWorker
+from central import worker as worker_module
+from central.store import Store
+from central.store_sqlite import SqliteStore
+from central.stores import open_store
+from central.worker import IngestWorker
 from common import wire
 from common.broker import Mosquitto
 from native.stages import AlarmEvent

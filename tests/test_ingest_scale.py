@@ -32,7 +32,8 @@ import aiomqtt
 import psycopg
 import pytest
 
-from agent.ingest.store import Store, open_store
+from central.store import Store
+from central.stores import open_store
 from common import wire
 from common.broker import Mosquitto
 from native import codec

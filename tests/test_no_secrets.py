@@ -293,8 +293,8 @@ def auth_broker(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 def test_no_command_prints_a_secret(tmp_path: Path, auth_broker: Mosquitto, pg_url: str) -> None:
-    from agent.ingest.store import open_store
     from buffer import Buffer
+    from central.stores import open_store
     from firmware_bridge import image as fw
 
     work = tmp_path

@@ -21,10 +21,10 @@ import aiomqtt
 import pytest
 
 from agent.config import parse_config
-from agent.ingest.store import open_store
-from agent.ingest.worker import IngestWorker
 from agent.runtime import Agent
 from agent.uplink import UplinkSettings
+from central.stores import open_store
+from central.worker import IngestWorker
 from common.broker import Mosquitto, write_password_file
 from tests.helpers import running_broker, wait_until
 from tests.test_security import GATEWAY, CountingUplink, MemoryBuffer, watch

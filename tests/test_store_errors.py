@@ -1,4 +1,4 @@
-"""`agent/ingest/store_errors.classify` on real errors of both stores: what the ingest
+"""`central/store_errors.classify` on real errors of both stores: what the ingest
 worker retries (transient), dead-letters (refused) or retries a bounded number of times
 (unknown)."""
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from agent.ingest.store_errors import StoreFault, classify
+from central.store_errors import StoreFault, classify
 from tests.helpers import wait_until
 
 

@@ -14,9 +14,9 @@ import aiomqtt
 import pytest
 
 from agent.config import parse_config
-from agent.ingest.store import open_store
-from agent.ingest.worker import IngestWorker
 from agent.runtime import Agent
+from central.stores import open_store
+from central.worker import IngestWorker
 from common import wire
 from common.broker import Mosquitto, free_port
 

@@ -40,7 +40,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from agent.ingest.store import (
+from central.store import (
     AlarmEpisode,
     DeadLetter,
     DeviceInfoEntry,
@@ -48,8 +48,7 @@ from agent.ingest.store import (
     PointReading,
     Store,
 )
-from agent.status import _age as age
-from common.cli import EXIT_NO_FILE, fail, out_console
+from common.cli import EXIT_NO_FILE, age, fail, out_console
 from common.redact import redact
 from common.units import parse_duration
 from native.batch import QUALITY_NAMES
@@ -82,7 +81,8 @@ SUGGESTIONS = 5
 def open_existing(url: str) -> Store:
     """The store at `url`, which must exist already (nothing is created or migrated);
     exits with a clear message if not."""
-    from agent.ingest.store import StoreMissing, open_store
+    from central.store import StoreMissing
+    from central.stores import open_store
 
     if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         fail(f"unsupported store URL {redact(url)!r}: use sqlite:///path.db or postgresql://...")

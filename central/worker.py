@@ -39,8 +39,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.ingest.store import DEAD_LETTER_MAX_BYTES, Body, DeadLetter, Store, open_store
-from agent.ingest.store_errors import StoreFault, classify
+from central.store import DEAD_LETTER_MAX_BYTES, Body, DeadLetter, Store
+from central.store_errors import StoreFault, classify
+from central.stores import open_store
 from common import wire
 from common.logs import Throttle
 from common.mqtt_url import BrokerAddress, tls_context

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import orjson
 
-from agent.ingest.store import (
+from central.store import (
     ALARM_COLUMNS,
     GATEWAYS_QUERY,
     PRUNE_DELETES,

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
-from common.redact import redact
 from common.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
@@ -262,27 +261,6 @@ def alarm_from_row(row: Sequence[Any]) -> AlarmEvent:
         ts_ms=int(ts),
         value=math.nan if value is None else float(value),
         since_ms=int(since),
-    )
-
-
-def open_store(url: str, *, create: bool = True) -> Store:
-    """``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite:///:memory:``
-    or ``postgresql://user@host:port/db?schema=name`` (psycopg 3). With `create`, the
-    store is created or migrated as needed (the ingest); without it (tools that only
-    read), nothing is changed and `StoreMissing` says when there is no current store."""
-    if url.startswith("sqlite:///"):
-        from agent.ingest.store_sqlite import SqliteStore
-
-        path = url[len("sqlite:///") :]
-        if not path:
-            raise ValueError(f"no database path in {url!r}")
-        return SqliteStore(path, create=create)
-    if url.startswith(("postgresql://", "postgres://")):
-        from agent.ingest.store_postgres import PostgresStore
-
-        return PostgresStore(url, create=create)
-    raise ValueError(
-        f"unsupported store URL {redact(url)!r}: use sqlite:///path.db or postgresql://..."
     )
 
 

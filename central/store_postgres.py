@@ -39,8 +39,8 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from agent.ingest import pg_copy
-from agent.ingest.store import (
+from central import pg_copy
+from central.store import (
     ALARM_COLUMNS,
     GATEWAYS_QUERY,
     PRUNE_DELETES,
