@@ -150,7 +150,7 @@ def run_step(
     cfg.write_text(config_text(gateway, broker.url, buf, rate, intake_delay))
     with (work / f"{gateway}.log").open("wb") as log:
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "-c", str(cfg), "--log-level", "WARNING"],
+            [sys.executable, "-m", "cli", "run", "-c", str(cfg), "--log-level", "WARNING"],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=log,

@@ -67,7 +67,7 @@ def measure(
     cfg = work / f"gateway-{intake_delay}.toml"
     cfg.write_text(config_text(broker, buffer, intake_delay))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "-c", str(cfg), "--log-level", "WARNING"],
+        [sys.executable, "-m", "cli", "run", "-c", str(cfg), "--log-level", "WARNING"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

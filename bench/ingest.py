@@ -9,7 +9,7 @@ process, one per simulated gateway) whose payloads are all encoded before the cl
 starts with the real codec and envelope: every gateway (``gw-00001``...) publishes its
 retained ``up/meta`` once, then one ``up/batch`` per ``--interval`` s (default: 300
 readings = 60 points polled 5 times a second, quantised sensor series, consecutive seq
-numbers), starts staggered over the interval. The workers are real ``python -m agent
+numbers), starts staggered over the interval. The workers are real ``python -m cli
 ingest`` subprocesses in one shared group (``--group bench``, ``$share/bench/...``),
 each with its own ``--client-id`` and ``--session-expiry 600``.
 

@@ -419,7 +419,7 @@ class IngestWorker:
 
     async def deliver(self, topic: str, payload: bytes) -> None:
         """Decode and store one message handed over in-process (no broker), returning
-        once it is committed: what a PUBACK after commit means (see agent/loopback.py)."""
+        once it is committed: what a PUBACK after commit means (see cli/loopback.py)."""
         await self._store(await asyncio.to_thread(self._decode, [(topic, payload)]))
 
     def _decode(self, messages: Sequence[tuple[str, object]]) -> _Work:

@@ -37,12 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.demo import modbus_image
 from agent.runtime import STATUS_INTERVAL_S
 from buffer import Buffer, Lane
 from central.store import Store
 from central.stores import open_store
 from central.worker import IngestWorker
+from cli.demo import modbus_image
 from common.broker import Mosquitto
 from common.units import parse_duration
 from drivers.mcu.simulator import SimMcu
@@ -65,7 +65,7 @@ LOSS_SLACK_S = 0.5
 
 
 class AgentProcess:
-    """``python -m agent run -c CONFIG``, logs appended to ``log``.
+    """``python -m cli run -c CONFIG``, logs appended to ``log``.
 
     With `boot_id`, the agent sees that file as the machine's boot id
     (/proc/sys/kernel/random/boot_id, bind-mounted in a private mount namespace):
@@ -90,7 +90,7 @@ class AgentProcess:
         self.boot_id.write_text(f"{uuid.uuid4()}\n")
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "agent", "run", "-c", str(self.config)]
+        argv = [sys.executable, "-m", "cli", "run", "-c", str(self.config)]
         if self.boot_id is not None:
             mount = 'mount --bind "$0" /proc/sys/kernel/random/boot_id && exec "$@"'
             argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount,
@@ -544,7 +544,7 @@ class Rig:
 
     def _status_output(self, config: Path | None = None) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "agent", "status", "-c", str(config or self.drain_config)],
+            [sys.executable, "-m", "cli", "status", "-c", str(config or self.drain_config)],
             capture_output=True,
             text=True,
             cwd=ROOT,

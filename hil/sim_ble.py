@@ -59,7 +59,7 @@ class BleTag:
     format: Literal["bthome", "ruuvi"]
 
 
-#: the demo's two tags (agent.demo: kiosk-7-climate by address, bus-stop-12-ruuvi by name)
+#: the demo's two tags (cli.demo: kiosk-7-climate by address, bus-stop-12-ruuvi by name)
 DEFAULT_TAGS: tuple[BleTag, ...] = (
     BleTag("ATC_A1B2C3", "A4:C1:38:A1:B2:C3", "bthome"),
     BleTag("Ruuvi 9A01", "C8:25:64:3E:9A:01", "ruuvi"),

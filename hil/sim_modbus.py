@@ -1,7 +1,7 @@
 """A simulated street cabinet on Modbus, and a front that answers RTU-over-TCP requests
 with garbage.
 
-`CabinetSimulator` is the demo's pump station (`agent.demo.MODBUS_UNITS`: unit 1 an
+`CabinetSimulator` is the demo's pump station (`cli.demo.MODBUS_UNITS`: unit 1 an
 Eastron SDM120 energy meter, unit 2 an ADAM-4017+ level transmitter, register images
 from their shipped profiles whose values move with time) on a `ModbusSimulator`, so
 `silent`, `delay` and `requests` work as there. It also records every read it answered
@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from agent.demo import MODBUS_UNITS, modbus_image
+from cli.demo import MODBUS_UNITS, modbus_image
 from drivers.modbus.garbled import crc16
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 

@@ -4,7 +4,7 @@
 Each sensor publishes, `rate_hz` times a second, one QoS 1 message to
 ``sensors/<name>/air`` shaped like the demo's airboxes
 (``{"ts": <epoch s>, "data": {"pm25": 12.3, "no2": 21.0}}``, values on a 0.1 grid that
-wander over time), so the demo's point table (`agent.demo.demo_config_text` with a site
+wander over time), so the demo's point table (`cli.demo.demo_config_text` with a site
 broker, names ``airbox-1``..``airbox-N``) reads them. With probability `garbage` a message
 is garbage instead, of one of GARBAGE_KINDS, each of which the driver's JSON parser
 rejects for both points:

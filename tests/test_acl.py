@@ -684,7 +684,7 @@ def test_an_identity_other_than_the_gateway_id_is_warned_about(
     # the command as a user runs it (pytest's log capture would take the warning)
     path = tmp_path / "gateway.toml"
     path.write_text(text.format(user="gateway-a", cert=own_cert))
-    run = [sys.executable, "-m", "agent", "validate", "-c", str(path)]
+    run = [sys.executable, "-m", "cli", "validate", "-c", str(path)]
     result = subprocess.run(run, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert "gateway.toml: OK" in result.stdout

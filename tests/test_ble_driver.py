@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 from typer.testing import CliRunner
 
-from agent import cli
 from agent.config import parse_config
+from cli import main as cli
 from drivers.base import DeviceSpec, PointSpec
 from drivers.ble.advert import Advertisement
 from drivers.ble.driver import BleDriver, SourceConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from agent import cli
+from cli import main as cli
 from drivers.modbus.datatypes import encode, from_engineering
 from drivers.modbus.planner import Request, Span, describe
 from drivers.modbus.scan import merge

@@ -15,9 +15,9 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent import cli
 from agent.status import render_status
 from buffer import Buffer, BufferStats, Lane, LaneStats
+from cli import main as cli
 from common import wire
 from native import codec
 from native.batch import Batch
@@ -407,7 +407,7 @@ def test_run_with_unreachable_broker_buffers_and_stops_on_sigterm(tmp_path: Path
     log = tmp_path / "agent.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "-c", str(config), "--json-logs"],
+            [sys.executable, "-m", "cli", "run", "-c", str(config), "--json-logs"],
             stdout=subprocess.DEVNULL,
             stderr=err,
             cwd=tmp_path,

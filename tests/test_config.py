@@ -18,7 +18,6 @@ import pytest
 from pydantic import BaseModel, ConfigDict, SecretStr
 from typer.testing import CliRunner
 
-from agent import cli
 from agent.config import (
     BufferConfig,
     ConfigError,
@@ -29,6 +28,7 @@ from agent.config import (
     parse_config,
 )
 from agent.stage_config import STAGE_TYPES, RangeStageConfig
+from cli import main as cli
 from drivers import registry
 from drivers.base import BatchSink, Driver
 from drivers.sim.settings import SimDeviceSettings, SimPointSettings

@@ -17,15 +17,15 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent.cli import app as cli_app
 from agent.config import parse_config
-from agent.loopback import LoopbackLink
 from agent.runtime import Agent
 from agent.status import collect, render_device_info
 from central.cli import app as platform_app
 from central.store import Store
 from central.stores import open_store
 from central.worker import IngestWorker
+from cli.loopback import LoopbackLink
+from cli.main import app as cli_app
 from common import wire
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 from tests.helpers import running_broker

@@ -168,7 +168,7 @@ def test_broker_outage_loses_nothing(mosquitto, tmp_path: Path) -> None:  # type
 
 def _start_agent(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "-c", str(cfg), "--log-level", "INFO"],
+        [sys.executable, "-m", "cli", "run", "-c", str(cfg), "--log-level", "INFO"],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=log.open("ab"),
@@ -294,7 +294,7 @@ def test_sigterm_flushes_memory(mosquitto, tmp_path: Path) -> None:  # type: ign
 
 
 def test_demo_delivers_everything_once(tmp_path: Path) -> None:
-    from agent.demo import run_demo
+    from cli.demo import run_demo
 
     result = asyncio.run(run_demo(4.0, workdir=tmp_path, use_broker=True))
     # deadbands, swinging doors and aggregates send a fraction of what was read
@@ -318,7 +318,7 @@ def test_demo_delivers_everything_once(tmp_path: Path) -> None:
 
 
 def test_demo_without_mosquitto_uses_the_in_process_link(tmp_path: Path) -> None:
-    from agent.demo import run_demo
+    from cli.demo import run_demo
 
     result = asyncio.run(run_demo(3.0, workdir=tmp_path, use_broker=False))
     assert result.read > result.sent == result.ingested > 100

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from agent.config import parse_config
-from agent.loopback import LoopbackLink
 from agent.runtime import Agent, point_meta
 from buffer import Buffer, BufferWriteError
 from central.cli import quality_name
 from central.store import Store
 from central.stores import open_store
 from central.worker import IngestWorker
+from cli.loopback import LoopbackLink
 from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 from native.batch import BAD, UNAVAILABLE
 

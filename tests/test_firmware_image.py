@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agent import cli_firmware
+from cli import firmware as cli_firmware
 from firmware_bridge import image as fw
 from firmware_bridge.image import FirmwareError, Reason, UpdatePolicy, Version
 

@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from agent import cli_firmware
+from cli import firmware as cli_firmware
 from drivers.mcu.simulator import SimMcu
 from firmware_bridge import image as fw
 from firmware_bridge import messages as m

@@ -271,7 +271,7 @@ def test_store_refusal_is_dead_lettered_and_the_rest_stored_once(store: Store) -
 
 @pytest.mark.usefixtures("no_wire_checks")
 def test_deliver_returns_for_a_message_the_store_refuses(store: Store) -> None:
-    """The loopback path (agent/loopback.py) waits for the commit; a refused message
+    """The loopback path (cli/loopback.py) waits for the commit; a refused message
     must end that wait with a dead letter, not hold the demo's uplink forever."""
     worker = make_worker("mqtt://127.0.0.1", store)
     gw = Gateway(None)  # type: ignore[arg-type]

@@ -49,7 +49,7 @@ STORE_FAILED = "store failed"
 
 
 class Workers:
-    """`citygw ingest` processes (``python -m agent ingest``) on one group, each logging to
+    """`citygw ingest` processes (``python -m cli ingest``) on one group, each logging to
     tmp_path/<client id>.log (appended across restarts)."""
 
     def __init__(self, tmp_path: Path, broker: str, db: str) -> None:

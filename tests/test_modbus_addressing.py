@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent import cli
 from agent.config import ConfigError, load_config
+from cli import main as cli
 from drivers.modbus import settings
 from drivers.modbus.settings import ModbusPointSettings
 

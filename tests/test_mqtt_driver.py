@@ -11,9 +11,9 @@ import aiomqtt
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
 from agent.config import ConfigError, parse_config
 from agent.runtime import device_specs
+from cli.main import app
 from common.broker import Mosquitto
 from drivers.mqtt.driver import MqttDriver
 from tests.helpers import Sink

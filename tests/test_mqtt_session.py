@@ -24,10 +24,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from rich.console import Console
 from typer.testing import CliRunner
 
-from agent.cli import app
 from agent.config import ConfigError, parse_config
 from agent.runtime import device_specs
 from agent.status import render_status
+from cli.main import app
 from common.broker import Mosquitto
 from drivers.mqtt.driver import MqttDriver, client_for
 from drivers.mqtt.settings import MqttDeviceSettings

@@ -25,7 +25,7 @@ import orjson
 import pytest
 import typer.main
 
-from agent.cli import app
+from cli.main import app
 from common.broker import Mosquitto, free_port, write_password_file
 from common.logs import ConsoleFormatter, JsonFormatter
 from tests.helpers import running_broker
@@ -166,7 +166,7 @@ class Call:
 
 
 def _run(call: Call, env: dict[str, str], work: Path) -> None:
-    argv = [sys.executable, "-m", "agent", *call.args]
+    argv = [sys.executable, "-m", "cli", *call.args]
     if call.until is None:
         proc = subprocess.run(
             argv,

@@ -175,7 +175,7 @@ def test_state_online_then_last_will_offline_and_meta_retained(
     state_topic = wire.topic("citygw", "gw-up", "state")
     meta_topic = wire.topic("citygw", "gw-up", "up/meta")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "-c", str(cfg_path)],
+        [sys.executable, "-m", "cli", "run", "-c", str(cfg_path)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -210,7 +210,7 @@ def test_graceful_stop_says_offline(mosquitto: Mosquitto, tmp_path: Path) -> Non
     cfg_path = tmp_path / "gateway.toml"
     cfg_path.write_text(config(mosquitto.url, tmp_path / "buf.db"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "-c", str(cfg_path)],
+        [sys.executable, "-m", "cli", "run", "-c", str(cfg_path)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -3,7 +3,7 @@ uplink, into a private Mosquitto and an in-process platform ingest.
 
 Nothing has to be installed or started by hand: with a `mosquitto` binary on PATH
 the demo starts its own broker on a free loopback port; without one the uplink
-talks to the ingest over an in-process link (agent/loopback.py). The gateway's
+talks to the ingest over an in-process link (cli/loopback.py). The gateway's
 microcontroller is simulated on a pseudo-terminal (drivers/mcu/simulator.py) and read
 by the mcu driver over its serial protocol. Files go to a temporary directory.
 """
@@ -26,10 +26,10 @@ from rich.table import Table
 
 import drivers.ble
 from agent.config import Config, parse_config
-from agent.loopback import LoopbackLink
 from agent.runtime import Agent
 from central.stores import open_store
 from central.worker import IngestWorker
+from cli.loopback import LoopbackLink
 from common.broker import Mosquitto, mosquitto_binary
 from common.mqtt_url import BrokerAddress
 from drivers.mcu.simulator import SimMcu
@@ -507,7 +507,7 @@ async def run_demo(
 ) -> DemoResult:
     """Runs the street block for `duration` seconds, drains, and compares what was sent
     with what the platform stored. `use_broker` defaults to "mosquitto is on PATH"; without
-    it the uplink talks to the ingest over an in-process link (agent/loopback.py)."""
+    it the uplink talks to the ingest over an in-process link (cli/loopback.py)."""
     console = console or Console(stderr=True)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="citygw-demo-"))
     if use_broker is None:

@@ -22,8 +22,8 @@ from rich.progress import Progress
 from rich.table import Table
 from rich.text import Text
 
-from agent.cli_config import ConfigOption, load_or_exit
 from agent.runtime import device_specs
+from cli.config import ConfigOption, load_or_exit
 from common.cli import err_console, fail, out_console
 from drivers.base import DeviceSpec, PointSpec
 from drivers.modbus.planner import Request

@@ -1,7 +1,7 @@
 """The ``citygw`` command line: what a technician uses at the cabinet.
 
 Commands are grouped by purpose below: setting up (init, validate), running (run,
-demo, ingest), inspecting (status, buffer) and the Modbus tools (agent/cli_modbus.py).
+demo, ingest), inspecting (status, buffer) and the Modbus tools (cli/modbus.py).
 The helpers every command reports through are in common/cli.py.
 
 Exit codes: 0 success, 1 invalid input (e.g. config errors), 2 file not found or
@@ -21,10 +21,10 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from agent import cli_ble, cli_firmware, cli_modbus, cli_mqtt
-from agent.cli_config import ConfigOption, load_or_exit
 from agent.config import Config
-from central import cli as cli_platform
+from central import cli as platform
+from cli import ble, firmware, modbus, mqtt
+from cli.config import ConfigOption, load_or_exit
 from common.broker import BrokerError
 from common.cli import EXIT_INVALID, EXIT_NO_FILE, fail
 from common.cli import out_console as _out
@@ -45,11 +45,11 @@ def template_text() -> str:
     return resources.files("agent.templates").joinpath("gateway.toml").read_text(encoding="utf-8")
 
 
-app.add_typer(cli_modbus.app, name="modbus")
-app.add_typer(cli_ble.app, name="ble")
-app.add_typer(cli_mqtt.app, name="mqtt")
-app.add_typer(cli_firmware.app, name="firmware")
-app.add_typer(cli_platform.app, name="platform")
+app.add_typer(modbus.app, name="modbus")
+app.add_typer(ble.app, name="ble")
+app.add_typer(mqtt.app, name="mqtt")
+app.add_typer(firmware.app, name="firmware")
+app.add_typer(platform.app, name="platform")
 
 
 @app.callback()
@@ -128,7 +128,7 @@ def demo(
     duration: Annotated[float, typer.Option(help="Seconds of simulated readings.", min=1)] = 30.0,
 ) -> None:
     """A simulated street block through the real pipeline, buffer, uplink and ingest."""
-    from agent.demo import run_demo
+    from cli.demo import run_demo
 
     setup_logging("WARNING")
     try:

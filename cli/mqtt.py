@@ -19,7 +19,7 @@ import typer
 from pydantic import ValidationError
 from rich.text import Text
 
-from agent.cli_config import load_or_exit
+from cli.config import load_or_exit
 from common.cli import EXIT_NO_FILE, fail, out_console
 from native.batch import GOOD, QUALITY_NAMES
 
