@@ -239,7 +239,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-m",
-                "agent",
+                "cli",
                 "ingest",
                 "--broker",
                 broker.url,

@@ -191,7 +191,7 @@ class Worker:
                 [
                     sys.executable,
                     "-m",
-                    "agent",
+                    "cli",
                     "ingest",
                     "--broker",
                     self.broker,

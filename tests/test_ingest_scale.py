@@ -70,7 +70,7 @@ class Workers:
                 [
                     sys.executable,
                     "-m",
-                    "agent",
+                    "cli",
                     "ingest",
                     "--broker",
                     self.broker,
