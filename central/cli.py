@@ -54,7 +54,7 @@ from common.units import parse_duration
 from native.batch import QUALITY_NAMES
 
 app = typer.Typer(
-    help="Look into the platform's store: readings, gateways, alarms, dead letters.",
+    help="Look into the platform's store: readings, gateways, devices, alarms, dead letters.",
     no_args_is_help=True,
 )
 

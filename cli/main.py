@@ -168,8 +168,10 @@ def ingest(
     ] = 10.0,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Platform ingest: decode uplinks, drop duplicates and bad batches (kept as dead
-    letters), store readings, alarms and gateway state; logs its throughput."""
+    """Platform ingest: store what gateways send, once.
+
+    Decodes uplinks, drops duplicates and bad batches (kept as dead letters), stores
+    readings, alarms, gateway state and device information; logs its throughput."""
     from central.worker import run_ingest
 
     setup_logging(log_level)
@@ -206,8 +208,10 @@ def _existing_buffer(cfg: Config) -> Path:
 
 @app.command()
 def status(config: ConfigOption = Path("gateway.toml")) -> None:
-    """Buffer depth per lane, oldest unsent, evictions, last ack, uplink, device health
-    and device information."""
+    """The gateway's state: buffer, uplink, devices.
+
+    Buffer depth per lane, oldest unsent, evictions, last ack, uplink, device health and
+    device information."""
     from agent.status import collect, render_device_info, render_status
 
     path = _existing_buffer(load_or_exit(config))
