@@ -738,3 +738,28 @@ def test_hil_run_names_the_scenario_it_cannot_load(
     broken.write_text('name = "x"\nduration = "soon"\n')
     assert hil_main(["run", str(broken)]) == 2
     assert f"cannot load scenario {broken}" in capsys.readouterr().out
+
+
+def test_read_loss_by_count_lets_the_windows_explain_a_shortfall() -> None:
+    """Under a faked clock readings are matched by count: a poll abandoned at a stop
+    (inside its window) is read_lost by design, a shortfall beyond the requests served
+    inside the windows is lost outside them."""
+    from types import SimpleNamespace
+
+    from drivers.modbus.simulator import SimRequest
+    from hil.produced import Window, modbus_read_loss
+
+    plan = {"meter": (1, [(3, 0, 2, "meter/v"), (3, 2, 2, "meter/i")])}
+    # five polls of both points, one request each; the last one inside the stop window
+    sim = SimpleNamespace(
+        requests=[SimRequest(1, 3, 0, 4, time=float(t), wall=1000.0 + t) for t in range(5)]
+    )
+    stop = [Window(3.5, 5.0, "stop")]
+    four = {"meter/v": [1, 2, 3, 4], "meter/i": [1, 2, 3, 4]}
+    loss = modbus_read_loss(plan, sim, four, stop, by_count=True)  # type: ignore[arg-type]
+    assert (loss.produced, loss.stored, loss.read_lost, loss.lost_outside) == (10, 8, 2, 0)
+    three = {"meter/v": [1, 2, 3], "meter/i": [1, 2, 3, 4]}
+    loss = modbus_read_loss(plan, sim, three, stop, by_count=True)  # type: ignore[arg-type]
+    assert (loss.read_lost, loss.lost_outside) == (2, 1)
+    loss = modbus_read_loss(plan, sim, four, [], by_count=True)  # type: ignore[arg-type]
+    assert (loss.read_lost, loss.lost_outside) == (0, 2)
