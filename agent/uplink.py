@@ -347,16 +347,19 @@ class Uplink:
             self._online_since = time.monotonic()  # for the backoff (wall clock may step)
             self.status.state = "online"
             log.info("uplink connected", extra={"broker": redact(self.s.broker)})
-            await client.publish(self._state_topic, b"online", qos=1, retain=True)
-            await client.publish(self._meta_topic, self.meta, qos=1, retain=True)
             helpers: list[asyncio.Task[None]] = []
-            if self._on_command is not None and isinstance(client, aiomqtt.Client):
-                await client.subscribe(self._cmd_topic, qos=1)
-                helpers.append(asyncio.create_task(self._commands(client), name="downlink"))
-                helpers.append(asyncio.create_task(self._late_answers(client), name="answers"))
-            if self._stats is not None:
-                helpers.append(asyncio.create_task(self._report(client), name="stats"))
+            # from the first "online" on, every end of the session says "offline": a stop
+            # during the meta publish or the subscribe ends in a clean disconnect too,
+            # which fires no will, and "online" would stay retained
             try:
+                await client.publish(self._state_topic, b"online", qos=1, retain=True)
+                await client.publish(self._meta_topic, self.meta, qos=1, retain=True)
+                if self._on_command is not None and isinstance(client, aiomqtt.Client):
+                    await client.subscribe(self._cmd_topic, qos=1)
+                    helpers.append(asyncio.create_task(self._commands(client), name="downlink"))
+                    helpers.append(asyncio.create_task(self._late_answers(client), name="answers"))
+                if self._stats is not None:
+                    helpers.append(asyncio.create_task(self._report(client), name="stats"))
                 check_cancelled()  # one the publishes or the subscribe above swallowed
                 await self._pump(client, helpers)
             finally:

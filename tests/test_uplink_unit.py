@@ -139,3 +139,53 @@ def test_a_cancel_that_a_publish_swallowed_still_stops_the_uplink() -> None:
 
     topics = asyncio.run(main())
     assert topics == ["citygw/gw/state", "citygw/gw/up/meta", "citygw/gw/state"]  # offline
+
+
+class _MetaHangs(_AckWithCancel):
+    """A session whose meta publish never gets its acknowledgement: the cancel of a
+    stop arrives in it and is raised, as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def publish(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, *, timeout=None
+    ) -> None:  # type: ignore[no-untyped-def]
+        self.sent.append((topic, payload))
+        if topic.endswith("/up/meta"):
+            self.in_meta.set()
+            await asyncio.Event().wait()
+
+
+def test_a_stop_while_the_session_starts_still_says_offline() -> None:
+    """A stop that lands after the retained "online" went out but before the session
+    was under way (its meta publish, its subscribe) must still say "offline": the clean
+    disconnect that follows fires no will, so "online" would stay retained for ever."""
+
+    async def main() -> list[tuple[str, bytes]]:
+        session = _MetaHangs()
+
+        async def peek(limit: int, exclude: object) -> list[Message]:
+            return []
+
+        async def ack(seqs: object) -> int:
+            return 0
+
+        up = Uplink(
+            UplinkSettings(broker="mqtt://127.0.0.1:1", gateway_id="gw", client_id="c"),
+            BufferPort(peek, ack),
+            "0" * 32,
+            b"{}",
+            lambda: session,
+        )
+        task = asyncio.create_task(up.run())
+        await asyncio.wait_for(session.in_meta.wait(), 5)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done == {task} and task.cancelled()
+        return session.sent
+
+    sent = asyncio.run(main())
+    states = [payload for topic, payload in sent if topic == "citygw/gw/state"]
+    assert states == [b"online", b"offline"]
