@@ -520,20 +520,31 @@ def _alarm(obj: Any, i: int) -> AlarmEvent:
     )
 
 
-def decode_alarms(data: bytes | bytearray | memoryview) -> tuple[str, list[AlarmEvent]]:
-    """(gateway, events) of an alarm-lane body. Raises WireError (only) on bad input."""
+def _json_body(
+    data: bytes | bytearray | memoryview, what: str, version: int
+) -> tuple[Mapping[str, Any], str]:
+    """(object, gateway) of a versioned JSON body (`what`: "alarms", "stats"), its
+    version and its gateway string checked. Raises WireError."""
     try:
         obj = orjson.loads(data)
     except (orjson.JSONDecodeError, TypeError) as e:
-        raise WireError(f"alarms are not valid JSON: {e}") from None
+        raise WireError(f"{what} are not valid JSON: {e}") from None
     if not isinstance(obj, Mapping):
-        raise WireError("alarms must be a JSON object")
-    if obj.get("v") != ALARM_VERSION or isinstance(obj.get("v"), bool):
-        raise WireError(f"alarms: unknown version {obj.get('v')!r} (this platform understands 1)")
+        raise WireError(f"{what} must be a JSON object")
+    if obj.get("v") != version or isinstance(obj.get("v"), bool):
+        raise WireError(
+            f"{what}: unknown version {obj.get('v')!r} (this platform understands {version})"
+        )
     gateway = obj.get("gateway")
     if not isinstance(gateway, str):
-        raise WireError("alarms: 'gateway' must be a string")
-    check_text(gateway, "alarms: 'gateway'", MAX_ID_BYTES)
+        raise WireError(f"{what}: 'gateway' must be a string")
+    check_text(gateway, f"{what}: 'gateway'", MAX_ID_BYTES)
+    return obj, gateway
+
+
+def decode_alarms(data: bytes | bytearray | memoryview) -> tuple[str, list[AlarmEvent]]:
+    """(gateway, events) of an alarm-lane body. Raises WireError (only) on bad input."""
+    obj, gateway = _json_body(data, "alarms", ALARM_VERSION)
     events = obj.get("events")
     if not isinstance(events, list):
         raise WireError("alarms: 'events' must be a list")
@@ -699,18 +710,7 @@ def decode_stats(data: bytes | bytearray | memoryview) -> GatewayStats:
     """Raises WireError (only) on bad input."""
     if isinstance(data, bytes | bytearray | memoryview) and len(data) > MAX_STATS_BYTES:
         raise WireError(f"stats are {len(data)} bytes, at most {MAX_STATS_BYTES}")
-    try:
-        obj = orjson.loads(data)
-    except (orjson.JSONDecodeError, TypeError) as e:
-        raise WireError(f"stats are not valid JSON: {e}") from None
-    if not isinstance(obj, Mapping):
-        raise WireError("stats must be a JSON object")
-    if obj.get("v") != STATS_VERSION or isinstance(obj.get("v"), bool):
-        raise WireError(f"stats: unknown version {obj.get('v')!r} (this platform understands 1)")
-    gateway = obj.get("gateway")
-    if not isinstance(gateway, str):
-        raise WireError("stats: 'gateway' must be a string")
-    check_text(gateway, "stats: 'gateway'", MAX_ID_BYTES)
+    obj, gateway = _json_body(data, "stats", STATS_VERSION)
     values = {f: _int(obj, f, "", 0, _INT64 - 1) for f in STATS_FIELDS}
     devices = _devices(obj["devices"]) if obj.get("devices") is not None else None
     return GatewayStats(gateway=gateway, devices=devices, **values)
