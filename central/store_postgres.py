@@ -87,7 +87,7 @@ log = logging.getLogger("citygw.ingest")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _LOCK_KEY = 0x63677731  # advisory lock id for schema changes ("cgw1")
 #: 1 a row per reading, 2 reading blocks, 3 device_info
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 DAY_MS: Final = 86_400_000
 #: day partitions are made for readings this close to now; the rest go to the default
 PARTITION_PAST_DAYS: Final = 400
@@ -177,6 +177,10 @@ INSERT INTO counters (name, value)
     VALUES ('readings', 0), ('batches', 0), ('duplicates_dropped', 0)
     ON CONFLICT (name) DO NOTHING
 """
+
+#: tables added by later features (the console's events, sessions, rollups...): each a
+#: DDL string of CREATE ... IF NOT EXISTS statements, run after TABLES
+EXTRA_TABLES: tuple[str, ...] = ()
 
 BLOCKS_COLUMNS = """
     gateway     text     NOT NULL,
@@ -324,8 +328,9 @@ class PostgresStore:
     ) -> None:
         """Create or upgrade the schema (inside the caller's locked transaction).
         Version 1 kept a row per reading in a ``readings`` table; version 2 keeps blocks;
-        version 3 adds ``device_info`` (made by TABLES, like every added table or column)."""
-        for stmt in TABLES.split(";"):
+        version 3 adds ``device_info`` (made by TABLES, like every added table or column);
+        version 4 the console's tables (EXTRA_TABLES)."""
+        for stmt in (TABLES + ";" + ";".join(EXTRA_TABLES)).split(";"):
             if stmt.strip():
                 cur.execute(stmt.encode())
         cur.execute("SELECT max(version) FROM schema_info")

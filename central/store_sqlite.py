@@ -181,6 +181,12 @@ INSERT OR IGNORE INTO counters (name, value)
     VALUES ('readings', 0), ('batches', 0), ('duplicates_dropped', 0);
 """
 
+#: tables added by later features (the console's events, sessions...): each a DDL string of
+#: CREATE ... IF NOT EXISTS statements, run after SCHEMA
+EXTRA_TABLES: tuple[str, ...] = ()
+#: tables a reader (create=False) needs: a store without them is an older citygw's
+REQUIRED_TABLES = {"dead_letters", "device_info"}
+
 _ADDED_COLUMNS = (
     ("readings", "seq INTEGER"),
     ("gateways", "state TEXT"),
@@ -244,7 +250,7 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         # the readings index is the hot spot of bulk inserts: give it room (64 MiB)
         self._db.execute("PRAGMA cache_size=-65536")
-        self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        self._db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "".join(EXTRA_TABLES) + "COMMIT;")
         # columns added since the first release (SQLite has no ADD COLUMN IF NOT EXISTS)
         for table, column in _ADDED_COLUMNS:
             if column.split()[0] not in self._columns(table):
@@ -273,7 +279,7 @@ class SqliteStore:
                 for t, c in _ADDED_COLUMNS
                 if c.split()[0] not in self._columns(t)
             ]
-            if not {"dead_letters", "device_info"} <= tables or missing:
+            if not REQUIRED_TABLES <= tables or missing:
                 raise StoreMissing(
                     f"{self.path}: a store of an older citygw (run `citygw ingest` on it once "
                     "to upgrade it)"

@@ -2,12 +2,13 @@
 # What the test suite needs from the machine, on Debian (apt; root, or sudo): the
 # mosquitto broker, PostgreSQL on 127.0.0.1:5432 with a database `test` that user
 # postgres may use without a password, libfaketime (package faketime: the HIL clock-step
-# scenario) and FUSE 3 (package fuse3: the HIL power-loss filesystem). Installs the
+# scenario), FUSE 3 (package fuse3: the HIL power-loss filesystem) and chromium (the
+# console's browser tests drive it through Playwright, which downloads nothing). Installs the
 # packages that are missing and starts the services that are not running; on a machine
 # that has it all, it changes nothing, so the README's test command runs it every time.
 set -euo pipefail
 
-PACKAGES=(mosquitto postgresql faketime fuse3 procps)  # procps: pgrep, below
+PACKAGES=(mosquitto postgresql faketime fuse3 procps chromium)  # procps: pgrep, below; chromium: the console's browser tests
 PG_HOST=127.0.0.1
 PG_PORT=5432
 
