@@ -8,7 +8,7 @@ is drained on the buffer thread: the batches are concatenated, run through the
 per-point pipeline, cut into uplink-sized chunks, encoded and appended to the buffer
 in one transaction that also deletes their intake rows. The uplink then forwards the
 buffer. All SQLite work happens on one dedicated thread, so the event loop never waits
-on a disk sync. Every long-lived task runs under `agent.supervise`.
+on a disk sync. Every long-lived task runs under `common.supervise`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from agent.commands import (
 from agent.config import Config
 from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
-from agent.supervise import TaskHealth, supervise
+from common.supervise import TaskHealth, supervise
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
 from common import wire

@@ -26,12 +26,9 @@ from __future__ import annotations
 import csv
 import difflib
 import io
-import math
 import re
 import sys
-import time
 from collections.abc import Callable, Collection, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -48,6 +45,7 @@ from central.store import (
     PointReading,
     Store,
 )
+from central.times import iso, now_ms, parse_when
 from common.cli import EXIT_NO_FILE, age, fail, out_console
 from common.redact import redact
 from common.units import parse_duration
@@ -109,35 +107,11 @@ def _run(url: str, read: Callable[[Store], Any]) -> Any:
 # -- times ---------------------------------------------------------------------------------
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def parse_time(text: str, now: int, option: str) -> int:
-    """ms UTC from a duration ago (``90s``, ``15m``, ``1h``, ``2d``: common.units) or an ISO
-    8601 time (``2026-05-01T12:00:00Z``; without a zone it is UTC)."""
     try:
-        return now - round(parse_duration(text) * 1000)
-    except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        fail(
-            f"{option} {text!r}: give a duration ago (90s, 15m, 1h, 2d) "
-            "or an ISO 8601 time (2026-05-01T12:00:00Z)"
-        )
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return math.floor(when.timestamp() * 1000)
-
-
-def iso(ms: int | None) -> str:
-    """``2026-05-01T12:00:00.250Z`` (UTC, milliseconds), "" for None."""
-    if ms is None:
-        return ""
-    t = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+        return parse_when(text, now)
+    except ValueError as exc:
+        fail(f"{option} {exc}")
 
 
 def span(ms: int) -> str:

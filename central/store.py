@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+from central.sessions import Session
 from common.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
@@ -193,6 +194,16 @@ class Store(Protocol):
         """Retention: drop readings taken, uplink keys and dead letters received, and
         alarm episodes cleared before `before_ms` (active alarms stay); what was dropped,
         by table. An uplink resent after its key was dropped is stored again."""
+        ...
+
+    def session_open(self, id_hash: str, session: Session, now_ms: int) -> None: ...
+
+    def session_get(self, id_hash: str, now_ms: int) -> Session | None:
+        """The unexpired session with this id hash (central/sessions.py)."""
+        ...
+
+    def session_close(self, id_hash: str, now_ms: int) -> None:
+        """Ends that session, and every expired one."""
         ...
 
     def close(self) -> None: ...

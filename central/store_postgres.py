@@ -39,7 +39,8 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from central import pg_copy
+from central import pg_copy, sessions
+from central.sessions import Session
 from central.store import (
     ALARM_COLUMNS,
     GATEWAYS_QUERY,
@@ -180,7 +181,7 @@ INSERT INTO counters (name, value)
 
 #: tables added by later features (the console's events, sessions, rollups...): each a
 #: DDL string of CREATE ... IF NOT EXISTS statements, run after TABLES
-EXTRA_TABLES: tuple[str, ...] = ()
+EXTRA_TABLES: tuple[str, ...] = (sessions.POSTGRES_TABLES,)
 
 BLOCKS_COLUMNS = """
     gateway     text     NOT NULL,
@@ -756,6 +757,25 @@ class PostgresStore:
             cur.execute(text.encode(), args)
             rows = cur.fetchall()
         return [PointReading(str(g), str(k), int(t), float(v), int(q)) for g, k, t, v, q in rows]
+
+    # -- console sessions ---------------------------------------------------------------
+
+    def session_open(self, id_hash: str, session: Session, now_ms: int) -> None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(
+                sessions.session_insert("%s"),
+                (id_hash, session.user, session.role, session.csrf, now_ms, session.expires_ms),
+            )
+
+    def session_get(self, id_hash: str, now_ms: int) -> Session | None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(sessions.session_select("%s"), (id_hash, now_ms))
+            row = cur.fetchone()
+        return Session(str(row[0]), str(row[1]), str(row[2]), int(row[3])) if row else None
+
+    def session_close(self, id_hash: str, now_ms: int) -> None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(sessions.session_delete("%s"), (id_hash, now_ms))
 
     def close(self) -> None:
         with self._lock:

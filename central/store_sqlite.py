@@ -49,6 +49,8 @@ from pathlib import Path
 
 import orjson
 
+from central import sessions
+from central.sessions import Session
 from central.store import (
     ALARM_COLUMNS,
     GATEWAYS_QUERY,
@@ -183,9 +185,9 @@ INSERT OR IGNORE INTO counters (name, value)
 
 #: tables added by later features (the console's events, sessions...): each a DDL string of
 #: CREATE ... IF NOT EXISTS statements, run after SCHEMA
-EXTRA_TABLES: tuple[str, ...] = ()
+EXTRA_TABLES: tuple[str, ...] = (sessions.SQLITE_TABLES,)
 #: tables a reader (create=False) needs: a store without them is an older citygw's
-REQUIRED_TABLES = {"dead_letters", "device_info"}
+REQUIRED_TABLES = {"dead_letters", "device_info", "console_sessions"}
 
 _ADDED_COLUMNS = (
     ("readings", "seq INTEGER"),
@@ -279,7 +281,7 @@ class SqliteStore:
                 for t, c in _ADDED_COLUMNS
                 if c.split()[0] not in self._columns(t)
             ]
-            if not REQUIRED_TABLES <= tables or missing:
+            if not tables >= REQUIRED_TABLES or missing:
                 raise StoreMissing(
                     f"{self.path}: a store of an older citygw (run `citygw ingest` on it once "
                     "to upgrade it)"
@@ -520,6 +522,24 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [(pid, ts, _value(v, raw), q) for pid, ts, v, q, raw in rows]
+
+    # -- console sessions ---------------------------------------------------------------
+
+    def session_open(self, id_hash: str, session: Session, now_ms: int) -> None:
+        with self._write() as cur:
+            cur.execute(
+                sessions.session_insert("?"),
+                (id_hash, session.user, session.role, session.csrf, now_ms, session.expires_ms),
+            )
+
+    def session_get(self, id_hash: str, now_ms: int) -> Session | None:
+        with self._lock:
+            row = self._db.execute(sessions.session_select("?"), (id_hash, now_ms)).fetchone()
+        return Session(str(row[0]), str(row[1]), str(row[2]), int(row[3])) if row else None
+
+    def session_close(self, id_hash: str, now_ms: int) -> None:
+        with self._write() as cur:
+            cur.execute(sessions.session_delete("?"), (id_hash, now_ms))
 
     def close(self) -> None:
         with self._lock:

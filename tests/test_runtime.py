@@ -194,7 +194,7 @@ def test_failed_status_snapshot_does_not_stop_the_sync_points(
 def test_a_crashing_driver_is_restarted_and_shown(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from agent import supervise
+    from common import supervise
     from drivers.sim import SimDriver
 
     calls: list[int] = []

@@ -1,4 +1,5 @@
-"""Supervision of the agent's long-lived tasks (drivers, uplink, flusher, intake, status).
+"""Supervision of long-lived tasks: the agent's (drivers, uplink, flusher, intake, status)
+and the platform's (the ingest's rollups, the console's live updates).
 
 A street cabinet nobody visits must heal itself: a task that raises something nobody
 planned for is logged with its traceback, counted, shown in `citygw status` (what failed
