@@ -493,3 +493,114 @@ def devices(db: DbOption, gateway: GatewayOption = None, fmt: FormatOption = "ta
             for e in entries
         ],
     )
+
+
+# -- the console ---------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    db: DbOption,
+    listen: Annotated[
+        str, typer.Option(help="HOST:PORT to listen on; beyond loopback only with users.")
+    ] = "127.0.0.1:8080",
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="CITYGW_CONSOLE_CONFIG",
+            help="The console config (TOML): users, tokens, vital signs.",
+        ),
+    ] = None,
+    connections: Annotated[
+        int, typer.Option(help="Store connections for requests.", min=1, max=64)
+    ] = 4,
+    forwarded_allow_ips: Annotated[
+        str,
+        typer.Option(
+            help="Addresses of the reverse proxies whose X-Forwarded-* headers are trusted "
+            "(comma separated, '*' for any)."
+        ),
+    ] = "127.0.0.1",
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """The console: an HTTP API and a web page over the store (vital signs, fleet, events,
+    points), live. Refuses to listen beyond loopback without users or tokens."""
+    import asyncio
+    import contextlib
+    import signal
+
+    from central.console.config import ConsoleConfig, load_console_config
+    from central.console.serve import Listen, ServeRefused, build, check_exposure
+    from common.config_errors import ConfigError
+    from common.logs import setup_logging
+
+    setup_logging(log_level)
+    try:
+        where = Listen.parse(listen)
+        settings = load_console_config(config) if config is not None else ConsoleConfig()
+    except ValueError as exc:
+        fail(str(exc))
+    except ConfigError as exc:
+        fail(f"{config}:\n{exc}")
+    console = _run_open(db, lambda: build(db, settings, connections))
+    try:
+        check_exposure(where, console.accounts)
+    except (ServeRefused, ValueError) as exc:
+        console.pool.close()
+        fail(str(exc))
+
+    async def main() -> None:
+        from central.console.serve import serve as run_console
+
+        task = asyncio.ensure_future(
+            run_console(console, where, forwarded_allow_ips=forwarded_allow_ips)
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    except ServeRefused as exc:
+        fail(str(exc))
+
+
+def _run_open(url: str, make: Callable[[], Any]) -> Any:
+    """`make()`, which opens the store at `url`, with open_existing's messages."""
+    open_existing(url).close()
+    try:
+        return make()
+    except Exception as exc:
+        fail(f"{redact(url)}: cannot open the store: {str(exc).strip()}", EXIT_NO_FILE)
+
+
+@app.command("hash-password")
+def hash_password_cmd() -> None:
+    """Asks for a password (twice) and prints its argon2 hash for a [[users]] entry."""
+    from central.console.auth import hash_password
+
+    password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        fail("the password is shorter than 8 characters")
+    sys.stdout.write(hash_password(password) + "\n")
+
+
+@app.command("new-token")
+def new_token_cmd(
+    name: Annotated[str, typer.Argument(help="Who uses it (an API client's name).")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+) -> None:
+    """Makes an API token: prints the token once (give it to the client) and the
+    [[tokens]] entry for the console config, which holds only its hash."""
+    from central.console.auth import ROLES, new_token, token_hash
+
+    if role not in ROLES:
+        fail(f"--role {role!r}: one of {', '.join(ROLES)}")
+    token = new_token()
+    sys.stdout.write(
+        f"token (shown once): {token}\n\n[[tokens]]\nname = {orjson.dumps(name).decode()}\n"
+        f'role = "{role}"\ntoken_hash = "{token_hash(token)}"\n'
+    )

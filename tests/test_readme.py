@@ -87,12 +87,12 @@ def test_setup_system_installs_what_is_missing_once(tmp_path: Path) -> None:
     }
     first = run_setup(env)
     assert first.returncode == 0, first.stderr
-    assert "installing faketime fuse3" in first.stdout
+    assert "installing faketime fuse3 chromium" in first.stdout
     calls = [c.removeprefix("sudo ") for c in log.read_text().splitlines()]
     calls = [c.removeprefix("env DEBIAN_FRONTEND=noninteractive ") for c in calls]
     assert [c for c in calls if c.startswith("apt-get")] == [
         "apt-get update -qq",
-        "apt-get install -y -qq faketime fuse3",
+        "apt-get install -y -qq faketime fuse3 chromium",
     ]
     # again: all there, all running, nothing done
     log.write_text("")
