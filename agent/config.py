@@ -366,6 +366,8 @@ class DeviceConfig(BaseModel):
     driver: str
     poll: Duration = Field(1.0, ge=0.01)
     enabled: bool = True
+    #: where the device is, if not at the gateway (the platform's map shows it)
+    location: Location | None = None
     points: list[PointConfig] = Field(default_factory=list)
 
     _settings: BaseModel | None = PrivateAttr(default=None)
