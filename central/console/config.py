@@ -140,12 +140,12 @@ class VitalConfig(Section):
     name: str
     kind: VitalKind
     select: Select = Field(default_factory=dict, validate_default=True)
-    window: Duration = Field(600.0, gt=0.0, le=30 * 86400.0)
+    window: Duration = Field(default=600.0, gt=0.0, le=30 * 86400.0)
     #: the level share_above / share_below compare each point's latest value with
-    threshold: float | None = Field(None, allow_inf_nan=False)
+    threshold: float | None = Field(default=None, allow_inf_nan=False)
     unit: str = ""
-    warn: float | None = Field(None, allow_inf_nan=False)
-    alarm: float | None = Field(None, allow_inf_nan=False)
+    warn: float | None = Field(default=None, allow_inf_nan=False)
+    alarm: float | None = Field(default=None, allow_inf_nan=False)
     direction: Direction = "high"
 
     _id = field_validator("id")(_check_name)
