@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 import orjson
 
 from common.wire import STATS_FIELDS, DeviceStatus, Envelope, GatewayStats, Meta
-from native.batch import Batch
+from native.batch import GOOD, UNCERTAIN, Batch
 from native.stages import AlarmEvent
 
 SEQ_SIGN_FLIP = 2**63
@@ -126,7 +126,7 @@ class DeviceRow:
 
 @dataclass(frozen=True, slots=True)
 class LatestValue:
-    """A point's latest good (quality 0/1) finite reading in a window (`latest_values`)."""
+    """A point's latest good or uncertain finite reading in a window (`latest_values`)."""
 
     gateway: str
     key: str
@@ -264,9 +264,9 @@ class Store(Protocol):
     def latest_values(
         self, since_ms: int, gateways: str = "*", points: str = "*", site: str | None = None
     ) -> list[LatestValue]:
-        """The latest good finite reading taken at or after `since_ms` of every point whose
-        key matches the glob `points` on a gateway matching `gateways` (globs: `*` and `?`,
-        case-insensitive) at `site` (None: any), by gateway and key."""
+        """The latest good or uncertain finite reading taken at or after `since_ms` of
+        every point whose key matches the glob `points` on a gateway matching `gateways`
+        (globs: `*` and `?`, case-insensitive) at `site` (None: any), by gateway and key."""
         ...
 
     def uplink_points(self, since_ms: int) -> int:
@@ -694,6 +694,8 @@ def glob_like(pattern: str) -> str:
 
 #: finite doubles only (NaN is NULL in SQLite and above every number in PostgreSQL)
 FINITE = "BETWEEN -1.7976931348623157e308 AND 1.7976931348623157e308"
+#: the qualities a vital counts: good and uncertain (not bad, not unavailable)
+USABLE = f"IN ({GOOD}, {UNCERTAIN})"
 
 
 def selected_points(ph: str, like: str, site: str | None) -> str:

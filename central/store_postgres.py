@@ -47,6 +47,7 @@ from central.store import (
     PRUNE_DELETES,
     STATS_COLUMNS,
     UPLINK_POINTS_QUERY,
+    USABLE,
     AlarmEpisode,
     Body,
     DeadLetter,
@@ -746,7 +747,7 @@ class PostgresStore:
             "FROM reading_blocks b "
             f"{_UNNEST} JOIN p ON p.gateway = b.gateway AND p.point_id = r.point_id "
             "WHERE b.gateway IN (SELECT gateway FROM p) AND b.t_max >= %s AND r.ts >= %s "
-            f"AND r.quality <= 1 AND r.value {FINITE} "
+            f"AND r.quality {USABLE} AND r.value {FINITE} "
             "ORDER BY p.gateway, p.point_id, r.ts DESC, b.seq DESC, r.pos DESC"
         )
         args = [*latest_args(gateways, points, site), since_ms, since_ms]

@@ -57,6 +57,7 @@ from central.store import (
     PRUNE_DELETES,
     STATS_COLUMNS,
     UPLINK_POINTS_QUERY,
+    USABLE,
     AlarmEpisode,
     Body,
     DeadLetter,
@@ -515,7 +516,7 @@ class SqliteStore:
             f"WITH p AS ({selected_points('?', 'LIKE', site)}) "
             "SELECT p.gateway, p.key, r.ts, r.value, r.raw FROM p JOIN readings r "
             "ON r.rowid = (SELECT rowid FROM readings WHERE gateway = p.gateway "
-            f"AND point_id = p.point_id AND ts >= ? AND quality <= 1 AND value {FINITE} "
+            f"AND point_id = p.point_id AND ts >= ? AND quality {USABLE} AND value {FINITE} "
             "ORDER BY ts DESC, seq DESC, rowid DESC LIMIT 1) ORDER BY p.gateway, p.key"
         )
         args = [*latest_args(gateways, points, site), since_ms]
