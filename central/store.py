@@ -176,7 +176,8 @@ class Store(Protocol):
         ...
 
     def store_meta(self, gateway: str, meta: Meta) -> None:
-        """Upsert the gateway's point registry (gateway, point_id) -> key, device, ..."""
+        """Upsert the gateway's point registry (gateway, point_id) -> key, device, ...,
+        and its site, location, software and devices' locations."""
         ...
 
     def counts(self) -> StoreCounts: ...
@@ -197,8 +198,9 @@ class Store(Protocol):
 
     def store_stats(self, stats: GatewayStats) -> None:
         """Keep the gateway's latest reported buffer counters (an older report is ignored)
-        and, if the report carries `devices`, its devices' information: the report's is
-        the whole of it (an entry it no longer has is deleted)."""
+        and, if the report carries `devices`, its devices' information, if it carries
+        `health`, its devices' health: the report's is the whole of it (an entry it no
+        longer has is deleted)."""
         ...
 
     def stats(self, gateway: str) -> GatewayStats | None:

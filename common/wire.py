@@ -4,10 +4,11 @@ Topics (``prefix`` is configurable, default ``citygw``)::
 
     <prefix>/<gateway>/up/batch   telemetry and event lanes (binary envelope)
     <prefix>/<gateway>/up/alarm   alarm lane (binary envelope)
-    <prefix>/<gateway>/up/meta    retained, JSON point registry (see `encode_meta`)
+    <prefix>/<gateway>/up/meta    retained, JSON point registry, the gateway's software
+                                  and devices' locations (see `encode_meta`)
     <prefix>/<gateway>/state      retained text "online" / "offline" (last will "offline")
     <prefix>/<gateway>/up/stats   retained JSON, the buffer's counters and the devices'
-                                  information (see `encode_stats`)
+                                  information and health (see `encode_stats`)
 
 Uplink envelope: a fixed 32-byte big-endian header, then the codec body::
 
@@ -368,7 +369,9 @@ def _point(obj: Any, i: int) -> PointMeta:
 
 
 def meta_from_dict(obj: Any) -> Meta:
-    """Validate a decoded meta object. Unknown fields are ignored (forward compatible)."""
+    """Validate a decoded meta object. Unknown fields are ignored (forward compatible):
+    a platform before issue 14 ignores `software` and `locations`, and this one takes a
+    meta without them (an older gateway) as None."""
     if not isinstance(obj, Mapping):
         raise WireError("meta must be a JSON object")
     if "v" not in obj:

@@ -5,6 +5,7 @@ the wire (older gateways' messages still decode), in both stores (`fleet`,
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 
 from agent.config import parse_config
 from agent.runtime import Agent
-from central.store import Store
+from central.store import Store, StoreMissing
 from central.stores import open_store
 from central.worker import IngestWorker
 from cli.loopback import LoopbackLink
@@ -259,5 +260,60 @@ def test_the_agent_sends_software_locations_and_health(tmp_path: Path) -> None:
         assert (good.healthy, good.error, good.location) == (True, "", {"lat": 48.1, "lon": 11.6})
         assert good.since_ms is not None and started <= good.since_ms
         assert broken.location is None and [p.key for p in good.points] == ["good/p"]
+    finally:
+        store.close()
+
+
+# -- stores of an older citygw --------------------------------------------------------------
+
+
+def test_sqlite_readers_need_the_fleet_columns_and_table(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    store = open_store(f"sqlite:///{path}")
+    store.store_meta(GW, meta())
+    store.close()
+    with sqlite3.connect(path) as db:  # as a citygw before issue 14 left it
+        db.execute("DROP TABLE device_health")
+        db.execute("ALTER TABLE gateways DROP COLUMN software")
+        db.execute("ALTER TABLE gateways DROP COLUMN locations")
+    with pytest.raises(StoreMissing, match="older citygw"):
+        open_store(f"sqlite:///{path}", create=False)
+    open_store(f"sqlite:///{path}").close()  # the ingest upgrades it
+    reader = open_store(f"sqlite:///{path}", create=False)
+    try:
+        (row,) = reader.fleet()
+        assert (row.gateway, row.site, row.software, row.devices_total) == (GW, "north", None, 0)
+    finally:
+        reader.close()
+
+
+def test_postgres_ingest_adds_the_fleet_columns_and_table(pg_url: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    from central.store_postgres import split_url
+
+    store = open_store(pg_url)
+    store.store_meta(GW, meta())
+    store.close()
+    conninfo, schema = split_url(pg_url)
+    with psycopg.connect(conninfo, autocommit=True) as db:  # a schema 4 store before issue 14
+        db.execute(sql.SQL("DROP TABLE {}.device_health").format(sql.Identifier(schema)))
+        for column in ("software", "locations"):
+            db.execute(
+                sql.SQL("ALTER TABLE {}.gateways DROP COLUMN {}").format(
+                    sql.Identifier(schema), sql.Identifier(column)
+                )
+            )
+    store = open_store(pg_url)  # the ingest
+    try:
+        store.store_stats(stats(1, HEALTH))
+        (row,) = store.fleet()
+        assert (row.site, row.software, row.devices_total, row.devices_healthy) == (
+            "north",
+            None,
+            2,
+            1,
+        )
     finally:
         store.close()
