@@ -62,6 +62,9 @@ CLOCK_VALID_FROM_MS = 1_577_836_800_000
 CLOCK_AHEAD_MAX_MS = 86_400_000
 CLOCK_STEP_S = 2.0  # a wall-clock jump against the monotonic clock worth reporting
 COMMAND_TIMEOUT_S = 10.0
+#: a device's health change sends up/stats at once, then not again sooner than this (a
+#: device failing every other poll must not send the whole message every flush)
+HEALTH_REPORT_MIN_S = 10.0
 
 
 def software_version() -> str:
@@ -307,6 +310,8 @@ class Agent:
         #: every device's health as up/stats tells it (a device not polled yet: healthy
         #: since the start)
         self.device_health: wire.DeviceHealthMap = {}
+        self._health_changed = False  # since the last up/stats `_flush_loop` asked for
+        self._reported = -HEALTH_REPORT_MIN_S  # time.monotonic() of that request
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -861,7 +866,11 @@ class Agent:
             # a device's information changed (a serial read, a BTHome text heard) or a
             # device failed or recovered: up/stats goes now, not at the next stats_interval
             info_changed = self.refresh_device_info()
-            if (self.refresh_health() or info_changed) and self.uplink is not None:
+            self._health_changed |= self.refresh_health()
+            now = time.monotonic()
+            health_due = self._health_changed and now - self._reported >= HEALTH_REPORT_MIN_S
+            if (info_changed or health_due) and self.uplink is not None:
+                self._health_changed, self._reported = False, now
                 self.uplink.report_now()
 
     # -- status ----------------------------------------------------------------
