@@ -28,8 +28,7 @@ import os
 import re
 import tomllib
 import types
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -50,6 +49,7 @@ from pydantic_core import ErrorDetails
 from agent.stage_config import STAGE_MODELS, STAGE_TYPES, PipelineStage, check_pipeline
 from common import wire
 from common.keypath import AT_KEY as _AT_KEY
+from common.keypath import ConfigError, ConfigIssue, key_path
 from common.keypath import Section as _Section
 from common.keypath import at as _at
 from common.keypath import fail as _fail
@@ -82,45 +82,6 @@ _log = logging.getLogger("citygw.config")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-# -- issues ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    """One problem in a config file: where (``key_path``) and what (``message``)."""
-
-    source: str
-    key_path: str
-    message: str
-
-    def __str__(self) -> str:
-        if self.key_path:
-            return f"{self.source}: {self.key_path}: {self.message}"
-        return f"{self.source}: {self.message}"
-
-
-class ConfigError(Exception):
-    """A config file is invalid; ``issues`` lists every problem found."""
-
-    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
-        self.issues: list[ConfigIssue] = list(issues)
-        super().__init__("\n".join(str(i) for i in self.issues))
-
-    def __str__(self) -> str:
-        return "\n".join(str(i) for i in self.issues)
-
-
-def key_path(loc: Iterable[str | int]) -> str:
-    """``("devices", 3, "points", 7, "min")`` -> ``devices[3].points[7].min``."""
-    out = ""
-    for item in loc:
-        if isinstance(item, int):
-            out += f"[{item}]"
-        else:
-            out += f".{item}" if out else item
-    return out
 
 
 # -- shared field checks -------------------------------------------------------------
@@ -366,6 +327,8 @@ class DeviceConfig(BaseModel):
     driver: str
     poll: Duration = Field(1.0, ge=0.01)
     enabled: bool = True
+    #: where the device is, if not at the gateway (the platform's map shows it)
+    location: Location | None = None
     points: list[PointConfig] = Field(default_factory=list)
 
     _settings: BaseModel | None = PrivateAttr(default=None)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 import native
@@ -42,7 +43,7 @@ from buffer import Buffer, Lane, Message
 from common import wire
 from common.logs import Throttle
 from common.redact import redact
-from drivers.base import DeviceSpec, Driver, PointSpec
+from drivers.base import DeviceHealth, DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
 from firmware_bridge.ota import OtaResult, Outcome
 from native import codec, impl
@@ -61,6 +62,27 @@ CLOCK_VALID_FROM_MS = 1_577_836_800_000
 CLOCK_AHEAD_MAX_MS = 86_400_000
 CLOCK_STEP_S = 2.0  # a wall-clock jump against the monotonic clock worth reporting
 COMMAND_TIMEOUT_S = 10.0
+#: a device's health change sends up/stats at once, then not again sooner than this (a
+#: device failing every other poll must not send the whole message every flush)
+HEALTH_REPORT_MIN_S = 10.0
+
+
+def software_version() -> str:
+    """This citygw's version, as up/meta tells the platform."""
+    try:
+        return version("citygw")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def device_status(
+    health: DeviceHealth, previous: wire.DeviceStatus | None, now_ms: int
+) -> wire.DeviceStatus:
+    """A device's health for up/stats: unhealthy while its last poll failed or its own
+    availability signal says offline; `since` moves only when that changes."""
+    healthy = health.consecutive_failures == 0 and health.online is not False
+    since = previous.since if previous is not None and previous.healthy == healthy else now_ms
+    return wire.DeviceStatus(healthy, since, "" if healthy else health.last_error or "")
 
 
 @dataclass(slots=True)
@@ -91,6 +113,7 @@ class Counters:
     # counted once per change of a device's information
     info_truncated: int = 0
     info_refused: int = 0
+    health_refused: int = 0  # devices left out of up/stats `health` (wire.bound_health)
 
 
 @dataclass(slots=True, eq=False)
@@ -284,6 +307,11 @@ class Agent:
         #: the drivers' device information as last collected, and as sent (bounded)
         self._info_raw: wire.DeviceInfo = {}
         self.device_info: wire.DeviceInfo = {}
+        #: every device's health as up/stats tells it (a device not polled yet: healthy
+        #: since the start)
+        self.device_health: wire.DeviceHealthMap = {}
+        self._health_changed = False  # since the last up/stats `_flush_loop` asked for
+        self._reported = -HEALTH_REPORT_MIN_S  # time.monotonic() of that request
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -310,6 +338,12 @@ class Agent:
                 "location": cfg.gateway.location.model_dump() if cfg.gateway.location else None,
                 "stream": buffer.stream_id,
                 "points": [{"id": ids[m["key"]], **m} for m in metas],
+                "software": software_version(),
+                "locations": {
+                    d.name: d.location.model_dump()
+                    for d in cfg.devices
+                    if d.enabled and d.location is not None
+                },
             }
         )
         up = cfg.uplink
@@ -487,11 +521,34 @@ class Agent:
             )
         return True
 
+    def refresh_health(self) -> bool:
+        """Takes the drivers' device health; True if a device's healthy flag changed."""
+        now = time.time_ns() // 1_000_000
+        old = self.device_health
+        self.device_health = {
+            name: device_status(h, old.get(name), self.started_ms if not old else now)
+            for drv in self.drivers
+            for name, h in drv.health().items()
+        }
+        return any(
+            name not in old or old[name].healthy != status.healthy
+            for name, status in self.device_health.items()
+        )
+
     async def _stats(self) -> bytes:
         """The retained up/stats message: what the buffer took, evicted and still holds,
-        and every device's information."""
+        every device's information and health."""
         assert self.buffer is not None
         self.refresh_device_info()
+        self.refresh_health()
+        health, left_out = wire.bound_health(self.device_health)
+        if left_out:
+            self.counters.health_refused += len(left_out)
+            if (n := self._throttle.ready("health-left-out", len(left_out))) is not None:
+                log.warning(
+                    "device health left out of up/stats (its size is bounded)",
+                    extra={"devices": left_out[:10], "left_out": n},
+                )
         stats = await self._on_buffer(self.buffer.stats)
         return wire.encode_stats(
             wire.GatewayStats(
@@ -504,6 +561,7 @@ class Agent:
                 backlog_messages=sum(lane.messages for lane in stats.lanes.values()),
                 lost_points=self.counters.lost,
                 devices=self.device_info,
+                health=health,
             )
         )
 
@@ -805,9 +863,14 @@ class Agent:
         while True:
             await asyncio.sleep(interval)
             await self.flush()
-            # a device's information changed (a serial read, a BTHome text heard): up/stats
-            # goes now, not at the next stats_interval
-            if self.refresh_device_info() and self.uplink is not None:
+            # a device's information changed (a serial read, a BTHome text heard) or a
+            # device failed or recovered: up/stats goes now, not at the next stats_interval
+            info_changed = self.refresh_device_info()
+            self._health_changed |= self.refresh_health()
+            now = time.monotonic()
+            health_due = self._health_changed and now - self._reported >= HEALTH_REPORT_MIN_S
+            if (info_changed or health_due) and self.uplink is not None:
+                self._health_changed, self._reported = False, now
                 self.uplink.report_now()
 
     # -- status ----------------------------------------------------------------

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+import orjson
+
 from central.sessions import Session
-from common.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
-from native.batch import Batch
+from common.wire import STATS_FIELDS, DeviceStatus, Envelope, GatewayStats, Meta
+from native.batch import GOOD, UNCERTAIN, Batch
 from native.stages import AlarmEvent
 
 SEQ_SIGN_FLIP = 2**63
@@ -78,6 +80,61 @@ class DeviceInfoEntry:
     since_ms: int  # the gateway's time of the first report with this value
 
 
+@dataclass(frozen=True, slots=True)
+class PointInfo:
+    """A point of the registry (up/meta) and when the gateway last described it."""
+
+    gateway: str
+    point_id: int
+    key: str
+    device: str
+    name: str
+    unit: str
+    driver: str
+    type: str
+    updated_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRow:
+    """A gateway as the console's fleet list shows it."""
+
+    gateway: str
+    site: str | None
+    location: dict[str, Any] | None  # as the gateway's config has it ([gateway.location])
+    software: str | None  # its citygw version (None: a gateway before issue 14)
+    state: str | None
+    state_ms: int | None
+    last_seen_ms: int | None
+    stats: GatewayStats | None
+    devices_total: int  # devices in its latest health report (0: none sent yet)
+    devices_healthy: int
+    open_events: int  # unresolved events (joined by the events feature; 0 here)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRow:
+    """A device of a gateway: its health, information, location and points."""
+
+    device: str
+    healthy: bool | None  # None: no health report names it (a gateway before issue 14)
+    since_ms: int | None  # the gateway's clock: since when it is healthy / unhealthy
+    error: str  # the last error while unhealthy, "" otherwise
+    info: dict[str, str]  # `device_info`: name -> value
+    location: dict[str, float] | None  # {lat, lon} if its config gives one
+    points: list[PointInfo]
+
+
+@dataclass(frozen=True, slots=True)
+class LatestValue:
+    """A point's latest good or uncertain finite reading in a window (`latest_values`)."""
+
+    gateway: str
+    key: str
+    ts: int
+    value: float
+
+
 #: at most this much of a rejected payload is kept in the dead-letter table
 DEAD_LETTER_MAX_BYTES = 256 * 1024
 
@@ -120,7 +177,8 @@ class Store(Protocol):
         ...
 
     def store_meta(self, gateway: str, meta: Meta) -> None:
-        """Upsert the gateway's point registry (gateway, point_id) -> key, device, ..."""
+        """Upsert the gateway's point registry (gateway, point_id) -> key, device, ...,
+        and its site, location, software and devices' locations."""
         ...
 
     def counts(self) -> StoreCounts: ...
@@ -141,8 +199,9 @@ class Store(Protocol):
 
     def store_stats(self, stats: GatewayStats) -> None:
         """Keep the gateway's latest reported buffer counters (an older report is ignored)
-        and, if the report carries `devices`, its devices' information: the report's is
-        the whole of it (an entry it no longer has is deleted)."""
+        and, if the report carries `devices`, its devices' information, if it carries
+        `health`, its devices' health: the report's is the whole of it (an entry it no
+        longer has is deleted)."""
         ...
 
     def stats(self, gateway: str) -> GatewayStats | None:
@@ -194,6 +253,27 @@ class Store(Protocol):
         """Retention: drop readings taken, uplink keys and dead letters received, and
         alarm episodes cleared before `before_ms` (active alarms stay); what was dropped,
         by table. An uplink resent after its key was dropped is stored again."""
+        ...
+
+    def fleet(self) -> list[FleetRow]:
+        """Every gateway seen, by id, with its software and its devices' health."""
+        ...
+
+    def gateway_devices(self, gateway: str) -> list[DeviceRow]:
+        """The gateway's devices (named by its points, health, information or
+        locations), by name."""
+        ...
+
+    def latest_values(
+        self, since_ms: int, gateways: str = "*", points: str = "*", site: str | None = None
+    ) -> list[LatestValue]:
+        """The latest good or uncertain finite reading taken at or after `since_ms` of
+        every point whose key matches the glob `points` on a gateway matching `gateways`
+        (globs: `*` and `?`, case-insensitive) at `site` (None: any), by gateway and key."""
+        ...
+
+    def uplink_points(self, since_ms: int) -> int:
+        """Readings in the telemetry and event uplinks received since `since_ms`."""
         ...
 
     def session_open(self, id_hash: str, session: Session, now_ms: int) -> None: ...
@@ -370,6 +450,38 @@ def state_args(gateway: str, online: bool, now_ms: int) -> tuple[Any, ...]:
     return (gateway, "online" if online else "offline", now_ms, now_ms)
 
 
+def gateway_meta_upsert(ph: str, json_cast: str = "") -> str:
+    """The gateway's row from its up/meta: site, location, stream, software, locations."""
+    values = f"{ph}, {ph}, {ph}{json_cast}, {ph}, {ph}, {ph}, {ph}{json_cast}"
+    return (
+        "INSERT INTO gateways (gateway, site, location, stream, updated_ms, software, "
+        f"locations) VALUES ({values}) ON CONFLICT (gateway) DO UPDATE SET "
+        "site = excluded.site, location = excluded.location, stream = excluded.stream, "
+        "updated_ms = excluded.updated_ms, software = excluded.software, "
+        "locations = excluded.locations"
+    )
+
+
+def gateway_meta_args(gateway: str, meta: Meta, now_ms: int) -> tuple[Any, ...]:
+    def dump(value: Any) -> str | None:
+        return None if value is None else orjson.dumps(value).decode()
+
+    return (
+        gateway,
+        meta.site,
+        dump(meta.location),
+        meta.stream,
+        now_ms,
+        meta.software,
+        dump(meta.locations),
+    )
+
+
+def from_json(value: Any) -> Any:
+    """A JSON column's value: SQLite gives the text, psycopg the decoded jsonb."""
+    return orjson.loads(value) if isinstance(value, str) else value
+
+
 GATEWAYS_QUERY = (
     f"SELECT ids.gateway, g.site, g.state, g.state_ms, g.last_seen_ms, "
     f"{', '.join('s.' + c.strip() for c in STATS_COLUMNS.split(','))} "
@@ -461,3 +573,159 @@ def device_info_query(ph: str, gateway: str | None) -> tuple[str, tuple[str, ...
 def device_info_from_row(row: Sequence[Any]) -> DeviceInfoEntry:
     gateway, device, name, value, since = row
     return DeviceInfoEntry(str(gateway), str(device), str(name), str(value), int(since))
+
+
+# -- fleet (up/meta software and locations, up/stats health) -------------------------------
+
+
+def store_device_health(cur: Any, ph: str, stats: GatewayStats) -> None:
+    """In the caller's transaction, right after the stats upsert took `stats` as the
+    newest report: the gateway's device_health rows made what `stats.health` says,
+    writing only what changed, in key order (lock order)."""
+    assert stats.health is not None
+    gateway = stats.gateway
+    cur.execute(
+        f"SELECT device, healthy, since_ms, error FROM device_health WHERE gateway = {ph}",
+        (gateway,),
+    )
+    old = {str(d): DeviceStatus(bool(h), int(s), str(e)) for d, h, s, e in cur.fetchall()}
+    gone = sorted(old.keys() - stats.health.keys())
+    changed = sorted((d, h) for d, h in stats.health.items() if old.get(d) != h)
+    if gone:
+        cur.executemany(
+            f"DELETE FROM device_health WHERE gateway = {ph} AND device = {ph}",
+            [(gateway, d) for d in gone],
+        )
+    if changed:
+        cur.executemany(
+            "INSERT INTO device_health (gateway, device, healthy, since_ms, error) "
+            f"VALUES ({ph}, {ph}, {ph}, {ph}, {ph}) ON CONFLICT (gateway, device) DO UPDATE "
+            "SET healthy = excluded.healthy, since_ms = excluded.since_ms, "
+            "error = excluded.error",
+            [(gateway, d, h.healthy, h.since, h.error) for d, h in changed],
+        )
+
+
+FLEET_QUERY = (
+    "SELECT ids.gateway, g.site, g.location, g.software, g.state, g.state_ms, "
+    f"g.last_seen_ms, h.total, h.healthy, "
+    f"{', '.join('s.' + c.strip() for c in STATS_COLUMNS.split(','))} "
+    "FROM (SELECT gateway FROM gateways UNION SELECT gateway FROM gateway_stats) ids "
+    "LEFT JOIN gateways g ON g.gateway = ids.gateway "
+    "LEFT JOIN gateway_stats s ON s.gateway = ids.gateway "
+    "LEFT JOIN (SELECT gateway, count(*) AS total, "
+    "sum(CASE WHEN healthy THEN 1 ELSE 0 END) AS healthy FROM device_health "
+    "GROUP BY gateway) h ON h.gateway = ids.gateway ORDER BY ids.gateway"
+)
+
+
+def fleet_from_row(row: Sequence[Any]) -> FleetRow:
+    gateway, site, location, software, state, state_ms, last_seen, total, healthy, *stats = row
+    return FleetRow(
+        gateway=str(gateway),
+        site=None if site is None else str(site),
+        location=from_json(location),
+        software=None if software is None else str(software),
+        state=None if state is None else str(state),
+        state_ms=None if state_ms is None else int(state_ms),
+        last_seen_ms=None if last_seen is None else int(last_seen),
+        stats=None if stats[0] is None else stats_from_row(stats),
+        devices_total=int(total or 0),
+        devices_healthy=int(healthy or 0),
+        open_events=0,
+    )
+
+
+POINT_COLUMNS = "gateway, point_id, key, device, name, unit, driver, type, updated_ms"
+
+
+def point_from_row(row: Sequence[Any]) -> PointInfo:
+    gateway, point_id, key, device, name, unit, driver, type_, updated = row
+    return PointInfo(
+        str(gateway),
+        int(point_id),
+        str(key),
+        str(device),
+        str(name),
+        str(unit),
+        str(driver),
+        str(type_),
+        int(updated),
+    )
+
+
+def gateway_devices_queries(ph: str) -> tuple[str, str, str]:
+    """(points, health, locations) of one gateway; its information is `device_info`."""
+    return (
+        f"SELECT {POINT_COLUMNS} FROM points WHERE gateway = {ph} ORDER BY key",
+        f"SELECT device, healthy, since_ms, error FROM device_health WHERE gateway = {ph}",
+        f"SELECT locations FROM gateways WHERE gateway = {ph}",
+    )
+
+
+def device_rows(
+    points: Sequence[Sequence[Any]],
+    health: Sequence[Sequence[Any]],
+    info: Sequence[DeviceInfoEntry],
+    locations: Any,
+) -> list[DeviceRow]:
+    """A gateway's devices from the rows of `gateway_devices_queries` and its information."""
+    by_device: dict[str, list[PointInfo]] = {}
+    for row in points:
+        point = point_from_row(row)
+        by_device.setdefault(point.device, []).append(point)
+    status = {str(d): (bool(h), int(s), str(e)) for d, h, s, e in health}
+    infos: dict[str, dict[str, str]] = {}
+    for entry in info:
+        infos.setdefault(entry.device, {})[entry.name] = entry.value
+    where = from_json(locations) or {}
+    names = sorted(by_device.keys() | status.keys() | infos.keys() | where.keys())
+    return [
+        DeviceRow(
+            device=name,
+            healthy=status[name][0] if name in status else None,
+            since_ms=status[name][1] if name in status else None,
+            error=status[name][2] if name in status else "",
+            info=infos.get(name, {}),
+            location=where.get(name),
+            points=by_device.get(name, []),
+        )
+        for name in names
+    ]
+
+
+def glob_like(pattern: str) -> str:
+    """A glob (`*`, `?`) as a LIKE pattern with `\\` as its escape character."""
+    out = []
+    for c in pattern:
+        if c in "\\%_":
+            out.append("\\" + c)
+        else:
+            out.append({"*": "%", "?": "_"}.get(c, c))
+    return "".join(out)
+
+
+#: finite doubles only (NaN is NULL in SQLite and above every number in PostgreSQL)
+FINITE = "BETWEEN -1.7976931348623157e308 AND 1.7976931348623157e308"
+#: the qualities a vital counts: good and uncertain (not bad, not unavailable)
+USABLE = f"IN ({GOOD}, {UNCERTAIN})"
+
+
+def selected_points(ph: str, like: str, site: str | None) -> str:
+    """The (gateway, point_id, key) of the points `latest_values` selects, its arguments
+    `latest_args`; `like` is the driver's case-insensitive LIKE."""
+    text = (
+        "SELECT p.gateway, p.point_id, p.key FROM points p "
+        f"LEFT JOIN gateways g ON g.gateway = p.gateway WHERE p.gateway {like} {ph} ESCAPE "
+        f"'\\' AND p.key {like} {ph} ESCAPE '\\'"
+    )
+    return text + (f" AND g.site = {ph}" if site is not None else "")
+
+
+def latest_args(gateways: str, points: str, site: str | None) -> list[Any]:
+    return [glob_like(gateways), glob_like(points), *([site] if site is not None else [])]
+
+
+UPLINK_POINTS_QUERY = (
+    "SELECT COALESCE(sum(n_points), 0) FROM uplinks WHERE received_ms >= {ph} AND lane <> 0"
+)

@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import orjson
 import psycopg
 from psycopg import sql
 
@@ -43,14 +42,21 @@ from central import pg_copy, sessions
 from central.sessions import Session
 from central.store import (
     ALARM_COLUMNS,
+    FINITE,
+    FLEET_QUERY,
     GATEWAYS_QUERY,
     PRUNE_DELETES,
     STATS_COLUMNS,
+    UPLINK_POINTS_QUERY,
+    USABLE,
     AlarmEpisode,
     Body,
     DeadLetter,
     DeviceInfoEntry,
+    DeviceRow,
+    FleetRow,
     GatewayInfo,
+    LatestValue,
     PointReading,
     StoreCounts,
     StoreMissing,
@@ -66,10 +72,17 @@ from central.store import (
     dead_letters_query,
     device_info_from_row,
     device_info_query,
+    device_rows,
     episode_from_row,
+    fleet_from_row,
+    gateway_devices_queries,
     gateway_from_row,
+    gateway_meta_args,
+    gateway_meta_upsert,
+    latest_args,
     point_rows,
     points_upsert,
+    selected_points,
     seq_to_db,
     split_bodies,
     state_args,
@@ -77,6 +90,7 @@ from central.store import (
     stats_from_row,
     stats_row,
     stats_upsert,
+    store_device_health,
     store_device_info,
 )
 from common.wire import Envelope, GatewayStats, Meta
@@ -129,6 +143,8 @@ CREATE TABLE IF NOT EXISTS gateways (
 ALTER TABLE gateways ADD COLUMN IF NOT EXISTS state text;
 ALTER TABLE gateways ADD COLUMN IF NOT EXISTS state_ms bigint;
 ALTER TABLE gateways ADD COLUMN IF NOT EXISTS last_seen_ms bigint;
+ALTER TABLE gateways ADD COLUMN IF NOT EXISTS software text;
+ALTER TABLE gateways ADD COLUMN IF NOT EXISTS locations jsonb;
 CREATE TABLE IF NOT EXISTS alarms (
     id          bigint GENERATED ALWAYS AS IDENTITY,
     gateway     text     NOT NULL,
@@ -179,9 +195,20 @@ INSERT INTO counters (name, value)
     ON CONFLICT (name) DO NOTHING
 """
 
+DEVICE_HEALTH = """
+CREATE TABLE IF NOT EXISTS device_health (
+    gateway  text    NOT NULL,
+    device   text    NOT NULL,
+    healthy  boolean NOT NULL,
+    since_ms bigint  NOT NULL,
+    error    text    NOT NULL,
+    PRIMARY KEY (gateway, device)
+)
+"""
+
 #: tables added by later features (the console's events, sessions, rollups...): each a
 #: DDL string of CREATE ... IF NOT EXISTS statements, run after TABLES
-EXTRA_TABLES: tuple[str, ...] = (sessions.POSTGRES_TABLES,)
+EXTRA_TABLES: tuple[str, ...] = (DEVICE_HEALTH, sessions.POSTGRES_TABLES)
 
 BLOCKS_COLUMNS = """
     gateway     text     NOT NULL,
@@ -563,23 +590,19 @@ class PostgresStore:
 
     def store_meta(self, gateway: str, meta: Meta) -> None:
         now = time.time_ns() // 1_000_000
-        location = orjson.dumps(meta.location).decode() if meta.location is not None else None
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
-            cur.execute(
-                "INSERT INTO gateways (gateway, site, location, stream, updated_ms) "
-                "VALUES (%s, %s, %s::jsonb, %s, %s) ON CONFLICT (gateway) DO UPDATE SET "
-                "site = excluded.site, location = excluded.location, "
-                "stream = excluded.stream, updated_ms = excluded.updated_ms",
-                (gateway, meta.site, location, meta.stream, now),
-            )
+            cur.execute(gateway_meta_upsert("%s", "::jsonb"), gateway_meta_args(gateway, meta, now))
             if meta.points:
                 cur.executemany(points_upsert("%s"), point_rows(gateway, meta, now))
 
     def store_stats(self, stats: GatewayStats) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
             cur.execute(stats_upsert("%s"), stats_row(stats))
-            if stats.devices is not None and cur.rowcount == 1:  # the newest report
-                store_device_info(cur, "%s", stats)
+            if cur.rowcount == 1:  # the newest report
+                if stats.devices is not None:
+                    store_device_info(cur, "%s", stats)
+                if stats.health is not None:
+                    store_device_health(cur, "%s", stats)
 
     def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
@@ -692,6 +715,54 @@ class PostgresStore:
             cur.execute(text.encode(), args)
             rows = cur.fetchall()
         return [device_info_from_row(r) for r in rows]
+
+    def fleet(self) -> list[FleetRow]:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(FLEET_QUERY.encode())
+            rows = cur.fetchall()
+        return [fleet_from_row(r) for r in rows]
+
+    def gateway_devices(self, gateway: str) -> list[DeviceRow]:
+        points, health, locations = gateway_devices_queries("%s")
+        info, info_args = device_info_query("%s", gateway)
+        # one transaction: the four reads see the same report
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(points.encode(), (gateway,))
+            point_rows_ = cur.fetchall()
+            cur.execute(health.encode(), (gateway,))
+            health_rows = cur.fetchall()
+            cur.execute(locations.encode(), (gateway,))
+            where = cur.fetchone()
+            cur.execute(info.encode(), info_args)
+            infos = [device_info_from_row(r) for r in cur.fetchall()]
+        return device_rows(point_rows_, health_rows, infos, where[0] if where else None)
+
+    def latest_values(
+        self, since_ms: int, gateways: str = "*", points: str = "*", site: str | None = None
+    ) -> list[LatestValue]:
+        # the window's blocks of the selected gateways, unnested once, the newest good
+        # reading of each selected point
+        text = (
+            f"WITH p AS ({selected_points('%s', 'ILIKE', site)}) "
+            "SELECT DISTINCT ON (p.gateway, p.point_id) p.gateway, p.key, r.ts, r.value "
+            "FROM reading_blocks b "
+            f"{_UNNEST} JOIN p ON p.gateway = b.gateway AND p.point_id = r.point_id "
+            "WHERE b.gateway IN (SELECT gateway FROM p) AND b.t_max >= %s AND r.ts >= %s "
+            f"AND r.quality {USABLE} AND r.value {FINITE} "
+            "ORDER BY p.gateway, p.point_id, r.ts DESC, b.seq DESC, r.pos DESC"
+        )
+        args = [*latest_args(gateways, points, site), since_ms, since_ms]
+        with self._lock, self._conn().transaction(), self._db.cursor(binary=True) as cur:
+            cur.execute(text.encode(), args)
+            rows = cur.fetchall()
+        found = [LatestValue(str(g), str(k), int(t), float(v)) for g, k, t, v in rows]
+        return sorted(found, key=lambda x: (x.gateway, x.key))
+
+    def uplink_points(self, since_ms: int) -> int:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(UPLINK_POINTS_QUERY.format(ph="%s").encode(), (since_ms,))
+            row = cur.fetchone()
+        return int(row[0]) if row else 0
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:

@@ -9,12 +9,14 @@ Schema::
     points(gateway, point_id, key, device, name, unit, driver, type, updated_ms,
            PRIMARY KEY (gateway, point_id))
     gateways(gateway PRIMARY KEY, site, location, stream, updated_ms,
-             state, state_ms, last_seen_ms)
+             state, state_ms, last_seen_ms, software, locations)
     alarms(gateway, point_id, rule, severity, raised, ts, value, since_ms, received_ms,
            cleared_ts)                               -- a raise's cleared_ts: its clear
     gateway_stats(gateway PRIMARY KEY, ts, appended_points, ...)  -- the latest up/stats
     device_info(gateway, device, name, value, since_ms,
                 PRIMARY KEY (gateway, device, name))  -- up/stats `devices`
+    device_health(gateway, device, healthy, since_ms, error,
+                  PRIMARY KEY (gateway, device))     -- up/stats `health`
     dead_letters(id, received_ms, topic, reason, error, payload, size)
     counters(name PRIMARY KEY, value)                -- readings, batches, duplicates_dropped
 
@@ -47,20 +49,25 @@ from contextlib import contextmanager, suppress
 from itertools import repeat
 from pathlib import Path
 
-import orjson
-
 from central import sessions
 from central.sessions import Session
 from central.store import (
     ALARM_COLUMNS,
+    FINITE,
+    FLEET_QUERY,
     GATEWAYS_QUERY,
     PRUNE_DELETES,
     STATS_COLUMNS,
+    UPLINK_POINTS_QUERY,
+    USABLE,
     AlarmEpisode,
     Body,
     DeadLetter,
     DeviceInfoEntry,
+    DeviceRow,
+    FleetRow,
     GatewayInfo,
+    LatestValue,
     PointReading,
     StoreCounts,
     StoreMissing,
@@ -76,10 +83,17 @@ from central.store import (
     dead_letters_query,
     device_info_from_row,
     device_info_query,
+    device_rows,
     episode_from_row,
+    fleet_from_row,
+    gateway_devices_queries,
     gateway_from_row,
+    gateway_meta_args,
+    gateway_meta_upsert,
+    latest_args,
     point_rows,
     points_upsert,
+    selected_points,
     seq_to_db,
     split_bodies,
     state_args,
@@ -87,6 +101,7 @@ from central.store import (
     stats_from_row,
     stats_row,
     stats_upsert,
+    store_device_health,
     store_device_info,
 )
 from common.wire import Envelope, GatewayStats, Meta
@@ -183,11 +198,22 @@ INSERT OR IGNORE INTO counters (name, value)
     VALUES ('readings', 0), ('batches', 0), ('duplicates_dropped', 0);
 """
 
+DEVICE_HEALTH = """
+CREATE TABLE IF NOT EXISTS device_health (
+    gateway  TEXT    NOT NULL,
+    device   TEXT    NOT NULL,
+    healthy  INTEGER NOT NULL,
+    since_ms INTEGER NOT NULL,
+    error    TEXT    NOT NULL,
+    PRIMARY KEY (gateway, device)
+);
+"""
+
 #: tables added by later features (the console's events, sessions...): each a DDL string of
 #: CREATE ... IF NOT EXISTS statements, run after SCHEMA
-EXTRA_TABLES: tuple[str, ...] = (sessions.SQLITE_TABLES,)
+EXTRA_TABLES: tuple[str, ...] = (DEVICE_HEALTH, sessions.SQLITE_TABLES)
 #: tables a reader (create=False) needs: a store without them is an older citygw's
-REQUIRED_TABLES = {"dead_letters", "device_info", "console_sessions"}
+REQUIRED_TABLES = {"dead_letters", "device_info", "device_health", "console_sessions"}
 
 _ADDED_COLUMNS = (
     ("readings", "seq INTEGER"),
@@ -195,6 +221,8 @@ _ADDED_COLUMNS = (
     ("gateways", "state_ms INTEGER"),
     ("gateways", "last_seen_ms INTEGER"),
     ("alarms", "cleared_ts INTEGER"),
+    ("gateways", "software TEXT"),
+    ("gateways", "locations TEXT"),  # JSON: device -> {lat, lon}
 )
 
 _BUMP = "UPDATE counters SET value = value + ? WHERE name = ?"
@@ -379,22 +407,18 @@ class SqliteStore:
 
     def store_meta(self, gateway: str, meta: Meta) -> None:
         now = time.time_ns() // 1_000_000
-        location = orjson.dumps(meta.location).decode() if meta.location is not None else None
         with self._write() as cur:
-            cur.execute(
-                "INSERT INTO gateways (gateway, site, location, stream, updated_ms) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (gateway) DO UPDATE SET "
-                "site = excluded.site, location = excluded.location, "
-                "stream = excluded.stream, updated_ms = excluded.updated_ms",
-                (gateway, meta.site, location, meta.stream, now),
-            )
+            cur.execute(gateway_meta_upsert("?"), gateway_meta_args(gateway, meta, now))
             cur.executemany(points_upsert("?"), point_rows(gateway, meta, now))
 
     def store_stats(self, stats: GatewayStats) -> None:
         with self._write() as cur:
             cur.execute(stats_upsert("?"), stats_row(stats))
-            if stats.devices is not None and cur.rowcount == 1:  # the newest report
-                store_device_info(cur, "?", stats)
+            if cur.rowcount == 1:  # the newest report
+                if stats.devices is not None:
+                    store_device_info(cur, "?", stats)
+                if stats.health is not None:
+                    store_device_health(cur, "?", stats)
 
     def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
         with self._write() as cur:
@@ -471,6 +495,41 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [device_info_from_row(r) for r in rows]
+
+    def fleet(self) -> list[FleetRow]:
+        with self._lock:
+            rows = self._db.execute(FLEET_QUERY).fetchall()
+        return [fleet_from_row(r) for r in rows]
+
+    def gateway_devices(self, gateway: str) -> list[DeviceRow]:
+        points, health, locations = gateway_devices_queries("?")
+        info, info_args = device_info_query("?", gateway)
+        with self._lock:
+            point_rows_ = self._db.execute(points, (gateway,)).fetchall()
+            health_rows = self._db.execute(health, (gateway,)).fetchall()
+            where = self._db.execute(locations, (gateway,)).fetchone()
+            infos = [device_info_from_row(r) for r in self._db.execute(info, info_args)]
+        return device_rows(point_rows_, health_rows, infos, where[0] if where else None)
+
+    def latest_values(
+        self, since_ms: int, gateways: str = "*", points: str = "*", site: str | None = None
+    ) -> list[LatestValue]:
+        sql = (
+            f"WITH p AS ({selected_points('?', 'LIKE', site)}) "
+            "SELECT p.gateway, p.key, r.ts, r.value, r.raw FROM p JOIN readings r "
+            "ON r.rowid = (SELECT rowid FROM readings WHERE gateway = p.gateway "
+            f"AND point_id = p.point_id AND ts >= ? AND quality {USABLE} AND value {FINITE} "
+            "ORDER BY ts DESC, seq DESC, rowid DESC LIMIT 1) ORDER BY p.gateway, p.key"
+        )
+        args = [*latest_args(gateways, points, site), since_ms]
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [LatestValue(g, k, ts, _value(v, raw)) for g, k, ts, v, raw in rows]
+
+    def uplink_points(self, since_ms: int) -> int:
+        with self._lock:
+            (n,) = self._db.execute(UPLINK_POINTS_QUERY.format(ph="?"), (since_ms,)).fetchone()
+        return int(n)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         with self._lock:

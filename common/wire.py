@@ -4,10 +4,11 @@ Topics (``prefix`` is configurable, default ``citygw``)::
 
     <prefix>/<gateway>/up/batch   telemetry and event lanes (binary envelope)
     <prefix>/<gateway>/up/alarm   alarm lane (binary envelope)
-    <prefix>/<gateway>/up/meta    retained, JSON point registry (see `encode_meta`)
+    <prefix>/<gateway>/up/meta    retained, JSON point registry, the gateway's software
+                                  and devices' locations (see `encode_meta`)
     <prefix>/<gateway>/state      retained text "online" / "offline" (last will "offline")
     <prefix>/<gateway>/up/stats   retained JSON, the buffer's counters and the devices'
-                                  information (see `encode_stats`)
+                                  information and health (see `encode_stats`)
 
 Uplink envelope: a fixed 32-byte big-endian header, then the codec body::
 
@@ -285,6 +286,10 @@ class PointMeta:
     type: str = "float"
 
 
+#: device -> {"lat": ..., "lon": ...} (WGS 84 degrees)
+DeviceLocations = dict[str, dict[str, float]]
+
+
 @dataclass(frozen=True, slots=True)
 class Meta:
     gateway: str
@@ -293,8 +298,17 @@ class Meta:
     site: str | None = None
     location: dict[str, Any] | None = None
     v: int = META_VERSION
+    #: the gateway's citygw version; None: a gateway before issue 14 does not send it
+    software: str | None = None
+    #: the devices that have a location in the gateway's config (None: an older gateway)
+    locations: DeviceLocations | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.software is not None:
+            extra["software"] = self.software
+        if self.locations is not None:
+            extra["locations"] = self.locations
         return {
             "v": self.v,
             "gateway": self.gateway,
@@ -313,6 +327,7 @@ class Meta:
                 }
                 for p in self.points
             ],
+            **extra,
         }
 
 
@@ -354,7 +369,9 @@ def _point(obj: Any, i: int) -> PointMeta:
 
 
 def meta_from_dict(obj: Any) -> Meta:
-    """Validate a decoded meta object. Unknown fields are ignored (forward compatible)."""
+    """Validate a decoded meta object. Unknown fields are ignored (forward compatible):
+    a platform before issue 14 ignores `software` and `locations`, and this one takes a
+    meta without them (an older gateway) as None."""
     if not isinstance(obj, Mapping):
         raise WireError("meta must be a JSON object")
     if "v" not in obj:
@@ -378,6 +395,14 @@ def meta_from_dict(obj: Any) -> Meta:
         raise WireError("meta: 'location' must be an object or null")
     if location is not None:
         _check_location(location)
+    software = obj.get("software")
+    if software is not None:
+        if not isinstance(software, str):
+            raise WireError("meta: 'software' must be a string or null")
+        check_text(software, "meta: field 'software'")
+    locations = obj.get("locations")
+    if locations is not None:
+        locations = _locations(locations)
     if "points" not in obj:
         raise WireError("meta: missing field 'points'")
     raw_points = obj["points"]
@@ -394,7 +419,36 @@ def meta_from_dict(obj: Any) -> Meta:
         points=points,
         site=site,
         location=dict(location) if location is not None else None,
+        software=software,
+        locations=locations,
     )
+
+
+def _coordinate(obj: Mapping[str, Any], field: str, limit: float, where: str) -> float:
+    v = obj.get(field)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not -limit <= v <= limit:
+        raise WireError(f"{where}: {field!r} must be a number in -{limit:g}..{limit:g}")
+    return float(v)
+
+
+def _locations(value: Any) -> DeviceLocations:
+    """A meta's `locations`: device -> {lat, lon} as the gateway config validates a
+    device's `location` (other keys of a location are ignored, forward compatible)."""
+    if not isinstance(value, Mapping):
+        raise WireError("meta: 'locations' must be an object or null")
+    out: DeviceLocations = {}
+    for device, loc in value.items():
+        if not isinstance(device, str) or not device:
+            raise WireError(f"meta: a device in 'locations' ({device!r:.40}) is not a name")
+        where = f"meta: locations[{device[:40]!r}]"
+        check_text(device, where)
+        if not isinstance(loc, Mapping):
+            raise WireError(f"{where} must be an object")
+        out[device] = {
+            "lat": _coordinate(loc, "lat", 90.0, where),
+            "lon": _coordinate(loc, "lon", 180.0, where),
+        }
+    return out
 
 
 def _check_json(value: Any, where: str, depth: int) -> None:
@@ -563,6 +617,9 @@ def decode_alarms(data: bytes | bytearray | memoryview) -> tuple[str, list[Alarm
 # ignores it): every device's information (`Driver.device_info`: Modbus string points,
 # BTHome text/raw/firmware objects), the whole of it in each message, so the retained
 # message alone tells a restarted platform everything. Devices without any are left out.
+# health (optional; from issue 14 on): every device's health as the agent sees it,
+#   {"meter-1": {"healthy": false, "since": 1795938246112, "error": "timeout"}}: since when
+# it is in that state (the gateway's clock), the last error while it is unhealthy ("" else).
 
 STATS_VERSION: Final = 1
 STATS_FIELDS: Final = (
@@ -577,13 +634,31 @@ STATS_FIELDS: Final = (
 #: the longest up/stats message a platform decodes (the counters take < 1 KiB; the rest is
 #: `devices`, which a gateway keeps within MAX_DEVICES_BYTES by `bound_devices`)
 MAX_STATS_BYTES: Final = 256 * 1024
-MAX_DEVICES_BYTES: Final = MAX_STATS_BYTES - 4096
+#: `health` takes at most this much of it (`bound_health`), `devices` the rest
+MAX_HEALTH_BYTES: Final = 48 * 1024
+MAX_DEVICES_BYTES: Final = MAX_STATS_BYTES - 4096 - MAX_HEALTH_BYTES
+#: a device's error in `health` is cut to this many UTF-8 bytes
+MAX_HEALTH_ERROR_BYTES: Final = 256
 #: the longest device information value, in UTF-8 bytes (a BTHome raw object as hex or a
 #: 125-register Modbus string take at most 510)
 MAX_INFO_VALUE_BYTES: Final = MAX_TEXT_BYTES
 
 #: device -> information name -> value
 DeviceInfo = dict[str, dict[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """A device's health in up/stats: healthy or not since `since` (ms, the gateway's
+    clock), and while unhealthy its last error."""
+
+    healthy: bool
+    since: int
+    error: str = ""
+
+
+#: device -> its health
+DeviceHealthMap = dict[str, DeviceStatus]
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,6 +673,8 @@ class GatewayStats:
     lost_points: int
     #: None: the message had no `devices` field (a gateway before issue 13)
     devices: DeviceInfo | None = None
+    #: None: the message had no `health` field (a gateway before issue 14)
+    health: DeviceHealthMap | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -667,6 +744,65 @@ def bound_devices(
     return out, problems
 
 
+def bound_health(health: Mapping[str, DeviceStatus]) -> tuple[DeviceHealthMap, list[str]]:
+    """What of the devices' health the wire takes, and the devices it left out: an error
+    is cut at its first NUL and to MAX_HEALTH_ERROR_BYTES (a lone surrogate replaced);
+    devices in name order while `health` stays within MAX_HEALTH_BYTES as JSON (a device
+    whose name the platform could not store is left out too)."""
+    out: DeviceHealthMap = {}
+    left_out: list[str] = []
+    size = 2  # {}
+    for device in sorted(health, key=str):
+        status = health[device]
+        try:
+            if not isinstance(device, str) or not device:
+                raise WireError("not a name")
+            check_text(device, "device name")
+        except WireError:
+            left_out.append(str(device))
+            continue
+        error = status.error.partition("\x00")[0].encode(errors="replace")
+        cut = DeviceStatus(
+            status.healthy, status.since, error[:MAX_HEALTH_ERROR_BYTES].decode(errors="ignore")
+        )
+        more = len(orjson.dumps({device: _status_dict(cut)})) - 1
+        if size + more > MAX_HEALTH_BYTES:
+            left_out.append(device)
+            continue
+        size += more
+        out[device] = cut
+    return out, left_out
+
+
+def _status_dict(status: DeviceStatus) -> dict[str, Any]:
+    return {"healthy": status.healthy, "since": status.since, "error": status.error}
+
+
+def _health(value: Any) -> DeviceHealthMap:
+    """A decoded `health` field, checked as `bound_health` leaves it."""
+    if not isinstance(value, Mapping):
+        raise WireError("stats: 'health' must be an object")
+    out: DeviceHealthMap = {}
+    for device, entry in value.items():
+        if not isinstance(device, str) or not device:
+            raise WireError(
+                f"stats: a device name in 'health' ({device!r:.40}) is empty or not a string"
+            )
+        where = f"stats: health[{device[:40]!r}]"
+        check_text(device, where)
+        if not isinstance(entry, Mapping):
+            raise WireError(f"{where} must be an object")
+        healthy = entry.get("healthy")
+        if not isinstance(healthy, bool):
+            raise WireError(f"{where}: 'healthy' must be true or false")
+        error = entry.get("error", "")
+        if not isinstance(error, str):
+            raise WireError(f"{where}: 'error' must be a string")
+        check_text(error, f"{where}: 'error'", MAX_HEALTH_ERROR_BYTES)
+        out[device] = DeviceStatus(healthy, _int(entry, "since", where, -_INT64, _INT64 - 1), error)
+    return out
+
+
 def _devices(value: Any) -> DeviceInfo:
     """A decoded `devices` field, checked as `bound_devices` leaves it."""
     if not isinstance(value, Mapping):
@@ -700,6 +836,9 @@ def encode_stats(stats: GatewayStats) -> bytes:
     obj |= {f: getattr(stats, f) for f in STATS_FIELDS}
     if stats.devices is not None:
         obj["devices"] = _devices(stats.devices)
+    if stats.health is not None:
+        checked = _health({d: _status_dict(h) for d, h in stats.health.items()})
+        obj["health"] = {d: _status_dict(h) for d, h in checked.items()}
     data = orjson.dumps(obj)
     if len(data) > MAX_STATS_BYTES:
         raise WireError(f"stats are {len(data)} bytes, at most {MAX_STATS_BYTES}")
@@ -713,4 +852,5 @@ def decode_stats(data: bytes | bytearray | memoryview) -> GatewayStats:
     obj, gateway = _json_body(data, "stats", STATS_VERSION)
     values = {f: _int(obj, f, "", 0, _INT64 - 1) for f in STATS_FIELDS}
     devices = _devices(obj["devices"]) if obj.get("devices") is not None else None
-    return GatewayStats(gateway=gateway, devices=devices, **values)
+    health = _health(obj["health"]) if obj.get("health") is not None else None
+    return GatewayStats(gateway=gateway, devices=devices, health=health, **values)

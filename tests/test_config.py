@@ -361,7 +361,7 @@ def test_config_uses_driver_models(monkeypatch: pytest.MonkeyPatch) -> None:
         )
     assert str(info.value).splitlines() == [
         "<string>: devices[0].baud: unknown key 'baud'; allowed: name, driver, poll, "
-        "enabled, points, address",
+        "enabled, location, points, address",
         "<string>: devices[0].address: required key is missing",
         "<string>: devices[1].driver: driver 'broken' (no_such_module:X) cannot be loaded: "
         "No module named 'no_such_module'",

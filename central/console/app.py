@@ -343,7 +343,9 @@ class Console:
         def read(st: Store) -> dict[str, Any]:
             return {
                 "events": st.events(
-                    state=None if state == "all" else state, gateway=gw, limit=limit,
+                    state=None if state == "all" else state,
+                    gateway=gw,
+                    limit=limit,
                     before_id=before,
                 ),
                 "summary": st.event_summary(now - SUMMARY_WINDOW_MS),
@@ -557,4 +559,3 @@ def create_app(console: Console) -> Starlette:
         return response
 
     return app
-
