@@ -530,10 +530,9 @@ def serve(
     import contextlib
     import signal
 
-    from common.config_errors import ConfigError
-
     from central.console.config import ConsoleConfig, load_console_config
     from central.console.serve import Listen, ServeRefused, build, check_exposure
+    from common.keypath import ConfigError
     from common.logs import setup_logging
 
     setup_logging(log_level)

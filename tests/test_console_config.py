@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from argon2 import PasswordHasher
 
-from central.console.config import ConfigError, load_console_config, token_hash
+from central.console.auth import token_hash
+from central.console.config import ConfigError, load_console_config
 
 HASH = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1).hash("s3cret")
 TOKEN = token_hash("api-token")

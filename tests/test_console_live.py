@@ -36,15 +36,27 @@ def serving(db: str, tmp_path: Path, name: str) -> Iterator[str]:
     """`citygw platform serve` as its own process; yields its base URL."""
     config = tmp_path / f"{name}.toml"
     config.write_text(
-        f'[[users]]\nname = "otto"\nrole = "operator"\npassword_hash = "{hash_password("pw-otto-1")}"\n'
+        '[[users]]\nname = "otto"\nrole = "operator"\n'
+        f'password_hash = "{hash_password("pw-otto-1")}"\n'
         f'[[tokens]]\nname = "{name}-client"\nrole = "operator"\n'
         f'token_hash = "{token_hash(TOKEN)}"\n'
     )
     port = free_port()
     log = (tmp_path / f"{name}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "platform", "serve", "--db", db, "--config", str(config),
-         "--listen", f"127.0.0.1:{port}"],
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "platform",
+            "serve",
+            "--db",
+            db,
+            "--config",
+            str(config),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -84,17 +96,19 @@ async def changes(url: str) -> AsyncIterator[asyncio.Queue[set[str]]]:
     ready = asyncio.Event()
 
     async def read() -> None:
-        async with httpx.AsyncClient(timeout=None) as c:
-            async with c.stream("GET", url + "/api/live", headers=AUTH) as r:
-                assert r.status_code == 200
-                event = ""
-                async for line in r.aiter_lines():
-                    if line.startswith("event:"):
-                        event = line.split(":", 1)[1].strip()
-                        if event == "hello":
-                            ready.set()
-                    elif line.startswith("data:") and event == "change":
-                        q.put_nowait(set(orjson.loads(line.split(":", 1)[1])["kinds"]))
+        async with (
+            httpx.AsyncClient(timeout=None) as c,
+            c.stream("GET", url + "/api/live", headers=AUTH) as r,
+        ):
+            assert r.status_code == 200
+            event = ""
+            async for line in r.aiter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                    if event == "hello":
+                        ready.set()
+                elif line.startswith("data:") and event == "change":
+                    q.put_nowait(set(orjson.loads(line.split(":", 1)[1])["kinds"]))
 
     task = asyncio.create_task(read())
     try:

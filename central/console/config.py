@@ -14,7 +14,7 @@ as their SHA-256), the vital signs the overview shows, and a few settings::
     [[tokens]]
     name = "scada-bridge"
     role = "viewer"
-    token_hash = "sha256:<64 hex digits>"   # `token_hash(token)`
+    token_hash = "sha256:<64 hex digits>"   # `citygw platform new-token` makes one
 
     [[vitals]]
     id = "air-temp"
@@ -32,7 +32,6 @@ Every problem is reported at once, each with its key path, as the gateway config
 
 from __future__ import annotations
 
-import hashlib
 import re
 import tomllib
 from pathlib import Path
@@ -69,11 +68,6 @@ SHARE_KINDS = frozenset({"share_above", "share_below"})
 
 _NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 _TOKEN_HASH = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def token_hash(token: str) -> str:
-    """What a `[[tokens]]` entry keeps of an API token: ``sha256:<hex>``."""
-    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
 
 def _check_name(v: str) -> str:
