@@ -113,10 +113,10 @@ def login(client: TestClient, user: str) -> str:
     return str(r.json()["csrf"])
 
 
-def error(r: object, status: int) -> str:
+def error(r: httpx.Response, status: int) -> str:
+    """The refusal's message; it must have the status and no trace of the server's code."""
     assert r.status_code == status, r.text
-    text = r.text
-    assert "Traceback" not in text and 'File "' not in text
+    assert "Traceback" not in r.text and 'File "' not in r.text
     return str(r.json()["error"])
 
 
