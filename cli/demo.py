@@ -15,6 +15,7 @@ import contextlib
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -499,15 +500,60 @@ def _status_table(agent: Agent, ingested: int, elapsed: float, duration: float) 
     return t
 
 
+@dataclass(frozen=True, slots=True)
+class DemoConsole:
+    """`citygw demo --console`: the platform console over the demo's store, from the start
+    (watch it live), and after the run until interrupted. One operator, `demo`, with a
+    password made for this run."""
+
+    listen: str
+    password: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.listen}/"
+
+
+async def _start_console(stack: contextlib.AsyncExitStack, db: str, settings: DemoConsole) -> None:
+    from central.console.auth import hash_password
+    from central.console.config import ConsoleConfig, User
+    from central.console.serve import Listen, build, serve
+
+    config = ConsoleConfig(
+        users=[User(name="demo", role="operator", password_hash=hash_password(settings.password))]
+    )
+    listening = asyncio.Event()
+    task = asyncio.create_task(
+        serve(build(db, config, connections=2), Listen.parse(settings.listen), started=listening),
+        name="console",
+    )
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
+    done, _ = await asyncio.wait(
+        [task, asyncio.create_task(listening.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    if task in done:
+        task.result()  # why it could not listen
+
+
 async def run_demo(
     duration: float,
     console: Console | None = None,
     workdir: Path | None = None,
     use_broker: bool | None = None,
+    web: DemoConsole | None = None,
+    on_result: Callable[[DemoResult], None] | None = None,
 ) -> DemoResult:
     """Runs the street block for `duration` seconds, drains, and compares what was sent
     with what the platform stored. `use_broker` defaults to "mosquitto is on PATH"; without
-    it the uplink talks to the ingest over an in-process link (cli/loopback.py)."""
+    it the uplink talks to the ingest over an in-process link (cli/loopback.py). With
+    `web`, the console serves the store from the start; after the run `on_result` is
+    called and the console keeps serving until this is cancelled."""
     console = console or Console(stderr=True)
     workdir = workdir or Path(tempfile.mkdtemp(prefix="citygw-demo-"))
     if use_broker is None:
@@ -517,8 +563,12 @@ async def run_demo(
         await modbus.start()
         stack.push_async_callback(modbus.stop)
         mcu = await stack.enter_async_context(SimMcu.on_pty(interval=1.0, seed=7).running())
-        store = open_store(f"sqlite:///{workdir / 'platform.db'}")
+        db = f"sqlite:///{workdir / 'platform.db'}"
+        store = open_store(db)
         stack.callback(store.close)
+        if web is not None:
+            await _start_console(stack, db, web)
+            console.print(f"console: {web.url} (user demo, password {web.password})")
         ingest_task: asyncio.Task[None] | None = None
         if use_broker:
             broker_url = stack.enter_context(Mosquitto(workdir=workdir)).url
@@ -582,13 +632,28 @@ async def run_demo(
         ingested_mcu = sum(
             len(store.readings(gateway, f"{MCU_DEVICE}/{name}")) for _, name, _, _ in _MCU_POINTS
         )
+        result = _result(agent, counts.readings, dups, alarms_stored, ingested_mcu)
+        if web is not None:
+            if on_result is not None:
+                on_result(result)
+            console.print(
+                f"console: serving {web.url} (user demo, password {web.password}) "
+                "until interrupted (Ctrl-C)"
+            )
+            await asyncio.Event().wait()
+    return result
+
+
+def _result(
+    agent: Agent, ingested: int, dups: int, alarms_stored: int, ingested_mcu: int
+) -> DemoResult:
     c = agent.counters
     up = agent.uplink.status if agent.uplink else None
     return DemoResult(
         read=c.read,
         sent=c.sent,
-        ingested=counts.readings,
-        lost=c.sent - counts.readings,
+        ingested=ingested,
+        lost=c.sent - ingested,
         duplicates=dups,
         bytes_per_point=(up.published_bytes / c.read) if up and c.read else 0.0,
         read_by_driver={

@@ -126,16 +126,39 @@ def run(
 @app.command()
 def demo(
     duration: Annotated[float, typer.Option(help="Seconds of simulated readings.", min=1)] = 30.0,
+    console: Annotated[
+        bool,
+        typer.Option(
+            "--console",
+            help="Serve the platform console over the demo's store, during the run and "
+            "after it until interrupted.",
+        ),
+    ] = False,
+    console_listen: Annotated[
+        str, typer.Option(help="HOST:PORT of the console (loopback).")
+    ] = "127.0.0.1:8080",
 ) -> None:
     """A simulated street block through the real pipeline, buffer, uplink and ingest."""
-    from cli.demo import run_demo
+    import secrets
+
+    from central.console.serve import ServeRefused
+    from cli.demo import DemoConsole, DemoResult, run_demo
 
     setup_logging("WARNING")
+    web = DemoConsole(console_listen, secrets.token_urlsafe(9)) if console else None
+
+    def show(result: DemoResult) -> None:
+        _out().print(Text(result.summary()))
+
     try:
-        result = asyncio.run(run_demo(duration))
+        result = asyncio.run(run_demo(duration, web=web, on_result=show))
     except BrokerError as exc:
         fail(str(exc), EXIT_NO_FILE)
-    _out().print(Text(result.summary()))
+    except ServeRefused as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # --console: served until Ctrl-C, the line was printed
+        return
+    show(result)
     if result.lost or result.duplicates:
         raise typer.Exit(EXIT_INVALID)
 
