@@ -13,12 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+from central import events
+from central.events import Event, EventAction, EventSummary
 from central.sessions import Session
 from common.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
 
 SEQ_SIGN_FLIP = 2**63
+
+#: PostgreSQL: writers NOTIFY this channel in their transaction, the payload a CHANGE_KIND
+CHANGES_CHANNEL = "citygw_changes"
+CHANGE_KINDS = ("readings", "alarms", "events", "gateways")
 
 
 def seq_to_db(seq: int) -> int:
@@ -192,8 +198,9 @@ class Store(Protocol):
 
     def prune(self, before_ms: int) -> dict[str, int]:
         """Retention: drop readings taken, uplink keys and dead letters received, and
-        alarm episodes cleared before `before_ms` (active alarms stay); what was dropped,
-        by table. An uplink resent after its key was dropped is stored again."""
+        alarm episodes cleared and events resolved before `before_ms` (active alarms and
+        unresolved events stay); what was dropped, by table. An uplink resent after its
+        key was dropped is stored again."""
         ...
 
     def session_open(self, id_hash: str, session: Session, now_ms: int) -> None: ...
@@ -204,6 +211,47 @@ class Store(Protocol):
 
     def session_close(self, id_hash: str, now_ms: int) -> None:
         """Ends that session, and every expired one."""
+        ...
+
+    def events(
+        self,
+        state: str | None = None,
+        gateway: str | None = None,
+        limit: int = 200,
+        before_id: int | None = None,
+    ) -> list[Event]:
+        """Newest first, ids below `before_id`; `state` None: all, "open": unresolved, or
+        one state (ValueError for another word)."""
+        ...
+
+    def event(self, event_id: int) -> Event | None: ...
+
+    def event_actions(self, event_id: int) -> list[EventAction]:
+        """The event's history, oldest first."""
+        ...
+
+    def event_act(
+        self,
+        event_id: int,
+        action: str,
+        user: str,
+        now_ms: int,
+        *,
+        assignee: str | None = None,
+        note: str | None = None,
+    ) -> Event:
+        """An operator's "ack", "assign", "note" or "resolve" (central/events.py); the event
+        after it. `EventConflict` if its state does not allow it, `StoreMissing` if there is
+        no such event, ValueError for a malformed action."""
+        ...
+
+    def event_summary(self, since_ms: int) -> EventSummary:
+        """Open events now, and how fast the events opened since `since_ms` were handled."""
+        ...
+
+    def change_marks(self) -> dict[str, int]:
+        """For each of CHANGE_KINDS a number that grows when that kind changes (cheap: the
+        console polls it)."""
         ...
 
     def close(self) -> None: ...
@@ -417,6 +465,7 @@ PRUNE_DELETES: tuple[tuple[str, str], ...] = (
     ("dead_letters", "received_ms < {ph}"),
     # a whole episode once its clear is old; a clear without raise goes by its own time
     ("alarms", "COALESCE(cleared_ts, ts) < {ph} AND NOT (raised AND cleared_ts IS NULL)"),
+    *events.PRUNE_DELETES,
 )
 
 
