@@ -391,7 +391,7 @@ def _update(
     )
 
 
-def check_action(action: str, assignee: str | None, note: str | None) -> None:
+def _check_action(action: str, assignee: str | None, note: str | None) -> None:
     if action not in TRANSITIONS:
         raise ValueError(f"unknown event action {action!r}: {', '.join(TRANSITIONS)}")
     if action == "assign" and not (assignee and assignee.strip()):
@@ -412,7 +412,7 @@ def act(
 ) -> Event | None:
     """One operator action in the caller's transaction; None if there is no such event.
     `EventConflict` when the state does not allow it (the caller rolls back)."""
-    check_action(action, assignee, note)
+    _check_action(action, assignee, note)
     if action == "assign":  # assigning acknowledges a raised event first (time to ack)
         cur.execute(*_update(ph, "ack", event_id, user, now_ms, None))
         if cur.rowcount == 1:
