@@ -37,12 +37,12 @@ from agent.commands import (
 from agent.config import Config
 from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
-from common.supervise import TaskHealth, supervise
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
 from common import wire
 from common.logs import Throttle
 from common.redact import redact
+from common.supervise import TaskHealth, supervise
 from drivers.base import DeviceHealth, DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
 from firmware_bridge.ota import OtaResult, Outcome

@@ -15,12 +15,18 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import orjson
 
+from central import events
+from central.events import Event, EventAction, EventSummary
 from central.sessions import Session
 from common.wire import STATS_FIELDS, DeviceStatus, Envelope, GatewayStats, Meta
 from native.batch import GOOD, UNCERTAIN, Batch
 from native.stages import AlarmEvent
 
 SEQ_SIGN_FLIP = 2**63
+
+#: PostgreSQL: writers NOTIFY this channel in their transaction, the payload a CHANGE_KIND
+CHANGES_CHANNEL = "citygw_changes"
+CHANGE_KINDS = ("readings", "alarms", "events", "gateways")
 
 
 def seq_to_db(seq: int) -> int:
@@ -109,7 +115,7 @@ class FleetRow:
     stats: GatewayStats | None
     devices_total: int  # devices in its latest health report (0: none sent yet)
     devices_healthy: int
-    open_events: int  # unresolved events (joined by the events feature; 0 here)
+    open_events: int  # unresolved events
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,8 +257,9 @@ class Store(Protocol):
 
     def prune(self, before_ms: int) -> dict[str, int]:
         """Retention: drop readings taken, uplink keys and dead letters received, and
-        alarm episodes cleared before `before_ms` (active alarms stay); what was dropped,
-        by table. An uplink resent after its key was dropped is stored again."""
+        alarm episodes cleared and events resolved before `before_ms` (active alarms and
+        unresolved events stay); what was dropped, by table. An uplink resent after its
+        key was dropped is stored again."""
         ...
 
     def fleet(self) -> list[FleetRow]:
@@ -284,6 +291,47 @@ class Store(Protocol):
 
     def session_close(self, id_hash: str, now_ms: int) -> None:
         """Ends that session, and every expired one."""
+        ...
+
+    def events(
+        self,
+        state: str | None = None,
+        gateway: str | None = None,
+        limit: int = 200,
+        before_id: int | None = None,
+    ) -> list[Event]:
+        """Newest first, ids below `before_id`; `state` None: all, "open": unresolved, or
+        one state (ValueError for another word)."""
+        ...
+
+    def event(self, event_id: int) -> Event | None: ...
+
+    def event_actions(self, event_id: int) -> list[EventAction]:
+        """The event's history, oldest first."""
+        ...
+
+    def event_act(
+        self,
+        event_id: int,
+        action: str,
+        user: str,
+        now_ms: int,
+        *,
+        assignee: str | None = None,
+        note: str | None = None,
+    ) -> Event:
+        """An operator's "ack", "assign", "note" or "resolve" (central/events.py); the event
+        after it. `EventConflict` if its state does not allow it, `StoreMissing` if there is
+        no such event, ValueError for a malformed action."""
+        ...
+
+    def event_summary(self, since_ms: int) -> EventSummary:
+        """Open events now, and how fast the events opened since `since_ms` were handled."""
+        ...
+
+    def change_marks(self) -> dict[str, int]:
+        """For each of CHANGE_KINDS a number that grows when that kind changes (cheap: the
+        console polls it)."""
         ...
 
     def close(self) -> None: ...
@@ -529,6 +577,7 @@ PRUNE_DELETES: tuple[tuple[str, str], ...] = (
     ("dead_letters", "received_ms < {ph}"),
     # a whole episode once its clear is old; a clear without raise goes by its own time
     ("alarms", "COALESCE(cleared_ts, ts) < {ph} AND NOT (raised AND cleared_ts IS NULL)"),
+    *events.PRUNE_DELETES,
 )
 
 
@@ -608,19 +657,33 @@ def store_device_health(cur: Any, ph: str, stats: GatewayStats) -> None:
 
 FLEET_QUERY = (
     "SELECT ids.gateway, g.site, g.location, g.software, g.state, g.state_ms, "
-    f"g.last_seen_ms, h.total, h.healthy, "
+    f"g.last_seen_ms, h.total, h.healthy, e.n, "
     f"{', '.join('s.' + c.strip() for c in STATS_COLUMNS.split(','))} "
     "FROM (SELECT gateway FROM gateways UNION SELECT gateway FROM gateway_stats) ids "
     "LEFT JOIN gateways g ON g.gateway = ids.gateway "
     "LEFT JOIN gateway_stats s ON s.gateway = ids.gateway "
     "LEFT JOIN (SELECT gateway, count(*) AS total, "
     "sum(CASE WHEN healthy THEN 1 ELSE 0 END) AS healthy FROM device_health "
-    "GROUP BY gateway) h ON h.gateway = ids.gateway ORDER BY ids.gateway"
+    "GROUP BY gateway) h ON h.gateway = ids.gateway "
+    "LEFT JOIN (SELECT gateway, count(*) AS n FROM events WHERE state <> 'resolved' "
+    "GROUP BY gateway) e ON e.gateway = ids.gateway ORDER BY ids.gateway"
 )
 
 
 def fleet_from_row(row: Sequence[Any]) -> FleetRow:
-    gateway, site, location, software, state, state_ms, last_seen, total, healthy, *stats = row
+    (
+        gateway,
+        site,
+        location,
+        software,
+        state,
+        state_ms,
+        last_seen,
+        total,
+        healthy,
+        n_open,
+        *stats,
+    ) = row
     return FleetRow(
         gateway=str(gateway),
         site=None if site is None else str(site),
@@ -632,7 +695,7 @@ def fleet_from_row(row: Sequence[Any]) -> FleetRow:
         stats=None if stats[0] is None else stats_from_row(stats),
         devices_total=int(total or 0),
         devices_healthy=int(healthy or 0),
-        open_events=0,
+        open_events=int(n_open or 0),
     )
 
 

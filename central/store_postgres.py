@@ -38,10 +38,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from central import pg_copy, sessions
+from central import events, pg_copy, sessions
+from central.events import Event, EventAction, EventSummary
 from central.sessions import Session
 from central.store import (
     ALARM_COLUMNS,
+    CHANGE_KINDS,
+    CHANGES_CHANNEL,
     FINITE,
     FLEET_QUERY,
     GATEWAYS_QUERY,
@@ -208,7 +211,13 @@ CREATE TABLE IF NOT EXISTS device_health (
 
 #: tables added by later features (the console's events, sessions, rollups...): each a
 #: DDL string of CREATE ... IF NOT EXISTS statements, run after TABLES
-EXTRA_TABLES: tuple[str, ...] = (DEVICE_HEALTH, sessions.POSTGRES_TABLES)
+EXTRA_TABLES: tuple[str, ...] = (
+    DEVICE_HEALTH,
+    sessions.POSTGRES_TABLES,
+    events.POSTGRES_TABLES,
+    # change_marks "gateways" (alarms and events have their tables' identity sequences)
+    "CREATE SEQUENCE IF NOT EXISTS gateway_changes",
+)
 
 BLOCKS_COLUMNS = """
     gateway     text     NOT NULL,
@@ -229,6 +238,21 @@ FROM reading_blocks b
 CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps, b.vals, b.qualities)
     WITH ORDINALITY AS r(point_id, ts, value, quality, pos)
 """
+
+#: in a transaction that changed a gateway's state, stats or meta: change_marks, NOTIFY
+_GATEWAYS_CHANGED: Final = (
+    f"SELECT nextval('gateway_changes'), pg_notify('{CHANGES_CHANNEL}', 'gateways')"
+).encode()
+_EVENTS_CHANGED: Final = f"SELECT pg_notify('{CHANGES_CHANNEL}', 'events')".encode()
+#: identity sequences grow with every alarm event and event action; a sequence moves when
+#: its value is taken (before the commit, and whether or not it commits): on PostgreSQL,
+#: the NOTIFY (sent at the commit) is the signal, the marks only tell what moved
+_CHANGE_MARKS: Final = (
+    "SELECT (SELECT COALESCE(sum(readings), 0) FROM ingest_counters), "
+    "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM alarms_id_seq), "
+    "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM event_actions_id_seq), "
+    "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM gateway_changes)"
+)
 
 _UNNEST = (
     "CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps, b.vals, b.qualities) "
@@ -289,6 +313,7 @@ class PostgresStore:
         self._lock = threading.Lock()
         self._days: set[int] = set()  # day partitions known to exist (or not wanted)
         self._partitioned = False
+        self._readings_notified_ms = 0  # "readings" is notified at most once a second
         self._db = self._connect()
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
@@ -528,8 +553,14 @@ class PostgresStore:
                         fresh.append(item)
                 fresh_batches, fresh_alarms = split_bodies(fresh)
                 readings = sum(len(b) for _, _, b in fresh_batches)
+                changes = []
                 if fresh_alarms:
-                    self._store_alarms(cur, fresh_alarms, now)
+                    changes.append("alarms")
+                    if self._store_alarms(cur, fresh_alarms, now):
+                        changes.append("events")
+                notify_readings = readings > 0 and now - self._readings_notified_ms >= 1000
+                if notify_readings:
+                    changes.append("readings")
                 if readings:
                     data = pg_copy.copy_data(
                         pg_copy.block_row(g, seq, b, now) for g, seq, b in fresh_batches if len(b)
@@ -548,6 +579,13 @@ class PostgresStore:
                     "duplicates_dropped = c.duplicates_dropped + excluded.duplicates_dropped",
                     (self._shard(), readings, len(fresh), len(items) - len(fresh)),
                 )
+                if changes:
+                    cur.execute(
+                        "SELECT pg_notify(%s, k) FROM unnest(%s::text[]) AS k",
+                        (CHANGES_CHANNEL, changes),
+                    )
+            if notify_readings:
+                self._readings_notified_ms = now
             if fresh:
                 # after the commit and in key order: the gateway rows are hot when several
                 # workers store at once, so their locks are held for one statement only.
@@ -577,16 +615,24 @@ class PostgresStore:
     def _store_alarms(
         self,
         cur: psycopg.Cursor[tuple[Any, ...]],
-        events: Sequence[tuple[str, AlarmEvent]],
+        alarms: Sequence[tuple[str, AlarmEvent]],
         now: int,
-    ) -> None:
-        for gateway, e in events:  # in order: a clear finds the raise sent before it
+    ) -> bool:
+        """The alarm events and their events' side (central/events.py); True if an event
+        changed."""
+        for gateway, e in alarms:  # in order: a clear finds the raise sent before it
             cur.execute(
                 f"INSERT INTO alarms ({ALARM_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 alarm_row(gateway, e, now),
             )
             if not e.raised:
                 cur.execute(alarm_clear("%s"), alarm_clear_args(gateway, e))
+        # events in key order (a stable sort: a key's raises and clears stay in order), so
+        # that two workers lock their rows in the same order and never deadlock
+        changed = False
+        for gateway, e in sorted(alarms, key=lambda a: (a[0], a[1].point_id, a[1].rule)):
+            changed |= events.record_alarm(cur, "%s", gateway, e, now)
+        return changed
 
     def store_meta(self, gateway: str, meta: Meta) -> None:
         now = time.time_ns() // 1_000_000
@@ -594,6 +640,7 @@ class PostgresStore:
             cur.execute(gateway_meta_upsert("%s", "::jsonb"), gateway_meta_args(gateway, meta, now))
             if meta.points:
                 cur.executemany(points_upsert("%s"), point_rows(gateway, meta, now))
+            cur.execute(_GATEWAYS_CHANGED)
 
     def store_stats(self, stats: GatewayStats) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
@@ -603,10 +650,13 @@ class PostgresStore:
                     store_device_info(cur, "%s", stats)
                 if stats.health is not None:
                     store_device_health(cur, "%s", stats)
+                cur.execute(_GATEWAYS_CHANGED)
 
     def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
             cur.execute(state_upsert("%s"), state_args(gateway, online, now_ms))
+            if cur.rowcount == 1:  # the state changed
+                cur.execute(_GATEWAYS_CHANGED)
 
     def store_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
@@ -828,6 +878,64 @@ class PostgresStore:
             cur.execute(text.encode(), args)
             rows = cur.fetchall()
         return [PointReading(str(g), str(k), int(t), float(v), int(q)) for g, k, t, v, q in rows]
+
+    # -- events ---------------------------------------------------------------------------
+
+    def events(
+        self,
+        state: str | None = None,
+        gateway: str | None = None,
+        limit: int = 200,
+        before_id: int | None = None,
+    ) -> list[Event]:
+        text, args = events.events_query("%s", state, gateway, limit, before_id)
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(text.encode(), args)
+            rows = cur.fetchall()
+        return [events.event_from_row(r) for r in rows]
+
+    def event(self, event_id: int) -> Event | None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            return events.select_event(cur, "%s", event_id)
+
+    def event_actions(self, event_id: int) -> list[EventAction]:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(events.actions_query("%s").encode(), (event_id,))
+            rows = cur.fetchall()
+        return [events.action_from_row(r) for r in rows]
+
+    def event_act(
+        self,
+        event_id: int,
+        action: str,
+        user: str,
+        now_ms: int,
+        *,
+        assignee: str | None = None,
+        note: str | None = None,
+    ) -> Event:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            event = events.act(cur, "%s", event_id, action, user, now_ms, assignee, note)
+            if event is not None:
+                cur.execute(_EVENTS_CHANGED)
+        if event is None:
+            raise StoreMissing(f"no event {event_id}")
+        return event
+
+    def event_summary(self, since_ms: int) -> EventSummary:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(events.OPEN_COUNTS_QUERY.encode())
+            open_rows = cur.fetchall()
+            cur.execute(events.durations_query("%s").encode(), (since_ms,))
+            durations = cur.fetchall()
+        return events.summary_from_rows(since_ms, open_rows, durations)
+
+    def change_marks(self) -> dict[str, int]:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(_CHANGE_MARKS)
+            row = cur.fetchone()
+        assert row is not None
+        return dict(zip(CHANGE_KINDS, (int(v) for v in row), strict=True))
 
     # -- console sessions ---------------------------------------------------------------
 

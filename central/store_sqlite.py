@@ -18,7 +18,10 @@ Schema::
     device_health(gateway, device, healthy, since_ms, error,
                   PRIMARY KEY (gateway, device))     -- up/stats `health`
     dead_letters(id, received_ms, topic, reason, error, payload, size)
-    counters(name PRIMARY KEY, value)                -- readings, batches, duplicates_dropped
+    counters(name PRIMARY KEY, value)                -- readings, batches, duplicates_dropped;
+                                                     -- alarms, events, gateways: change_marks
+    events(id, gateway, point_id, rule, state, ...), event_actions(event_id, ...)
+                                                     -- central/events.py
 
 What a SQLite REAL column does to IEEE doubles, and how this store keeps them exact:
 
@@ -49,10 +52,12 @@ from contextlib import contextmanager, suppress
 from itertools import repeat
 from pathlib import Path
 
-from central import sessions
+from central import events, sessions
+from central.events import Event, EventAction, EventSummary
 from central.sessions import Session
 from central.store import (
     ALARM_COLUMNS,
+    CHANGE_KINDS,
     FINITE,
     FLEET_QUERY,
     GATEWAYS_QUERY,
@@ -211,9 +216,23 @@ CREATE TABLE IF NOT EXISTS device_health (
 
 #: tables added by later features (the console's events, sessions...): each a DDL string of
 #: CREATE ... IF NOT EXISTS statements, run after SCHEMA
-EXTRA_TABLES: tuple[str, ...] = (DEVICE_HEALTH, sessions.SQLITE_TABLES)
+EXTRA_TABLES: tuple[str, ...] = (
+    DEVICE_HEALTH,
+    sessions.SQLITE_TABLES,
+    events.SQLITE_TABLES,
+    # change_marks: the counters of the kinds that have none of their own
+    "INSERT OR IGNORE INTO counters (name, value) VALUES ('alarms', 0), ('events', 0), "
+    "('gateways', 0);",
+)
 #: tables a reader (create=False) needs: a store without them is an older citygw's
-REQUIRED_TABLES = {"dead_letters", "device_info", "device_health", "console_sessions"}
+REQUIRED_TABLES = {
+    "dead_letters",
+    "device_info",
+    "device_health",
+    "console_sessions",
+    "events",
+    "event_actions",
+}
 
 _ADDED_COLUMNS = (
     ("readings", "seq INTEGER"),
@@ -388,6 +407,7 @@ class SqliteStore:
                         _rows(gateway, seq, batch),
                     )
                 readings += len(batch)
+            changed_events = 0
             for gateway, e in fresh_alarms:  # in order: a clear finds the raise before it
                 cur.execute(
                     f"INSERT INTO alarms ({ALARM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -395,14 +415,11 @@ class SqliteStore:
                 )
                 if not e.raised:
                     cur.execute(alarm_clear("?", "rowid"), alarm_clear_args(gateway, e))
-            cur.executemany(
-                _BUMP,
-                [
-                    (readings, "readings"),
-                    (batches, "batches"),
-                    (dups, "duplicates_dropped"),
-                ],
-            )
+                changed_events += events.record_alarm(cur, "?", gateway, e, now)
+            bumps = [(readings, "readings"), (batches, "batches"), (dups, "duplicates_dropped")]
+            if fresh_alarms:
+                bumps += [(len(fresh_alarms), "alarms"), (changed_events, "events")]
+            cur.executemany(_BUMP, bumps)
         return results
 
     def store_meta(self, gateway: str, meta: Meta) -> None:
@@ -410,6 +427,7 @@ class SqliteStore:
         with self._write() as cur:
             cur.execute(gateway_meta_upsert("?"), gateway_meta_args(gateway, meta, now))
             cur.executemany(points_upsert("?"), point_rows(gateway, meta, now))
+            cur.execute(_BUMP, (1, "gateways"))
 
     def store_stats(self, stats: GatewayStats) -> None:
         with self._write() as cur:
@@ -419,10 +437,13 @@ class SqliteStore:
                     store_device_info(cur, "?", stats)
                 if stats.health is not None:
                     store_device_health(cur, "?", stats)
+                cur.execute(_BUMP, (1, "gateways"))
 
     def store_state(self, gateway: str, online: bool, now_ms: int) -> None:
         with self._write() as cur:
             cur.execute(state_upsert("?"), state_args(gateway, online, now_ms))
+            if cur.rowcount == 1:  # the state changed
+                cur.execute(_BUMP, (1, "gateways"))
 
     def store_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         if letters:
@@ -599,6 +620,59 @@ class SqliteStore:
     def session_close(self, id_hash: str, now_ms: int) -> None:
         with self._write() as cur:
             cur.execute(sessions.session_delete("?"), (id_hash, now_ms))
+
+    # -- events ---------------------------------------------------------------------------
+
+    def events(
+        self,
+        state: str | None = None,
+        gateway: str | None = None,
+        limit: int = 200,
+        before_id: int | None = None,
+    ) -> list[Event]:
+        sql, args = events.events_query("?", state, gateway, limit, before_id)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [events.event_from_row(r) for r in rows]
+
+    def event(self, event_id: int) -> Event | None:
+        with self._lock:
+            row = self._db.execute(events.event_query("?"), (event_id,)).fetchone()
+        return events.event_from_row(row) if row else None
+
+    def event_actions(self, event_id: int) -> list[EventAction]:
+        with self._lock:
+            rows = self._db.execute(events.actions_query("?"), (event_id,)).fetchall()
+        return [events.action_from_row(r) for r in rows]
+
+    def event_act(
+        self,
+        event_id: int,
+        action: str,
+        user: str,
+        now_ms: int,
+        *,
+        assignee: str | None = None,
+        note: str | None = None,
+    ) -> Event:
+        with self._write() as cur:
+            event = events.act(cur, "?", event_id, action, user, now_ms, assignee, note)
+            if event is not None:
+                cur.execute(_BUMP, (1, "events"))
+        if event is None:
+            raise StoreMissing(f"no event {event_id}")
+        return event
+
+    def event_summary(self, since_ms: int) -> EventSummary:
+        with self._lock:
+            open_rows = self._db.execute(events.OPEN_COUNTS_QUERY).fetchall()
+            durations = self._db.execute(events.durations_query("?"), (since_ms,)).fetchall()
+        return events.summary_from_rows(since_ms, open_rows, durations)
+
+    def change_marks(self) -> dict[str, int]:
+        with self._lock:
+            counters = dict(self._db.execute("SELECT name, value FROM counters").fetchall())
+        return {kind: int(counters.get(kind, 0)) for kind in CHANGE_KINDS}
 
     def close(self) -> None:
         with self._lock:

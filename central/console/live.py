@@ -2,11 +2,12 @@
 
 The store is the only thing `platform serve` processes share, so the changes come from it:
 `Store.change_marks()` gives, per kind (readings, alarms, events, gateways), a number that
-grows when that kind changes. One task per process reads them and tells its subscribers
-(the server-sent event streams) which kinds moved. On PostgreSQL a LISTEN on the channel
-the writers NOTIFY wakes it at once; the marks stay the truth (a notification lost with a
-dropped connection costs nothing), and they are read every `interval_s` anyway, which is
-all SQLite has."""
+grows when that kind changes. One task per process reads them every `interval_s` and
+tells its subscribers (the server-sent event streams) which kinds moved. On PostgreSQL the
+writers also NOTIFY in their transactions, and a LISTEN passes each kind on as it comes:
+a notification arrives after its commit, so the page that refetches sees the change,
+while a mark may move before (sequences do) — there the marks are the backstop for a
+notification lost with a dropped connection, read every `backstop_s`."""
 
 from __future__ import annotations
 
@@ -17,22 +18,27 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from central.console.pool import StorePool
+from central.store import CHANGE_KINDS, CHANGES_CHANNEL
 from common.supervise import TaskHealth, supervise
 
 log = logging.getLogger("citygw.console")
 
-CHANNEL: Final = "citygw_changes"
 #: a subscriber that does not read keeps only the union of what it missed
 _QUEUE_SIZE: Final = 1
 
 
 class LiveHub:
     def __init__(
-        self, pool: StorePool, *, interval_s: float = 0.5, listen_url: str | None = None
+        self,
+        pool: StorePool,
+        *,
+        interval_s: float = 0.5,
+        backstop_s: float = 1.0,
+        listen_url: str | None = None,
     ) -> None:
         self._pool = pool
-        self.interval_s = interval_s
         self._listen_url = listen_url  # a PostgreSQL store: LISTEN there too
+        self.interval_s = backstop_s if listen_url is not None else interval_s
         self._subscribers: set[asyncio.Queue[frozenset[str]]] = set()
         self._wake = asyncio.Event()
         self._marks: dict[str, int] | None = None
@@ -71,9 +77,10 @@ class LiveHub:
         assert self._listen_url is not None
         conninfo, _ = split_url(self._listen_url)
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as db:
-            await db.execute(f"LISTEN {CHANNEL}")
-            async for _ in db.notifies():
-                self._wake.set()
+            await db.execute(f"LISTEN {CHANGES_CHANNEL}")
+            async for n in db.notifies():
+                if n.payload in CHANGE_KINDS:
+                    self.publish(frozenset((n.payload,)))
 
     def wake(self) -> None:
         """Read the marks now (this process changed the store: its own pages need not
