@@ -180,6 +180,8 @@ class Console:
     # -- who --------------------------------------------------------------------------------
 
     async def identity(self, request: Request) -> Identity:
+        if not self.accounts.configured:  # loopback only (serve refuses otherwise)
+            return LOCAL
         auth = request.headers.get("authorization")
         if auth is not None:
             scheme, _, token = auth.partition(" ")
@@ -198,6 +200,9 @@ class Console:
 
     async def require(self, request: Request, role: str = "viewer") -> Identity:
         who = await self.identity(request)
+        origin = request.headers.get("origin")
+        if request.method == "POST" and origin is not None and origin != _own_origin(request):
+            raise fail(403, f"a change from another site ({origin}) is refused")
         if request.method == "POST" and who.csrf is not None:
             sent = request.headers.get(CSRF_HEADER, "")
             if not secrets.compare_digest(sent.encode(), who.csrf.encode()):
@@ -209,6 +214,8 @@ class Console:
     # -- session ---------------------------------------------------------------------------
 
     async def login(self, request: Request) -> Response:
+        if not self.accounts.configured:
+            raise fail(400, "no users are configured: this console needs no login")
         body = await _body(request)
         name = _text(body, "user", MAX_NAME, True)
         password = body.get("password")
@@ -503,6 +510,15 @@ class Console:
 
     async def index(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+
+#: who uses a console without users or tokens (loopback only: a workstation, the demo)
+LOCAL: Final = Identity("local", "admin", None)
+
+
+def _own_origin(request: Request) -> str:
+    """The origin a page of this console has (the proxy's, behind one)."""
+    return f"{request.url.scheme}://{request.headers.get('host', request.url.netloc)}"
 
 
 def _path_id(request: Request) -> int:
