@@ -785,20 +785,20 @@ function eventView(root, id) {
   const error = h("p", { class: "error", role: "alert", testid: "event-error" });
   append(root, title, h("div", { class: "cols" }, h("div", {}, info, actions, error), h("div", {}, h("h2", {}, "History"), history_)));
   let event = null;
-  const act = async (action, body, form) => {
+  const act = async (action, body) => {
     error.textContent = "";
     const buttons = actions.querySelectorAll("button");
     buttons.forEach((b) => (b.disabled = true));
     try {
-      const d = await api(`/api/events/${enc(id)}/${action}`, { method: "POST", body });
-      event = d.event;
-      if (form) form.reset();
-      await view.load();
+      await api(`/api/events/${enc(id)}/${action}`, { method: "POST", body });
+      event = null; // re-render the actions from the new state
+      await refresh();
     } catch (ex) {
       if (ex.status === 401) return;
       error.textContent = ex.status === 409 ? `Not done: ${ex.message}` : ex.status === 403 ? `Not allowed: ${ex.message}` : ex.message;
       buttons.forEach((b) => (b.disabled = false));
-      renderActions();
+      // A conflict means someone else changed the event: show what it is now.
+      if (ex.status === 409) await refresh();
     }
   };
   const renderActions = () => {
@@ -817,15 +817,15 @@ function eventView(root, id) {
       h("div", { class: "bar" },
         h("button", { type: "button", class: "primary", testid: "event-ack", disabled: !raised, onclick: () => act("ack", {}) }, "Acknowledge"),
       ),
-      form("event-assign-form", (f) => act("assign", { assignee: f.assignee.value, note: f.assign_note.value || undefined }, f),
+      form("event-assign-form", (f) => act("assign", { assignee: f.assignee.value, note: f.assign_note.value || undefined }),
         ...field("assignee", "Assignee", { required: true, value: event.assignee || "" }),
         h("span"),
         ...field("assign_note", "Note"),
         h("button", { type: "submit", testid: "event-assign" }, "Assign")),
-      form("event-note-form", (f) => act("note", { note: f.note.value }, f),
+      form("event-note-form", (f) => act("note", { note: f.note.value }),
         ...field("note", "Note", { required: true }),
         h("button", { type: "submit", testid: "event-note" }, "Add note")),
-      form("event-resolve-form", (f) => act("resolve", { note: f.resolve_note.value || undefined }, f),
+      form("event-resolve-form", (f) => act("resolve", { note: f.resolve_note.value || undefined }),
         ...field("resolve_note", "Note"),
         h("button", { type: "submit", testid: "event-resolve" }, "Resolve")),
     );
@@ -836,7 +836,8 @@ function eventView(root, id) {
       const d = await api(`/api/events/${enc(id)}`);
       clearViewError();
       const e = d.event;
-      const changed = !event || event.state !== e.state || event.updated_ms !== e.updated_ms;
+      // The allowed actions depend on the state only: keep what an operator is typing.
+      const changed = !event || event.state !== e.state;
       event = e;
       title.replaceChildren(badge(`sev-${e.severity}`, e.severity), " ", e.rule, h("span", { class: "muted" }, ` · event ${e.id}`));
       info.replaceChildren(
@@ -869,7 +870,6 @@ function eventView(root, id) {
           ),
         ),
       );
-      // Keep what an operator is typing unless the event itself changed.
       if (changed || !actions.childElementCount) renderActions();
     },
   };
@@ -1006,9 +1006,9 @@ function pointView(root, gw, key, params) {
   const fetchSeries = (k) =>
     api(`/api/series${qs({ gateway: gw, point: k, ...rangeParams(), width: Math.max(100, Math.min(4000, Math.round(plotEl.clientWidth || 800))) })}`);
 
+  let xRange = [0, 1]; // read by the plot's x scale, so an in-place update slides it too
   const draw = (main, extra) => {
-    const since = main.since_ms;
-    const until = main.until_ms;
+    xRange = [main.since_ms, main.until_ms];
     const tables = [[main.t, main.min, main.max, main.mean], ...extra.map((x) => [x.d.t, x.d.mean])];
     const data = tables.length > 1 ? uPlot.join(tables) : tables[0];
     const unit = main.unit || "";
@@ -1051,7 +1051,7 @@ function pointView(root, gw, key, params) {
       width: plotEl.clientWidth - 10,
       height: 400,
       ms: 1,
-      scales: { x: { time: true, range: () => [since, until] } },
+      scales: { x: { time: true, range: () => xRange } },
       axes: [
         { stroke: "#8d99a6", grid: { stroke: "#2c343d" }, ticks: { stroke: "#2c343d" }, values: xTicks, space: 60 },
         { stroke: "#8d99a6", grid: { stroke: "#2c343d" }, ticks: { stroke: "#2c343d" }, label: unit, size: 60 },
@@ -1100,10 +1100,7 @@ function pointView(root, gw, key, params) {
         [...shown].filter((r) => (main.related || []).includes(r)).map(async (r) => ({ label: r, d: await fetchSeries(fullKey(r)) })),
       );
       clearViewError();
-      if (!range.rel) {
-        from.value = toLocalInput(range.since);
-        to.value = toLocalInput(range.until);
-      } else if (!from.value) {
+      if (![from, to].includes(document.activeElement)) {
         from.value = toLocalInput(main.since_ms);
         to.value = toLocalInput(main.until_ms);
       }
