@@ -6,7 +6,9 @@
 const SEVERITY_ORDER = ["critical", "alarm", "major", "high", "warning", "warn", "minor", "medium", "low", "info"];
 const EVENT_STATES = ["open", "raised", "acknowledged", "handling", "resolved", "all"];
 const RANGES = ["1h", "6h", "24h", "7d", "30d"];
-const LIVE_DEBOUNCE_MS = 1000;
+const LIVE_MIN_MS = 1000;
+const LIVE_SETTLE_MS = 250;
+const LIVE_RETRY_MS = 5000;
 
 const session = { user: null, role: null, csrf: null };
 let current = null; // {name, load, kinds, dispose?}
@@ -204,44 +206,100 @@ function setLive(state, text) {
   el.textContent = text;
 }
 
+// Live changes are coalesced: a view reloads at most once per LIVE_MIN_MS (or its own
+// minRefreshMs), and within LIVE_SETTLE_MS of the first change (a plain debounce would
+// never fire while readings change every second).
+const livePending = new Set();
+let liveTimer = null;
+let lastLiveLoad = 0;
+let liveRetry = null;
+
+function onLiveChange(kinds) {
+  for (const k of kinds) livePending.add(k);
+  if (liveTimer) return;
+  const gap = Math.max(LIVE_MIN_MS, (current && current.minRefreshMs) || 0);
+  const wait = Math.max(LIVE_SETTLE_MS, lastLiveLoad + gap - Date.now());
+  liveTimer = setTimeout(() => {
+    liveTimer = null;
+    const pending = [...livePending];
+    livePending.clear();
+    if (current && pending.some((k) => current.kinds.includes(k))) refresh();
+  }, wait);
+}
+
 function openLive() {
   closeLive();
-  const pending = new Set();
-  const flush = debounce(() => {
-    const kinds = [...pending];
-    pending.clear();
-    if (current && kinds.some((k) => current.kinds.includes(k))) refresh();
-  }, LIVE_DEBOUNCE_MS);
+  let missed = false;
   liveSource = new EventSource("/api/live");
-  liveSource.onopen = () => setLive("connected", "live");
-  liveSource.onerror = () => setLive("reconnecting", "reconnecting…");
+  liveSource.onopen = () => {
+    setLive("connected", "live");
+    // Changes while disconnected were not announced: reload what is shown.
+    if (missed) refresh();
+  };
+  liveSource.onerror = () => {
+    missed = true;
+    setLive("reconnecting", "reconnecting…");
+    // The browser retries by itself unless the server answered with an error status
+    // (e.g. 401 after the session expired): then check the session and retry later.
+    if (liveSource.readyState === EventSource.CLOSED && !liveRetry) {
+      liveRetry = setTimeout(() => {
+        liveRetry = null;
+        api("/api/session").then(openLive, (ex) => ex.status !== 401 && openLive());
+      }, LIVE_RETRY_MS);
+    }
+  };
   liveSource.addEventListener("change", (e) => {
     try {
-      for (const k of JSON.parse(e.data).kinds || []) pending.add(k);
+      onLiveChange(JSON.parse(e.data).kinds || []);
     } catch {
-      return;
+      // a malformed message: ignore it, the next one reloads the view
     }
-    flush();
   });
 }
 
 function closeLive() {
   if (liveSource) liveSource.close();
   liveSource = null;
+  clearTimeout(liveRetry);
+  liveRetry = null;
   setLive("off", "offline");
 }
 
+// One load at a time; a refresh asked for meanwhile runs once after it.
+let loading = null;
+let reloadAfter = false;
+
 async function refresh() {
+  if (loading) {
+    reloadAfter = true;
+    return loading;
+  }
   const view = current;
   if (!view) return;
-  try {
-    await view.load();
-    if (view !== current) return;
-    const el = document.getElementById("last-update");
-    el.textContent = fmtTime(Date.now()).slice(11);
-    el.dateTime = new Date().toISOString();
-  } catch (ex) {
-    if (ex.status !== 401 && view === current) showViewError(ex);
+  loading = (async () => {
+    try {
+      await view.load();
+      if (view !== current) return;
+      // Any load counts as the latest: re-time a pending live reload from now, with
+      // this view's interval (the previous view may have had a much longer one).
+      lastLiveLoad = Date.now();
+      if (liveTimer) {
+        clearTimeout(liveTimer);
+        liveTimer = null;
+        onLiveChange([]);
+      }
+      const el = document.getElementById("last-update");
+      el.textContent = fmtTime(Date.now()).slice(11);
+      el.dateTime = new Date().toISOString();
+    } catch (ex) {
+      if (ex.status !== 401 && view === current) showViewError(ex);
+    }
+  })();
+  await loading;
+  loading = null;
+  if (reloadAfter) {
+    reloadAfter = false;
+    await refresh();
   }
 }
 
@@ -609,6 +667,7 @@ function devicesTable(devices) {
 const MAP_W = 1000;
 const MAP_H = 620;
 const MAP_PAD = 50;
+const MAP_DEVICES_MS = 60000;
 
 // Grid step: the "nice" value (1, 2, 5 x 10^n degrees) giving about 6 lines over `span`.
 function niceStep(span) {
@@ -635,14 +694,18 @@ function mapView(root) {
     unplaced,
   );
   const colour = { online: "var(--ok)", offline: "var(--alarm)", never: "var(--none)" };
+  const details = new Map();
+  let detailsAt = 0;
   const devColour = (d) => (d.healthy === true ? "var(--ok)" : d.healthy === false ? "var(--alarm)" : "var(--none)");
   return {
     kinds: ["gateways"],
     async load() {
       const rows = (await api("/api/gateways")).gateways;
-      // Device positions come with each gateway's page; fetched a few at a time.
-      const details = new Map();
-      const queue = rows.filter((r) => r.devices_total).map((r) => r.gateway);
+      // Device positions come with each gateway's page: fetched a few at a time, and
+      // again only after a minute (gateway states change far more often than devices).
+      const stale = Date.now() - detailsAt > MAP_DEVICES_MS;
+      if (stale) detailsAt = Date.now();
+      const queue = rows.filter((r) => r.devices_total && (stale || !details.has(r.gateway))).map((r) => r.gateway);
       await Promise.all(
         Array.from({ length: 4 }, async () => {
           while (queue.length) {
@@ -729,7 +792,7 @@ function eventsView(root, params) {
   let events = [];
   let more = false;
   const LIMIT = 200;
-  const tabs = h("div", { class: "tabs", role: "tablist", "aria-label": "Event state" });
+  const tabs = h("div", { class: "tabs", role: "group", "aria-label": "Event state" });
   const summary = h("div", { class: "counts", testid: "events-summary" });
   const table = h("div");
   const older = h("button", { type: "button", testid: "events-older", hidden: true, onclick: () => fetchPage(true) }, "Older events");
@@ -741,8 +804,7 @@ function eventsView(root, params) {
           "button",
           {
             type: "button",
-            role: "tab",
-            "aria-selected": s === state ? "true" : "false",
+            "aria-pressed": s === state ? "true" : "false",
             testid: `events-tab-${s}`,
             onclick: () => {
               state = s;
@@ -1096,6 +1158,8 @@ function pointView(root, gw, key, params) {
     async load() {
       view.kinds = range.rel ? ["readings", "alarms"] : [];
       const main = await fetchSeries(key);
+      // A new reading changes a bucket of bucket_ms: no point reloading much faster.
+      view.minRefreshMs = Math.min(60000, main.bucket_ms);
       const extra = await Promise.all(
         [...shown].filter((r) => (main.related || []).includes(r)).map(async (r) => ({ label: r, d: await fetchSeries(fullKey(r)) })),
       );
