@@ -108,6 +108,7 @@ class FleetRow:
     gateway: str
     site: str | None
     location: dict[str, Any] | None  # as the gateway's config has it ([gateway.location])
+    device_locations: dict[str, Any] | None  # {device: {lat, lon}} of devices that have one
     software: str | None  # its citygw version (None: a gateway before issue 14)
     state: str | None
     state_ms: int | None
@@ -656,7 +657,7 @@ def store_device_health(cur: Any, ph: str, stats: GatewayStats) -> None:
 
 
 FLEET_QUERY = (
-    "SELECT ids.gateway, g.site, g.location, g.software, g.state, g.state_ms, "
+    "SELECT ids.gateway, g.site, g.location, g.locations, g.software, g.state, g.state_ms, "
     f"g.last_seen_ms, h.total, h.healthy, e.n, "
     f"{', '.join('s.' + c.strip() for c in STATS_COLUMNS.split(','))} "
     "FROM (SELECT gateway FROM gateways UNION SELECT gateway FROM gateway_stats) ids "
@@ -675,6 +676,7 @@ def fleet_from_row(row: Sequence[Any]) -> FleetRow:
         gateway,
         site,
         location,
+        locations,
         software,
         state,
         state_ms,
@@ -688,6 +690,7 @@ def fleet_from_row(row: Sequence[Any]) -> FleetRow:
         gateway=str(gateway),
         site=None if site is None else str(site),
         location=from_json(location),
+        device_locations=from_json(locations),
         software=None if software is None else str(software),
         state=None if state is None else str(state),
         state_ms=None if state_ms is None else int(state_ms),

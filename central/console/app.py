@@ -342,6 +342,28 @@ class Console:
             raise fail(404, f"no gateway {gw!r}")
         return JSON(found)
 
+    async def map(self, request: Request) -> Response:
+        """Every gateway, and the devices that have a location with their health."""
+        await self.require(request)
+
+        def read(st: Store) -> dict[str, Any]:
+            rows = st.fleet()
+            devices = [
+                {
+                    "gateway": g.gateway,
+                    "device": d.device,
+                    "location": d.location,
+                    "healthy": d.healthy,
+                }
+                for g in rows
+                if g.device_locations
+                for d in st.gateway_devices(g.gateway)
+                if d.location is not None
+            ]
+            return {"gateways": rows, "devices": devices}
+
+        return JSON(await self.store(read))
+
     async def events(self, request: Request) -> Response:
         await self.require(request)
         state = _choice(request, "state", EVENT_STATES, "open")
@@ -553,6 +575,7 @@ def create_app(console: Console) -> Starlette:
         Route("/api/overview", c.overview),
         Route("/api/gateways", c.gateways),
         Route("/api/gateways/{gateway}", c.gateway),
+        Route("/api/map", c.map),
         Route("/api/events", c.events),
         Route("/api/events/{event_id}", c.event),
         Route("/api/events/{event_id}/{action}", c.event_action, methods=["POST"]),

@@ -667,7 +667,6 @@ function devicesTable(devices) {
 const MAP_W = 1000;
 const MAP_H = 620;
 const MAP_PAD = 50;
-const MAP_DEVICES_MS = 60000;
 
 // Grid step: the "nice" value (1, 2, 5 x 10^n degrees) giving about 6 lines over `span`.
 function niceStep(span) {
@@ -694,35 +693,18 @@ function mapView(root) {
     unplaced,
   );
   const colour = { online: "var(--ok)", offline: "var(--alarm)", never: "var(--none)" };
-  const details = new Map();
-  let detailsAt = 0;
   const devColour = (d) => (d.healthy === true ? "var(--ok)" : d.healthy === false ? "var(--alarm)" : "var(--none)");
   return {
     kinds: ["gateways"],
     async load() {
-      const rows = (await api("/api/gateways")).gateways;
-      // Device positions come with each gateway's page: fetched a few at a time, and
-      // again only after a minute (gateway states change far more often than devices).
-      const stale = Date.now() - detailsAt > MAP_DEVICES_MS;
-      if (stale) detailsAt = Date.now();
-      const queue = rows.filter((r) => r.devices_total && (stale || !details.has(r.gateway))).map((r) => r.gateway);
-      await Promise.all(
-        Array.from({ length: 4 }, async () => {
-          while (queue.length) {
-            const gw = queue.shift();
-            try {
-              details.set(gw, (await api(`/api/gateways/${enc(gw)}`)).devices);
-            } catch (ex) {
-              if (ex.status === 401) throw ex;
-            }
-          }
-        }),
-      );
+      const data = await api("/api/map");
+      const rows = data.gateways;
+      const byGw = new Map(rows.map((r) => [r.gateway, r]));
       clearViewError();
       const valid = (l) => l && Number.isFinite(l.lat) && Number.isFinite(l.lon);
       const gws = rows.filter((r) => valid(r.location));
       const devs = [];
-      for (const r of rows) for (const d of details.get(r.gateway) || []) if (valid(d.location)) devs.push({ gw: r, d });
+      for (const d of data.devices) if (valid(d.location) && byGw.has(d.gateway)) devs.push({ gw: byGw.get(d.gateway), d });
       const all = [...gws.map((r) => r.location), ...devs.map((x) => x.d.location)];
       const missing = rows.filter((r) => !valid(r.location)).map((r) => r.gateway);
       unplaced.replaceChildren();
