@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import pytest
 from starlette.testclient import TestClient
 
@@ -100,7 +100,8 @@ def client(store_url: str, tmp_path: Path, hashes: dict[str, str]) -> Iterator[T
     config = load_console_config(write_config(tmp_path / "console.toml", hashes))
     console = build(store_url, config, connections=2)
     try:
-        with TestClient(create_app(console), base_url="http://127.0.0.1:8080") as c:
+        app = create_app(console)
+        with TestClient(app, base_url="http://127.0.0.1:8080", raise_server_exceptions=False) as c:
             yield c
     finally:
         console.pool.close()
@@ -113,7 +114,7 @@ def login(client: TestClient, user: str) -> str:
     return str(r.json()["csrf"])
 
 
-def error(r: httpx.Response, status: int) -> str:
+def error(r: httpx2.Response, status: int) -> str:
     """The refusal's message; it must have the status and no trace of the server's code."""
     assert r.status_code == status, r.text
     assert "Traceback" not in r.text and 'File "' not in r.text

@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
+import httpx2
 import orjson
 import pytest
 
@@ -68,8 +68,8 @@ def serving(db: str, tmp_path: Path, name: str) -> Iterator[str]:
             if proc.poll() is not None:
                 out = (tmp_path / f"{name}.log").read_text()
                 pytest.fail(f"platform serve exited with {proc.returncode}:\n{out}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/api/health", timeout=1).status_code == 200:
+            with contextlib.suppress(httpx2.HTTPError):
+                if httpx2.get(url + "/api/health", timeout=1).status_code == 200:
                     break
             assert time.monotonic() < deadline, "platform serve did not come up in 30 s"
             time.sleep(0.1)
@@ -97,7 +97,7 @@ async def changes(url: str) -> AsyncIterator[asyncio.Queue[set[str]]]:
 
     async def read() -> None:
         async with (
-            httpx.AsyncClient(timeout=None) as c,
+            httpx2.AsyncClient(timeout=None) as c,
             c.stream("GET", url + "/api/live", headers=AUTH) as r,
         ):
             assert r.status_code == 200
@@ -152,7 +152,7 @@ def test_two_processes_share_events_and_changes(pg_url: str, tmp_path: Path) -> 
     with serving(pg_url, tmp_path, "a") as a, serving(pg_url, tmp_path, "b") as b:
 
         async def scenario() -> None:
-            async with changes(b) as on_b, httpx.AsyncClient(headers=AUTH) as c:
+            async with changes(b) as on_b, httpx2.AsyncClient(headers=AUTH) as c:
                 (event,) = (await c.get(a + "/api/events")).json()["events"]
                 r = await c.post(a + f"/api/events/{event['id']}/ack", json={})
                 assert r.status_code == 200, r.text
@@ -165,7 +165,7 @@ def test_two_processes_share_events_and_changes(pg_url: str, tmp_path: Path) -> 
         asyncio.run(scenario())
 
         # a session opened on a is valid on b (it lives in the store), and so is its logout
-        with httpx.Client() as c:
+        with httpx2.Client() as c:
             r = c.post(a + "/api/login", json={"user": "otto", "password": "pw-otto-1"})
             assert r.status_code == 200, r.text
             csrf = r.json()["csrf"]

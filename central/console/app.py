@@ -306,7 +306,9 @@ class Console:
             rows = [
                 g
                 for g in rows
-                if q in g.gateway.lower() or q in (g.site or "").lower() or q in g.software.lower()
+                if q in g.gateway.lower()
+                or q in (g.site or "").lower()
+                or q in (g.software or "").lower()
             ]
         if state != "all":
             rows = [g for g in rows if (g.state or "never") == state]
