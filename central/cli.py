@@ -543,6 +543,8 @@ def serve(
         fail(str(exc))
     except ConfigError as exc:
         fail(f"{config}:\n{exc}")
+    except OSError as exc:
+        fail(f"{config}: cannot read it: {exc.strerror or exc}", EXIT_NO_FILE)
     console = _run_open(db, lambda: build(db, settings, connections))
     try:
         check_exposure(where, console.accounts)

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 
 from central.console.app import create_app
 from central.console.auth import Accounts, hash_password, token_hash
-from central.console.config import load_console_config
+from central.console.config import ConsoleConfig, load_console_config
 from central.console.serve import Listen, ServeRefused, build, check_exposure
 from central.store import Store
 from central.stores import open_store
@@ -378,3 +378,34 @@ def test_an_internal_error_is_logged_not_shown(
     assert error(r, 500) == "internal error (logged on the server)"
     assert "disk on fire" not in r.text
     assert "disk on fire" in caplog.text
+
+
+def test_without_users_on_loopback_everyone_is_the_local_admin(store_url: str) -> None:
+    s = open_store(store_url)
+    try:
+        feed(s)
+    finally:
+        s.close()
+    console = build(store_url, ConsoleConfig(), connections=1)
+    try:
+        with TestClient(create_app(console), base_url="http://127.0.0.1:8080") as client:
+            assert client.get("/api/session").json() == {
+                "user": "local",
+                "role": "admin",
+                "csrf": None,
+            }
+            assert "no users are configured" in error(
+                client.post("/api/login", json={"user": "x", "password": "y"}), 400
+            )
+            eid = event_id(client)
+            # what a page of another site would send: refused by its Origin
+            r = client.post(
+                f"/api/events/{eid}/ack", json={}, headers={"origin": "http://evil.example"}
+            )
+            assert "another site (http://evil.example)" in error(r, 403)
+            r = client.post(
+                f"/api/events/{eid}/ack", json={}, headers={"origin": "http://127.0.0.1:8080"}
+            )
+            assert r.status_code == 200 and r.json()["event"]["acked_by"] == "local"
+    finally:
+        console.pool.close()

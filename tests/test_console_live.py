@@ -208,3 +208,13 @@ def test_refuses_an_open_listener_and_a_bad_store(tmp_path: Path) -> None:
         timeout=60,
     )
     assert r.returncode == 1 and "unsupported store URL" in r.stderr, r.stderr
+    bad = tmp_path / "console.toml"
+    bad.write_text('[[users]]\nname = "ana"\nrole = "boss"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "cli", "platform", "serve", "--db", db, "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "users[0].role" in r.stderr, r.stderr
+    assert "users[0].password_hash" in r.stderr, r.stderr
