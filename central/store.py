@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 
+from central.series import Series
 from common.wire import STATS_FIELDS, Envelope, GatewayStats, Meta
 from native.batch import Batch
 from native.stages import AlarmEvent
@@ -107,6 +108,21 @@ class AlarmEpisode:
     cleared_ts: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class PointInfo:
+    """A point as the gateway's registry (up/meta) names it."""
+
+    gateway: str
+    point_id: int
+    key: str  # "<device>/<point>"
+    device: str
+    name: str
+    unit: str
+    driver: str
+    type: str
+    updated_ms: int  # when the registry entry was last stored (platform clock)
+
+
 @runtime_checkable
 class Store(Protocol):
     def store_batch(self, gateway: str, env: Envelope, body: Body) -> bool:
@@ -193,6 +209,36 @@ class Store(Protocol):
         """Retention: drop readings taken, uplink keys and dead letters received, and
         alarm episodes cleared before `before_ms` (active alarms stay); what was dropped,
         by table. An uplink resent after its key was dropped is stored again."""
+        ...
+
+    def series(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int, max_points: int
+    ) -> Series:
+        """The point's readings with since_ms <= ts < until_ms for a plot: raw if at most
+        `max_points`, else min/max/mean per bucket (central/series.py)."""
+        ...
+
+    def roll_up(self, limit: int) -> int:
+        """Fold up to `limit` freshly stored reading blocks into the per-minute rollup
+        `series` reads (PostgreSQL; SQLite has none: 0); how many were taken. Safe to
+        run from several workers at once: each block is folded in exactly once."""
+        ...
+
+    def point_alarms(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int
+    ) -> list[AlarmEpisode]:
+        """The point's alarm episodes that overlap [since_ms, until_ms): raised before
+        until_ms and not cleared before since_ms, oldest first."""
+        ...
+
+    def find_points(
+        self, text: str, gateway: str | None = None, limit: int = 50
+    ) -> list[PointInfo]:
+        """Points whose "gateway/key" holds `text` (case-insensitive), by key then gateway."""
+        ...
+
+    def point(self, gateway: str, key: str) -> PointInfo | None:
+        """The point named `key` on `gateway` (the latest registered if several ids)."""
         ...
 
     def close(self) -> None: ...
@@ -341,6 +387,58 @@ def episode_from_row(row: Sequence[Any]) -> AlarmEpisode:
         raised_ts=int(ts),
         value=math.nan if value is None else float(value),
         cleared_ts=None if cleared is None else int(cleared),
+    )
+
+
+def point_alarms_query(ph: str) -> str:
+    """Args: gateway, point_id, until_ms, since_ms (see `Store.point_alarms`)."""
+    return (
+        "SELECT a.gateway, a.point_id, p.key, a.rule, a.severity, a.ts, a.value, a.cleared_ts "
+        "FROM alarms a LEFT JOIN points p ON p.gateway = a.gateway AND p.point_id = a.point_id "
+        f"WHERE a.raised AND a.gateway = {ph} AND a.point_id = {ph} AND a.ts < {ph} "
+        f"AND (a.cleared_ts IS NULL OR a.cleared_ts >= {ph}) ORDER BY a.ts"
+    )
+
+
+POINT_COLUMNS = "gateway, point_id, key, device, name, unit, driver, type, updated_ms"
+
+
+def find_points_query(
+    ph: str, find: str, text: str, gateway: str | None, limit: int
+) -> tuple[str, tuple[Any, ...]]:
+    """`find` is the driver's substring position function (SQLite ``instr``, PostgreSQL
+    ``strpos``): no LIKE, so no wildcards to escape in `text`."""
+    where = f"{find}(lower(gateway || '/' || key), lower({ph})) > 0"
+    args: tuple[Any, ...] = (text,)
+    if gateway is not None:
+        where += f" AND gateway = {ph}"
+        args += (gateway,)
+    return (
+        f"SELECT {POINT_COLUMNS} FROM points WHERE {where} ORDER BY key, gateway, point_id "
+        f"LIMIT {ph}",
+        (*args, limit),
+    )
+
+
+def point_query(ph: str) -> str:
+    return (
+        f"SELECT {POINT_COLUMNS} FROM points WHERE gateway = {ph} AND key = {ph} "
+        "ORDER BY updated_ms DESC, point_id DESC LIMIT 1"
+    )
+
+
+def point_from_row(row: Sequence[Any]) -> PointInfo:
+    gateway, point_id, key, device, name, unit, driver, type_, updated = row
+    return PointInfo(
+        str(gateway),
+        int(point_id),
+        str(key),
+        str(device),
+        str(name),
+        str(unit),
+        str(driver),
+        str(type_),
+        int(updated),
     )
 
 

@@ -40,6 +40,16 @@ import psycopg
 from psycopg import sql
 
 from central import pg_copy
+from central.series import (
+    MINUTE_MS,
+    Series,
+    aggregates,
+    bucket_span,
+    bucketed_series,
+    choose_bucket,
+    floor_sql,
+    raw_series,
+)
 from central.store import (
     ALARM_COLUMNS,
     GATEWAYS_QUERY,
@@ -50,6 +60,7 @@ from central.store import (
     DeadLetter,
     DeviceInfoEntry,
     GatewayInfo,
+    PointInfo,
     PointReading,
     StoreCounts,
     StoreMissing,
@@ -66,7 +77,11 @@ from central.store import (
     device_info_from_row,
     device_info_query,
     episode_from_row,
+    find_points_query,
     gateway_from_row,
+    point_alarms_query,
+    point_from_row,
+    point_query,
     point_rows,
     points_upsert,
     seq_to_db,
@@ -178,9 +193,36 @@ INSERT INTO counters (name, value)
     ON CONFLICT (name) DO NOTHING
 """
 
+#: the console's plots (`series`): per point and minute (ts // 60000), n, n_bad, vmin,
+#: vmax and vsum of its readings (central/series.py says which count), folded in off the
+#: ingest's hot path by `roll_up` from the blocks the ingest queued in `rollup_queue`
+#: (a block's full identity: two streams of a gateway may reuse a seq)
+SERIES_TABLES = """
+CREATE TABLE IF NOT EXISTS point_minutes (
+    gateway  text    NOT NULL,
+    point_id bigint  NOT NULL,
+    minute   bigint  NOT NULL,
+    n        integer NOT NULL,
+    n_bad    integer NOT NULL,
+    vmin     double precision,
+    vmax     double precision,
+    vsum     double precision NOT NULL,
+    PRIMARY KEY (gateway, point_id, minute)
+);
+CREATE INDEX IF NOT EXISTS point_minutes_minute ON point_minutes (minute);
+CREATE TABLE IF NOT EXISTS rollup_queue (
+    gateway     text   NOT NULL,
+    seq         bigint NOT NULL,
+    t_min       bigint NOT NULL,
+    t_max       bigint NOT NULL,
+    received_ms bigint NOT NULL,
+    PRIMARY KEY (gateway, t_max, seq, t_min, received_ms)
+)
+"""
+
 #: tables added by later features (the console's events, sessions, rollups...): each a
 #: DDL string of CREATE ... IF NOT EXISTS statements, run after TABLES
-EXTRA_TABLES: tuple[str, ...] = ()
+EXTRA_TABLES: tuple[str, ...] = (SERIES_TABLES,)
 
 BLOCKS_COLUMNS = """
     gateway     text     NOT NULL,
@@ -205,6 +247,82 @@ CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps, b.vals, b.qualities)
 _UNNEST = (
     "CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps, b.vals, b.qualities) "
     "WITH ORDINALITY AS r(point_id, ts, value, quality, pos)"
+)
+
+#: a queued block (q) and its reading_blocks row (b); t_min lets the executor prune
+#: partitions
+_QUEUED_BLOCK = (
+    "b.gateway = q.gateway AND b.t_min = q.t_min AND b.t_max = q.t_max AND b.seq = q.seq "
+    "AND b.received_ms = q.received_ms"
+)
+
+#: take up to %(limit)s queued blocks nobody else holds, fold their readings into
+#: point_minutes (counts add, min/max merge) in key order (two roll-ups never deadlock),
+#: drop them from the queue: one statement, so exactly once
+_ROLL_UP = f"""
+WITH q AS (
+    DELETE FROM rollup_queue WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM rollup_queue LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
+    RETURNING gateway, seq, t_min, t_max, received_ms
+), agg AS (
+    SELECT b.gateway, r.point_id, {floor_sql("r.ts", str(MINUTE_MS), "%%")} / {MINUTE_MS} AS minute,
+        {aggregates("r.value", "r.quality")}
+    FROM q JOIN reading_blocks b ON {_QUEUED_BLOCK} {_UNNEST}
+    GROUP BY 1, 2, 3
+), merged AS (
+    INSERT INTO point_minutes AS m (gateway, point_id, minute, n, n_bad, vmin, vmax, vsum)
+    SELECT * FROM agg ORDER BY 1, 2, 3
+    ON CONFLICT (gateway, point_id, minute) DO UPDATE SET n = m.n + excluded.n,
+        n_bad = m.n_bad + excluded.n_bad, vmin = LEAST(m.vmin, excluded.vmin),
+        vmax = GREATEST(m.vmax, excluded.vmax), vsum = m.vsum + excluded.vsum
+)
+SELECT count(*) FROM q
+"""
+
+#: the blocks of %(gateway)s not yet folded into point_minutes that may hold readings in
+#: [%(lo)s, %(hi)s)
+_PENDING = (
+    "SELECT b.point_ids, b.timestamps, b.vals, b.qualities, b.seq "
+    f"FROM rollup_queue q JOIN reading_blocks b ON {_QUEUED_BLOCK} "
+    "WHERE q.gateway = %(gateway)s AND q.t_max >= %(lo)s AND q.t_min < %(hi)s"
+)
+_POINT_MINUTES = (
+    "FROM point_minutes WHERE gateway = %(gateway)s AND point_id = %(point)s "
+    "AND minute >= {lo} AND minute < {hi}"
+)
+#: bounds of the point's reading count in [%(lo)s, %(hi)s): the rolled-up minutes that
+#: overlap it, those wholly inside it, and the exact count in the pending blocks
+_SERIES_COUNTS = (
+    f"WITH pending AS ({_PENDING}) SELECT "
+    "(SELECT COALESCE(sum(n + n_bad), 0) "
+    + _POINT_MINUTES.format(lo="%(m_lo)s", hi="%(m_hi)s")
+    + "), (SELECT COALESCE(sum(n + n_bad), 0) "
+    + _POINT_MINUTES.format(lo="%(m_in_lo)s", hi="%(m_in_hi)s")
+    + "), (SELECT count(*) FROM pending b "
+    "CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps) AS r(point_id, ts) "
+    "WHERE r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s)"
+)
+#: the point's readings of every block in [%(lo)s, %(hi)s)
+_BLOCK_READINGS = (
+    f"FROM reading_blocks b {_UNNEST} WHERE b.gateway = %(gateway)s AND b.t_max >= %(lo)s "
+    "AND b.t_min < %(hi)s AND r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s"
+)
+_SERIES_RAW = f"SELECT r.ts, r.value, r.quality {_BLOCK_READINGS} ORDER BY r.ts, b.seq, r.pos"
+#: buckets below a minute, from the blocks
+_SERIES_BLOCKS = (
+    f"SELECT {floor_sql('r.ts', '%(bucket)s', '%%')} AS t, {aggregates('r.value', 'r.quality')} "
+    f"{_BLOCK_READINGS} GROUP BY t ORDER BY t"
+)
+#: buckets of whole minutes: the rolled-up minutes and the pending blocks' readings
+_SERIES_MINUTES = (
+    f"WITH pending AS ({_PENDING}), parts AS ("
+    "SELECT minute, n, n_bad, vmin, vmax, vsum "
+    + _POINT_MINUTES.format(lo="%(m_lo)s", hi="%(m_hi)s")
+    + f" UNION ALL SELECT {floor_sql('r.ts', str(MINUTE_MS), '%%')} / {MINUTE_MS}, "
+    f"{aggregates('r.value', 'r.quality')} FROM pending b {_UNNEST} "
+    "WHERE r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s GROUP BY 1) "
+    f"SELECT {floor_sql(f'minute * {MINUTE_MS}', '%(bucket)s', '%%')} AS t, sum(n), sum(n_bad), "
+    "min(vmin), max(vmax), sum(vsum) FROM parts GROUP BY t ORDER BY t"
 )
 
 
@@ -511,6 +629,7 @@ class PostgresStore:
                         "FROM STDIN (FORMAT BINARY)"
                     ) as copy:
                         copy.write(data)
+                    self._queue_roll_up(cur, fresh_batches, now)
                 cur.execute(
                     "INSERT INTO ingest_counters AS c "
                     "(shard, readings, batches, duplicates_dropped) "
@@ -540,6 +659,20 @@ class PostgresStore:
                         extra={"error": str(e)[:300]},
                     )
         return results
+
+    @staticmethod
+    def _queue_roll_up(
+        cur: psycopg.Cursor[tuple[Any, ...]], batches: Sequence[tuple[str, int, Batch]], now: int
+    ) -> None:
+        """The fresh blocks, for `roll_up` (in key order; a block stored twice in one
+        group under the same identity is one entry, which folds both in once)."""
+        queued = sorted((g, *pg_copy.time_range(b), seq) for g, seq, b in batches if len(b))
+        cur.execute(
+            "INSERT INTO rollup_queue (gateway, t_min, t_max, seq, received_ms) "
+            "SELECT *, %s FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+            "ON CONFLICT DO NOTHING",
+            (now, *(list(column) for column in zip(*queued, strict=True))),
+        )
 
     def _shard(self) -> int:
         """This connection's counters row: workers add to their own rows, so that their
@@ -629,7 +762,21 @@ class PostgresStore:
                     f"DELETE FROM {table} WHERE {condition.format(ph='%s')}".encode(), (before_ms,)
                 )
                 dropped[table] = cur.rowcount
+            # the minutes wholly before the cut; queue entries of blocks dropped above
+            cur.execute("DELETE FROM point_minutes WHERE minute < %s", (before_ms // MINUTE_MS,))
+            dropped["point_minutes"] = cur.rowcount
+            cur.execute(
+                "DELETE FROM rollup_queue q WHERE NOT EXISTS "
+                f"(SELECT 1 FROM reading_blocks b WHERE {_QUEUED_BLOCK})".encode()
+            )
+            dropped["rollup_queue"] = cur.rowcount
         return dropped
+
+    def roll_up(self, limit: int) -> int:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(_ROLL_UP.encode(), {"limit": limit})
+            row = cur.fetchone()
+        return int(row[0]) if row else 0
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -756,6 +903,70 @@ class PostgresStore:
             cur.execute(text.encode(), args)
             rows = cur.fetchall()
         return [PointReading(str(g), str(k), int(t), float(v), int(q)) for g, k, t, v, q in rows]
+
+    def series(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int, max_points: int
+    ) -> Series:
+        """Raw if the point has at most `max_points` readings in the range: decided from
+        the rollup's counts where they tell (the minutes that overlap the range and those
+        wholly in it bound it), else by reading them. Buckets of a minute or more from
+        the rollup and the blocks it has not folded in yet; shorter ones from the blocks.
+        One snapshot (repeatable read): a roll-up committing meanwhile is seen entirely
+        or not at all."""
+        if until_ms <= since_ms:
+            return Series(0)
+        args: dict[str, Any] = {
+            "gateway": gateway,
+            "point": point_id,
+            "lo": since_ms,
+            "hi": until_ms,
+            "m_lo": since_ms // MINUTE_MS,
+            "m_hi": (until_ms - 1) // MINUTE_MS + 1,
+            "m_in_lo": -(-since_ms // MINUTE_MS),
+            "m_in_hi": until_ms // MINUTE_MS,
+        }
+        with self._lock, self._conn().transaction(), self._db.cursor(binary=True) as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur.execute(_SERIES_COUNTS.encode(), args)
+            row = cur.fetchone()
+            assert row is not None
+            overlapping, inside, pending = (int(v) for v in row)
+            if inside + pending <= max_points:  # may be raw: read them (at most one more)
+                limit = "" if overlapping + pending <= max_points else f" LIMIT {max_points + 1}"
+                cur.execute((_SERIES_RAW + limit).encode(), args)
+                rows = cur.fetchall()
+                if len(rows) <= max_points:
+                    return raw_series(rows)
+            bucket = choose_bucket(since_ms, until_ms, max_points)
+            lo, hi = bucket_span(since_ms, until_ms, bucket)
+            args.update(lo=lo, hi=hi, bucket=bucket, m_lo=lo // MINUTE_MS, m_hi=hi // MINUTE_MS)
+            query = _SERIES_MINUTES if bucket >= MINUTE_MS else _SERIES_BLOCKS
+            cur.execute(query.encode(), args)
+            rows = cur.fetchall()
+        return bucketed_series(bucket, rows)
+
+    def point_alarms(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int
+    ) -> list[AlarmEpisode]:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(point_alarms_query("%s").encode(), (gateway, point_id, until_ms, since_ms))
+            rows = cur.fetchall()
+        return [episode_from_row(r) for r in rows]
+
+    def find_points(
+        self, text: str, gateway: str | None = None, limit: int = 50
+    ) -> list[PointInfo]:
+        query, args = find_points_query("%s", "strpos", text, gateway, limit)
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(query.encode(), args)
+            rows = cur.fetchall()
+        return [point_from_row(r) for r in rows]
+
+    def point(self, gateway: str, key: str) -> PointInfo | None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(point_query("%s").encode(), (gateway, key))
+            row = cur.fetchone()
+        return None if row is None else point_from_row(row)
 
     def close(self) -> None:
         with self._lock:

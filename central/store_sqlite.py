@@ -49,6 +49,15 @@ from pathlib import Path
 
 import orjson
 
+from central.series import (
+    Series,
+    aggregates,
+    bucket_span,
+    bucketed_series,
+    choose_bucket,
+    floor_sql,
+    raw_series,
+)
 from central.store import (
     ALARM_COLUMNS,
     GATEWAYS_QUERY,
@@ -59,6 +68,7 @@ from central.store import (
     DeadLetter,
     DeviceInfoEntry,
     GatewayInfo,
+    PointInfo,
     PointReading,
     StoreCounts,
     StoreMissing,
@@ -75,7 +85,11 @@ from central.store import (
     device_info_from_row,
     device_info_query,
     episode_from_row,
+    find_points_query,
     gateway_from_row,
+    point_alarms_query,
+    point_from_row,
+    point_query,
     point_rows,
     points_upsert,
     seq_to_db,
@@ -279,7 +293,7 @@ class SqliteStore:
                 for t, c in _ADDED_COLUMNS
                 if c.split()[0] not in self._columns(t)
             ]
-            if not REQUIRED_TABLES <= tables or missing:
+            if not tables >= REQUIRED_TABLES or missing:
                 raise StoreMissing(
                     f"{self.path}: a store of an older citygw (run `citygw ingest` on it once "
                     "to upgrade it)"
@@ -499,6 +513,58 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [PointReading(g, k, ts, _value(v, raw), q) for g, k, ts, v, q, raw in rows]
+
+    def series(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int, max_points: int
+    ) -> Series:
+        if until_ms <= since_ms:
+            return Series(0)
+        where = "gateway = ? AND point_id = ? AND ts >= ? AND ts < ?"
+        with self._lock:
+            (n,) = self._db.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM readings WHERE {where} LIMIT ?)",
+                (gateway, point_id, since_ms, until_ms, max_points + 1),
+            ).fetchone()
+            if n <= max_points:
+                rows = self._db.execute(
+                    f"SELECT ts, value, quality, raw FROM readings WHERE {where} "
+                    "ORDER BY ts, seq, rowid",
+                    (gateway, point_id, since_ms, until_ms),
+                ).fetchall()
+                return raw_series([(ts, _value(v, raw), q) for ts, v, q, raw in rows])
+            bucket = choose_bucket(since_ms, until_ms, max_points)
+            lo, hi = bucket_span(since_ms, until_ms, bucket)
+            rows = self._db.execute(
+                f"SELECT {floor_sql('ts', str(bucket))} AS t, {aggregates()} FROM readings "
+                f"WHERE {where} GROUP BY t ORDER BY t",
+                (gateway, point_id, lo, hi),
+            ).fetchall()
+        return bucketed_series(bucket, rows)
+
+    def roll_up(self, limit: int) -> int:
+        return 0  # series read the readings table: no rollup to keep
+
+    def point_alarms(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int
+    ) -> list[AlarmEpisode]:
+        with self._lock:
+            rows = self._db.execute(
+                point_alarms_query("?"), (gateway, point_id, until_ms, since_ms)
+            ).fetchall()
+        return [episode_from_row(r) for r in rows]
+
+    def find_points(
+        self, text: str, gateway: str | None = None, limit: int = 50
+    ) -> list[PointInfo]:
+        sql, args = find_points_query("?", "instr", text, gateway, limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [point_from_row(r) for r in rows]
+
+    def point(self, gateway: str, key: str) -> PointInfo | None:
+        with self._lock:
+            row = self._db.execute(point_query("?"), (gateway, key)).fetchone()
+        return None if row is None else point_from_row(row)
 
     def duplicate_readings(self) -> int:
         with self._lock:
