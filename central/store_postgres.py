@@ -22,6 +22,15 @@ payloads and -0.0 included; reads use the binary format too), their alarm events
 ``alarms`` (a clear is paired with its raise). Two workers storing the same uplink at
 once serialise on the unique key: the second waits for the first to commit and then
 inserts nothing. Keys are inserted in sorted order so that two workers never deadlock.
+
+A point's series over a month would read every block of its gateway in that month, so
+`series` reads a per-minute rollup, ``point_minutes``, for buckets of a minute or more.
+It is kept off the hot path: the store transaction only adds each fresh block's identity
+to ``rollup_queue`` (one statement per group); the ingest worker's roll-up task calls
+`roll_up` every second, which takes queued blocks no other worker holds (FOR UPDATE SKIP
+LOCKED), folds their readings in (counts add, min/max merge: a late batch lands in
+minutes rolled up already) and deletes their queue rows, in one transaction: exactly
+once. Blocks still queued are read directly, so a series never misses the newest readings.
 """
 
 from __future__ import annotations
@@ -249,43 +258,53 @@ _UNNEST = (
     "WITH ORDINALITY AS r(point_id, ts, value, quality, pos)"
 )
 
-#: a queued block (q) and its reading_blocks row (b); t_min lets the executor prune
-#: partitions
+#: a queued block (q) and its reading_blocks row (b)
 _QUEUED_BLOCK = (
     "b.gateway = q.gateway AND b.t_min = q.t_min AND b.t_max = q.t_max AND b.seq = q.seq "
     "AND b.received_ms = q.received_ms"
 )
 
-#: take up to %(limit)s queued blocks nobody else holds, fold their readings into
-#: point_minutes (counts add, min/max merge) in key order (two roll-ups never deadlock),
-#: drop them from the queue: one statement, so exactly once
-_ROLL_UP = f"""
-WITH q AS (
-    DELETE FROM rollup_queue WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM rollup_queue LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
-    RETURNING gateway, seq, t_min, t_max, received_ms
-), agg AS (
-    SELECT b.gateway, r.point_id, {floor_sql("r.ts", str(MINUTE_MS), "%%")} / {MINUTE_MS} AS minute,
-        {aggregates("r.value", "r.quality")}
-    FROM q JOIN reading_blocks b ON {_QUEUED_BLOCK} {_UNNEST}
-    GROUP BY 1, 2, 3
-), merged AS (
-    INSERT INTO point_minutes AS m (gateway, point_id, minute, n, n_bad, vmin, vmax, vsum)
-    SELECT * FROM agg ORDER BY 1, 2, 3
-    ON CONFLICT (gateway, point_id, minute) DO UPDATE SET n = m.n + excluded.n,
-        n_bad = m.n_bad + excluded.n_bad, vmin = LEAST(m.vmin, excluded.vmin),
-        vmax = GREATEST(m.vmax, excluded.vmax), vsum = m.vsum + excluded.vsum
+_QUEUE_COLUMNS = "gateway, seq, t_min, t_max, received_ms"
+#: queued blocks (q: %(q_gateway)s... column arrays, as `_queued` gives them) and their
+#: rows (b); the list of t_min lets the planner read only the partitions that hold them
+_QUEUED = (
+    "unnest(%(q_gateway)s::text[], %(q_seq)s::bigint[], %(q_t_min)s::bigint[], "
+    "%(q_t_max)s::bigint[], %(q_received_ms)s::bigint[]) "
+    f"AS q({_QUEUE_COLUMNS}) JOIN reading_blocks b ON {_QUEUED_BLOCK} "
+    "AND b.t_min = ANY(%(q_t_min)s::bigint[])"
 )
-SELECT count(*) FROM q
+#: up to %(limit)s queued blocks nobody else holds, taken off the queue (in the
+#: transaction that folds them in: exactly once)
+_TAKE = (
+    "DELETE FROM rollup_queue WHERE ctid = ANY(ARRAY(SELECT ctid FROM rollup_queue "
+    f"LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) RETURNING {_QUEUE_COLUMNS}"
+)
+#: their readings folded into point_minutes (counts add, min/max merge), in key order so
+#: that two roll-ups never deadlock
+_FOLD = f"""
+INSERT INTO point_minutes AS m (gateway, point_id, minute, n, n_bad, vmin, vmax, vsum)
+SELECT b.gateway, r.point_id, {floor_sql("r.ts", str(MINUTE_MS), "%%")} / {MINUTE_MS},
+    {aggregates("r.value", "r.quality")}
+FROM {_QUEUED} {_UNNEST} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+ON CONFLICT (gateway, point_id, minute) DO UPDATE SET n = m.n + excluded.n,
+    n_bad = m.n_bad + excluded.n_bad, vmin = LEAST(m.vmin, excluded.vmin),
+    vmax = GREATEST(m.vmax, excluded.vmax), vsum = m.vsum + excluded.vsum
 """
-
-#: the blocks of %(gateway)s not yet folded into point_minutes that may hold readings in
-#: [%(lo)s, %(hi)s)
-_PENDING = (
-    "SELECT b.point_ids, b.timestamps, b.vals, b.qualities, b.seq "
-    f"FROM rollup_queue q JOIN reading_blocks b ON {_QUEUED_BLOCK} "
-    "WHERE q.gateway = %(gateway)s AND q.t_max >= %(lo)s AND q.t_min < %(hi)s"
+#: the queued blocks of %(gateway)s that may hold readings in [%(lo)s, %(hi)s)
+_PENDING_KEYS = (
+    f"SELECT {_QUEUE_COLUMNS} FROM rollup_queue WHERE gateway = %(gateway)s "
+    "AND t_max >= %(lo)s AND t_min < %(hi)s"
 )
+#: their rows: readings not yet in point_minutes
+_PENDING = f"SELECT b.point_ids, b.timestamps, b.vals, b.qualities FROM {_QUEUED}"
+
+
+def _queued(rows: Sequence[Sequence[Any]]) -> dict[str, list[Any]]:
+    """Queue rows (`_QUEUE_COLUMNS`) as the column arrays `_QUEUED` reads."""
+    columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(5)]
+    return {f"q_{name}": c for name, c in zip(_QUEUE_COLUMNS.split(", "), columns, strict=True)}
+
+
 _POINT_MINUTES = (
     "FROM point_minutes WHERE gateway = %(gateway)s AND point_id = %(point)s "
     "AND minute >= {lo} AND minute < {hi}"
@@ -447,7 +466,9 @@ class PostgresStore:
         """Create or upgrade the schema (inside the caller's locked transaction).
         Version 1 kept a row per reading in a ``readings`` table; version 2 keeps blocks;
         version 3 adds ``device_info`` (made by TABLES, like every added table or column);
-        version 4 the console's tables (EXTRA_TABLES)."""
+        version 4 the console's tables (EXTRA_TABLES): the blocks stored before the
+        rollup existed are queued for it."""
+        new_rollup = self._relkind(cur, "point_minutes") is None
         for stmt in (TABLES + ";" + ";".join(EXTRA_TABLES)).split(";"):
             if stmt.strip():
                 cur.execute(stmt.encode())
@@ -484,6 +505,11 @@ class PostgresStore:
             )
             cur.execute("DROP TABLE counters")
         cur.execute(READINGS_VIEW.encode())
+        if new_rollup:
+            cur.execute(
+                f"INSERT INTO rollup_queue ({_QUEUE_COLUMNS}) "
+                f"SELECT {_QUEUE_COLUMNS} FROM reading_blocks ON CONFLICT DO NOTHING"
+            )
         cur.execute("DELETE FROM schema_info")
         cur.execute("INSERT INTO schema_info (version) VALUES (%s)", (SCHEMA_VERSION,))
 
@@ -774,9 +800,12 @@ class PostgresStore:
 
     def roll_up(self, limit: int) -> int:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
-            cur.execute(_ROLL_UP.encode(), {"limit": limit})
-            row = cur.fetchone()
-        return int(row[0]) if row else 0
+            cur.execute(_TAKE.encode(), {"limit": limit})
+            taken = cur.fetchall()
+            if taken:
+                cur.execute("SET LOCAL work_mem = '64MB'")  # the fold's sort, in memory
+                cur.execute(_FOLD.encode(), _queued(taken))
+        return len(taken)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -927,6 +956,8 @@ class PostgresStore:
         }
         with self._lock, self._conn().transaction(), self._db.cursor(binary=True) as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur.execute(_PENDING_KEYS.encode(), args)
+            args.update(_queued(cur.fetchall()))
             cur.execute(_SERIES_COUNTS.encode(), args)
             row = cur.fetchone()
             assert row is not None
@@ -940,8 +971,12 @@ class PostgresStore:
             bucket = choose_bucket(since_ms, until_ms, max_points)
             lo, hi = bucket_span(since_ms, until_ms, bucket)
             args.update(lo=lo, hi=hi, bucket=bucket, m_lo=lo // MINUTE_MS, m_hi=hi // MINUTE_MS)
-            query = _SERIES_MINUTES if bucket >= MINUTE_MS else _SERIES_BLOCKS
-            cur.execute(query.encode(), args)
+            if bucket < MINUTE_MS:
+                cur.execute(_SERIES_BLOCKS.encode(), args)
+            else:
+                cur.execute(_PENDING_KEYS.encode(), args)
+                args.update(_queued(cur.fetchall()))
+                cur.execute(_SERIES_MINUTES.encode(), args)
             rows = cur.fetchall()
         return bucketed_series(bucket, rows)
 

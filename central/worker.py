@@ -20,6 +20,10 @@ can never be stored): the group is split in halves until the refused message sta
 alone; the others are stored, it becomes a dead letter (reason ``unstorable``) and all
 are acknowledged. Unknown: retried `UNKNOWN_ERROR_ATTEMPTS` times, then handled as
 refused for a message that still fails on its own.
+
+A second task drains the store's rollup queue every second (`Store.roll_up`: the
+per-minute rollup PostgreSQL's `series` reads); workers share it, and a failure there is
+logged, counted and retried with backoff without holding up the messages.
 """
 
 from __future__ import annotations
@@ -596,6 +600,8 @@ async def report_throughput(worker: IngestWorker, every: float) -> None:
                 "duplicates_dropped": c.duplicates_dropped,
                 "rejected": c.rejected_total,
                 "store_errors": c.store_errors,
+                "blocks_rolled_up": c.blocks_rolled_up,
+                "roll_up_errors": c.roll_up_errors,
                 "connected": worker.connected.is_set(),
             },
         )

@@ -360,6 +360,26 @@ def test_roll_up_skips_blocks_another_holds(pg_url: str) -> None:
         store.close()
 
 
+def test_upgrade_queues_the_blocks_stored_before(pg_url: str) -> None:
+    """A store made before the rollup existed: its blocks are queued when the ingest
+    upgrades it, and rolled up like fresh ones."""
+    store = open_store(pg_url)
+    assert isinstance(store, PostgresStore)
+    feed(store, GW, 1, [(1, T0 + 1, 1.0, GOOD), (1, T0 + MINUTE_MS, 3.0, GOOD)])
+    store._db.execute("DROP TABLE point_minutes, rollup_queue")
+    store.close()
+    store = open_store(pg_url)
+    try:
+        assert queued(store) == 1 and store.roll_up(10) == 1
+        s = store.series(GW, 1, T0, T0 + 2 * MINUTE_MS, 1)
+        assert (s.bucket_ms, s.n, s.vmean) == (2 * MINUTE_MS, [2], [2.0])
+        store.close()
+        store = open_store(pg_url)  # once only
+        assert queued(store) == 0
+    finally:
+        store.close()
+
+
 # -- points and alarms ----------------------------------------------------------------------
 
 
