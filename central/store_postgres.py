@@ -310,14 +310,16 @@ _POINT_MINUTES = (
     "AND minute >= {lo} AND minute < {hi}"
 )
 #: bounds of the point's reading count in [%(lo)s, %(hi)s): the rolled-up minutes that
-#: overlap it, those wholly inside it, and the exact count in the pending blocks
+#: overlap it, those wholly inside it, and the exact count in the pending blocks. A minute
+#: row holds one reading at least, so %(cap)s rows (max_points + 1) are enough to tell
+#: "more than max_points": a month of minutes is not summed to learn that
 _SERIES_COUNTS = (
     f"WITH pending AS ({_PENDING}) SELECT "
-    "(SELECT COALESCE(sum(n + n_bad), 0) "
+    "(SELECT COALESCE(sum(n + n_bad), 0) FROM (SELECT n, n_bad "
     + _POINT_MINUTES.format(lo="%(m_lo)s", hi="%(m_hi)s")
-    + "), (SELECT COALESCE(sum(n + n_bad), 0) "
+    + " LIMIT %(cap)s) c), (SELECT COALESCE(sum(n + n_bad), 0) FROM (SELECT n, n_bad "
     + _POINT_MINUTES.format(lo="%(m_in_lo)s", hi="%(m_in_hi)s")
-    + "), (SELECT count(*) FROM pending b "
+    + " LIMIT %(cap)s) c), (SELECT count(*) FROM pending b "
     "CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps) AS r(point_id, ts) "
     "WHERE r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s)"
 )
@@ -953,6 +955,7 @@ class PostgresStore:
             "m_hi": (until_ms - 1) // MINUTE_MS + 1,
             "m_in_lo": -(-since_ms // MINUTE_MS),
             "m_in_hi": until_ms // MINUTE_MS,
+            "cap": max_points + 1,
         }
         with self._lock, self._conn().transaction(), self._db.cursor(binary=True) as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
