@@ -52,10 +52,17 @@ def _array(values: np.ndarray, oid: int, dtype: str) -> bytes:
     return _ARRAY_HEAD.pack(20 + len(body), 1, 0, oid, n, 1) + body
 
 
+def time_range(batch: Batch) -> tuple[int, int]:
+    """(t_min, t_max) of a block: its readings' first and last time (`batch` not empty)."""
+    ts = np.frombuffer(batch.timestamps, dtype=np.int64)
+    return int(ts.min()), int(ts.max())
+
+
 def block_row(gateway: str, seq: int, batch: Batch, received_ms: int) -> bytes:
     """One COPY row: the uplink's readings (`batch` must not be empty)."""
     ids = np.frombuffer(batch.point_ids, dtype=np.uint32)
     ts = np.frombuffer(batch.timestamps, dtype=np.int64)
+    t_min, t_max = time_range(batch)
     values = np.frombuffer(batch.values, dtype=np.float64)
     quality = np.frombuffer(batch.quality, dtype=np.uint8)
     name = gateway.encode()
@@ -65,8 +72,8 @@ def block_row(gateway: str, seq: int, batch: Batch, received_ms: int) -> bytes:
             _LEN.pack(len(name)),
             name,
             _INT8_FIELD.pack(8, seq),
-            _INT8_FIELD.pack(8, int(ts.min())),
-            _INT8_FIELD.pack(8, int(ts.max())),
+            _INT8_FIELD.pack(8, t_min),
+            _INT8_FIELD.pack(8, t_max),
             _INT8_FIELD.pack(8, received_ms),
             _array(ids, _OID_INT8, ">i8"),
             _array(ts, _OID_INT8, ">i8"),

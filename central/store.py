@@ -17,6 +17,7 @@ import orjson
 
 from central import events
 from central.events import Event, EventAction, EventSummary
+from central.series import Series
 from central.sessions import Session
 from common.wire import STATS_FIELDS, DeviceStatus, Envelope, GatewayStats, Meta
 from native.batch import GOOD, UNCERTAIN, Batch
@@ -84,21 +85,6 @@ class DeviceInfoEntry:
     name: str
     value: str
     since_ms: int  # the gateway's time of the first report with this value
-
-
-@dataclass(frozen=True, slots=True)
-class PointInfo:
-    """A point of the registry (up/meta) and when the gateway last described it."""
-
-    gateway: str
-    point_id: int
-    key: str
-    device: str
-    name: str
-    unit: str
-    driver: str
-    type: str
-    updated_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +156,21 @@ class AlarmEpisode:
     raised_ts: int
     value: float
     cleared_ts: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PointInfo:
+    """A point as the gateway's registry (up/meta) names it."""
+
+    gateway: str
+    point_id: int
+    key: str  # "<device>/<point>"
+    device: str
+    name: str
+    unit: str
+    driver: str
+    type: str
+    updated_ms: int  # when the registry entry was last stored (platform clock)
 
 
 @runtime_checkable
@@ -335,6 +336,36 @@ class Store(Protocol):
         console polls it)."""
         ...
 
+    def series(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int, max_points: int
+    ) -> Series:
+        """The point's readings with since_ms <= ts < until_ms for a plot: raw if at most
+        `max_points`, else min/max/mean per bucket (central/series.py)."""
+        ...
+
+    def roll_up(self, limit: int) -> int:
+        """Fold up to `limit` freshly stored reading blocks into the per-minute rollup
+        `series` reads (PostgreSQL; SQLite has none: 0); how many were taken. Safe to
+        run from several workers at once: each block is folded in exactly once."""
+        ...
+
+    def point_alarms(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int
+    ) -> list[AlarmEpisode]:
+        """The point's alarm episodes that overlap [since_ms, until_ms): raised before
+        until_ms and not cleared before since_ms, oldest first."""
+        ...
+
+    def find_points(
+        self, text: str, gateway: str | None = None, limit: int = 50
+    ) -> list[PointInfo]:
+        """Points whose "gateway/key" holds `text` (case-insensitive), by key then gateway."""
+        ...
+
+    def point(self, gateway: str, key: str) -> PointInfo | None:
+        """The point named `key` on `gateway` (the latest registered if several ids)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -481,6 +512,58 @@ def episode_from_row(row: Sequence[Any]) -> AlarmEpisode:
         raised_ts=int(ts),
         value=math.nan if value is None else float(value),
         cleared_ts=None if cleared is None else int(cleared),
+    )
+
+
+def point_alarms_query(ph: str) -> str:
+    """Args: gateway, point_id, until_ms, since_ms (see `Store.point_alarms`)."""
+    return (
+        "SELECT a.gateway, a.point_id, p.key, a.rule, a.severity, a.ts, a.value, a.cleared_ts "
+        "FROM alarms a LEFT JOIN points p ON p.gateway = a.gateway AND p.point_id = a.point_id "
+        f"WHERE a.raised AND a.gateway = {ph} AND a.point_id = {ph} AND a.ts < {ph} "
+        f"AND (a.cleared_ts IS NULL OR a.cleared_ts >= {ph}) ORDER BY a.ts"
+    )
+
+
+POINT_COLUMNS = "gateway, point_id, key, device, name, unit, driver, type, updated_ms"
+
+
+def find_points_query(
+    ph: str, find: str, text: str, gateway: str | None, limit: int
+) -> tuple[str, tuple[Any, ...]]:
+    """`find` is the driver's substring position function (SQLite ``instr``, PostgreSQL
+    ``strpos``): no LIKE, so no wildcards to escape in `text`."""
+    where = f"{find}(lower(gateway || '/' || key), lower({ph})) > 0"
+    args: tuple[Any, ...] = (text,)
+    if gateway is not None:
+        where += f" AND gateway = {ph}"
+        args += (gateway,)
+    return (
+        f"SELECT {POINT_COLUMNS} FROM points WHERE {where} ORDER BY key, gateway, point_id "
+        f"LIMIT {ph}",
+        (*args, limit),
+    )
+
+
+def point_query(ph: str) -> str:
+    return (
+        f"SELECT {POINT_COLUMNS} FROM points WHERE gateway = {ph} AND key = {ph} "
+        "ORDER BY updated_ms DESC, point_id DESC LIMIT 1"
+    )
+
+
+def point_from_row(row: Sequence[Any]) -> PointInfo:
+    gateway, point_id, key, device, name, unit, driver, type_, updated = row
+    return PointInfo(
+        str(gateway),
+        int(point_id),
+        str(key),
+        str(device),
+        str(name),
+        str(unit),
+        str(driver),
+        str(type_),
+        int(updated),
     )
 
 
@@ -699,24 +782,6 @@ def fleet_from_row(row: Sequence[Any]) -> FleetRow:
         devices_total=int(total or 0),
         devices_healthy=int(healthy or 0),
         open_events=int(n_open or 0),
-    )
-
-
-POINT_COLUMNS = "gateway, point_id, key, device, name, unit, driver, type, updated_ms"
-
-
-def point_from_row(row: Sequence[Any]) -> PointInfo:
-    gateway, point_id, key, device, name, unit, driver, type_, updated = row
-    return PointInfo(
-        str(gateway),
-        int(point_id),
-        str(key),
-        str(device),
-        str(name),
-        str(unit),
-        str(driver),
-        str(type_),
-        int(updated),
     )
 
 

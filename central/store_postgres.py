@@ -22,6 +22,15 @@ payloads and -0.0 included; reads use the binary format too), their alarm events
 ``alarms`` (a clear is paired with its raise). Two workers storing the same uplink at
 once serialise on the unique key: the second waits for the first to commit and then
 inserts nothing. Keys are inserted in sorted order so that two workers never deadlock.
+
+A point's series over a month would read every block of its gateway in that month, so
+`series` reads a per-minute rollup, ``point_minutes``, for buckets of a minute or more.
+It is kept off the hot path: the store transaction only adds each fresh block's identity
+to ``rollup_queue`` (one statement per group); the ingest worker's roll-up task calls
+`roll_up` every second, which takes queued blocks no other worker holds (FOR UPDATE SKIP
+LOCKED), folds their readings in (counts add, min/max merge: a late batch lands in
+minutes rolled up already) and deletes their queue rows, in one transaction: exactly
+once. Blocks still queued are read directly, so a series never misses the newest readings.
 """
 
 from __future__ import annotations
@@ -40,6 +49,16 @@ from psycopg import sql
 
 from central import events, pg_copy, sessions
 from central.events import Event, EventAction, EventSummary
+from central.series import (
+    MINUTE_MS,
+    Series,
+    aggregates,
+    bucket_span,
+    bucketed_series,
+    choose_bucket,
+    floor_sql,
+    raw_series,
+)
 from central.sessions import Session
 from central.store import (
     ALARM_COLUMNS,
@@ -60,6 +79,7 @@ from central.store import (
     FleetRow,
     GatewayInfo,
     LatestValue,
+    PointInfo,
     PointReading,
     StoreCounts,
     StoreMissing,
@@ -77,12 +97,16 @@ from central.store import (
     device_info_query,
     device_rows,
     episode_from_row,
+    find_points_query,
     fleet_from_row,
     gateway_devices_queries,
     gateway_from_row,
     gateway_meta_args,
     gateway_meta_upsert,
     latest_args,
+    point_alarms_query,
+    point_from_row,
+    point_query,
     point_rows,
     points_upsert,
     selected_points,
@@ -209,10 +233,38 @@ CREATE TABLE IF NOT EXISTS device_health (
 )
 """
 
+#: the console's plots (`series`): per point and minute (ts // 60000), n, n_bad, vmin,
+#: vmax and vsum of its readings (central/series.py says which count), folded in off the
+#: ingest's hot path by `roll_up` from the blocks the ingest queued in `rollup_queue`
+#: (a block's full identity: two streams of a gateway may reuse a seq)
+SERIES_TABLES = """
+CREATE TABLE IF NOT EXISTS point_minutes (
+    gateway  text    NOT NULL,
+    point_id bigint  NOT NULL,
+    minute   bigint  NOT NULL,
+    n        integer NOT NULL,
+    n_bad    integer NOT NULL,
+    vmin     double precision,
+    vmax     double precision,
+    vsum     double precision NOT NULL,
+    PRIMARY KEY (gateway, point_id, minute)
+);
+CREATE INDEX IF NOT EXISTS point_minutes_minute ON point_minutes (minute);
+CREATE TABLE IF NOT EXISTS rollup_queue (
+    gateway     text   NOT NULL,
+    seq         bigint NOT NULL,
+    t_min       bigint NOT NULL,
+    t_max       bigint NOT NULL,
+    received_ms bigint NOT NULL,
+    PRIMARY KEY (gateway, t_max, seq, t_min, received_ms)
+)
+"""
+
 #: tables added by later features (the console's events, sessions, rollups...): each a
 #: DDL string of CREATE ... IF NOT EXISTS statements, run after TABLES
 EXTRA_TABLES: tuple[str, ...] = (
     DEVICE_HEALTH,
+    SERIES_TABLES,
     sessions.POSTGRES_TABLES,
     events.POSTGRES_TABLES,
     # change_marks "gateways" (alarms and events have their tables' identity sequences)
@@ -257,6 +309,94 @@ _CHANGE_MARKS: Final = (
 _UNNEST = (
     "CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps, b.vals, b.qualities) "
     "WITH ORDINALITY AS r(point_id, ts, value, quality, pos)"
+)
+
+#: a queued block (q) and its reading_blocks row (b)
+_QUEUED_BLOCK = (
+    "b.gateway = q.gateway AND b.t_min = q.t_min AND b.t_max = q.t_max AND b.seq = q.seq "
+    "AND b.received_ms = q.received_ms"
+)
+
+_QUEUE_COLUMNS = "gateway, seq, t_min, t_max, received_ms"
+#: queued blocks (q: %(q_gateway)s... column arrays, as `_queued` gives them) and their
+#: rows (b); the list of t_min lets the planner read only the partitions that hold them
+_QUEUED = (
+    "unnest(%(q_gateway)s::text[], %(q_seq)s::bigint[], %(q_t_min)s::bigint[], "
+    "%(q_t_max)s::bigint[], %(q_received_ms)s::bigint[]) "
+    f"AS q({_QUEUE_COLUMNS}) JOIN reading_blocks b ON {_QUEUED_BLOCK} "
+    "AND b.t_min = ANY(%(q_t_min)s::bigint[])"
+)
+#: up to %(limit)s queued blocks nobody else holds, taken off the queue (in the
+#: transaction that folds them in: exactly once)
+_TAKE = (
+    "DELETE FROM rollup_queue WHERE ctid = ANY(ARRAY(SELECT ctid FROM rollup_queue "
+    f"LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) RETURNING {_QUEUE_COLUMNS}"
+)
+#: their readings folded into point_minutes (counts add, min/max merge), in key order so
+#: that two roll-ups never deadlock
+_FOLD = f"""
+INSERT INTO point_minutes AS m (gateway, point_id, minute, n, n_bad, vmin, vmax, vsum)
+SELECT b.gateway, r.point_id, {floor_sql("r.ts", str(MINUTE_MS), "%%")} / {MINUTE_MS},
+    {aggregates("r.value", "r.quality")}
+FROM {_QUEUED} {_UNNEST} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+ON CONFLICT (gateway, point_id, minute) DO UPDATE SET n = m.n + excluded.n,
+    n_bad = m.n_bad + excluded.n_bad, vmin = LEAST(m.vmin, excluded.vmin),
+    vmax = GREATEST(m.vmax, excluded.vmax), vsum = m.vsum + excluded.vsum
+"""
+#: the queued blocks of %(gateway)s that may hold readings in [%(lo)s, %(hi)s)
+_PENDING_KEYS = (
+    f"SELECT {_QUEUE_COLUMNS} FROM rollup_queue WHERE gateway = %(gateway)s "
+    "AND t_max >= %(lo)s AND t_min < %(hi)s"
+)
+#: their rows: readings not yet in point_minutes
+_PENDING = f"SELECT b.point_ids, b.timestamps, b.vals, b.qualities FROM {_QUEUED}"
+
+
+def _queued(rows: Sequence[Sequence[Any]]) -> dict[str, list[Any]]:
+    """Queue rows (`_QUEUE_COLUMNS`) as the column arrays `_QUEUED` reads."""
+    columns = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(5)]
+    return {f"q_{name}": c for name, c in zip(_QUEUE_COLUMNS.split(", "), columns, strict=True)}
+
+
+_POINT_MINUTES = (
+    "FROM point_minutes WHERE gateway = %(gateway)s AND point_id = %(point)s "
+    "AND minute >= {lo} AND minute < {hi}"
+)
+#: bounds of the point's reading count in [%(lo)s, %(hi)s): the rolled-up minutes that
+#: overlap it, those wholly inside it, and the exact count in the pending blocks. A minute
+#: row holds one reading at least, so %(cap)s rows (max_points + 1) are enough to tell
+#: "more than max_points": a month of minutes is not summed to learn that
+_SERIES_COUNTS = (
+    f"WITH pending AS ({_PENDING}) SELECT "
+    "(SELECT COALESCE(sum(n + n_bad), 0) FROM (SELECT n, n_bad "
+    + _POINT_MINUTES.format(lo="%(m_lo)s", hi="%(m_hi)s")
+    + " LIMIT %(cap)s) c), (SELECT COALESCE(sum(n + n_bad), 0) FROM (SELECT n, n_bad "
+    + _POINT_MINUTES.format(lo="%(m_in_lo)s", hi="%(m_in_hi)s")
+    + " LIMIT %(cap)s) c), (SELECT count(*) FROM pending b "
+    "CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps) AS r(point_id, ts) "
+    "WHERE r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s)"
+)
+#: the point's readings of every block in [%(lo)s, %(hi)s)
+_BLOCK_READINGS = (
+    f"FROM reading_blocks b {_UNNEST} WHERE b.gateway = %(gateway)s AND b.t_max >= %(lo)s "
+    "AND b.t_min < %(hi)s AND r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s"
+)
+_SERIES_RAW = f"SELECT r.ts, r.value, r.quality {_BLOCK_READINGS} ORDER BY r.ts, b.seq, r.pos"
+#: buckets below a minute, from the blocks
+_SERIES_BLOCKS = (
+    f"SELECT {floor_sql('r.ts', '%(bucket)s', '%%')} AS t, {aggregates('r.value', 'r.quality')} "
+    f"{_BLOCK_READINGS} GROUP BY t ORDER BY t"
+)
+#: buckets of whole minutes: the rolled-up minutes and the pending blocks' readings
+_SERIES_MINUTES = (
+    f"WITH pending AS ({_PENDING}), parts AS ("
+    "SELECT minute, n, n_bad, vmin, vmax, vsum "
+    + _POINT_MINUTES.format(lo="%(m_lo)s", hi="%(m_hi)s")
+    + f" UNION ALL SELECT {floor_sql('r.ts', str(MINUTE_MS), '%%')} / {MINUTE_MS}, "
+    f"{aggregates('r.value', 'r.quality')} FROM pending b {_UNNEST} "
+    "WHERE r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s GROUP BY 1) "
+    f"SELECT {floor_sql(f'minute * {MINUTE_MS}', '%(bucket)s', '%%')} AS t, sum(n), sum(n_bad), "
+    "min(vmin), max(vmax), sum(vsum) FROM parts GROUP BY t ORDER BY t"
 )
 
 
@@ -382,7 +522,9 @@ class PostgresStore:
         """Create or upgrade the schema (inside the caller's locked transaction).
         Version 1 kept a row per reading in a ``readings`` table; version 2 keeps blocks;
         version 3 adds ``device_info`` (made by TABLES, like every added table or column);
-        version 4 the console's tables (EXTRA_TABLES)."""
+        version 4 the console's tables (EXTRA_TABLES): the blocks stored before the
+        rollup existed are queued for it."""
+        new_rollup = self._relkind(cur, "point_minutes") is None
         for stmt in (TABLES + ";" + ";".join(EXTRA_TABLES)).split(";"):
             if stmt.strip():
                 cur.execute(stmt.encode())
@@ -419,6 +561,11 @@ class PostgresStore:
             )
             cur.execute("DROP TABLE counters")
         cur.execute(READINGS_VIEW.encode())
+        if new_rollup:
+            cur.execute(
+                f"INSERT INTO rollup_queue ({_QUEUE_COLUMNS}) "
+                f"SELECT {_QUEUE_COLUMNS} FROM reading_blocks ON CONFLICT DO NOTHING"
+            )
         cur.execute("DELETE FROM schema_info")
         cur.execute("INSERT INTO schema_info (version) VALUES (%s)", (SCHEMA_VERSION,))
 
@@ -570,6 +717,7 @@ class PostgresStore:
                         "FROM STDIN (FORMAT BINARY)"
                     ) as copy:
                         copy.write(data)
+                    self._queue_roll_up(cur, fresh_batches, now)
                 cur.execute(
                     "INSERT INTO ingest_counters AS c "
                     "(shard, readings, batches, duplicates_dropped) "
@@ -606,6 +754,20 @@ class PostgresStore:
                         extra={"error": str(e)[:300]},
                     )
         return results
+
+    @staticmethod
+    def _queue_roll_up(
+        cur: psycopg.Cursor[tuple[Any, ...]], batches: Sequence[tuple[str, int, Batch]], now: int
+    ) -> None:
+        """The fresh blocks, for `roll_up` (in key order; a block stored twice in one
+        group under the same identity is one entry, which folds both in once)."""
+        queued = sorted((g, *pg_copy.time_range(b), seq) for g, seq, b in batches if len(b))
+        cur.execute(
+            "INSERT INTO rollup_queue (gateway, t_min, t_max, seq, received_ms) "
+            "SELECT *, %s FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bigint[]) "
+            "ON CONFLICT DO NOTHING",
+            (now, *(list(column) for column in zip(*queued, strict=True))),
+        )
 
     def _shard(self) -> int:
         """This connection's counters row: workers add to their own rows, so that their
@@ -703,7 +865,24 @@ class PostgresStore:
                     f"DELETE FROM {table} WHERE {condition.format(ph='%s')}".encode(), (before_ms,)
                 )
                 dropped[table] = cur.rowcount
+            # the minutes wholly before the cut; queue entries of blocks dropped above
+            cur.execute("DELETE FROM point_minutes WHERE minute < %s", (before_ms // MINUTE_MS,))
+            dropped["point_minutes"] = cur.rowcount
+            cur.execute(
+                "DELETE FROM rollup_queue q WHERE NOT EXISTS "
+                f"(SELECT 1 FROM reading_blocks b WHERE {_QUEUED_BLOCK})".encode()
+            )
+            dropped["rollup_queue"] = cur.rowcount
         return dropped
+
+    def roll_up(self, limit: int) -> int:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(_TAKE.encode(), {"limit": limit})
+            taken = cur.fetchall()
+            if taken:
+                cur.execute("SET LOCAL work_mem = '64MB'")  # the fold's sort, in memory
+                cur.execute(_FOLD.encode(), _queued(taken))
+        return len(taken)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -955,6 +1134,79 @@ class PostgresStore:
     def session_close(self, id_hash: str, now_ms: int) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
             cur.execute(sessions.session_delete("%s"), (id_hash, now_ms))
+
+    # -- series ----------------------------------------------------------------------------
+
+    def series(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int, max_points: int
+    ) -> Series:
+        """Raw if the point has at most `max_points` readings in the range: decided from
+        the rollup's counts where they tell (the minutes that overlap the range and those
+        wholly in it bound it), else by reading them. Buckets of a minute or more from
+        the rollup and the blocks it has not folded in yet; shorter ones from the blocks.
+        One snapshot (repeatable read): a roll-up committing meanwhile is seen entirely
+        or not at all."""
+        if until_ms <= since_ms:
+            return Series(0)
+        args: dict[str, Any] = {
+            "gateway": gateway,
+            "point": point_id,
+            "lo": since_ms,
+            "hi": until_ms,
+            "m_lo": since_ms // MINUTE_MS,
+            "m_hi": (until_ms - 1) // MINUTE_MS + 1,
+            "m_in_lo": -(-since_ms // MINUTE_MS),
+            "m_in_hi": until_ms // MINUTE_MS,
+            "cap": max_points + 1,
+        }
+        with self._lock, self._conn().transaction(), self._db.cursor(binary=True) as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur.execute(_PENDING_KEYS.encode(), args)
+            args.update(_queued(cur.fetchall()))
+            cur.execute(_SERIES_COUNTS.encode(), args)
+            row = cur.fetchone()
+            assert row is not None
+            overlapping, inside, pending = (int(v) for v in row)
+            if inside + pending <= max_points:  # may be raw: read them (at most one more)
+                limit = "" if overlapping + pending <= max_points else f" LIMIT {max_points + 1}"
+                cur.execute((_SERIES_RAW + limit).encode(), args)
+                rows = cur.fetchall()
+                if len(rows) <= max_points:
+                    return raw_series(rows)
+            bucket = choose_bucket(since_ms, until_ms, max_points)
+            lo, hi = bucket_span(since_ms, until_ms, bucket)
+            args.update(lo=lo, hi=hi, bucket=bucket, m_lo=lo // MINUTE_MS, m_hi=hi // MINUTE_MS)
+            if bucket < MINUTE_MS:
+                cur.execute(_SERIES_BLOCKS.encode(), args)
+            else:
+                cur.execute(_PENDING_KEYS.encode(), args)
+                args.update(_queued(cur.fetchall()))
+                cur.execute(_SERIES_MINUTES.encode(), args)
+            rows = cur.fetchall()
+        return bucketed_series(bucket, rows)
+
+    def point_alarms(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int
+    ) -> list[AlarmEpisode]:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(point_alarms_query("%s").encode(), (gateway, point_id, until_ms, since_ms))
+            rows = cur.fetchall()
+        return [episode_from_row(r) for r in rows]
+
+    def find_points(
+        self, text: str, gateway: str | None = None, limit: int = 50
+    ) -> list[PointInfo]:
+        query, args = find_points_query("%s", "strpos", text, gateway, limit)
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(query.encode(), args)
+            rows = cur.fetchall()
+        return [point_from_row(r) for r in rows]
+
+    def point(self, gateway: str, key: str) -> PointInfo | None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(point_query("%s").encode(), (gateway, key))
+            row = cur.fetchone()
+        return None if row is None else point_from_row(row)
 
     def close(self) -> None:
         with self._lock:

@@ -54,6 +54,15 @@ from pathlib import Path
 
 from central import events, sessions
 from central.events import Event, EventAction, EventSummary
+from central.series import (
+    Series,
+    aggregates,
+    bucket_span,
+    bucketed_series,
+    choose_bucket,
+    floor_sql,
+    raw_series,
+)
 from central.sessions import Session
 from central.store import (
     ALARM_COLUMNS,
@@ -73,6 +82,7 @@ from central.store import (
     FleetRow,
     GatewayInfo,
     LatestValue,
+    PointInfo,
     PointReading,
     StoreCounts,
     StoreMissing,
@@ -90,12 +100,16 @@ from central.store import (
     device_info_query,
     device_rows,
     episode_from_row,
+    find_points_query,
     fleet_from_row,
     gateway_devices_queries,
     gateway_from_row,
     gateway_meta_args,
     gateway_meta_upsert,
     latest_args,
+    point_alarms_query,
+    point_from_row,
+    point_query,
     point_rows,
     points_upsert,
     selected_points,
@@ -581,6 +595,58 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [PointReading(g, k, ts, _value(v, raw), q) for g, k, ts, v, q, raw in rows]
+
+    def series(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int, max_points: int
+    ) -> Series:
+        if until_ms <= since_ms:
+            return Series(0)
+        where = "gateway = ? AND point_id = ? AND ts >= ? AND ts < ?"
+        with self._lock:
+            (n,) = self._db.execute(
+                f"SELECT count(*) FROM (SELECT 1 FROM readings WHERE {where} LIMIT ?)",
+                (gateway, point_id, since_ms, until_ms, max_points + 1),
+            ).fetchone()
+            if n <= max_points:
+                rows = self._db.execute(
+                    f"SELECT ts, value, quality, raw FROM readings WHERE {where} "
+                    "ORDER BY ts, seq, rowid",
+                    (gateway, point_id, since_ms, until_ms),
+                ).fetchall()
+                return raw_series([(ts, _value(v, raw), q) for ts, v, q, raw in rows])
+            bucket = choose_bucket(since_ms, until_ms, max_points)
+            lo, hi = bucket_span(since_ms, until_ms, bucket)
+            rows = self._db.execute(
+                f"SELECT {floor_sql('ts', str(bucket))} AS t, {aggregates()} FROM readings "
+                f"WHERE {where} GROUP BY t ORDER BY t",
+                (gateway, point_id, lo, hi),
+            ).fetchall()
+        return bucketed_series(bucket, rows)
+
+    def roll_up(self, limit: int) -> int:
+        return 0  # series read the readings table: no rollup to keep
+
+    def point_alarms(
+        self, gateway: str, point_id: int, since_ms: int, until_ms: int
+    ) -> list[AlarmEpisode]:
+        with self._lock:
+            rows = self._db.execute(
+                point_alarms_query("?"), (gateway, point_id, until_ms, since_ms)
+            ).fetchall()
+        return [episode_from_row(r) for r in rows]
+
+    def find_points(
+        self, text: str, gateway: str | None = None, limit: int = 50
+    ) -> list[PointInfo]:
+        sql, args = find_points_query("?", "instr", text, gateway, limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [point_from_row(r) for r in rows]
+
+    def point(self, gateway: str, key: str) -> PointInfo | None:
+        with self._lock:
+            row = self._db.execute(point_query("?"), (gateway, key)).fetchone()
+        return None if row is None else point_from_row(row)
 
     def duplicate_readings(self) -> int:
         with self._lock:

@@ -20,6 +20,10 @@ can never be stored): the group is split in halves until the refused message sta
 alone; the others are stored, it becomes a dead letter (reason ``unstorable``) and all
 are acknowledged. Unknown: retried `UNKNOWN_ERROR_ATTEMPTS` times, then handled as
 refused for a message that still fails on its own.
+
+A second task drains the store's rollup queue every second (`Store.roll_up`: the
+per-minute rollup PostgreSQL's `series` reads); workers share it, and a failure there is
+logged, counted and retried with backoff without holding up the messages.
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ DEFAULT_GROUP = "citygw-ingest"
 UNKNOWN_ERROR_ATTEMPTS: Final = 4
 #: the reject reason of a message that decoded but that the store refuses
 UNSTORABLE: Final = "unstorable"
+#: the rollup of stored readings (`Store.roll_up`): drained this often, this many
+#: blocks per transaction (short: it holds the store's connection the ingest writes on)
+ROLL_UP_EVERY_S: Final = 1.0
+ROLL_UP_BLOCKS: Final = 200
 
 _T = TypeVar("_T")
 
@@ -86,6 +94,8 @@ class IngestCounters:
     # failed store calls: retried, or for data the store refuses, its message dead-lettered
     store_errors: int = 0
     dead_letters_lost: int = 0  # dead letters the store refused too: logged, then acked
+    blocks_rolled_up: int = 0  # stored blocks folded into the store's rollup (`roll_up`)
+    roll_up_errors: int = 0  # failed roll_up calls (retried with backoff)
     connects: int = 0
 
     @property
@@ -177,6 +187,7 @@ class IngestWorker:
         matters on a broker that lost its sessions (gateways would publish into the void)."""
         self._queue = asyncio.Queue(maxsize=self.max_group * 4)
         consumer = asyncio.create_task(self._consume(self._queue), name="ingest-store")
+        roll_up = asyncio.create_task(self._roll_up(), name="ingest-roll-up")
         reconnect = ReconnectPolicy(
             ReconnectSettings(
                 self.backoff_min,
@@ -190,8 +201,9 @@ class IngestWorker:
         )
         try:
             while True:
-                if consumer.done():  # pragma: no cover - _consume does not return
-                    consumer.result()
+                for task in (consumer, roll_up):
+                    if task.done():  # pragma: no cover - neither returns
+                        task.result()
                 self._online_since = None
                 try:
                     await self._session(self._queue)
@@ -214,9 +226,10 @@ class IngestWorker:
                     await reconnect.wait()
         finally:
             self.connected.clear()
-            consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await consumer
+            for task in (consumer, roll_up):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -281,6 +294,39 @@ class IngestWorker:
             await self._store(work)
             for item in items:
                 self._ack(item)
+
+    async def _roll_up(self) -> None:
+        """Every `ROLL_UP_EVERY_S`, fold what was stored since into the store's rollup
+        until none is left (several workers share it). A failure is logged (throttled)
+        and counted, and the call retried with backoff; the queue waits in the store."""
+        delay = self.backoff_min
+        while True:
+            try:
+                while True:
+                    n = await asyncio.to_thread(self.store.roll_up, ROLL_UP_BLOCKS)
+                    self.counters.blocks_rolled_up += n
+                    if n < ROLL_UP_BLOCKS:
+                        break
+            except Exception as e:
+                self.counters.roll_up_errors += 1
+                fault = classify(e)
+                count = self._throttle.ready(f"roll-up-{fault.value}")
+                if count is not None:
+                    log.error(
+                        "ingest: roll-up failed, retrying",
+                        extra={
+                            "fault": fault.value,
+                            "error": repr(e)[:500],
+                            "retry_s": round(delay, 2),
+                            "count": count,
+                        },
+                        exc_info=fault is StoreFault.UNKNOWN,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            delay = self.backoff_min
+            await asyncio.sleep(ROLL_UP_EVERY_S)
 
     def _ack(self, item: _Item) -> None:
         m = item.message
@@ -554,6 +600,8 @@ async def report_throughput(worker: IngestWorker, every: float) -> None:
                 "duplicates_dropped": c.duplicates_dropped,
                 "rejected": c.rejected_total,
                 "store_errors": c.store_errors,
+                "blocks_rolled_up": c.blocks_rolled_up,
+                "roll_up_errors": c.roll_up_errors,
                 "connected": worker.connected.is_set(),
             },
         )
