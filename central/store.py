@@ -344,7 +344,7 @@ class Store(Protocol):
         ...
 
     def roll_up(self, limit: int) -> int:
-        """Fold up to `limit` freshly stored reading blocks into the per-minute rollup
+        """Fold up to `limit` freshly stored reading blocks into the ten-minute rollup
         `series` reads (PostgreSQL; SQLite has none: 0); how many were taken. Safe to
         run from several workers at once: each block is folded in exactly once."""
         ...

@@ -24,12 +24,14 @@ once serialise on the unique key: the second waits for the first to commit and t
 inserts nothing. Keys are inserted in sorted order so that two workers never deadlock.
 
 A point's series over a month would read every block of its gateway in that month, so
-`series` reads a per-minute rollup, ``point_minutes``, for buckets of a minute or more.
+`series` reads a rollup, ``point_rollup`` (per point and ten minutes), for buckets of ten
+minutes or more, and reads blocks (only the point's positions in them) for shorter ones
+while that costs at most RAW_BLOCK_BUDGET blocks.
 It is kept off the hot path: the store transaction only adds each fresh block's identity
 to ``rollup_queue`` (one statement per group); the ingest worker's roll-up task calls
 `roll_up` every second, which takes queued blocks no other worker holds (FOR UPDATE SKIP
 LOCKED), folds their readings in (counts add, min/max merge: a late batch lands in
-minutes rolled up already) and deletes their queue rows, in one transaction: exactly
+slots rolled up already) and deletes their queue rows, in one transaction: exactly
 once. Blocks still queued are read directly, so a series never misses the newest readings.
 """
 
@@ -50,7 +52,7 @@ from psycopg import sql
 from central import events, pg_copy, sessions
 from central.events import Event, EventAction, EventSummary
 from central.series import (
-    MINUTE_MS,
+    ROLLUP_MS,
     Series,
     aggregates,
     bucket_span,
@@ -233,23 +235,23 @@ CREATE TABLE IF NOT EXISTS device_health (
 )
 """
 
-#: the console's plots (`series`): per point and minute (ts // 60000), n, n_bad, vmin,
-#: vmax and vsum of its readings (central/series.py says which count), folded in off the
-#: ingest's hot path by `roll_up` from the blocks the ingest queued in `rollup_queue`
-#: (a block's full identity: two streams of a gateway may reuse a seq)
+#: the console's plots (`series`): per point and ROLLUP_MS slot (ts // ROLLUP_MS), n,
+#: n_bad, vmin, vmax and vsum of its readings (central/series.py says which count),
+#: folded in off the ingest's hot path by `roll_up` from the blocks the ingest queued in
+#: `rollup_queue` (a block's full identity: two streams of a gateway may reuse a seq).
+#: No index on slot alone: `prune` (rare) scans, `roll_up` (always) stays cheaper
 SERIES_TABLES = """
-CREATE TABLE IF NOT EXISTS point_minutes (
+CREATE TABLE IF NOT EXISTS point_rollup (
     gateway  text    NOT NULL,
     point_id bigint  NOT NULL,
-    minute   bigint  NOT NULL,
+    slot     bigint  NOT NULL,
     n        integer NOT NULL,
     n_bad    integer NOT NULL,
     vmin     double precision,
     vmax     double precision,
     vsum     double precision NOT NULL,
-    PRIMARY KEY (gateway, point_id, minute)
+    PRIMARY KEY (gateway, point_id, slot)
 );
-CREATE INDEX IF NOT EXISTS point_minutes_minute ON point_minutes (minute);
 CREATE TABLE IF NOT EXISTS rollup_queue (
     gateway     text   NOT NULL,
     seq         bigint NOT NULL,
@@ -332,14 +334,14 @@ _TAKE = (
     "DELETE FROM rollup_queue WHERE ctid = ANY(ARRAY(SELECT ctid FROM rollup_queue "
     f"LIMIT %(limit)s FOR UPDATE SKIP LOCKED)) RETURNING {_QUEUE_COLUMNS}"
 )
-#: their readings folded into point_minutes (counts add, min/max merge), in key order so
+#: their readings folded into point_rollup (counts add, min/max merge), in key order so
 #: that two roll-ups never deadlock
 _FOLD = f"""
-INSERT INTO point_minutes AS m (gateway, point_id, minute, n, n_bad, vmin, vmax, vsum)
-SELECT b.gateway, r.point_id, {floor_sql("r.ts", str(MINUTE_MS), "%%")} / {MINUTE_MS},
+INSERT INTO point_rollup AS m (gateway, point_id, slot, n, n_bad, vmin, vmax, vsum)
+SELECT b.gateway, r.point_id, {floor_sql("r.ts", str(ROLLUP_MS), "%%")} / {ROLLUP_MS},
     {aggregates("r.value", "r.quality")}
 FROM {_QUEUED} {_UNNEST} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-ON CONFLICT (gateway, point_id, minute) DO UPDATE SET n = m.n + excluded.n,
+ON CONFLICT (gateway, point_id, slot) DO UPDATE SET n = m.n + excluded.n,
     n_bad = m.n_bad + excluded.n_bad, vmin = LEAST(m.vmin, excluded.vmin),
     vmax = GREATEST(m.vmax, excluded.vmax), vsum = m.vsum + excluded.vsum
 """
@@ -348,7 +350,7 @@ _PENDING_KEYS = (
     f"SELECT {_QUEUE_COLUMNS} FROM rollup_queue WHERE gateway = %(gateway)s "
     "AND t_max >= %(lo)s AND t_min < %(hi)s"
 )
-#: their rows: readings not yet in point_minutes
+#: their rows: readings not yet in point_rollup
 _PENDING = f"SELECT b.point_ids, b.timestamps, b.vals, b.qualities FROM {_QUEUED}"
 
 
@@ -358,44 +360,57 @@ def _queued(rows: Sequence[Sequence[Any]]) -> dict[str, list[Any]]:
     return {f"q_{name}": c for name, c in zip(_QUEUE_COLUMNS.split(", "), columns, strict=True)}
 
 
-_POINT_MINUTES = (
-    "FROM point_minutes WHERE gateway = %(gateway)s AND point_id = %(point)s "
-    "AND minute >= {lo} AND minute < {hi}"
+_POINT_ROLLUP = (
+    "FROM point_rollup WHERE gateway = %(gateway)s AND point_id = %(point)s "
+    "AND slot >= {lo} AND slot < {hi}"
 )
-#: bounds of the point's reading count in [%(lo)s, %(hi)s): the rolled-up minutes that
-#: overlap it, those wholly inside it, and the exact count in the pending blocks. A minute
+#: bounds of the point's reading count in [%(lo)s, %(hi)s): the rolled-up slots that
+#: overlap it, those wholly inside it, and the exact count in the pending blocks. A slot
 #: row holds one reading at least, so %(cap)s rows (max_points + 1) are enough to tell
-#: "more than max_points": a month of minutes is not summed to learn that
+#: "more than max_points": a month of slots is not summed to learn that
 _SERIES_COUNTS = (
     f"WITH pending AS ({_PENDING}) SELECT "
     "(SELECT COALESCE(sum(n + n_bad), 0) FROM (SELECT n, n_bad "
-    + _POINT_MINUTES.format(lo="%(m_lo)s", hi="%(m_hi)s")
+    + _POINT_ROLLUP.format(lo="%(m_lo)s", hi="%(m_hi)s")
     + " LIMIT %(cap)s) c), (SELECT COALESCE(sum(n + n_bad), 0) FROM (SELECT n, n_bad "
-    + _POINT_MINUTES.format(lo="%(m_in_lo)s", hi="%(m_in_hi)s")
+    + _POINT_ROLLUP.format(lo="%(m_in_lo)s", hi="%(m_in_hi)s")
     + " LIMIT %(cap)s) c), (SELECT count(*) FROM pending b "
     "CROSS JOIN LATERAL unnest(b.point_ids, b.timestamps) AS r(point_id, ts) "
     "WHERE r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s)"
 )
-#: the point's readings of every block in [%(lo)s, %(hi)s)
+#: the point's readings of every block in [%(lo)s, %(hi)s): only its positions in each
+#: block are read (array_positions scans the ids in C), not the whole block unnested
 _BLOCK_READINGS = (
-    f"FROM reading_blocks b {_UNNEST} WHERE b.gateway = %(gateway)s AND b.t_max >= %(lo)s "
-    "AND b.t_min < %(hi)s AND r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s"
+    "FROM reading_blocks b CROSS JOIN LATERAL "
+    "unnest(array_positions(b.point_ids, %(point)s::bigint)) AS i(pos) CROSS JOIN LATERAL "
+    "(SELECT b.timestamps[i.pos] AS ts, b.vals[i.pos] AS value, b.qualities[i.pos] AS quality) r "
+    "WHERE b.gateway = %(gateway)s AND b.t_max >= %(lo)s AND b.t_min < %(hi)s "
+    "AND r.ts >= %(lo)s AND r.ts < %(hi)s"
 )
-_SERIES_RAW = f"SELECT r.ts, r.value, r.quality {_BLOCK_READINGS} ORDER BY r.ts, b.seq, r.pos"
-#: buckets below a minute, from the blocks
+_SERIES_RAW = f"SELECT r.ts, r.value, r.quality {_BLOCK_READINGS} ORDER BY r.ts, b.seq, i.pos"
+#: how many of the gateway's blocks end in [%(lo)s, %(hi)s), up to %(budget)s + 1: an
+#: index-only count that says whether reading them is affordable
+_BLOCK_COUNT = (
+    "SELECT count(*) FROM (SELECT 1 FROM reading_blocks WHERE gateway = %(gateway)s "
+    "AND t_max >= %(lo)s AND t_max < %(hi)s LIMIT %(budget)s + 1) c"
+)
+#: a series reads at most this many blocks (about 4 µs each): beyond, the rollup's
+#: slots serve it, coarser (a week of a 1 Hz point flushed every 10 s: 10-minute buckets)
+RAW_BLOCK_BUDGET: Final = 20_000
+#: buckets below ROLLUP_MS, from the blocks
 _SERIES_BLOCKS = (
     f"SELECT {floor_sql('r.ts', '%(bucket)s', '%%')} AS t, {aggregates('r.value', 'r.quality')} "
     f"{_BLOCK_READINGS} GROUP BY t ORDER BY t"
 )
-#: buckets of whole minutes: the rolled-up minutes and the pending blocks' readings
-_SERIES_MINUTES = (
+#: buckets of whole slots: the rolled-up slots and the pending blocks' readings
+_SERIES_ROLLUP = (
     f"WITH pending AS ({_PENDING}), parts AS ("
-    "SELECT minute, n, n_bad, vmin, vmax, vsum "
-    + _POINT_MINUTES.format(lo="%(m_lo)s", hi="%(m_hi)s")
-    + f" UNION ALL SELECT {floor_sql('r.ts', str(MINUTE_MS), '%%')} / {MINUTE_MS}, "
+    "SELECT slot, n, n_bad, vmin, vmax, vsum "
+    + _POINT_ROLLUP.format(lo="%(m_lo)s", hi="%(m_hi)s")
+    + f" UNION ALL SELECT {floor_sql('r.ts', str(ROLLUP_MS), '%%')} / {ROLLUP_MS}, "
     f"{aggregates('r.value', 'r.quality')} FROM pending b {_UNNEST} "
     "WHERE r.point_id = %(point)s AND r.ts >= %(lo)s AND r.ts < %(hi)s GROUP BY 1) "
-    f"SELECT {floor_sql(f'minute * {MINUTE_MS}', '%(bucket)s', '%%')} AS t, sum(n), sum(n_bad), "
+    f"SELECT {floor_sql(f'slot * {ROLLUP_MS}', '%(bucket)s', '%%')} AS t, sum(n), sum(n_bad), "
     "min(vmin), max(vmax), sum(vsum) FROM parts GROUP BY t ORDER BY t"
 )
 
@@ -524,7 +539,7 @@ class PostgresStore:
         version 3 adds ``device_info`` (made by TABLES, like every added table or column);
         version 4 the console's tables (EXTRA_TABLES): the blocks stored before the
         rollup existed are queued for it."""
-        new_rollup = self._relkind(cur, "point_minutes") is None
+        new_rollup = self._relkind(cur, "point_rollup") is None
         for stmt in (TABLES + ";" + ";".join(EXTRA_TABLES)).split(";"):
             if stmt.strip():
                 cur.execute(stmt.encode())
@@ -865,9 +880,9 @@ class PostgresStore:
                     f"DELETE FROM {table} WHERE {condition.format(ph='%s')}".encode(), (before_ms,)
                 )
                 dropped[table] = cur.rowcount
-            # the minutes wholly before the cut; queue entries of blocks dropped above
-            cur.execute("DELETE FROM point_minutes WHERE minute < %s", (before_ms // MINUTE_MS,))
-            dropped["point_minutes"] = cur.rowcount
+            # the slots wholly before the cut; queue entries of blocks dropped above
+            cur.execute("DELETE FROM point_rollup WHERE slot < %s", (before_ms // ROLLUP_MS,))
+            dropped["point_rollup"] = cur.rowcount
             cur.execute(
                 "DELETE FROM rollup_queue q WHERE NOT EXISTS "
                 f"(SELECT 1 FROM reading_blocks b WHERE {_QUEUED_BLOCK})".encode()
@@ -1140,12 +1155,13 @@ class PostgresStore:
     def series(
         self, gateway: str, point_id: int, since_ms: int, until_ms: int, max_points: int
     ) -> Series:
-        """Raw if the point has at most `max_points` readings in the range: decided from
-        the rollup's counts where they tell (the minutes that overlap the range and those
-        wholly in it bound it), else by reading them. Buckets of a minute or more from
-        the rollup and the blocks it has not folded in yet; shorter ones from the blocks.
-        One snapshot (repeatable read): a roll-up committing meanwhile is seen entirely
-        or not at all."""
+        """Raw if the point has at most `max_points` readings in the range (decided from
+        the rollup's counts where they tell: the slots that overlap the range and those
+        wholly in it bound it, else by reading them) and reading them costs at most
+        RAW_BLOCK_BUDGET blocks. Buckets of ROLLUP_MS or more from the rollup and the
+        blocks it has not folded in yet; shorter ones from the blocks, within the same
+        budget, else ROLLUP_MS. One snapshot (repeatable read): a roll-up committing
+        meanwhile is seen entirely or not at all."""
         if until_ms <= since_ms:
             return Series(0)
         args: dict[str, Any] = {
@@ -1153,12 +1169,19 @@ class PostgresStore:
             "point": point_id,
             "lo": since_ms,
             "hi": until_ms,
-            "m_lo": since_ms // MINUTE_MS,
-            "m_hi": (until_ms - 1) // MINUTE_MS + 1,
-            "m_in_lo": -(-since_ms // MINUTE_MS),
-            "m_in_hi": until_ms // MINUTE_MS,
+            "m_lo": since_ms // ROLLUP_MS,
+            "m_hi": (until_ms - 1) // ROLLUP_MS + 1,
+            "m_in_lo": -(-since_ms // ROLLUP_MS),
+            "m_in_hi": until_ms // ROLLUP_MS,
             "cap": max_points + 1,
+            "budget": RAW_BLOCK_BUDGET,
         }
+
+        def affordable(cur: psycopg.Cursor[tuple[Any, ...]]) -> bool:
+            cur.execute(_BLOCK_COUNT.encode(), args)
+            row = cur.fetchone()
+            return row is not None and int(row[0]) <= RAW_BLOCK_BUDGET
+
         with self._lock, self._conn().transaction(), self._db.cursor(binary=True) as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             cur.execute(_PENDING_KEYS.encode(), args)
@@ -1167,7 +1190,7 @@ class PostgresStore:
             row = cur.fetchone()
             assert row is not None
             overlapping, inside, pending = (int(v) for v in row)
-            if inside + pending <= max_points:  # may be raw: read them (at most one more)
+            if inside + pending <= max_points and affordable(cur):  # may be raw: read them
                 limit = "" if overlapping + pending <= max_points else f" LIMIT {max_points + 1}"
                 cur.execute((_SERIES_RAW + limit).encode(), args)
                 rows = cur.fetchall()
@@ -1175,13 +1198,18 @@ class PostgresStore:
                     return raw_series(rows)
             bucket = choose_bucket(since_ms, until_ms, max_points)
             lo, hi = bucket_span(since_ms, until_ms, bucket)
-            args.update(lo=lo, hi=hi, bucket=bucket, m_lo=lo // MINUTE_MS, m_hi=hi // MINUTE_MS)
-            if bucket < MINUTE_MS:
+            args.update(lo=lo, hi=hi)
+            if bucket < ROLLUP_MS and not affordable(cur):
+                bucket = ROLLUP_MS
+                lo, hi = bucket_span(since_ms, until_ms, bucket)
+                args.update(lo=lo, hi=hi)
+            args.update(bucket=bucket, m_lo=lo // ROLLUP_MS, m_hi=hi // ROLLUP_MS)
+            if bucket < ROLLUP_MS:
                 cur.execute(_SERIES_BLOCKS.encode(), args)
             else:
                 cur.execute(_PENDING_KEYS.encode(), args)
                 args.update(_queued(cur.fetchall()))
-                cur.execute(_SERIES_MINUTES.encode(), args)
+                cur.execute(_SERIES_ROLLUP.encode(), args)
             rows = cur.fetchall()
         return bucketed_series(bucket, rows)
 

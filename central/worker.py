@@ -22,7 +22,7 @@ are acknowledged. Unknown: retried `UNKNOWN_ERROR_ATTEMPTS` times, then handled 
 refused for a message that still fails on its own.
 
 A second task drains the store's rollup queue every second (`Store.roll_up`: the
-per-minute rollup PostgreSQL's `series` reads); workers share it, and a failure there is
+ten-minute rollup PostgreSQL's `series` reads); workers share it, and a failure there is
 logged, counted and retried with backoff without holding up the messages.
 """
 

@@ -26,6 +26,7 @@ from tests.test_console_live import serving
 CHROMIUM = "/usr/bin/chromium"
 #: generous for a loaded CI machine; the 2 s promise is held by test_console_live
 WAIT_MS = 15_000
+expect.set_options(timeout=WAIT_MS)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_an_operator_handles_an_event_and_plots_a_point(browser: Browser, tmp_pa
         page.get_by_test_id("login-user").fill("otto")
         page.get_by_test_id("login-password").fill("wrong-password")
         page.get_by_test_id("login-submit").click()
-        expect(page.get_by_test_id("login-error")).to_contain_text("wrong user name or password")
+        expect(page.get_by_test_id("login-error")).to_contain_text("Wrong user or password")
         page.get_by_test_id("login-password").fill("pw-otto-1")
         page.get_by_test_id("login-submit").click()
 
@@ -110,7 +111,7 @@ def test_an_operator_handles_an_event_and_plots_a_point(browser: Browser, tmp_pa
         row = page.locator("[data-testid^='event-row-']")
         expect(row).to_have_count(1)
         shot(page, "events")
-        row.get_by_role("link").first.click()
+        row.locator("a[href^='#/event/']").click()
         expect(page.get_by_test_id("event-state")).to_have_text("raised")
         page.get_by_test_id("event-ack").click()
         expect(page.get_by_test_id("event-state")).to_have_text("acknowledged")

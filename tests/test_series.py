@@ -1,6 +1,7 @@
 """A point's series for the console's plots (central/series.py), on both stores: raw or
 min/max/mean buckets, checked against a brute-force computation over the same readings;
-PostgreSQL's per-minute rollup (roll_up: pending blocks, exactly once, late batches)."""
+PostgreSQL's ten-minute rollup (roll_up: pending blocks, exactly once, late batches) and its
+budget of blocks read per series."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from central.series import (
     LADDER_MS,
     MINUTE_MS,
+    ROLLUP_MS,
     Series,
     bucket_count,
     bucket_span,
@@ -259,7 +261,7 @@ def test_bad_values_do_not_count(store: Store) -> None:
 
 def test_pending_blocks_then_rolled_up(pg_url: str) -> None:
     """The newest blocks are in the series before roll_up folds them in, and after it the
-    series is the same, now read from point_minutes."""
+    series is the same, now read from point_rollup."""
     store = open_store(pg_url)
     try:
         rows = [(1, T0 + i * 1000, float(i % 97), GOOD) for i in range(3 * 3600)]  # 3 h, 1 Hz
@@ -284,7 +286,7 @@ def test_pending_blocks_then_rolled_up(pg_url: str) -> None:
         store.close()
 
 
-def test_late_batch_merges_into_rolled_minutes(store: Store) -> None:
+def test_late_batch_merges_into_rolled_slots(store: Store) -> None:
     feed(store, GW, 1, [(1, T0 + 30_000, 5.0, GOOD), (1, T0 + 90_000, 6.0, GOOD)])
     store.roll_up(10)
     # a batch sent late: older readings in minutes that are rolled up already
@@ -297,13 +299,18 @@ def test_late_batch_merges_into_rolled_minutes(store: Store) -> None:
         assert (s.vmin, s.vmax, s.vmean) == ([4.0, 1.0, 6.0], [4.0, 5.0, 8.0], [4.0, 3.0, 7.0])
         store.roll_up(10)
     assert queued(store) == 0
+    # ten-minute buckets: PostgreSQL's rolled-up slots, the late readings merged in
+    s = store.series(GW, 1, T0 - ROLLUP_MS, T0 + ROLLUP_MS, 2)
+    assert (s.bucket_ms, s.t) == (ROLLUP_MS, [T0 - ROLLUP_MS, T0])
+    assert (s.n, s.n_bad, s.vmin, s.vmax) == ([1, 4], [0, 1], [4.0, 1.0], [4.0, 8.0])
+    assert s.vmean == [4.0, 5.0]
     if isinstance(store, PostgresStore):
         with store._lock:
-            minutes = store._db.execute(
-                "SELECT minute, n, n_bad FROM point_minutes ORDER BY minute"
+            slots = store._db.execute(
+                "SELECT slot, n, n_bad FROM point_rollup ORDER BY slot"
             ).fetchall()
-        t0 = T0 // MINUTE_MS
-        assert minutes == [(t0 - 1, 1, 0), (t0, 2, 1), (t0 + 1, 2, 0)]
+        t0 = T0 // ROLLUP_MS
+        assert slots == [(t0 - 1, 1, 0), (t0, 4, 1)]
 
 
 def test_roll_up_exactly_once_from_two_stores(pg_url: str) -> None:
@@ -366,7 +373,7 @@ def test_upgrade_queues_the_blocks_stored_before(pg_url: str) -> None:
     store = open_store(pg_url)
     assert isinstance(store, PostgresStore)
     feed(store, GW, 1, [(1, T0 + 1, 1.0, GOOD), (1, T0 + MINUTE_MS, 3.0, GOOD)])
-    store._db.execute("DROP TABLE point_minutes, rollup_queue")
+    store._db.execute("DROP TABLE point_rollup, rollup_queue")
     store.close()
     store = open_store(pg_url)
     try:
@@ -472,11 +479,11 @@ def test_point_alarms(store: Store) -> None:
 # -- retention ------------------------------------------------------------------------------
 
 
-def test_prune_drops_old_minutes(store_url: str) -> None:
+def test_prune_drops_old_slots(store_url: str) -> None:
     store = open_store(store_url)
     day = 86_400_000
     now = int(time.time() * 1000)
-    old, recent = now - 10 * day, now - 1000
+    old, recent = floor_to(now - 10 * day, ROLLUP_MS), now - 1000
     try:
         feed(store, GW, 1, [(1, old, 1.0, GOOD), (1, old + MINUTE_MS, 2.0, GOOD)])
         feed(store, GW, 2, [(1, recent, 3.0, GOOD)])
@@ -486,7 +493,7 @@ def test_prune_drops_old_minutes(store_url: str) -> None:
         assert store.series(GW, 1, old - day, now, 2).t == [recent]
         assert store.series(GW, 1, old - day, old + day, 2) == Series(0)
         if isinstance(store, PostgresStore):
-            assert dropped["point_minutes"] == 2 and dropped["rollup_queue"] == 1
+            assert dropped["point_rollup"] == 1 and dropped["rollup_queue"] == 1
             assert queued(store) == 0 and store.roll_up(10) == 0
     finally:
         store.close()
@@ -532,3 +539,27 @@ def test_worker_rolls_up(pg_url: str, mosquitto: Mosquitto) -> None:
             writer.close()
 
     asyncio.run(main())
+
+
+def test_a_series_reads_a_bounded_number_of_blocks(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond RAW_BLOCK_BUDGET blocks, raw readings and short buckets give way to the
+    rollup's ten-minute slots: a plot never scans a month of a gateway's blocks."""
+    import central.store_postgres
+
+    store = open_store(pg_url)
+    try:
+        rows = [(1, T0 + k * MINUTE_MS, float(k % 7), GOOD) for k in range(30)]
+        for seq, row in enumerate(rows, 1):  # a block a minute, as a 1-minute flush sends
+            feed(store, GW, seq, [row])
+        store.roll_up(100)
+        assert store.series(GW, 1, T0, T0 + 30 * MINUTE_MS, 100).bucket_ms == 0  # 30 blocks
+        monkeypatch.setattr(central.store_postgres, "RAW_BLOCK_BUDGET", 10)
+        s = store.series(GW, 1, T0, T0 + 30 * MINUTE_MS, 100)
+        assert (s.bucket_ms, s.t) == (ROLLUP_MS, [T0, T0 + ROLLUP_MS, T0 + 2 * ROLLUP_MS])
+        assert s.n == [10, 10, 10] and s.vmin == [0.0, 0.0, 0.0] and s.vmax == [6.0] * 3
+        s = store.series(GW, 1, T0, T0 + 30 * MINUTE_MS, 20)  # 2-minute buckets wanted
+        assert s.bucket_ms == ROLLUP_MS and s.n == [10, 10, 10]
+    finally:
+        store.close()
