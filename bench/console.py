@@ -27,10 +27,13 @@ the readings), each gateway's seq consecutive over its uplinks like a buffer's, 
 of up to ``--group`` (256: the ingest worker's largest group, i.e. a worker draining a
 backlog), one store object (one ingest worker). The envelopes carry the decoded bodies the
 worker hands to the store (`Batch`, `AlarmEvent` lists); their encoded bytes are left
-empty, the store never reads them. Reported: the time of each part, readings/s of the
-readings part (uplinks stored by the ingest path, values generated in the same thread:
-numpy, a small share) and the schema's size on disk. Timestamps end at the load's start
-(minute-aligned); the platform-side times (received_ms, last_seen) are the load's.
+empty, the store never reads them. Where the store has `roll_up` (the 1-minute rollup of
+the series), it is drained as the worker's roll-up task does (every second, 200 blocks a
+call, until none is left), taking turns with the storing as on the worker's one
+connection. Reported: the time of each part, readings/s of the readings part (storing
+and rolling up; the values are generated in the same thread with numpy, a small share)
+and the schema's size on disk. Timestamps end at the load's start (minute-aligned); the
+platform-side times (received_ms, last_seen) are the load's.
 
 Measure (needs `citygw platform serve`): the script starts ``python -m cli platform serve
 --db URL --listen 127.0.0.1:<free port> --config <tmp console.toml>`` (one operator API
@@ -47,7 +50,8 @@ Every figure of the last line is a p99 over its requests, in ms (targets: overvi
 
     console: overview_p99_ms=<N> series_day_1hz_ms=<N> series_month_1min_ms=<N> event_ack_ms=<N>
 
-``--load-only`` stops after the load; ``--no-load`` measures a schema loaded before.
+``--load-only`` stops after the load; ``--no-load`` measures a schema loaded before (give
+it the load's ``--scale`` and ``--days``: they say which gateways hold the series).
 Bounded: the load is a fixed number of uplinks; every wait on the server has a deadline.
 """
 
@@ -97,6 +101,9 @@ POINTS: Final = DEVICES * POINTS_PER_DEVICE
 HZ_POINTS: Final = 10  # the 1 Hz gateway's first device
 HZ_FLUSH_S: Final = 10
 RECENT_MINUTES: Final = 10
+# as the ingest worker's roll-up task (central/worker.py, series branch)
+ROLL_UP_EVERY_S: Final = 1.0
+ROLL_UP_BLOCKS: Final = 200
 # a city's extent (about 18 x 18 km): where the gateways stand
 CITY_LAT: Final = (52.29, 52.45)
 CITY_LON: Final = (4.76, 5.02)
@@ -332,6 +339,8 @@ class LoadResult:
     alarm_events: int = 0
     groups: int = 0
     store_s: float = 0.0  # of uplinks_s: inside store_batches
+    roll_up_s: float = 0.0  # of uplinks_s: inside roll_up (the rollup of 1-minute series)
+    rolled_up: int = 0  # blocks
 
 
 class Loader:
@@ -346,6 +355,9 @@ class Loader:
         self.pending: list[tuple[str, Envelope, Body]] = []
         self.result = LoadResult()
         self.online: list[bool] = []
+        # Store.roll_up comes with the series branch; without it there is no rollup to fill
+        self.roll_up: Callable[[int], int] | None = getattr(store, "roll_up", None)
+        self.next_roll_up = 0.0
 
     def setup(self) -> None:
         """Metas, states and stats of every gateway, as the worker stores retained ones."""
@@ -384,6 +396,23 @@ class Loader:
         self.result.uplinks += len(self.pending)
         self.result.groups += 1
         self.pending = []
+        if time.monotonic() >= self.next_roll_up:
+            self.drain_roll_up()
+
+    def drain_roll_up(self) -> None:
+        """What the worker's roll-up task does every ROLL_UP_EVERY_S: fold the stored
+        blocks into the rollup, ROLL_UP_BLOCKS a call, until none is left (here it takes
+        turns with the storing, as on the worker's one store connection)."""
+        if self.roll_up is None:
+            return
+        t = time.monotonic()
+        while True:
+            n = self.roll_up(ROLL_UP_BLOCKS)
+            self.result.rolled_up += n
+            if n < ROLL_UP_BLOCKS:
+                break
+        self.next_roll_up = time.monotonic() + ROLL_UP_EVERY_S
+        self.result.roll_up_s += self.next_roll_up - ROLL_UP_EVERY_S - t
 
     def run(self, progress: Callable[[str], None]) -> LoadResult:
         lay = self.layout
@@ -444,6 +473,7 @@ class Loader:
                 f"{self.result.readings} readings, {time.monotonic() - t0:.0f} s"
             )
         self.flush()
+        self.drain_roll_up()
         self.result.uplinks_s = time.monotonic() - t0
         return self.result
 
@@ -505,8 +535,8 @@ def load(url: str, layout: Layout, group: int, seed: int) -> LoadResult:
     print(
         f"load: {r.uplinks} uplinks ({r.readings} readings, {r.alarm_events} alarm events) in "
         f"{r.groups} groups in {r.uplinks_s:.1f} s -> {r.readings / r.uplinks_s:.0f} readings/s, "
-        f"{r.uplinks / r.uplinks_s:.0f} uplinks/s ({r.store_s:.1f} s of it in store_batches); "
-        f"setup {r.setup_s:.1f} s",
+        f"{r.uplinks / r.uplinks_s:.0f} uplinks/s ({r.store_s:.1f} s of it in store_batches, "
+        f"{r.roll_up_s:.1f} s in roll_up: {r.rolled_up} blocks); setup {r.setup_s:.1f} s",
         flush=True,
     )
     print(
@@ -682,7 +712,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=256, help="uplinks a store_batches call")
     ap.add_argument("--seed", type=int, default=14)
     ap.add_argument("--requests", type=int, default=200, help="overview requests")
-    ap.add_argument("--series-requests", type=int, default=20, help="requests a series")
+    ap.add_argument("--series-requests", type=int, default=50, help="requests a series")
     ap.add_argument("--acks", type=int, default=100, help="events acknowledged")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--load-only", action="store_true", help="load, do not measure")
