@@ -27,8 +27,8 @@ the readings), each gateway's seq consecutive over its uplinks like a buffer's, 
 of up to ``--group`` (256: the ingest worker's largest group, i.e. a worker draining a
 backlog), one store object (one ingest worker). The envelopes carry the decoded bodies the
 worker hands to the store (`Batch`, `AlarmEvent` lists); their encoded bytes are left
-empty, the store never reads them. Where the store has `roll_up` (the 1-minute rollup of
-the series), it is drained as the worker's roll-up task does (every second, 200 blocks a
+empty, the store never reads them. The store's `roll_up` (the ten-minute rollup of the
+series) is drained as the worker's roll-up task does (every second, 200 blocks a
 call, until none is left), taking turns with the storing as on the worker's one
 connection. Reported: the time of each part, readings/s of the readings part (storing
 and rolling up; the values are generated in the same thread with numpy, a small share)
@@ -59,7 +59,6 @@ Bounded: the load is a fixed number of uplinks; every wait on the server has a d
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import secrets
 import signal
@@ -80,14 +79,16 @@ from typing import Any, Final
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
+import httpx2 as httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
+from central.console.auth import token_hash  # noqa: E402
 from central.store import Body, Store  # noqa: E402
 from central.store_postgres import split_url  # noqa: E402
 from central.stores import open_store  # noqa: E402
+from central.worker import ROLL_UP_BLOCKS, ROLL_UP_EVERY_S  # noqa: E402
 from common import wire  # noqa: E402
 from common.wire import Envelope, GatewayStats, Meta, PointMeta  # noqa: E402
 from native.batch import BAD, UNAVAILABLE, Batch  # noqa: E402
@@ -103,8 +104,6 @@ HZ_POINTS: Final = 10  # the 1 Hz gateway's first device
 HZ_FLUSH_S: Final = 10
 RECENT_MINUTES: Final = 10
 # as the ingest worker's roll-up task (central/worker.py, series branch)
-ROLL_UP_EVERY_S: Final = 1.0
-ROLL_UP_BLOCKS: Final = 200
 # a city's extent (about 18 x 18 km): where the gateways stand
 CITY_LAT: Final = (52.29, 52.45)
 CITY_LON: Final = (4.76, 5.02)
@@ -340,7 +339,7 @@ class LoadResult:
     alarm_events: int = 0
     groups: int = 0
     store_s: float = 0.0  # of uplinks_s: inside store_batches
-    roll_up_s: float = 0.0  # of uplinks_s: inside roll_up (the rollup of 1-minute series)
+    roll_up_s: float = 0.0  # of uplinks_s: inside roll_up (the series' ten-minute rollup)
     rolled_up: int = 0  # blocks
 
 
@@ -356,8 +355,7 @@ class Loader:
         self.pending: list[tuple[str, Envelope, Body]] = []
         self.result = LoadResult()
         self.online: list[bool] = []
-        # Store.roll_up comes with the series branch; without it there is no rollup to fill
-        self.roll_up: Callable[[int], int] | None = getattr(store, "roll_up", None)
+        self.roll_up = store.roll_up
         self.next_roll_up = 0.0
 
     def setup(self) -> None:
@@ -404,8 +402,6 @@ class Loader:
         """What the worker's roll-up task does every ROLL_UP_EVERY_S: fold the stored
         blocks into the rollup, ROLL_UP_BLOCKS a call, until none is left (here it takes
         turns with the storing, as on the worker's one store connection)."""
-        if self.roll_up is None:
-            return
         t = time.monotonic()
         while True:
             n = self.roll_up(ROLL_UP_BLOCKS)
@@ -651,8 +647,7 @@ def serve_and_measure(url: str, layout: Layout, args: argparse.Namespace) -> dic
     work = Path(tempfile.mkdtemp(prefix="citygw-bench-console-"))
     config = work / "console.toml"
     config.write_text(
-        '[[tokens]]\nname = "bench"\nrole = "operator"\n'
-        f'token_hash = "sha256:{hashlib.sha256(token.encode()).hexdigest()}"\n'
+        f'[[tokens]]\nname = "bench"\nrole = "operator"\ntoken_hash = "{token_hash(token)}"\n'
     )
     port = free_port()
     log = work / "serve.log"
