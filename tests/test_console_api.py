@@ -409,3 +409,22 @@ def test_without_users_on_loopback_everyone_is_the_local_admin(store_url: str) -
             assert r.status_code == 200 and r.json()["event"]["acked_by"] == "local"
     finally:
         console.pool.close()
+
+
+def test_the_cli_makes_password_hashes_and_tokens() -> None:
+    from argon2 import PasswordHasher
+    from typer.testing import CliRunner
+
+    from central.cli import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["hash-password"], input="long-enough-1\nlong-enough-1\n")
+    assert r.exit_code == 0, r.output
+    assert PasswordHasher().verify(r.output.strip().splitlines()[-1], "long-enough-1")
+    r = runner.invoke(app, ["hash-password"], input="short\nshort\n")
+    assert r.exit_code == 1 and "shorter than 8" in r.output
+    r = runner.invoke(app, ["new-token", "scada", "--role", "operator"])
+    assert r.exit_code == 0, r.output
+    token = r.output.split("token (shown once): ")[1].split()[0]
+    assert f'token_hash = "{token_hash(token)}"' in r.output and 'role = "operator"' in r.output
+    assert runner.invoke(app, ["new-token", "x", "--role", "boss"]).exit_code == 1

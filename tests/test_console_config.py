@@ -17,7 +17,6 @@ TOKEN = token_hash("api-token")
 VALID = f"""
 [console]
 session_ttl = "8h"
-refresh = "10s"
 
 [[users]]
 name = "ana"
@@ -63,7 +62,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_a_valid_config(tmp_path: Path) -> None:
     cfg = load_console_config(write(tmp_path, VALID))
-    assert (cfg.console.session_ttl, cfg.console.refresh) == (8 * 3600, 10)
+    assert cfg.console.session_ttl == 8 * 3600
     assert [(u.name, u.role) for u in cfg.users] == [("ana", "admin"), ("ben", "viewer")]
     assert PasswordHasher().verify(cfg.users[0].password_hash, "s3cret")
     assert cfg.tokens[0].token_hash == TOKEN and TOKEN.startswith("sha256:") and len(TOKEN) == 71
@@ -79,7 +78,7 @@ def test_a_valid_config(tmp_path: Path) -> None:
 
 def test_defaults(tmp_path: Path) -> None:
     cfg = load_console_config(write(tmp_path, ""))
-    assert (cfg.console.session_ttl, cfg.console.refresh) == (12 * 3600, 5)
+    assert cfg.console.session_ttl == 12 * 3600
     assert (cfg.users, cfg.tokens, cfg.vitals) == ([], [], [])
 
 

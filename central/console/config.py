@@ -4,7 +4,6 @@ as their SHA-256), the vital signs the overview shows, and a few settings::
 
     [console]
     session_ttl = "12h"
-    refresh = "5s"
 
     [[users]]
     name = "ana"
@@ -79,8 +78,6 @@ def _check_name(v: str) -> str:
 class ConsoleSettings(Section):
     #: a session ends this long after sign-in
     session_ttl: Duration = Field(12 * 3600.0, ge=60.0, le=30 * 86400.0)
-    #: how often the pages refresh what the live feed does not push
-    refresh: Duration = Field(5.0, ge=1.0, le=3600.0)
 
 
 class User(Section):
