@@ -37,8 +37,10 @@ platform-side times (received_ms, last_seen) are the load's.
 
 Measure (needs `citygw platform serve`): the script starts ``python -m cli platform serve
 --db URL --listen 127.0.0.1:<free port> --config <tmp console.toml>`` (one operator API
-token, ``[[tokens]]``), waits for it, then over HTTP (httpx, bearer token), one request at
-a time, each figure after one untimed warm-up request (its time is printed):
+token, ``[[tokens]]``, and seven vital signs: the defaults' kinds, the highest water level
+and the share of noise points above 70 dB(A) over the fleet's latest values), waits for
+it, then over HTTP (httpx2, bearer token), one request at a time, each figure after one
+untimed warm-up request (its time is printed):
 
 - ``GET /api/overview`` ``--requests`` times: p50, p99;
 - ``GET /api/series`` of the last day of a 1 Hz point and of the month of a 1-minute
@@ -626,7 +628,7 @@ def measure(
         acked: list[float] = []
         for event_id in ids[: acks + 1]:
             t = time.perf_counter()
-            resp = client.post(f"/api/events/{event_id}/ack")
+            resp = client.post(f"/api/events/{event_id}/ack", json={})
             ms_one = (time.perf_counter() - t) * 1000
             if resp.status_code != 200:
                 raise RuntimeError(f"ack: HTTP {resp.status_code} {resp.text[:200]}")
@@ -641,6 +643,63 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: the overview an operations centre would configure: the defaults' kinds, and two over
+#: the latest values of the whole fleet's points (README, "The console")
+VITALS: Final = """
+[[vitals]]
+id = "online"
+name = "Gateways online"
+kind = "online_share"
+warn = 95
+alarm = 80
+direction = "low"
+
+[[vitals]]
+id = "alarms"
+name = "Active alarms"
+kind = "active_alarms"
+
+[[vitals]]
+id = "readings"
+name = "Readings per minute"
+kind = "readings_per_minute"
+window = "5m"
+
+[[vitals]]
+id = "loss"
+name = "Data loss and evictions"
+kind = "data_loss"
+
+[[vitals]]
+id = "healthy"
+name = "Devices healthy"
+kind = "share_healthy"
+warn = 95
+alarm = 90
+direction = "low"
+
+[[vitals]]
+id = "water"
+name = "Highest water level"
+kind = "max"
+select = { points = "water-*/level" }
+window = "10m"
+unit = "m"
+warn = 1.8
+alarm = 2.2
+
+[[vitals]]
+id = "noise"
+name = "Noise points above 70 dB(A) LAeq"
+kind = "share_above"
+select = { points = "noise-*/laeq" }
+threshold = 70
+window = "10m"
+warn = 10
+alarm = 25
+"""
+
+
 def serve_and_measure(url: str, layout: Layout, args: argparse.Namespace) -> dict[str, float]:
     """Start `citygw platform serve` on the store, measure it over HTTP, stop it."""
     token = secrets.token_urlsafe(32)
@@ -648,6 +707,7 @@ def serve_and_measure(url: str, layout: Layout, args: argparse.Namespace) -> dic
     config = work / "console.toml"
     config.write_text(
         f'[[tokens]]\nname = "bench"\nrole = "operator"\ntoken_hash = "{token_hash(token)}"\n'
+        + VITALS
     )
     port = free_port()
     log = work / "serve.log"

@@ -563,3 +563,16 @@ def test_a_series_reads_a_bounded_number_of_blocks(
         assert s.bucket_ms == ROLLUP_MS and s.n == [10, 10, 10]
     finally:
         store.close()
+
+
+def test_latest_values_keep_the_newest_reading_whatever_the_order(store: Store) -> None:
+    """A late batch with older readings, rolled up after a newer one, does not replace the
+    point's latest value (PostgreSQL's point_latest; SQLite reads its readings)."""
+    since = T0 - 3_600_000
+    store.store_meta(GW, make_meta(GW))
+    feed(store, GW, 1, [(1, T0 + 2_000, 7.0, GOOD), (1, T0 + 3_000, 99.0, BAD)])
+    store.roll_up(10)
+    feed(store, GW, 2, [(1, T0 + 1_000, 5.0, GOOD), (1, T0 - 5_000, 4.0, UNCERTAIN)])
+    store.roll_up(10)
+    found = store.latest_values(since, points="bridge-7/strain_1")
+    assert [(v.gateway, v.ts, v.value) for v in found] == [(GW, T0 + 2_000, 7.0)]
