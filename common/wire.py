@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -778,20 +778,26 @@ def _status_dict(status: DeviceStatus) -> dict[str, Any]:
     return {"healthy": status.healthy, "since": status.since, "error": status.error}
 
 
-def _health(value: Any) -> DeviceHealthMap:
-    """A decoded `health` field, checked as `bound_health` leaves it."""
+def _per_device(value: Any, field: str) -> Iterator[tuple[str, str, Mapping[str, Any]]]:
+    """(device, where, entry) of a stats field that maps device names to objects."""
     if not isinstance(value, Mapping):
-        raise WireError("stats: 'health' must be an object")
-    out: DeviceHealthMap = {}
+        raise WireError(f"stats: {field!r} must be an object")
     for device, entry in value.items():
         if not isinstance(device, str) or not device:
             raise WireError(
-                f"stats: a device name in 'health' ({device!r:.40}) is empty or not a string"
+                f"stats: a device name in {field!r} ({device!r:.40}) is empty or not a string"
             )
-        where = f"stats: health[{device[:40]!r}]"
+        where = f"stats: {field}[{device[:40]!r}]"
         check_text(device, where)
         if not isinstance(entry, Mapping):
             raise WireError(f"{where} must be an object")
+        yield device, where, entry
+
+
+def _health(value: Any) -> DeviceHealthMap:
+    """A decoded `health` field, checked as `bound_health` leaves it."""
+    out: DeviceHealthMap = {}
+    for device, where, entry in _per_device(value, "health"):
         healthy = entry.get("healthy")
         if not isinstance(healthy, bool):
             raise WireError(f"{where}: 'healthy' must be true or false")
@@ -805,18 +811,8 @@ def _health(value: Any) -> DeviceHealthMap:
 
 def _devices(value: Any) -> DeviceInfo:
     """A decoded `devices` field, checked as `bound_devices` leaves it."""
-    if not isinstance(value, Mapping):
-        raise WireError("stats: 'devices' must be an object")
     out: DeviceInfo = {}
-    for device, entries in value.items():
-        if not isinstance(device, str) or not device:
-            raise WireError(
-                f"stats: a device name in 'devices' ({device!r:.40}) is empty or not a string"
-            )
-        where = f"stats: devices[{device[:40]!r}]"
-        check_text(device, where)
-        if not isinstance(entries, Mapping):
-            raise WireError(f"{where} must be an object")
+    for device, where, entries in _per_device(value, "devices"):
         for name, text in entries.items():
             if not isinstance(name, str) or not name:
                 raise WireError(

@@ -90,13 +90,18 @@ def feed(store: Store) -> None:
     store.store_state(GW, True, T0)
 
 
-@pytest.fixture
-def client(store_url: str, tmp_path: Path, hashes: dict[str, str]) -> Iterator[TestClient]:
-    s = open_store(store_url)
+def fed(url: str) -> None:
+    """The store at `url`, created as the ingest does and fed."""
+    s = open_store(url)
     try:
         feed(s)
     finally:
         s.close()
+
+
+@pytest.fixture
+def client(store_url: str, tmp_path: Path, hashes: dict[str, str]) -> Iterator[TestClient]:
+    fed(store_url)
     config = load_console_config(write_config(tmp_path / "console.toml", hashes))
     console = build(store_url, config, connections=2)
     try:
@@ -381,11 +386,7 @@ def test_an_internal_error_is_logged_not_shown(
 
 
 def test_without_users_on_loopback_everyone_is_the_local_admin(store_url: str) -> None:
-    s = open_store(store_url)
-    try:
-        feed(s)
-    finally:
-        s.close()
+    fed(store_url)
     console = build(store_url, ConsoleConfig(), connections=1)
     try:
         with TestClient(create_app(console), base_url="http://127.0.0.1:8080") as client:

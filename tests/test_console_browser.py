@@ -20,7 +20,7 @@ from common import wire
 from common.wire import Envelope
 from native.stages import AlarmEvent
 from tests.helpers import GW, STREAM
-from tests.test_console_api import T0, feed
+from tests.test_console_api import T0, fed
 from tests.test_console_live import serving
 
 CHROMIUM = "/usr/bin/chromium"
@@ -64,11 +64,7 @@ def raise_alarm(db: str, seq: int, rule: str) -> None:
 
 def test_an_operator_handles_an_event_and_plots_a_point(browser: Browser, tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'platform.db'}"
-    s = open_store(db)
-    try:
-        feed(s)
-    finally:
-        s.close()
+    fed(db)
     with serving(db, tmp_path, "console") as url:
         page = browser.new_context(
             viewport={"width": 1400, "height": 900}, timezone_id="UTC"

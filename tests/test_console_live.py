@@ -24,7 +24,7 @@ from common.broker import free_port
 from common.wire import Envelope
 from native.batch import GOOD, Batch
 from tests.helpers import GW, STREAM
-from tests.test_console_api import T0, feed
+from tests.test_console_api import T0, fed
 
 TOKEN = "live-" + "y" * 40
 #: the issue's promise: a change reaches an open page within 2 s
@@ -144,11 +144,7 @@ def store_readings(db: str, seq: int) -> None:
 
 
 def test_two_processes_share_events_and_changes(pg_url: str, tmp_path: Path) -> None:
-    s = open_store(pg_url)  # the ingest creates the store and feeds it
-    try:
-        feed(s)
-    finally:
-        s.close()
+    fed(pg_url)  # the ingest creates the store and feeds it
     with serving(pg_url, tmp_path, "a") as a, serving(pg_url, tmp_path, "b") as b:
 
         async def scenario() -> None:
@@ -176,11 +172,7 @@ def test_two_processes_share_events_and_changes(pg_url: str, tmp_path: Path) -> 
 
 def test_live_on_sqlite(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'platform.db'}"
-    s = open_store(db)
-    try:
-        feed(s)
-    finally:
-        s.close()
+    fed(db)
     with serving(db, tmp_path, "a") as a:
 
         async def scenario() -> None:
