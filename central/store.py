@@ -252,9 +252,10 @@ class Store(Protocol):
         ...
 
     def alarm_episodes(
-        self, gateway: str | None = None, active: bool = False
+        self, gateway: str | None = None, active: bool = False, since_ms: int | None = None
     ) -> list[AlarmEpisode]:
-        """Raises paired with their clears, oldest first; `active`: only uncleared ones."""
+        """Raises paired with their clears, oldest first; `active`: only uncleared ones;
+        `since_ms`: only those raised at or after it (the gateway's clock)."""
         ...
 
     def prune(self, before_ms: int) -> dict[str, int]:
@@ -484,13 +485,16 @@ def alarm_clear_args(gateway: str, e: AlarmEvent) -> tuple[Any, ...]:
 
 
 def alarm_episodes_query(
-    ph: str, gateway: str | None, active: bool, order: str
+    ph: str, gateway: str | None, active: bool, order: str, since_ms: int | None = None
 ) -> tuple[str, tuple[Any, ...]]:
     where = "a.raised"
     args: tuple[Any, ...] = ()
     if gateway is not None:
         where += f" AND a.gateway = {ph}"
         args = (gateway,)
+    if since_ms is not None:
+        where += f" AND a.ts >= {ph}"
+        args = (*args, since_ms)
     if active:
         where += " AND a.cleared_ts IS NULL"
     return (

@@ -958,9 +958,9 @@ class PostgresStore:
         return [str(k) for (k,) in rows]
 
     def alarm_episodes(
-        self, gateway: str | None = None, active: bool = False
+        self, gateway: str | None = None, active: bool = False, since_ms: int | None = None
     ) -> list[AlarmEpisode]:
-        sql_, args = alarm_episodes_query("%s", gateway, active, order="a.id")
+        sql_, args = alarm_episodes_query("%s", gateway, active, "a.id", since_ms)
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
             cur.execute(sql_.encode(), args)
             rows = cur.fetchall()

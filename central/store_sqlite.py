@@ -513,9 +513,9 @@ class SqliteStore:
         return [str(k) for (k,) in rows]
 
     def alarm_episodes(
-        self, gateway: str | None = None, active: bool = False
+        self, gateway: str | None = None, active: bool = False, since_ms: int | None = None
     ) -> list[AlarmEpisode]:
-        sql, args = alarm_episodes_query("?", gateway, active, order="a.rowid")
+        sql, args = alarm_episodes_query("?", gateway, active, "a.rowid", since_ms)
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [episode_from_row(r) for r in rows]

@@ -353,6 +353,7 @@ def test_alarm_raise_clear_pairing(store: Store) -> None:
         (1, 400),
     ]
     assert store.alarm_episodes("gw-2") == []
+    assert [e.raised_ts for e in store.alarm_episodes(GW, since_ms=150)] == [150, 400]
     assert len(store.alarms(GW)) == 5  # the events themselves stay as they came
 
 

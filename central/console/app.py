@@ -61,8 +61,8 @@ MAX_NOTE: Final = 2_000
 MAX_NAME: Final = 100
 #: CSV export: a range with more readings is refused with the count (narrow it)
 MAX_CSV_ROWS: Final = 500_000
-#: the window over which the overview summarises event handling times
-SUMMARY_WINDOW_MS: Final = 7 * 86_400_000
+#: what "recent" means: the summary of event handling times, a gateway page's alarms
+RECENT_MS: Final = 7 * 86_400_000
 SECURITY_HEADERS: Final = {
     "content-security-policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
@@ -289,7 +289,7 @@ class Console:
                     "offline": sum(1 for g in fleet if g.state == "offline"),
                     "never": sum(1 for g in fleet if g.state is None),
                 },
-                "events": st.event_summary(now - SUMMARY_WINDOW_MS),
+                "events": st.event_summary(now - RECENT_MS),
                 "generated_ms": now,
             }
 
@@ -327,6 +327,7 @@ class Console:
     async def gateway(self, request: Request) -> Response:
         await self.require(request)
         gw = request.path_params["gateway"]
+        now = now_ms()
 
         def read(st: Store) -> dict[str, Any] | None:
             row = next((g for g in st.fleet() if g.gateway == gw), None)
@@ -336,7 +337,7 @@ class Console:
                 "gateway": row,
                 "devices": st.gateway_devices(gw),
                 "events": st.events(gateway=gw, limit=50),
-                "alarms": st.alarm_episodes(gw)[-50:],
+                "alarms": st.alarm_episodes(gw, since_ms=now - RECENT_MS)[-50:],
             }
 
         found = await self.store(read)
@@ -382,7 +383,7 @@ class Console:
                     limit=limit,
                     before_id=before,
                 ),
-                "summary": st.event_summary(now - SUMMARY_WINDOW_MS),
+                "summary": st.event_summary(now - RECENT_MS),
             }
 
         return JSON(await self.store(read))
