@@ -846,19 +846,25 @@ FINITE = "BETWEEN -1.7976931348623157e308 AND 1.7976931348623157e308"
 USABLE = f"IN ({GOOD}, {UNCERTAIN})"
 
 
-def selected_points(ph: str, like: str, site: str | None) -> str:
+def selected_points(ph: str, gateways: str, points: str, site: str | None) -> str:
     """The (gateway, point_id, key) of the points `latest_values` selects, its arguments
-    `latest_args`; `like` is the driver's case-insensitive LIKE."""
-    text = (
-        "SELECT p.gateway, p.point_id, p.key FROM points p "
-        f"LEFT JOIN gateways g ON g.gateway = p.gateway WHERE p.gateway {like} {ph} ESCAPE "
-        f"'\\' AND p.key {like} {ph} ESCAPE '\\'"
-    )
-    return text + (f" AND g.site = {ph}" if site is not None else "")
+    `latest_args`: globs matched case-insensitively (lower(...) LIKE, several times faster
+    than PostgreSQL's ILIKE over a city's registry), a "*" glob not matched at all."""
+    text = "SELECT p.gateway, p.point_id, p.key FROM points p"
+    where = [
+        f"lower(p.{column}) LIKE {ph} ESCAPE '\\'"
+        for column, glob in (("gateway", gateways), ("key", points))
+        if glob != "*"
+    ]
+    if site is not None:
+        text += " JOIN gateways g ON g.gateway = p.gateway"
+        where.append(f"g.site = {ph}")
+    return text + (" WHERE " + " AND ".join(where) if where else "")
 
 
 def latest_args(gateways: str, points: str, site: str | None) -> list[Any]:
-    return [glob_like(gateways), glob_like(points), *([site] if site is not None else [])]
+    globs = [glob_like(g.lower()) for g in (gateways, points) if g != "*"]
+    return [*globs, *([site] if site is not None else [])]
 
 
 UPLINK_POINTS_QUERY = (

@@ -318,6 +318,11 @@ class SqliteStore:
         for table, column in _ADDED_COLUMNS:
             if column.split()[0] not in self._columns(table):
                 self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+        # active alarms (the console's vital signs), once cleared_ts exists
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS alarms_active ON alarms (gateway) "
+            "WHERE raised AND cleared_ts IS NULL"
+        )
 
     def _columns(self, table: str) -> set[str]:
         return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
@@ -550,7 +555,7 @@ class SqliteStore:
         self, since_ms: int, gateways: str = "*", points: str = "*", site: str | None = None
     ) -> list[LatestValue]:
         sql = (
-            f"WITH p AS ({selected_points('?', 'LIKE', site)}) "
+            f"WITH p AS ({selected_points('?', gateways, points, site)}) "
             "SELECT p.gateway, p.key, r.ts, r.value, r.raw FROM p JOIN readings r "
             "ON r.rowid = (SELECT rowid FROM readings WHERE gateway = p.gateway "
             f"AND point_id = p.point_id AND ts >= ? AND quality {USABLE} AND value {FINITE} "

@@ -8,7 +8,7 @@ import fnmatch
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from central.console.config import SHARE_KINDS, VitalConfig
 from central.store import FleetRow, Store
@@ -61,29 +61,39 @@ def level(cfg: VitalConfig, value: float | None) -> Level:
     return "ok"
 
 
+#: the kinds computed from the fleet's rows (`Store.fleet`), the others from their own queries
+FLEET_KINDS: Final = frozenset({"online_share", "share_healthy", "data_loss", "active_alarms"})
+
+
 def evaluate(store: Store, vitals: Sequence[VitalConfig], now_ms: int) -> list[Vital]:
     """Every vital of `vitals` (the defaults when empty), in order."""
     fleet: list[FleetRow] | None = None
     out: list[Vital] = []
     for cfg in vitals or DEFAULT_VITALS:
-        if cfg.kind in ("online_share", "share_healthy", "data_loss", "active_alarms"):
+        if cfg.kind in FLEET_KINDS:
             fleet = fleet if fleet is not None else store.fleet()
-            gateways = [g for g in fleet if _selected(cfg, g)]
-            if cfg.kind == "online_share":
-                vital = _online(cfg, gateways)
-            elif cfg.kind == "share_healthy":
-                vital = _healthy(cfg, gateways)
-            elif cfg.kind == "data_loss":
-                vital = _data_loss(cfg, gateways)
-            else:
-                vital = _alarms(cfg, store, {g.gateway for g in gateways})
-        elif cfg.kind == "readings_per_minute":
-            rate = store.uplink_points(now_ms - int(cfg.window * 1000)) / (cfg.window / 60.0)
-            vital = _vital(cfg, rate, cfg.unit or "/min", f"{rate:.0f} readings a minute", "")
-        else:
-            vital = _points(cfg, store, now_ms)
-        out.append(vital)
+        out.append(evaluate_one(store, cfg, now_ms, fleet))
     return out
+
+
+def evaluate_one(
+    store: Store, cfg: VitalConfig, now_ms: int, fleet: Sequence[FleetRow] | None
+) -> Vital:
+    """One vital; `fleet` (the store's fleet rows) is needed for FLEET_KINDS."""
+    if cfg.kind in FLEET_KINDS:
+        assert fleet is not None, f"{cfg.kind} is computed from the fleet's rows"
+        gateways = [g for g in fleet if _selected(cfg, g)]
+        if cfg.kind == "online_share":
+            return _online(cfg, gateways)
+        if cfg.kind == "share_healthy":
+            return _healthy(cfg, gateways)
+        if cfg.kind == "data_loss":
+            return _data_loss(cfg, gateways)
+        return _alarms(cfg, store, {g.gateway for g in gateways})
+    if cfg.kind == "readings_per_minute":
+        rate = store.uplink_points(now_ms - int(cfg.window * 1000)) / (cfg.window / 60.0)
+        return _vital(cfg, rate, cfg.unit or "/min", f"{rate:.0f} readings a minute", "")
+    return _points(cfg, store, now_ms)
 
 
 def _vital(cfg: VitalConfig, value: float | None, unit: str, text: str, detail: str) -> Vital:
@@ -158,7 +168,8 @@ def _alarms(cfg: VitalConfig, store: Store, gateways: set[str]) -> Vital:
     active = [
         e
         for e in store.alarm_episodes(active=True)
-        if e.gateway in gateways and _glob(e.key or "", cfg.select.points)
+        if e.gateway in gateways
+        and (cfg.select.points == "*" or _glob(e.key or "", cfg.select.points))
     ]
     by_severity = Counter(e.severity for e in active)
     vital = _vital(
