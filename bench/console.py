@@ -10,7 +10,9 @@ At ``--scale 1``:
   LA90 dB(A)), air (PM2.5, PM10, NO2 ug/m3, temperature, humidity), bridge (strain ue,
   tilt) and lights (dimming %, power W); a retained state (`store_state`: 94 % online,
   5 % offline since some hours, 1 % never reported one) and an ``up/stats``
-  (`store_stats`: counters, a few with backlog, evictions or losses; device information);
+  (`store_stats`: counters, a few with backlog, evictions or losses; device information
+  and health, about one device in fifty failing); a tenth of the fleet on an older
+  software version; one gateway in twenty with a device placed away from it;
 - 30 days (``--days``) of 1-minute readings of 1,000 points: the 20 first gateways send
   one uplink a minute each with one poll of their 50 points (a block of 50 readings: the
   layout `reading_blocks` gets from such gateways);
@@ -92,7 +94,7 @@ from central.store_postgres import split_url  # noqa: E402
 from central.stores import open_store  # noqa: E402
 from central.worker import ROLL_UP_BLOCKS, ROLL_UP_EVERY_S  # noqa: E402
 from common import wire  # noqa: E402
-from common.wire import Envelope, GatewayStats, Meta, PointMeta  # noqa: E402
+from common.wire import DeviceStatus, Envelope, GatewayStats, Meta, PointMeta  # noqa: E402
 from native.batch import BAD, UNAVAILABLE, Batch  # noqa: E402
 from native.stages import SEVERITIES, AlarmEvent  # noqa: E402
 
@@ -226,7 +228,23 @@ def meta_of(index: int, layout: Layout, rng: np.random.Generator) -> Meta:
         "lon": round(float(rng.uniform(*CITY_LON)), 6),
     }
     site = f"{DISTRICTS[index % len(DISTRICTS)]}-{index // len(DISTRICTS) + 1:03d}"
-    return Meta(gateway_id(index), stream_id(index), points, site=site, location=location)
+    # a fleet mid-upgrade; one gateway in twenty has a device placed away from it
+    software = "0.1.0" if index % 10 else "0.0.9"
+    first = point_signals(index, layout)[0][0]
+    locations = (
+        {first: {"lat": location["lat"] + 0.002, "lon": location["lon"] - 0.003}}
+        if index % 20 == 0
+        else None
+    )
+    return Meta(
+        gateway_id(index),
+        stream_id(index),
+        points,
+        site=site,
+        location=location,
+        software=software,
+        locations=locations,
+    )
 
 
 def stats_of(index: int, rng: np.random.Generator, now_ms: int, online: bool) -> GatewayStats:
@@ -238,6 +256,13 @@ def stats_of(index: int, rng: np.random.Generator, now_ms: int, online: bool) ->
         f"{k}-{d + 1}": {"model": f"{k.upper()}-{100 + d}", "firmware": f"1.{index % 7}.{d}"}
         for d, k in enumerate(device_kinds(index))
     }
+    # about one device in fifty failing, since some hours
+    health = {
+        name: DeviceStatus(True, now_ms - DAY_MS)
+        if rng.random() >= 0.02
+        else DeviceStatus(False, now_ms - int(rng.integers(60_000, DAY_MS)), "no response")
+        for name in devices
+    }
     return GatewayStats(
         gateway=gateway_id(index),
         ts=now_ms - int(rng.integers(0, 60_000)),
@@ -248,6 +273,7 @@ def stats_of(index: int, rng: np.random.Generator, now_ms: int, online: bool) ->
         backlog_messages=backlog // 50,
         lost_points=int(rng.integers(1, 500)) if trouble < 0.005 else 0,
         devices=devices,
+        health=health,
     )
 
 

@@ -92,6 +92,9 @@ async def serve(
             timeout_graceful_shutdown=2,
         )
     )
+    # uvicorn's own INFO lines (started, shutting down) repeat ours with ANSI colours in
+    # an extra field; its warnings and errors still come through
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     # the caller owns the signals (it cancels this coroutine): uvicorn must not take them
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     hub = asyncio.create_task(console.live.run(), name="console-live")
