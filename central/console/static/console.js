@@ -676,6 +676,8 @@ function niceStep(span) {
   return [1, 2, 5, 10].map((m) => m * p).find((s) => s >= raw);
 }
 
+const MAP_LABELS_MAX = 60;
+
 function mapView(root) {
   const holder = h("div", { testid: "map" });
   const unplaced = h("p", { class: "muted", testid: "map-unplaced" });
@@ -749,15 +751,26 @@ function mapView(root) {
           svg("title", {}, `${gw.gateway} / ${d.device}: ${d.healthy === false ? "unhealthy" : d.healthy ? "healthy" : "unknown"}`),
         );
       });
-      const gwMarks = gws.map((r) => {
+      // a city's fleet is thousands of markers: small and unlabelled then (the name is in
+      // each marker's title), and the ones needing attention drawn last, on top
+      const dense = gws.length > MAP_LABELS_MAX;
+      const attention = (r) => (gwState(r) !== "online" ? 2 : r.open_events ? 1 : 0);
+      const gwMarks = [...gws].sort((a, b) => attention(a) - attention(b)).map((r) => {
         const [x, y] = [X(r.location.lon), Y(r.location.lat)];
         const label = `${r.gateway}: ${gwState(r)}${r.open_events ? `, ${r.open_events} open events` : ""}`;
         return svg(
           "a",
           { href: gatewayHref(r.gateway), "aria-label": label, "data-testid": `map-gw-${r.gateway}` },
           svg("title", {}, label),
-          svg("circle", { cx: x, cy: y, r: 8, fill: colour[gwState(r)], stroke: r.open_events ? "var(--warn)" : "#10151a", "stroke-width": 2 }),
-          svg("text", { class: "gw", x: x + 11, y: y + 4 }, r.gateway),
+          svg("circle", {
+            cx: x,
+            cy: y,
+            r: dense ? 4 : 8,
+            fill: colour[gwState(r)],
+            stroke: r.open_events ? "var(--warn)" : "#10151a",
+            "stroke-width": dense ? 1 : 2,
+          }),
+          dense ? null : svg("text", { class: "gw", x: x + 11, y: y + 4 }, r.gateway),
         );
       });
       holder.replaceChildren(
