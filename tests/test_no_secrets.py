@@ -559,6 +559,22 @@ def test_no_command_prints_a_secret(tmp_path: Path, auth_broker: Mosquitto, pg_u
                 ["platform", "dead-letters", "--db", db, "--dump", str(work / "dl")], "dead letter"
             )
         ],
+        "platform serve": [
+            Call(
+                [
+                    *("platform", "serve", "--db", db, "--log-level", "debug"),
+                    *("--listen", f"127.0.0.1:{free_port()}"),
+                ],
+                "console: serving",
+                until="console: serving",
+            ),
+            Call(["platform", "serve", "--db", dead_db], "cannot open"),
+        ],
+        # the password typed is a secret too: never echoed, never in the hash's line
+        "platform hash-password": [
+            Call(["platform", "hash-password"], "$argon2id$", stdin=f"{DB_PW}\n{DB_PW}\n")
+        ],
+        "platform new-token": [Call(["platform", "new-token", "scada"], "token (shown once)")],
         "platform prune": [
             Call(["platform", "prune", "--db", db, "--older-than", "30d", "--yes"], "pruned"),
             Call(["platform", "prune", "--db", db, "--older-than", "30d"], "Delete", stdin="n\n"),

@@ -25,6 +25,7 @@ from typing import Any, Final
 import orjson
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -50,6 +51,7 @@ from central.events import EventConflict
 from central.sessions import Session
 from central.store import Store, StoreMissing
 from central.times import iso, now_ms, parse_when
+from native.batch import QUALITY_NAMES
 
 log = logging.getLogger("citygw.console")
 
@@ -228,8 +230,6 @@ class Console:
         if self.throttle.blocked(client):
             log.warning("console: login throttled", extra={"user": name, "client": client})
             raise fail(429, "too many failed logins from this address; wait a minute")
-        from starlette.concurrency import run_in_threadpool
-
         role = await run_in_threadpool(self.accounts.login, name, password)
         if role is None:
             self.throttle.failed(client)
@@ -521,8 +521,6 @@ class Console:
             raise await self._no_point(gw, key)
         if len(rows) > MAX_CSV_ROWS:
             raise fail(400, f"more than {MAX_CSV_ROWS} readings in this range: narrow it")
-        from native.batch import QUALITY_NAMES
-
         buf = io.StringIO()
         out = csv.writer(buf, lineterminator="\n")
         out.writerow(["time", "ts_ms", "value", "quality"])
