@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -210,3 +211,36 @@ def test_refuses_an_open_listener_and_a_bad_store(tmp_path: Path) -> None:
     )
     assert r.returncode == 1 and "users[0].role" in r.stderr, r.stderr
     assert "users[0].password_hash" in r.stderr, r.stderr
+
+
+def test_demo_serves_the_console_until_interrupted(tmp_path: Path) -> None:
+    port = free_port()
+    out = tmp_path / "demo.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "cli", "demo", "--duration", "3", "--console"),
+                *("--console-listen", f"127.0.0.1:{port}"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "until interrupted" not in out.read_text(errors="replace"):
+            assert proc.poll() is None, out.read_text(errors="replace")
+            assert time.monotonic() < deadline, "the demo did not finish its run in 120 s"
+            time.sleep(0.2)
+        text = out.read_text(errors="replace")
+        assert "demo: read=" in text and " lost=0 " in text
+        password = text.split("(user demo, password ")[-1].split(")")[0]
+        url = f"http://127.0.0.1:{port}"
+        with httpx2.Client() as c:  # the demo's store, after the run, still served
+            r = c.post(url + "/api/login", json={"user": "demo", "password": password})
+            assert r.status_code == 200, r.text
+            events = c.get(url + "/api/events", params={"state": "all"}).json()["events"]
+            assert events and {e["gateway"] for e in events} == {"gw-demo-block-7"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0, out.read_text(errors="replace")
