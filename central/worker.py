@@ -21,9 +21,10 @@ alone; the others are stored, it becomes a dead letter (reason ``unstorable``) a
 are acknowledged. Unknown: retried `UNKNOWN_ERROR_ATTEMPTS` times, then handled as
 refused for a message that still fails on its own.
 
-A second task drains the store's rollup queue every second (`Store.roll_up`: the
-ten-minute rollup PostgreSQL's `series` reads); workers share it, and a failure there is
-logged, counted and retried with backoff without holding up the messages.
+A second task, on a store connection of its own (PostgreSQL), drains the store's rollup
+queue every second (`Store.roll_up`: the ten-minute rollup PostgreSQL's `series` reads);
+workers share it, and a failure there is logged, counted and retried with backoff without
+holding up the messages.
 """
 
 from __future__ import annotations
@@ -151,14 +152,18 @@ class IngestWorker:
         max_group: int = 256,
         receive_maximum: int = 1024,
         ca_file: str | None = None,
+        roll_up_store: Store | None = None,
     ) -> None:
-        """`client_id` with `session_expiry` > 0 gives a persistent session: the broker
+        """`roll_up_store`: the store object (connection) the roll-up task uses, so that
+        folding blocks in never pauses storing on `store`'s (default: `store`).
+        `client_id` with `session_expiry` > 0 gives a persistent session: the broker
         keeps this worker's queued and unacknowledged messages while it is away.
         `probe_interval` and `reconnect_spread`: common/reconnect.py (short: a platform runs
         few workers, and they should subscribe before the gateways are back)."""
         self.broker = broker
         self.address = BrokerAddress.parse(broker)
         self.store = store
+        self.roll_up_store = roll_up_store or store
         self.group = group or None
         self.prefix = prefix
         self.filters = wire.ingest_filters(prefix, self.group)
@@ -303,7 +308,7 @@ class IngestWorker:
         while True:
             try:
                 while True:
-                    n = await asyncio.to_thread(self.store.roll_up, ROLL_UP_BLOCKS)
+                    n = await asyncio.to_thread(self.roll_up_store.roll_up, ROLL_UP_BLOCKS)
                     self.counters.blocks_rolled_up += n
                     if n < ROLL_UP_BLOCKS:
                         break
@@ -620,6 +625,12 @@ async def run_ingest(
     """`citygw ingest --broker URL --db URL --group NAME`: run until cancelled, logging
     the throughput every `report_every` seconds (0: never)."""
     store = await asyncio.to_thread(open_store, db_url)
+    # PostgreSQL: the roll-up on a connection of its own (SQLite has no roll-up to do)
+    roll_up_store = (
+        await asyncio.to_thread(open_store, db_url)
+        if db_url.startswith(("postgresql://", "postgres://"))
+        else None
+    )
     try:
         log.info(
             "ingest: starting",
@@ -637,6 +648,7 @@ async def run_ingest(
             prefix=prefix,
             client_id=client_id,
             session_expiry=session_expiry,
+            roll_up_store=roll_up_store,
         )
         reporter = (
             asyncio.create_task(report_throughput(worker, report_every))
@@ -650,3 +662,5 @@ async def run_ingest(
                 reporter.cancel()
     finally:
         await asyncio.to_thread(store.close)
+        if roll_up_store is not None:
+            await asyncio.to_thread(roll_up_store.close)

@@ -515,13 +515,14 @@ class FlakyStore(PostgresStore):
 
 
 def test_worker_rolls_up(pg_url: str, mosquitto: Mosquitto) -> None:
-    """The ingest worker's roll-up task drains what was stored, every second; a failed
-    call is counted and retried."""
+    """The ingest worker's roll-up task drains what was stored, every second, on the
+    store connection given for it (its failure proves it was that one); a failed call is
+    counted and retried."""
 
     async def main() -> None:
-        store = FlakyStore(pg_url)
+        store = FlakyStore(pg_url)  # the roll-up's own connection (it fails once)
         writer = open_store(pg_url)
-        worker = IngestWorker(mosquitto.url, store, backoff_min=0.05)
+        worker = IngestWorker(mosquitto.url, writer, backoff_min=0.05, roll_up_store=store)
         task = asyncio.create_task(worker.run())
         try:
             for seq in range(1, 4):
