@@ -55,5 +55,11 @@ def session_select(ph: str) -> str:
 
 
 def session_delete(ph: str) -> str:
-    """One session (logout), and every expired one with it: no sweeper needed."""
-    return f"DELETE FROM console_sessions WHERE id_hash = {ph} OR expires_ms <= {ph}"
+    """One session: a logout."""
+    return f"DELETE FROM console_sessions WHERE id_hash = {ph}"
+
+
+def sessions_expired(ph: str) -> str:
+    """The expired ones, dropped at every login: the table holds few more than the live
+    sessions, and needs no sweeper."""
+    return f"DELETE FROM console_sessions WHERE expires_ms <= {ph}"

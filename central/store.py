@@ -286,14 +286,16 @@ class Store(Protocol):
         """Readings in the telemetry and event uplinks received since `since_ms`."""
         ...
 
-    def session_open(self, id_hash: str, session: Session, now_ms: int) -> None: ...
+    def session_open(self, id_hash: str, session: Session, now_ms: int) -> None:
+        """A new session; the expired ones go."""
+        ...
 
     def session_get(self, id_hash: str, now_ms: int) -> Session | None:
         """The unexpired session with this id hash (central/sessions.py)."""
         ...
 
-    def session_close(self, id_hash: str, now_ms: int) -> None:
-        """Ends that session, and every expired one."""
+    def session_close(self, id_hash: str) -> None:
+        """Ends that session."""
         ...
 
     def events(

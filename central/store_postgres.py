@@ -1175,6 +1175,7 @@ class PostgresStore:
                 sessions.session_insert("%s"),
                 (id_hash, session.user, session.role, session.csrf, now_ms, session.expires_ms),
             )
+            cur.execute(sessions.sessions_expired("%s"), (now_ms,))
 
     def session_get(self, id_hash: str, now_ms: int) -> Session | None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
@@ -1182,9 +1183,9 @@ class PostgresStore:
             row = cur.fetchone()
         return Session(str(row[0]), str(row[1]), str(row[2]), int(row[3])) if row else None
 
-    def session_close(self, id_hash: str, now_ms: int) -> None:
+    def session_close(self, id_hash: str) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
-            cur.execute(sessions.session_delete("%s"), (id_hash, now_ms))
+            cur.execute(sessions.session_delete("%s"), (id_hash,))
 
     # -- series ----------------------------------------------------------------------------
 

@@ -682,15 +682,16 @@ class SqliteStore:
                 sessions.session_insert("?"),
                 (id_hash, session.user, session.role, session.csrf, now_ms, session.expires_ms),
             )
+            cur.execute(sessions.sessions_expired("?"), (now_ms,))
 
     def session_get(self, id_hash: str, now_ms: int) -> Session | None:
         with self._lock:
             row = self._db.execute(sessions.session_select("?"), (id_hash, now_ms)).fetchone()
         return Session(str(row[0]), str(row[1]), str(row[2]), int(row[3])) if row else None
 
-    def session_close(self, id_hash: str, now_ms: int) -> None:
+    def session_close(self, id_hash: str) -> None:
         with self._write() as cur:
-            cur.execute(sessions.session_delete("?"), (id_hash, now_ms))
+            cur.execute(sessions.session_delete("?"), (id_hash,))
 
     # -- events ---------------------------------------------------------------------------
 

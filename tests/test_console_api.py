@@ -429,3 +429,15 @@ def test_the_cli_makes_password_hashes_and_tokens() -> None:
     token = r.output.split("token (shown once): ")[1].split()[0]
     assert f'token_hash = "{token_hash(token)}"' in r.output and 'role = "operator"' in r.output
     assert runner.invoke(app, ["new-token", "x", "--role", "boss"]).exit_code == 1
+
+
+def test_sessions_expire_and_the_expired_go(store: Store) -> None:
+    from central.sessions import Session
+
+    store.session_open("old", Session("ana", "viewer", "c1", 1_000), 500)
+    assert store.session_get("old", 999) is not None
+    assert store.session_get("old", 1_000) is None  # expired: worth nothing
+    store.session_open("new", Session("bob", "operator", "c2", 9_000), 2_000)  # sweeps
+    store.session_close("new")
+    for sid in ("old", "new"):
+        assert store.session_get(sid, 0) is None  # gone from the store, not just expired

@@ -258,8 +258,7 @@ class Console:
         who = await self.require(request)
         if who.session_hash is not None:
             h = who.session_hash
-            now = now_ms()
-            await self.store(lambda st: st.session_close(h, now))
+            await self.store(lambda st: st.session_close(h))
         response = JSON({"ok": True})
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response

@@ -21,6 +21,9 @@ from central.console.pool import StorePool
 
 log = logging.getLogger("citygw.console")
 
+#: connections one `serve` process takes at once (each open page holds one live stream)
+MAX_CONNECTIONS = 2000
+
 
 class ServeRefused(Exception):
     """A setting that must not run (an open listener without users)."""
@@ -90,6 +93,9 @@ async def serve(
             lifespan="off",
             # open live streams would hold a stop for ever
             timeout_graceful_shutdown=2,
+            # beyond this many connections (live streams count) a request gets a 503 at
+            # once: a flood of clients cannot exhaust the process
+            limit_concurrency=MAX_CONNECTIONS,
         )
     )
     # uvicorn's own INFO lines (started, shutting down) repeat ours with ANSI colours in
