@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +122,19 @@ def tls_broker(pki: Pki, tmp_path: Path) -> Iterator[TlsBroker]:
         broker.start()
     except BrokerError as e:
         pytest.fail(f"cannot start the test broker: {e}", pytrace=False)
+    # start() waits for the plain listener only; the TLS ones open after it, once their
+    # certificates are loaded (on a busy machine a test could find them still closed)
+    deadline = time.monotonic() + 15
+    for port in (tls, mtls, elsewhere):
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    broker.stop()
+                    pytest.fail(f"the broker's TLS listener on {port} did not open", pytrace=False)
+                time.sleep(0.05)
     try:
         yield TlsBroker(broker, tls, mtls, elsewhere)
     finally:
