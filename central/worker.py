@@ -314,19 +314,9 @@ class IngestWorker:
                         break
             except Exception as e:
                 self.counters.roll_up_errors += 1
-                fault = classify(e)
-                count = self._throttle.ready(f"roll-up-{fault.value}")
-                if count is not None:
-                    log.error(
-                        "ingest: roll-up failed, retrying",
-                        extra={
-                            "fault": fault.value,
-                            "error": repr(e)[:500],
-                            "retry_s": round(delay, 2),
-                            "count": count,
-                        },
-                        exc_info=fault is StoreFault.UNKNOWN,
-                    )
+                self._log_store_failure(
+                    e, classify(e), delay, "roll-up", "ingest: roll-up failed, retrying"
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
                 continue
@@ -449,21 +439,42 @@ class IngestWorker:
                     return _Refused(e)
                 if fault is StoreFault.UNKNOWN and failures >= attempts:
                     return _Refused(e)
-                n = self._throttle.ready(f"store-{fault.value}")
-                if n is not None:
-                    log.error(
-                        "ingest: store failed, retrying (messages not acknowledged)",
-                        extra={
-                            "what": what,
-                            "fault": fault.value,
-                            "error": repr(e)[:500],
-                            "retry_s": round(delay, 2),
-                            "count": n,
-                        },
-                        exc_info=fault is StoreFault.UNKNOWN,
-                    )
+                self._log_store_failure(
+                    e,
+                    fault,
+                    delay,
+                    "store",
+                    "ingest: store failed, retrying (messages not acknowledged)",
+                    what=what,
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
+
+    def _log_store_failure(
+        self,
+        e: Exception,
+        fault: StoreFault,
+        delay: float,
+        kind: str,
+        message: str,
+        **fields: str,
+    ) -> None:
+        """A failed store call that will be retried in `delay` s: logged once per throttle
+        interval for its `kind` and fault, with how many it stands for (a trace only for
+        an error `classify` does not know)."""
+        count = self._throttle.ready(f"{kind}-{fault.value}")
+        if count is not None:
+            log.error(
+                message,
+                extra={
+                    **fields,
+                    "fault": fault.value,
+                    "error": repr(e)[:500],
+                    "retry_s": round(delay, 2),
+                    "count": count,
+                },
+                exc_info=fault is StoreFault.UNKNOWN,
+            )
 
     def _unstorable(self, work: _Work, src: _Source, error: BaseException) -> None:
         self._reject(work, src.topic, src.payload, UNSTORABLE, f"{type(error).__name__}: {error}")
