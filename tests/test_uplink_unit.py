@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Awaitable, Callable
 
 import orjson
 import pytest
@@ -101,6 +102,33 @@ class _AckWithCancel:
                 await asyncio.Event().wait()  # the PUBACK: it comes with the cancel
 
 
+async def stop_in_meta(
+    session: _AckWithCancel, stats: Callable[[], Awaitable[bytes]] | None = None
+) -> None:
+    """An uplink over an empty buffer on `session`, cancelled while its meta publish is
+    under way; it must end within 5 s, cancelled."""
+
+    async def peek(limit: int, exclude: object) -> list[Message]:
+        return []
+
+    async def ack(seqs: object) -> int:
+        return 0
+
+    up = Uplink(
+        UplinkSettings(broker="mqtt://127.0.0.1:1", gateway_id="gw", client_id="c"),
+        BufferPort(peek, ack),
+        "0" * 32,
+        b"{}",
+        lambda: session,
+        stats=stats,
+    )
+    task = asyncio.create_task(up.run())
+    await asyncio.wait_for(session.in_meta.wait(), 5)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert done == {task} and task.cancelled()
+
+
 def test_a_cancel_that_a_publish_swallowed_still_stops_the_uplink() -> None:
     """`citygw` stopping while the uplink connects: the cancel must end the session even
     when the publish it met returned normally (the agent's stop waited forever)."""
@@ -114,26 +142,8 @@ def test_a_cancel_that_a_publish_swallowed_still_stops_the_uplink() -> None:
             stats_calls += 1
             return b"{}"
 
-        async def peek(limit: int, exclude: object) -> list[Message]:
-            return []
-
-        async def ack(seqs: object) -> int:
-            return 0
-
-        up = Uplink(
-            UplinkSettings(broker="mqtt://127.0.0.1:1", gateway_id="gw", client_id="c"),
-            BufferPort(peek, ack),
-            "0" * 32,
-            b"{}",
-            lambda: session,
-            stats=stats,
-        )
-        task = asyncio.create_task(up.run())
-        await asyncio.wait_for(session.in_meta.wait(), 5)
-        task.cancel()
         # bounded: without the check the session went on and pumped forever
-        done, _ = await asyncio.wait({task}, timeout=5)
-        assert done == {task} and task.cancelled()
+        await stop_in_meta(session, stats)
         assert stats_calls == 0  # nothing of the session ran after the cancel
         return session.topics
 
@@ -166,24 +176,7 @@ def test_a_stop_while_the_session_starts_still_says_offline() -> None:
     async def main() -> list[tuple[str, bytes]]:
         session = _MetaHangs()
 
-        async def peek(limit: int, exclude: object) -> list[Message]:
-            return []
-
-        async def ack(seqs: object) -> int:
-            return 0
-
-        up = Uplink(
-            UplinkSettings(broker="mqtt://127.0.0.1:1", gateway_id="gw", client_id="c"),
-            BufferPort(peek, ack),
-            "0" * 32,
-            b"{}",
-            lambda: session,
-        )
-        task = asyncio.create_task(up.run())
-        await asyncio.wait_for(session.in_meta.wait(), 5)
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=5)
-        assert done == {task} and task.cancelled()
+        await stop_in_meta(session)
         return session.sent
 
     sent = asyncio.run(main())
