@@ -265,8 +265,9 @@ class Store(Protocol):
         key was dropped is stored again."""
         ...
 
-    def fleet(self) -> list[FleetRow]:
-        """Every gateway seen, by id, with its software and its devices' health."""
+    def fleet(self, gateway: str | None = None) -> list[FleetRow]:
+        """Every gateway seen (or only `gateway`), by id, with its software and its
+        devices' health."""
         ...
 
     def gateway_devices(self, gateway: str) -> list[DeviceRow]:
@@ -745,19 +746,23 @@ def store_device_health(cur: Any, ph: str, stats: GatewayStats) -> None:
         )
 
 
-FLEET_QUERY = (
-    "SELECT ids.gateway, g.site, g.location, g.locations, g.software, g.state, g.state_ms, "
-    f"g.last_seen_ms, h.total, h.healthy, e.n, "
-    f"{', '.join('s.' + c.strip() for c in STATS_COLUMNS.split(','))} "
-    "FROM (SELECT gateway FROM gateways UNION SELECT gateway FROM gateway_stats) ids "
-    "LEFT JOIN gateways g ON g.gateway = ids.gateway "
-    "LEFT JOIN gateway_stats s ON s.gateway = ids.gateway "
-    "LEFT JOIN (SELECT gateway, count(*) AS total, "
-    "sum(CASE WHEN healthy THEN 1 ELSE 0 END) AS healthy FROM device_health "
-    "GROUP BY gateway) h ON h.gateway = ids.gateway "
-    "LEFT JOIN (SELECT gateway, count(*) AS n FROM events WHERE state <> 'resolved' "
-    "GROUP BY gateway) e ON e.gateway = ids.gateway ORDER BY ids.gateway"
-)
+def fleet_query(ph: str, gateway: str | None) -> tuple[str, tuple[str, ...]]:
+    """Every gateway's fleet row, or one gateway's (a gateway's page: not the whole fleet)."""
+    where, args = (f" WHERE ids.gateway = {ph}", (gateway,)) if gateway is not None else ("", ())
+    text = (
+        "SELECT ids.gateway, g.site, g.location, g.locations, g.software, g.state, g.state_ms, "
+        f"g.last_seen_ms, h.total, h.healthy, e.n, "
+        f"{', '.join('s.' + c.strip() for c in STATS_COLUMNS.split(','))} "
+        "FROM (SELECT gateway FROM gateways UNION SELECT gateway FROM gateway_stats) ids "
+        "LEFT JOIN gateways g ON g.gateway = ids.gateway "
+        "LEFT JOIN gateway_stats s ON s.gateway = ids.gateway "
+        "LEFT JOIN (SELECT gateway, count(*) AS total, "
+        "sum(CASE WHEN healthy THEN 1 ELSE 0 END) AS healthy FROM device_health "
+        "GROUP BY gateway) h ON h.gateway = ids.gateway "
+        "LEFT JOIN (SELECT gateway, count(*) AS n FROM events WHERE state <> 'resolved' "
+        f"GROUP BY gateway) e ON e.gateway = ids.gateway{where} ORDER BY ids.gateway"
+    )
+    return text, args
 
 
 def fleet_from_row(row: Sequence[Any]) -> FleetRow:

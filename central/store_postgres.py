@@ -67,7 +67,6 @@ from central.store import (
     ALARM_COLUMNS,
     CHANGE_KINDS,
     CHANGES_CHANNEL,
-    FLEET_QUERY,
     GATEWAYS_QUERY,
     PRUNE_DELETES,
     STATS_COLUMNS,
@@ -100,6 +99,7 @@ from central.store import (
     episode_from_row,
     find_points_query,
     fleet_from_row,
+    fleet_query,
     gateway_devices_queries,
     gateway_from_row,
     gateway_meta_args,
@@ -1000,9 +1000,10 @@ class PostgresStore:
             rows = cur.fetchall()
         return [device_info_from_row(r) for r in rows]
 
-    def fleet(self) -> list[FleetRow]:
+    def fleet(self, gateway: str | None = None) -> list[FleetRow]:
+        text, args = fleet_query("%s", gateway)
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:
-            cur.execute(FLEET_QUERY.encode())
+            cur.execute(text.encode(), args)
             rows = cur.fetchall()
         return [fleet_from_row(r) for r in rows]
 

@@ -68,7 +68,6 @@ from central.store import (
     ALARM_COLUMNS,
     CHANGE_KINDS,
     FINITE,
-    FLEET_QUERY,
     GATEWAYS_QUERY,
     PRUNE_DELETES,
     STATS_COLUMNS,
@@ -102,6 +101,7 @@ from central.store import (
     episode_from_row,
     find_points_query,
     fleet_from_row,
+    fleet_query,
     gateway_devices_queries,
     gateway_from_row,
     gateway_meta_args,
@@ -536,9 +536,10 @@ class SqliteStore:
             rows = self._db.execute(sql, args).fetchall()
         return [device_info_from_row(r) for r in rows]
 
-    def fleet(self) -> list[FleetRow]:
+    def fleet(self, gateway: str | None = None) -> list[FleetRow]:
+        sql, args = fleet_query("?", gateway)
         with self._lock:
-            rows = self._db.execute(FLEET_QUERY).fetchall()
+            rows = self._db.execute(sql, args).fetchall()
         return [fleet_from_row(r) for r in rows]
 
     def gateway_devices(self, gateway: str) -> list[DeviceRow]:

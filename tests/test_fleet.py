@@ -151,6 +151,7 @@ def test_stores_keep_software_locations_and_health(store: Store, store_url: str)
     )
     fleet = {row.gateway: row for row in store.fleet()}
     assert list(fleet) == [GW, "gw-old"]
+    assert store.fleet("gw-old") == [fleet["gw-old"]] and store.fleet("gw-nope") == []
     row = fleet[GW]
     assert (row.site, row.location, row.software) == ("north", {"lat": 52.5, "lon": 13.4}, "1.2.3")
     assert (row.state, row.state_ms) == ("online", 5_000)

@@ -352,9 +352,10 @@ class Console:
         now = now_ms()
 
         def read(st: Store) -> dict[str, Any] | None:
-            row = next((g for g in st.fleet() if g.gateway == gw), None)
-            if row is None:
+            found = st.fleet(gw)
+            if not found:
                 return None
+            (row,) = found
             return {
                 "gateway": row,
                 "devices": st.gateway_devices(gw),
@@ -534,7 +535,7 @@ class Console:
         )
 
     async def _no_point(self, gw: str, key: str) -> HTTPException:
-        known = await self.store(lambda st: any(g.gateway == gw for g in st.fleet()))
+        known = await self.store(lambda st: bool(st.fleet(gw)))
         if not known:
             return fail(404, f"no gateway {gw!r}")
         return fail(404, f"no point {key!r} on gateway {gw!r}")
