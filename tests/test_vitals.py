@@ -9,7 +9,14 @@ import time
 import pytest
 
 from central.console.config import VitalConfig
-from central.console.vitals import DEFAULT_VITALS, Vital, evaluate, level
+from central.console.vitals import (
+    DEFAULT_VITALS,
+    FLEET_KINDS,
+    Vital,
+    chosen,
+    evaluate_one,
+    level,
+)
 from central.store import Store
 from common import wire
 from native.batch import BAD, GOOD, Batch
@@ -17,6 +24,15 @@ from native.stages import AlarmEvent
 
 MIN = 60_000
 STREAM = "00000000000000000000000000000001"
+
+
+def evaluate(store: Store, vitals: list[VitalConfig], now: int) -> list[Vital]:
+    """What the overview shows, one vital after the other (the console runs them at once)."""
+    fleet = store.fleet()
+    return [
+        evaluate_one(store, v, now, fleet if v.kind in FLEET_KINDS else None)
+        for v in chosen(vitals)
+    ]
 
 
 def vital(**fields: object) -> VitalConfig:

@@ -280,7 +280,7 @@ class Console:
         at once on the pool's connections (the page waits for the slowest, not the sum)."""
         await self.require(request)
         now = now_ms()
-        vitals = self.config.vitals or vitals_mod.DEFAULT_VITALS
+        vitals = vitals_mod.chosen(self.config.vitals)
         by_fleet = [v for v in vitals if v.kind in vitals_mod.FLEET_KINDS]
         by_query = [v for v in vitals if v.kind not in vitals_mod.FLEET_KINDS]
 

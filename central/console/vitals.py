@@ -65,15 +65,9 @@ def level(cfg: VitalConfig, value: float | None) -> Level:
 FLEET_KINDS: Final = frozenset({"online_share", "share_healthy", "data_loss", "active_alarms"})
 
 
-def evaluate(store: Store, vitals: Sequence[VitalConfig], now_ms: int) -> list[Vital]:
-    """Every vital of `vitals` (the defaults when empty), in order."""
-    fleet: list[FleetRow] | None = None
-    out: list[Vital] = []
-    for cfg in vitals or DEFAULT_VITALS:
-        if cfg.kind in FLEET_KINDS:
-            fleet = fleet if fleet is not None else store.fleet()
-        out.append(evaluate_one(store, cfg, now_ms, fleet))
-    return out
+def chosen(vitals: Sequence[VitalConfig]) -> Sequence[VitalConfig]:
+    """The vitals the overview shows: the configured ones, the defaults when none."""
+    return vitals or DEFAULT_VITALS
 
 
 def evaluate_one(
