@@ -23,6 +23,7 @@ Secrets (``password``) are ``SecretStr`` and never appear in messages.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import logging
 import os
 import re
@@ -158,11 +159,20 @@ class GatewayConfig(_Section):
     id: str
     site: str = ""
     location: Location | None = None
+    #: what up/meta and the platform call this config (default: the start of its hash)
+    config_version: str = ""
 
     @field_validator("site")
     @classmethod
     def _check_site(cls, v: str) -> str:
         return _storable(v, "site")
+
+    @field_validator("config_version")
+    @classmethod
+    def _check_config_version(cls, v: str) -> str:
+        if len(v) > 64:
+            raise _fail(f"config_version is {len(v)} characters long; at most 64")
+        return _storable(v, "config_version")
 
     @field_validator("id")
     @classmethod
@@ -354,11 +364,22 @@ class Config(_Section):
     devices: list[DeviceConfig] = Field(default_factory=list)
 
     _source: str = PrivateAttr(default="<string>")
+    _hash: str = PrivateAttr(default="")
 
     @property
     def source(self) -> str:
         """Where the config came from: the path given to load_config, or parse_config's source."""
         return self._source
+
+    @property
+    def hash(self) -> str:
+        """``sha256:<hex>`` of the config's text as it was read (before ${ENV} substitution)."""
+        return self._hash
+
+    @property
+    def version(self) -> str:
+        """`gateway.config_version`, else the hash's first 12 hex digits."""
+        return self.gateway.config_version or self._hash.removeprefix("sha256:")[:12]
 
     def point_count(self) -> int:
         return sum(len(d.points) for d in self.devices)
@@ -499,6 +520,7 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
         raise ConfigError(issues.sorted(raw))
     assert config is not None
     config._source = source
+    config._hash = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
     if not config.uplink.client_id:
         config.uplink.client_id = f"citygw-{config.gateway.id}"
     for i, device in enumerate(config.devices):

@@ -339,6 +339,7 @@ class Agent:
                 "stream": buffer.stream_id,
                 "points": [{"id": ids[m["key"]], **m} for m in metas],
                 "software": software_version(),
+                "config": {"version": cfg.version, "hash": cfg.hash},
                 "locations": {
                     d.name: d.location.model_dump()
                     for d in cfg.devices

@@ -302,6 +302,9 @@ class Meta:
     software: str | None = None
     #: the devices that have a location in the gateway's config (None: an older gateway)
     locations: DeviceLocations | None = None
+    #: the config the gateway runs: {"version": ..., "hash": "sha256:<hex>"} (None: a
+    #: gateway before issue 15)
+    config: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -309,6 +312,8 @@ class Meta:
             extra["software"] = self.software
         if self.locations is not None:
             extra["locations"] = self.locations
+        if self.config is not None:
+            extra["config"] = self.config
         return {
             "v": self.v,
             "gateway": self.gateway,
@@ -403,6 +408,9 @@ def meta_from_dict(obj: Any) -> Meta:
     locations = obj.get("locations")
     if locations is not None:
         locations = _locations(locations)
+    config = obj.get("config")
+    if config is not None:
+        config = _config_identity(config)
     if "points" not in obj:
         raise WireError("meta: missing field 'points'")
     raw_points = obj["points"]
@@ -421,7 +429,21 @@ def meta_from_dict(obj: Any) -> Meta:
         location=dict(location) if location is not None else None,
         software=software,
         locations=locations,
+        config=config,
     )
+
+
+def _config_identity(obj: Any) -> dict[str, str]:
+    if not isinstance(obj, Mapping):
+        raise WireError("meta: 'config' must be an object or null")
+    out = {}
+    for field in ("version", "hash"):
+        value = obj.get(field)
+        if not isinstance(value, str) or not 0 < len(value) <= 80:
+            raise WireError(f"meta: config.{field} must be a string of 1 to 80 characters")
+        check_text(value, f"meta: field 'config.{field}'")
+        out[field] = value
+    return out
 
 
 def _coordinate(obj: Mapping[str, Any], field: str, limit: float, where: str) -> float:
