@@ -25,16 +25,25 @@ def collect(buffer_path: Path) -> tuple[BufferStats, dict[str, Any]]:
         return buf.stats(), buf.get_state()
 
 
+def agent_running(state: dict[str, Any], now_ms: int) -> bool:
+    """Whether the agent that recorded `state` runs: its status snapshot is recent, and
+    not the last one of a graceful stop (that says "stopped", however recent)."""
+    agent = state.get("agent") or {}
+    updated = agent.get("updated_ms")
+    return (
+        agent.get("state") != "stopped"
+        and updated is not None
+        and now_ms - updated < 3 * STATUS_INTERVAL_S * 1000
+    )
+
+
 def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None = None) -> Group:
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     agent = state.get("agent") or {}
     updated = agent.get("updated_ms")
     up = agent.get("uplink") or {}
-    # the last snapshot of a graceful stop says so: not running, however recent
     stopped = agent.get("state") == "stopped"
-    running = (
-        not stopped and updated is not None and now_ms - updated < 3 * STATUS_INTERVAL_S * 1000
-    )
+    running = agent_running(state, now_ms)
 
     lanes = Table(title="buffer", show_lines=False)
     for col in ("lane", "batches", "readings", "bytes", "oldest unsent"):

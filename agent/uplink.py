@@ -150,6 +150,13 @@ _TLS_FAILURES = (
 )  # fmt: skip
 
 
+def tls_failure(text: str) -> str | None:
+    """What the text of a TLS failure (an exception, an alert the client logged) means,
+    in words for the technician; None if it is none of the known ones."""
+    lowered = text.lower()
+    return next((meaning for marker, meaning in _TLS_FAILURES if marker in lowered), None)
+
+
 def connection_error(exc: BaseException, transport_error: str | None = None) -> str:
     """What made a connection fail, for the status and the log: a refused CONNACK names
     the refusal, a TLS error what was not accepted. `transport_error` is what the MQTT
@@ -178,10 +185,9 @@ def connection_error(exc: BaseException, transport_error: str | None = None) -> 
         return what
     said_little = isinstance(exc, ClosedBeforeConnack) or "timed out" in text
     detail = transport_error if transport_error and said_little else text
-    lowered = f"{text} {transport_error or ''}".lower()
-    for marker, meaning in _TLS_FAILURES:
-        if marker in lowered:
-            return f"TLS: {meaning} ({detail})"
+    meaning = tls_failure(f"{text} {transport_error or ''}")
+    if meaning is not None:
+        return f"TLS: {meaning} ({detail})"
     if detail != text:
         return f"{text}: {detail}"
     return text

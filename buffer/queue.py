@@ -241,12 +241,13 @@ class Buffer:
                 )
 
     @classmethod
-    def open_readonly(cls, path: str | Path) -> Self:
+    def open_readonly(cls, path: str | Path, check: bool = False) -> Self:
         """Opens an existing buffer for `citygw status` / `buffer inspect` while the
         agent runs. Read-only at the SQLite level (`mode=ro`), and in WAL mode a reader
         never blocks the writer. stats/peek/get_state/registry.all work; every write
         raises BufferReadOnly. Raises FileNotFoundError if there is no database and
-        BufferCorrupt if it is not a usable buffer (nothing is moved aside)."""
+        BufferCorrupt if it is not a usable buffer (nothing is moved aside); `check`
+        runs `PRAGMA quick_check` too (`citygw doctor`), as a read-write open does."""
         self = cls.__new__(cls)
         self.path = Path(path)
         self.sync = SyncMode.NORMAL
@@ -261,7 +262,7 @@ class Buffer:
         )
         try:
             conn.execute("PRAGMA query_only = ON")
-            version = schema.inspect(conn, full_check=False)
+            version = schema.inspect(conn, full_check=check)
             if version != schema.SCHEMA_VERSION:
                 raise SchemaProblem(f"schema version {version}, expected {schema.SCHEMA_VERSION}")
             self._stream_id = self._meta(conn, "stream_id")
