@@ -16,7 +16,7 @@ from rich.text import Text
 from agent.doctor import Check, Options, Status, exit_code, result, run_checks
 from agent.doctor.run import AREAS
 from cli.config import ConfigOption
-from common.cli import fail, out_console
+from common.cli import out_console
 
 STYLES: dict[Status, str] = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 
@@ -61,8 +61,10 @@ def doctor(
     """Check the config, buffer, clock, broker, devices and service; each line says what
     to fix. Exit 0: all pass, 1: a warning, 2: a failure."""
     unknown = sorted(set(skip or ()) - set(AREAS))
-    if unknown:
-        fail(f"--skip {', '.join(unknown)}: not an area; use {', '.join(AREAS)}")
+    if unknown:  # a usage error (exit 2), as typer's own
+        raise typer.BadParameter(
+            f"{', '.join(unknown)}: not an area; use {', '.join(AREAS)}", param_hint="--skip"
+        )
     opts = Options(timeout=timeout, unit_dir=unit_dir, skip=frozenset(skip or ()))
     checks = asyncio.run(run_checks(config, opts))
     out = out_console()

@@ -46,17 +46,20 @@ def _write_cert(cert: x509.Certificate, path: Path) -> Path:
 
 
 def _builder(
-    subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
+    subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, days: float = 2
 ) -> x509.CertificateBuilder:
+    """Valid until `days` from now (negative: expired that long ago), from an hour before
+    that or before now, whichever is earlier."""
     now = datetime.datetime.now(datetime.UTC)
+    until = now + datetime.timedelta(days=days)
     return (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
+        .not_valid_before(min(now, until) - datetime.timedelta(hours=1))
+        .not_valid_after(until)
     )
 
 
@@ -93,14 +96,16 @@ def issue(
     cn: str,
     *,
     server_names: Sequence[x509.GeneralName] = (),
+    days: float = 2,
 ) -> tuple[Path, Path]:
-    """A certificate for `cn` signed by `ca`: a server's when `server_names` are given,
-    else a client's. (`d/<name>.pem`, `d/<name>.key`)."""
+    """A certificate for `cn` signed by `ca`, valid for `days` from now (negative: expired):
+    a server's when `server_names` are given, else a client's. (`d/<name>.pem`,
+    `d/<name>.key`)."""
     ca_key, ca_cert, _ = ca
     key = ec.generate_private_key(ec.SECP256R1())
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
-        _builder(cn, ca_cert.subject, key.public_key())
+        _builder(cn, ca_cert.subject, key.public_key(), days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
