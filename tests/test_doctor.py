@@ -210,7 +210,7 @@ def target(port: int, tls: bool = False, host: str = "127.0.0.1", **kw: Any) -> 
     """The test broker's target as gateway GW with its password (`kw` changes fields)."""
     t = BrokerTarget(
         "broker",
-        "uplink.broker",
+        "uplink",
         BrokerAddress.parse(f"{'mqtts' if tls else 'mqtt'}://{host}:{port}"),
         username=GW,
         password=PASSWORD,

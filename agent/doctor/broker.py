@@ -43,7 +43,7 @@ class BrokerTarget:
     """Where and as whom to connect: the uplink's broker or a device's site broker."""
 
     name: str  # the checks' name prefix: "broker"
-    config_key: str  # where the broker is set: "uplink.broker"
+    section: str  # the config table its keys are in: "uplink", "devices[2]"
     address: BrokerAddress
     username: str | None = None
     password: str | None = None
@@ -60,7 +60,7 @@ class BrokerTarget:
         u = cfg.uplink
         return cls(
             name="broker",
-            config_key="uplink.broker",
+            section="uplink",
             address=BrokerAddress.parse(u.broker),
             username=u.username,
             password=u.password.get_secret_value() if u.password else None,
@@ -127,7 +127,7 @@ def _verify_failure(
     """A TLS verification failure named, with the certificate the broker showed."""
     host = t.address.host
     shown = ""
-    fix = f"set the CA that signed the broker's certificate as ca_file ({t.config_key})"
+    fix = f"set {t.section}.ca_file to the CA that signed the broker's certificate"
     if peer is not None:
         names = _names(peer)
         shown = (
@@ -139,7 +139,7 @@ def _verify_failure(
         if exc.verify_code in (62, 64):  # host name / IP address mismatch
             fix = (
                 f"use a host the certificate names ({', '.join(names) or 'none'}) in "
-                f"{t.config_key}, or have the certificate reissued for {host}"
+                f"{t.section}.broker, or have the certificate reissued for {host}"
             )
     if exc.verify_code == 10:
         fix = "the broker's certificate has expired: renew it on the broker"
@@ -185,7 +185,7 @@ async def _resolve(t: BrokerTarget, timeout: float) -> tuple[Check, list[str]]:
             name,
             "fail",
             f"cannot resolve {host}: {exc.strerror}",
-            f"check the host name in {t.config_key} and the gateway's DNS "
+            f"check the host name in {t.section}.broker and the gateway's DNS "
             "(resolvectl status, /etc/resolv.conf)",
         ), []
     except TimeoutError:
@@ -222,7 +222,7 @@ async def _connect(t: BrokerTarget, addrs: list[str], timeout: float) -> tuple[C
         name,
         "fail",
         "; ".join(failures),
-        f"is the broker running, and is the port in {t.config_key} right (mqtt 1883, "
+        f"is the broker running, and is the port in {t.section}.broker right (mqtt 1883, "
         "mqtts 8883)? No answer at all: a firewall drops the packets, or no route "
         "(ip route; the modem)",
     ), None
@@ -261,7 +261,8 @@ async def _handshake(
     except OSError as exc:
         return _tls_refused(t, exc), None
     tls_object = writer.get_extra_info("ssl_object")
-    der, version = tls_object.getpeercert(binary_form=True), tls_object.version()
+    peer = x509.load_der_x509_certificate(tls_object.getpeercert(binary_form=True))
+    version = tls_object.version()
     try:
         try:
             async with asyncio.timeout(ALERT_WAIT_S):
@@ -269,7 +270,7 @@ async def _handshake(
         except TimeoutError:
             closed = False  # the broker waits for the CONNECT, as it should
         except OSError as exc:  # an alert: the broker refused the client's certificate
-            return _tls_refused(t, exc), None
+            return _tls_refused(t, exc), peer
     finally:
         writer.close()
     if closed:
@@ -278,8 +279,7 @@ async def _handshake(
             "fail",
             "the broker closed the connection right after the TLS handshake",
             "it refused the client certificate (cert_file, key_file) or its CA",
-        ), None
-    peer = x509.load_der_x509_certificate(der)
+        ), peer
     return passed(name, f"{version} with {_name(peer)}, verified for {host}"), peer
 
 

@@ -214,14 +214,14 @@ async def _mcu(name: str, d: DeviceConfig, timeout: float) -> Check:
     )
 
 
-async def _mqtt(name: str, d: DeviceConfig, env: DeviceEnv) -> Check:
+async def _mqtt(name: str, d: DeviceConfig, index: int, env: DeviceEnv) -> Check:
     from drivers.mqtt.settings import MqttDeviceSettings
 
     s = d.settings
     assert isinstance(s, MqttDeviceSettings)
     target = BrokerTarget(
         name=name,
-        config_key=f"the broker of device {d.name}",
+        section=f"devices[{index}]",
         address=BrokerAddress.parse(s.broker),
         username=s.username,
         password=s.password.get_secret_value() if s.password else None,
@@ -241,7 +241,7 @@ async def _mqtt(name: str, d: DeviceConfig, env: DeviceEnv) -> Check:
     return passed(name, f"{where}: {steps[-1].message}")
 
 
-async def _device(d: DeviceConfig, env: DeviceEnv) -> Check:
+async def _device(d: DeviceConfig, index: int, env: DeviceEnv) -> Check:
     name = f"device {d.name}"
     if not d.enabled:
         return skipped(name, "disabled in the config")
@@ -255,7 +255,7 @@ async def _device(d: DeviceConfig, env: DeviceEnv) -> Check:
     if d.driver == "sim":
         return passed(name, "simulated device (no hardware to check)")
     if d.driver == "mqtt":
-        return await _mqtt(name, d, env)
+        return await _mqtt(name, d, index, env)
     if isinstance(s, BleDeviceSettings):
         if s.source == "replay":
             return passed(name, "replays a recording (no adapter needed)")
@@ -281,10 +281,10 @@ async def _device(d: DeviceConfig, env: DeviceEnv) -> Check:
     return await _modbus(name, d, env.timeout)
 
 
-async def _bounded(d: DeviceConfig, env: DeviceEnv) -> Check:
+async def _bounded(d: DeviceConfig, index: int, env: DeviceEnv) -> Check:
     try:
         async with asyncio.timeout(env.timeout * 3 + 1):
-            return await _device(d, env)
+            return await _device(d, index, env)
     except TimeoutError:
         return Check(
             f"device {d.name}",
@@ -296,4 +296,4 @@ async def _bounded(d: DeviceConfig, env: DeviceEnv) -> Check:
 
 async def check_devices(cfg: Config, env: DeviceEnv) -> list[Check]:
     """One check per configured device, in config order (checked concurrently)."""
-    return list(await asyncio.gather(*(_bounded(d, env) for d in cfg.devices)))
+    return list(await asyncio.gather(*(_bounded(d, i, env) for i, d in enumerate(cfg.devices))))
