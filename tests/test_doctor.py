@@ -332,18 +332,27 @@ def test_modbus_answering_no_such_unit_and_down(tmp_path: Path) -> None:
     async def scenario() -> dict[str, Check]:
         image = RegisterImage()
         image.set("holding_register", 3, [42])
-        async with ModbusSimulator({1: image}) as sim:
+        async with ModbusSimulator({1: image, 2: image}) as sim:
             sim.absent_exception = 11  # a TCP gateway: the unit is not on its bus
+            sim.delay = 0.2  # answers that would overlap if the gateway were asked at once
             devices = "".join(
                 MODBUS.format(name=n, port=p, unit=u)
-                for n, p, u in (("meter", sim.port, 1), ("ghost", sim.port, 7), ("off", down, 1))
+                for n, p, u in (
+                    ("meter", sim.port, 1),
+                    ("meter2", sim.port, 2),
+                    ("ghost", sim.port, 7),
+                    ("off", down, 1),
+                )
             )
             cfg = loaded(config(tmp_path, devices=devices))
             env = DeviceEnv(1.0, time.time_ns() // 1_000_000)
-            return by_name(await check_devices(cfg, env))
+            found = by_name(await check_devices(cfg, env))
+            assert sim.max_concurrent == 1  # one gateway: its units asked one at a time
+            return found
 
     found = asyncio.run(scenario())
     assert found["device meter"].status == "pass", found
+    assert found["device meter2"].status == "pass", found
     assert "flow (holding_register 3) = [42]" in found["device meter"].message
     ghost, off = found["device ghost"], found["device off"]
     assert ghost.status == "fail" and "no such unit" in ghost.message, ghost

@@ -6,7 +6,8 @@ microcontroller answers HELLO (mcu); a simulated device always passes.
 While the agent runs, it holds the devices' links (a serial port, a bus, a device that
 takes one TCP connection): the doctor then reports what the agent last recorded for
 each device instead of talking to it (ports and adapters are still checked: that opens
-nothing). The devices are checked concurrently, each bounded by the timeout."""
+nothing). The devices are checked concurrently (one at a time per serial bus or Modbus
+TCP gateway), each bounded by the timeout."""
 
 from __future__ import annotations
 
@@ -281,19 +282,39 @@ async def _device(d: DeviceConfig, index: int, env: DeviceEnv) -> Check:
     return await _modbus(name, d, env.timeout)
 
 
-async def _bounded(d: DeviceConfig, index: int, env: DeviceEnv) -> Check:
-    try:
-        async with asyncio.timeout(env.timeout * 3 + 1):
-            return await _device(d, index, env)
-    except TimeoutError:
-        return Check(
-            f"device {d.name}",
-            "fail",
-            f"no result within {env.timeout * 3 + 1:g} s",
-            "the device or its link hangs: check it by hand",
-        )
+def _link(d: DeviceConfig) -> str:
+    """What a device's check talks over: devices on one serial bus or one Modbus TCP
+    gateway are checked one after the other (two masters on a bus collide; many
+    gateways take one connection), the rest each on its own."""
+    from drivers.modbus.client import Endpoint
+    from drivers.modbus.settings import ModbusDeviceSettings
+
+    if d.driver == "modbus" and isinstance(d.settings, ModbusDeviceSettings):
+        return Endpoint.of(d.settings).label
+    return f"device {d.name}"
+
+
+async def _bounded(
+    d: DeviceConfig, index: int, env: DeviceEnv, links: dict[str, asyncio.Lock]
+) -> Check:
+    limit = env.timeout * 3 + 1
+    async with links.setdefault(_link(d), asyncio.Lock()):
+        try:
+            async with asyncio.timeout(limit):
+                return await _device(d, index, env)
+        except TimeoutError:
+            return Check(
+                f"device {d.name}",
+                "fail",
+                f"no result within {limit:g} s",
+                "the device or its link hangs: check it by hand",
+            )
 
 
 async def check_devices(cfg: Config, env: DeviceEnv) -> list[Check]:
-    """One check per configured device, in config order (checked concurrently)."""
-    return list(await asyncio.gather(*(_bounded(d, i, env) for i, d in enumerate(cfg.devices))))
+    """One check per configured device, in config order (concurrently, but one at a time
+    per link)."""
+    links: dict[str, asyncio.Lock] = {}
+    return list(
+        await asyncio.gather(*(_bounded(d, i, env, links) for i, d in enumerate(cfg.devices)))
+    )
