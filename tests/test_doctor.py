@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import grp
 import os
 import socket
 import time
@@ -399,6 +400,26 @@ def test_serial_port_missing_and_not_permitted(tmp_path: Path) -> None:
     denied = device_checks(cfg, access=lambda path, mode: False)["device mcu"]
     assert denied.status == "fail" and "not readable and writable" in denied.message, denied
     assert "usermod -aG" in denied.fix
+
+
+def test_serial_port_permissions_are_the_service_users(tmp_path: Path) -> None:
+    """Run as root, the doctor asks whether the unit's User= may open the port."""
+    master, slave = os.openpty()
+    port = os.ttyname(slave)
+    os.chmod(port, 0o660)  # a serial port's usual mode: owner and group (dialout)
+    group = grp.getgrgid(os.stat(port).st_gid).gr_name
+    try:
+        path = config(tmp_path, devices=MCU.format(port=port))
+        opts = Options(timeout=0.5, skip=frozenset({"buffer", "clock", "broker", "service"}))
+        units = unit(tmp_path, path, "WatchdogSec=30\nUser=nobody")
+        denied = by_name(asyncio.run(run_checks(path, replace(opts, unit_dir=units))))
+        assert "not readable and writable by user nobody" in denied["device mcu"].message
+        units = unit(tmp_path, path, f"WatchdogSec=30\nUser=nobody\nSupplementaryGroups={group}")
+        allowed = by_name(asyncio.run(run_checks(path, replace(opts, unit_dir=units))))
+        assert "no answer to HELLO" in allowed["device mcu"].message  # past the permissions
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 BLE = """

@@ -41,11 +41,15 @@ class DeviceEnv:
     #: the running agent's status snapshot ("devices": health by name); None: not running
     agent: dict[str, Any] | None = None
     sysfs: Path = Path("/sys")
+    #: whether the agent's user may open a path (R_OK, W_OK), and that user's name
     access: Callable[[str, int], bool] = field(default=os.access)
+    user: str = field(default_factory=getpass.getuser)
 
 
-def serial_port_check(name: str, port: str, access: Callable[[str, int], bool]) -> Check | None:
-    """A fail if the serial port is missing or this user may not read and write it."""
+def serial_port_check(
+    name: str, port: str, access: Callable[[str, int], bool], user: str
+) -> Check | None:
+    """A fail if the serial port is missing or `user` may not read and write it."""
     path = Path(port)
     if not path.exists():
         return Check(
@@ -60,7 +64,6 @@ def serial_port_check(name: str, port: str, access: Callable[[str, int], bool]) 
             group = grp.getgrgid(path.stat().st_gid).gr_name
         except (KeyError, OSError):
             group = "dialout"
-        user = getpass.getuser()
         return Check(
             name,
             "fail",
@@ -273,7 +276,10 @@ async def _device(d: DeviceConfig, index: int, env: DeviceEnv) -> Check:
         port = s.serial_port if s.transport == "rtu" else None
     else:
         return skipped(name, f"no doctor check for driver {d.driver!r}")
-    if port is not None and (bad := serial_port_check(name, port, env.access)) is not None:
+    if (
+        port is not None
+        and (bad := serial_port_check(name, port, env.access, env.user)) is not None
+    ):
         return bad
     if running:
         return health_check(name, health, d.poll, env.now_ms)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import getpass
 import os
 import time
 from collections.abc import Callable
@@ -18,7 +19,13 @@ from agent.doctor.check import Check, skipped
 from agent.doctor.clock import clock_check, synchronised
 from agent.doctor.config import check_config
 from agent.doctor.devices import DeviceEnv, check_devices
-from agent.doctor.service import Systemctl, systemctl_runner, systemd_check, unit_check
+from agent.doctor.service import (
+    Systemctl,
+    service_user,
+    systemctl_runner,
+    systemd_check,
+    unit_check,
+)
 from agent.status import agent_running
 from common.cli import age
 
@@ -90,7 +97,12 @@ async def run_checks(config: Path, opts: Options) -> list[Check]:
         if (skip := off("devices")) is not None:
             return skip
         assert cfg is not None
-        env = DeviceEnv(opts.timeout, now_ms, agent, opts.sysfs, opts.access)
+        # permissions are the agent's: its service's user, if that is not who runs this
+        who = service_user(opts.unit_dir)
+        if who is not None and who.name != getpass.getuser():
+            env = DeviceEnv(opts.timeout, now_ms, agent, opts.sysfs, who.may_read_write, who.name)
+        else:
+            env = DeviceEnv(opts.timeout, now_ms, agent, opts.sysfs, opts.access)
         return await check_devices(cfg, env)
 
     network = await asyncio.gather(broker(), devices())

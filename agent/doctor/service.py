@@ -1,15 +1,21 @@
 """The service checks: the agent's systemd unit is installed for this config with its
 watchdog on (`<unit-dir>/citygw-agent.service`, as `citygw install-service` writes it),
-and systemd has it enabled and running."""
+and systemd has it enabled and running. The unit's user is also whom the device checks
+ask about serial port permissions (a technician runs the doctor as root)."""
 
 from __future__ import annotations
 
 import configparser
+import contextlib
+import grp
+import os
+import pwd
 import re
 import shlex
 import shutil
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.doctor.check import Check, passed
@@ -40,6 +46,50 @@ def _config_arg(exec_start: str) -> str | None:
         if arg.startswith("--config="):
             return arg.removeprefix("--config=")
     return None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceUser:
+    """Whom the unit runs the agent as: its User= and SupplementaryGroups=."""
+
+    name: str
+    groups: tuple[str, ...] = ()
+
+    def may_read_write(self, path: str, mode: int = os.R_OK | os.W_OK) -> bool:
+        """Whether this user may open `path` for `mode` (R_OK, W_OK) by its permission bits:
+        as the file's owner, through one of its groups, or as anyone else."""
+        try:
+            pw = pwd.getpwnam(self.name)
+            st = os.stat(path)
+        except (KeyError, OSError):
+            return False
+        if pw.pw_uid == 0:
+            return True
+        gids = set(os.getgrouplist(self.name, pw.pw_gid))
+        for group in self.groups:
+            with contextlib.suppress(KeyError):
+                gids.add(grp.getgrnam(group).gr_gid)
+        if st.st_uid == pw.pw_uid:
+            bits = st.st_mode >> 6
+        elif st.st_gid in gids:
+            bits = st.st_mode >> 3
+        else:
+            bits = st.st_mode
+        wanted = (4 if mode & os.R_OK else 0) | (2 if mode & os.W_OK else 0)
+        return bits & wanted == wanted
+
+
+def service_user(unit_dir: Path) -> ServiceUser | None:
+    """The installed unit's user, None without a unit or a User= (then: root)."""
+    try:
+        unit = read_unit((unit_dir / UNIT).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, configparser.Error):
+        return None
+    service = unit["Service"] if unit.has_section("Service") else {}
+    name = service.get("User", "").strip()
+    if not name:
+        return None
+    return ServiceUser(name, tuple(service.get("SupplementaryGroups", "").split()))
 
 
 def unit_check(unit_dir: Path, config: Path) -> Check:
