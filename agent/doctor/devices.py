@@ -1,5 +1,5 @@
 """One check per configured device, by driver: a Modbus unit answers a read of its first
-point; a serial port (Modbus RTU, mcu) exists and this user may read and write it; a
+point; a serial port (Modbus RTU, mcu) exists and the agent's user may read and write it; a
 Bluetooth adapter is present (ble); the site broker takes a connection (mqtt); the
 microcontroller answers HELLO (mcu); a simulated device always passes.
 

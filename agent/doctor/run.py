@@ -99,11 +99,12 @@ async def run_checks(config: Path, opts: Options) -> list[Check]:
         assert cfg is not None
         # permissions are the agent's: its service's user, if that is not who runs this
         who = service_user(opts.unit_dir)
-        if who is not None and who.name != getpass.getuser():
-            env = DeviceEnv(opts.timeout, now_ms, agent, opts.sysfs, who.may_read_write, who.name)
-        else:
-            env = DeviceEnv(opts.timeout, now_ms, agent, opts.sysfs, opts.access)
-        return await check_devices(cfg, env)
+        access, user = opts.access, getpass.getuser()
+        if who is not None and who.name != user:
+            access, user = who.may_read_write, who.name
+        return await check_devices(
+            cfg, DeviceEnv(opts.timeout, now_ms, agent, opts.sysfs, access, user)
+        )
 
     network = await asyncio.gather(broker(), devices())
     checks += network[0] + network[1]
