@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from buffer import BufferStats, Lane
 from common.logs import Throttle
-from common.metrics_http import served_port, start_metrics_server
+from common.metrics_http import start_metrics_server
 from drivers.base import DeviceHealth
 
 _Family = TypeVar("_Family", CounterMetricFamily, GaugeMetricFamily)
@@ -182,7 +182,6 @@ class AgentMetrics:
                     )
                 await asyncio.sleep(BIND_RETRY_S)
                 continue
-            self.port = served_port(self.server)
             self.state, self.last_error = "serving", None
             log.info("metrics endpoint served", extra={"url": self.url})
             return
@@ -340,7 +339,8 @@ class AgentCollector(Collector):
             health.update(dict(driver.health()))
         configured = [d.name for d in a.config.devices if d.enabled][:MAX_DEVICE_SERIES]
         named = [name for name in configured if name in health]
-        others = [h for name, h in health.items() if name not in set(named)]
+        labelled = set(named)
+        others = [h for name, h in health.items() if name not in labelled]
         rows: list[tuple[str, list[DeviceHealth]]] = [(name, [health[name]]) for name in named]
         if others:
             rows.append((OTHERS, others))

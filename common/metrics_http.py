@@ -44,11 +44,6 @@ async def start_metrics_server(
     )
 
 
-def served_port(server: asyncio.Server) -> int:
-    """The port `server` listens on."""
-    return int(server.sockets[0].getsockname()[1])
-
-
 async def _handle(
     registry: CollectorRegistry,
     scrape: asyncio.Lock,

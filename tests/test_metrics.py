@@ -29,7 +29,7 @@ from agent.config import ConfigError, parse_config
 from agent.runtime import Agent, Counters
 from agent.status import render_status
 from buffer import BufferStats, Lane, LaneStats
-from central.ingest_metrics import REJECT_REASONS, STORE_KINDS
+from central.ingest_metrics import REJECT_REASONS, STORE_KINDS, serve_ingest_metrics
 from central.stores import open_store
 from central.worker import UNSTORABLE, IngestWorker, run_ingest
 from common import wire
@@ -445,6 +445,23 @@ def test_ingest_families(ingest_run: IngestRun) -> None:
     assert info.labels == {"group": "m", "prefix": "citygw"}
 
 
+def test_ingest_port_in_use_stores_on_without_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 'p.db'}")
+    worker = IngestWorker("mqtt://127.0.0.1:9", store)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with caplog.at_level("ERROR", logger="citygw.metrics"):
+            server = asyncio.run(serve_ingest_metrics(worker, "127.0.0.1", port))
+    store.close()
+    assert server is None
+    (record,) = caplog.records
+    assert "--metrics-port" in record.getMessage() and record.port == port  # type: ignore[attr-defined]
+
+
 def test_every_dead_letter_reason_is_known() -> None:
     source = inspect.getsource(IngestWorker._check)
     given = set(re.findall(r'return "(\w+)", ', source)) | {UNSTORABLE}
@@ -458,6 +475,7 @@ def test_alert_rules_name_only_scraped_metrics(agent_run: AgentRun, ingest_run: 
     rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
     scraped = names(agent_run.families) | names(ingest_run.families) | PROMETHEUS_OWN
     seen: set[str] = set()
+    jobs: set[str] = set()  # the job names the scrape examples beside the rules use
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]
     for rule in alerts:
         assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
@@ -470,6 +488,7 @@ def test_alert_rules_name_only_scraped_metrics(agent_run: AgentRun, ingest_run: 
         def visit(node: object, used: list[str] = used) -> bool:
             if isinstance(node, promql_parser.VectorSelector) and node.name:
                 used.append(node.name)
+                jobs.update(m.value for m in node.matchers.matchers if m.name == "job")
             return True
 
         promql_parser.walk(promql_parser.parse(rule["expr"]), visit)
@@ -486,3 +505,16 @@ def test_alert_rules_name_only_scraped_metrics(agent_run: AgentRun, ingest_run: 
         "CitygwUplinkDisconnected",
     }
     assert len(seen) >= 10
+    assert jobs == {"citygw-agent", "citygw-ingest"}
+
+
+def test_scrape_examples_point_at_the_default_ports() -> None:
+    gateway = yaml.safe_load((RULES.parent / "gateway-agent.yml").read_text(encoding="utf-8"))
+    (job,) = gateway["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:9465"]
+    assert job["job_name"] == "citygw-agent" and "gateway" in gateway["global"]["external_labels"]
+    platform = yaml.safe_load((RULES.parent / "platform.yml").read_text(encoding="utf-8"))
+    assert platform["rule_files"] == [RULES.name]
+    (job,) = platform["scrape_configs"]
+    assert job["job_name"] == "citygw-ingest"
+    assert "127.0.0.1:9466" in job["static_configs"][0]["targets"]
