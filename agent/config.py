@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -69,6 +70,7 @@ __all__ = [
     "DeviceConfig",
     "GatewayConfig",
     "Location",
+    "MetricsConfig",
     "PipelineStage",
     "PointConfig",
     "UplinkConfig",
@@ -267,6 +269,27 @@ class BufferConfig(_Section):
         return _resolve_path(v, info)
 
 
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (agent/metrics.py)."""
+
+    enabled: bool = True
+    #: loopback by default: a fleet scrapes through a node-local collector (README)
+    address: str = "127.0.0.1"
+    port: int = Field(9465, ge=1, le=65535)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise _fail(
+                f"{v!r} is not an IP address; use 127.0.0.1 (this machine only), "
+                "0.0.0.0 (every IPv4 interface) or ::1"
+            ) from None
+        return v
+
+
 # -- devices and points ----------------------------------------------------------------
 
 
@@ -361,6 +384,7 @@ class Config(_Section):
     uplink: UplinkConfig
     # validated from {} when [buffer] is absent, so the default path gets resolved too
     buffer: BufferConfig = Field(default_factory=dict, validate_default=True)
+    metrics: MetricsConfig = Field(default_factory=dict, validate_default=True)
     devices: list[DeviceConfig] = Field(default_factory=list)
 
     _source: str = PrivateAttr(default="<string>")

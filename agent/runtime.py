@@ -35,10 +35,11 @@ from agent.commands import (
     response,
 )
 from agent.config import Config
+from agent.metrics import AgentMetrics
 from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
-from buffer import Buffer, Lane, Message
+from buffer import Buffer, BufferStats, Lane, Message
 from common import wire
 from common.logs import Throttle
 from common.redact import redact
@@ -141,6 +142,11 @@ class MemoryQueue:
         self._counters = counters
         self._throttle = Throttle()
         self.on_push = on_push
+
+    @property
+    def points(self) -> int:
+        """Readings held now."""
+        return self._points
 
     def push(self, batch: Batch) -> bool:
         n = len(batch)
@@ -290,6 +296,8 @@ class Agent:
         self.buffer: Buffer | None = None
         self.drivers: list[Driver] = []
         self.uplink: Uplink | None = None
+        #: the Prometheus endpoint and its histograms (None: [metrics] enabled = false)
+        self.metrics: AgentMetrics | None = None
         self.points: dict[str, PointSpec] = {}  # "device/point" -> spec, enabled devices only
         self._driver_of: dict[str, Driver] = {}
         # device -> None if it takes firmware updates, else why not (for the commands)
@@ -385,6 +393,10 @@ class Agent:
             self._supervised("flush", self._flush_loop, forever=True),
             self._supervised("status", self._status_loop, forever=True),
         ]
+        if cfg.metrics.enabled:
+            self.metrics = AgentMetrics(self, software_version())
+            self.uplink.observe_puback = self.metrics.puback_latency.observe
+            self._tasks.append(self._supervised("metrics", self.metrics.serve))
         self.uplink.wake()  # a backlog from before a restart
         # Everything built so far (modules, config models, drivers) lives as long as the
         # process: keep it out of the garbage collector's full passes, which otherwise
@@ -830,6 +842,7 @@ class Agent:
         now_ms = time.time_ns() // 1_000_000
         monotonic_ms = time.monotonic_ns() // 1_000_000  # the timed stages' real time
         self._check_clock(now_ms)
+        started = time.perf_counter()
         try:
             n: int = await self._on_buffer(self._flush_sync, batches, now_ms, monotonic_ms)
         except Exception as exc:
@@ -845,6 +858,9 @@ class Agent:
                     },
                 )
             return 0
+        finally:
+            if self.metrics is not None:
+                self.metrics.flush_duration.observe(time.perf_counter() - started)
         if n and self.uplink is not None:
             self.uplink.wake()
         return n
@@ -889,6 +905,7 @@ class Agent:
             },
             "tasks": {name: h.as_dict() for name, h in self.task_health.items()},
             "info": self.device_info,
+            "metrics": self.metrics.as_dict() if self.metrics else None,
         }
 
     async def write_status(self) -> None:
@@ -923,6 +940,12 @@ class Agent:
             await asyncio.sleep(STATUS_INTERVAL_S)
 
     # -- stop ------------------------------------------------------------------
+
+    def buffer_stats_from_thread(self, timeout: float) -> BufferStats:
+        """The buffer's stats for another thread (a metrics scrape), read on the buffer
+        thread; TimeoutError if that is busy for longer than `timeout` s."""
+        assert self.buffer is not None
+        return self._executor.submit(self.buffer.stats).result(timeout)
 
     async def buffer_depth(self) -> int:
         """Messages still in the buffer (all lanes)."""
@@ -965,6 +988,8 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.metrics is not None:
+            await self.metrics.close()
         self._stopped = True
         if self.buffer is not None:
             try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from agent.runtime import STATUS_INTERVAL_S
 from buffer import Buffer, BufferStats, Lane
@@ -86,6 +87,8 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
         + (f" — last error: {up['last_error']}" if up.get("last_error") else ""),
     )
     summary.add_row("last PUBACK", age(up.get("last_puback_ms"), now_ms))
+    if "metrics" in agent:  # a snapshot of an older version has none
+        summary.add_row("metrics", Text(_metrics(agent["metrics"])))  # "[...]" is no markup
     if up.get("buffer_errors"):
         summary.add_row(
             "uplink buffer errors",
@@ -246,3 +249,15 @@ def render_device_info(state: dict[str, Any]) -> Table | None:
     if cut or left_out:  # wire.bound_devices: counted once per change, logged
         table.caption = f"values cut: {cut} · entries left out: {left_out} (see the log)"
     return table if table.row_count or table.caption else None
+
+
+def _metrics(metrics: dict[str, Any] | None) -> str:
+    """Where the Prometheus endpoint is, or why it is not served."""
+    if not metrics:
+        return "off ([metrics] enabled = false)"
+    if metrics.get("last_error"):
+        return (
+            f"not served: {metrics['last_error']} ({metrics.get('bind_failures', 0)} failed "
+            "tries; tried again every minute)"
+        )
+    return f"{metrics.get('url')} ({metrics.get('state')})"

@@ -237,6 +237,8 @@ class Uplink:
         self.stream_id = stream_id
         self.meta = meta
         self.status = UplinkStatus()
+        #: called with each message's seconds from publish to PUBACK (agent/metrics.py)
+        self.observe_puback: Callable[[float], None] | None = None
         self._address = BrokerAddress.parse(settings.broker)
         self._wake = asyncio.Event()
         self._answers: deque[bytes] = deque()  # late command answers, oldest first
@@ -433,7 +435,10 @@ class Uplink:
 
     async def _publish(self, client: Publisher, msg: Message) -> Message:
         payload = wire.wrap(msg.lane, self.stream_id, msg.seq, msg.n_points, msg.payload)
+        started = time.perf_counter()
         await client.publish(self._topics[msg.lane], payload, qos=1, timeout=self.s.ack_timeout)
+        if self.observe_puback is not None:
+            self.observe_puback(time.perf_counter() - started)
         return msg
 
     async def _pump(self, client: Publisher, helpers: Sequence[asyncio.Task[None]] = ()) -> None:

@@ -178,6 +178,8 @@ class IngestWorker:
         self.receive_maximum = receive_maximum
         self.ca_file = ca_file
         self.counters = IngestCounters()
+        #: called with (what, seconds) after each successful store call (ingest_metrics.py)
+        self.observe_store: Callable[[str, float], None] | None = None
         self.connected = asyncio.Event()  # set while subscribed
         self._throttle = Throttle(10.0)
         self._queue: asyncio.Queue[_Item] | None = None
@@ -429,8 +431,9 @@ class IngestWorker:
         delay = self.backoff_min
         failures = 0
         while True:
+            started = time.perf_counter()
             try:
-                return await asyncio.to_thread(fn)
+                result = await asyncio.to_thread(fn)
             except Exception as e:
                 self.counters.store_errors += 1
                 failures += 1
@@ -449,6 +452,10 @@ class IngestWorker:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
+            else:
+                if self.observe_store is not None:
+                    self.observe_store(what, time.perf_counter() - started)
+                return result
 
     def _log_store_failure(
         self,
@@ -632,9 +639,12 @@ async def run_ingest(
     client_id: str | None = None,
     session_expiry: int = 0,
     report_every: float = 10.0,
+    metrics_address: str = "127.0.0.1",
+    metrics_port: int = 0,
 ) -> None:
     """`citygw ingest --broker URL --db URL --group NAME`: run until cancelled, logging
-    the throughput every `report_every` seconds (0: never)."""
+    the throughput every `report_every` seconds (0: never), serving Prometheus metrics
+    at http://metrics_address:metrics_port/metrics (port 0: none)."""
     store = await asyncio.to_thread(open_store, db_url)
     # PostgreSQL: the roll-up on a connection of its own (SQLite has no roll-up to do)
     roll_up_store = (
@@ -666,11 +676,20 @@ async def run_ingest(
             if report_every > 0
             else None
         )
+        from central.ingest_metrics import serve_ingest_metrics  # it imports this module
+
+        metrics = (
+            await serve_ingest_metrics(worker, metrics_address, metrics_port)
+            if metrics_port
+            else None
+        )
         try:
             await worker.run()
         finally:
             if reporter is not None:
                 reporter.cancel()
+            if metrics is not None:
+                metrics.close()
     finally:
         await asyncio.to_thread(store.close)
         if roll_up_store is not None:

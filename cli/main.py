@@ -190,12 +190,24 @@ def ingest(
     report_every: Annotated[
         float, typer.Option(help="Seconds between throughput lines in the log (0: none).", min=0)
     ] = 10.0,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            help="Port of the Prometheus endpoint (0: none); each worker on a host needs its own.",
+            min=0,
+            max=65535,
+        ),
+    ] = 9466,
+    metrics_address: Annotated[
+        str, typer.Option(help="Address of the Prometheus endpoint (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """Platform ingest: store what gateways send, once.
 
     Decodes uplinks, drops duplicates and bad batches (kept as dead letters), stores
-    readings, alarms, gateway state and device information; logs its throughput."""
+    readings, alarms, gateway state and device information; logs its throughput and
+    serves Prometheus metrics at http://METRICS_ADDRESS:METRICS_PORT/metrics."""
     from central.worker import run_ingest
 
     setup_logging(log_level)
@@ -210,6 +222,8 @@ def ingest(
                 client_id=client_id or f"citygw-ingest-{socket.gethostname()}-{group}",
                 session_expiry=session_expiry,
                 report_every=report_every,
+                metrics_address=metrics_address,
+                metrics_port=metrics_port,
             )
         )
         loop = asyncio.get_running_loop()

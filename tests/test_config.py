@@ -23,6 +23,7 @@ from agent.config import (
     ConfigError,
     ConfigIssue,
     GatewayConfig,
+    MetricsConfig,
     UplinkConfig,
     load_config,
     parse_config,
@@ -307,7 +308,8 @@ def test_template_shows_every_stage_type(tmp_path: Path) -> None:
 
 def test_template_documents_every_key() -> None:
     text = cli.template_text()
-    for model in (GatewayConfig, UplinkConfig, BufferConfig, SimDeviceSettings, SimPointSettings):
+    models = (GatewayConfig, UplinkConfig, BufferConfig, MetricsConfig)
+    for model in (*models, SimDeviceSettings, SimPointSettings):
         for key in model.model_fields:
             assert key in text, f"{model.__name__}.{key} is not explained in the template"
 
