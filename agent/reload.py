@@ -67,11 +67,6 @@ class ReloadDiff:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def empty(self) -> bool:
-        """Nothing to restart: no device, no uplink change."""
-        return not (self.added or self.removed or self.changed or self.uplink_changed)
-
     def refusal(self) -> ReloadRefused | None:
         """The refusal of a reload with keys that need a restart; None if it can apply."""
         if not self.restart_needed:

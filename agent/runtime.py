@@ -950,8 +950,8 @@ class Agent:
             return None
         try:
             return await self.reload(new, source)
-        except ReloadRefused:
-            return None  # logged and recorded by reload()
+        except Exception:  # refused or failed: logged and recorded by reload()
+            return None
 
     async def record_reload(
         self,
@@ -991,6 +991,10 @@ class Agent:
                 )
                 await self.record_reload(source, new, error=str(exc))
                 raise
+            except Exception as exc:  # a bug, or the buffer failing: said, then raised
+                log.exception("config reload failed", extra={"source": source})
+                await self.record_reload(source, new, error=f"reload failed: {exc!r}")
+                raise
             log.info(
                 "config reloaded",
                 extra={"source": source, "version": new.version, "hash": new.hash} | diff.as_dict(),
@@ -1007,19 +1011,20 @@ class Agent:
         stopping = {*diff.removed, *diff.changed} & self._driver_of.keys()
         starting = {*diff.added, *diff.changed}
         by_driver = {drv.name: drv for drv in self.drivers}
-        metas = point_meta(new)
-        ids: dict[str, int] = await self._on_buffer(self.buffer.registry.ensure, metas)
-        specs = device_specs(new, ids)
-        # per driver: its devices to stop and to start; None: the whole driver restarts
-        live: dict[str, tuple[list[str], list[DeviceSpec]]] = {}
+        enabled: dict[str, list[str]] = {}  # driver -> its devices in the new config
+        for d in new.devices:
+            if d.enabled:
+                enabled.setdefault(d.driver, []).append(d.name)
+        # per driver: its devices that stop and start (live), or the whole driver restarts
+        live: dict[str, tuple[list[str], set[str]]] = {}
         whole: list[str] = []
-        for name in by_driver.keys() | specs.keys():
+        for name in sorted(by_driver.keys() | enabled.keys()):
             drv = by_driver.get(name)
             stop = [d.name for d in drv.devices if d.name in stopping] if drv else []
-            start = [spec for spec in specs.get(name, []) if spec.name in starting]
+            start = {n for n in enabled.get(name, []) if n in starting}
             if not (stop or start):
                 continue
-            if drv is not None and drv.live_devices and name in specs:
+            if drv is not None and drv.live_devices and name in enabled:
                 live[name] = (stop, start)
             else:
                 whole.append(name)
@@ -1027,11 +1032,18 @@ class Agent:
                     [d.name for d in drv.devices if d.name not in stopping] if drv else []
                 )
         self._refuse_if_updating(stopping | set(diff.restarted))
+        # everything that can fail before anything stops
+        metas = point_meta(new)
+        ids: dict[str, int] = await self._on_buffer(self.buffer.registry.ensure, metas)
+        specs = device_specs(new, ids)
+        fresh = {name: load_driver(name)(specs[name]) for name in whole if name in specs}
+        pipeline = build_pipeline(new, ids)
+        kept = {ids[key] for key in stage_points(old, new)[0]}
         if diff.restarted:
             log.warning(
                 "devices restarted with their driver, which cannot add or remove a device "
                 "while it runs",
-                extra={"drivers": sorted(whole), "devices": diff.restarted},
+                extra={"drivers": whole, "devices": diff.restarted},
             )
 
         # 1. nothing more comes from the devices that stop
@@ -1046,19 +1058,17 @@ class Agent:
             by_driver.pop(name, None)
         # 2. what they read goes through the old pipeline; then the new one takes over,
         # on the buffer thread, between two flushes
-        pipeline = build_pipeline(new, ids)
-        kept = {ids[key] for key in stage_points(old, new)[0]}
         await self.flush()
         await self._on_buffer(self._swap_pipeline, pipeline, kept, ids)
         # 3. the devices that start
         self.config = new
         for name, (_, start) in live.items():
-            for spec in start:
-                await by_driver[name].add_device(spec)
-        for name in whole:
-            if name in specs:
-                by_driver[name] = load_driver(name)(specs[name])
-                self._start_driver(by_driver[name])
+            for spec in specs[name]:
+                if spec.name in start:
+                    await by_driver[name].add_device(spec)
+        for name, drv in fresh.items():
+            by_driver[name] = drv
+            self._start_driver(drv)
         self.drivers = list(by_driver.values())
         self._index_devices(self.drivers)
         self.queue.max_points = new.buffer.max_memory_points
