@@ -21,6 +21,7 @@ What is live, per top-level key:
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,7 +29,14 @@ from agent.config import Config, DeviceConfig, PointConfig
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import UplinkSettings
 
-__all__ = ["ReloadDiff", "ReloadRefused", "diff_configs", "stage_points"]
+__all__ = [
+    "DriverPlan",
+    "ReloadDiff",
+    "ReloadRefused",
+    "diff_configs",
+    "plan_drivers",
+    "stage_points",
+]
 
 #: the keys of each section that can change while the agent runs (module docstring)
 LIVE_KEYS: dict[str, frozenset[str] | None] = {
@@ -96,6 +104,48 @@ def diff_configs(old: Config, new: Config) -> ReloadDiff:
         stages_reset=len(reset),
         restart_needed=_restart_needed(old, new),
     )
+
+
+@dataclass(slots=True)
+class DriverPlan:
+    """How a reload stops and starts devices, driver by driver (by name). A driver with
+    live devices stops and starts only the devices concerned (`live`: driver -> the
+    devices it stops, and those it starts); any other driver concerned stops as a
+    whole and a new one starts with all its devices (`whole`), the unchanged ones
+    (`restarted`) included."""
+
+    live: dict[str, tuple[list[str], set[str]]]
+    whole: list[str]
+    restarted: list[str]
+    stopping: set[str]  # every running device that stops, for however short
+
+
+def plan_drivers(
+    diff: ReloadDiff, new: Config, running: Mapping[str, Sequence[str]], live: Collection[str]
+) -> DriverPlan:
+    """`running`: each running driver's devices; `live`: the drivers among them that
+    add and remove devices while they run."""
+    changing = {*diff.removed, *diff.changed}
+    starting = {*diff.added, *diff.changed}
+    enabled: dict[str, list[str]] = {}  # driver -> its devices in the new config
+    for d in new.devices:
+        if d.enabled:
+            enabled.setdefault(d.driver, []).append(d.name)
+    plan = DriverPlan({}, [], [], set())
+    for name in sorted(running.keys() | enabled.keys()):
+        devices = running.get(name, [])
+        stop = [d for d in devices if d in changing]
+        start = {d for d in enabled.get(name, []) if d in starting}
+        if not (stop or start):
+            continue
+        plan.stopping.update(stop)
+        if name in live and name in running and name in enabled:
+            plan.live[name] = (stop, start)
+        else:
+            plan.whole.append(name)
+            plan.restarted += [d for d in devices if d not in changing]
+    plan.stopping.update(plan.restarted)
+    return plan
 
 
 def stage_points(old: Config, new: Config) -> tuple[list[str], list[str]]:

@@ -38,7 +38,7 @@ from agent.commands import (
 )
 from agent.config import Config, ConfigError, load_config
 from agent.ota_command import Fetch, answer, fetch_https, run_update
-from agent.reload import ReloadDiff, ReloadRefused, diff_configs, stage_points
+from agent.reload import ReloadDiff, ReloadRefused, diff_configs, plan_drivers, stage_points
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
@@ -292,6 +292,7 @@ class Agent:
         self._throttle = Throttle()
         self.started_ms = time.time_ns() // 1_000_000
         self._stopped = False
+        self._stopping = False  # no reload from now on
         self.buffer: Buffer | None = None
         self.drivers: list[Driver] = []
         self.uplink: Uplink | None = None
@@ -934,7 +935,7 @@ class Agent:
     async def reload_file(self, path: Path, source: str) -> ReloadDiff | None:
         """Validates the file and applies it; an invalid or refused config is logged and
         recorded, and the running one stays. None if it did not apply."""
-        if self.buffer is None or self._stopped:
+        if self.buffer is None or self._stopping:
             log.warning("config reload ignored: the agent is not running", extra={"source": source})
             return None
         try:
@@ -982,6 +983,8 @@ class Agent:
         on; stage state is kept where a point's stage spec is unchanged; the uplink
         reconnects only if its settings changed. One reload at a time."""
         async with self._reload_lock:
+            if self._stopping:
+                raise ReloadRefused("the agent is stopping")
             try:
                 diff = await self._apply(new)
             except ReloadRefused as exc:
@@ -1008,49 +1011,34 @@ class Agent:
         diff = diff_configs(old, new)
         if (refused := diff.refusal()) is not None:
             raise refused
-        stopping = {*diff.removed, *diff.changed} & self._driver_of.keys()
-        starting = {*diff.added, *diff.changed}
         by_driver = {drv.name: drv for drv in self.drivers}
-        enabled: dict[str, list[str]] = {}  # driver -> its devices in the new config
-        for d in new.devices:
-            if d.enabled:
-                enabled.setdefault(d.driver, []).append(d.name)
-        # per driver: its devices that stop and start (live), or the whole driver restarts
-        live: dict[str, tuple[list[str], set[str]]] = {}
-        whole: list[str] = []
-        for name in sorted(by_driver.keys() | enabled.keys()):
-            drv = by_driver.get(name)
-            stop = [d.name for d in drv.devices if d.name in stopping] if drv else []
-            start = {n for n in enabled.get(name, []) if n in starting}
-            if not (stop or start):
-                continue
-            if drv is not None and drv.live_devices and name in enabled:
-                live[name] = (stop, start)
-            else:
-                whole.append(name)
-                diff.restarted += (
-                    [d.name for d in drv.devices if d.name not in stopping] if drv else []
-                )
-        self._refuse_if_updating(stopping | set(diff.restarted))
+        plan = plan_drivers(
+            diff,
+            new,
+            {name: [d.name for d in drv.devices] for name, drv in by_driver.items()},
+            {name for name, drv in by_driver.items() if drv.live_devices},
+        )
+        self._refuse_if_updating(plan.stopping)
+        diff.restarted = plan.restarted
         # everything that can fail before anything stops
         metas = point_meta(new)
         ids: dict[str, int] = await self._on_buffer(self.buffer.registry.ensure, metas)
         specs = device_specs(new, ids)
-        fresh = {name: load_driver(name)(specs[name]) for name in whole if name in specs}
+        fresh = {name: load_driver(name)(specs[name]) for name in plan.whole if name in specs}
         pipeline = build_pipeline(new, ids)
         kept = {ids[key] for key in stage_points(old, new)[0]}
         if diff.restarted:
             log.warning(
                 "devices restarted with their driver, which cannot add or remove a device "
                 "while it runs",
-                extra={"drivers": whole, "devices": diff.restarted},
+                extra={"drivers": plan.whole, "devices": plan.restarted},
             )
 
         # 1. nothing more comes from the devices that stop
-        for name, (stop, _) in live.items():
+        for name, (stop, _) in plan.live.items():
             for device in stop:
                 await by_driver[name].remove_device(device)
-        for name in whole:
+        for name in plan.whole:
             if (task := self._driver_tasks.pop(name, None)) is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -1062,7 +1050,7 @@ class Agent:
         await self._on_buffer(self._swap_pipeline, pipeline, kept, ids)
         # 3. the devices that start
         self.config = new
-        for name, (_, start) in live.items():
+        for name, (_, start) in plan.live.items():
             for spec in specs[name]:
                 if spec.name in start:
                     await by_driver[name].add_device(spec)
@@ -1150,6 +1138,8 @@ class Agent:
     async def stop(self, drain_timeout: float = 0.0) -> None:
         """Graceful stop: drivers first, then flush what is in memory into the buffer,
         optionally wait for the uplink to drain, then stop the rest."""
+        async with self._reload_lock:  # a reload under way finishes first, none after
+            self._stopping = True
         await self.stop_drivers()
         if self._intake_timer is not None:
             self._intake_timer.cancel()
