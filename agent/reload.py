@@ -25,7 +25,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.config import Config, DeviceConfig, PointConfig
+from agent.config import Config, PointConfig
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import UplinkSettings
 
@@ -90,9 +90,9 @@ class ReloadDiff:
 def diff_configs(old: Config, new: Config) -> ReloadDiff:
     olds = {d.name: d for d in old.devices}
     news = {d.name: d for d in new.devices}
-    changed = [
-        n for n in news if n in olds and _device_identity(olds[n]) != _device_identity(news[n])
-    ]
+    # model equality: every key, the extras (driver keys) and the private state (the
+    # drivers' validated settings, what a profile or a referenced file filled in)
+    changed = [n for n in news if n in olds and olds[n] != news[n]]
     kept, reset = stage_points(old, new)
     return ReloadDiff(
         added=[n for n in news if n not in olds],
@@ -176,32 +176,18 @@ def _zero_ids(key: str, point: PointConfig) -> dict[str, int]:
     return {aggregate_key(key, f): 0 for f in aggregate_functions(point.pipeline)}
 
 
-def _device_identity(device: DeviceConfig) -> tuple[Any, ...]:
-    """All of a device's config, its drivers' validated settings included (what a
-    profile or a referenced file filled in shows there)."""
-    return (
-        device.model_dump(),
-        device.settings.model_dump(),
-        [p.settings.model_dump() for p in device.points],
-    )
-
-
 def _restart_needed(old: Config, new: Config) -> list[str]:
     out: list[str] = []
     for section in type(new).model_fields:
         before, after = getattr(old, section), getattr(new, section)
         if section not in LIVE_KEYS:
-            if _dump(before) != _dump(after):
+            if before != after:
                 out.append(section)
             continue
         live = LIVE_KEYS[section]
         if live is None:
             continue
         for key in type(after).model_fields:
-            if key not in live and _dump(getattr(before, key)) != _dump(getattr(after, key)):
+            if key not in live and getattr(before, key) != getattr(after, key):
                 out.append(f"{section}.{key}")
     return out
-
-
-def _dump(value: Any) -> Any:
-    return value.model_dump() if hasattr(value, "model_dump") else value

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import cache, partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,6 +70,7 @@ COMMAND_TIMEOUT_S = 10.0
 HEALTH_REPORT_MIN_S = 10.0
 
 
+@cache  # a lookup of the installed distributions: milliseconds, at each reload too
 def software_version() -> str:
     """This citygw's version, as up/meta tells the platform."""
     try:
@@ -336,7 +337,7 @@ class Agent:
         resumed = self.pipeline.load_state(await self._on_buffer(buffer.pipeline_state))
         await self._recover_intake()
         self.drivers = self._build_drivers(ids)
-        self.uplink = self._make_uplink(self._meta(metas, ids))
+        self.uplink = self._make_uplink(self._meta(cfg, metas, ids))
         for driver in self.drivers:
             self._start_driver(driver)
         self._tasks += [
@@ -362,9 +363,8 @@ class Agent:
             },
         )
 
-    def _meta(self, metas: list[dict[str, Any]], ids: dict[str, int]) -> bytes:
+    def _meta(self, cfg: Config, metas: list[dict[str, Any]], ids: dict[str, int]) -> bytes:
         """The retained up/meta: the gateway, its points with their ids, its config."""
-        cfg = self.config
         assert self.buffer is not None
         return wire.encode_meta(
             {
@@ -1008,7 +1008,9 @@ class Agent:
     async def _apply(self, new: Config) -> ReloadDiff:
         assert self.buffer is not None and self.uplink is not None
         old = self.config
-        diff = diff_configs(old, new)
+        # the pure work runs off the loop: for hundreds of devices it takes milliseconds
+        # the polls need (nothing changes a Config once loaded)
+        diff = await asyncio.to_thread(diff_configs, old, new)
         if (refused := diff.refusal()) is not None:
             raise refused
         by_driver = {drv.name: drv for drv in self.drivers}
@@ -1021,12 +1023,10 @@ class Agent:
         self._refuse_if_updating(plan.stopping)
         diff.restarted = plan.restarted
         # everything that can fail before anything stops
-        metas = point_meta(new)
+        metas = await asyncio.to_thread(point_meta, new)
         ids: dict[str, int] = await self._on_buffer(self.buffer.registry.ensure, metas)
-        specs = device_specs(new, ids)
+        specs, pipeline, kept, meta = await asyncio.to_thread(self._prepare, old, new, metas, ids)
         fresh = {name: load_driver(name)(specs[name]) for name in plan.whole if name in specs}
-        pipeline = build_pipeline(new, ids)
-        kept = {ids[key] for key in stage_points(old, new)[0]}
         if diff.restarted:
             log.warning(
                 "devices restarted with their driver, which cannot add or remove a device "
@@ -1060,7 +1060,6 @@ class Agent:
         self.drivers = list(by_driver.values())
         self._index_devices(self.drivers)
         self.queue.max_points = new.buffer.max_memory_points
-        meta = self._meta(metas, ids)
         if diff.uplink_changed:
             await self._restart_uplink(meta)
         elif meta != self.uplink.meta:
@@ -1069,7 +1068,17 @@ class Agent:
         self.refresh_device_info()
         self.refresh_health()
         self.uplink.report_now()
+        # what was just built lives until the next reload: out of the collector's full
+        # passes, as at start (the few cycles the old config leaves are kept, once)
+        gc.freeze()
         return diff
+
+    def _prepare(
+        self, old: Config, new: Config, metas: list[dict[str, Any]], ids: dict[str, int]
+    ) -> tuple[dict[str, list[DeviceSpec]], Pipeline, set[int], bytes]:
+        """A reload's devices, pipeline, points whose stage state is kept, and up/meta."""
+        kept = {ids[key] for key in stage_points(old, new)[0]}
+        return device_specs(new, ids), build_pipeline(new, ids), kept, self._meta(new, metas, ids)
 
     def _refuse_if_updating(self, devices: Collection[str]) -> None:
         """A firmware update is never cut short by a reload."""
