@@ -48,8 +48,9 @@ LIVE_KEYS: dict[str, frozenset[str] | None] = {
 
 
 class ReloadRefused(Exception):
-    """A valid config that the running agent cannot take: the message names each key
-    and says it needs a restart."""
+    """A valid config that the running agent cannot take (now), the message says why:
+    each key that needs a restart, a firmware update under way on a device the reload
+    would stop, the agent stopping. Nothing was changed."""
 
 
 @dataclass(slots=True)
