@@ -30,11 +30,13 @@ import native
 from agent.commands import (
     FIRMWARE_UPDATE,
     CommandRefused,
+    ConfigPushCommand,
     FirmwareUpdateCommand,
     parse_command,
     response,
 )
 from agent.config import Config
+from agent.config_push import ConfigPushes
 from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
@@ -312,6 +314,7 @@ class Agent:
         self.device_health: wire.DeviceHealthMap = {}
         self._health_changed = False  # since the last up/stats `_flush_loop` asked for
         self._reported = -HEALTH_REPORT_MIN_S  # time.monotonic() of that request
+        self.pushes = ConfigPushes(self)  # config_push commands (agent/config_push.py)
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -386,6 +389,7 @@ class Agent:
             self._supervised("status", self._status_loop, forever=True),
         ]
         self.uplink.wake()  # a backlog from before a restart
+        self.pushes.resume()  # a config push a restart interrupted
         # Everything built so far (modules, config models, drivers) lives as long as the
         # process: keep it out of the garbage collector's full passes, which otherwise
         # scan it all and stall the event loop for milliseconds (late polls are skipped).
@@ -576,6 +580,8 @@ class Agent:
             return exc.response()
         if isinstance(cmd, FirmwareUpdateCommand):
             return self._start_update(cmd)
+        if isinstance(cmd, ConfigPushCommand):
+            return self.pushes.start(cmd)
         driver = self._driver_of[cmd.point.key.split("/", 1)[0]]
         try:
             written = await asyncio.wait_for(driver.write(cmd.point, cmd.value), COMMAND_TIMEOUT_S)
@@ -953,6 +959,7 @@ class Agent:
     async def stop(self, drain_timeout: float = 0.0) -> None:
         """Graceful stop: drivers first, then flush what is in memory into the buffer,
         optionally wait for the uplink to drain, then stop the rest."""
+        await self.pushes.stop()  # a trial's marker stays: the next start resumes it
         await self.stop_drivers()
         if self._intake_timer is not None:
             self._intake_timer.cancel()

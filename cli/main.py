@@ -23,6 +23,7 @@ from rich.text import Text
 
 from agent.config import Config
 from central import cli as platform
+from central import config_cli
 from cli import ble, firmware, modbus, mqtt
 from cli.config import ConfigOption, load_or_exit
 from common.broker import BrokerError
@@ -50,6 +51,9 @@ app.add_typer(ble.app, name="ble")
 app.add_typer(mqtt.app, name="mqtt")
 app.add_typer(firmware.app, name="firmware")
 app.add_typer(platform.app, name="platform")
+# the platform's config commands have their own module (central/config_cli.py)
+platform.app.command("push-config")(config_cli.push_config)
+platform.app.command("configs")(config_cli.configs)
 
 
 @app.callback()
@@ -105,10 +109,12 @@ def run(
     ] = False,
 ) -> None:
     """Run the agent until SIGINT/SIGTERM; a graceful stop flushes memory to the buffer."""
+    from agent.config_push import settle_interrupted
     from agent.runtime import run_agent
 
-    cfg = load_or_exit(config)
     setup_logging(log_level, json=json_logs)
+    settle_interrupted(config)  # a config push's trial a restart cut short
+    cfg = load_or_exit(config)
 
     async def main() -> None:
         stop = asyncio.Event()
