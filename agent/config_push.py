@@ -39,6 +39,7 @@ import orjson
 
 from agent.commands import CONFIG_PUSH, CommandRefused, ConfigPushCommand, response
 from agent.config import ConfigError, load_config, parse_config
+from agent.reload import ReloadRefused
 
 if TYPE_CHECKING:
     from agent.runtime import Agent
@@ -259,10 +260,8 @@ class ConfigPushes:
                 "deadline_s": cmd.deadline_s,
             },
         )
-        from agent.reload import ReloadRefused  # the reload module imports the runtime's peers
-
         try:
-            diff = await self.agent.reload(new)
+            diff = await self.agent.reload(new, "push")
         except ReloadRefused as exc:
             await asyncio.to_thread(self._restore, path)
             self._answer(cmd.id, str(exc), {"outcome": REFUSED})
@@ -301,7 +300,7 @@ class ConfigPushes:
     async def _roll_back(self, cid: str, path: Path, error: str) -> None:
         await asyncio.to_thread(write_atomic, path, previous_path(path).read_bytes())
         old = await asyncio.to_thread(load_config, path)
-        await self.agent.reload(old)
+        await self.agent.reload(old, "rollback")
         await asyncio.to_thread(remove_durably, trial_path(path))
         log.warning(
             "config push rolled back", extra={"id": cid, "error": error, "version": old.version}

@@ -17,6 +17,7 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, TypeVar
 
 import native
@@ -35,9 +37,10 @@ from agent.commands import (
     parse_command,
     response,
 )
-from agent.config import Config
+from agent.config import Config, ConfigError, load_config
 from agent.config_push import ConfigPushes
 from agent.ota_command import Fetch, answer, fetch_https, run_update
+from agent.reload import ReloadDiff, ReloadRefused, diff_configs, stage_points
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
@@ -281,7 +284,9 @@ class Agent:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="citygw-buffer")
         self._tasks: list[asyncio.Task[None]] = []
-        self._driver_tasks: list[asyncio.Task[None]] = []
+        self._driver_tasks: dict[str, asyncio.Task[None]] = {}  # by driver name
+        self._reload_lock = asyncio.Lock()  # one reload at a time
+        self._reload_tasks: set[asyncio.Task[ReloadDiff | None]] = set()  # SIGHUP's
         #: every supervised task's health, by task name, for the status
         self.task_health: dict[str, TaskHealth] = {}
         self._intake_timer: asyncio.TimerHandle | None = None
@@ -333,56 +338,9 @@ class Agent:
         resumed = self.pipeline.load_state(await self._on_buffer(buffer.pipeline_state))
         await self._recover_intake()
         self.drivers = self._build_drivers(ids)
-        meta = wire.encode_meta(
-            {
-                "v": 1,
-                "gateway": cfg.gateway.id,
-                "site": cfg.gateway.site,
-                "location": cfg.gateway.location.model_dump() if cfg.gateway.location else None,
-                "stream": buffer.stream_id,
-                "points": [{"id": ids[m["key"]], **m} for m in metas],
-                "software": software_version(),
-                "config": {"version": cfg.version, "hash": cfg.hash},
-                "locations": {
-                    d.name: d.location.model_dump()
-                    for d in cfg.devices
-                    if d.enabled and d.location is not None
-                },
-            }
-        )
-        up = cfg.uplink
-        self.uplink = Uplink(
-            UplinkSettings(
-                broker=up.broker,
-                gateway_id=cfg.gateway.id,
-                client_id=up.client_id or f"citygw-{cfg.gateway.id}",
-                topic_prefix=up.topic_prefix,
-                username=up.username,
-                password=up.password.get_secret_value() if up.password else None,
-                ca_file=str(up.ca_file) if up.ca_file else None,
-                cert_file=str(up.cert_file) if up.cert_file else None,
-                key_file=str(up.key_file) if up.key_file else None,
-                window=up.window,
-                keepalive=up.keepalive,
-                ack_timeout=up.ack_timeout,
-                backoff_min=up.backoff_min,
-                backoff_max=up.backoff_max,
-                probe_interval=up.probe_interval,
-                reconnect_spread=up.reconnect_spread,
-                stats_interval=up.stats_interval,
-            ),
-            BufferPort(self._peek, self._ack, buffer.release),
-            buffer.stream_id,
-            meta,
-            self._connect,
-            self.handle_command,
-            self._stats,
-        )
+        self.uplink = self._make_uplink(self._meta(metas, ids))
         for driver in self.drivers:
-            # a driver that crashes is restarted; it must not take the agent down
-            self._driver_tasks.append(
-                self._supervised(f"driver:{driver.name}", partial(driver.run, self.queue))
-            )
+            self._start_driver(driver)
         self._tasks += [
             self._supervised("uplink", self.uplink.run, forever=True),
             self._supervised("flush", self._flush_loop, forever=True),
@@ -405,6 +363,46 @@ class Agent:
                 "stages_resumed": resumed,
                 "accelerated": native.ACCELERATED,
             },
+        )
+
+    def _meta(self, metas: list[dict[str, Any]], ids: dict[str, int]) -> bytes:
+        """The retained up/meta: the gateway, its points with their ids, its config."""
+        cfg = self.config
+        assert self.buffer is not None
+        return wire.encode_meta(
+            {
+                "v": 1,
+                "gateway": cfg.gateway.id,
+                "site": cfg.gateway.site,
+                "location": cfg.gateway.location.model_dump() if cfg.gateway.location else None,
+                "stream": self.buffer.stream_id,
+                "points": [{"id": ids[m["key"]], **m} for m in metas],
+                "software": software_version(),
+                "config": {"version": cfg.version, "hash": cfg.hash},
+                "locations": {
+                    d.name: d.location.model_dump()
+                    for d in cfg.devices
+                    if d.enabled and d.location is not None
+                },
+            }
+        )
+
+    def _make_uplink(self, meta: bytes) -> Uplink:
+        assert self.buffer is not None
+        return Uplink(
+            UplinkSettings.of(self.config),
+            BufferPort(self._peek, self._ack, self.buffer.release),
+            self.buffer.stream_id,
+            meta,
+            self._connect,
+            self.handle_command,
+            self._stats,
+        )
+
+    def _start_driver(self, driver: Driver) -> None:
+        # a driver that crashes is restarted; it must not take the agent down
+        self._driver_tasks[driver.name] = self._supervised(
+            f"driver:{driver.name}", partial(driver.run, self.queue)
         )
 
     def _supervised(
@@ -667,13 +665,17 @@ class Agent:
     def _build_drivers(self, ids: dict[str, int]) -> list[Driver]:
         by_driver = device_specs(self.config, ids)
         drivers = [load_driver(name)(devices) for name, devices in by_driver.items()]
+        self._index_devices(drivers)
+        return drivers
+
+    def _index_devices(self, drivers: list[Driver]) -> None:
+        """What the commands look up by device and point, from the drivers' devices."""
         self._driver_of = {dev.name: drv for drv in drivers for dev in drv.devices}
         self._firmware = {dev: drv.firmware_updates(dev) for dev, drv in self._driver_of.items()}
         self._downgrades = frozenset(
             dev for dev, drv in self._driver_of.items() if drv.firmware_downgrades(dev)
         )
         self.points = {p.key: p for drv in drivers for dev in drv.devices for p in dev.points}
-        return drivers
 
     # -- buffer thread ---------------------------------------------------------
 
@@ -866,9 +868,8 @@ class Agent:
             log.warning("wall clock stepped", extra={"step_s": round(step, 3), "now_ms": now_ms})
 
     async def _flush_loop(self) -> None:
-        interval = self.config.buffer.flush_interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.config.buffer.flush_interval)  # a reload may change it
             await self.flush()
             # a device's information changed (a serial read, a BTHome text heard) or a
             # device failed or recovered: up/stats goes now, not at the next stats_interval
@@ -928,6 +929,192 @@ class Agent:
                         )
             await asyncio.sleep(STATUS_INTERVAL_S)
 
+    # -- reload ----------------------------------------------------------------
+
+    def request_reload(self, path: Path, source: str = "sighup") -> None:
+        """Reloads the config file at `path` in a task (a signal handler's way in)."""
+        task = asyncio.create_task(self.reload_file(path, source), name="reload")
+        self._reload_tasks.add(task)
+        task.add_done_callback(self._reload_tasks.discard)
+
+    async def reload_file(self, path: Path, source: str) -> ReloadDiff | None:
+        """Validates the file and applies it; an invalid or refused config is logged and
+        recorded, and the running one stays. None if it did not apply."""
+        if self.buffer is None or self._stopped:
+            log.warning("config reload ignored: the agent is not running", extra={"source": source})
+            return None
+        try:
+            # parsed off the loop: a large config takes milliseconds the polls need
+            new = await asyncio.to_thread(load_config, path)
+        except (ConfigError, OSError) as exc:
+            error = str(exc) if isinstance(exc, ConfigError) else f"{path}: {exc}"
+            log.error(
+                "config reload refused: invalid config, the running one stays",
+                extra={"source": source, "config": str(path), "error": error},
+            )
+            await self.record_reload(source, None, error=error)
+            return None
+        try:
+            return await self.reload(new, source)
+        except ReloadRefused:
+            return None  # logged and recorded by reload()
+
+    async def record_reload(
+        self,
+        source: str,
+        config: Config | None,
+        diff: ReloadDiff | None = None,
+        error: str | None = None,
+    ) -> None:
+        """The outcome of a reload, as `citygw reload` and `citygw status` show it."""
+        assert self.buffer is not None
+        record: dict[str, Any] = {
+            "ts_ms": time.time_ns() // 1_000_000,
+            "ok": error is None,
+            "source": source,
+            "version": config.version if config is not None else None,
+            "hash": config.hash if config is not None else None,
+        }
+        record.update({"diff": diff.as_dict()} if diff is not None else {"error": error})
+        try:
+            await self._on_buffer(self.buffer.put_state, "reload", record)
+        except BufferError as exc:  # the reload stands; only its record is missing
+            log.error("reload record not written", extra={"error": str(exc)})
+
+    async def reload(self, new: Config, source: str = "api") -> ReloadDiff:
+        """Applies a validated config as a diff of the running one (agent/reload.py);
+        raises ReloadRefused, before touching anything, if it needs a restart. Devices
+        added, removed or changed are started, stopped or restarted; the others poll
+        on; stage state is kept where a point's stage spec is unchanged; the uplink
+        reconnects only if its settings changed. One reload at a time."""
+        async with self._reload_lock:
+            try:
+                diff = await self._apply(new)
+            except ReloadRefused as exc:
+                log.warning(
+                    "config reload refused, the running one stays",
+                    extra={"source": source, "version": new.version, "error": str(exc)},
+                )
+                await self.record_reload(source, new, error=str(exc))
+                raise
+            log.info(
+                "config reloaded",
+                extra={"source": source, "version": new.version, "hash": new.hash} | diff.as_dict(),
+            )
+            await self.record_reload(source, new, diff)
+            return diff
+
+    async def _apply(self, new: Config) -> ReloadDiff:
+        assert self.buffer is not None and self.uplink is not None
+        old = self.config
+        diff = diff_configs(old, new)
+        if (refused := diff.refusal()) is not None:
+            raise refused
+        stopping = {*diff.removed, *diff.changed} & self._driver_of.keys()
+        starting = {*diff.added, *diff.changed}
+        by_driver = {drv.name: drv for drv in self.drivers}
+        metas = point_meta(new)
+        ids: dict[str, int] = await self._on_buffer(self.buffer.registry.ensure, metas)
+        specs = device_specs(new, ids)
+        # per driver: its devices to stop and to start; None: the whole driver restarts
+        live: dict[str, tuple[list[str], list[DeviceSpec]]] = {}
+        whole: list[str] = []
+        for name in by_driver.keys() | specs.keys():
+            drv = by_driver.get(name)
+            stop = [d.name for d in drv.devices if d.name in stopping] if drv else []
+            start = [spec for spec in specs.get(name, []) if spec.name in starting]
+            if not (stop or start):
+                continue
+            if drv is not None and drv.live_devices and name in specs:
+                live[name] = (stop, start)
+            else:
+                whole.append(name)
+                diff.restarted += (
+                    [d.name for d in drv.devices if d.name not in stopping] if drv else []
+                )
+        self._refuse_if_updating(stopping | set(diff.restarted))
+        if diff.restarted:
+            log.warning(
+                "devices restarted with their driver, which cannot add or remove a device "
+                "while it runs",
+                extra={"drivers": sorted(whole), "devices": diff.restarted},
+            )
+
+        # 1. nothing more comes from the devices that stop
+        for name, (stop, _) in live.items():
+            for device in stop:
+                await by_driver[name].remove_device(device)
+        for name in whole:
+            if (task := self._driver_tasks.pop(name, None)) is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                self.task_health.pop(f"driver:{name}", None)
+            by_driver.pop(name, None)
+        # 2. what they read goes through the old pipeline; then the new one takes over,
+        # on the buffer thread, between two flushes
+        pipeline = build_pipeline(new, ids)
+        kept = {ids[key] for key in stage_points(old, new)[0]}
+        await self.flush()
+        await self._on_buffer(self._swap_pipeline, pipeline, kept, ids)
+        # 3. the devices that start
+        self.config = new
+        for name, (_, start) in live.items():
+            for spec in start:
+                await by_driver[name].add_device(spec)
+        for name in whole:
+            if name in specs:
+                by_driver[name] = load_driver(name)(specs[name])
+                self._start_driver(by_driver[name])
+        self.drivers = list(by_driver.values())
+        self._index_devices(self.drivers)
+        self.queue.max_points = new.buffer.max_memory_points
+        meta = self._meta(metas, ids)
+        if diff.uplink_changed:
+            await self._restart_uplink(meta)
+        elif meta != self.uplink.meta:
+            self.uplink.set_meta(meta)
+        # up/stats: the devices as they are now (the removed ones gone)
+        self.refresh_device_info()
+        self.refresh_health()
+        self.uplink.report_now()
+        return diff
+
+    def _refuse_if_updating(self, devices: Collection[str]) -> None:
+        """A firmware update is never cut short by a reload."""
+        for device in sorted(devices):
+            if (running := self._updates.get(device)) is not None:
+                raise ReloadRefused(
+                    f"device {device!r} is updating its firmware (command {running[0]!r}); "
+                    "reload once the update is over"
+                )
+
+    def _swap_pipeline(
+        self, pipeline: Pipeline, kept: Collection[int], ids: dict[str, int]
+    ) -> None:
+        """On the buffer thread, so no flush runs meanwhile."""
+        carried = pipeline.carry_state(self.pipeline, kept)
+        self.pipeline = pipeline
+        self._key_of = {pid: key for key, pid in ids.items()}
+        log.debug("pipeline swapped", extra={"stage_states_carried": carried})
+
+    async def _restart_uplink(self, meta: bytes) -> None:
+        """A new uplink for new connection settings; the old session ends first (its
+        claims on the buffer are released), its counters and unsent answers carry on."""
+        old = self.uplink
+        assert old is not None
+        [task] = [t for t in self._tasks if t.get_name() == "uplink"]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self.uplink = self._make_uplink(meta)
+        self.uplink.adopt(old)
+        self._tasks[self._tasks.index(task)] = self._supervised(
+            "uplink", self.uplink.run, forever=True
+        )
+        self.uplink.wake()
+        log.info(
+            "uplink restarted for its new settings", extra={"broker": redact(self.uplink.s.broker)}
+        )
+
     # -- stop ------------------------------------------------------------------
 
     async def buffer_depth(self) -> int:
@@ -942,9 +1129,9 @@ class Agent:
         for task in updates:
             task.cancel()
         await asyncio.gather(*updates, return_exceptions=True)
-        for task in self._driver_tasks:
+        for task in self._driver_tasks.values():
             task.cancel()
-        await asyncio.gather(*self._driver_tasks, return_exceptions=True)
+        await asyncio.gather(*self._driver_tasks.values(), return_exceptions=True)
         self._driver_tasks.clear()
 
     async def drain(self, timeout: float) -> bool:
@@ -983,8 +1170,12 @@ class Agent:
         log.info("agent stopped", extra={**asdict(self.counters)})
 
 
-async def run_agent(config: Config, stop: asyncio.Event) -> Agent:
+async def run_agent(config: Config, stop: asyncio.Event, config_path: Path | None = None) -> Agent:
+    """Runs the agent until `stop`; with `config_path`, SIGHUP reloads that file."""
     agent = Agent(config)
+    if config_path is not None:  # before start: SIGHUP's default action ends the process
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, agent.request_reload, config_path)
     await agent.start()
     await stop.wait()
     await agent.stop()

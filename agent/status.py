@@ -25,16 +25,49 @@ def collect(buffer_path: Path) -> tuple[BufferStats, dict[str, Any]]:
         return buf.stats(), buf.get_state()
 
 
+def is_running(agent: dict[str, Any], now_ms: int) -> bool:
+    """Whether the agent's status snapshot says it runs: written recently and not its
+    last one (a graceful stop writes one that says stopped, however recent)."""
+    updated = agent.get("updated_ms")
+    return (
+        agent.get("state") != "stopped"
+        and updated is not None
+        and now_ms - updated < 3 * STATUS_INTERVAL_S * 1000
+    )
+
+
+def _names(label: str, names: list[str]) -> str:
+    return f"{label} {', '.join(names)}" if names else ""
+
+
+def reload_summary(record: dict[str, Any]) -> str:
+    """One line for a reload's record (Agent.record_reload): what it changed, or why
+    it was refused."""
+    if not record.get("ok"):
+        first = str(record.get("error") or "").splitlines() or ["(no reason recorded)"]
+        more = len(str(record.get("error") or "").splitlines()) - 1
+        return f"refused: {first[0]}" + (f" (and {more} more problems)" if more > 0 else "")
+    d = record.get("diff") or {}
+    parts = [
+        _names("added", d.get("added", [])),
+        _names("removed", d.get("removed", [])),
+        _names("changed", d.get("changed", [])),
+        f"{len(d.get('unchanged', []))} devices untouched",
+        "uplink reconnected" if d.get("uplink_changed") else "",
+        f"stage state kept for {d.get('stages_kept', 0)} points, "
+        f"reset for {d.get('stages_reset', 0)}",
+        _names("restarted with their driver", d.get("restarted", [])),
+    ]
+    return f"applied version {record.get('version')}: " + "; ".join(p for p in parts if p)
+
+
 def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None = None) -> Group:
     now_ms = now_ms if now_ms is not None else time.time_ns() // 1_000_000
     agent = state.get("agent") or {}
     updated = agent.get("updated_ms")
     up = agent.get("uplink") or {}
-    # the last snapshot of a graceful stop says so: not running, however recent
     stopped = agent.get("state") == "stopped"
-    running = (
-        not stopped and updated is not None and now_ms - updated < 3 * STATUS_INTERVAL_S * 1000
-    )
+    running = is_running(agent, now_ms)
 
     lanes = Table(title="buffer", show_lines=False)
     for col in ("lane", "batches", "readings", "bytes", "oldest unsent"):
@@ -99,6 +132,11 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
     ):
         if counters.get(key):
             summary.add_row(label, str(counters[key]))
+    if (last := state.get("reload")) is not None:
+        summary.add_row(
+            "last reload",
+            f"{age(last.get('ts_ms'), now_ms)} ({last.get('source')}) {reload_summary(last)}",
+        )
     if state.get("buffer_recovered"):
         summary.add_row(
             "buffer recovered", f"corrupt database moved to {state['buffer_recovered']}"

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -43,6 +43,9 @@ from common.reconnect import (
 )
 from common.reconnect import backoff_delay as backoff_delay  # where it used to live
 from common.redact import redact
+
+if TYPE_CHECKING:
+    from agent.config import Config
 
 log = logging.getLogger("citygw.uplink")
 
@@ -72,6 +75,30 @@ class UplinkSettings:
     #: reconnects after the broker's return are spread uniformly over this long
     reconnect_spread: float = 10.0
     stats_interval: float = 60.0
+
+    @classmethod
+    def of(cls, config: Config) -> UplinkSettings:
+        """The uplink settings a gateway config gives."""
+        up = config.uplink
+        return cls(
+            broker=up.broker,
+            gateway_id=config.gateway.id,
+            client_id=up.client_id or f"citygw-{config.gateway.id}",
+            topic_prefix=up.topic_prefix,
+            username=up.username,
+            password=up.password.get_secret_value() if up.password else None,
+            ca_file=str(up.ca_file) if up.ca_file else None,
+            cert_file=str(up.cert_file) if up.cert_file else None,
+            key_file=str(up.key_file) if up.key_file else None,
+            window=up.window,
+            keepalive=up.keepalive,
+            ack_timeout=up.ack_timeout,
+            backoff_min=up.backoff_min,
+            backoff_max=up.backoff_max,
+            probe_interval=up.probe_interval,
+            reconnect_spread=up.reconnect_spread,
+            stats_interval=up.stats_interval,
+        )
 
 
 class Publisher(Protocol):
@@ -243,6 +270,7 @@ class Uplink:
         self._answers: deque[bytes] = deque()  # late command answers, oldest first
         self._answer_ready = asyncio.Event()
         self._report_now = asyncio.Event()
+        self._meta_changed = asyncio.Event()
         self._rng = random.Random()
         self._throttle = Throttle()
         self._buffer_backoff = BUFFER_RETRY_MIN_S
@@ -269,6 +297,20 @@ class Uplink:
         """What up/stats carries changed (a device's information): published at once if
         online, else on connect as always."""
         self._report_now.set()
+
+    def set_meta(self, meta: bytes) -> None:
+        """A new up/meta (a reload changed the points or the config): published, retained,
+        at once if online, and on every later connect."""
+        self.meta = meta
+        self._meta_changed.set()
+
+    def adopt(self, old: Uplink) -> None:
+        """Takes over from a stopped uplink (a reload changed the settings): its counters
+        and the command answers it could not send yet."""
+        self.status = old.status
+        self._answers.extend(old._answers)
+        if self._answers:
+            self._answer_ready.set()
 
     def respond(self, answer: bytes) -> None:
         """The answer of a command that ran on in the background: published on up/resp
@@ -360,6 +402,7 @@ class Uplink:
             # which fires no will, and "online" would stay retained
             try:
                 await client.publish(self._state_topic, b"online", qos=1, retain=True)
+                self._meta_changed.clear()
                 await client.publish(self._meta_topic, self.meta, qos=1, retain=True)
                 self.status.acked_at = time.monotonic()
                 if self._on_command is not None and isinstance(client, aiomqtt.Client):
@@ -368,6 +411,7 @@ class Uplink:
                     helpers.append(asyncio.create_task(self._late_answers(client), name="answers"))
                 if self._stats is not None:
                     helpers.append(asyncio.create_task(self._report(client), name="stats"))
+                helpers.append(asyncio.create_task(self._meta_updates(client), name="meta"))
                 check_cancelled()  # one the publishes or the subscribe above swallowed
                 await self._pump(client, helpers)
             finally:
@@ -409,6 +453,16 @@ class Uplink:
                 await client.publish(self._resp_topic, self._answers[0], qos=1)
                 self._answers.popleft()
                 check_cancelled()
+
+    async def _meta_updates(self, client: Publisher) -> None:
+        """Publishes each up/meta `set_meta` gives during the session."""
+        while True:
+            await self._meta_changed.wait()
+            self._meta_changed.clear()
+            await client.publish(
+                self._meta_topic, self.meta, qos=1, retain=True, timeout=self.s.ack_timeout
+            )
+            check_cancelled()
 
     async def _report(self, client: Publisher) -> None:
         """The buffer's counters and the devices' information, retained, so the platform

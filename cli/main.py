@@ -5,18 +5,20 @@ demo, ingest), inspecting (status, buffer) and the Modbus tools (cli/modbus.py).
 The helpers every command reports through are in common/cli.py.
 
 Exit codes: 0 success, 1 invalid input (e.g. config errors), 2 file not found or
-unreadable.
+unreadable, 3 no running agent (reload).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
+import time
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.text import Text
@@ -27,9 +29,12 @@ from central import config_cli
 from cli import ble, firmware, modbus, mqtt
 from cli.config import ConfigOption, load_or_exit
 from common.broker import BrokerError
-from common.cli import EXIT_INVALID, EXIT_NO_FILE, fail
+from common.cli import EXIT_INVALID, EXIT_NO_FILE, err_console, fail
 from common.cli import out_console as _out
 from common.logs import setup_logging
+
+#: `citygw reload`: no running agent found, or it did not answer in time
+EXIT_NO_AGENT = 3
 
 app = typer.Typer(
     name="citygw",
@@ -108,7 +113,10 @@ def run(
         bool, typer.Option("--json-logs", help="One JSON object per log line.")
     ] = False,
 ) -> None:
-    """Run the agent until SIGINT/SIGTERM; a graceful stop flushes memory to the buffer."""
+    """Run the agent until SIGINT/SIGTERM; a graceful stop flushes memory to the buffer.
+
+    SIGHUP (`citygw reload`, `systemctl reload`) reloads the config file without a
+    restart; an invalid one is refused and the running one stays."""
     from agent.config_push import settle_interrupted
     from agent.runtime import run_agent
 
@@ -121,12 +129,85 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await run_agent(cfg, stop)
+        await run_agent(cfg, stop, config)
 
     try:
         asyncio.run(main())
     except (BufferError, OSError) as exc:  # the buffer cannot be opened or written
         fail(f"{cfg.buffer.path}: {exc}")
+
+
+@app.command()
+def reload(
+    config: ConfigOption = Path("gateway.toml"),
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the agent's answer.", min=0.1)
+    ] = 30.0,
+) -> None:
+    """Apply a changed config to the running agent without a restart.
+
+    The file is validated first (nothing is sent if it is invalid). The agent, found
+    through its buffer, rereads its config file on SIGHUP and applies the difference:
+    devices added, removed or changed start, stop or restart; the others poll on.
+    Exit 0 applied; 1 invalid or refused (the running config stays); 2 file or
+    buffer not found; 3 no running agent, or no answer within --timeout."""
+    from agent.status import reload_summary
+
+    cfg = load_or_exit(config)
+    path = _existing_buffer(cfg)
+    pid, before = _running_agent(path)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as exc:  # not ours to signal (another user), or it just ended
+        fail(f"cannot signal the agent (pid {pid}): {exc.strerror or exc}", EXIT_NO_AGENT)
+    deadline = time.monotonic() + timeout
+    while (record := _state(path).get("reload")) == before:
+        if time.monotonic() > deadline:
+            fail(
+                f"the agent (pid {pid}) did not record a reload within {timeout:g} s; see its log",
+                EXIT_NO_AGENT,
+            )
+        time.sleep(0.1)
+    assert record is not None
+    if not record.get("ok"):
+        err_console().print(Text(str(record.get("error"))))
+        fail(f"{config}: reload refused; the agent keeps its running config")
+    _out().print(Text(f"{config}: {reload_summary(record)}"))
+    if record.get("hash") != cfg.hash:
+        err_console().print(
+            Text(
+                f"note: the agent loaded a config other than {config} (it rereads the file it "
+                "was started with, or the file changed meanwhile)"
+            )
+        )
+
+
+def _state(path: Path) -> dict[str, Any]:
+    from agent.status import collect
+
+    try:
+        return collect(path)[1]
+    except (BufferError, OSError) as exc:  # not a usable buffer, newer schema, unreadable
+        fail(str(exc), EXIT_NO_FILE)
+
+
+def _running_agent(path: Path) -> tuple[int, Any]:
+    """The pid of the agent running on this buffer, from its status snapshot, and its
+    last reload record; exits if none runs."""
+    from agent.status import is_running
+
+    state = _state(path)
+    agent = state.get("agent") or {}
+    pid = agent.get("pid")
+    if not isinstance(pid, int) or not is_running(agent, time.time_ns() // 1_000_000):
+        fail(f"{path}: no agent is running on this buffer (start it: citygw run)", EXIT_NO_AGENT)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        fail(f"{path}: its agent (pid {pid}) is gone", EXIT_NO_AGENT)
+    except PermissionError:
+        pass  # alive, another user's: the SIGHUP says whether we may
+    return pid, state.get("reload")
 
 
 @app.command()

@@ -4,13 +4,20 @@ A driver owns all configured devices of its kind (so that, say, Modbus devices o
 one serial bus can share it). It validates its own part of the config through two
 pydantic models, pushes columnar batches into a sink until cancelled, and keeps a
 health record per device. Drivers know nothing about the buffer or the uplink.
+
+A config reload adds, removes and restarts devices. A driver with `live_devices`
+does it while it runs (`add_device`, `remove_device`): its other devices go on
+without a gap. `PerDeviceDriver` gives that to any driver whose devices each run in
+tasks of their own. The agent stops a driver without it and starts it again with its
+new devices, all of them (logged, and listed in the reload's `restarted`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -129,6 +136,8 @@ class Driver(ABC):
     """Base class of all drivers. Subclasses set the class attributes and run()."""
 
     name: ClassVar[str]
+    #: whether add_device and remove_device work while run() runs (module docstring)
+    live_devices: ClassVar[bool] = False
     #: validates the driver-specific keys of a [[devices]] table
     device_model: ClassVar[type[BaseModel]] = NoSettings
     #: validates the driver-specific keys of a [[devices.points]] table
@@ -166,6 +175,16 @@ class Driver(ABC):
     def health(self) -> dict[str, DeviceHealth]:
         return self._health
 
+    async def add_device(self, device: DeviceSpec) -> None:
+        """Starts polling or serving one more device, while run() runs or not (then
+        run() starts it with the others). Only drivers with `live_devices`."""
+        raise NotImplementedError(f"driver {self.name!r} cannot add a device while it runs")
+
+    async def remove_device(self, name: str) -> None:
+        """Stops a device (returns once its tasks ended) and forgets it, its health
+        included. Only drivers with `live_devices`."""
+        raise NotImplementedError(f"driver {self.name!r} cannot remove a device while it runs")
+
     def device_info(self, name: str) -> dict[str, str]:
         """Latest text a device reported that is not a reading (serial number, firmware
         version, a BTHome text object...), by name. The default: none."""
@@ -197,3 +216,72 @@ class Driver(ABC):
         """Installs a signed firmware package (docs/firmware-ota.md) on `device`; the
         result says updated, rolled_back, refused or failed."""
         raise NotImplementedError(f"driver {self.name!r} does not update firmware")
+
+
+class PerDeviceDriver(Driver):
+    """A driver whose every device runs in tasks of its own (`device_tasks`), in one
+    task group, so devices can be added and removed while it runs. A task that raises
+    ends run() (the agent restarts the driver); one cancelled by `remove_device` does
+    not. Subclasses keep their per-device state in `attach_device`/`detach_device`."""
+
+    live_devices = True
+
+    def __init__(self, devices: Sequence[DeviceSpec]) -> None:
+        super().__init__(devices)
+        self._group: asyncio.TaskGroup | None = None  # while run() runs
+        self._sink: BatchSink | None = None
+        self._running: dict[str, list[asyncio.Task[None]]] = {}  # device -> its tasks
+        for device in self.devices:
+            self.attach_device(device)
+
+    @abstractmethod
+    def device_tasks(
+        self, device: DeviceSpec, sink: BatchSink
+    ) -> dict[str, Coroutine[Any, Any, None]]:
+        """The coroutines that poll or serve `device`, by task name."""
+
+    def attach_device(self, device: DeviceSpec) -> None:
+        """Sets up the driver's state for a device (at construction and add_device)."""
+
+    def detach_device(self, name: str) -> None:
+        """Drops the driver's state of a device whose tasks have ended."""
+
+    async def run(self, sink: BatchSink) -> None:
+        self._sink = sink
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                for device in self.devices:
+                    self._spawn(device)
+                # open until cancelled, so that add_device can start tasks in it
+                await asyncio.get_running_loop().create_future()
+        finally:
+            self._group, self._sink = None, None
+            self._running.clear()
+
+    def _spawn(self, device: DeviceSpec) -> None:
+        assert self._group is not None and self._sink is not None
+        self._running[device.name] = [
+            self._group.create_task(coro, name=name)
+            for name, coro in self.device_tasks(device, self._sink).items()
+        ]
+
+    async def add_device(self, device: DeviceSpec) -> None:
+        if device.name in self._health:
+            raise ValueError(f"driver {self.name!r} already has a device {device.name!r}")
+        self.devices = (*self.devices, device)
+        self._health[device.name] = DeviceHealth()
+        self.attach_device(device)
+        if self._group is not None:
+            self._spawn(device)
+
+    async def remove_device(self, name: str) -> None:
+        if name not in self._health:
+            raise LookupError(f"driver {self.name!r} has no device {name!r}")
+        tasks = self._running.pop(name, [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.detach_device(name)
+        self.devices = tuple(d for d in self.devices if d.name != name)
+        del self._health[name]

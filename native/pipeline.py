@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from itertools import compress
 from typing import Any
 
@@ -167,6 +167,20 @@ class Pipeline:
             if pid.isdigit():
                 by_table.setdefault(key, {})[int(pid)] = blob
         return sum(table.load_state(by_table.get(key, {})) for key, table in self.tables)
+
+    def carry_state(self, old: Pipeline, pids: Collection[int]) -> int:
+        """Continues `old` (a config reload): its clock, and the stage state of the
+        points in `pids` (their stages are unchanged); returns how many (point, stage)
+        states carried over. The other points start afresh. Unlike a restart's
+        `save_state`, every table with state carries (windows of raw values too)."""
+        wanted = frozenset(pids)
+        mine = dict(self.tables)
+        carried = 0
+        for key, table in old.tables:
+            if table.state and key in mine:
+                carried += mine[key].load_state(table.save_state(wanted))
+        self.elapsed_ms, self._last_monotonic_ms = old.elapsed_ms, old._last_monotonic_ms
+        return carried
 
 
 __all__ = ["ELAPSED_KEY", "MAX_POINT_ID", "Pipeline", "PipelineCounts", "table_class"]

@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, 
 from common.keypath import at
 from common.logs import Throttle
 from common.units import Duration
-from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, Driver
+from drivers.base import BatchSink, DeviceConfigProblem, DeviceSpec, PerDeviceDriver
 from firmware_bridge import image as fw
 from firmware_bridge import messages as m
 from firmware_bridge.bridge import BridgeError, McuBridge
@@ -128,7 +128,7 @@ class McuPointSettings(BaseModel):
     sensor_id: int = Field(ge=0, le=65535, description="the device's sensor id")
 
 
-class McuDriver(Driver):
+class McuDriver(PerDeviceDriver):
     name = "mcu"
     device_model = McuDeviceSettings
     point_model = McuPointSettings
@@ -155,13 +155,22 @@ class McuDriver(Driver):
         return problems
 
     def __init__(self, devices: Sequence[DeviceSpec]) -> None:
-        super().__init__(devices)
         self.bridges: dict[str, McuBridge] = {}  # device name -> open bridge
-        self._settings = {d.name: d.settings for d in self.devices}
-        self.counters: dict[str, Counter[str]] = {d.name: Counter() for d in self.devices}
-        self._clocks = {d.name: _DeviceClock() for d in self.devices}
+        self._settings: dict[str, BaseModel] = {}
+        self.counters: dict[str, Counter[str]] = {}
+        self._clocks: dict[str, _DeviceClock] = {}
         self._throttle = Throttle(60.0)
         self._tasks: set[asyncio.Task[None]] = set()
+        super().__init__(devices)
+
+    def attach_device(self, device: DeviceSpec) -> None:
+        self._settings[device.name] = device.settings
+        self.counters[device.name] = Counter()
+        self._clocks[device.name] = _DeviceClock()
+
+    def detach_device(self, name: str) -> None:
+        # its bridge was closed as its task ended
+        del self._settings[name], self.counters[name], self._clocks[name]
 
     def firmware_updates(self, device: str) -> str | None:
         s = self._settings[device]
@@ -211,10 +220,10 @@ class McuDriver(Driver):
             progress=progress,
         )
 
-    async def run(self, sink: BatchSink) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for device in self.devices:
-                tg.create_task(self._serve(device, sink), name=f"mcu:{device.name}")
+    def device_tasks(
+        self, device: DeviceSpec, sink: BatchSink
+    ) -> dict[str, Coroutine[Any, Any, None]]:
+        return {f"mcu:{device.name}": self._serve(device, sink)}
 
     async def _serve(self, device: DeviceSpec, sink: BatchSink) -> None:
         s = device.settings

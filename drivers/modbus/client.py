@@ -415,16 +415,20 @@ class ConnectionPool:
     """Connections by endpoint: devices behind one gateway or on one bus share one.
 
     The pool is built once for all devices of a driver, so that a shared link takes the
-    longest timeout and inter-frame delay of its devices."""
+    longest timeout and inter-frame delay of its devices. Each `get` is a user of the
+    link until its `release`: the last one's release closes the link (a device removed
+    by a reload), while the other devices on it go on sharing it."""
 
     def __init__(self) -> None:
         self._connections: dict[tuple[str, str, int], ModbusConnection] = {}
         self._first: dict[tuple[str, str, int], Endpoint] = {}
+        self._users: dict[tuple[str, str, int], int] = {}
 
     def get(self, settings: ModbusDeviceSettings) -> ModbusConnection:
         endpoint = Endpoint.of(settings)
         key = endpoint.key
         conn = self._connections.get(key)
+        self._users[key] = self._users.get(key, 0) + 1
         if conn is None:
             conn = ModbusConnection(
                 endpoint, timeout=settings.timeout, inter_frame_delay=settings.inter_frame_delay
@@ -441,6 +445,15 @@ class ConnectionPool:
         if endpoint.transport != "tcp":
             conn.inter_frame_delay = max(conn.inter_frame_delay, settings.inter_frame_delay)
         return conn
+
+    def release(self, settings: ModbusDeviceSettings) -> None:
+        """One user of the link is gone; the last one closes it and forgets it (the
+        next `get` opens it afresh, with that device's settings)."""
+        key = Endpoint.of(settings).key
+        self._users[key] -= 1
+        if self._users[key] == 0:
+            del self._users[key], self._first[key]
+            self._connections.pop(key).close()
 
     def connections(self) -> list[ModbusConnection]:
         return list(self._connections.values())

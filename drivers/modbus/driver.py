@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -44,7 +44,7 @@ from drivers.base import (
     DeviceConfigProblem,
     DeviceHealth,
     DeviceSpec,
-    Driver,
+    PerDeviceDriver,
     PointSpec,
 )
 from drivers.modbus.client import (
@@ -306,7 +306,7 @@ class _PollFailed(Exception):
 # -- the driver -----------------------------------------------------------------------
 
 
-class ModbusDriver(Driver):
+class ModbusDriver(PerDeviceDriver):
     name = "modbus"
     device_model = ModbusDeviceSettings
     point_model = ModbusPointSettings
@@ -331,14 +331,23 @@ class ModbusDriver(Driver):
         return check_device(device, settings, tables)
 
     def __init__(self, devices: Sequence[DeviceSpec]) -> None:
-        super().__init__(devices)
         self._pool = ConnectionPool()
-        self._devices = {
-            d.name: _Device(d, self._pool.get(_msettings(d)), self._health[d.name])
-            for d in self.devices
-        }
-        self._owner = {p.key: self._devices[d.name] for d in self.devices for p in d.points}
+        self._devices: dict[str, _Device] = {}
+        self._owner: dict[str, _Device] = {}  # point key -> its device (writes)
         self._throttle = Throttle(WARN_EVERY_S)
+        super().__init__(devices)
+
+    def attach_device(self, device: DeviceSpec) -> None:
+        # RTU units on one serial bus (or behind one gateway) share its connection
+        dev = _Device(device, self._pool.get(_msettings(device)), self._health[device.name])
+        self._devices[device.name] = dev
+        self._owner.update((p.key, dev) for p in device.points)
+
+    def detach_device(self, name: str) -> None:
+        dev = self._devices.pop(name)
+        for p in dev.spec.points:
+            self._owner.pop(p.key, None)
+        self._pool.release(dev.settings)
 
     def close(self) -> None:
         """Closes every connection (run() does it when cancelled; for one-off use)."""
@@ -401,14 +410,15 @@ class ModbusDriver(Driver):
 
     # -- polling ------------------------------------------------------------------------
 
+    def device_tasks(
+        self, device: DeviceSpec, sink: BatchSink
+    ) -> dict[str, Coroutine[Any, Any, None]]:
+        dev = self._devices[device.name]
+        return {f"modbus:{dev.name}:{g.name}": self._poll_loop(dev, g, sink) for g in dev.groups}
+
     async def run(self, sink: BatchSink) -> None:
         try:
-            async with asyncio.TaskGroup() as tg:
-                for dev in self._devices.values():
-                    for g in dev.groups:
-                        tg.create_task(
-                            self._poll_loop(dev, g, sink), name=f"modbus:{dev.name}:{g.name}"
-                        )
+            await super().run(sink)
         finally:
             self._pool.close()
 

@@ -15,10 +15,11 @@ import math
 import random
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from decimal import Decimal
+from typing import Any
 
-from drivers.base import BatchSink, DeviceSpec, Driver, PointSpec
+from drivers.base import BatchSink, DeviceSpec, PerDeviceDriver, PointSpec
 from drivers.schedule import FixedRate, phase_for
 from drivers.sim.settings import SimDeviceSettings, SimPointSettings
 from native.batch import ID_TYPECODE, Batch
@@ -98,14 +99,14 @@ class Waveform:
         return v
 
 
-class SimDriver(Driver):
+class SimDriver(PerDeviceDriver):
     name = "sim"
     device_model = SimDeviceSettings
     point_model = SimPointSettings
 
     def __init__(self, devices: Sequence[DeviceSpec]) -> None:
-        super().__init__(devices)
         self._waves: dict[int, Waveform] = {}  # point id -> its generator, once running
+        super().__init__(devices)
 
     async def write(self, point: PointSpec, value: float) -> float:
         """A simulated actuator: the point's level becomes `value` (noise and the
@@ -116,10 +117,15 @@ class SimDriver(Driver):
         wave.set_level(value)
         return value
 
-    async def run(self, sink: BatchSink) -> None:
-        async with asyncio.TaskGroup() as tg:
-            for device in self.devices:
-                tg.create_task(self._poll_device(device, sink), name=f"sim:{device.name}")
+    def device_tasks(
+        self, device: DeviceSpec, sink: BatchSink
+    ) -> dict[str, Coroutine[Any, Any, None]]:
+        return {f"sim:{device.name}": self._poll_device(device, sink)}
+
+    def detach_device(self, name: str) -> None:
+        device = next(d for d in self.devices if d.name == name)
+        for p in device.points:
+            self._waves.pop(p.id, None)
 
     async def _poll_device(self, device: DeviceSpec, sink: BatchSink) -> None:
         settings = device.settings
