@@ -115,4 +115,3 @@ class BadConfigPush:
             old_hash in seen and seen[old_hash].last_seen_ms > self.pushed_ms,
             "the platform did not see the old config in up/meta again after the rollback",
         )
-

@@ -211,8 +211,9 @@ def test_a_config_that_cuts_the_uplink_off_is_rolled_back_within_its_deadline(
             t = time.monotonic()
             assert agent.pushes.start(ConfigPushCommand("p-dead", bad, deadline)) is None
             await wait_until(lambda: trial_path(path).exists(), 10)
-            await platform.push("p-second", old)
-            second = await platform.answer("p-second")
+            refused = agent.pushes.start(ConfigPushCommand("p-second", old, 30.0))
+            assert refused is not None  # answered at once (the trial's uplink is dead)
+            second = orjson.loads(refused)
             assert path.read_text() == bad  # on trial
             answer = await platform.answer("p-dead")
             return answer, second, time.monotonic() - t, agent
