@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -155,11 +156,21 @@ def settle_interrupted(path: Path) -> Trial | None:
                 "the gateway restarted during the trial and the pushed config no longer "
                 f"loads: {exc}"
             )
-    if error is not None:
-        write_atomic(path, previous_path(path).read_bytes())
-        trial.outcome, trial.error = ROLLED_BACK, error
-        trial.save(path)
-        log.warning("config push rolled back before start", extra={"id": trial.id, "error": error})
+    if error is None:
+        return trial
+    try:
+        previous = previous_path(path).read_bytes()
+    except OSError as exc:  # removed by hand: the pushed config is all there is
+        log.error(
+            "config push cannot be rolled back: the previous config is gone; the pushed one stays",
+            extra={"id": trial.id, "previous": str(previous_path(path)), "error": str(exc)},
+        )
+        remove_durably(trial_path(path))
+        return None
+    write_atomic(path, previous)
+    trial.outcome, trial.error = ROLLED_BACK, error
+    trial.save(path)
+    log.warning("config push rolled back before start", extra={"id": trial.id, "error": error})
     return trial
 
 
@@ -203,7 +214,7 @@ class ConfigPushes:
                 "config push trial resumed after a restart",
                 extra={"id": trial.id, "left_s": round(left, 1)},
             )
-            self._begin(trial.id, self._trial(trial.id, path, max(left, 0.0), None))
+            self._begin(trial.id, self._trial(trial, path, max(left, 0.0), None))
         elif self.agent.config.hash == trial.previous_hash:
             error = "the gateway restarted before the pushed config was applied"
             self._answer(trial.id, error, {"outcome": ROLLED_BACK, **self._identity()})
@@ -241,6 +252,14 @@ class ConfigPushes:
             self._answer(cmd.id, error, {"outcome": REFUSED})
             return
         previous = await asyncio.to_thread(path.read_bytes)
+        if text_hash(previous) != old.hash:
+            # a rollback must return to a config known to run: the running one
+            error = (
+                f"{path} is not the config the agent runs (changed since it was loaded); "
+                "reload or restart the agent first"
+            )
+            self._answer(cmd.id, error, {"outcome": REFUSED})
+            return
         trial = Trial(
             cmd.id, time.time() + cmd.deadline_s, cmd.deadline_s, new.hash, text_hash(previous)
         )
@@ -268,14 +287,15 @@ class ConfigPushes:
             return
         except Exception as exc:  # a reload that failed half-way: back to the known config
             log.exception("config push: reload failed", extra={"id": cmd.id})
-            await self._roll_back(cmd.id, path, f"the reload failed: {type(exc).__name__}: {exc}")
+            await self._roll_back(trial, path, f"the reload failed: {type(exc).__name__}: {exc}")
             return
-        await self._trial(cmd.id, path, cmd.deadline_s, diff.as_dict())
+        await self._trial(trial, path, cmd.deadline_s, diff.as_dict())
 
     async def _trial(
-        self, cid: str, path: Path, deadline_s: float, diff: dict[str, Any] | None
+        self, trial: Trial, path: Path, deadline_s: float, diff: dict[str, Any] | None
     ) -> None:
         """Waits for a healthy uplink; applied, or rolled back to `<path>.previous`."""
+        cid = trial.id
         applied_at = time.monotonic()
         give_up = applied_at + deadline_s
         if self.agent.uplink is not None:
@@ -295,17 +315,40 @@ class ConfigPushes:
         uplink = self.agent.uplink
         why = uplink.status.last_error if uplink is not None else None
         error = f"the uplink was not healthy within {deadline_s:g} s" + (f" ({why})" if why else "")
-        await self._roll_back(cid, path, error)
+        await self._roll_back(trial, path, error)
 
-    async def _roll_back(self, cid: str, path: Path, error: str) -> None:
-        await asyncio.to_thread(write_atomic, path, previous_path(path).read_bytes())
-        old = await asyncio.to_thread(load_config, path)
-        await self.agent.reload(old, "rollback")
+    async def _roll_back(self, trial: Trial, path: Path, error: str) -> None:
+        """The previous file back, and applied. The marker says so first: should the
+        previous config not apply live, the process ends and its service manager's
+        restart starts it on the previous file, owing the answer (see `resume`)."""
+        trial.outcome, trial.error = ROLLED_BACK, error
+
+        def restore() -> None:
+            write_atomic(path, previous_path(path).read_bytes())
+            trial.save(path)
+
+        await asyncio.to_thread(restore)
+        try:
+            old = await asyncio.to_thread(load_config, path)
+            await self.agent.reload(old, "rollback")
+        except Exception:
+            # never strand the gateway on the pushed config: a crash exit (not a clean
+            # one, which a Restart=on-failure unit would not restart); the intake keeps
+            # what was read, as after any crash
+            log.critical(
+                "config push: the previous config does not apply live; the agent exits so "
+                "that its restart runs the previous config",
+                extra={"id": trial.id, "config": str(path)},
+                exc_info=True,
+            )
+            os.kill(os.getpid(), signal.SIGKILL)
+            raise
         await asyncio.to_thread(remove_durably, trial_path(path))
         log.warning(
-            "config push rolled back", extra={"id": cid, "error": error, "version": old.version}
+            "config push rolled back",
+            extra={"id": trial.id, "error": error, "version": old.version},
         )
-        self._answer(cid, error, {"outcome": ROLLED_BACK, **self._identity()})
+        self._answer(trial.id, error, {"outcome": ROLLED_BACK, **self._identity()})
 
     @staticmethod
     def _restore(path: Path) -> None:

@@ -146,6 +146,8 @@ def write_config(tmp_path: Path, text: str) -> Path:
     [
         (lambda t: t.replace("base = 3.0", 'base = "high"'), "devices[0].points[0].base"),
         (lambda t: t.replace(f'id = "{GW}"', 'id = "gw-other"'), "gateway.id 'gw-other' is not"),
+        # valid, but not live: the reload refuses it, the old file goes back
+        (lambda t: t.replace("buf.db", "other.db"), "buffer.path changed: needs a restart"),
     ],
 )
 def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(
@@ -164,8 +166,27 @@ def test_an_invalid_config_is_refused_and_the_old_one_keeps_running(
     assert answer["ok"] is False and answer["outcome"] == "refused"
     assert error in answer["error"]
     assert path.read_text() == old and not trial_path(path).exists()
-    assert not previous_path(path).exists()
     assert agent.config.hash == text_hash(old.encode())
+
+
+def test_a_push_over_a_config_file_changed_since_the_start_is_refused(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A rollback must return to a config known to run: the running one, not a file
+    someone edited since and never loaded."""
+    old = config_text(tmp_path, mosquitto.url)
+    path = write_config(tmp_path, old)
+
+    async def scenario() -> dict[str, Any]:
+        async with running(path, mosquitto) as (agent, platform):
+            await online(agent)
+            path.write_text(old + "# edited\n")
+            await platform.push("p-over", config_text(tmp_path, mosquitto.url, "v2"))
+            return await platform.answer("p-over")
+
+    answer = asyncio.run(scenario())
+    assert answer["outcome"] == "refused" and "is not the config the agent runs" in answer["error"]
+    assert path.read_text() == old + "# edited\n" and not trial_path(path).exists()
 
 
 # -- applied, or rolled back -------------------------------------------------------------
