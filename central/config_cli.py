@@ -37,7 +37,7 @@ from agent.commands import (
     DEADLINE_MIN_S,
     MAX_CONFIG_PUSH_BYTES,
 )
-from agent.config import ConfigError, parse_config
+from agent.config import Config, ConfigError, parse_config
 from central.cli import DbOption, FormatOption, GatewayOption, _run, emit
 from central.configs import NOT_SENT, SENT, ConfigPushRecord
 from central.store import Store
@@ -120,30 +120,19 @@ def push_config(
             style="yellow",
         )
     )
-    push_id = None
+    push_id: int | None = None
     if db is not None:
         record = ConfigPushRecord(
-            0,
-            gateway,
-            cid,
-            config.version,
-            config.hash,
-            text,
-            by or _who(),
-            now_ms(),
-            SENT,
-            None,
-            None,
-        )
+            0, gateway, cid, config.version, config.hash, text, by or _who(), now_ms(), SENT,
+            None, None,
+        )  # fmt: skip
         push_id = _run(db, lambda store: store.config_push_record(record))
     timeout = None if no_wait else (wait if wait is not None else deadline + ANSWER_MARGIN_S)
     try:
         answer = asyncio.run(_exchange(broker, ca_file, prefix, gateway, cid, command, timeout))
     except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
         error = f"{redact(broker)}: cannot send the command: {exc}"
-        if db is not None and push_id is not None:
-            pid = push_id
-            _run(db, lambda store: store.config_push_answered(pid, NOT_SENT, error, now_ms()))
+        _record_outcome(db, push_id, NOT_SENT, error)
         fail(error, EXIT_NO_FILE)
     out = out_console()
     if no_wait:
@@ -155,12 +144,16 @@ def push_config(
         out.print(Text(f"{gateway}: no answer to {cid} within {timeout:g} s", style="bold red"))
         raise typer.Exit(EXIT_NO_ANSWER)
     outcome = str(answer.get("outcome", "refused" if not answer.get("ok") else "applied"))
-    answer_error = answer.get("error")
-    if db is not None and push_id is not None:
-        pid = push_id
-        _run(db, lambda store: store.config_push_answered(pid, outcome, answer_error, now_ms()))
+    said = answer.get("error")
+    _record_outcome(db, push_id, outcome, None if said is None else str(said))
     _show(gateway, answer, outcome)
     raise typer.Exit(OUTCOME_EXIT.get(outcome, EXIT_REFUSED))
+
+
+def _record_outcome(db: str | None, push_id: int | None, outcome: str, error: str | None) -> None:
+    if db is not None and push_id is not None:
+        pid = push_id
+        _run(db, lambda store: store.config_push_answered(pid, outcome, error, now_ms()))
 
 
 def _read(path: Path) -> str:
@@ -174,7 +167,7 @@ def _read(path: Path) -> str:
         fail(f"{path}: cannot read: {exc.strerror or exc}", EXIT_NO_FILE)
 
 
-def _validate(path: Path, text: str) -> Any:
+def _validate(path: Path, text: str) -> Config:
     try:
         return parse_config(text, source=str(path), base_dir=path.resolve().parent)
     except ConfigError as exc:
