@@ -19,6 +19,7 @@ from typing import Any
 import aiomqtt
 import orjson
 import pytest
+from typer.testing import CliRunner
 
 from agent.commands import ConfigPushCommand
 from agent.config import load_config
@@ -32,6 +33,7 @@ from agent.config_push import (
 )
 from agent.runtime import Agent
 from central.stores import open_store
+from cli.main import app
 from common import wire
 from common.broker import Mosquitto, free_port
 from tests.helpers import wait_until
@@ -359,5 +361,30 @@ def test_push_config_cli_against_a_running_agent(mosquitto: Mosquitto, tmp_path:
         [record] = store.config_pushes(GW)
         assert (record.outcome, record.pushed_by, record.version) == ("applied", "ops", "v2")
         assert record.text == new.read_text()
+    finally:
+        store.close()
+
+
+def test_push_config_cli_without_an_answer_or_a_valid_file(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """No gateway listening: exit 5, recorded as sent. A file that does not validate, or
+    names another gateway: exit 1, nothing sent."""
+    db = f"sqlite:///{tmp_path / 'platform.db'}"
+    open_store(db).close()
+    path = write_config(tmp_path, config_text(tmp_path, mosquitto.url))
+    runner = CliRunner()
+    base = ["platform", "push-config", str(path), "--broker", mosquitto.url, "--db", db]
+    silent = runner.invoke(app, [*base, "--gateway", GW, "--wait", "1"])
+    assert silent.exit_code == 5, silent.output
+    assert f"{GW}: no answer to push-" in silent.output
+    other = runner.invoke(app, [*base, "--gateway", "gw-other"])
+    assert other.exit_code == 1 and "its gateway.id is 'gw-push', not 'gw-other'" in other.output
+    path.write_text(path.read_text().replace("base = 3.0", 'base = "high"'))
+    invalid = runner.invoke(app, [*base, "--gateway", GW])
+    assert invalid.exit_code == 1 and "not pushed: 1 problem(s) found" in invalid.output
+    store = open_store(db)
+    try:
+        assert [p.outcome for p in store.config_pushes(GW)] == ["sent"]
     finally:
         store.close()
