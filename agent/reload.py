@@ -21,14 +21,22 @@ What is live, per top-level key:
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.config import Config, DeviceConfig, PointConfig
+from agent.config import Config, PointConfig
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import UplinkSettings
 
-__all__ = ["ReloadDiff", "ReloadRefused", "diff_configs", "stage_points"]
+__all__ = [
+    "DriverPlan",
+    "ReloadDiff",
+    "ReloadRefused",
+    "diff_configs",
+    "plan_drivers",
+    "stage_points",
+]
 
 #: the keys of each section that can change while the agent runs (module docstring)
 LIVE_KEYS: dict[str, frozenset[str] | None] = {
@@ -40,8 +48,9 @@ LIVE_KEYS: dict[str, frozenset[str] | None] = {
 
 
 class ReloadRefused(Exception):
-    """A valid config that the running agent cannot take: the message names each key
-    and says it needs a restart."""
+    """A valid config that the running agent cannot take (now), the message says why:
+    each key that needs a restart, a firmware update under way on a device the reload
+    would stop, the agent stopping. Nothing was changed."""
 
 
 @dataclass(slots=True)
@@ -67,11 +76,6 @@ class ReloadDiff:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def empty(self) -> bool:
-        """Nothing to restart: no device, no uplink change."""
-        return not (self.added or self.removed or self.changed or self.uplink_changed)
-
     def refusal(self) -> ReloadRefused | None:
         """The refusal of a reload with keys that need a restart; None if it can apply."""
         if not self.restart_needed:
@@ -87,9 +91,9 @@ class ReloadDiff:
 def diff_configs(old: Config, new: Config) -> ReloadDiff:
     olds = {d.name: d for d in old.devices}
     news = {d.name: d for d in new.devices}
-    changed = [
-        n for n in news if n in olds and _device_identity(olds[n]) != _device_identity(news[n])
-    ]
+    # model equality: every key, the extras (driver keys) and the private state (the
+    # drivers' validated settings, what a profile or a referenced file filled in)
+    changed = [n for n in news if n in olds and olds[n] != news[n]]
     kept, reset = stage_points(old, new)
     return ReloadDiff(
         added=[n for n in news if n not in olds],
@@ -101,6 +105,48 @@ def diff_configs(old: Config, new: Config) -> ReloadDiff:
         stages_reset=len(reset),
         restart_needed=_restart_needed(old, new),
     )
+
+
+@dataclass(slots=True)
+class DriverPlan:
+    """How a reload stops and starts devices, driver by driver (by name). A driver with
+    live devices stops and starts only the devices concerned (`live`: driver -> the
+    devices it stops, and those it starts); any other driver concerned stops as a
+    whole and a new one starts with all its devices (`whole`), the unchanged ones
+    (`restarted`) included."""
+
+    live: dict[str, tuple[list[str], set[str]]]
+    whole: list[str]
+    restarted: list[str]
+    stopping: set[str]  # every running device that stops, for however short
+
+
+def plan_drivers(
+    diff: ReloadDiff, new: Config, running: Mapping[str, Sequence[str]], live: Collection[str]
+) -> DriverPlan:
+    """`running`: each running driver's devices; `live`: the drivers among them that
+    add and remove devices while they run."""
+    changing = {*diff.removed, *diff.changed}
+    starting = {*diff.added, *diff.changed}
+    enabled: dict[str, list[str]] = {}  # driver -> its devices in the new config
+    for d in new.devices:
+        if d.enabled:
+            enabled.setdefault(d.driver, []).append(d.name)
+    plan = DriverPlan({}, [], [], set())
+    for name in sorted(running.keys() | enabled.keys()):
+        devices = running.get(name, [])
+        stop = [d for d in devices if d in changing]
+        start = {d for d in enabled.get(name, []) if d in starting}
+        if not (stop or start):
+            continue
+        plan.stopping.update(stop)
+        if name in live and name in running and name in enabled:
+            plan.live[name] = (stop, start)
+        else:
+            plan.whole.append(name)
+            plan.restarted += [d for d in devices if d not in changing]
+    plan.stopping.update(plan.restarted)
+    return plan
 
 
 def stage_points(old: Config, new: Config) -> tuple[list[str], list[str]]:
@@ -131,32 +177,18 @@ def _zero_ids(key: str, point: PointConfig) -> dict[str, int]:
     return {aggregate_key(key, f): 0 for f in aggregate_functions(point.pipeline)}
 
 
-def _device_identity(device: DeviceConfig) -> tuple[Any, ...]:
-    """All of a device's config, its drivers' validated settings included (what a
-    profile or a referenced file filled in shows there)."""
-    return (
-        device.model_dump(),
-        device.settings.model_dump(),
-        [p.settings.model_dump() for p in device.points],
-    )
-
-
 def _restart_needed(old: Config, new: Config) -> list[str]:
     out: list[str] = []
     for section in type(new).model_fields:
         before, after = getattr(old, section), getattr(new, section)
         if section not in LIVE_KEYS:
-            if _dump(before) != _dump(after):
+            if before != after:
                 out.append(section)
             continue
         live = LIVE_KEYS[section]
         if live is None:
             continue
         for key in type(after).model_fields:
-            if key not in live and _dump(getattr(before, key)) != _dump(getattr(after, key)):
+            if key not in live and getattr(before, key) != getattr(after, key):
                 out.append(f"{section}.{key}")
     return out
-
-
-def _dump(value: Any) -> Any:
-    return value.model_dump() if hasattr(value, "model_dump") else value

@@ -23,7 +23,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import cache, partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ from agent.commands import (
 from agent.config import Config, ConfigError, load_config
 from agent.config_push import ConfigPushes
 from agent.ota_command import Fetch, answer, fetch_https, run_update
-from agent.reload import ReloadDiff, ReloadRefused, diff_configs, stage_points
+from agent.reload import ReloadDiff, ReloadRefused, diff_configs, plan_drivers, stage_points
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
@@ -72,6 +72,7 @@ COMMAND_TIMEOUT_S = 10.0
 HEALTH_REPORT_MIN_S = 10.0
 
 
+@cache  # a lookup of the installed distributions: milliseconds, at each reload too
 def software_version() -> str:
     """This citygw's version, as up/meta tells the platform."""
     try:
@@ -294,6 +295,7 @@ class Agent:
         self._throttle = Throttle()
         self.started_ms = time.time_ns() // 1_000_000
         self._stopped = False
+        self._stopping = False  # no reload from now on
         self.buffer: Buffer | None = None
         self.drivers: list[Driver] = []
         self.uplink: Uplink | None = None
@@ -338,7 +340,7 @@ class Agent:
         resumed = self.pipeline.load_state(await self._on_buffer(buffer.pipeline_state))
         await self._recover_intake()
         self.drivers = self._build_drivers(ids)
-        self.uplink = self._make_uplink(self._meta(metas, ids))
+        self.uplink = self._make_uplink(self._meta(cfg, metas, ids))
         for driver in self.drivers:
             self._start_driver(driver)
         self._tasks += [
@@ -365,9 +367,8 @@ class Agent:
             },
         )
 
-    def _meta(self, metas: list[dict[str, Any]], ids: dict[str, int]) -> bytes:
+    def _meta(self, cfg: Config, metas: list[dict[str, Any]], ids: dict[str, int]) -> bytes:
         """The retained up/meta: the gateway, its points with their ids, its config."""
-        cfg = self.config
         assert self.buffer is not None
         return wire.encode_meta(
             {
@@ -940,7 +941,7 @@ class Agent:
     async def reload_file(self, path: Path, source: str) -> ReloadDiff | None:
         """Validates the file and applies it; an invalid or refused config is logged and
         recorded, and the running one stays. None if it did not apply."""
-        if self.buffer is None or self._stopped:
+        if self.buffer is None or self._stopping:
             log.warning("config reload ignored: the agent is not running", extra={"source": source})
             return None
         try:
@@ -956,8 +957,8 @@ class Agent:
             return None
         try:
             return await self.reload(new, source)
-        except ReloadRefused:
-            return None  # logged and recorded by reload()
+        except Exception:  # refused or failed: logged and recorded by reload()
+            return None
 
     async def record_reload(
         self,
@@ -988,6 +989,8 @@ class Agent:
         on; stage state is kept where a point's stage spec is unchanged; the uplink
         reconnects only if its settings changed. One reload at a time."""
         async with self._reload_lock:
+            if self._stopping:
+                raise ReloadRefused("the agent is stopping")
             try:
                 diff = await self._apply(new)
             except ReloadRefused as exc:
@@ -996,6 +999,10 @@ class Agent:
                     extra={"source": source, "version": new.version, "error": str(exc)},
                 )
                 await self.record_reload(source, new, error=str(exc))
+                raise
+            except Exception as exc:  # a bug, or the buffer failing: said, then raised
+                log.exception("config reload failed", extra={"source": source})
+                await self.record_reload(source, new, error=f"reload failed: {exc!r}")
                 raise
             log.info(
                 "config reloaded",
@@ -1007,44 +1014,37 @@ class Agent:
     async def _apply(self, new: Config) -> ReloadDiff:
         assert self.buffer is not None and self.uplink is not None
         old = self.config
-        diff = diff_configs(old, new)
+        # the pure work runs off the loop: for hundreds of devices it takes milliseconds
+        # the polls need (nothing changes a Config once loaded)
+        diff = await asyncio.to_thread(diff_configs, old, new)
         if (refused := diff.refusal()) is not None:
             raise refused
-        stopping = {*diff.removed, *diff.changed} & self._driver_of.keys()
-        starting = {*diff.added, *diff.changed}
         by_driver = {drv.name: drv for drv in self.drivers}
-        metas = point_meta(new)
+        plan = plan_drivers(
+            diff,
+            new,
+            {name: [d.name for d in drv.devices] for name, drv in by_driver.items()},
+            {name for name, drv in by_driver.items() if drv.live_devices},
+        )
+        self._refuse_if_updating(plan.stopping)
+        diff.restarted = plan.restarted
+        # everything that can fail before anything stops
+        metas = await asyncio.to_thread(point_meta, new)
         ids: dict[str, int] = await self._on_buffer(self.buffer.registry.ensure, metas)
-        specs = device_specs(new, ids)
-        # per driver: its devices to stop and to start; None: the whole driver restarts
-        live: dict[str, tuple[list[str], list[DeviceSpec]]] = {}
-        whole: list[str] = []
-        for name in by_driver.keys() | specs.keys():
-            drv = by_driver.get(name)
-            stop = [d.name for d in drv.devices if d.name in stopping] if drv else []
-            start = [spec for spec in specs.get(name, []) if spec.name in starting]
-            if not (stop or start):
-                continue
-            if drv is not None and drv.live_devices and name in specs:
-                live[name] = (stop, start)
-            else:
-                whole.append(name)
-                diff.restarted += (
-                    [d.name for d in drv.devices if d.name not in stopping] if drv else []
-                )
-        self._refuse_if_updating(stopping | set(diff.restarted))
+        specs, pipeline, kept, meta = await asyncio.to_thread(self._prepare, old, new, metas, ids)
+        fresh = {name: load_driver(name)(specs[name]) for name in plan.whole if name in specs}
         if diff.restarted:
             log.warning(
                 "devices restarted with their driver, which cannot add or remove a device "
                 "while it runs",
-                extra={"drivers": sorted(whole), "devices": diff.restarted},
+                extra={"drivers": plan.whole, "devices": plan.restarted},
             )
 
         # 1. nothing more comes from the devices that stop
-        for name, (stop, _) in live.items():
+        for name, (stop, _) in plan.live.items():
             for device in stop:
                 await by_driver[name].remove_device(device)
-        for name in whole:
+        for name in plan.whole:
             if (task := self._driver_tasks.pop(name, None)) is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -1052,23 +1052,20 @@ class Agent:
             by_driver.pop(name, None)
         # 2. what they read goes through the old pipeline; then the new one takes over,
         # on the buffer thread, between two flushes
-        pipeline = build_pipeline(new, ids)
-        kept = {ids[key] for key in stage_points(old, new)[0]}
         await self.flush()
         await self._on_buffer(self._swap_pipeline, pipeline, kept, ids)
         # 3. the devices that start
         self.config = new
-        for name, (_, start) in live.items():
-            for spec in start:
-                await by_driver[name].add_device(spec)
-        for name in whole:
-            if name in specs:
-                by_driver[name] = load_driver(name)(specs[name])
-                self._start_driver(by_driver[name])
+        for name, (_, start) in plan.live.items():
+            for spec in specs[name]:
+                if spec.name in start:
+                    await by_driver[name].add_device(spec)
+        for name, drv in fresh.items():
+            by_driver[name] = drv
+            self._start_driver(drv)
         self.drivers = list(by_driver.values())
         self._index_devices(self.drivers)
         self.queue.max_points = new.buffer.max_memory_points
-        meta = self._meta(metas, ids)
         if diff.uplink_changed:
             await self._restart_uplink(meta)
         elif meta != self.uplink.meta:
@@ -1077,7 +1074,17 @@ class Agent:
         self.refresh_device_info()
         self.refresh_health()
         self.uplink.report_now()
+        # what was just built lives until the next reload: out of the collector's full
+        # passes, as at start (the few cycles the old config leaves are kept, once)
+        gc.freeze()
         return diff
+
+    def _prepare(
+        self, old: Config, new: Config, metas: list[dict[str, Any]], ids: dict[str, int]
+    ) -> tuple[dict[str, list[DeviceSpec]], Pipeline, set[int], bytes]:
+        """A reload's devices, pipeline, points whose stage state is kept, and up/meta."""
+        kept = {ids[key] for key in stage_points(old, new)[0]}
+        return device_specs(new, ids), build_pipeline(new, ids), kept, self._meta(new, metas, ids)
 
     def _refuse_if_updating(self, devices: Collection[str]) -> None:
         """A firmware update is never cut short by a reload."""
@@ -1147,6 +1154,8 @@ class Agent:
         """Graceful stop: drivers first, then flush what is in memory into the buffer,
         optionally wait for the uplink to drain, then stop the rest."""
         await self.pushes.stop()  # a trial's marker stays: the next start resumes it
+        async with self._reload_lock:  # a reload under way finishes first, none after
+            self._stopping = True
         await self.stop_drivers()
         if self._intake_timer is not None:
             self._intake_timer.cancel()

@@ -376,6 +376,58 @@ def test_render_status_shows_failed_tasks_with_when() -> None:
 # -- help texts ----------------------------------------------------------------------------
 
 
+def test_render_status_shows_the_last_reload() -> None:
+    now = 1_700_000_000_000
+
+    def reload_cell(record: dict[str, object]) -> str:
+        console = Console(width=250, record=True, file=io.StringIO())
+        console.print(render_status(empty_stats(), {"agent": snapshot(now), "reload": record}, now))
+        return row(console.export_text(), "last reload")[1]
+
+    diff = {
+        "added": ["d"],
+        "removed": ["b"],
+        "changed": ["c"],
+        "unchanged": ["a", "e"],
+        "uplink_changed": False,
+        "stages_kept": 2,
+        "stages_reset": 1,
+        "restart_needed": [],
+        "restarted": [],
+    }
+    applied = {"ts_ms": now - 3000, "ok": True, "source": "sighup", "version": "v7", "diff": diff}
+    assert reload_cell(applied) == (
+        "3.0 s ago (sighup) applied version v7: added d; removed b; changed c; "
+        "2 devices untouched; stage state kept for 2 points, reset for 1"
+    )
+    refused = {
+        "ts_ms": now - 1000,
+        "ok": False,
+        "source": "sighup",
+        "error": "gateway.toml: devices[0].poll: must be >= 10ms, got -1s\nsecond problem",
+    }
+    assert reload_cell(refused) == (
+        "1.0 s ago (sighup) refused: gateway.toml: devices[0].poll: must be >= 10ms, got -1s "
+        "(and 1 more problems)"
+    )
+
+
+def test_reload_without_a_running_agent_exits_3(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    Buffer(tmp_path / "buf.db", capacity_bytes=10_000).close()  # never ran
+    result = runner.invoke(cli.app, ["reload", "-c", str(config)])
+    assert result.exit_code == 3, result.output
+    assert "no agent is running on this buffer" in result.stderr
+
+
+def test_reload_of_an_invalid_config_exits_1_and_signals_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[gateway]\nid = "gw bad"\n[uplink]\nbroker = "mqtt://h"\n')
+    result = runner.invoke(cli.app, ["reload", "-c", str(path)])
+    assert result.exit_code == 1, result.output
+    assert "gateway.id" in result.stderr and "1 problem found" in result.stderr
+
+
 def test_demo_and_ingest_help() -> None:
     demo = runner.invoke(cli.app, ["demo", "--help"])
     assert demo.exit_code == 0, demo.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from drivers.mcu.simulator import SimMcu
 from firmware_bridge import messages as m
 from firmware_bridge.bridge import McuBridge, SendError
 from firmware_bridge.link import LinkLost, LinkUp, Timers
-from tests.helpers import Sink, run_driver_until
+from tests.helpers import Sink, run_driver_until, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -295,3 +296,34 @@ def test_reboot_command_and_corrupted_frames() -> None:
 
 def test_driver_reports_a_dead_port_and_recovers(tmp_path: Path) -> None:
     asyncio.run(_driver_reports_a_dead_port_and_recovers(tmp_path))
+
+
+def test_a_device_added_while_the_driver_runs_is_served_and_a_removed_one_let_go() -> None:
+    def named(spec: DeviceSpec, name: str, first_id: int) -> DeviceSpec:
+        points = tuple(
+            dataclasses.replace(p, id=first_id + i, key=f"{name}/{p.name}")
+            for i, p in enumerate(spec.points)
+        )
+        return dataclasses.replace(spec, name=name, points=points)
+
+    async def main() -> None:
+        async with running_sim(interval=0.1, seed=3) as one, running_sim(interval=0.1) as two:
+            driver = McuDriver([named(mcu_device(one.port, {1: "level"}), "a", 1)])
+            sink = Sink()
+            task = asyncio.create_task(driver.run(sink))
+            try:
+                await wait_until(lambda: 1 in {r[0] for r in sink.rows()})
+                await driver.add_device(named(mcu_device(two.port, {1: "level"}), "b", 2))
+                await wait_until(lambda: 2 in {r[0] for r in sink.rows()})
+                await driver.remove_device("a")
+                assert "a" not in driver.bridges and "a" not in driver.health()
+                since = len(sink.rows())
+                await wait_until(lambda: len(sink.rows()) >= since + 10)
+                assert {r[0] for r in sink.rows()[since:]} == {2}  # b goes on, alone
+                assert not task.done()
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    asyncio.run(main())

@@ -11,7 +11,7 @@ import math
 import struct
 import time
 from array import array
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
@@ -645,3 +645,55 @@ def test_two_polls_answered_in_one_millisecond_keep_distinct_times() -> None:
     stepped = array("q", [-5000, 0])  # a wall clock stepped back: left as it is
     _distinct_times(g, stepped)  # type: ignore[arg-type]
     assert list(stepped) == [-5000, 0] and g.last_ms == 1003
+
+
+# -- devices added and removed while the driver runs (a config reload) -------------------------
+
+
+def test_device_added_to_a_running_driver_polls_and_the_others_go_on() -> None:
+    one, two = RegisterImage(), RegisterImage()
+    one.set(HR, 0, [11])
+    two.set(HR, 0, [21])
+
+    def unit(n: int, port: int) -> DeviceSpec:
+        points = [mpoint(n * 10, "a", device=f"u{n}", address=0)]
+        return mdevice(f"u{n}", port, points, unit_id=n)
+
+    async def main() -> Sink:
+        sink = Sink()
+        async with serving({1: one, 2: two}) as sim:
+            driver = ModbusDriver([unit(1, sim.port)])
+            task = asyncio.create_task(driver.run(sink))
+            try:
+                await _until(lambda: len(sink.of({10})) >= 3, task)
+                [conn] = driver._pool.connections()
+                await driver.add_device(unit(2, sim.port))
+                await _until(lambda: len(sink.of({20})) >= 3, task)
+                # both units on the first one's connection, which stayed open
+                assert driver._pool.connections() == [conn] and conn._client is not None
+                assert sink.latest()[20] == (21.0, GOOD)
+                await driver.remove_device("u2")
+                assert "u2" not in driver.health() and driver._pool.connections() == [conn]
+                removed_at, n = len(sink.batches), len(sink.of({10}))
+                await _until(lambda: len(sink.of({10})) >= n + 3, task)
+                assert all(20 not in b.point_ids for b in sink.batches[removed_at:])
+                await driver.remove_device("u1")  # the last user closes the link
+                assert driver._pool.connections() == [] and conn._client is None
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return sink
+
+    sink = asyncio.run(main())
+    # u1 polled on at its period while u2 came and went
+    times = [b.timestamps[0] for b in sink.of({10})]
+    assert max(b - a for a, b in itertools.pairwise(times)) <= 2.5 * POLL_S * 1000
+
+
+async def _until(done: Callable[[], bool], task: asyncio.Task[None], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert not task.done(), task.exception()
+        assert time.monotonic() < deadline, "not reached in time"
+        await asyncio.sleep(0.005)

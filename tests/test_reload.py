@@ -25,6 +25,7 @@ from agent.runtime import Agent, build_pipeline
 from buffer import Buffer, Lane
 from common import wire
 from common.broker import Mosquitto
+from drivers.sim import SimDriver
 from native import codec
 from native.pipeline import Pipeline
 from tests.helpers import wait_until
@@ -210,6 +211,30 @@ def test_reload_adds_removes_and_restarts_devices_while_the_others_poll_on(
         record = state.get_state()["reload"]
     assert record["ok"] and record["source"] == "api" and record["diff"]["added"] == ["d"]
     assert record["hash"] == parse(after).hash
+
+
+def test_a_driver_that_cannot_add_devices_live_restarts_with_all_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(SimDriver, "live_devices", False)
+    buf = tmp_path / "b.db"
+
+    async def scenario() -> None:
+        agent = Agent(parse(gateway(buf, device("a"), device("b"))))
+        await agent.start()
+        try:
+            await wait_until(lambda: polls(agent, "a") >= 3)
+            before = agent._driver_of["a"]
+            diff = await agent.reload(parse(gateway(buf, device("a"), device("b", base=3.0))))
+            assert diff.changed == ["b"] and diff.restarted == ["a"]
+            after = agent._driver_of["a"]
+            assert after is not before and agent._driver_of["b"] is after
+            assert agent.drivers == [after]
+            await wait_until(lambda: polls(agent, "a") >= 3 and polls(agent, "b") >= 3)
+        finally:
+            await agent.stop()
+
+    asyncio.run(scenario())
 
 
 def _point_state(pipeline: Pipeline, pid: int) -> dict[str, bytes]:
