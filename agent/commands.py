@@ -35,8 +35,17 @@ network. The response names the command and says what happened:
     {"id": "c-77", "ok": true, "outcome": "updated", "from": "2.0.3", "to": "2.1.0", "ts": ...}
     {"id": "c-78", "ok": false, "outcome": "refused", "error": "bad_signature: ...", "ts": ...}
 
+- ``config_push``: a whole new gateway config (TOML text), tried and kept only if the
+  uplink is healthy again within `deadline_s` (30 to 3600 s, default 300), else rolled
+  back by the gateway itself (agent/config_push.py).
+
+      {"id": "c-90", "op": "config_push", "config": "<TOML text>", "deadline_s": 300}
+
+  A command is at most 4096 bytes, a config_push at most 256 KiB.
+
 A firmware_update's answer always has an `outcome` (updated, rolled_back, refused,
-failed) and comes when the update is over; other commands are answered meanwhile.
+failed) and comes when the update is over; a config_push's too (applied, refused,
+rolled_back); other commands are answered meanwhile.
 
 Parsing and checking are sans-I/O (bytes in, a command or a refusal out); the agent
 runs the command (agent/runtime.py, agent/ota_command.py).
@@ -57,10 +66,15 @@ from common.redact import redact
 from drivers.base import PointSpec
 
 MAX_COMMAND_BYTES = 4096
+MAX_CONFIG_PUSH_BYTES = 256 * 1024  # a whole config travels in a config_push
 MAX_URL = 2048
+DEADLINE_MIN_S, DEADLINE_MAX_S, DEADLINE_DEFAULT_S = 30, 3600, 300
 WRITE = "write"
 FIRMWARE_UPDATE = "firmware_update"
-OPS = (WRITE, FIRMWARE_UPDATE)
+CONFIG_PUSH = "config_push"
+OPS = (WRITE, FIRMWARE_UPDATE, CONFIG_PUSH)
+#: the ops whose answer comes when they are over, with an `outcome`
+LONG_OPS = (FIRMWARE_UPDATE, CONFIG_PUSH)
 
 
 class CommandRefused(ValueError):
@@ -72,8 +86,8 @@ class CommandRefused(ValueError):
         self.op = op
 
     def response(self) -> bytes:
-        """The up/resp body; a refused firmware_update says its outcome too."""
-        extra = {"outcome": "refused"} if self.op == FIRMWARE_UPDATE else None
+        """The up/resp body; a refused firmware_update or config_push says its outcome too."""
+        extra = {"outcome": "refused"} if self.op in LONG_OPS else None
         return response(self.command_id, str(self), extra)
 
 
@@ -93,7 +107,14 @@ class FirmwareUpdateCommand:
     force: bool  # allow a downgrade or a reinstall of the running version
 
 
-Command = WriteCommand | FirmwareUpdateCommand
+@dataclass(frozen=True, slots=True)
+class ConfigPushCommand:
+    id: str
+    config: str  # TOML text, validated by the agent against its running config
+    deadline_s: float  # the uplink must be healthy again within this, else roll back
+
+
+Command = WriteCommand | FirmwareUpdateCommand | ConfigPushCommand
 
 
 def parse_command(
@@ -106,8 +127,8 @@ def parse_command(
     "device/point" to its spec; `devices` maps every device name to None if it takes
     firmware updates, else the reason it does not; `downgrades` names the devices whose
     config allows a forced update (`Driver.firmware_downgrades`)."""
-    if len(payload) > MAX_COMMAND_BYTES:
-        raise CommandRefused(f"command larger than {MAX_COMMAND_BYTES} bytes")
+    if len(payload) > MAX_CONFIG_PUSH_BYTES:
+        raise CommandRefused(f"command larger than {MAX_CONFIG_PUSH_BYTES} bytes")
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -118,6 +139,11 @@ def parse_command(
     if not isinstance(cid, str) or not cid or len(cid) > 128:
         raise CommandRefused("command needs an 'id': a string of 1 to 128 characters")
     op = obj.get("op")
+    if op == CONFIG_PUSH:
+        return _config_push(cid, obj)
+    if len(payload) > MAX_COMMAND_BYTES:
+        # only a config_push may be bigger (checked after the JSON to know the op)
+        raise CommandRefused(f"command larger than {MAX_COMMAND_BYTES} bytes", cid)
     if op == WRITE:
         return _write(cid, obj, points)
     if op == FIRMWARE_UPDATE:
@@ -191,6 +217,25 @@ def _firmware_update(
             "the platform; only its own config can (allow_downgrade = true on the device)"
         )
     return FirmwareUpdateCommand(cid, device, url, digest, force)
+
+
+def _config_push(cid: str, obj: dict[str, Any]) -> ConfigPushCommand:
+    text = obj.get("config")
+    if not isinstance(text, str) or not text.strip():
+        raise CommandRefused("'config' must be the config's TOML text", cid, CONFIG_PUSH)
+    deadline = obj.get("deadline_s", DEADLINE_DEFAULT_S)
+    if (
+        isinstance(deadline, bool)
+        or not isinstance(deadline, int | float)
+        or not DEADLINE_MIN_S <= deadline <= DEADLINE_MAX_S
+    ):
+        raise CommandRefused(
+            f"'deadline_s' must be a number of seconds from {DEADLINE_MIN_S} to "
+            f"{DEADLINE_MAX_S}, got {deadline!r}",
+            cid,
+            CONFIG_PUSH,
+        )
+    return ConfigPushCommand(cid, text, float(deadline))
 
 
 def _bound(v: float | None) -> str:

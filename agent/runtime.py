@@ -32,11 +32,13 @@ import native
 from agent.commands import (
     FIRMWARE_UPDATE,
     CommandRefused,
+    ConfigPushCommand,
     FirmwareUpdateCommand,
     parse_command,
     response,
 )
 from agent.config import Config, ConfigError, load_config
+from agent.config_push import ConfigPushes
 from agent.metrics import AgentMetrics
 from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.reload import ReloadDiff, ReloadRefused, diff_configs, plan_drivers, stage_points
@@ -327,6 +329,7 @@ class Agent:
         self.device_health: wire.DeviceHealthMap = {}
         self._health_changed = False  # since the last up/stats `_flush_loop` asked for
         self._reported = -HEALTH_REPORT_MIN_S  # time.monotonic() of that request
+        self.pushes = ConfigPushes(self)  # config_push commands (agent/config_push.py)
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
@@ -358,6 +361,7 @@ class Agent:
         if self.metrics is not None:
             self._tasks.append(self._supervised("metrics", self.metrics.serve))
         self.uplink.wake()  # a backlog from before a restart
+        self.pushes.resume()  # a config push a restart interrupted
         # Everything built so far (modules, config models, drivers) lives as long as the
         # process: keep it out of the garbage collector's full passes, which otherwise
         # scan it all and stall the event loop for milliseconds (late polls are skipped).
@@ -590,6 +594,8 @@ class Agent:
             return exc.response()
         if isinstance(cmd, FirmwareUpdateCommand):
             return self._start_update(cmd)
+        if isinstance(cmd, ConfigPushCommand):
+            return self.pushes.start(cmd)
         driver = self._driver_of[cmd.point.key.split("/", 1)[0]]
         try:
             written = await asyncio.wait_for(driver.write(cmd.point, cmd.value), COMMAND_TIMEOUT_S)
@@ -1173,6 +1179,7 @@ class Agent:
     async def stop(self, drain_timeout: float = 0.0) -> None:
         """Graceful stop: drivers first, then flush what is in memory into the buffer,
         optionally wait for the uplink to drain, then stop the rest."""
+        await self.pushes.stop()  # a trial's marker stays: the next start resumes it
         async with self._reload_lock:  # a reload under way finishes first, none after
             self._stopping = True
         await self.stop_drivers()

@@ -145,6 +145,13 @@ class UplinkStatus:
     buffer_errors: int = 0  # peeks, acks and stats the buffer refused (retried, no reconnect)
     last_buffer_error: str | None = None
     seen_seqs: set[int] = field(default_factory=set, repr=False)
+    #: time.monotonic() of the last PUBACK of any publish (state, meta, stats, batch):
+    #: a config push's trial asks for one after its apply (agent/config_push.py)
+    acked_at: float | None = field(default=None, repr=False)
+
+    def healthy_since(self, t: float) -> bool:
+        """Online, and the broker acknowledged a publish after `t` (time.monotonic())."""
+        return self.state == "online" and self.acked_at is not None and self.acked_at > t
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -405,6 +412,7 @@ class Uplink:
                 await client.publish(self._state_topic, b"online", qos=1, retain=True)
                 self._meta_changed.clear()
                 await client.publish(self._meta_topic, self.meta, qos=1, retain=True)
+                self.status.acked_at = time.monotonic()
                 if self._on_command is not None and isinstance(client, aiomqtt.Client):
                     await client.subscribe(self._cmd_topic, qos=1)
                     helpers.append(asyncio.create_task(self._commands(client), name="downlink"))
@@ -479,6 +487,7 @@ class Uplink:
                 await client.publish(
                     self._stats_topic, payload, qos=1, retain=True, timeout=self.s.ack_timeout
                 )
+                self.status.acked_at = time.monotonic()
             # asyncio.wait, not wait_for: Python 3.11's wait_for loses a cancel that
             # arrives as the event is set, and the session's end would wait for this loop
             waiter = asyncio.ensure_future(self._report_now.wait())
@@ -580,6 +589,7 @@ class Uplink:
         self._buffer_backoff = BUFFER_RETRY_MIN_S
         st = self.status
         st.last_puback_ms = time.time_ns() // 1_000_000
+        st.acked_at = time.monotonic()
         st.published_messages += len(msgs)
         for m in msgs:
             st.published_points += m.n_points

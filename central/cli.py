@@ -12,6 +12,8 @@
 - `dead-letters --db URL [--limit N] [--dump DIR]`: rejected uplinks kept aside by the
   ingest, newest first; `--dump` writes their payloads to files.
 - `prune --db URL --older-than 90d`: retention, the one command that deletes.
+- `push-config` and `configs`: a gateway's config from the centre, and which gateways
+  run which config (central/config_cli.py).
 
 Every command prints a table, or CSV or JSON with `--format`. No command creates or
 migrates a store: a SQLite file that does not exist or a PostgreSQL schema without a

@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeAlias, runtime_checkable
 import orjson
 
 from central import events
+from central.configs import ConfigPushRecord, ConfigSeen
 from central.events import Event, EventAction, EventSummary
 from central.series import Series
 from central.sessions import Session
@@ -103,6 +104,8 @@ class FleetRow:
     devices_total: int  # devices in its latest health report (0: none sent yet)
     devices_healthy: int
     open_events: int  # unresolved events
+    config_version: str | None = None  # the config it runs (None: a gateway before issue 15)
+    config_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +373,24 @@ class Store(Protocol):
         """The point named `key` on `gateway` (the latest registered if several ids)."""
         ...
 
+    def config_push_record(self, push: ConfigPushRecord) -> int:
+        """Records a config push (its `id` is ignored); returns its id."""
+        ...
+
+    def config_push_answered(
+        self, push_id: int, outcome: str, error: str | None, now_ms: int
+    ) -> None:
+        """The gateway's answer to a recorded push."""
+        ...
+
+    def configs_seen(self, gateway: str | None = None) -> list[ConfigSeen]:
+        """The configs gateways reported running (up/meta), by gateway, newest first."""
+        ...
+
+    def config_pushes(self, gateway: str | None = None, limit: int = 100) -> list[ConfigPushRecord]:
+        """Recorded pushes, newest first."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -590,14 +611,16 @@ def state_args(gateway: str, online: bool, now_ms: int) -> tuple[Any, ...]:
 
 
 def gateway_meta_upsert(ph: str, json_cast: str = "") -> str:
-    """The gateway's row from its up/meta: site, location, stream, software, locations."""
-    values = f"{ph}, {ph}, {ph}{json_cast}, {ph}, {ph}, {ph}, {ph}{json_cast}"
+    """The gateway's row from its up/meta: site, location, stream, software, locations,
+    the config it runs."""
+    values = f"{ph}, {ph}, {ph}{json_cast}, {ph}, {ph}, {ph}, {ph}{json_cast}, {ph}, {ph}"
     return (
         "INSERT INTO gateways (gateway, site, location, stream, updated_ms, software, "
-        f"locations) VALUES ({values}) ON CONFLICT (gateway) DO UPDATE SET "
-        "site = excluded.site, location = excluded.location, stream = excluded.stream, "
-        "updated_ms = excluded.updated_ms, software = excluded.software, "
-        "locations = excluded.locations"
+        f"locations, config_version, config_hash) VALUES ({values}) ON CONFLICT (gateway) "
+        "DO UPDATE SET site = excluded.site, location = excluded.location, "
+        "stream = excluded.stream, updated_ms = excluded.updated_ms, "
+        "software = excluded.software, locations = excluded.locations, "
+        "config_version = excluded.config_version, config_hash = excluded.config_hash"
     )
 
 
@@ -613,6 +636,8 @@ def gateway_meta_args(gateway: str, meta: Meta, now_ms: int) -> tuple[Any, ...]:
         now_ms,
         meta.software,
         dump(meta.locations),
+        meta.config["version"] if meta.config else None,
+        meta.config["hash"] if meta.config else None,
     )
 
 
@@ -751,7 +776,7 @@ def fleet_query(ph: str, gateway: str | None) -> tuple[str, tuple[str, ...]]:
     where, args = (f" WHERE ids.gateway = {ph}", (gateway,)) if gateway is not None else ("", ())
     text = (
         "SELECT ids.gateway, g.site, g.location, g.locations, g.software, g.state, g.state_ms, "
-        f"g.last_seen_ms, h.total, h.healthy, e.n, "
+        f"g.last_seen_ms, h.total, h.healthy, e.n, g.config_version, g.config_hash, "
         f"{', '.join('s.' + c.strip() for c in STATS_COLUMNS.split(','))} "
         "FROM (SELECT gateway FROM gateways UNION SELECT gateway FROM gateway_stats) ids "
         "LEFT JOIN gateways g ON g.gateway = ids.gateway "
@@ -778,6 +803,8 @@ def fleet_from_row(row: Sequence[Any]) -> FleetRow:
         total,
         healthy,
         n_open,
+        config_version,
+        config_hash,
         *stats,
     ) = row
     return FleetRow(
@@ -793,6 +820,8 @@ def fleet_from_row(row: Sequence[Any]) -> FleetRow:
         devices_total=int(total or 0),
         devices_healthy=int(healthy or 0),
         open_events=int(n_open or 0),
+        config_version=None if config_version is None else str(config_version),
+        config_hash=None if config_hash is None else str(config_hash),
     )
 
 

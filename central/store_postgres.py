@@ -49,7 +49,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 
-from central import events, pg_copy, sessions
+from central import configs, events, pg_copy, sessions
+from central.configs import ConfigPushRecord, ConfigSeen
 from central.events import Event, EventAction, EventSummary
 from central.series import (
     ROLLUP_MS,
@@ -129,8 +130,9 @@ log = logging.getLogger("citygw.ingest")
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _LOCK_KEY = 0x63677731  # advisory lock id for schema changes ("cgw1")
-#: 1 a row per reading, 2 reading blocks, 3 device_info
-SCHEMA_VERSION: Final = 4
+#: 1 a row per reading, 2 reading blocks, 3 device_info, 4 the console's tables, 5 the
+#: config history (central/configs.py)
+SCHEMA_VERSION: Final = 5
 DAY_MS: Final = 86_400_000
 #: day partitions are made for readings this close to now; the rest go to the default
 PARTITION_PAST_DAYS: Final = 400
@@ -176,6 +178,8 @@ ALTER TABLE gateways ADD COLUMN IF NOT EXISTS state_ms bigint;
 ALTER TABLE gateways ADD COLUMN IF NOT EXISTS last_seen_ms bigint;
 ALTER TABLE gateways ADD COLUMN IF NOT EXISTS software text;
 ALTER TABLE gateways ADD COLUMN IF NOT EXISTS locations jsonb;
+ALTER TABLE gateways ADD COLUMN IF NOT EXISTS config_version text;
+ALTER TABLE gateways ADD COLUMN IF NOT EXISTS config_hash text;
 CREATE TABLE IF NOT EXISTS alarms (
     id          bigint GENERATED ALWAYS AS IDENTITY,
     gateway     text     NOT NULL,
@@ -287,6 +291,7 @@ EXTRA_TABLES: tuple[str, ...] = (
     SERIES_TABLES,
     sessions.POSTGRES_TABLES,
     events.POSTGRES_TABLES,
+    configs.POSTGRES_TABLES,
     # change_marks "gateways" (alarms and events have their tables' identity sequences)
     "CREATE SEQUENCE IF NOT EXISTS gateway_changes",
 )
@@ -570,7 +575,8 @@ class PostgresStore:
         Version 1 kept a row per reading in a ``readings`` table; version 2 keeps blocks;
         version 3 adds ``device_info`` (made by TABLES, like every added table or column);
         version 4 the console's tables (EXTRA_TABLES): the blocks stored before the
-        rollup existed are queued for it."""
+        rollup existed are queued for it; version 5 the config history (its tables and
+        the gateways' config columns; a gateway's history starts with its next up/meta)."""
         new_rollup = self._relkind(cur, "point_rollup") is None
         for stmt in (TABLES + ";" + ";".join(EXTRA_TABLES)).split(";"):
             if stmt.strip():
@@ -855,6 +861,8 @@ class PostgresStore:
             cur.execute(gateway_meta_upsert("%s", "::jsonb"), gateway_meta_args(gateway, meta, now))
             if meta.points:
                 cur.executemany(points_upsert("%s"), point_rows(gateway, meta, now))
+            if meta.config is not None:
+                cur.execute(configs.seen_upsert("%s"), configs.seen_args(gateway, meta.config, now))
             cur.execute(_GATEWAYS_CHANGED)
 
     def store_stats(self, stats: GatewayStats) -> None:
@@ -1169,6 +1177,33 @@ class PostgresStore:
         return dict(zip(CHANGE_KINDS, (int(v) for v in row), strict=True))
 
     # -- console sessions ---------------------------------------------------------------
+
+    def config_push_record(self, push: ConfigPushRecord) -> int:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(configs.push_insert("%s").encode(), configs.push_args(push))
+            row = cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def config_push_answered(
+        self, push_id: int, outcome: str, error: str | None, now_ms: int
+    ) -> None:
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(configs.push_answered("%s").encode(), (outcome, error, now_ms, push_id))
+
+    def configs_seen(self, gateway: str | None = None) -> list[ConfigSeen]:
+        text, args = configs.seen_query("%s", gateway)
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(text.encode(), args)
+            rows = cur.fetchall()
+        return [configs.seen_from_row(r) for r in rows]
+
+    def config_pushes(self, gateway: str | None = None, limit: int = 100) -> list[ConfigPushRecord]:
+        text, args = configs.pushes_query("%s", gateway, limit)
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(text.encode(), args)
+            rows = cur.fetchall()
+        return [configs.push_from_row(r) for r in rows]
 
     def session_open(self, id_hash: str, session: Session, now_ms: int) -> None:
         with self._lock, self._conn().transaction(), self._db.cursor() as cur:

@@ -52,7 +52,8 @@ from contextlib import contextmanager, suppress
 from itertools import repeat
 from pathlib import Path
 
-from central import events, sessions
+from central import configs, events, sessions
+from central.configs import ConfigPushRecord, ConfigSeen
 from central.events import Event, EventAction, EventSummary
 from central.series import (
     Series,
@@ -234,6 +235,7 @@ EXTRA_TABLES: tuple[str, ...] = (
     DEVICE_HEALTH,
     sessions.SQLITE_TABLES,
     events.SQLITE_TABLES,
+    configs.SQLITE_TABLES,
     # change_marks: the counters of the kinds that have none of their own
     "INSERT OR IGNORE INTO counters (name, value) VALUES ('alarms', 0), ('events', 0), "
     "('gateways', 0);",
@@ -246,6 +248,8 @@ REQUIRED_TABLES = {
     "console_sessions",
     "events",
     "event_actions",
+    "gateway_configs",
+    "config_pushes",
 }
 
 _ADDED_COLUMNS = (
@@ -256,6 +260,8 @@ _ADDED_COLUMNS = (
     ("alarms", "cleared_ts INTEGER"),
     ("gateways", "software TEXT"),
     ("gateways", "locations TEXT"),  # JSON: device -> {lat, lon}
+    ("gateways", "config_version TEXT"),
+    ("gateways", "config_hash TEXT"),
 )
 
 _BUMP = "UPDATE counters SET value = value + ? WHERE name = ?"
@@ -446,6 +452,8 @@ class SqliteStore:
         with self._write() as cur:
             cur.execute(gateway_meta_upsert("?"), gateway_meta_args(gateway, meta, now))
             cur.executemany(points_upsert("?"), point_rows(gateway, meta, now))
+            if meta.config is not None:
+                cur.execute(configs.seen_upsert("?"), configs.seen_args(gateway, meta.config, now))
             cur.execute(_BUMP, (1, "gateways"))
 
     def store_stats(self, stats: GatewayStats) -> None:
@@ -676,6 +684,30 @@ class SqliteStore:
         return [(pid, ts, _value(v, raw), q) for pid, ts, v, q, raw in rows]
 
     # -- console sessions ---------------------------------------------------------------
+
+    def config_push_record(self, push: ConfigPushRecord) -> int:
+        with self._write() as cur:
+            cur.execute(configs.push_insert("?"), configs.push_args(push))
+            row = cur.fetchone()
+        return int(row[0])
+
+    def config_push_answered(
+        self, push_id: int, outcome: str, error: str | None, now_ms: int
+    ) -> None:
+        with self._write() as cur:
+            cur.execute(configs.push_answered("?"), (outcome, error, now_ms, push_id))
+
+    def configs_seen(self, gateway: str | None = None) -> list[ConfigSeen]:
+        sql, args = configs.seen_query("?", gateway)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [configs.seen_from_row(r) for r in rows]
+
+    def config_pushes(self, gateway: str | None = None, limit: int = 100) -> list[ConfigPushRecord]:
+        sql, args = configs.pushes_query("?", gateway, limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [configs.push_from_row(r) for r in rows]
 
     def session_open(self, id_hash: str, session: Session, now_ms: int) -> None:
         with self._write() as cur:

@@ -25,6 +25,7 @@ from rich.text import Text
 
 from agent.config import Config
 from central import cli as platform
+from central import config_cli
 from cli import ble, doctor, firmware, modbus, mqtt
 from cli.config import ConfigOption, load_or_exit
 from common.broker import BrokerError
@@ -56,6 +57,9 @@ app.add_typer(mqtt.app, name="mqtt")
 app.add_typer(firmware.app, name="firmware")
 app.add_typer(platform.app, name="platform")
 app.command()(doctor.doctor)
+# the platform's config commands have their own module (central/config_cli.py)
+platform.app.command("push-config")(config_cli.push_config)
+platform.app.command("configs")(config_cli.configs)
 
 
 @app.callback()
@@ -114,10 +118,12 @@ def run(
 
     SIGHUP (`citygw reload`, `systemctl reload`) reloads the config file without a
     restart; an invalid one is refused and the running one stays."""
+    from agent.config_push import settle_interrupted
     from agent.runtime import run_agent
 
-    cfg = load_or_exit(config)
     setup_logging(log_level, json=json_logs)
+    settle_interrupted(config)  # a config push's trial a restart cut short
+    cfg = load_or_exit(config)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -47,6 +47,7 @@ from common.broker import Mosquitto
 from common.units import parse_duration
 from drivers.mcu.simulator import SimMcu
 from drivers.modbus.simulator import ModbusSimulator
+from hil.config_push import BadConfigPush
 from hil.garbage import GarbageInput
 from hil.hostile import Hostile
 from hil.inject import FaultInjector, Plan, Rule
@@ -151,6 +152,7 @@ class Verdict:
     read_lost: int = 0  # readings the devices produced that never became durable
     cuts: int | None = None  # power cuts (power-loss)
     first_delivery_s: float | None = None  # broker back -> first reading stored (outage)
+    rolled_back: int | None = None  # config pushes the gateway rolled back (bad-config-push)
 
     @property
     def passed(self) -> bool:
@@ -173,6 +175,8 @@ class Verdict:
             out += f" first_delivery_s={self.first_delivery_s:.1f}"
         if self.alarm_latency_ms is not None:
             out += f" alarm_latency_ms={self.alarm_latency_ms}"
+        if self.rolled_back is not None:
+            out += f" rolled_back={self.rolled_back}"
         return out
 
 
@@ -208,6 +212,8 @@ class Rig:
         self.fault_status = ""  # `citygw status` while internal faults were on
         self.junk = GarbageInput(self) if GarbageInput.wanted(scn.sims) else None
         self.hostile = Hostile(self) if scn.sims.hostile else None
+        wants_push = any(f.action == "config_push" for f in scn.faults)
+        self.config_push = BadConfigPush(self) if wants_push else None
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -489,6 +495,9 @@ class Rig:
         elif a == "clock_step":
             self.clock.step(f.seconds)
             self.mark(f"wall clock stepped {f.seconds:+g} s")
+        elif a == "config_push":
+            assert self.config_push is not None
+            await self.config_push.push(f)
         elif a == "inject_stop":
             assert self.injector is not None, "inject_stop without [[inject]] rules"
             self.fault_status = await asyncio.to_thread(self._status_output, self.config)
@@ -662,6 +671,8 @@ class Rig:
             self._internal_fault_checks(v, counters)
         if self.hostile is not None:
             self.hostile.judge(v)
+        if self.config_push is not None:
+            self.config_push.judge(v)
         if self.mcu is not None:
             self._mcu_figures(v)
         if checks.alarm_latency:

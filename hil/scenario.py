@@ -59,6 +59,9 @@ class Fault(_Model):
     - ``clock_step``: the agent's wall clock jumps by ``seconds`` (libfaketime).
     - ``inject_stop``: no more internal faults (``[[inject]]``); `citygw status` is read
       first, while the agent still shows what failed.
+    - ``config_push``: the platform pushes (`citygw platform push-config`) the gateway's
+      config with its uplink pointed at a dead broker, with ``deadline`` (30 s at least):
+      the gateway must roll back by itself (hil/config_push.py).
     """
 
     at: Duration
@@ -74,6 +77,7 @@ class Fault(_Model):
         "clock_step",
         "inject_stop",
         "power_loss",
+        "config_push",
     ]
     mode: Literal["pass", "down", "no_ack", "blackhole"] = "pass"
     count: int = Field(1, ge=1, le=1000)
@@ -88,6 +92,7 @@ class Fault(_Model):
     bytes: int = Field(0, ge=0)
     seconds: float = 0.0
     keep_max: float = Field(0.0, ge=0.0, le=1.0)
+    deadline: Duration = 30.0  # config_push's
 
 
 class Sims(_Model):

@@ -11,7 +11,12 @@ import aiomqtt
 import orjson
 import pytest
 
-from agent.commands import CommandRefused, FirmwareUpdateCommand, parse_command
+from agent.commands import (
+    CommandRefused,
+    ConfigPushCommand,
+    FirmwareUpdateCommand,
+    parse_command,
+)
 from agent.config import parse_config
 from agent.runtime import Agent
 from common import wire
@@ -57,12 +62,51 @@ def test_a_valid_write_is_accepted() -> None:
         (cmd(point="pump/setpoint", value=None), "must be a finite number, got None"),
         (cmd(point="pump/setpoint", value=100.5), "outside its declared range [0, 100]"),
         (cmd(point="pump/setpoint", value=-1), "outside its declared range [0, 100]"),
-        (b"x" * 5000, "command larger than 4096 bytes"),
+        (cmd(point="pump/setpoint", value=1, pad="x" * 5000), "command larger than 4096 bytes"),
+        (b"x" * 5000, "command is not JSON"),
+        (b"x" * (256 * 1024 + 1), "command larger than 262144 bytes"),
     ],
 )
 def test_refusals_say_why(payload: bytes, message: str) -> None:
     with pytest.raises(CommandRefused, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_command(payload, POINTS, {})
+
+
+def push_cmd(**fields: object) -> bytes:
+    return orjson.dumps({"id": "p1", "op": "config_push", "config": "[gateway]\n", **fields})
+
+
+def test_a_config_push_may_be_bigger_than_other_commands() -> None:
+    """A whole config travels in a config_push: up to 256 KiB, for this op only."""
+    text = "# " + "x" * (200 * 1024) + "\n[gateway]\n"
+    c = parse_command(push_cmd(config=text, deadline_s=30), POINTS, {})
+    assert isinstance(c, ConfigPushCommand)
+    assert (c.id, c.config, c.deadline_s) == ("p1", text, 30.0)
+    default = parse_command(push_cmd(), POINTS, {})
+    assert isinstance(default, ConfigPushCommand) and default.deadline_s == 300.0
+    with pytest.raises(CommandRefused, match="larger than 262144 bytes"):
+        parse_command(push_cmd(config="x" * (256 * 1024)), POINTS, {})
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (push_cmd(config=""), "'config' must be the config's TOML text"),
+        (push_cmd(config=7), "'config' must be the config's TOML text"),
+        (
+            push_cmd(deadline_s=29),
+            "'deadline_s' must be a number of seconds from 30 to 3600, got 29",
+        ),
+        (push_cmd(deadline_s=3601), "from 30 to 3600, got 3601"),
+        (push_cmd(deadline_s="300"), "from 30 to 3600, got '300'"),
+        (push_cmd(deadline_s=True), "from 30 to 3600, got True"),
+    ],
+)
+def test_config_push_refusals_say_why(payload: bytes, message: str) -> None:
+    with pytest.raises(CommandRefused, match=message) as info:
+        parse_command(payload, POINTS, {})
+    answer = orjson.loads(info.value.response())
+    assert answer["id"] == "p1" and answer["ok"] is False and answer["outcome"] == "refused"
 
 
 FIRMWARE = {"mcu": None, "mcu-2": "it has no firmware_key configured"}

@@ -13,6 +13,7 @@ import httpx2
 import pytest
 from starlette.testclient import TestClient
 
+from central.configs import ConfigPushRecord
 from central.console.app import create_app
 from central.console.auth import Accounts, hash_password, token_hash
 from central.console.config import ConsoleConfig, load_console_config
@@ -24,6 +25,8 @@ from common.wire import Envelope, GatewayStats, Meta, PointMeta
 from native.batch import BAD, GOOD, UNAVAILABLE, Batch
 from native.stages import AlarmEvent
 from tests.helpers import GW, STREAM
+
+CONFIG_HASH = "sha256:" + "c" * 64
 
 PASSWORDS = {"vera": "viewer-pass-1", "otto": "operator-pass-1"}
 TOKEN = "tok-" + "x" * 40
@@ -72,8 +75,13 @@ def feed(store: Store) -> None:
                 PointMeta(1, "kerb-1/level", "kerb-1", "level", "cm", "sim"),
                 PointMeta(2, "kerb-1/level:max", "kerb-1", "level:max", "cm", "sim"),
             ),
+            config={"version": "2026-12", "hash": CONFIG_HASH},
         ),
     )
+    pushed = ConfigPushRecord(
+        0, GW, "push-1", "2026-12", CONFIG_HASH, "[gateway]\n", "ops@desk", T0, "sent", None, None
+    )
+    store.config_push_answered(store.config_push_record(pushed), "applied", None, T0 + 1)
     b = Batch()
     for i in range(60):
         q = BAD if i == 10 else UNAVAILABLE if i == 11 else GOOD
@@ -300,8 +308,15 @@ def test_overview_and_fleet(client: TestClient) -> None:
     assert "sort: 'size' is not one of" in error(
         client.get("/api/gateways", params={"sort": "size"}), 400
     )
+    assert (row["config_version"], row["config_hash"]) == ("2026-12", CONFIG_HASH)
+    assert client.get("/api/gateways", params={"q": "2026-12"}).json()["gateways"] == [row]
     page = client.get(f"/api/gateways/{GW}").json()
     assert page["gateway"]["location"] == {"lat": 52.52, "lon": 13.40}
+    [seen] = page["configs"]["seen"]
+    assert (seen["version"], seen["running"]) == ("2026-12", True)
+    [push] = page["configs"]["pushes"]
+    assert (push["outcome"], push["pushed_by"]) == ("applied", "ops@desk")
+    assert "text" not in push  # up to 256 KiB each: `citygw platform configs` has them
     assert [e["rule"] for e in page["events"]] == ["high"]
     assert "no gateway 'gw-nope'" in error(client.get("/api/gateways/gw-nope"), 404)
 

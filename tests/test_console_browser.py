@@ -94,9 +94,11 @@ def test_an_operator_handles_an_event_and_plots_a_point(browser: Browser, tmp_pa
         # the fleet and the gateway's page
         page.get_by_test_id("nav-fleet").click()
         expect(page.get_by_test_id(f"fleet-row-{GW}")).to_be_visible()
+        expect(page.get_by_test_id(f"fleet-row-{GW}")).to_contain_text("2026-12")  # its config
         shot(page, "fleet")
         page.get_by_test_id(f"fleet-row-{GW}").get_by_role("link").first.click()
         expect(page.get_by_test_id("devices")).to_contain_text("kerb-1")
+        expect(page.get_by_test_id("gateway-configs")).to_contain_text("pushed by ops@desk")
         shot(page, "gateway")
         page.get_by_test_id("nav-map").click()
         expect(page.get_by_test_id(f"map-gw-{GW}")).to_be_visible()

@@ -28,8 +28,9 @@ def test_every_shipped_scenario_is_valid_and_the_fast_ones_cover_the_issue() -> 
         "power-loss-full",
         "internal-faults",
         "hostile-clients",
+        "bad-config-push",
     }
-    assert len(FAST) >= 11
+    assert len(FAST) >= 12
     soak = {load_scenario(p).name: load_scenario(p) for p in all_scenarios()}
     for name in ("power-loss-soak", "power-loss-full-soak"):  # run-all: 100 cuts per mode
         cuts = [f.count for f in soak[name].faults if f.action == "power_loss"]
@@ -56,4 +57,6 @@ def test_fast_scenarios_pass() -> None:
         ]
         assert by_name[name].figures["unsynced_pages_lost"] > 0
     assert by_name["outage"].first_delivery_s is not None
+    bad_push = by_name["bad-config-push"]
+    assert bad_push.rolled_back == 1 and "rolled_back=1" in bad_push.line()
     assert all("read_lost=" in line for line in lines)

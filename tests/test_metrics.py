@@ -376,7 +376,9 @@ def ingest_run(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> I
         except OSError:
             return None  # not listening yet
         dead = value(f, "citygw_ingest_dead_letters_total", reason="envelope")
-        done = value(f, "citygw_ingest_batches_stored_total") == 3 and dead == 1
+        # a dead letter is counted when rejected, then stored: wait for both
+        kept = value(f, "citygw_ingest_dead_letters_stored_total")
+        done = value(f, "citygw_ingest_batches_stored_total") == 3 and dead == kept == 1
         return f if done and value(f, "citygw_ingest_duplicate_batches_total") == 1 else None
 
     async def scenario() -> IngestRun:

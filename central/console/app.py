@@ -17,7 +17,7 @@ import logging
 import math
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -67,6 +67,8 @@ MAX_NAME: Final = 100
 MAX_CSV_ROWS: Final = 500_000
 #: what "recent" means: the summary of event handling times, a gateway page's alarms
 RECENT_MS: Final = 7 * 86_400_000
+#: a gateway's page shows its last pushes (the whole history: `citygw platform configs`)
+CONFIG_PUSHES_SHOWN: Final = 20
 SECURITY_HEADERS: Final = {
     "content-security-policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
@@ -331,6 +333,7 @@ class Console:
                 if q in g.gateway.lower()
                 or q in (g.site or "").lower()
                 or q in (g.software or "").lower()
+                or q in (g.config_version or "").lower()
             ]
         if state != "all":
             rows = [g for g in rows if (g.state or "never") == state]
@@ -361,6 +364,14 @@ class Console:
                 "devices": st.gateway_devices(gw),
                 "events": st.events(gateway=gw, limit=50),
                 "alarms": st.alarm_episodes(gw, since_ms=now - RECENT_MS)[-50:],
+                # the pushed texts stay out (up to 256 KiB each): `citygw platform configs`
+                "configs": {
+                    "seen": st.configs_seen(gw),
+                    "pushes": [
+                        {k: v for k, v in asdict(p).items() if k != "text"}
+                        for p in st.config_pushes(gw, limit=CONFIG_PUSHES_SHOWN)
+                    ],
+                },
             }
 
         found = await self.store(read)

@@ -420,6 +420,7 @@ const FLEET_COLUMNS = [
   { key: "evicted", label: "Evicted", num: true, get: (r) => r.stats?.evicted_points ?? -1 },
   { key: "lost", label: "Lost", num: true, get: (r) => r.stats?.lost_points ?? -1 },
   { key: "software", label: "Software", get: (r) => r.software || "" },
+  { key: "config", label: "Config", get: (r) => r.config_version || "" },
   { key: "devices", label: "Devices ok", num: true, get: (r) => (r.devices_total ? r.devices_healthy / r.devices_total : 2) },
   { key: "open_events", label: "Open events", num: true, get: (r) => r.open_events ?? 0 },
 ];
@@ -427,7 +428,7 @@ const FLEET_COLUMNS = [
 function fleetView(root, params) {
   let rows = [];
   let sort = { key: params.get("sort") || "gateway", desc: params.get("desc") === "1" };
-  const filter = h("input", { type: "search", id: "fleet-filter", testid: "fleet-filter", placeholder: "gateway, site, software", value: params.get("q") || "" });
+  const filter = h("input", { type: "search", id: "fleet-filter", testid: "fleet-filter", placeholder: "gateway, site, software, config", value: params.get("q") || "" });
   const state = h(
     "select",
     { id: "fleet-state", testid: "fleet-state" },
@@ -475,7 +476,7 @@ function fleetView(root, params) {
     const col = FLEET_COLUMNS.find((c) => c.key === sort.key) || FLEET_COLUMNS[0];
     const shown = rows
       .filter((r) => !state.value || gwState(r) === state.value)
-      .filter((r) => !q || [r.gateway, r.site, r.software].some((s) => (s || "").toLowerCase().includes(q)))
+      .filter((r) => !q || [r.gateway, r.site, r.software, r.config_version].some((s) => (s || "").toLowerCase().includes(q)))
       .sort((a, b) => {
         const x = col.get(a);
         const y = col.get(b);
@@ -499,6 +500,7 @@ function fleetView(root, params) {
           h("td", { class: "num" }, st ? fmtNum(st.evicted_points) : "–"),
           h("td", { class: st && st.lost_points ? "num h-bad" : "num" }, st ? fmtNum(st.lost_points) : "–"),
           h("td", {}, r.software || "–"),
+          h("td", { title: r.config_hash || "" }, r.config_version || "–"),
           h("td", { class: devBad ? "num h-bad" : "num" }, `${r.devices_healthy ?? 0}/${r.devices_total ?? 0}`),
           h("td", { class: "num" }, r.open_events ? h("a", { href: `#/events?gateway=${enc(r.gateway)}` }, r.open_events) : "0"),
         );
@@ -605,6 +607,7 @@ function gatewayView(root, gw) {
           h("dt", {}, "Site"), h("dd", {}, g.site || "–"),
           h("dt", {}, "Location"), h("dd", {}, loc),
           h("dt", {}, "Software"), h("dd", {}, g.software || "–"),
+          h("dt", {}, "Config"), h("dd", { title: g.config_hash || "" }, g.config_version || "–"),
           h("dt", {}, "Backlog"), h("dd", {}, st ? `${fmtNum(st.backlog_points)} points in ${fmtNum(st.backlog_messages)} messages` : "–"),
           h("dt", {}, "Evicted / lost"), h("dd", {}, st ? `${fmtNum(st.evicted_points)} evicted, ${fmtNum(st.lost_points)} lost (stats ${fmtTime(st.ts)})` : "–"),
           h("dt", {}, "Devices"), h("dd", {}, `${g.devices_healthy ?? 0} healthy of ${g.devices_total ?? 0}`),
@@ -615,9 +618,30 @@ function gatewayView(root, gw) {
         eventsTable(d.events, "gateway-events"),
         h("h2", {}, "Alarms"),
         alarmsTable(d.alarms, "gateway-alarms"),
+        h("h2", {}, "Config history"),
+        configsTable(d.configs),
       );
     },
   };
+}
+
+// The configs a gateway reported running and the ones pushed to it, newest first.
+function configsTable(configs) {
+  const rows = [
+    ...configs.seen.map((c) => ({ ms: c.last_seen_ms, cells: [fmtTime(c.first_seen_ms), "reported", c.version, c.running ? "running" : `until ${fmtTime(c.last_seen_ms)}`, ""], hash: c.hash })),
+    ...configs.pushes.map((p) => ({ ms: p.pushed_ms, cells: [fmtTime(p.pushed_ms), `pushed by ${p.pushed_by}`, p.version, p.outcome, p.error || ""], hash: p.hash })),
+  ].sort((a, b) => b.ms - a.ms);
+  if (!rows.length) return h("p", { class: "empty" }, "No config reported or pushed.");
+  return h(
+    "div",
+    { class: "tablewrap" },
+    h(
+      "table",
+      { testid: "gateway-configs" },
+      h("thead", {}, h("tr", {}, ["Time", "What", "Version", "Outcome", "Error"].map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, rows.map((r) => h("tr", { title: r.hash }, r.cells.map((c) => h("td", {}, c))))),
+    ),
+  );
 }
 
 function devicesTable(devices) {
