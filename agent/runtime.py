@@ -38,10 +38,12 @@ from agent.config import Config
 from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
+from agent.watchdog import keep_alive, service_status
 from buffer import Buffer, Lane, Message
 from common import wire
 from common.logs import Throttle
 from common.redact import redact
+from common.sdnotify import Notifier
 from common.supervise import TaskHealth, supervise
 from drivers.base import DeviceHealth, DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
@@ -266,11 +268,17 @@ class Agent:
         config: Config,
         connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
         fetch_firmware: Fetch = fetch_https,
+        notifier: Notifier | None = None,
     ) -> None:
         """`connect` replaces the MQTT connection to the broker (the demo's in-process
         link on a machine without mosquitto); by default the config's broker is used.
-        `fetch_firmware` downloads a firmware_update command's package (tests fake it)."""
+        `fetch_firmware` downloads a firmware_update command's package (tests fake it).
+        `notifier` talks to systemd (`citygw run` under a unit): with a watchdog, the
+        agent pings it while its loops make progress (agent/watchdog.py)."""
         self.config = config
+        self.notifier = notifier or Notifier({})
+        #: time.monotonic() of the last turn of the "flush" and the "uplink" loops
+        self.heartbeats: dict[str, float] = {}
         self._connect = connect
         self._fetch_firmware = fetch_firmware
         self.counters = Counters()
@@ -374,17 +382,24 @@ class Agent:
             self._connect,
             self.handle_command,
             self._stats,
+            on_turn=partial(self._beat, "uplink"),
         )
         for driver in self.drivers:
             # a driver that crashes is restarted; it must not take the agent down
             self._driver_tasks.append(
                 self._supervised(f"driver:{driver.name}", partial(driver.run, self.queue))
             )
+        self._beat("flush")
+        self._beat("uplink")
         self._tasks += [
             self._supervised("uplink", self.uplink.run, forever=True),
             self._supervised("flush", self._flush_loop, forever=True),
             self._supervised("status", self._status_loop, forever=True),
         ]
+        if self.notifier.watchdog_s is not None:
+            self._tasks.append(
+                self._supervised("watchdog", partial(keep_alive, self), forever=True)
+            )
         self.uplink.wake()  # a backlog from before a restart
         # Everything built so far (modules, config models, drivers) lives as long as the
         # process: keep it out of the garbage collector's full passes, which otherwise
@@ -859,9 +874,13 @@ class Agent:
             self.counters.clock_steps += 1
             log.warning("wall clock stepped", extra={"step_s": round(step, 3), "now_ms": now_ms})
 
+    def _beat(self, loop: str) -> None:
+        self.heartbeats[loop] = time.monotonic()
+
     async def _flush_loop(self) -> None:
         interval = self.config.buffer.flush_interval
         while True:
+            self._beat("flush")
             await asyncio.sleep(interval)
             await self.flush()
             # a device's information changed (a serial read, a BTHome text heard) or a
@@ -976,9 +995,14 @@ class Agent:
         log.info("agent stopped", extra={**asdict(self.counters)})
 
 
-async def run_agent(config: Config, stop: asyncio.Event) -> Agent:
-    agent = Agent(config)
+async def run_agent(config: Config, stop: asyncio.Event, notifier: Notifier | None = None) -> Agent:
+    """The agent as a service: started, READY=1 to systemd (when started by it: the
+    notifier reads $NOTIFY_SOCKET by default), run until `stop`, STOPPING=1, stopped."""
+    notifier = notifier or Notifier()
+    agent = Agent(config, notifier=notifier)
     await agent.start()
+    notifier.ready(service_status(agent))
     await stop.wait()
+    notifier.stopping()
     await agent.stop()
     return agent
