@@ -23,7 +23,7 @@ from rich.text import Text
 
 from agent.config import Config
 from central import cli as platform
-from cli import ble, firmware, modbus, mqtt
+from cli import ble, firmware, modbus, mqtt, service
 from cli.config import ConfigOption, load_or_exit
 from common.broker import BrokerError
 from common.cli import EXIT_INVALID, EXIT_NO_FILE, fail
@@ -50,6 +50,7 @@ app.add_typer(ble.app, name="ble")
 app.add_typer(mqtt.app, name="mqtt")
 app.add_typer(firmware.app, name="firmware")
 app.add_typer(platform.app, name="platform")
+app.command("install-service")(service.install_service)
 
 
 @app.callback()
