@@ -20,6 +20,8 @@ import socket
 import time
 from collections.abc import Mapping
 
+from common.logs import Throttle
+
 log = logging.getLogger("citygw.sdnotify")
 
 
@@ -46,8 +48,9 @@ def _one_line(text: str) -> str:
 class Notifier:
     """Sends notifications to the service manager at $NOTIFY_SOCKET; `watchdog_s` is
     the watchdog's timeout, or None (both read from `environ` when made; `Notifier({})`
-    is a silent one). A failed send is logged once and otherwise ignored: the service
-    runs on, and a watchdog that hears nothing restarts it, which is the right outcome."""
+    is a silent one). A failed send is logged (at most once a minute) and otherwise
+    ignored: the service runs on, and a watchdog that hears nothing restarts it, which
+    is the right outcome."""
 
     def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
         path = environ.get("NOTIFY_SOCKET", "")
@@ -63,7 +66,7 @@ class Notifier:
             self.address = None
         self.watchdog_s = watchdog_interval(environ) if self.address is not None else None
         self._sock: socket.socket | None = None
-        self._failed = False
+        self._throttle = Throttle(60.0)
 
     @property
     def enabled(self) -> bool:
@@ -77,14 +80,16 @@ class Notifier:
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # non-blocking: a manager that does not read (its queue full) must never
+                # stall the caller's event loop; that notification is lost instead
+                kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                self._sock = socket.socket(socket.AF_UNIX, kind)
             self._sock.sendto(message, self.address)
-        except OSError as exc:
-            if not self._failed:
-                self._failed = True
+        except OSError as exc:  # gone, or not reading (EAGAIN)
+            if (failures := self._throttle.ready("send")) is not None:
                 log.error(
                     "service manager notification failed",
-                    extra={"socket": repr(self.address), "error": str(exc)},
+                    extra={"socket": repr(self.address), "error": str(exc), "failures": failures},
                 )
             return False
         return True

@@ -173,6 +173,22 @@ def test_notifier_is_silent_without_a_socket_and_survives_a_gone_one(
     assert "notification failed" in caplog.records[0].getMessage()
 
 
+def test_a_manager_that_does_not_read_never_blocks_the_sender(tmp_path: Path) -> None:
+    """Its queue full, sends fail at once (the loop that pings must never stall)."""
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    deaf.bind(str(tmp_path / "deaf.sock"))
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "deaf.sock")})
+    sent: list[bool] = []
+    sender = threading.Thread(
+        target=lambda: sent.extend(n.watchdog() for _ in range(2000)), daemon=True
+    )
+    sender.start()
+    sender.join(timeout=30)
+    deaf.close()
+    assert not sender.is_alive(), "a send blocked"
+    assert sent[0] and not sent[-1]
+
+
 def test_watchdog_interval_from_the_environment() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 30.0
     mine = {"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}
