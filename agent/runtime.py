@@ -44,10 +44,12 @@ from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.reload import ReloadDiff, ReloadRefused, diff_configs, plan_drivers, stage_points
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
+from agent.watchdog import keep_alive, service_status
 from buffer import Buffer, BufferStats, Lane, Message
 from common import wire
 from common.logs import Throttle
 from common.redact import redact
+from common.sdnotify import Notifier
 from common.supervise import TaskHealth, supervise
 from drivers.base import DeviceHealth, DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
@@ -278,11 +280,17 @@ class Agent:
         config: Config,
         connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
         fetch_firmware: Fetch = fetch_https,
+        notifier: Notifier | None = None,
     ) -> None:
         """`connect` replaces the MQTT connection to the broker (the demo's in-process
         link on a machine without mosquitto); by default the config's broker is used.
-        `fetch_firmware` downloads a firmware_update command's package (tests fake it)."""
+        `fetch_firmware` downloads a firmware_update command's package (tests fake it).
+        `notifier` talks to systemd (`citygw run` under a unit): with a watchdog, the
+        agent pings it while its loops make progress (agent/watchdog.py)."""
         self.config = config
+        self.notifier = notifier or Notifier({})
+        #: time.monotonic() of the last turn of the "flush" and the "uplink" loops
+        self.heartbeats: dict[str, float] = {}
         self._connect = connect
         self._fetch_firmware = fetch_firmware
         self.counters = Counters()
@@ -353,6 +361,8 @@ class Agent:
         self.uplink = self._make_uplink(self._meta(cfg, metas, ids))
         for driver in self.drivers:
             self._start_driver(driver)
+        self._beat("flush")
+        self._beat("uplink")
         self._tasks += [
             self._supervised("uplink", self.uplink.run, forever=True),
             self._supervised("flush", self._flush_loop, forever=True),
@@ -360,6 +370,10 @@ class Agent:
         ]
         if self.metrics is not None:
             self._tasks.append(self._supervised("metrics", self.metrics.serve))
+        if self.notifier.watchdog_s is not None:
+            self._tasks.append(
+                self._supervised("watchdog", partial(keep_alive, self), forever=True)
+            )
         self.uplink.wake()  # a backlog from before a restart
         self.pushes.resume()  # a config push a restart interrupted
         # Everything built so far (modules, config models, drivers) lives as long as the
@@ -410,6 +424,7 @@ class Agent:
             self._connect,
             self.handle_command,
             self._stats,
+            on_turn=partial(self._beat, "uplink"),
         )
         if self.metrics is not None:
             uplink.observe_puback = self.metrics.puback_latency.observe
@@ -887,8 +902,12 @@ class Agent:
             self.counters.clock_steps += 1
             log.warning("wall clock stepped", extra={"step_s": round(step, 3), "now_ms": now_ms})
 
+    def _beat(self, loop: str) -> None:
+        self.heartbeats[loop] = time.monotonic()
+
     async def _flush_loop(self) -> None:
         while True:
+            self._beat("flush")
             await asyncio.sleep(self.config.buffer.flush_interval)  # a reload may change it
             await self.flush()
             # a device's information changed (a serial read, a BTHome text heard) or a
@@ -1011,6 +1030,7 @@ class Agent:
         async with self._reload_lock:
             if self._stopping:
                 raise ReloadRefused("the agent is stopping")
+            self.notifier.reloading()  # systemd: READY=1 again when it is over
             try:
                 diff = await self._apply(new)
             except ReloadRefused as exc:
@@ -1024,12 +1044,16 @@ class Agent:
                 log.exception("config reload failed", extra={"source": source})
                 await self.record_reload(source, new, error=f"reload failed: {exc!r}")
                 raise
-            log.info(
-                "config reloaded",
-                extra={"source": source, "version": new.version, "hash": new.hash} | diff.as_dict(),
-            )
-            await self.record_reload(source, new, diff)
-            return diff
+            else:
+                log.info(
+                    "config reloaded",
+                    extra={"source": source, "version": new.version, "hash": new.hash}
+                    | diff.as_dict(),
+                )
+                await self.record_reload(source, new, diff)
+                return diff
+            finally:
+                self.notifier.ready(service_status(self))
 
     async def _apply(self, new: Config) -> ReloadDiff:
         assert self.buffer is not None and self.uplink is not None
@@ -1207,13 +1231,23 @@ class Agent:
         log.info("agent stopped", extra={**asdict(self.counters)})
 
 
-async def run_agent(config: Config, stop: asyncio.Event, config_path: Path | None = None) -> Agent:
-    """Runs the agent until `stop`; with `config_path`, SIGHUP reloads that file."""
-    agent = Agent(config)
+async def run_agent(
+    config: Config,
+    stop: asyncio.Event,
+    config_path: Path | None = None,
+    notifier: Notifier | None = None,
+) -> Agent:
+    """The agent as a service: started, READY=1 to systemd (when started by it: the
+    notifier reads $NOTIFY_SOCKET by default), run until `stop`, STOPPING=1, stopped.
+    With `config_path`, SIGHUP reloads that file."""
+    notifier = notifier or Notifier()
+    agent = Agent(config, notifier=notifier)
     if config_path is not None:  # before start: SIGHUP's default action ends the process
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, agent.request_reload, config_path)
     await agent.start()
+    notifier.ready(service_status(agent))
     await stop.wait()
+    notifier.stopping()
     await agent.stop()
     return agent

@@ -52,6 +52,11 @@ log = logging.getLogger("citygw.uplink")
 #: a peek or ack the buffer refused is tried again after this, doubling up to the max
 BUFFER_RETRY_MIN_S = 0.5
 BUFFER_RETRY_MAX_S = 30.0
+#: an idle pump and a long backoff still turn this often: each turn is the uplink's
+#: progress heartbeat (`on_turn`), which the systemd watchdog checks
+TURN_S = 5.0
+#: paho's socket connect timeout (its Client.connect_timeout default)
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +260,7 @@ class Uplink:
         connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
         on_command: Callable[[bytes], Awaitable[bytes | None]] | None = None,
         stats: Callable[[], Awaitable[bytes]] | None = None,
+        on_turn: Callable[[], None] = lambda: None,
     ) -> None:
         """`connect` opens a session with the broker; the default is an MQTT client
         for `settings.broker` (the demo passes an in-process link instead).
@@ -262,8 +268,11 @@ class Uplink:
         or with None when the command runs on (a firmware update): its answer is given
         later to `respond`.
         `stats` makes the retained up/stats message, published on connect and then
-        every `settings.stats_interval` seconds, or sooner after `report_now`."""
+        every `settings.stats_interval` seconds, or sooner after `report_now`.
+        `on_turn` is called on every turn of the connect / forward / back off loop, at
+        least every `longest_pause` seconds while the uplink works, broker or not."""
         self.s = settings
+        self._on_turn = on_turn
         self._on_command = on_command
         self._stats = stats
         self._connect = connect or self._client
@@ -344,9 +353,11 @@ class Uplink:
             else None,
             name="uplink",
             rng=self._rng,
+            sleep=self._backoff_sleep,
         )
         try:
             while True:
+                self._on_turn()
                 self.status.state = "connecting"
                 self._paho_log = None
                 self._online_since = None
@@ -375,6 +386,20 @@ class Uplink:
         finally:
             self.status.state = "stopped"
 
+    @property
+    def longest_pause(self) -> float:
+        """The longest the uplink may go between two turns without being stuck: a
+        connect (socket, then CONNACK), or the state and meta publishes and the
+        subscribe after it, each bounded by ack_timeout, then a turn's wait."""
+        return CONNECT_TIMEOUT_S + 3 * self.s.ack_timeout + TURN_S
+
+    async def _backoff_sleep(self, seconds: float) -> None:
+        """The reconnect policy's sleeps, in turns of at most TURN_S."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, TURN_S))
+            self._on_turn()
+
     def _client(self) -> aiomqtt.Client:
         s = self.s
         self._paho_log = _PahoLog()
@@ -399,6 +424,7 @@ class Uplink:
 
     async def _session(self) -> None:
         async with self._connect() as client:
+            self._on_turn()
             self.status.connects += 1
             self.status.connected_since_ms = time.time_ns() // 1_000_000  # for display
             self._online_since = time.monotonic()  # for the backoff (wall clock may step)
@@ -516,6 +542,7 @@ class Uplink:
         running = list(helpers)
         try:
             while True:
+                self._on_turn()
                 for helper in [t for t in running if t.done()]:
                     helper.result()  # a failed stats publish or command loop: reconnect
                     running.remove(helper)
@@ -533,10 +560,11 @@ class Uplink:
                         if msg.seq in self.status.seen_seqs:
                             self.status.resent_messages += 1
                         inflight[msg.seq] = asyncio.create_task(self._publish(client, msg))
+                retry = self._buffer_wait()
                 wake = asyncio.create_task(self._wake.wait())
                 await asyncio.wait(
                     [*inflight.values(), *running, wake],
-                    timeout=self._buffer_wait(),
+                    timeout=TURN_S if retry is None else min(retry, TURN_S),
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 wake.cancel()

@@ -13,7 +13,8 @@
   ingest, newest first; `--dump` writes their payloads to files.
 - `prune --db URL --older-than 90d`: retention, the one command that deletes.
 - `push-config` and `configs`: a gateway's config from the centre, and which gateways
-  run which config (central/config_cli.py).
+  run which config (cli/platform_config.py: they validate a gateway config, so they
+  live above both agent/ and central/).
 
 Every command prints a table, or CSV or JSON with `--format`. No command creates or
 migrates a store: a SQLite file that does not exist or a PostgreSQL schema without a

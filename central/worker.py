@@ -44,6 +44,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from central.service import notify_service
 from central.store import DEAD_LETTER_MAX_BYTES, Body, DeadLetter, Store
 from central.store_errors import StoreFault, classify
 from central.stores import open_store
@@ -59,6 +60,7 @@ from common.reconnect import (
     tcp_probe,
 )
 from common.redact import redact
+from common.sdnotify import Notifier
 from common.wire import Envelope, Meta, WireError
 from native import codec
 from native.batch import Batch
@@ -181,6 +183,9 @@ class IngestWorker:
         #: called with (what, seconds) after each successful store call (ingest_metrics.py)
         self.observe_store: Callable[[str, float], None] | None = None
         self.connected = asyncio.Event()  # set while subscribed
+        #: time.monotonic() of the store loop's last turn (a group taken, a store call
+        #: tried); None while it waits for messages: idle is no lack of progress
+        self.store_turned: float | None = None
         self._throttle = Throttle(10.0)
         self._queue: asyncio.Queue[_Item] | None = None
         self._online_since: float | None = None  # time.monotonic() of the last subscribe
@@ -293,7 +298,9 @@ class IngestWorker:
 
     async def _consume(self, queue: asyncio.Queue[_Item]) -> None:
         while True:
+            self.store_turned = None
             items = [await queue.get()]
+            self.store_turned = time.monotonic()
             while len(items) < self.max_group and not queue.empty():
                 items.append(queue.get_nowait())
             messages = [(i.message.topic.value, i.message.payload) for i in items]
@@ -431,6 +438,7 @@ class IngestWorker:
         delay = self.backoff_min
         failures = 0
         while True:
+            self.store_turned = time.monotonic()
             started = time.perf_counter()
             try:
                 result = await asyncio.to_thread(fn)
@@ -641,10 +649,14 @@ async def run_ingest(
     report_every: float = 10.0,
     metrics_address: str = "127.0.0.1",
     metrics_port: int = 0,
+    notifier: Notifier | None = None,
 ) -> None:
     """`citygw ingest --broker URL --db URL --group NAME`: run until cancelled, logging
     the throughput every `report_every` seconds (0: never), serving Prometheus metrics
-    at http://metrics_address:metrics_port/metrics (port 0: none)."""
+    at http://metrics_address:metrics_port/metrics (port 0: none). Under systemd
+    (`notifier`: from $NOTIFY_SOCKET by default): READY=1 once subscribed, the watchdog
+    pinged while the store loop makes progress (central/service.py), STOPPING=1 at the end."""
+    notifier = notifier or Notifier()
     store = await asyncio.to_thread(open_store, db_url)
     # PostgreSQL: the roll-up on a connection of its own (SQLite has no roll-up to do)
     roll_up_store = (
@@ -671,11 +683,9 @@ async def run_ingest(
             session_expiry=session_expiry,
             roll_up_store=roll_up_store,
         )
-        reporter = (
-            asyncio.create_task(report_throughput(worker, report_every))
-            if report_every > 0
-            else None
-        )
+        helpers = [asyncio.create_task(notify_service(worker, notifier))]
+        if report_every > 0:
+            helpers.append(asyncio.create_task(report_throughput(worker, report_every)))
         from central.ingest_metrics import serve_ingest_metrics  # it imports this module
 
         metrics = (
@@ -686,8 +696,9 @@ async def run_ingest(
         try:
             await worker.run()
         finally:
-            if reporter is not None:
-                reporter.cancel()
+            notifier.stopping()
+            for task in helpers:
+                task.cancel()
             if metrics is not None:
                 metrics.close()
     finally:

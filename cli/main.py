@@ -25,8 +25,7 @@ from rich.text import Text
 
 from agent.config import Config
 from central import cli as platform
-from central import config_cli
-from cli import ble, doctor, firmware, modbus, mqtt
+from cli import ble, doctor, firmware, modbus, mqtt, platform_config, service
 from cli.config import ConfigOption, load_or_exit
 from common.broker import BrokerError
 from common.cli import EXIT_INVALID, EXIT_NO_FILE, err_console, fail
@@ -57,9 +56,10 @@ app.add_typer(mqtt.app, name="mqtt")
 app.add_typer(firmware.app, name="firmware")
 app.add_typer(platform.app, name="platform")
 app.command()(doctor.doctor)
-# the platform's config commands have their own module (central/config_cli.py)
-platform.app.command("push-config")(config_cli.push_config)
-platform.app.command("configs")(config_cli.configs)
+# push-config and configs validate a gateway config: in cli/, above agent/ and central/
+platform.app.command("push-config")(platform_config.push_config)
+platform.app.command("configs")(platform_config.configs)
+app.command("install-service")(service.install_service)
 
 
 @app.callback()

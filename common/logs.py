@@ -1,7 +1,8 @@
-"""Structured logging: one JSON object per line for the service (journald, log
-shippers), readable lines for a technician's terminal, and a throttle so that a
-flood of identical warnings (a dead sensor, a full buffer) becomes one line per
-interval with a count.
+"""Structured logging: one JSON object per line for log shippers, readable lines for a
+technician's terminal, the same lines with a syslog priority prefix for journald (a
+service under systemd: no timestamp of our own, the journal keeps its own), and a
+throttle so that a flood of identical warnings (a dead sensor, a full buffer) becomes
+one line per interval with a count.
 
 Both formatters mask secrets before a line is written (common/redact.py): URL passwords and
 ``password=…`` in the message, in `extra` values (nested too) and in exception text, and
@@ -11,6 +12,7 @@ still shows URLs through `redact`; this is the net for what slips through."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -62,19 +64,59 @@ class JsonFormatter(logging.Formatter):
 
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        extra = " ".join(f"{k}={_text(v)}" for k, v in _fields(record).items())
         line = f"{time.strftime('%H:%M:%S', time.localtime(record.created))} "
-        line += f"{record.levelname:<7} {record.name}: {redact(record.getMessage())}"
-        if extra:
-            line += f" [{extra}]"
+        line += f"{record.levelname:<7} {_line(record)}"
         if record.exc_info:
             line += "\n" + redact(self.formatException(record.exc_info))
         return line
 
 
+def _line(record: logging.LogRecord) -> str:
+    """``logger: message [key=value ...]``."""
+    extra = " ".join(f"{k}={_text(v)}" for k, v in _fields(record).items())
+    line = f"{record.name}: {redact(record.getMessage())}"
+    return f"{line} [{extra}]" if extra else line
+
+
+#: syslog priorities (sd-daemon(3)'s <N> prefixes) of the logging levels
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6}
+
+
+class JournalFormatter(logging.Formatter):
+    """For stderr connected to journald: each line starts with its priority (``<3>``
+    error ... ``<7>`` debug; journald's SyslogLevelPrefix= takes it off and files the
+    entry under it, so `journalctl -p warning` works) and carries no timestamp. A
+    traceback's lines are each prefixed too: journald makes one entry per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_PRIORITY.get(record.levelno, 7)}>"
+        lines = [_line(record)]
+        if record.exc_info:
+            lines += redact(self.formatException(record.exc_info)).splitlines()
+        return "\n".join(prefix + line for line in lines)
+
+
+def journal_stderr() -> bool:
+    """Whether stderr is journald's stream: $JOURNAL_STREAM names its device and inode
+    (systemd.exec(5)); a child whose stderr was redirected inherits the variable only."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (ValueError, OSError):  # unset, malformed, or no real stderr
+        return False
+
+
 def setup_logging(level: str = "INFO", json: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json else ConsoleFormatter())
+    formatter: logging.Formatter
+    if json:
+        formatter = JsonFormatter()
+    elif journal_stderr():
+        formatter = JournalFormatter()
+    else:
+        formatter = ConsoleFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

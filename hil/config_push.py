@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.config_push import previous_path, trial_path
-from central.config_cli import EXIT_ROLLED_BACK
+from cli.platform_config import EXIT_ROLLED_BACK
 from common.broker import free_port
 
 if TYPE_CHECKING:
