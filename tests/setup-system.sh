@@ -2,13 +2,14 @@
 # What the test suite needs from the machine, on Debian (apt; root, or sudo): the
 # mosquitto broker, PostgreSQL on 127.0.0.1:5432 with a database `test` that user
 # postgres may use without a password, libfaketime (package faketime: the HIL clock-step
-# scenario), FUSE 3 (package fuse3: the HIL power-loss filesystem) and chromium (the
-# console's browser tests drive it through Playwright, which downloads nothing). Installs the
+# scenario), FUSE 3 (package fuse3: the HIL power-loss filesystem), chromium (the
+# console's browser tests drive it through Playwright, which downloads nothing) and
+# systemd (its systemd-analyze verifies the shipped units; nothing is started). Installs the
 # packages that are missing and starts the services that are not running; on a machine
 # that has it all, it changes nothing, so the README's test command runs it every time.
 set -euo pipefail
 
-PACKAGES=(mosquitto postgresql faketime fuse3 procps chromium)  # procps: pgrep, below; chromium: the console's browser tests
+PACKAGES=(mosquitto postgresql faketime fuse3 procps chromium systemd)  # procps: pgrep, below; chromium: the console's browser tests; systemd: systemd-analyze verifies the shipped units
 PG_HOST=127.0.0.1
 PG_PORT=5432
 

@@ -77,7 +77,7 @@ def test_setup_system_installs_what_is_missing_once(tmp_path: Path) -> None:
         (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
         (stubs / name).chmod(0o755)
     log, installed = tmp_path / "calls", tmp_path / "installed"
-    installed.write_text("mosquitto\npostgresql\nprocps\n")  # a fresh machine of this kind
+    installed.write_text("mosquitto\npostgresql\nprocps\nsystemd\n")  # a fresh machine of this kind
     log.touch()
     env = {
         **os.environ,

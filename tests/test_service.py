@@ -709,8 +709,6 @@ def test_shipped_units_are_the_template_and_verify(tmp_path: Path) -> None:
         "citygw",
         ("dialout",),
     )
-    if not shutil.which("systemd-analyze"):
-        pytest.skip("systemd-analyze not installed")
     names = ["citygw-agent.service", "citygw-ingest@.service"]
     for name in names:  # verify wants the executable to exist
         text = (REPO / "deploy/systemd" / name).read_text()
