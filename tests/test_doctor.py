@@ -41,6 +41,7 @@ from agent.doctor.devices import DeviceEnv, check_devices, health_check
 from agent.doctor.service import UNIT, Systemctl, read_unit, systemd_check, unit_check
 from buffer import Buffer, Lane
 from cli.main import app
+from cli.service import render_unit
 from common.broker import Mosquitto, acl_conf, free_port, tls_listener
 from common.mqtt_url import BrokerAddress
 from drivers.mcu.simulator import SimMcu
@@ -509,6 +510,14 @@ def test_service_unit_with_watchdog_missing_and_without(tmp_path: Path) -> None:
     # repeated keys are allowed, as in systemd (the last one counts)
     parsed = read_unit("[Service]\nEnvironment=A=1\nEnvironment=B=2\n")
     assert parsed["Service"]["Environment"] == "B=2"
+
+
+def test_the_unit_install_service_writes_passes(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    (tmp_path / "units").mkdir()
+    text = render_unit("/usr/bin/citygw", cfg, tmp_path, "citygw", ("dialout",))
+    (tmp_path / "units" / UNIT).write_text(text)
+    assert unit_check(tmp_path / "units", cfg).status == "pass"
 
 
 def test_service_under_systemd() -> None:
