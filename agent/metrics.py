@@ -413,6 +413,16 @@ class AgentCollector(Collector):
             failures.add_metric([name], health.failures)
         yield restarts
         yield failures
+        # what the systemd watchdog judges (agent/watchdog.py): a loop that stopped turning
+        progress = GaugeMetricFamily(
+            "citygw_loop_progress_age_seconds",
+            "Seconds since the flush loop or the uplink loop last turned.",
+            labels=["loop"],
+        )
+        now = time.monotonic()
+        for loop, beat in sorted(dict(self.agent.heartbeats).items()):
+            progress.add_metric([loop], max(0.0, now - beat))
+        yield progress
 
 
 def _buffer(stats: BufferStats) -> Iterable[Metric]:

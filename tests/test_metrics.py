@@ -210,6 +210,8 @@ def test_agent_devices_tasks_process_and_identity(agent_run: AgentRun) -> None:
     tasks = {s.labels["task"] for s in f["citygw_task_restarts"].samples}
     assert {"uplink", "flush", "status", "metrics", "driver:sim"} <= tasks
     assert value(f, "citygw_task_restarts_total", task="uplink") == 0
+    for loop in ("flush", "uplink"):  # both turning (what the watchdog judges)
+        assert 0 <= value(f, "citygw_loop_progress_age_seconds", loop=loop) < 30
     assert value(f, "process_resident_memory_bytes") > 10 * 1024**2
     assert value(f, "process_cpu_seconds_total") > 0
     (info,) = f["citygw_agent_info"].samples
