@@ -25,6 +25,7 @@ from agent.config import Config
 from central import cli as platform
 from cli import ble, firmware, modbus, mqtt
 from cli.config import ConfigOption, load_or_exit
+from common import timers
 from common.broker import BrokerError
 from common.cli import EXIT_INVALID, EXIT_NO_FILE, fail
 from common.cli import out_console as _out
@@ -118,7 +119,7 @@ def run(
         await run_agent(cfg, stop)
 
     try:
-        asyncio.run(main())
+        timers.run(main())  # polls on time to the microsecond, not the millisecond
     except (BufferError, OSError) as exc:  # the buffer cannot be opened or written
         fail(f"{cfg.buffer.path}: {exc}")
 
