@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
+import weakref
 from array import array
 from pathlib import Path
 from typing import Any
@@ -168,3 +170,34 @@ def test_intake_rows_hold_whole_batches_of_about_a_part(tmp_path: Path) -> None:
 
     rows = asyncio.run(scenario())
     assert rows == [runtime.FLUSH_PART_ROWS, runtime.FLUSH_PART_ROWS, 100]
+
+
+def test_the_flush_frees_the_taken_batches_on_the_buffer_thread(tmp_path: Path) -> None:
+    """Freed with the list at the end of flush(), thousands of batches would stall the
+    event loop for milliseconds: the buffer thread drops them one at a time."""
+    freed_on: list[tuple[str, bool]] = []
+
+    async def scenario() -> None:
+        agent = Agent(parse_config(config(tmp_path / "buf.db"), source="t.toml"))
+        await agent.start()
+        await agent.stop_drivers()
+        batches = with_ids(readings(2000, 1_700_000_000_000), agent)
+        refs = [weakref.ref(b.values) for b in batches]
+        for b in batches:
+            assert agent.queue.push(b)
+        del batches, b
+        real = agent._flush_sync
+
+        def flush_sync(*args: Any) -> int:
+            n = real(*args)
+            alive = any(ref() is not None for ref in refs)
+            freed_on.append((threading.current_thread().name, alive))
+            return n
+
+        agent._flush_sync = flush_sync  # type: ignore[method-assign,assignment]
+        assert await agent.flush() > 0
+        await agent.stop()
+
+    asyncio.run(scenario())
+    (thread, alive), *_ = freed_on
+    assert thread.startswith("citygw-buffer") and not alive
