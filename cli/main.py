@@ -119,7 +119,7 @@ def run(
         await run_agent(cfg, stop)
 
     try:
-        timers.run(main())  # polls on time to the microsecond, not the millisecond
+        timers.run(main())  # timers to the microsecond: polls start on time
     except (BufferError, OSError) as exc:  # the buffer cannot be opened or written
         fail(f"{cfg.buffer.path}: {exc}")
 

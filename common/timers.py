@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+FD_SETSIZE = 1024  # select() takes descriptors below this (glibc)
 
 
 class PreciseEpollSelector(selectors.EpollSelector):
@@ -30,10 +31,15 @@ class PreciseEpollSelector(selectors.EpollSelector):
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """An event loop on PreciseEpollSelector (the default loop where epoll is missing)."""
+    """An event loop on PreciseEpollSelector; the default loop where epoll is missing or
+    its descriptor is past what select() takes (a process with over 1000 files open)."""
     if not hasattr(select, "epoll"):
         return asyncio.new_event_loop()
-    return asyncio.SelectorEventLoop(PreciseEpollSelector())
+    selector = PreciseEpollSelector()
+    if selector.fileno() >= FD_SETSIZE:
+        selector.close()
+        return asyncio.new_event_loop()
+    return asyncio.SelectorEventLoop(selector)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
