@@ -8,24 +8,29 @@ Two parts, then one summary line.
    running (its GIL holds), whatever its size.
 
 2. Ladder. For each offered rate, in increasing steps, the real agent runs as a process
-   pinned to one core (bench/probed_agent.py: `citygw run`'s code plus a loop-lag probe
-   and a poll-jitter probe) and the ingest (`citygw ingest`, SQLite store) as another on
-   the other core. 10 sim devices are polled every 10 ms, each replaying pre-sampled polls
-   (`replay`), so producing a reading costs next to nothing and the agent is what is
-   measured. After a warm-up, over a fixed window: readings stored by the ingest per
-   second, readings the agent published per second, polls skipped, loop lag and poll
-   jitter (p50/p99/max), the agent's CPU seconds per million readings and its RSS. A rung
-   is sustained when no poll was skipped, jitter p99 <= 1 ms, nothing was refused, the
-   agent's buffer did not grow and the ingest stored >= 95 % of the offered rate; else the
-   verdict names what fell behind (polls skipped / jitter / agent behind / ingest behind).
-   A first rung at 1,000 readings/s gives the same run's floor: the lag and jitter of the
-   machine and the probes with next to no load.
+   alone on core 0 (bench/probed_agent.py: `citygw run`'s code plus a loop-lag probe and
+   a poll-jitter probe); the broker and the ingest (`citygw ingest`, SQLite, one file per
+   worker, --ingest-workers) run on the other cores. 10 sim devices are polled every
+   10 ms, each replaying pre-sampled polls (`replay`), so producing a reading costs next
+   to nothing and the agent is what is measured. After a warm-up, over a fixed window:
+   readings the agent delivered (broker-acknowledged) and the ingest stored per second,
+   polls skipped, loop lag and poll jitter (p50/p99/max), the agent's CPU seconds per
+   million readings read and its RSS. The agent sustains a rung when no poll was
+   skipped, poll jitter p99 <= 1 ms (--jitter-limit-ms), nothing was refused and neither
+   its memory queue nor its buffer grew by more than two flushes, and it delivered 90 % of
+   the rate (bursts of a flush: 10 % of a 10 s window); else the verdict names
+   what fell behind (polls skipped / jitter / agent behind). An ingest storing under 95 %
+   of the rate is reported ("ingest behind": the platform side, see bench/ingest.py),
+   not counted against the agent. A first rung at 1,000 readings/s gives the same run's
+   floor: the machine's and the probes' own lag and jitter with next to no load.
    A rung that fails is run once more (a noisy neighbour); the ladder stops at the first
-   rung that fails twice. The summary is the highest sustained rung:
+   rung that fails twice (--keep-going: runs them all). The summary is the highest rung
+   the agent sustained, points_per_s the readings per second it delivered there:
 
     e2e: points_per_s=<N> cpu_s_per_mpoint=<X> rss_mb=<N> bytes_per_point=<X> poll_jitter_p99_ms=<X>
 
    If the top rung was sustained, points_per_s is a lower bound of the capacity (said so).
+   On a shared machine, --agent-nice -10 (root) keeps neighbours off the agent's core.
 
 Everything is loopback and bounded. `--quick` is a short smoke run (CI).
 """
@@ -218,11 +223,14 @@ class Rung:
             out.append(f"polls skipped ({self.skipped_polls})")
         if self.jitter["p99_ms"] > self.jitter_limit_ms:
             out.append(f"poll jitter p99 {self.jitter['p99_ms']:.2f} ms > {self.jitter_limit_ms}")
-        # a flush moves a second's readings at once: growth within one is not falling behind
-        if self.refused or max(self.buffer_growth, self.memory_growth) > self.offered:
+        # a flush moves a second's readings at once and the uplink sends them in bursts:
+        # the queue and the buffer swing by a flush or so (taken at any moment), and what
+        # was delivered over the window by one flush (10 %)
+        grew = max(self.buffer_growth, self.memory_growth) > 2 * self.offered
+        if self.refused or grew or self.published_per_s < 0.9 * self.offered:
             out.append(
                 f"agent behind (refused {self.refused}, memory grew {self.memory_growth}, "
-                f"buffer grew {self.buffer_growth})"
+                f"buffer grew {self.buffer_growth}, delivered/s {self.published_per_s:.0f})"
             )
         return out
 
