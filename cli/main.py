@@ -27,6 +27,7 @@ from agent.config import Config
 from central import cli as platform
 from cli import ble, doctor, firmware, modbus, mqtt, platform_config, service
 from cli.config import ConfigOption, load_or_exit
+from common import timers
 from common.broker import BrokerError
 from common.cli import EXIT_INVALID, EXIT_NO_FILE, err_console, fail
 from common.cli import out_console as _out
@@ -133,7 +134,7 @@ def run(
         await run_agent(cfg, stop, config)
 
     try:
-        asyncio.run(main())
+        timers.run(main())  # timers to the microsecond: polls start on time
     except (BufferError, OSError) as exc:  # the buffer cannot be opened or written
         fail(f"{cfg.buffer.path}: {exc}")
 

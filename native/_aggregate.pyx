@@ -182,6 +182,7 @@ def aggregate_size(
     const int64_t[::1] deadline,
     int64_t now_ms,
     int64_t elapsed_ms,
+    bint close_by_time=True,
 ):
     """See aggregate_py.aggregate_size: the exact row count of ``aggregate``."""
     cdef Py_ssize_t n = point_ids.shape[0]
@@ -244,7 +245,7 @@ def aggregate_size(
                 n_out += raw[slot] != 0
             else:
                 n_out += 1  # late
-        if err == ERR_NONE and now_ms != 0:
+        if err == ERR_NONE and now_ms != 0 and close_by_time:
             for slot in range(ns):
                 if ph[slot] == OPEN and closes_by_time(dls[slot], now_ms, elapsed_ms):
                     n_out += nfn[slot]
@@ -278,6 +279,7 @@ def aggregate(
     int64_t[::1] out_ts,
     double[::1] out_values,
     uint8_t[::1] out_quality,
+    bint close_by_time=True,
 ):
     """See aggregate_py.aggregate: returns (n_out, windows, late, suppressed)."""
     cdef Py_ssize_t n = point_ids.shape[0]
@@ -408,7 +410,7 @@ def aggregate(
             oval_p[n_out] = x
             oq_p[n_out] = quality[i]
             n_out += 1
-        if err == ERR_NONE and now_ms != 0:
+        if err == ERR_NONE and now_ms != 0 and close_by_time:
             for slot in range(ns):
                 if phase[slot] == OPEN and closes_by_time(deadline[slot], now_ms, elapsed_ms):
                     if n_out + nfn[slot] > cap:

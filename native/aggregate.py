@@ -78,11 +78,29 @@ class AggregateTable(StageTable[AggregateStage]):
     def run(
         self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
     ) -> Batch:
+        return self._run(batch, now_ms, counts, elapsed_ms, close_by_time=True)
+
+    def run_part(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
+        # the wall clock still sets the deadlines of the windows this part opens
+        return self._run(batch, now_ms, counts, elapsed_ms, close_by_time=False)
+
+    def _run(
+        self,
+        batch: Batch,
+        now_ms: int,
+        counts: PipelineCounts,
+        elapsed_ms: int | None,
+        close_by_time: bool,
+    ) -> Batch:
         k = self.kernels
         cols = (batch.point_ids, batch.timestamps, batch.values, batch.quality)
         params = (self.slot_of, self.window_ms, self.grace_ms, self.raw, self.nfn)
         clocks = (now_ms, now_ms if elapsed_ms is None else elapsed_ms)
-        size = k.aggregate_size(*cols, *params, self.phase, self.start, self.deadline, *clocks)
+        size = k.aggregate_size(
+            *cols, *params, self.phase, self.start, self.deadline, *clocks, close_by_time
+        )
         out = empty_columns(size)
         n_out, windows, late, suppressed = k.aggregate(
             *cols,
@@ -99,6 +117,7 @@ class AggregateTable(StageTable[AggregateStage]):
             out.timestamps,
             out.values,
             out.quality,
+            close_by_time,
         )
         counts.windows += windows
         counts.late += late

@@ -37,7 +37,8 @@ Per reading, in input order:
   An aggregated reading is copied to the output too when its slot's ``raw`` is set; when
   not, it is counted as suppressed.
 
-After the readings, when ``now_ms != 0``, every OPEN window whose deadline has come
+After the readings, when ``now_ms != 0`` and ``close_by_time`` (False: a part of a run
+that more parts follow, native/pipeline.py), every OPEN window whose deadline has come
 (``closes_by_time``) is closed, in slot order. ``phase`` becomes CLOSED, so readings for it
 that come later are late. A window opened in a run never closes by time in that run (its
 deadline is past ``elapsed_ms``).
@@ -155,6 +156,7 @@ def aggregate_size(
     deadline: array[int],
     now_ms: int,
     elapsed_ms: int,
+    close_by_time: bool = True,
 ) -> int:
     """The number of rows ``aggregate`` will write for these arguments. Changes nothing:
     it plays the window decisions on copies of ``phase``, ``start`` and ``deadline``."""
@@ -190,7 +192,7 @@ def aggregate_size(
             n_out += raw[slot] != 0
         else:
             n_out += 1  # late
-    for slot in range(len(ph)):
+    for slot in range(len(ph) if close_by_time else 0):
         if ph[slot] == OPEN and closes_by_time(dl[slot], now_ms, elapsed_ms):
             n_out += nfn[slot]
     return n_out
@@ -265,6 +267,7 @@ def aggregate(
     out_ts: array[int],
     out_values: array[float],
     out_quality: array[int],
+    close_by_time: bool = True,
 ) -> tuple[int, int, int, int]:
     """Runs the windows over one batch (see the module docstring); returns
     ``(n_out, windows, late, suppressed)``. Writes the output rows to the ``out_*``
@@ -358,7 +361,7 @@ def aggregate(
         out_values[n_out] = x
         out_quality[n_out] = quality[i]
         n_out += 1
-    for slot in range(ns):
+    for slot in range(ns if close_by_time else 0):
         if phase[slot] == OPEN and closes_by_time(deadline[slot], now_ms, elapsed_ms):
             room(nfn[slot])
             n_out = _emit(

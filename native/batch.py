@@ -158,6 +158,29 @@ class Batch:
         return out
 
     @classmethod
+    def regroup(cls, batches: Iterable[Batch], rows: int) -> list[Batch]:
+        """The readings of ``batches``, in order, as new batches of ``rows`` readings
+        (the last one fewer): consecutive small batches joined, big ones cut, as slicing
+        their concatenation would, without ever copying more than ``rows`` readings at
+        once. The results are new arrays: a caller may modify them."""
+        if rows <= 0:
+            raise ValueError(f"rows must be > 0, got {rows}")
+        out: list[Batch] = []
+        cur = cls()
+        for b in batches:
+            at, n = 0, len(b)
+            while at < n:
+                take = min(rows - len(cur), n - at)
+                cur.extend(b if take == n else b.slice(at, at + take))
+                at += take
+                if len(cur) == rows:
+                    out.append(cur)
+                    cur = cls()
+        if len(cur):
+            out.append(cur)
+        return out
+
+    @classmethod
     def from_rows(cls, rows: Iterable[tuple[int, int, float, int]]) -> Batch:
         out = cls()
         for pid, ts, value, q in rows:

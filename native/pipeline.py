@@ -110,23 +110,29 @@ class Pipeline:
         self._last_monotonic_ms: int | None = None  # none yet since start
 
     def process(
-        self, batch: Batch, now_ms: int = 0, monotonic_ms: int | None = None
+        self, batch: Batch, now_ms: int = 0, monotonic_ms: int | None = None, *, last: bool = True
     ) -> tuple[Batch, PipelineCounts]:
         """Runs ``batch`` through every table (its arrays may be modified) and returns
         the result with what the stages did. For timed stages: ``now_ms`` is the wall
         clock (0: no clock, no timed checks), which stamps their events; ``monotonic_ms``
         a monotonic clock (any origin), which advances the pipeline clock. Without it
-        ``now_ms`` serves as both (tests, replays); give it always or never."""
+        ``now_ms`` serves as both (tests, replays); give it always or never.
+
+        ``last=False``: more parts of the same run follow, at the same clocks (a big flush
+        cut into parts so that no step holds the GIL long): the clock checks wait for the
+        last part, and the parts' outputs, in order, are what one run over the parts'
+        concatenation gives (``StageTable.run_part``)."""
         elapsed = None if monotonic_ms is None else self._advance(monotonic_ms)
         counts = PipelineCounts()
         for _, table in self.tables:
+            run = table.run if last else table.run_part
             if not isinstance(table, _REJECTING):
-                batch = table.run(batch, now_ms, counts, elapsed)
+                batch = run(batch, now_ms, counts, elapsed)
                 continue
             # the kernels count, but not by point: compare with the input (two memcpys)
             ids, quality = batch.point_ids[:], batch.quality[:]
             flagged, dropped = counts.flagged, counts.dropped
-            batch = table.run(batch, now_ms, counts, elapsed)
+            batch = run(batch, now_ms, counts, elapsed)
             if counts.flagged != flagged or counts.dropped != dropped:
                 _by_point(ids, quality, batch, counts)
         return batch, counts

@@ -110,6 +110,16 @@ class StageTable(ABC, Generic[S]):
         clock, no timed check), ``elapsed_ms`` the pipeline's monotonic clock, on which
         they measure time (None: ``now_ms`` serves as both, for tests and replays)."""
 
+    def run_part(
+        self, batch: Batch, now_ms: int, counts: PipelineCounts, elapsed_ms: int | None = None
+    ) -> Batch:
+        """``run`` over a part of a run that more parts follow, at the same clocks (a big
+        flush cut into parts, see Pipeline.process): the readings only. The clock checks
+        that follow them in ``run`` (stale alarms, windows closing by time) are the last
+        part's, so the parts together do exactly what one run over all of them does.
+        Tables without clock checks run as usual."""
+        return self.run(batch, now_ms, counts, elapsed_ms)
+
     # -- state across restarts ------------------------------------------------------------
 
     def save_state(self, pids: Iterable[int] | None = None) -> dict[int, bytes]:

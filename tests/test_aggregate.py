@@ -522,6 +522,35 @@ def test_split_batches_give_the_same_output(
 
 
 @SETTINGS
+@given(hs.lists(SPEC, min_size=1, max_size=5), STEPS, hs.lists(ROW, max_size=80), hs.data())
+def test_a_run_in_parts_is_the_run(
+    raw_specs: list[Any], before: list[Step], rows: list[Row], data: hs.DataObject
+) -> None:
+    """After any earlier runs (windows open, some due now), one run's readings cut into
+    parts (``run_part`` for all but the last) give exactly the one run's output, counts
+    and state: the windows due close after the last part, as after the whole batch."""
+    specs = build_specs(raw_specs)
+    now, elapsed = data.draw(NOW), data.draw(ELAPSED)
+    cuts = sorted(data.draw(hs.lists(hs.integers(0, len(rows)), max_size=4)))
+    pieces = [rows[a:b] for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True)]
+    for k in both():
+        whole, split = AggregateTable(specs, k), AggregateTable(specs, k)
+        drive(whole, before)
+        drive(split, before)
+        ((cols, counts),) = drive(whole, [(rows, now, elapsed)])
+        results = []
+        for i, piece in enumerate(pieces):
+            c = PipelineCounts()
+            run = split.run if i == len(pieces) - 1 else split.run_part
+            out = run(make_batch(piece), now, c, elapsed)
+            results.append((columns(out), (c.windows, c.late, c.suppressed)))
+        joined = tuple(b"".join(r[0][c] for r in results) for c in range(4))
+        total = tuple(sum(r[1][c] for r in results) for c in range(3))
+        assert (joined, total) == (cols, counts)
+        assert state_bytes(whole) == state_bytes(split)
+
+
+@SETTINGS
 @given(hs.lists(SPEC, min_size=1, max_size=5), STEPS, hs.data())
 def test_restored_table_continues_exactly(
     raw_specs: list[Any], steps: list[Step], data: hs.DataObject

@@ -175,3 +175,21 @@ def test_phase_for_is_stable_and_within_the_period() -> None:
     assert phase_for("bridge-7", 10.0) == pytest.approx(10 * phase_for("bridge-7", 1.0))
     assert phase_for("bridge-7", 1.0) == pytest.approx(0.571)
     assert phase_for("bridge-8", 1.0) == pytest.approx(0.874)
+
+
+def test_the_observer_gets_each_ticks_lateness(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[float] = []
+    monkeypatch.setattr(FixedRate, "observer", seen.append)
+
+    async def main() -> None:
+        rate = FixedRate(1.0)
+        await rate.wait()  # on time
+        clock.now += 1.25  # the poll overran its period by a quarter
+        assert await rate.wait() == 0  # less than half a period late: polled at once
+        clock.now += 0.5
+        await rate.wait()  # on time again
+
+    asyncio.run(main())
+    assert seen == pytest.approx([0.0, 0.25, 0.0])

@@ -285,3 +285,26 @@ def test_latency_delays_the_reading_not_its_timestamp_window() -> None:
     (first,) = set(sink.batches[0].timestamps)
     assert first >= start_ms + 30
     assert all(math.isclose(v, 4.0) for b in sink.batches for v in b.values)
+
+
+def test_a_replaying_device_repeats_its_sampled_polls_with_fresh_timestamps() -> None:
+    """replay = N: the device samples N polls once, then pushes them in a loop, each
+    with the poll's own timestamp; its points refuse writes (nothing to set)."""
+    points = (point(1, "a", base=20.0, amplitude=5.0, period=1.0, noise=0.5, resolution=0.01),
+              point(2, "b", base=-3.0, noise=1.0))  # fmt: skip
+    driver = SimDriver([device("dev", points, poll_s=0.005, replay=3)])
+    sink = Sink()
+    asyncio.run(run_driver_until(driver, sink, lambda: len(sink.batches) >= 7))
+    values = [list(b.values) for b in sink.batches]
+    assert values[0] != values[1] != values[2]  # three different sampled polls
+    assert values[3:7] == values[0:4]  # then the same ones again, in order
+    for b in sink.batches:
+        assert list(b.point_ids) == [1, 2] and list(b.quality) == [0, 0]
+        assert len(set(b.timestamps)) == 1
+    stamps = [b.timestamps[0] for b in sink.batches]
+    assert stamps == sorted(set(stamps))  # every poll its own, later, timestamp
+    # a pushed batch is the agent's: changing one changes no later poll
+    sink.batches[0].values[0] = 1e9
+    assert all(b.values[0] != 1e9 for b in sink.batches[1:])
+    with pytest.raises(NotImplementedError, match="replays"):
+        asyncio.run(driver.write(points[0], 1.0))

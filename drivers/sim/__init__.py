@@ -4,7 +4,9 @@ Each point is base + sine + linear drift + gaussian noise + random level steps +
 one-off spikes, quantised to the point's declared resolution. Everything is seeded
 per device, so a run is reproducible. Devices can also be made to fail or to answer
 slowly, to exercise health reporting and back-pressure. The demo, the tests and the
-benchmark all read from this driver.
+benchmark all read from this driver. With ``replay = N`` a device samples N polls once and
+replays them with fresh timestamps: a load generator that costs a few microseconds a
+poll whatever its points, so a benchmark measures the agent and not the simulation.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 from drivers.base import BatchSink, DeviceSpec, PerDeviceDriver, PointSpec
 from drivers.schedule import FixedRate, phase_for
 from drivers.sim.settings import SimDeviceSettings, SimPointSettings
-from native.batch import ID_TYPECODE, Batch
+from native.batch import ID_TYPECODE, QUALITY_TYPECODE, TS_TYPECODE, VALUE_TYPECODE, Batch
 
 log = logging.getLogger("citygw.drivers.sim")
 
@@ -106,11 +108,16 @@ class SimDriver(PerDeviceDriver):
 
     def __init__(self, devices: Sequence[DeviceSpec]) -> None:
         self._waves: dict[int, Waveform] = {}  # point id -> its generator, once running
+        self._replayed: set[int] = set()  # points of devices that replay (no writes)
         super().__init__(devices)
 
     async def write(self, point: PointSpec, value: float) -> float:
         """A simulated actuator: the point's level becomes `value` (noise and the
         other components go on around it), as a setpoint written to a controller."""
+        if point.id in self._replayed:
+            raise NotImplementedError(
+                f"sim point {point.key!r} replays pre-sampled polls (replay > 0): no writes"
+            )
         wave = self._waves.get(point.id)
         if wave is None:
             raise LookupError(f"sim point {point.key!r} is not being simulated (yet)")
@@ -126,6 +133,7 @@ class SimDriver(PerDeviceDriver):
         device = next(d for d in self.devices if d.name == name)
         for p in device.points:
             self._waves.pop(p.id, None)
+            self._replayed.discard(p.id)
 
     async def _poll_device(self, device: DeviceSpec, sink: BatchSink) -> None:
         settings = device.settings
@@ -137,10 +145,19 @@ class SimDriver(PerDeviceDriver):
         for p in device.points:
             assert isinstance(p.settings, SimPointSettings)
             waves.append(Waveform(p.settings, rng, t0))
-            self._waves[p.id] = waves[-1]
+        replay = [
+            array(VALUE_TYPECODE, [w.sample(t0 + k * device.poll_s) for w in waves])
+            for k in range(settings.replay)
+        ]
+        if replay:
+            self._replayed.update(ids)
+        else:
+            self._waves.update(zip(ids, waves, strict=True))
+        good = array(QUALITY_TYPECODE, bytes(len(ids)))
         health = self._health[device.name]
         schedule = FixedRate(device.poll_s, phase_for(device.name, device.poll_s))
         last_ms = 0
+        polls = 0
         while True:
             health.skipped_polls += await schedule.wait()
             if settings.latency:
@@ -153,7 +170,13 @@ class SimDriver(PerDeviceDriver):
             # (A real clock step backwards, seconds or more, is passed through as it is.)
             now_ms = time.time_ns() // 1_000_000
             last_ms = last_ms + 1 if 0 <= last_ms - now_ms < 1000 else now_ms
-            batch = Batch.at(last_ms, ids, [w.sample(last_ms / 1e3) for w in waves])
+            if replay:
+                # copies of the columns (a pushed batch is the agent's), no per-point work
+                stamps = array(TS_TYPECODE, [last_ms]) * len(ids)
+                batch = Batch(ids[:], stamps, replay[polls % len(replay)][:], good[:])
+                polls += 1
+            else:
+                batch = Batch.at(last_ms, ids, [w.sample(last_ms / 1e3) for w in waves])
             if sink.push(batch):
                 health.success(len(batch))
             else:

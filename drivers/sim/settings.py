@@ -17,6 +17,14 @@ class SimDeviceSettings(BaseModel):
         0.0, ge=0.0, le=1.0, description="probability that a poll fails (simulated dead device)"
     )
     latency: Duration = Field(0.0, le=60.0, description="simulated response time of a poll")
+    replay: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="sample this many polls once at the start, then replay them in a loop "
+        "with fresh timestamps: a load that costs next to nothing a poll (benchmarks); its "
+        "points take no writes; 0: sample every poll",
+    )
 
 
 class SimPointSettings(BaseModel):
