@@ -853,6 +853,7 @@ class Agent:
         now_ms = time.time_ns() // 1_000_000
         monotonic_ms = time.monotonic_ns() // 1_000_000  # the timed stages' real time
         self._check_clock(now_ms)
+        alarms = self.counters.alarms_raised + self.counters.alarms_cleared
         try:
             n: int = await self._on_buffer(self._flush_sync, batches, now_ms, monotonic_ms)
         except Exception as exc:
@@ -868,7 +869,9 @@ class Agent:
                     },
                 )
             return 0
-        if n and self.uplink is not None:
+        # alarms alone (a stale rule on a quiet gateway) are news for the uplink too
+        news = n or self.counters.alarms_raised + self.counters.alarms_cleared != alarms
+        if news and self.uplink is not None:
             self.uplink.wake()
         return n
 

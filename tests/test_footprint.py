@@ -10,11 +10,13 @@ import math
 import re
 import subprocess
 import sys
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from agent.config import parse_config
 from agent.runtime import Agent
-from buffer import Buffer
+from agent.uplink import BufferPort, Uplink, UplinkSettings
+from buffer import Buffer, Lane, Message
 from native.batch import Batch
 from tests.helpers import wait_until
 
@@ -66,6 +68,112 @@ def test_a_push_after_a_quiet_intake_delay_is_committed_at_once(tmp_path: Path) 
             assert intake_points() == 3  # waits for the delay's timer
         finally:
             await agent.stop()
+
+    asyncio.run(scenario())
+
+
+class _Session:
+    """A broker session whose publishes are acknowledged at once; it keeps their topics."""
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    async def __aenter__(self) -> _Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self.topics.append(topic)
+
+
+def test_the_uplink_asks_the_buffer_again_only_when_woken() -> None:
+    """Once a peek found fewer batches than the window had room for, the PUBACK of the
+    last one costs no further trip to the buffer thread: only the agent's wake (it
+    appended) does. At street rates that is one peek per flush, not two."""
+    pending: dict[int, Message] = {}
+    peeks: list[int] = []
+    acked: list[int] = []
+
+    async def peek(limit: int, exclude: Collection[int]) -> list[Message]:
+        peeks.append(limit)
+        return [m for seq, m in sorted(pending.items()) if seq not in exclude][:limit]
+
+    async def ack(seqs: Sequence[int]) -> int:
+        for seq in seqs:
+            acked.append(seq)
+            del pending[seq]
+        return len(acked)
+
+    def add(seq: int) -> None:
+        pending[seq] = Message(seq, Lane.TELEMETRY, b"x", 1, 0)
+
+    async def scenario() -> None:
+        up = Uplink(
+            UplinkSettings(broker="mqtt://127.0.0.1:1", gateway_id="gw", client_id="c"),
+            BufferPort(peek, ack),
+            "0" * 32,
+            b"{}",
+            _Session,
+        )
+        add(1)
+        task = asyncio.create_task(up.run())
+        try:
+            await wait_until(lambda: acked == [1], timeout=5.0)
+            await asyncio.sleep(0.3)  # time for a needless peek
+            assert len(peeks) == 1
+            add(2)
+            up.wake()  # what the agent does after a flush appended
+            await wait_until(lambda: acked == [1, 2], timeout=5.0)
+            await asyncio.sleep(0.3)
+            assert len(peeks) == 2
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_an_alarm_alone_wakes_the_uplink(tmp_path: Path) -> None:
+    """A flush whose only output is an alarm (a stale rule: the device stopped answering,
+    so there is no telemetry) wakes the uplink too: the alarm leaves at once, not with the
+    next telemetry, which may never come."""
+    session = _Session()
+    text = f"""
+[gateway]
+id = "gw-fp"
+[uplink]
+broker = "mqtt://127.0.0.1:9"
+[buffer]
+path = "{tmp_path / "buf.db"}"
+flush_interval = "100ms"
+[[devices]]
+name = "d"
+driver = "sim"
+poll = "50ms"
+fail_probability = 1.0
+  [[devices.points]]
+  name = "a"
+  pipeline = [{{ type = "stale", after = "300ms" }}]
+"""
+
+    async def scenario() -> None:
+        agent = Agent(parse_config(text), connect=lambda: session)
+        await agent.start()
+        try:
+            await wait_until(lambda: any(t.endswith("/up/alarm") for t in session.topics))
+        finally:
+            await agent.stop()
+        assert agent.counters.alarms_raised == 1 and agent.counters.read == 0
 
     asyncio.run(scenario())
 
