@@ -25,10 +25,13 @@ readings, RSS <= 40 MB):
 
 idle_cpu_pct: % of one core in the idle run. cpu_s_per_kpoint: the worse street run's
 CPU-seconds per 1000 readings, all of the agent's CPU counted (its idle cost too).
-rss_mb: the agent's peak RSS (VmHWM), the highest of the three runs.
+rss_mb: the agent's peak RSS (VmHWM), the highest of the three runs. Before it, a
+same-run baseline per street run: the sim devices alone (no agent) polled into a sink
+that only counts, in CPU-s per 1000 readings, the part of the figure that is the
+simulated devices' and would be a real driver's on a gateway.
 
-Full runs: 10 minutes each after a 30 s warm-up (about 32 minutes). `--quick` (CI):
-15 s windows after a 5 s warm-up, about 75 s; its numbers are indicative only.
+Full runs: 10 minutes each after a 30 s warm-up (about 35 minutes in all). `--quick` (CI):
+15 s windows after a 5 s warm-up, about 80 s; its numbers are indicative only.
 """
 
 from __future__ import annotations
