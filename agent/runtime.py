@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from functools import cache, partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import native
 from agent.commands import (
@@ -42,7 +42,6 @@ from agent.commands import (
 from agent.config import Config, ConfigError, load_config
 from agent.config_push import ConfigPushes
 from agent.metrics import AgentMetrics
-from agent.ota_command import Fetch, answer, fetch_https, run_update
 from agent.reload import ReloadDiff, ReloadRefused, diff_configs, plan_drivers, stage_points
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
@@ -55,12 +54,17 @@ from common.sdnotify import Notifier
 from common.supervise import TaskHealth, supervise
 from drivers.base import DeviceHealth, DeviceSpec, Driver, PointSpec
 from drivers.registry import load_driver
-from firmware_bridge.ota import OtaResult, Outcome
 from native import codec, impl
 from native.batch import Batch
 from native.pipeline import Pipeline
 from native.stages import AlarmEvent
 from native.table import PipelineCounts
+
+if TYPE_CHECKING:
+    # the firmware code brings cryptography (several MB of RSS): imported when a
+    # firmware_update command comes, not by every agent
+    from agent.ota_command import Fetch
+    from firmware_bridge.ota import OtaResult
 
 log = logging.getLogger("citygw.agent")
 T = TypeVar("T")
@@ -306,14 +310,15 @@ class Agent:
         self,
         config: Config,
         connect: Callable[[], AbstractAsyncContextManager[Publisher]] | None = None,
-        fetch_firmware: Fetch = fetch_https,
+        fetch_firmware: Fetch | None = None,
         notifier: Notifier | None = None,
     ) -> None:
         """`connect` replaces the MQTT connection to the broker (the demo's in-process
         link on a machine without mosquitto); by default the config's broker is used.
-        `fetch_firmware` downloads a firmware_update command's package (tests fake it).
-        `notifier` talks to systemd (`citygw run` under a unit): with a watchdog, the
-        agent pings it while its loops make progress (agent/watchdog.py)."""
+        `fetch_firmware` downloads a firmware_update command's package (default:
+        `agent.ota_command.fetch_https`; tests fake it). `notifier` talks to systemd
+        (`citygw run` under a unit): with a watchdog, the agent pings it while its loops
+        make progress (agent/watchdog.py)."""
         self.config = config
         self.notifier = notifier or Notifier({})
         #: time.monotonic() of the last turn of the "flush" and the "uplink" loops
@@ -334,7 +339,7 @@ class Agent:
         #: every supervised task's health, by task name, for the status
         self.task_health: dict[str, TaskHealth] = {}
         self._intake_timer: asyncio.TimerHandle | None = None
-        self._intake_tasks: set[asyncio.Task[None]] = set()
+        self._intake_next = 0.0  # loop time before which a push waits for the timer
         self._throttle = Throttle()
         self.started_ms = time.time_ns() // 1_000_000
         self._stopped = False
@@ -510,21 +515,33 @@ class Agent:
     # -- intake ----------------------------------------------------------------------
 
     def _schedule_intake(self) -> None:
-        if self._intake_timer is None and not self._stopped:
-            loop = asyncio.get_running_loop()
-            self._intake_timer = loop.call_later(self.config.buffer.intake_delay, self._intake)
+        """Called on each push. A push after a quiet `intake_delay` is committed at once;
+        one within `intake_delay` of the last commit waits for a timer, so a fast driver
+        still makes one commit per delay. At street rates (polls further apart than the
+        delay) every poll is committed at once: no timer, no extra wakeup of the loop."""
+        if self._intake_timer is not None or self._stopped:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._intake_next - loop.time()
+        if wait > 0:
+            self._intake_timer = loop.call_later(wait, self._intake)
+        else:
+            self._intake()
 
     def _intake(self) -> None:
         self._intake_timer = None
+        self._intake_next = asyncio.get_running_loop().time() + self.config.buffer.intake_delay
         held = self.queue.take_unsaved()
         if held:
-            task = asyncio.create_task(self._write_intake(held), name="intake")
-            self._intake_tasks.add(task)
-            task.add_done_callback(self._intake_tasks.discard)
+            # nothing on the loop waits for the commit (its errors are handled on the
+            # buffer thread), so its end wakes nothing; a flush, a stop and the final
+            # close queue behind it on the same single thread
+            self._executor.submit(self._write_intake, held)
 
-    async def _write_intake(self, held: list[Held]) -> None:
+    def _write_intake(self, held: list[Held]) -> None:
+        """On the buffer thread: the commit, or its failure counted and logged."""
         try:
-            await self._on_buffer(self._intake_sync, held)
+            self._intake_sync(held)
         except Exception as exc:  # the readings stay in memory for the flush
             self.counters.intake_failures += 1
             if (n := self._throttle.ready("intake-failed")) is not None:
@@ -696,6 +713,9 @@ class Agent:
         return None
 
     async def _update(self, cmd: FirmwareUpdateCommand) -> None:
+        from agent.ota_command import fetch_https, run_update
+        from firmware_bridge.ota import OtaResult, Outcome
+
         driver = self._driver_of[cmd.device]
         logged = [0]
 
@@ -712,7 +732,7 @@ class Agent:
             return await driver.update_firmware(cmd.device, package, force, progress)
 
         try:
-            result = await run_update(cmd, update, self._fetch_firmware)
+            result = await run_update(cmd, update, self._fetch_firmware or fetch_https)
         except asyncio.CancelledError:
             result = OtaResult(Outcome.FAILED, "the agent stopped during the update")
             self._answer(cmd, result)
@@ -723,6 +743,9 @@ class Agent:
         self._answer(cmd, result)
 
     def _answer(self, cmd: FirmwareUpdateCommand, result: OtaResult) -> None:
+        from agent.ota_command import answer
+        from firmware_bridge.ota import Outcome
+
         extra = {
             "id": cmd.id,
             "device": cmd.device,
@@ -925,6 +948,7 @@ class Agent:
         monotonic_ms = time.monotonic_ns() // 1_000_000  # the timed stages' real time
         self._check_clock(now_ms)
         started = time.perf_counter()
+        alarms = self.counters.alarms_raised + self.counters.alarms_cleared
         try:
             n: int = await self._on_buffer(self._flush_sync, batches, now_ms, monotonic_ms)
         except Exception as exc:
@@ -943,7 +967,9 @@ class Agent:
         finally:
             if self.metrics is not None:
                 self.metrics.flush_duration.observe(time.perf_counter() - started)
-        if n and self.uplink is not None:
+        # alarms alone (a stale rule on a quiet gateway) are news for the uplink too
+        news = n or self.counters.alarms_raised + self.counters.alarms_cleared != alarms
+        if news and self.uplink is not None:
             self.uplink.wake()
         return n
 
@@ -998,31 +1024,42 @@ class Agent:
         await self._on_buffer(self.buffer.put_state, "agent", self.snapshot())
 
     async def _status_loop(self) -> None:
-        """The status snapshot, the sync point and the checkpoint, each on its own: a
-        failed snapshot must not skip the sync point, which (with sync=normal) is what
-        bounds what a power cut can roll back to STATUS_INTERVAL_S."""
-        assert self.buffer is not None
-        steps: tuple[tuple[str, Callable[[], Any]], ...] = (
-            ("status snapshot", self.write_status),
-            ("sync point", partial(self._on_buffer, self.buffer.sync_point)),
-            ("checkpoint", partial(self._on_buffer, self.buffer.checkpoint)),
-        )
+        """The status snapshot, the sync point and the checkpoint, every STATUS_INTERVAL_S
+        in one trip to the buffer thread (one wakeup of it and of the loop, not three)."""
         while True:
-            for what, step in steps:
-                try:
-                    await step()
-                except Exception as exc:  # the buffer's errors: retried at the next tick
-                    self.counters.status_failures += 1
-                    if (n := self._throttle.ready(f"status-{what}")) is not None:
-                        log.error(
-                            "buffer status step failed",
-                            extra={
-                                "step": what,
-                                "error": f"{type(exc).__name__}: {exc}",
-                                "failures": n,
-                            },
-                        )
+            try:
+                snapshot: dict[str, Any] | None = self.snapshot()
+            except Exception as exc:  # a bug in a driver's health: the sync point goes on
+                self._status_failed("status snapshot", exc)
+                snapshot = None
+            await self._on_buffer(self._status_sync, snapshot)
             await asyncio.sleep(STATUS_INTERVAL_S)
+
+    def _status_sync(self, snapshot: dict[str, Any] | None) -> None:
+        """On the buffer thread, each step on its own: a failed snapshot must not skip the
+        sync point, which (with sync=normal) is what bounds what a power cut can roll
+        back to STATUS_INTERVAL_S. A failed step is retried at the next tick."""
+        buffer = self.buffer
+        assert buffer is not None
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("sync point", buffer.sync_point),
+            ("checkpoint", buffer.checkpoint),
+        ]
+        if snapshot is not None:
+            steps.insert(0, ("status snapshot", partial(buffer.put_state, "agent", snapshot)))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # the buffer's errors
+                self._status_failed(what, exc)
+
+    def _status_failed(self, what: str, exc: Exception) -> None:
+        self.counters.status_failures += 1
+        if (n := self._throttle.ready(f"status-{what}")) is not None:
+            log.error(
+                "buffer status step failed",
+                extra={"step": what, "error": f"{type(exc).__name__}: {exc}", "failures": n},
+            )
 
     # -- reload ----------------------------------------------------------------
 
@@ -1265,8 +1302,7 @@ class Agent:
         if self._intake_timer is not None:
             self._intake_timer.cancel()
             self._intake_timer = None
-        await asyncio.gather(*self._intake_tasks, return_exceptions=True)
-        await self.flush()
+        await self.flush()  # after any intake commit: the buffer thread takes them in order
         if drain_timeout > 0:
             await self.drain(drain_timeout)
         for task in self._tasks:

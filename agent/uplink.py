@@ -540,22 +540,29 @@ class Uplink:
         inflight: dict[int, asyncio.Task[Message]] = {}
         unacked: dict[int, Message] = {}  # PUBACKed; the buffer's ack failed
         running = list(helpers)
+        # The buffer may hold batches not in flight. A peek that returns fewer than it
+        # asked for found them all; only a wake (the agent appended) makes more, so the
+        # PUBACK of the last batch does not cost another trip to the buffer thread.
+        more = True
         try:
             while True:
                 self._on_turn()
                 for helper in [t for t in running if t.done()]:
                     helper.result()  # a failed stats publish or command loop: reconnect
                     running.remove(helper)
+                more |= self._wake.is_set()
                 self._wake.clear()
                 if unacked and self._buffer_ready() and await self._acked(list(unacked.values())):
                     unacked.clear()
                 free = self.s.window - len(inflight) - len(unacked)
-                if free > 0 and self._buffer_ready():
+                if free > 0 and more and self._buffer_ready():
                     try:
                         msgs = await self.buffer.peek(free, inflight.keys() | unacked.keys())
                     except BufferError as exc:
                         self._buffer_failed("peek", exc)
                         msgs = []
+                    else:
+                        more = len(msgs) == free
                     for msg in msgs:
                         if msg.seq in self.status.seen_seqs:
                             self.status.resent_messages += 1

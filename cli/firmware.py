@@ -32,10 +32,13 @@ from rich.progress import (
 from rich.text import Text
 
 from common.cli import EXIT_INVALID, EXIT_NO_FILE, err_console, fail, out_console
-from firmware_bridge import image as fw
 
 if TYPE_CHECKING:
+    from firmware_bridge import image as fw
     from firmware_bridge.ota import OtaResult
+
+# firmware_bridge.image (and cryptography, several MB) is imported by the commands that
+# use it, not by every `citygw` command: `citygw run` stays small
 
 EXIT_ROLLED_BACK = 3
 EXIT_LINK = 4
@@ -61,6 +64,8 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _public_key(path: Path) -> fw.Ed25519PublicKey:
+    from firmware_bridge import image as fw
+
     try:
         return fw.public_key_from_bytes(_read(path, "public key"), str(path))
     except ValueError as exc:
@@ -68,6 +73,8 @@ def _public_key(path: Path) -> fw.Ed25519PublicKey:
 
 
 def _version(text: str) -> fw.Version:
+    from firmware_bridge import image as fw
+
     try:
         return fw.Version.parse(text)
     except ValueError as exc:
@@ -75,6 +82,8 @@ def _version(text: str) -> fw.Version:
 
 
 def _package(path: Path) -> fw.Package:
+    from firmware_bridge import image as fw
+
     try:
         return fw.parse(_read(path, "package"))
     except fw.FirmwareError as exc:
@@ -90,6 +99,8 @@ def keygen(
     out: Annotated[Path, typer.Option("--out", help="Key files to write: OUT.key and OUT.pub.")],
 ) -> None:
     """Create an Ed25519 signing key pair; never overwrites an existing key."""
+    from firmware_bridge import image as fw
+
     try:
         private, public = fw.generate_keypair(out)
     except FileExistsError as exc:
@@ -110,6 +121,8 @@ def sign(
     out: Annotated[Path | None, typer.Option("--out", help="Default: IMAGE.cgfw")] = None,
 ) -> None:
     """Sign IMAGE for one hardware id and version; writes the signed package."""
+    from firmware_bridge import image as fw
+
     data = _read(image, "image")
     try:
         private = fw.load_private_key(key) if key.is_file() else None
@@ -149,6 +162,8 @@ def verify(
 ) -> None:
     """Check PACKAGE as the gateway does before sending it: intact, signed by the key,
     and (when given) for this hardware and newer than the running version."""
+    from firmware_bridge import image as fw
+
     key = _public_key(pubkey)
     pkg = _package(package)
     m = pkg.manifest
@@ -192,6 +207,7 @@ def push(
 ) -> None:
     """Update the microcontroller on PORT with PACKAGE: checked against the public key,
     the device's hardware id and version first, then sent with a progress bar."""
+    from firmware_bridge import image as fw
     from firmware_bridge.bridge import McuBridge
     from firmware_bridge.ota import Outcome
     from firmware_bridge.ota_push import PushSettings, push_firmware

@@ -14,10 +14,10 @@ import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
-from cryptography import x509
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import Config
@@ -26,6 +26,9 @@ from agent.uplink import connection_error, tls_failure
 from common import wire
 from common.mqtt_url import BrokerAddress, tls_context
 from common.reconnect import MqttClient
+
+if TYPE_CHECKING:  # imported where used: `citygw run` loads this module, not cryptography
+    from cryptography import x509
 
 #: a certificate that expires within this is a warn
 EXPIRY_WARN = datetime.timedelta(days=30)
@@ -80,6 +83,8 @@ def _name(cert: x509.Certificate) -> str:
 
 
 def _names(cert: x509.Certificate) -> list[str]:
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -157,6 +162,8 @@ async def _peer_certificate(
     addr: str, port: int, host: str, timeout: float
 ) -> x509.Certificate | None:
     """The broker's certificate without verifying it: to describe one that failed."""
+    from cryptography import x509
+
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -232,6 +239,8 @@ async def _handshake(
     t: BrokerTarget, addr: str, timeout: float
 ) -> tuple[Check, x509.Certificate | None]:
     """The TLS step, and the broker's certificate (also when it was not trusted)."""
+    from cryptography import x509
+
     name = f"{t.name}.tls"
     host, port = t.address.host, t.address.port
     try:
@@ -295,6 +304,8 @@ def _tls_refused(t: BrokerTarget, exc: OSError) -> Check:
 
 
 def _client_certificate(t: BrokerTarget) -> list[tuple[str, x509.Certificate]]:
+    from cryptography import x509
+
     if not t.cert_file:
         return []
     try:
