@@ -403,16 +403,26 @@ def patch_drivers(mod: ModuleType) -> None:
     driver = mod.Driver
     own = driver.__dict__.get("__init_subclass__")
 
+    def wrap(cls: type) -> None:
+        run = cls.__dict__.get("run")
+        if inspect.iscoroutinefunction(run) and not getattr(run, "_citygw_inject", False):
+            cls.run = _wrap_run(run)  # type: ignore[attr-defined]
+
     def __init_subclass__(cls: type, /, **kwargs: Any) -> None:
         if own is not None:
             own.__func__(cls, **kwargs)
         else:
             super(driver, cls).__init_subclass__(**kwargs)
-        run = cls.__dict__.get("run")
-        if inspect.iscoroutinefunction(run) and not getattr(run, "_citygw_inject", False):
-            cls.run = _wrap_run(run)  # type: ignore[attr-defined]
+        wrap(cls)
 
     driver.__init_subclass__ = classmethod(__init_subclass__)
+    # the base classes defined beside Driver (PerDeviceDriver: the sim, modbus and mcu
+    # drivers inherit its run) exist already
+    todo = list(driver.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        wrap(cls)
+        todo += cls.__subclasses__()
 
 
 # -- aiomqtt: an exception that is neither MqttError nor OSError -------------------------

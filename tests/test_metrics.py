@@ -380,7 +380,9 @@ def ingest_run(broker: Mosquitto, tmp_path_factory: pytest.TempPathFactory) -> I
         dead = value(f, "citygw_ingest_dead_letters_total", reason="envelope")
         # a dead letter is counted when rejected, then stored: wait for both
         kept = value(f, "citygw_ingest_dead_letters_stored_total")
-        done = value(f, "citygw_ingest_batches_stored_total") == 3 and dead == kept == 1
+        # ... and its store call timed (observed once the call returned)
+        timed = value(f, "citygw_ingest_store_latency_seconds_count", kind="dead_letters")
+        done = value(f, "citygw_ingest_batches_stored_total") == 3 and dead == kept == timed == 1
         return f if done and value(f, "citygw_ingest_duplicate_batches_total") == 1 else None
 
     async def scenario() -> IngestRun:

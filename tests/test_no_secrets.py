@@ -575,6 +575,29 @@ def test_no_command_prints_a_secret(tmp_path: Path, auth_broker: Mosquitto, pg_u
             Call(["platform", "hash-password"], "$argon2id$", stdin=f"{DB_PW}\n{DB_PW}\n")
         ],
         "platform new-token": [Call(["platform", "new-token", "scada"], "token (shown once)")],
+        # CITYGW_BROKER (a password, a closed port) and the config's own secrets
+        "platform push-config": [
+            Call(
+                ["platform", "push-config", "--gateway", "gw-secrets", str(good), "--wait", "2"],
+                "cannot send the command",
+            )
+        ],
+        "platform configs": [Call(["platform", "configs", "--db", db], "config version")],
+        # after the agents stopped: the doctor's broker steps log in with the password
+        "doctor": [
+            Call(
+                ["doctor", "-c", str(good), "--skip", "devices", "--timeout", "2"],
+                "result:",
+                phase=2,
+            ),
+            Call(["doctor", "-c", str(tls), "--timeout", "2"], "result:", phase=2),
+            Call(["doctor", "-c", str(bad)], "result:"),
+        ],
+        "install-service": [Call(["install-service", "-c", str(good), "--dry-run"], "ExecStart")],
+        "reload": [
+            Call(["reload", "-c", str(bad)], "problem"),
+            Call(["reload", "-c", str(good)], "no agent", phase=2),
+        ],
         "platform prune": [
             Call(["platform", "prune", "--db", db, "--older-than", "30d", "--yes"], "pruned"),
             Call(["platform", "prune", "--db", db, "--older-than", "30d"], "Delete", stdin="n\n"),

@@ -695,7 +695,10 @@ def test_downlink_answers_only_its_own_topic_and_logs_every_command(
         False,
         "value for 'pump/setpoint' must be a finite number, got 'NaN'",
     )
-    assert outcome["c6"] == (False, "unknown op 'reboot'; allowed: write, firmware_update")
+    assert outcome["c6"] == (
+        False,
+        "unknown op 'reboot'; allowed: write, firmware_update, config_push",
+    )
     assert outcome["None"][0] is False and "command is not JSON" in str(outcome["None"][1])
     assert outcome["c9"] == (True, None)
     # every command in the log, with its outcome
