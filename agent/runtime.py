@@ -374,7 +374,11 @@ class Agent:
         self.pushes = ConfigPushes(self)  # config_push commands (agent/config_push.py)
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+        """Runs `fn` on the buffer thread. Work handed over runs to its end even if the
+        caller is cancelled: a stop cancels the flush loop, whose flush may already have
+        taken the memory queue and still wait behind an intake commit."""
+        work = asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+        return await asyncio.shield(work)
 
     # -- start -----------------------------------------------------------------
 

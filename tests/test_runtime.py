@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,35 @@ def test_graceful_stop_writes_final_status(tmp_path: Path) -> None:
     assert state["counters"]["read"] == agent.counters.read > 0
     assert state["devices"]["d"]["polls"] > 0
     assert state["state"] == state["uplink"]["state"] == "stopped"
+
+
+def test_a_flush_cancelled_while_its_buffer_work_waits_still_lands(tmp_path: Path) -> None:
+    """A stop cancels the flush loop; its flush may have taken the queue and still be
+    waiting for the buffer thread (behind an intake commit). The work must run anyway:
+    dropped, its readings would be gone from memory and from the buffer."""
+
+    async def scenario() -> Agent:
+        agent = Agent(parse_config(config(tmp_path / "buf.db"), source="t.toml"))
+        await agent.start()
+        await asyncio.sleep(0.2)
+        await agent.stop_drivers()
+        agent._executor.submit(time.sleep, 0.3)  # the buffer thread busy for a while
+        flushing = asyncio.create_task(agent.flush())
+        await asyncio.sleep(0.05)  # the queue taken, its work queued behind the sleep
+        assert agent.queue.points == 0
+        flushing.cancel()
+        await asyncio.gather(flushing, return_exceptions=True)
+        await agent.stop()
+        return agent
+
+    agent = asyncio.run(scenario())
+    from buffer import Buffer
+
+    with Buffer.open_readonly(tmp_path / "buf.db") as buf:
+        stats = buf.stats()
+    assert sum(s.points for s in stats.lanes.values()) == agent.counters.sent > 0
+    assert agent.counters.sent + agent.counters.dropped == agent.counters.read
+    assert stats.intake_points == 0
 
 
 def broker_config(buffer: Path, broker_url: str) -> str:
