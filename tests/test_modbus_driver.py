@@ -644,7 +644,12 @@ def test_two_polls_answered_in_one_millisecond_keep_distinct_times() -> None:
     assert list(second) == [1003, 1003, 1003] and g.last_ms == 1003
     stepped = array("q", [-5000, 0])  # a wall clock stepped back: left as it is
     _distinct_times(g, stepped)  # type: ignore[arg-type]
-    assert list(stepped) == [-5000, 0] and g.last_ms == 1003
+    assert list(stepped) == [-5000, 0] and g.last_ms == 0
+    # two polls in one millisecond after the step are told apart too (the last reading
+    # before the step is no floor for them)
+    after = array("q", [0, 0])
+    _distinct_times(g, after)  # type: ignore[arg-type]
+    assert list(after) == [1, 1] and g.last_ms == 1
 
 
 # -- devices added and removed while the driver runs (a config reload) -------------------------
@@ -697,3 +702,26 @@ async def _until(done: Callable[[], bool], task: asyncio.Task[None], timeout: fl
         assert not task.done(), task.exception()
         assert time.monotonic() < deadline, "not reached in time"
         await asyncio.sleep(0.005)
+
+
+def test_a_stop_keeps_the_answer_of_the_poll_under_way() -> None:
+    """Cancelling the driver (a stop, a reload removing the device) while a device is
+    answering: the poll gets STOP_GRACE_S to end and its readings reach the sink."""
+    image = RegisterImage()
+    image.set(HR, 0, [7])
+
+    async def main() -> tuple[Sink, int]:
+        sink = Sink()
+        async with serving({1: image}) as sim:
+            sim.delay = 0.3  # each answer takes this long
+            device = mdevice("u1", sim.port, [mpoint(1, "a", device="u1", address=0)])
+            task = asyncio.create_task(ModbusDriver([device]).run(sink))
+            await _until(lambda: len(sim.requests) == 1, task)  # asked, not answered yet
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return sink, len(sim.requests)
+
+    sink, asked = asyncio.run(main())
+    assert asked == 1
+    assert sink.latest() == {1: (7.0, GOOD)}

@@ -88,6 +88,9 @@ ILLEGAL_DATA_ADDRESS = 2
 RETRY_BACKOFF_S = 0.05
 #: longest pause of a dead device between polls
 MAX_DEVICE_BACKOFF_S = 60.0
+#: a stop (or a reload removing the device) lets a poll under way finish this long: the
+#: answers a device is giving are readings; past it the poll is abandoned
+STOP_GRACE_S = 1.0
 #: longest pause between retries of a point whose read fails
 MAX_POINT_BACKOFF_S = 600.0
 #: one warning per failing read (or dead device) per this many seconds
@@ -257,14 +260,15 @@ class _Group:
 def _distinct_times(g: _Group, timestamps: array[int]) -> None:
     """A slow answer followed at once by the next poll (both answered in one millisecond on
     a busy shared link) would give a point two readings at one time: the later one gets the
-    next millisecond, so a point's readings are always told apart (a clock step back of a
-    second or more is left as it is)."""
+    next millisecond, so a point's readings are always told apart. A clock step back of a
+    second or more is left as it is, and the polls after it are told apart from its
+    readings, not from the readings before the step."""
     floor = g.last_ms + 1
     for i, ts in enumerate(timestamps):
         if ts < floor and floor - ts < 1000:
             timestamps[i] = floor
     if len(timestamps):
-        g.last_ms = max(g.last_ms, max(timestamps))
+        g.last_ms = max(timestamps)
 
 
 class _Device:
@@ -438,8 +442,12 @@ class ModbusDriver(PerDeviceDriver):
                 health.skipped_polls += 1
                 dev.backoff_skips += 1
                 continue
+            poll = asyncio.ensure_future(self._poll(dev, g))
             try:
-                batch = await self._poll(dev, g)
+                batch = await asyncio.shield(poll)
+            except asyncio.CancelledError:
+                await self._finish(dev, g, poll, sink)
+                raise
             except _PollFailed as failed:
                 health.failure(str(failed.error))
                 # from the end of the failed poll: nothing skipped after the first
@@ -475,6 +483,25 @@ class ModbusDriver(PerDeviceDriver):
                 health.success(len(batch))
             else:
                 health.skipped_polls += 1
+
+    @staticmethod
+    async def _finish(
+        dev: _Device, g: _Group, poll: asyncio.Future[Batch], sink: BatchSink
+    ) -> None:
+        """The poll under way when its task was cancelled: up to STOP_GRACE_S for it to
+        end, and what it read goes to the sink."""
+        try:
+            batch = await asyncio.wait_for(poll, STOP_GRACE_S)
+        except _PollFailed as failed:
+            batch = failed.partial
+        except TimeoutError:
+            return
+        except Exception:
+            log.exception("modbus %s: poll of group %r crashed at a stop", dev.name, g.name)
+            return
+        _distinct_times(g, batch.timestamps)
+        if len(batch):
+            sink.push(batch)
 
     async def _poll(self, dev: _Device, g: _Group) -> Batch:
         """One poll of a group: the batch of its numeric points (BAD rows for points whose
