@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import random
 import signal
@@ -33,6 +35,8 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,7 @@ from central.store import Store
 from central.stores import open_store
 from central.worker import IngestWorker
 from cli.demo import modbus_image
-from common.broker import Mosquitto
+from common.broker import Mosquitto, free_port
 from common.units import parse_duration
 from drivers.mcu.simulator import SimMcu
 from drivers.modbus.simulator import ModbusSimulator
@@ -60,6 +64,16 @@ from native.batch import GOOD, UNCERTAIN
 ROOT = Path(__file__).resolve().parents[1]
 #: how late a loaded machine may be on top of a loss window the design states
 LOSS_SLACK_S = 0.5
+
+
+def backlog_of(path: Path) -> int:
+    """Readings in the buffer at `path`; -1 when it is not there (not created yet, moved
+    aside) or cannot be read now."""
+    try:
+        with Buffer.open_readonly(path) as buf:
+            return sum(lane.points for lane in buf.stats().lanes.values())
+    except Exception:
+        return -1
 
 
 # -- the agent as a subprocess ------------------------------------------------------------
@@ -214,6 +228,8 @@ class Rig:
         self.hostile = Hostile(self) if scn.sims.hostile else None
         wants_push = any(f.action == "config_push" for f in scn.faults)
         self.config_push = BadConfigPush(self) if wants_push else None
+        self._reader: ProcessPoolExecutor | None = None  # reads the buffer (_backlog)
+        self.metrics_port = free_port()
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -347,9 +363,11 @@ class Rig:
             devices = devices.replace("{" + key + "}", str(value))
         if drain:  # the same points (and pipeline state), no readings: only the backlog
             devices = devices.replace("[[devices]]", "[[devices]]\nenabled = false")
+        # a port of its own: rigs run side by side (run-all --parallel, the tests)
+        metrics = {"port": self.metrics_port}
         return (
             f'[gateway]\nid = "{self.gateway}"\n\n[uplink]\n{_toml(uplink)}\n'
-            f"[buffer]\n{_toml(buf)}\n{devices}\n"
+            f"[buffer]\n{_toml(buf)}\n[metrics]\n{_toml(metrics)}\n{devices}\n"
         )
 
     # -- the run ----------------------------------------------------------------------
@@ -398,7 +416,7 @@ class Rig:
         self.mark("devices stopped (SIGTERM: flush)")
         t_stop = time.monotonic()
         code = await asyncio.to_thread(self.agent.stop)  # the simulators answer meanwhile
-        # a graceful stop abandons the polls in flight: the device answers nobody
+        # a graceful stop abandons a poll that does not end within its grace (STOP_GRACE_S)
         self.cuts.append((t_stop, time.monotonic(), "stop"))
         verdict.check(code == 0, f"agent exited with {code} at the end of the run")
         with Buffer.open_readonly(self.buffer_path) as buf:
@@ -412,6 +430,10 @@ class Rig:
         await asyncio.to_thread(self.agent.stop)
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
+        if self.modbus is not None:  # what the devices served, to look into a loss later
+            with (self.work / "modbus-requests.jsonl").open("w") as f:
+                for r in self.modbus.requests:
+                    f.write(json.dumps(dataclasses.asdict(r)) + "\n")
         self._judge(verdict, status)
         return verdict
 
@@ -522,22 +544,34 @@ class Rig:
 
     async def _sample(self) -> None:
         while True:
-            backlog = await asyncio.to_thread(self._backlog)
+            backlog = await self._backlog()
             stored = await asyncio.to_thread(lambda: self.store.counts().readings)
             self.samples.append((time.monotonic(), backlog, stored))
             await asyncio.sleep(0.2)
 
-    def _backlog(self) -> int:
+    async def _backlog(self) -> int:
+        """Readings in the agent's buffer now (-1: it cannot be read now). Read in a child
+        process: SQLite maps the buffer's WAL index, and a power cut under it (powerfs)
+        turns a read of that mapping into SIGBUS, which costs the child, not the rig."""
+        if self._reader is None:
+            self._reader = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            self.stack.callback(self._close_reader)
+        loop = asyncio.get_running_loop()
         try:
-            with Buffer.open_readonly(self.buffer_path) as buf:
-                return sum(lane.points for lane in buf.stats().lanes.values())
-        except Exception:  # not created yet, or moved aside: nothing to report now
+            return await loop.run_in_executor(self._reader, backlog_of, self.buffer_path)
+        except BrokenProcessPool:
+            self._close_reader()  # the next sample starts another child
             return -1
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._reader = None
 
     async def _wait_drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if await asyncio.to_thread(self._backlog) == 0:
+            if await self._backlog() == 0:
                 await asyncio.sleep(1.5)  # the ingest commits what it was given
                 return True
             await asyncio.sleep(0.25)

@@ -763,3 +763,32 @@ def test_read_loss_by_count_lets_the_windows_explain_a_shortfall() -> None:
     assert (loss.read_lost, loss.lost_outside) == (2, 1)
     loss = modbus_read_loss(plan, sim, four, [], by_count=True)  # type: ignore[arg-type]
     assert (loss.read_lost, loss.lost_outside) == (0, 2)
+
+
+def test_the_rig_reads_the_backlog_in_a_child_that_may_die(tmp_path: Path) -> None:
+    """A power cut under a mapped WAL index raises SIGBUS in whoever reads it: the rig's
+    backlog sampler reads in a child, so the child dies (one sample lost), not the rig."""
+    import signal
+
+    from hil.runner import Rig
+    from hil.scenario import load_scenario
+
+    root = Path(__file__).resolve().parents[1]
+    rig = Rig(load_scenario(root / "hil" / "scenarios" / "outage.toml"), tmp_path)
+
+    async def main() -> list[int]:
+        seen = [await rig._backlog()]  # no buffer yet
+        with Buffer(rig.buffer_path, 10_000_000) as buf:
+            buf.append_many([(Lane.TELEMETRY, b"x" * 10, 3)])
+        seen.append(await rig._backlog())
+        assert rig._reader is not None
+        for pid in list(rig._reader._processes):  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGBUS)
+        await asyncio.sleep(0.5)
+        seen.append(await rig._backlog())  # the dead child: this sample is lost
+        seen.append(await rig._backlog())  # a new child reads again
+        await rig.stack.aclose()
+        assert rig._reader is None
+        return seen
+
+    assert asyncio.run(main()) == [-1, 3, -1, 3]
