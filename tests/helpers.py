@@ -1,6 +1,7 @@
 """Helpers several test files share: both implementations of the native kernels, a
-driver run bounded by a condition, the data-driven malformed-config cases, and for the
-platform ingest: fake gateways publishing real uplinks, bounded waits, a TCP proxy."""
+driver run bounded by a condition, a broker session that acknowledges everything, the
+data-driven malformed-config cases, and for the platform ingest: fake gateways
+publishing real uplinks, bounded waits, a TCP proxy."""
 
 from __future__ import annotations
 
@@ -105,6 +106,31 @@ class Sink:
 
     def values(self, point_id: int) -> list[float]:
         return [v for pid, _, v, _ in self.rows() if pid == point_id]
+
+
+class AckingSession:
+    """A broker session for an uplink under test: every publish is acknowledged at once,
+    and its topic kept."""
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+
+    async def __aenter__(self) -> AckingSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        self.topics.append(topic)
 
 
 async def run_driver_until(

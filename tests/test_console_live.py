@@ -219,7 +219,9 @@ def test_demo_serves_the_console_until_interrupted(tmp_path: Path) -> None:
     with out.open("wb") as log:
         proc = subprocess.Popen(
             [
-                *(sys.executable, "-m", "cli", "demo", "--duration", "3", "--console"),
+                # faulthandler: a stop that hangs is aborted below with every thread's stack
+                *(sys.executable, "-X", "faulthandler", "-m", "cli", "demo"),
+                *("--duration", "3", "--console"),
                 *("--console-listen", f"127.0.0.1:{port}"),
             ],
             stdout=log,
@@ -243,4 +245,11 @@ def test_demo_serves_the_console_until_interrupted(tmp_path: Path) -> None:
             assert events and {e["gateway"] for e in events} == {"gw-demo-block-7"}
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 0, out.read_text(errors="replace")
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired as exc:
+            proc.send_signal(signal.SIGABRT)  # the stacks of a hung stop, into the log
+            proc.wait(10)
+            text = out.read_text(errors="replace")
+            raise AssertionError(f"no exit 30 s after SIGINT:\n{text}") from exc
+        assert code == 0, out.read_text(errors="replace")

@@ -18,7 +18,7 @@ from agent.runtime import Agent
 from agent.uplink import BufferPort, Uplink, UplinkSettings
 from buffer import Buffer, Lane, Message
 from native.batch import Batch
-from tests.helpers import wait_until
+from tests.helpers import AckingSession, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,30 +72,6 @@ def test_a_push_after_a_quiet_intake_delay_is_committed_at_once(tmp_path: Path) 
     asyncio.run(scenario())
 
 
-class _Session:
-    """A broker session whose publishes are acknowledged at once; it keeps their topics."""
-
-    def __init__(self) -> None:
-        self.topics: list[str] = []
-
-    async def __aenter__(self) -> _Session:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        qos: int = 0,
-        retain: bool = False,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        self.topics.append(topic)
-
-
 def test_the_uplink_asks_the_buffer_again_only_when_woken() -> None:
     """Once a peek found fewer batches than the window had room for, the PUBACK of the
     last one costs no further trip to the buffer thread: only the agent's wake (it
@@ -123,7 +99,7 @@ def test_the_uplink_asks_the_buffer_again_only_when_woken() -> None:
             BufferPort(peek, ack),
             "0" * 32,
             b"{}",
-            _Session,
+            AckingSession,
         )
         add(1)
         task = asyncio.create_task(up.run())
@@ -147,7 +123,7 @@ def test_an_alarm_alone_wakes_the_uplink(tmp_path: Path) -> None:
     """A flush whose only output is an alarm (a stale rule: the device stopped answering,
     so there is no telemetry) wakes the uplink too: the alarm leaves at once, not with the
     next telemetry, which may never come."""
-    session = _Session()
+    session = AckingSession()
     text = f"""
 [gateway]
 id = "gw-fp"

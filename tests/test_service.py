@@ -38,7 +38,7 @@ from cli import service
 from common import logs
 from common.broker import Mosquitto, free_port
 from common.sdnotify import Notifier, watchdog_interval
-from tests.helpers import Gateway
+from tests.helpers import AckingSession, Gateway
 
 REPO = Path(__file__).resolve().parent.parent
 runner = CliRunner(env={"COLUMNS": "250", "NO_COLOR": "1"})
@@ -212,41 +212,51 @@ def test_run_notifies_ready_pings_through_a_broker_outage_and_stopping(
     env = {**os.environ, "NOTIFY_SOCKET": listener.env, "WATCHDOG_USEC": "2000000"}
     env["PYTHONPATH"] = str(REPO)
     log = tmp_path / "agent.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "run", "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            cwd=tmp_path,
-            env=env,
-        )
-        try:
-
-            def alive() -> None:
-                assert proc.poll() is None, log.read_text()
-
-            [ready] = listener.wait_for("READY=1", alive=alive)
-            status = next(m for _, m in listener.received("READY=1"))
-            assert "STATUS=uplink " in status and "readings read" in status
-            # the uplink fails and backs off several times over (backoff <= 300 ms)...
-            deadline = time.monotonic() + 30
-            while log.read_text().count("uplink down, retrying") < 5:
-                alive()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.05)
-            # ...and the pings go on meanwhile, and after it
-            listener.wait_for("WATCHDOG=1", count=4, after=ready, alive=alive)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0, log.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with cli_process(["run", "-c", str(config)], tmp_path, env, log) as (proc, alive):
+        [ready] = listener.wait_for("READY=1", alive=alive)
+        status = next(m for _, m in listener.received("READY=1"))
+        assert "STATUS=uplink " in status and "readings read" in status
+        # the uplink fails and backs off several times over (backoff <= 300 ms)...
+        deadline = time.monotonic() + 30
+        while log.read_text().count("uplink down, retrying") < 5:
+            alive()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        # ...and the pings go on meanwhile, and after it
+        listener.wait_for("WATCHDOG=1", count=4, after=ready, alive=alive)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
     listener.wait_for("STOPPING=1")
     text = log.read_text()
     assert "pings withheld" not in text, text
     # under systemd, stderr would be the journal's: here it is a file, so plain lines
     assert "INFO    citygw.agent: agent started" in text
+
+
+@contextlib.contextmanager
+def cli_process(
+    args: list[str], cwd: Path, env: dict[str, str], log: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], Callable[[], None]]]:
+    """`python -m cli ARGS` with its stderr in `log`: the process, and a check that it
+    still runs (failing with its log). Killed at exit if it still runs."""
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=cwd,
+            env=env,
+        )
+
+    def alive() -> None:
+        assert proc.poll() is None, log.read_text()
+
+    try:
+        yield proc, alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 class AgentThread:
@@ -379,19 +389,6 @@ def test_a_hung_flush_stops_the_pings_and_they_resume_when_it_returns(
 # -- the uplink's turns ---------------------------------------------------------------------
 
 
-class _Session:
-    """A broker session that takes every publish at once."""
-
-    async def __aenter__(self) -> _Session:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-    async def publish(self, *args: object, **kwargs: object) -> None:
-        return None
-
-
 async def _turns(up: Uplink, turns: list[float], seconds: float) -> tuple[list[float], str]:
     """The uplink's turns during `seconds` of running after its first one, and its
     state then."""
@@ -461,7 +458,7 @@ async def _idle_then_stuck() -> None:
         return []
 
     up = _uplink(turns, peek, broker="mqtt://127.0.0.1:1")
-    up._connect = _Session  # an in-process session, nothing to send
+    up._connect = AckingSession  # an in-process session, nothing to send
     task = asyncio.create_task(up.run())
     try:
         await asyncio.wait_for(_first(turns), 10)
@@ -490,30 +487,14 @@ def test_ingest_notifies_ready_once_subscribed_and_pings(
     env["CITYGW_BROKER"] = f"mqtt://127.0.0.1:{mosquitto.port}"
     env["CITYGW_DB"] = f"sqlite:///{tmp_path / 'platform.db'}"
     log = tmp_path / "ingest.log"
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "ingest", "--report-every", "0"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            cwd=tmp_path,
-            env=env,
-        )
-        try:
-
-            def alive() -> None:
-                assert proc.poll() is None, log.read_text()
-
-            [ready] = listener.wait_for("READY=1", alive=alive)
-            assert "ingest: subscribed" in log.read_text()  # READY=1 came after it
-            status = next(m for _, m in listener.received("READY=1"))
-            assert "STATUS=subscribed" in status
-            listener.wait_for("WATCHDOG=1", count=2, after=ready, alive=alive)
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0, log.read_text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with cli_process(["ingest", "--report-every", "0"], tmp_path, env, log) as (proc, alive):
+        [ready] = listener.wait_for("READY=1", alive=alive)
+        assert "ingest: subscribed" in log.read_text()  # READY=1 came after it
+        status = next(m for _, m in listener.received("READY=1"))
+        assert "STATUS=subscribed" in status
+        listener.wait_for("WATCHDOG=1", count=2, after=ready, alive=alive)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
     listener.wait_for("STOPPING=1")
 
 
