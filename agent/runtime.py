@@ -47,7 +47,7 @@ from agent.stage_config import PointContext, aggregate_functions, aggregate_key,
 from agent.uplink import BufferPort, Publisher, Uplink, UplinkSettings
 from agent.watchdog import keep_alive, service_status
 from buffer import Buffer, BufferStats, Lane, Message
-from common import wire
+from common import timers, wire
 from common.logs import Throttle
 from common.redact import redact
 from common.sdnotify import Notifier
@@ -421,6 +421,8 @@ class Agent:
         # The buffer thread's Python steps (a flush's glue, saving stage state) hand the GIL
         # back to the event loop within this, not CPython's 5 ms (bench/e2e.py measures it).
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+        # this thread runs the event loop: a poll falling due takes the core at once
+        short_slice = timers.request_short_slice()
         log.info(
             "agent started",
             extra={
@@ -431,6 +433,7 @@ class Agent:
                 "codec": codec.FORMAT_VERSION,
                 "stages_resumed": resumed,
                 "accelerated": native.ACCELERATED,
+                "loop_slice": "short" if short_slice is None else f"default ({short_slice})",
             },
         )
 
