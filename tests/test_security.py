@@ -241,8 +241,8 @@ def refused(s: UplinkSettings) -> CountingUplink:
     return uplink
 
 
-def refused_after_handshake(s: UplinkSettings, alert: str) -> str:
-    """The error an uplink reports once a broker's TLS alert reached it (within 20 s).
+def refused_after_handshake(s: UplinkSettings, alert: str) -> CountingUplink:
+    """An uplink that ran until a broker's TLS alert reached it (within 20 s).
     With TLS 1.3 the broker judges the client's certificate after the client's handshake
     is done, then sends its alert and closes; when the close comes as a reset before the
     client read the alert, the kernel discards the alert with the rest of the unread
@@ -261,7 +261,7 @@ def refused_after_handshake(s: UplinkSettings, alert: str) -> str:
     asyncio.run(watch(uplink, 20.0, until=alerted))
     assert buf.acked == [] and uplink.status.connects == 0
     assert alerted(), errors
-    return uplink.status.last_error or ""
+    return uplink
 
 
 # -- TLS -----------------------------------------------------------------------------------
@@ -320,10 +320,13 @@ def test_uplink_delivers_over_mutual_tls_as_its_certificate_identity(
 def test_mutual_tls_refuses_an_uplink_without_a_client_certificate(
     tls_broker: TlsBroker, pki: Pki
 ) -> None:
-    error = refused_after_handshake(
+    uplink = refused_after_handshake(
         settings(tls_broker.mtls, ca_file=str(pki.ca)), "certificate required"
     )
+    error = uplink.status.last_error or ""
     assert error.startswith("TLS: the broker requires a client certificate"), error
+    assert "certificate required" in error
+    assert uplink.status.state == "stopped"
 
 
 def test_mutual_tls_refuses_a_certificate_from_another_ca(tls_broker: TlsBroker, pki: Pki) -> None:
@@ -333,8 +336,9 @@ def test_mutual_tls_refuses_a_certificate_from_another_ca(tls_broker: TlsBroker,
         cert_file=str(pki.rogue_cert),
         key_file=str(pki.rogue_key),
     )
-    error = refused_after_handshake(s, "unknown ca")
+    error = refused_after_handshake(s, "unknown ca").status.last_error or ""
     assert error.startswith("TLS: the broker does not trust the CA of the client certificate")
+    assert "unknown ca" in error
 
 
 def test_uplink_refuses_a_broker_signed_by_another_ca(tls_broker: TlsBroker, pki: Pki) -> None:
