@@ -1,7 +1,7 @@
 """Helpers several test files share: both implementations of the native kernels, a
 driver run bounded by a condition, a broker session that acknowledges everything, the
-data-driven malformed-config cases, and for the platform ingest: fake gateways
-publishing real uplinks, bounded waits, a TCP proxy."""
+readings in an agent's intake, the data-driven malformed-config cases, and for the
+platform ingest: fake gateways publishing real uplinks, bounded waits, a TCP proxy."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import aiomqtt
 import pytest
 
 from agent.config import ConfigError, load_config
+from buffer import Buffer
 from common import wire
 from common.broker import BrokerError, Mosquitto
 from drivers.base import BatchSink, Driver
@@ -106,6 +108,18 @@ class Sink:
 
     def values(self, point_id: int) -> list[float]:
         return [v for pid, _, v, _ in self.rows() if pid == point_id]
+
+
+def intake_points(path: Path) -> int:
+    """Readings in the intake of the agent's buffer at `path` (0 while the agent has not
+    created it or written its schema yet)."""
+    if not path.exists():
+        return 0
+    try:
+        with Buffer.open_readonly(path) as buf:
+            return buf.stats().intake_points
+    except (BufferError, sqlite3.Error, OSError):
+        return 0
 
 
 class AckingSession:

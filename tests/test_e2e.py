@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import itertools
 import signal
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from central.store import Store
 from central.stores import open_store
 from central.worker import IngestWorker
 from native.batch import Batch
+from tests.helpers import intake_points
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -234,18 +234,6 @@ def test_sigkill_loses_no_flushed_reading(mosquitto, tmp_path: Path) -> None:  #
         store.close()
 
 
-def _intake_points(path: Path) -> int:
-    from buffer import Buffer
-
-    if not path.exists():
-        return 0
-    try:
-        with Buffer.open_readonly(path) as buf:
-            return buf.stats().intake_points
-    except (BufferError, sqlite3.Error, OSError):  # its schema is not written yet
-        return 0
-
-
 def test_process_crash_loses_only_the_intake_window(tmp_path: Path) -> None:
     """A process crash between two flushes (flush interval 60 s here) loses only what
     was read in the last `intake_delay` (10 ms) and the poll under way: the readings
@@ -263,7 +251,7 @@ def test_process_crash_loses_only_the_intake_window(tmp_path: Path) -> None:
     first = _start_agent(cfg, tmp_path / "agent.log")
     # its first readings in the intake (a busy machine starts an agent slowly), then 3.5 s more
     deadline = time.monotonic() + 60
-    while not _intake_points(tmp_path / "buf.db"):
+    while not intake_points(tmp_path / "buf.db"):
         assert first.poll() is None and time.monotonic() < deadline, "the agent read nothing"
         time.sleep(0.05)
     time.sleep(3.5)

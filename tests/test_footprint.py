@@ -16,9 +16,9 @@ from pathlib import Path
 from agent.config import parse_config
 from agent.runtime import Agent
 from agent.uplink import BufferPort, Uplink, UplinkSettings
-from buffer import Buffer, Lane, Message
+from buffer import Lane, Message
 from native.batch import Batch
-from tests.helpers import AckingSession, wait_until
+from tests.helpers import AckingSession, intake_points, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,10 +49,6 @@ def test_a_push_after_a_quiet_intake_delay_is_committed_at_once(tmp_path: Path) 
     within the delay of the last commit still waits for one commit per delay."""
     path = tmp_path / "buf.db"
 
-    def intake_points() -> int:
-        with Buffer.open_readonly(path) as buf:
-            return buf.stats().intake_points
-
     def rows(n: int) -> Batch:
         return Batch.from_rows((1, 1_700_000_000_000 + i, float(i), 0) for i in range(n))
 
@@ -62,10 +58,10 @@ def test_a_push_after_a_quiet_intake_delay_is_committed_at_once(tmp_path: Path) 
         try:
             assert agent.queue.push(rows(3))
             # well before the 10 s delay: nothing else would commit it (flush: 60 s)
-            await wait_until(lambda: intake_points() == 3, timeout=5.0)
+            await wait_until(lambda: intake_points(path) == 3, timeout=5.0)
             assert agent.queue.push(rows(2))  # within the delay of that commit
             await asyncio.sleep(0.5)
-            assert intake_points() == 3  # waits for the delay's timer
+            assert intake_points(path) == 3  # waits for the delay's timer
         finally:
             await agent.stop()
 
