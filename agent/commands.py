@@ -35,6 +35,12 @@ network. The response names the command and says what happened:
     {"id": "c-77", "ok": true, "outcome": "updated", "from": "2.0.3", "to": "2.1.0", "ts": ...}
     {"id": "c-78", "ok": false, "outcome": "refused", "error": "bad_signature: ...", "ts": ...}
 
+- ``rule_override``: takes a local rule (agent/rules.py) over, or gives it back. While
+  overridden the rule acts on nothing and reports what it would have done as suppressed;
+  released, it decides again from its conditions as they are.
+
+      {"id": "c-91", "op": "rule_override", "rule": "underpass-pump", "override": true}
+
 - ``config_push``: a whole new gateway config (TOML text), tried and kept only if the
   uplink is healthy again within `deadline_s` (30 to 3600 s, default 300), else rolled
   back by the gateway itself (agent/config_push.py).
@@ -57,7 +63,7 @@ import math
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import orjson
@@ -72,7 +78,8 @@ DEADLINE_MIN_S, DEADLINE_MAX_S, DEADLINE_DEFAULT_S = 30, 3600, 300
 WRITE = "write"
 FIRMWARE_UPDATE = "firmware_update"
 CONFIG_PUSH = "config_push"
-OPS = (WRITE, FIRMWARE_UPDATE, CONFIG_PUSH)
+RULE_OVERRIDE = "rule_override"
+OPS = (WRITE, FIRMWARE_UPDATE, CONFIG_PUSH, RULE_OVERRIDE)
 #: the ops whose answer comes when they are over, with an `outcome`
 LONG_OPS = (FIRMWARE_UPDATE, CONFIG_PUSH)
 
@@ -114,7 +121,14 @@ class ConfigPushCommand:
     deadline_s: float  # the uplink must be healthy again within this, else roll back
 
 
-Command = WriteCommand | FirmwareUpdateCommand | ConfigPushCommand
+@dataclass(frozen=True, slots=True)
+class RuleOverrideCommand:
+    id: str
+    rule: str
+    override: bool  # True: take the rule over; False: give it back
+
+
+Command = WriteCommand | FirmwareUpdateCommand | ConfigPushCommand | RuleOverrideCommand
 
 
 def parse_command(
@@ -122,11 +136,13 @@ def parse_command(
     points: Mapping[str, PointSpec],
     devices: Mapping[str, str | None],
     downgrades: Collection[str] = frozenset(),
+    rules: Collection[str] = frozenset(),
 ) -> Command:
     """The checked command, or CommandRefused naming what is wrong. `points` maps
     "device/point" to its spec; `devices` maps every device name to None if it takes
     firmware updates, else the reason it does not; `downgrades` names the devices whose
-    config allows a forced update (`Driver.firmware_downgrades`)."""
+    config allows a forced update (`Driver.firmware_downgrades`); `rules` the local
+    rules' ids."""
     if len(payload) > MAX_CONFIG_PUSH_BYTES:
         raise CommandRefused(f"command larger than {MAX_CONFIG_PUSH_BYTES} bytes")
     try:
@@ -148,6 +164,8 @@ def parse_command(
         return _write(cid, obj, points)
     if op == FIRMWARE_UPDATE:
         return _firmware_update(cid, obj, devices, downgrades)
+    if op == RULE_OVERRIDE:
+        return _rule_override(cid, obj, rules)
     raise CommandRefused(f"unknown op {op!r}; allowed: {', '.join(OPS)}", cid)
 
 
@@ -161,20 +179,54 @@ def _write(cid: str, obj: dict[str, Any], points: Mapping[str, PointSpec]) -> Wr
     value = obj.get("value")
     if isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, int | float) or not math.isfinite(value):
+    if not isinstance(value, int | float):
         raise CommandRefused(
             f"value for {key!r} must be a finite number, got {value!r}", cid, WRITE
         )
+    if (refused := write_refusal(key, point, float(value))) is not None:
+        raise CommandRefused(refused, cid, WRITE)
+    return WriteCommand(cid, point, float(value))
+
+
+class WritablePoint(Protocol):
+    """What a write is checked against: a point's spec or its config."""
+
+    @property
+    def writable(self) -> bool: ...
+    @property
+    def min(self) -> float | None: ...
+    @property
+    def max(self) -> float | None: ...
+
+
+def write_refusal(key: str, point: WritablePoint, value: float) -> str | None:
+    """Why `value` may not be written to the point `key` (a downlink write or a local
+    rule's), or None."""
+    if not point.writable:
+        return f"point {key!r} is not writable"
+    if not math.isfinite(value):
+        return f"value for {key!r} must be a finite number, got {value!r}"
     if (point.min is not None and value < point.min) or (
         point.max is not None and value > point.max
     ):
-        raise CommandRefused(
+        return (
             f"value {value:g} for {key!r} is outside its declared range "
-            f"[{_bound(point.min)}, {_bound(point.max)}]",
-            cid,
-            WRITE,
+            f"[{_bound(point.min)}, {_bound(point.max)}]"
         )
-    return WriteCommand(cid, point, float(value))
+    return None
+
+
+def _rule_override(cid: str, obj: dict[str, Any], rules: Collection[str]) -> RuleOverrideCommand:
+    rule = obj.get("rule")
+    if not isinstance(rule, str) or rule not in rules:
+        known = ", ".join(sorted(rules)) or "none configured"
+        raise CommandRefused(f"unknown rule {rule!r}; rules: {known}", cid, RULE_OVERRIDE)
+    override = obj.get("override")
+    if not isinstance(override, bool):
+        raise CommandRefused(
+            "'override' must be true (take over) or false (release)", cid, RULE_OVERRIDE
+        )
+    return RuleOverrideCommand(cid, rule, override)
 
 
 def _firmware_update(

@@ -48,6 +48,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 
+from agent.local_config import DerivedConfig, RuleConfig, check_local
 from agent.stage_config import STAGE_MODELS, STAGE_TYPES, PipelineStage, check_pipeline
 from common import wire
 from common.keypath import AT_KEY as _AT_KEY
@@ -386,6 +387,8 @@ class Config(_Section):
     buffer: BufferConfig = Field(default_factory=dict, validate_default=True)
     metrics: MetricsConfig = Field(default_factory=dict, validate_default=True)
     devices: list[DeviceConfig] = Field(default_factory=list)
+    derived: list[DerivedConfig] = Field(default_factory=list)
+    rules: list[RuleConfig] = Field(default_factory=list)
 
     _source: str = PrivateAttr(default="<string>")
     _hash: str = PrivateAttr(default="")
@@ -406,7 +409,7 @@ class Config(_Section):
         return self.gateway.config_version or self._hash.removeprefix("sha256:")[:12]
 
     def point_count(self) -> int:
-        return sum(len(d.points) for d in self.devices)
+        return sum(len(d.points) for d in self.devices) + len(self.derived)
 
     @model_validator(mode="after")
     def _warn_identity(self) -> Config:
@@ -539,6 +542,11 @@ def parse_config(text: str, source: str = "<string>", base_dir: Path | None = No
     context["buffer_dir"] = buffer_path.parent
     settings = _validate_driver_settings(raw, drivers, issues, context)
     _check_devices(raw, drivers, settings, issues)
+
+    # phase 3: derived points and rules, against the points they read and write
+    if config is not None:
+        for loc, message in check_local(config):
+            issues.add(loc, message)
 
     if issues.items:
         raise ConfigError(issues.sorted(raw))

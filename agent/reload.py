@@ -16,6 +16,8 @@ What is live, per top-level key:
 - ``buffer``: ``flush_interval``, ``intake_delay`` and ``max_memory_points``; the
   database's ``path``, ``capacity`` and ``sync`` need a restart;
 - ``devices``: every key (the devices concerned are stopped, started or restarted);
+- ``derived`` and ``rules``: every key (rebuilt once the rules' actions under way are
+  recorded; unchanged rules keep their state);
 - any other section: needs a restart, until it has a live path of its own.
 """
 
@@ -44,6 +46,8 @@ LIVE_KEYS: dict[str, frozenset[str] | None] = {
     "uplink": None,  # all of them
     "buffer": frozenset({"flush_interval", "intake_delay", "max_memory_points"}),
     "devices": None,  # diffed device by device
+    "derived": None,  # rebuilt, each input's and unchanged rule's state kept
+    "rules": None,
 }
 
 

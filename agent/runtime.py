@@ -36,11 +36,14 @@ from agent.commands import (
     CommandRefused,
     ConfigPushCommand,
     FirmwareUpdateCommand,
+    RuleOverrideCommand,
     parse_command,
     response,
 )
 from agent.config import Config, ConfigError, load_config
 from agent.config_push import ConfigPushes
+from agent.local_action import LocalAction
+from agent.local_config import DERIVED_DRIVER
 from agent.metrics import AgentMetrics
 from agent.reload import ReloadDiff, ReloadRefused, diff_configs, plan_drivers, stage_points
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
@@ -76,6 +79,8 @@ CLOCK_VALID_FROM_MS = 1_577_836_800_000
 CLOCK_AHEAD_MAX_MS = 86_400_000
 CLOCK_STEP_S = 2.0  # a wall-clock jump against the monotonic clock worth reporting
 COMMAND_TIMEOUT_S = 10.0
+#: how long a reload or a stop waits for the rules' actions under way to be recorded
+LOCAL_IDLE_TIMEOUT_S = 15.0
 #: a device's health change sends up/stats at once, then not again sooner than this (a
 #: device failing every other poll must not send the whole message every flush)
 HEALTH_REPORT_MIN_S = 10.0
@@ -173,6 +178,8 @@ class MemoryQueue:
     def __init__(
         self, max_points: int, counters: Counters, on_push: Callable[[], None] | None = None
     ) -> None:
+        #: the derived readings of a pushed batch (agent/local_action.py), queued with it
+        self.derive: Callable[[Batch], Batch] | None = None
         self.max_points = max_points
         self._held: list[Held] = []
         self._unsaved: list[Held] = []  # pushed, not yet handed to an intake commit
@@ -187,6 +194,10 @@ class MemoryQueue:
         return self._points
 
     def push(self, batch: Batch) -> bool:
+        read = len(batch)
+        # before the bound: the rules act on what was read even when the queue is full
+        if self.derive is not None and len(derived := self.derive(batch)):
+            batch = Batch.concat([batch, derived])
         n = len(batch)
         if self._points + n > self.max_points:
             self._counters.refused += n
@@ -200,7 +211,7 @@ class MemoryQueue:
         self._held.append(held)
         self._unsaved.append(held)
         self._points += n
-        self._counters.read += n
+        self._counters.read += read  # from the drivers; derived readings are counted apart
         if self.on_push is not None:
             self.on_push()
         return True
@@ -261,21 +272,47 @@ def point_meta(config: Config) -> list[dict[str, Any]]:
                         **base,
                     }
                 )
+    for dv in config.derived:
+        base = {"device": dv.device, "driver": DERIVED_DRIVER}
+        out.append(
+            {
+                "key": dv.key,
+                "name": dv.name,
+                "unit": dv.unit,
+                "type": dv.type,
+                "expr": dv.expr,
+                **base,
+            }
+        )
+        for f in aggregate_functions(dv.pipeline):
+            out.append(
+                {
+                    "key": aggregate_key(dv.key, f),
+                    "name": f"{dv.name}:{f}",
+                    "unit": "" if f == "count" else dv.unit,
+                    "type": "float",
+                    **base,
+                }
+            )
     return out
 
 
 def build_pipeline(config: Config, ids: dict[str, int]) -> Pipeline:
     """The pipeline of the enabled devices' points; `ids` as from `point_meta`'s keys."""
-    return Pipeline(
-        {
-            ids[key]: stage_specs(p.pipeline, PointContext(key, p.min, p.max, ids))
-            for d in config.devices
-            if d.enabled
-            for p in d.points
-            if p.pipeline
-            for key in (f"{d.name}/{p.name}",)
-        }
-    )
+    stages = {
+        ids[key]: stage_specs(p.pipeline, PointContext(key, p.min, p.max, ids))
+        for d in config.devices
+        if d.enabled
+        for p in d.points
+        if p.pipeline
+        for key in (f"{d.name}/{p.name}",)
+    }
+    for dv in config.derived:
+        if dv.pipeline:
+            stages[ids[dv.key]] = stage_specs(
+                dv.pipeline, PointContext(dv.key, dv.min, dv.max, ids)
+            )
+    return Pipeline(stages)
 
 
 def device_specs(config: Config, ids: dict[str, int]) -> dict[str, list[DeviceSpec]]:
@@ -372,6 +409,12 @@ class Agent:
         self._health_changed = False  # since the last up/stats `_flush_loop` asked for
         self._reported = -HEALTH_REPORT_MIN_S  # time.monotonic() of that request
         self.pushes = ConfigPushes(self)  # config_push commands (agent/config_push.py)
+        #: derived points and local rules (None until start)
+        self.local: LocalAction | None = None
+        self._flushed_alarms: list[AlarmEvent] = []  # for the alarm rules, after a flush
+        # rule actions an append refused, and their rules' state (buffer thread only)
+        self._pending_actions: list[wire.RuleAction] = []
+        self._pending_rule_state: dict[str, bytes] = {}
 
     async def _on_buffer(self, fn: Any, *args: Any) -> Any:
         """Runs `fn` on the buffer thread. Work handed over runs to its end even if the
@@ -391,9 +434,12 @@ class Agent:
         ids: dict[str, int] = await self._on_buffer(buffer.registry.ensure, metas)
         self.pipeline = build_pipeline(cfg, ids)
         self._key_of = {pid: key for key, pid in ids.items()}
-        resumed = self.pipeline.load_state(await self._on_buffer(buffer.pipeline_state))
+        saved = await self._on_buffer(buffer.pipeline_state)
+        resumed = self.pipeline.load_state(saved)
         await self._recover_intake()
         self.drivers = self._build_drivers(ids)
+        self.local = self._local_action(cfg, ids)
+        resumed += self.local.load_state(saved)
         if cfg.metrics.enabled:
             self.metrics = AgentMetrics(self, software_version())
         self.uplink = self._make_uplink(self._meta(cfg, metas, ids))
@@ -406,6 +452,8 @@ class Agent:
             self._supervised("flush", self._flush_loop, forever=True),
             self._supervised("status", self._status_loop, forever=True),
         ]
+        if self.local.rules:
+            self._tasks.append(self._supervised("rules", self.local.run, forever=True))
         if self.metrics is not None:
             self._tasks.append(self._supervised("metrics", self.metrics.serve))
         if self.notifier.watchdog_s is not None:
@@ -457,6 +505,61 @@ class Agent:
                 },
             }
         )
+
+    def _local_action(self, cfg: Config, ids: dict[str, int]) -> LocalAction:
+        """Derived points and rules for `cfg`, hooked into the memory queue."""
+        local = LocalAction(
+            cfg,
+            ids,
+            lambda key: self.points.get(key),
+            self.write_point,
+            self._publish,
+            self._append_actions,
+        )
+        self.queue.derive = local.process if local.active else None
+        return local
+
+    async def write_point(self, point: PointSpec, value: float) -> float:
+        """Writes through the point's driver (COMMAND_TIMEOUT_S); the value read back.
+        Raises with the driver's words (they name device, point and why) or a timeout."""
+        driver = self._driver_of[point.key.split("/", 1)[0]]
+        try:
+            return await asyncio.wait_for(driver.write(point, value), COMMAND_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(
+                f"write to {point.key!r} timed out after {COMMAND_TIMEOUT_S:g} s"
+            ) from None
+
+    async def _publish(self, device: str, topic: str, payload: bytes, retain: bool) -> None:
+        driver = self._driver_of[device]
+        await asyncio.wait_for(driver.publish(device, topic, payload, retain), COMMAND_TIMEOUT_S)
+
+    async def _append_actions(
+        self, actions: list[wire.RuleAction], state: dict[str, bytes]
+    ) -> None:
+        """A rule's action events and state, on the alarm lane, in one transaction; if the
+        buffer refuses, they go with the next flush (never lost, never reordered)."""
+        try:
+            await self._on_buffer(self._append_actions_sync, actions, state)
+        except Exception as exc:
+            log.error(
+                "rule actions kept in memory for the next flush: the buffer refused them",
+                extra={"error": f"{type(exc).__name__}: {exc}", "actions": len(actions)},
+            )
+            return
+        if self.uplink is not None:
+            self.uplink.wake()
+
+    def _append_actions_sync(self, actions: list[wire.RuleAction], state: dict[str, bytes]) -> None:
+        """On the buffer thread: these and any still pending, in order; on failure they
+        all stay pending (the next flush or action takes them)."""
+        assert self.buffer is not None
+        self._pending_actions += actions
+        self._pending_rule_state.update(state)
+        pending = self._pending_actions
+        body = wire.encode_alarms(self.config.gateway.id, [], pending)
+        self.buffer.append_many([(Lane.ALARM, body, len(pending))], self._pending_rule_state)
+        self._pending_actions, self._pending_rule_state = [], {}
 
     def _make_uplink(self, meta: bytes) -> Uplink:
         assert self.buffer is not None
@@ -671,8 +774,9 @@ class Agent:
     async def handle_command(self, payload: bytes) -> bytes | None:
         """A downlink command in, its response out (see agent/commands.py); None for a
         firmware update, which runs on in a task and answers through the uplink."""
+        rules = self.local.by_id if self.local is not None else {}
         try:
-            cmd = parse_command(payload, self.points, self._firmware, self._downgrades)
+            cmd = parse_command(payload, self.points, self._firmware, self._downgrades, rules)
         except CommandRefused as exc:
             log.warning("command refused", extra={"id": exc.command_id, "error": str(exc)})
             return exc.response()
@@ -680,13 +784,17 @@ class Agent:
             return self._start_update(cmd)
         if isinstance(cmd, ConfigPushCommand):
             return self.pushes.start(cmd)
-        driver = self._driver_of[cmd.point.key.split("/", 1)[0]]
+        if isinstance(cmd, RuleOverrideCommand):
+            assert self.local is not None
+            self.local.override(cmd.rule, f"platform (command {cmd.id})" if cmd.override else "")
+            log.info(
+                "rule override", extra={"id": cmd.id, "rule": cmd.rule, "override": cmd.override}
+            )
+            return response(cmd.id, extra={"rule": cmd.rule, "override": cmd.override})
         try:
-            written = await asyncio.wait_for(driver.write(cmd.point, cmd.value), COMMAND_TIMEOUT_S)
-        except NotImplementedError as exc:
+            written = await self.write_point(cmd.point, cmd.value)
+        except (NotImplementedError, TimeoutError) as exc:
             error = str(exc)
-        except TimeoutError:
-            error = f"write to {cmd.point.key!r} timed out after {COMMAND_TIMEOUT_S:g} s"
         except Exception as exc:  # the driver's own error names device, point and why
             error = f"{type(exc).__name__}: {exc}"
         else:
@@ -793,7 +901,9 @@ class Agent:
         assert self.buffer is not None
         return await self._on_buffer(self.buffer.ack, list(seqs))
 
-    def _flush_sync(self, held: list[Held], now_ms: int, monotonic_ms: int) -> int:
+    def _flush_sync(
+        self, held: list[Held], now_ms: int, monotonic_ms: int, derive_state: dict[str, bytes]
+    ) -> int:
         """Runs on the buffer thread: pipeline, encode, one append transaction.
 
         The pipeline's output (alarms, telemetry chunks), the stage state it leaves and
@@ -830,6 +940,7 @@ class Agent:
                     )
             self._pending += Batch.regroup(outs, self.config.uplink.max_batch_points)
             self._pending_state.update(self.pipeline.save_state(touched))
+            self._pending_state.update(derive_state)
             self._bound_pending()
         # only now: if the pipeline raised, the rows stay in the intake for the next start
         self._pending_intake += sorted({h.intake_id for h in held if h.intake_id is not None})
@@ -839,7 +950,11 @@ class Agent:
         while held:
             held.pop()
         if not (
-            self._pending or self._pending_alarms or self._pending_state or self._pending_intake
+            self._pending
+            or self._pending_alarms
+            or self._pending_state
+            or self._pending_intake
+            or self._pending_actions
         ):
             return 0
         gateway = self.config.gateway.id
@@ -854,11 +969,13 @@ class Agent:
             return make
 
         items: list[tuple[Lane, bytes | Callable[[int], bytes], int]] = []
-        if self._pending_alarms:
-            alarms = wire.encode_alarms(gateway, self._pending_alarms)
-            items.append((Lane.ALARM, alarms, len(self._pending_alarms)))
+        actions = self._pending_actions
+        state = self._pending_state | self._pending_rule_state
+        if self._pending_alarms or actions:
+            alarms = wire.encode_alarms(gateway, self._pending_alarms, actions)
+            items.append((Lane.ALARM, alarms, len(self._pending_alarms) + len(actions)))
         items += [(Lane.TELEMETRY, encoded(chunk), len(chunk)) for chunk in self._pending]
-        self.buffer.append_many(items, self._pending_state, self._pending_intake)
+        self.buffer.append_many(items, state, self._pending_intake)
         n = sum(len(chunk) for chunk in self._pending)
         c = self.counters
         c.sent += n
@@ -876,8 +993,9 @@ class Agent:
                     "since_ms": e.since_ms,
                 },
             )
+        self._flushed_alarms += self._pending_alarms
         self._pending, self._pending_alarms, self._pending_state = [], [], {}
-        self._pending_intake = []
+        self._pending_intake, self._pending_actions, self._pending_rule_state = [], [], {}
         return n
 
     def _bound_pending(self) -> None:
@@ -948,16 +1066,23 @@ class Agent:
 
     async def flush(self) -> int:
         batches = self.queue.take()
-        pending = self._pending or self._pending_alarms or self._pending_intake
+        pending = (
+            self._pending or self._pending_alarms or self._pending_intake or self._pending_actions
+        )
         if not (batches or self.pipeline.timed or pending):
             return 0
+        # the derived points' inputs as of these readings, stored with their output
+        local = self.local
+        derive_state = local.save_state() if batches and local is not None and local.active else {}
         now_ms = time.time_ns() // 1_000_000
         monotonic_ms = time.monotonic_ns() // 1_000_000  # the timed stages' real time
         self._check_clock(now_ms)
         started = time.perf_counter()
         alarms = self.counters.alarms_raised + self.counters.alarms_cleared
         try:
-            n: int = await self._on_buffer(self._flush_sync, batches, now_ms, monotonic_ms)
+            n: int = await self._on_buffer(
+                self._flush_sync, batches, now_ms, monotonic_ms, derive_state
+            )
         except Exception as exc:
             self.counters.flush_failures += 1
             if (n_failed := self._throttle.ready("flush-failed")) is not None:
@@ -974,6 +1099,10 @@ class Agent:
         finally:
             if self.metrics is not None:
                 self.metrics.flush_duration.observe(time.perf_counter() - started)
+        if self._flushed_alarms:
+            alarms_out, self._flushed_alarms = self._flushed_alarms, []
+            if local is not None:
+                local.on_alarms(alarms_out, self._key_of)
         # alarms alone (a stale rule on a quiet gateway) are news for the uplink too
         news = n or self.counters.alarms_raised + self.counters.alarms_cleared != alarms
         if news and self.uplink is not None:
@@ -1023,6 +1152,8 @@ class Agent:
             },
             "tasks": {name: h.as_dict() for name, h in self.task_health.items()},
             "info": self.device_info,
+            "rules": self.local.status() if self.local is not None else {},
+            "local": dict(self.local.counters) if self.local is not None else {},
             "metrics": self.metrics.as_dict() if self.metrics else None,
         }
 
@@ -1208,6 +1339,7 @@ class Agent:
             self._start_driver(drv)
         self.drivers = list(by_driver.values())
         self._index_devices(self.drivers)
+        await self._reload_local(old, new, ids)
         self.queue.max_points = new.buffer.max_memory_points
         if diff.uplink_changed:
             await self._restart_uplink(meta)
@@ -1221,6 +1353,30 @@ class Agent:
         # passes, as at start (the few cycles the old config leaves are kept, once)
         gc.freeze()
         return diff
+
+    async def _reload_local(self, old: Config, new: Config, ids: dict[str, int]) -> None:
+        """New derived points or rules: the new ones take over once every decision of the
+        old ones is carried out and recorded; their state goes on where unchanged."""
+        before = self.local
+        assert before is not None
+        if old.derived == new.derived and old.rules == new.rules:
+            return
+        if not await before.idle(LOCAL_IDLE_TIMEOUT_S):
+            log.warning("rule actions still running at a reload are cut short")
+        await self._stop_task("rules")
+        self.local = self._local_action(new, ids)
+        self.local.carry_state(before)
+        if self.local.rules:
+            self._tasks.append(self._supervised("rules", self.local.run, forever=True))
+
+    async def _stop_task(self, name: str) -> None:
+        """Ends the supervised task `name`, if it runs."""
+        task = next((t for t in self._tasks if t.get_name() == name), None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._tasks.remove(task)
+            self.task_health.pop(name, None)
 
     def _prepare(
         self, old: Config, new: Config, metas: list[dict[str, Any]], ids: dict[str, int]
@@ -1305,6 +1461,12 @@ class Agent:
         await self.pushes.stop()  # a trial's marker stays: the next start resumes it
         async with self._reload_lock:  # a reload under way finishes first, none after
             self._stopping = True
+        # the rules' actions under way end (and are recorded) while the drivers still run;
+        # then no new one starts (a decision not carried out is not recorded either, and
+        # the rule's saved state is the one before it)
+        if self.local is not None and not await self.local.idle(LOCAL_IDLE_TIMEOUT_S):
+            log.warning("rule actions still running at the stop are cut short")
+        await self._stop_task("rules")
         await self.stop_drivers()
         if self._intake_timer is not None:
             self._intake_timer.cancel()

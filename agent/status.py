@@ -193,13 +193,47 @@ def render_status(stats: BufferStats, state: dict[str, Any], now_ms: int | None 
     errors.add_column("last error", overflow="fold", ratio=1)
     for f in failed:
         errors.add_row(*f)
+    rules = render_rules(agent, now_ms)
     return Group(
         summary,
         lanes,
         *([tasks] if tasks.row_count else []),
         devices,
         *([errors] if errors.row_count else []),
+        *([rules] if rules is not None else []),
     )
+
+
+def render_rules(agent: dict[str, Any], now_ms: int) -> Table | None:
+    """The local rules: their state, who overrides them, and their last actions."""
+    rules = agent.get("rules") or {}
+    if not rules:
+        return None
+    table = Table(title="rules (local action)")
+    for col in ("rule", "state", "condition", "starts/h"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("last actions", overflow="fold", ratio=1)
+    for rule_id, r in sorted(rules.items()):
+        state = r.get("state", "")
+        if r.get("overridden"):
+            state += f", overridden by {r['overridden']}"
+        if r.get("dry_run"):
+            state += ", dry run"
+        cond = r.get("condition")
+        lines = [
+            f"{age(a.get('ts_ms'), now_ms)} {a.get('transition')}: "
+            + " ".join(str(a[k]) for k in ("action", "target", "outcome") if a.get(k))
+            + (f" ({a['detail']})" if a.get("detail") else "")
+            for a in reversed(r.get("last_actions") or [])
+        ]
+        table.add_row(
+            rule_id,
+            state,
+            "unknown" if cond is None else "holds" if cond else "does not hold",
+            str(r.get("starts_last_hour", 0)),
+            "\n".join(lines) or "none yet",
+        )
+    return table
 
 
 def _whole_column(table: Table, title: str, cells: Iterable[str], name: bool = False) -> None:
@@ -242,7 +276,7 @@ def render_inspect(buffer_path: Path, limit: int = 20) -> Group:
         span, note = "", ""
         try:
             if m.lane == Lane.ALARM:
-                _, events = wire.decode_alarms(m.payload)
+                _, events, _ = wire.decode_alarms(m.payload)
                 note = ", ".join(f"{e.rule} {'raised' if e.raised else 'cleared'}" for e in events)
             else:
                 b = codec.decode(m.payload)

@@ -7,6 +7,9 @@
   last stored uplink, and what it last reported of its buffer (backlog, evicted, lost).
 - `alarms --db URL [--active] [--gateway G]`: alarm episodes, each raise paired with its
   clear.
+- `actions --db URL [--gateway G] [--rule R] [--limit N]`: what the gateways' local rules
+  did or were kept from doing (rule actions from the alarm lane), oldest of the newest N
+  first.
 - `devices --db URL [--gateway G]`: what each device says it is (serial number, firmware
   version, a BTHome text...), as its gateway last reported it in up/stats.
 - `dead-letters --db URL [--limit N] [--dump DIR]`: rejected uplinks kept aside by the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import math
 import re
 import sys
 from collections.abc import Callable, Collection, Sequence
@@ -52,10 +56,12 @@ from central.times import iso, now_ms, parse_when
 from common.cli import EXIT_NO_FILE, age, fail, out_console
 from common.redact import redact
 from common.units import parse_duration
+from common.wire import RuleAction, rule_action_dict
 from native.batch import QUALITY_NAMES
 
 app = typer.Typer(
-    help="Look into the platform's store: readings, gateways, devices, alarms, dead letters.",
+    help="Look into the platform's store: readings, gateways, devices, alarms, rule actions, "
+    "dead letters.",
     no_args_is_help=True,
 )
 
@@ -371,6 +377,72 @@ def alarms(
     )
 
 
+def _inputs_text(a: RuleAction) -> str:
+    return ", ".join(
+        f"{i.name}={'none' if math.isnan(i.value) else value_text(i.value)}"
+        + ("" if i.quality == 0 else f" ({quality_name(i.quality)})")
+        for i in a.inputs
+    )
+
+
+def _opt_value(v: float) -> str:
+    return "" if math.isnan(v) else value_text(v)
+
+
+@app.command()
+def actions(
+    db: DbOption,
+    gateway: GatewayOption = None,
+    rule: Annotated[str | None, typer.Option("--rule", help="Only this rule.")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="The newest N.", min=1)] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON (as --format json).")] = False,
+    fmt: FormatOption = "table",
+) -> None:
+    """Rule actions: what the gateways' local rules did (a write, a publish, an event) or
+    were kept from doing (an interlock, a manual override), in the order they happened,
+    newest last."""
+    found: list[tuple[str, RuleAction]] = _run(
+        db, lambda store: store.rule_actions(gateway=gateway, rule=rule, limit=limit)
+    )
+    emit(
+        "json" if as_json else fmt,
+        f"{len(found)} rule action{'s' if len(found) != 1 else ''} (newest last)",
+        (
+            "time",
+            "gateway",
+            "rule",
+            "transition",
+            "action",
+            "outcome",
+            "target",
+            "value",
+            "written",
+            "attempts",
+            "detail",
+            "inputs",
+        ),
+        [
+            (
+                iso(a.ts_ms),
+                g,
+                a.rule,
+                a.transition,
+                a.action or "-",
+                a.outcome,
+                a.target,
+                _opt_value(a.value),
+                _opt_value(a.written),
+                str(a.attempts),
+                a.detail,
+                _inputs_text(a),
+            )
+            for g, a in found
+        ],
+        [{"gateway": g, "time": iso(a.ts_ms), **rule_action_dict(a)} for g, a in found],
+        numbers=("time", "value", "written", "attempts"),
+    )
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -450,8 +522,8 @@ def prune(
     ],
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Retention: delete readings, uplink keys, dead letters and cleared alarms older
-    than --older-than (active alarms stay). A gateway that resends an uplink older than
+    """Retention: delete readings, uplink keys, dead letters, rule actions and cleared
+    alarms older than --older-than (active alarms stay). A gateway that resends an uplink older than
     that has it stored again: keep more than the longest gateway backlog."""
     try:
         keep_s = parse_duration(older_than)

@@ -90,6 +90,7 @@ class IngestCollector(Collector):
             ("readings_stored", "Readings stored.", c.readings_stored),
             ("batches_stored", "Uplink messages (batches and alarms) stored.", c.batches_stored),
             ("alarms_stored", "Alarm events stored.", c.alarms_stored),
+            ("actions_stored", "Local rule actions stored (alarm lane).", c.actions_stored),
             (
                 "duplicate_batches",
                 "Uplink messages dropped as already stored (a resend after a reconnect).",

@@ -20,7 +20,16 @@ from central.configs import ConfigPushRecord, ConfigSeen
 from central.events import Event, EventAction, EventSummary
 from central.series import Series
 from central.sessions import Session
-from common.wire import STATS_FIELDS, DeviceStatus, Envelope, GatewayStats, Meta
+from common.wire import (
+    STATS_FIELDS,
+    DeviceStatus,
+    Envelope,
+    GatewayStats,
+    Meta,
+    RuleAction,
+    RuleInput,
+    rule_input_dict,
+)
 from native.batch import GOOD, UNCERTAIN, Batch
 from native.stages import AlarmEvent
 
@@ -261,11 +270,19 @@ class Store(Protocol):
         `since_ms`: only those raised at or after it (the gateway's clock)."""
         ...
 
+    def rule_actions(
+        self, gateway: str | None = None, rule: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, RuleAction]]:
+        """(gateway, action) of the gateways' local rules (on `gateway`, of `rule`) in the
+        order they happened on each gateway (stream, seq, position; time across streams
+        and gateways), newest last: the newest `limit`."""
+        ...
+
     def prune(self, before_ms: int) -> dict[str, int]:
-        """Retention: drop readings taken, uplink keys and dead letters received, and
-        alarm episodes cleared and events resolved before `before_ms` (active alarms and
-        unresolved events stay); what was dropped, by table. An uplink resent after its
-        key was dropped is stored again."""
+        """Retention: drop readings taken, uplink keys and dead letters received, rule
+        actions taken, and alarm episodes cleared and events resolved before `before_ms`
+        (active alarms and unresolved events stay); what was dropped, by table. An uplink
+        resent after its key was dropped is stored again."""
         ...
 
     def fleet(self, gateway: str | None = None) -> list[FleetRow]:
@@ -415,8 +432,21 @@ def point_rows(gateway: str, meta: Meta, now_ms: int) -> list[tuple[Any, ...]]:
     ]
 
 
-#: what an uplink carries: readings (batch lanes) or alarm events (alarm lane)
-Body: TypeAlias = Batch | Sequence[AlarmEvent]
+@dataclass(frozen=True, slots=True)
+class AlarmBody:
+    """An alarm-lane message: its alarm events and its local rules' actions (either may
+    be empty). Its length, which the envelope's n_points gives, counts both."""
+
+    events: Sequence[AlarmEvent]
+    actions: Sequence[RuleAction] = ()
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.actions)
+
+
+#: what an uplink carries: readings (batch lanes), or alarm events (alarm lane; an
+#: `AlarmBody` also carries rule actions)
+Body: TypeAlias = Batch | Sequence[AlarmEvent] | AlarmBody
 
 
 def check_batch(env: Envelope, body: Body) -> None:
@@ -424,19 +454,125 @@ def check_batch(env: Envelope, body: Body) -> None:
         raise ValueError(f"envelope says {env.n_points} points but the body has {len(body)}")
 
 
+#: a rule action to store: (gateway, stream, seq as stored, position in its message, action)
+ActionRow: TypeAlias = tuple[str, str, int, int, RuleAction]
+
+
 def split_bodies(
     items: Sequence[tuple[str, Envelope, Body]],
-) -> tuple[list[tuple[str, int, Batch]], list[tuple[str, AlarmEvent]]]:
-    """The readings (gateway, seq as stored, batch) and the alarm events of the given
-    (fresh) uplinks."""
+) -> tuple[list[tuple[str, int, Batch]], list[tuple[str, AlarmEvent]], list[ActionRow]]:
+    """The readings (gateway, seq as stored, batch), the alarm events and the rule
+    actions of the given (fresh) uplinks, each in message order."""
     batches: list[tuple[str, int, Batch]] = []
     alarms: list[tuple[str, AlarmEvent]] = []
+    actions: list[ActionRow] = []
     for gateway, env, body in items:
         if isinstance(body, Batch):
             batches.append((gateway, seq_to_db(env.seq), body))
+        elif isinstance(body, AlarmBody):
+            alarms.extend((gateway, e) for e in body.events)
+            seq = seq_to_db(env.seq)
+            actions.extend((gateway, env.stream, seq, i, a) for i, a in enumerate(body.actions))
         else:
             alarms.extend((gateway, e) for e in body)
-    return batches, alarms
+    return batches, alarms, actions
+
+
+# -- rule actions (the alarm lane's "actions") --------------------------------------------
+
+RULE_ACTION_COLUMNS = (
+    "gateway, stream, seq, idx, rule, ts, transition, action, outcome, target, value, "
+    "written, detail, attempts, inputs, received_ms"
+)
+
+
+def rule_action_insert(ph: str, json_cast: str = "") -> str:
+    values = ", ".join([ph] * 14 + [f"{ph}{json_cast}", ph])
+    return f"INSERT INTO rule_actions ({RULE_ACTION_COLUMNS}) VALUES ({values})"
+
+
+def rule_action_row(row: ActionRow, now_ms: int) -> tuple[Any, ...]:
+    """The row of a rule action: NaN ("none") as NULL, the inputs as JSON text."""
+    gateway, stream, seq, idx, a = row
+
+    def number(v: float) -> float | None:
+        return None if math.isnan(v) else v
+
+    inputs = orjson.dumps([rule_input_dict(i) for i in a.inputs]).decode()
+    return (
+        gateway,
+        stream,
+        seq,
+        idx,
+        a.rule,
+        a.ts_ms,
+        a.transition,
+        a.action,
+        a.outcome,
+        a.target,
+        number(a.value),
+        number(a.written),
+        a.detail,
+        a.attempts,
+        inputs,
+        now_ms,
+    )
+
+
+def rule_actions_query(
+    ph: str, gateway: str | None, rule: str | None, limit: int
+) -> tuple[str, tuple[Any, ...]]:
+    """The newest `limit` rule actions (on `gateway`, of `rule`), newest first: within a
+    gateway's stream in message order (seq, idx), across streams and gateways by time.
+    A stream's order key is the running maximum of its times, so a gateway clock that
+    stepped back never reorders a stream's own actions."""
+    where, args = [], []
+    if gateway is not None:
+        where.append(f"gateway = {ph}")
+        args.append(gateway)
+    if rule is not None:
+        where.append(f"rule = {ph}")
+        args.append(rule)
+    cond = f" WHERE {' AND '.join(where)}" if where else ""
+    return (
+        "SELECT gateway, rule, ts, transition, action, outcome, target, value, written, "
+        "detail, attempts, inputs FROM (SELECT *, max(ts) OVER (PARTITION BY gateway, "
+        "stream ORDER BY seq, idx ROWS UNBOUNDED PRECEDING) AS happened "
+        f"FROM rule_actions{cond}) a "
+        f"ORDER BY happened DESC, gateway DESC, stream DESC, seq DESC, idx DESC LIMIT {ph}",
+        (*args, limit),
+    )
+
+
+def rule_action_from_row(row: Sequence[Any]) -> tuple[str, RuleAction]:
+    gateway, rule, ts, transition, action, outcome, target, value, written, detail, n, ins = row
+
+    def number(v: Any) -> float:
+        return math.nan if v is None else float(v)
+
+    inputs = tuple(
+        RuleInput(
+            name=str(i["name"]),
+            point=str(i["point"]),
+            value=number(i["value"]),
+            ts_ms=int(i["ts"]),
+            quality=int(i["quality"]),
+        )
+        for i in from_json(ins)
+    )
+    return str(gateway), RuleAction(
+        rule=str(rule),
+        ts_ms=int(ts),
+        transition=str(transition),
+        action=str(action),
+        outcome=str(outcome),
+        target=str(target),
+        value=number(value),
+        written=number(written),
+        detail=str(detail),
+        inputs=inputs,
+        attempts=int(n),
+    )
 
 
 def alarm_row(gateway: str, e: AlarmEvent, now_ms: int) -> tuple[Any, ...]:
@@ -693,6 +829,7 @@ PRUNE_DELETES: tuple[tuple[str, str], ...] = (
     ("dead_letters", "received_ms < {ph}"),
     # a whole episode once its clear is old; a clear without raise goes by its own time
     ("alarms", "COALESCE(cleared_ts, ts) < {ph} AND NOT (raised AND cleared_ts IS NULL)"),
+    ("rule_actions", "ts < {ph}"),  # the gateway's time of the action
     *events.PRUNE_DELETES,
 )
 

@@ -19,7 +19,8 @@ Per group of uplinks, in one transaction: one ``INSERT INTO uplinks ... ON CONFL
 NOTHING RETURNING`` on the dedup key (gateway, stream, seq) tells which are new; their
 readings go in with one binary ``COPY`` (`pg_copy`: float8 bits kept exactly, NaN
 payloads and -0.0 included; reads use the binary format too), their alarm events into
-``alarms`` (a clear is paired with its raise). Two workers storing the same uplink at
+``alarms`` (a clear is paired with its raise), their local rules' actions into
+``rule_actions``. Two workers storing the same uplink at
 once serialise on the unique key: the second waits for the first to commit and then
 inserts nothing. Keys are inserted in sorted order so that two workers never deadlock.
 
@@ -111,6 +112,10 @@ from central.store import (
     point_query,
     point_rows,
     points_upsert,
+    rule_action_from_row,
+    rule_action_insert,
+    rule_action_row,
+    rule_actions_query,
     selected_points,
     seq_to_db,
     split_bodies,
@@ -122,7 +127,7 @@ from central.store import (
     store_device_health,
     store_device_info,
 )
-from common.wire import Envelope, GatewayStats, Meta
+from common.wire import Envelope, GatewayStats, Meta, RuleAction
 from native.batch import Batch
 from native.stages import AlarmEvent
 
@@ -131,8 +136,8 @@ log = logging.getLogger("citygw.ingest")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _LOCK_KEY = 0x63677731  # advisory lock id for schema changes ("cgw1")
 #: 1 a row per reading, 2 reading blocks, 3 device_info, 4 the console's tables, 5 the
-#: config history (central/configs.py)
-SCHEMA_VERSION: Final = 5
+#: config history (central/configs.py), 6 rule_actions (the gateways' local rules)
+SCHEMA_VERSION: Final = 6
 DAY_MS: Final = 86_400_000
 #: day partitions are made for readings this close to now; the rest go to the default
 PARTITION_PAST_DAYS: Final = 400
@@ -279,6 +284,32 @@ CREATE TABLE IF NOT EXISTS rollup_queue (
 )
 """
 
+#: what the gateways' local rules did (the alarm lane's "actions"); value and written NULL
+#: for NaN (none), inputs the wire's JSON list; stored with the message's dedup key
+RULE_ACTIONS = """
+CREATE TABLE IF NOT EXISTS rule_actions (
+    gateway     text    NOT NULL,
+    stream      text    NOT NULL,
+    seq         bigint  NOT NULL,
+    idx         integer NOT NULL,
+    rule        text    NOT NULL,
+    ts          bigint  NOT NULL,
+    transition  text    NOT NULL,
+    action      text    NOT NULL,
+    outcome     text    NOT NULL,
+    target      text    NOT NULL,
+    value       double precision,
+    written     double precision,
+    detail      text    NOT NULL,
+    attempts    bigint  NOT NULL,
+    inputs      jsonb   NOT NULL,
+    received_ms bigint  NOT NULL,
+    PRIMARY KEY (gateway, stream, seq, idx)
+);
+CREATE INDEX IF NOT EXISTS rule_actions_rule ON rule_actions (rule, gateway);
+CREATE INDEX IF NOT EXISTS rule_actions_ts ON rule_actions (ts)
+"""
+
 #: a block's arrays stay uncompressed in its row up to a page: the console reads a point's
 #: positions in a block by subscript, which decompresses a compressed array once per
 #: position (10x slower for a block of 100 readings; arrays of numbers barely compress)
@@ -292,6 +323,7 @@ EXTRA_TABLES: tuple[str, ...] = (
     sessions.POSTGRES_TABLES,
     events.POSTGRES_TABLES,
     configs.POSTGRES_TABLES,
+    RULE_ACTIONS,
     # change_marks "gateways" (alarms and events have their tables' identity sequences)
     "CREATE SEQUENCE IF NOT EXISTS gateway_changes",
 )
@@ -576,7 +608,8 @@ class PostgresStore:
         version 3 adds ``device_info`` (made by TABLES, like every added table or column);
         version 4 the console's tables (EXTRA_TABLES): the blocks stored before the
         rollup existed are queued for it; version 5 the config history (its tables and
-        the gateways' config columns; a gateway's history starts with its next up/meta)."""
+        the gateways' config columns; a gateway's history starts with its next up/meta);
+        version 6 ``rule_actions`` (EXTRA_TABLES; empty until gateways send actions)."""
         new_rollup = self._relkind(cur, "point_rollup") is None
         for stmt in (TABLES + ";" + ";".join(EXTRA_TABLES)).split(";"):
             if stmt.strip():
@@ -757,13 +790,18 @@ class PostgresStore:
                     if key in new:
                         new.discard(key)  # the same uplink twice in one group: once
                         fresh.append(item)
-                fresh_batches, fresh_alarms = split_bodies(fresh)
+                fresh_batches, fresh_alarms, fresh_actions = split_bodies(fresh)
                 readings = sum(len(b) for _, _, b in fresh_batches)
                 changes = []
-                if fresh_alarms:
+                if fresh_alarms or fresh_actions:
                     changes.append("alarms")
-                    if self._store_alarms(cur, fresh_alarms, now):
-                        changes.append("events")
+                if fresh_alarms and self._store_alarms(cur, fresh_alarms, now):
+                    changes.append("events")
+                if fresh_actions:
+                    cur.executemany(
+                        rule_action_insert("%s", "::jsonb").encode(),
+                        [rule_action_row(a, now) for a in fresh_actions],
+                    )
                 notify_readings = readings > 0 and now - self._readings_notified_ms >= 1000
                 if notify_readings:
                     changes.append("readings")
@@ -969,6 +1007,15 @@ class PostgresStore:
             )
             rows = cur.fetchall()
         return [alarm_from_row(r) for r in rows]
+
+    def rule_actions(
+        self, gateway: str | None = None, rule: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, RuleAction]]:
+        sql_, args = rule_actions_query("%s", gateway, rule, limit)
+        with self._lock, self._conn().transaction(), self._db.cursor() as cur:
+            cur.execute(sql_.encode(), args)
+            rows = cur.fetchall()
+        return [rule_action_from_row(r) for r in reversed(rows)]
 
     def point_keys(self, gateway: str | None = None) -> list[str]:
         text = "SELECT DISTINCT key FROM points"

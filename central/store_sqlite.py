@@ -17,6 +17,10 @@ Schema::
                 PRIMARY KEY (gateway, device, name))  -- up/stats `devices`
     device_health(gateway, device, healthy, since_ms, error,
                   PRIMARY KEY (gateway, device))     -- up/stats `health`
+    rule_actions(gateway, stream, seq, idx, rule, ts, transition, action, outcome, target,
+                 value REAL, written REAL, detail, attempts, inputs TEXT (JSON),
+                 received_ms, PRIMARY KEY (gateway, stream, seq, idx))
+                                                     -- the alarm lane's local rule actions
     dead_letters(id, received_ms, topic, reason, error, payload, size)
     counters(name PRIMARY KEY, value)                -- readings, batches, duplicates_dropped;
                                                      -- alarms, events, gateways: change_marks
@@ -113,6 +117,10 @@ from central.store import (
     point_query,
     point_rows,
     points_upsert,
+    rule_action_from_row,
+    rule_action_insert,
+    rule_action_row,
+    rule_actions_query,
     selected_points,
     seq_to_db,
     split_bodies,
@@ -124,7 +132,7 @@ from central.store import (
     store_device_health,
     store_device_info,
 )
-from common.wire import Envelope, GatewayStats, Meta
+from common.wire import Envelope, GatewayStats, Meta, RuleAction
 from native.batch import Batch
 from native.stages import AlarmEvent
 
@@ -229,10 +237,37 @@ CREATE TABLE IF NOT EXISTS device_health (
 );
 """
 
+#: what the gateways' local rules did (the alarm lane's "actions"); value and written NULL
+#: for NaN (none), inputs the wire's JSON list; stored with the message's dedup key
+RULE_ACTIONS = """
+CREATE TABLE IF NOT EXISTS rule_actions (
+    gateway     TEXT    NOT NULL,
+    stream      TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    idx         INTEGER NOT NULL,
+    rule        TEXT    NOT NULL,
+    ts          INTEGER NOT NULL,
+    transition  TEXT    NOT NULL,
+    action      TEXT    NOT NULL,
+    outcome     TEXT    NOT NULL,
+    target      TEXT    NOT NULL,
+    value       REAL,
+    written     REAL,
+    detail      TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL,
+    inputs      TEXT    NOT NULL,
+    received_ms INTEGER NOT NULL,
+    PRIMARY KEY (gateway, stream, seq, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rule_actions_rule ON rule_actions (rule, gateway);
+CREATE INDEX IF NOT EXISTS rule_actions_ts ON rule_actions (ts);
+"""
+
 #: tables added by later features (the console's events, sessions...): each a DDL string of
 #: CREATE ... IF NOT EXISTS statements, run after SCHEMA
 EXTRA_TABLES: tuple[str, ...] = (
     DEVICE_HEALTH,
+    RULE_ACTIONS,
     sessions.SQLITE_TABLES,
     events.SQLITE_TABLES,
     configs.SQLITE_TABLES,
@@ -250,6 +285,7 @@ REQUIRED_TABLES = {
     "event_actions",
     "gateway_configs",
     "config_pushes",
+    "rule_actions",
 }
 
 _ADDED_COLUMNS = (
@@ -422,7 +458,7 @@ class SqliteStore:
                     )
                 batches += 1
                 results.append(True)
-            fresh_batches, fresh_alarms = split_bodies(fresh)
+            fresh_batches, fresh_alarms, fresh_actions = split_bodies(fresh)
             for gateway, seq, batch in fresh_batches:
                 if len(batch):
                     cur.executemany(
@@ -441,9 +477,14 @@ class SqliteStore:
                 if not e.raised:
                     cur.execute(alarm_clear("?", "rowid"), alarm_clear_args(gateway, e))
                 changed_events += events.record_alarm(cur, "?", gateway, e, now)
+            if fresh_actions:
+                cur.executemany(
+                    rule_action_insert("?"), [rule_action_row(a, now) for a in fresh_actions]
+                )
             bumps = [(readings, "readings"), (batches, "batches"), (dups, "duplicates_dropped")]
-            if fresh_alarms:
-                bumps += [(len(fresh_alarms), "alarms"), (changed_events, "events")]
+            if fresh_alarms or fresh_actions:
+                bumps += [(len(fresh_alarms) + len(fresh_actions), "alarms")]
+                bumps += [(changed_events, "events")]
             cur.executemany(_BUMP, bumps)
         return results
 
@@ -508,6 +549,14 @@ class SqliteStore:
                 (gateway,),
             ).fetchall()
         return [alarm_from_row(r) for r in rows]
+
+    def rule_actions(
+        self, gateway: str | None = None, rule: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, RuleAction]]:
+        sql, args = rule_actions_query("?", gateway, rule, limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [rule_action_from_row(r) for r in reversed(rows)]
 
     def stats(self, gateway: str) -> GatewayStats | None:
         with self._lock:

@@ -45,7 +45,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from central.service import notify_service
-from central.store import DEAD_LETTER_MAX_BYTES, Body, DeadLetter, Store
+from central.store import DEAD_LETTER_MAX_BYTES, AlarmBody, Body, DeadLetter, Store
 from central.store_errors import StoreFault, classify
 from central.stores import open_store
 from common import wire
@@ -88,6 +88,7 @@ class IngestCounters:
     batches_stored: int = 0
     readings_stored: int = 0
     alarms_stored: int = 0
+    actions_stored: int = 0  # local rule actions (alarm lane)
     duplicates_dropped: int = 0
     metas_stored: int = 0
     states_stored: int = 0
@@ -395,11 +396,25 @@ class IngestWorker:
     def _count_uplinks(
         self, uplinks: list[tuple[str, Envelope, Body]], results: list[bool]
     ) -> None:
-        stored = [body for (_, _, body), ok in zip(uplinks, results, strict=True) if ok]
+        stored = [(g, body) for (g, _, body), ok in zip(uplinks, results, strict=True) if ok]
         self.counters.batches_stored += len(stored)
-        for body in stored:
+        for gateway, body in stored:
             if isinstance(body, Batch):
                 self.counters.readings_stored += len(body)
+            elif isinstance(body, AlarmBody):
+                self.counters.alarms_stored += len(body.events)
+                self.counters.actions_stored += len(body.actions)
+                for a in body.actions:
+                    log.info(
+                        "ingest: rule action stored",
+                        extra={
+                            "gateway": gateway,
+                            "rule": a.rule,
+                            "transition": a.transition,
+                            "action": a.action,
+                            "outcome": a.outcome,
+                        },
+                    )
             else:
                 self.counters.alarms_stored += len(body)
         self.counters.duplicates_dropped += len(results) - len(stored)
@@ -558,9 +573,10 @@ class IngestWorker:
         body: Body
         if kind == wire.KIND_ALARM:
             try:
-                claimed, body = wire.decode_alarms(env.body)
+                claimed, events, actions = wire.decode_alarms(env.body)
             except WireError as e:
                 return "alarm", e
+            body = AlarmBody(events, actions)
         else:
             try:
                 decoded = codec.decode_message(env.body)

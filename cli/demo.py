@@ -347,6 +347,70 @@ _MCU_POINTS = [
 #: air-quality boxes that publish JSON to the site broker (here: the demo's broker)
 MQTT_BOXES = ("airbox-1", "airbox-2", "airbox-3")
 
+#: acting at the lowest level: the underpass floods every 20 s (a sine), the gateway
+#: computes the inflow from the level and runs the pump itself, within its interlocks
+_UNDERPASS = """
+[[devices]]
+name = "underpass"
+driver = "sim"
+poll = "500ms"
+seed = 99
+[[devices.points]]
+name = "level"
+unit = "m"
+base = 0.5
+amplitude = 0.45
+period = "20s"
+noise = 0.01
+resolution = 0.01
+[[devices.points]]
+name = "pump"
+writable = true
+min = 0
+max = 1
+
+[[derived]]
+name = "underpass_inflow"
+unit = "m3/h"
+inputs = { h = "underpass/level" }
+expr = "interp(h, [0, 0.5, 1.0], [0, 40, 160])"
+max_age = "5s"
+
+[[rules]]
+id = "underpass-pump"
+inputs = { level = "underpass/level" }
+when = "level > 0.8"
+until = "level < 0.4"
+min_on = "5s"
+min_off = "5s"
+max_starts_per_hour = 12
+start = [
+  { write = "underpass/pump", value = 1 },
+  { event = "underpass flooding: pump started" },
+]
+stop = [{ write = "underpass/pump", value = 0 }]
+"""
+
+#: with the airboxes: an air-quality index from PM2.5 (US EPA breakpoints, 24 h
+#: concentrations applied to the live value for the demo) and a warning sign on the
+#: site broker while it is poor
+_AQI = """
+[[derived]]
+name = "aqi_airbox_1"
+inputs = { pm = "airbox-1/pm25" }
+expr = "interp(pm, [0, 12, 35.4, 55.4, 150.4, 250.4], [0, 50, 100, 150, 200, 300])"
+max_age = "1m"
+
+[[rules]]
+id = "air-warning-sign"
+inputs = { aqi = "derived/aqi_airbox_1" }
+when = "aqi > 100"
+until = "aqi < 80"
+for = "2s"
+start = [{ publish = "signs/block-7/air", device = "airbox-1", payload = "AIR QUALITY POOR" }]
+stop = [{ publish = "signs/block-7/air", device = "airbox-1", payload = "" }]
+"""
+
 
 async def publish_mqtt_sensors(broker_url: str, stop: asyncio.Event) -> None:
     """The airboxes: every second each publishes one JSON message with its own clock,
@@ -404,6 +468,9 @@ def demo_config_text(
                     f'[[devices.points]]\nname = "{name}"\nunit = "{unit}"\n{wave}\n'
                     f"pipeline = [\n  {stages},\n]\n"
                 )
+    out.append(_UNDERPASS)
+    if site_broker is not None:
+        out.append(_AQI)
     if modbus_port is not None:
         for unit_id, profile in MODBUS_UNITS.items():
             out.append(
@@ -473,6 +540,8 @@ class DemoResult:
     ingested_mcu: int  # readings of the microcontroller's points the platform stored
     alarms_sent: int  # raise and clear events the gateway sent
     alarms_stored: int  # ... and the platform stored
+    #: the local rules' actions the platform stored (transition, action, target, outcome)
+    rule_actions: tuple[str, ...] = ()
 
     def summary(self) -> str:
         return (
@@ -494,6 +563,12 @@ def _status_table(agent: Agent, ingested: int, elapsed: float, duration: float) 
     t.add_row("aggregate windows", str(c.windows))
     t.add_row("flagged / spikes replaced", f"{c.flagged} / {c.replaced}")
     t.add_row("alarms raised / cleared", f"{c.alarms_raised} / {c.alarms_cleared}")
+    if agent.local is not None:
+        t.add_row("derived readings", str(agent.local.counters["derived"]))
+        for rule_id, r in agent.local.status().items():
+            last = r["last_actions"][-1] if r["last_actions"] else None
+            what = f"{last['transition']} {last['action']} {last['outcome']}" if last else "-"
+            t.add_row(f"rule {rule_id}", f"{r['state']} (last: {what})")
     t.add_row("uplink", up.state if up else "-")
     t.add_row("acked by broker (points)", str(up.published_points if up else 0))
     t.add_row("ingested by platform", str(ingested))
@@ -632,7 +707,13 @@ async def run_demo(
         ingested_mcu = sum(
             len(store.readings(gateway, f"{MCU_DEVICE}/{name}")) for _, name, _, _ in _MCU_POINTS
         )
-        result = _result(agent, counts.readings, dups, alarms_stored, ingested_mcu)
+        actions = tuple(
+            f"{a.rule}: {a.transition} {a.action} {a.target} {a.outcome}".replace("  ", " ")
+            for _, a in store.rule_actions(gateway)
+        )
+        for line in actions:
+            console.print(f"rule action stored by the platform: {line}")
+        result = _result(agent, counts.readings, dups, alarms_stored, ingested_mcu, actions)
         if web is not None:
             if on_result is not None:
                 on_result(result)
@@ -645,7 +726,12 @@ async def run_demo(
 
 
 def _result(
-    agent: Agent, ingested: int, dups: int, alarms_stored: int, ingested_mcu: int
+    agent: Agent,
+    ingested: int,
+    dups: int,
+    alarms_stored: int,
+    ingested_mcu: int,
+    rule_actions: tuple[str, ...],
 ) -> DemoResult:
     c = agent.counters
     up = agent.uplink.status if agent.uplink else None
@@ -662,4 +748,5 @@ def _result(
         ingested_mcu=ingested_mcu,
         alarms_sent=c.alarms_raised + c.alarms_cleared,
         alarms_stored=alarms_stored,
+        rule_actions=rule_actions,
     )

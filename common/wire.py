@@ -532,6 +532,14 @@ def decode_meta(data: bytes | bytearray | memoryview | str) -> Meta:
 #    "critical", "state": "raise", "ts": 1795938246112, "value": 3.7, "since": ...}]}
 # "value" is null for NaN (a stale alarm has no reading). "since": when the condition
 # began (raise) or when the alarm was raised (clear).
+# "actions" (optional, left out when there are none, so an alarm-only body is what it was
+# before rules existed): what the gateway's local rules did or were kept from doing,
+#   [{"rule": "pump-on-flood", "ts": 1795938246112, "transition": "start", "action":
+#     "write", "outcome": "done", "target": "pump/run", "value": 1.0, "written": 1.0,
+#     "detail": "", "attempts": 1, "inputs": [{"name": "level", "point": "underpass/level",
+#     "value": 0.83, "ts": 1795938246000, "quality": 0}]}]
+# "value"/"written" (and an input's "value") null for NaN: none. A body may hold actions
+# and no events. On the alarm lane the envelope's n_points counts events and actions.
 
 ALARM_VERSION: Final = 1
 _ALARM_STATES: Final = {"raise": True, "clear": False}
@@ -539,25 +547,102 @@ _SEVERITIES: Final = frozenset(SEVERITIES)
 _INT64: Final = 2**63
 
 
-def encode_alarms(gateway: str, events: Sequence[AlarmEvent]) -> bytes:
-    return orjson.dumps(
-        {
-            "v": ALARM_VERSION,
-            "gateway": gateway,
-            "events": [
-                {
-                    "point": e.point_id,
-                    "rule": e.rule,
-                    "severity": e.severity,
-                    "state": "raise" if e.raised else "clear",
-                    "ts": e.ts_ms,
-                    "value": e.value if math.isfinite(e.value) else None,
-                    "since": e.since_ms,
-                }
-                for e in events
-            ],
-        }
-    )
+#: a rule action's transition, action (""; none) and outcome
+RULE_TRANSITIONS: Final = ("start", "stop", "override", "release")
+RULE_ACTIONS: Final = ("write", "publish", "event", "")
+RULE_OUTCOMES: Final = ("done", "dry_run", "suppressed", "failed")
+#: the most inputs one rule action may carry
+MAX_RULE_INPUTS: Final = 64
+#: a rule input's quality: GOOD 0, BAD 1, UNCERTAIN 2, UNAVAILABLE 3 (native/batch.py)
+MAX_RULE_QUALITY: Final = 3
+#: the most write attempts an action may report
+MAX_RULE_ATTEMPTS: Final = MAX_U32
+
+
+@dataclass(frozen=True, slots=True)
+class RuleInput:
+    """What a rule saw of one of its inputs when it decided."""
+
+    name: str  # the rule's name for the input, e.g. "level"
+    point: str  # "device/point"
+    value: float  # NaN: none
+    ts_ms: int  # 0: never read
+    quality: int  # 0 GOOD, 1 BAD, 2 UNCERTAIN, 3 UNAVAILABLE
+
+
+@dataclass(frozen=True, slots=True)
+class RuleAction:
+    """An action a gateway's local rule took, or one an interlock or a manual override
+    suppressed; it travels on the alarm lane (`encode_alarms`)."""
+
+    rule: str  # the rule's id
+    ts_ms: int  # gateway wall clock when it was decided/done
+    transition: str  # "start" | "stop" | "override" | "release"
+    # "write" | "publish" | "event" | "" (none: an override set/released, or a transition
+    # suppressed before any action)
+    action: str
+    outcome: str  # "done" | "dry_run" | "suppressed" | "failed"
+    target: str  # the point key written, the topic published, "" otherwise
+    value: float  # the value to write (NaN: none)
+    written: float  # the value read back after the write (NaN: none)
+    detail: str  # why suppressed / the error / the event's text / who overrode
+    inputs: tuple[RuleInput, ...]
+    attempts: int = 1  # write attempts made
+
+
+def _number(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def rule_input_dict(i: RuleInput) -> dict[str, Any]:
+    """A rule input as its JSON object (the wire's, also what the platform stores)."""
+    return {
+        "name": i.name,
+        "point": i.point,
+        "value": _number(i.value),
+        "ts": i.ts_ms,
+        "quality": i.quality,
+    }
+
+
+def rule_action_dict(a: RuleAction) -> dict[str, Any]:
+    return {
+        "rule": a.rule,
+        "ts": a.ts_ms,
+        "transition": a.transition,
+        "action": a.action,
+        "outcome": a.outcome,
+        "target": a.target,
+        "value": _number(a.value),
+        "written": _number(a.written),
+        "detail": a.detail,
+        "attempts": a.attempts,
+        "inputs": [rule_input_dict(i) for i in a.inputs],
+    }
+
+
+def encode_alarms(
+    gateway: str, events: Sequence[AlarmEvent], actions: Sequence[RuleAction] = ()
+) -> bytes:
+    body: dict[str, Any] = {
+        "v": ALARM_VERSION,
+        "gateway": gateway,
+        "events": [
+            {
+                "point": e.point_id,
+                "rule": e.rule,
+                "severity": e.severity,
+                "state": "raise" if e.raised else "clear",
+                "ts": e.ts_ms,
+                "value": e.value if math.isfinite(e.value) else None,
+                "since": e.since_ms,
+            }
+            for e in events
+        ],
+    }
+    if actions:
+        body["actions"] = [rule_action_dict(a) for a in actions]
+    return orjson.dumps(body)
 
 
 def _int(obj: Mapping[str, Any], field: str, where: str, lo: int, hi: int) -> int:
@@ -618,13 +703,91 @@ def _json_body(
     return obj, gateway
 
 
-def decode_alarms(data: bytes | bytearray | memoryview) -> tuple[str, list[AlarmEvent]]:
-    """(gateway, events) of an alarm-lane body. Raises WireError (only) on bad input."""
+def _text(obj: Mapping[str, Any], field: str, where: str, *, empty: bool = True) -> str:
+    v = obj.get(field)
+    if not isinstance(v, str) or (not empty and not v):
+        kind = "a string" if empty else "a non-empty string"
+        raise WireError(f"{where}: {field!r} must be {kind}")
+    check_text(v, f"{where}: {field!r}")
+    return v
+
+
+def _choice(obj: Mapping[str, Any], field: str, where: str, allowed: Sequence[str]) -> str:
+    v = obj.get(field)
+    # a JSON list or object is unhashable: test the type before the membership
+    if not isinstance(v, str) or v not in allowed:
+        raise WireError(f"{where}: {field!r} must be one of {', '.join(map(repr, allowed))}")
+    return v
+
+
+def _float_or_none(obj: Mapping[str, Any], field: str, where: str) -> float:
+    """A number, or NaN for null; the field must be there."""
+    v = obj.get(field, ...)
+    if v is None:
+        return math.nan
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise WireError(f"{where}: {field!r} must be a number or null")
+    try:
+        return float(v)
+    except OverflowError:  # an integer beyond any double
+        raise WireError(f"{where}: {field!r} is out of range") from None
+
+
+def _rule_input(obj: Any, where: str) -> RuleInput:
+    if not isinstance(obj, Mapping):
+        raise WireError(f"{where}: must be an object")
+    return RuleInput(
+        name=_text(obj, "name", where, empty=False),
+        point=_text(obj, "point", where, empty=False),
+        value=_float_or_none(obj, "value", where),
+        ts_ms=_int(obj, "ts", where, -_INT64, _INT64 - 1),
+        quality=_int(obj, "quality", where, 0, MAX_RULE_QUALITY),
+    )
+
+
+def _rule_action(obj: Any, i: int) -> RuleAction:
+    where = f"alarm actions[{i}]"
+    if not isinstance(obj, Mapping):
+        raise WireError(f"{where}: must be an object")
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, list):
+        raise WireError(f"{where}: 'inputs' must be a list")
+    if len(inputs) > MAX_RULE_INPUTS:
+        raise WireError(
+            f"{where}: 'inputs' has {len(inputs)} entries, at most {MAX_RULE_INPUTS} allowed"
+        )
+    return RuleAction(
+        rule=_text(obj, "rule", where, empty=False),
+        ts_ms=_int(obj, "ts", where, -_INT64, _INT64 - 1),
+        transition=_choice(obj, "transition", where, RULE_TRANSITIONS),
+        action=_choice(obj, "action", where, RULE_ACTIONS),
+        outcome=_choice(obj, "outcome", where, RULE_OUTCOMES),
+        target=_text(obj, "target", where),
+        value=_float_or_none(obj, "value", where),
+        written=_float_or_none(obj, "written", where),
+        detail=_text(obj, "detail", where),
+        inputs=tuple(_rule_input(x, f"{where} inputs[{j}]") for j, x in enumerate(inputs)),
+        attempts=_int(obj, "attempts", where, 0, MAX_RULE_ATTEMPTS),
+    )
+
+
+def decode_alarms(
+    data: bytes | bytearray | memoryview,
+) -> tuple[str, list[AlarmEvent], list[RuleAction]]:
+    """(gateway, events, rule actions) of an alarm-lane body; a body without "actions" (a
+    gateway before local rules) has none. Raises WireError (only) on bad input."""
     obj, gateway = _json_body(data, "alarms", ALARM_VERSION)
     events = obj.get("events")
     if not isinstance(events, list):
         raise WireError("alarms: 'events' must be a list")
-    return gateway, [_alarm(e, i) for i, e in enumerate(events)]
+    actions = obj.get("actions", [])
+    if not isinstance(actions, list):
+        raise WireError("alarms: 'actions' must be a list")
+    return (
+        gateway,
+        [_alarm(e, i) for i, e in enumerate(events)],
+        [_rule_action(a, i) for i, a in enumerate(actions)],
+    )
 
 
 # -- stats (retained, up/stats) -------------------------------------------------------------
@@ -712,6 +875,13 @@ class InfoProblem:
 def _cut(value: str, limit: int) -> str:
     """`value` cut to at most `limit` UTF-8 bytes, at a character boundary."""
     return value.encode()[:limit].decode(errors="ignore")
+
+
+def storable_text(value: str, limit: int = MAX_TEXT_BYTES) -> str:
+    """`value` as the platform stores it (`check_text`): a NUL or a lone surrogate
+    replaced, cut to `limit` UTF-8 bytes (a device's or a library's error text)."""
+    clean = value.replace("\0", "\ufffd").encode("utf-8", "replace").decode()
+    return _cut(clean, limit)
 
 
 def bound_devices(

@@ -196,6 +196,11 @@ class Driver(ABC):
         hold exactly is refused, not rounded silently."""
         raise NotImplementedError(f"driver {self.name!r} does not support writes")
 
+    async def publish(self, device: str, topic: str, payload: bytes, retain: bool) -> None:
+        """Publishes on the broker `device` is read from (a local rule's publish action),
+        QoS 1, returning once the broker has it."""
+        raise NotImplementedError(f"driver {self.name!r} does not publish")
+
     def firmware_updates(self, device: str) -> str | None:
         """None if `device` takes firmware updates (`update_firmware`), else why not,
         in words for the platform's command response."""

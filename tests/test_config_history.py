@@ -110,7 +110,7 @@ def test_postgres_upgrades_a_version_4_schema(pg_url: str) -> None:
     open_store(pg_url).close()  # the ingest upgrades it
     store = open_store(pg_url, create=False)
     try:
-        assert SCHEMA_VERSION == 5
+        assert SCHEMA_VERSION == 6
         store.store_meta(GW, meta(NEW))
         assert store.fleet(GW)[0].config_hash == NEW["hash"]
         assert store.config_pushes(GW) == [] and len(store.configs_seen(GW)) == 1

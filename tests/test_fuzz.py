@@ -8,7 +8,8 @@ ingest down, or hide the real problem from the technician).
   too), Ruuvi, iBeacon, Eddystone-TLM, generic layouts, whole adverts;
 - MQTT payload parsing (-> PayloadError) for random point settings;
 - downlink command parsing (-> CommandRefused);
-- the wire (-> WireError): unwrap, parse_topic, decode_meta, decode_alarms, decode_stats.
+- the wire (-> WireError): unwrap, parse_topic, decode_meta, decode_alarms (with rule
+  actions too), decode_stats.
 
 Each decoder meets at least 2000 generated inputs (tests that share an example run
 several decoders on it). The codec has its own fuzz tests (tests/test_codec_fuzz.py).
@@ -695,8 +696,45 @@ ALARM_EVENT = st.fixed_dictionaries(
         "since": st.integers(-(2**63), 2**63),
     }
 )
+_RULE_TEXT_OK = st.sampled_from(["level", "underpass/level", "é", "x" * 1024])
+#: mostly valid, so that whole actions get through to the later checks too
+RULE_TEXT = _RULE_TEXT_OK | _RULE_TEXT_OK | st.sampled_from(["", "a\x00b", "\ud800", "x" * 1025])
+RULE_INPUT = st.fixed_dictionaries(
+    {
+        "name": RULE_TEXT,
+        "point": RULE_TEXT,
+        "value": st.floats() | st.integers() | st.none(),
+        "ts": st.integers(-(2**63), 2**63),
+        "quality": st.integers(-1, 4),
+    }
+)
+RULE_ACTION = st.fixed_dictionaries(
+    {
+        "rule": RULE_TEXT,
+        "ts": st.integers(-(2**63), 2**63),
+        "transition": st.sampled_from([*wire.RULE_TRANSITIONS, "bogus"]),
+        "action": st.sampled_from([*wire.RULE_ACTIONS, "bogus"]),
+        "outcome": st.sampled_from([*wire.RULE_OUTCOMES, "bogus"]),
+        "target": RULE_TEXT,
+        "value": st.floats() | st.integers() | st.none(),
+        "written": st.floats() | st.integers() | st.none(),
+        "detail": RULE_TEXT,
+        "attempts": st.integers(-1, 2**32),
+        "inputs": st.lists(RULE_INPUT, max_size=3) | st.lists(RULE_INPUT, min_size=64, max_size=66),
+    }
+)
 ALARMS = st.fixed_dictionaries(
-    {"v": st.just(1), "gateway": st.just("gw-1"), "events": st.lists(ALARM_EVENT, max_size=3)}
+    {"v": st.just(1), "gateway": st.just("gw-1"), "events": st.lists(ALARM_EVENT, max_size=3)},
+    optional={"actions": st.lists(RULE_ACTION, max_size=3)},  # local rules' actions
+)
+#: alarm-lane bodies that always carry rule actions (and maybe no events)
+ALARM_ACTIONS = st.fixed_dictionaries(
+    {
+        "v": st.just(1),
+        "gateway": st.just("gw-1"),
+        "events": st.lists(ALARM_EVENT, max_size=1),
+        "actions": st.lists(RULE_ACTION, min_size=1, max_size=3),
+    }
 )
 INFO_TEXT = st.sampled_from(["", "SN-4711", "a\x00b", "\ud800", "x" * 1025])
 STATS = st.fixed_dictionaries(
@@ -727,6 +765,20 @@ def test_wire_json_messages(meta: bytes, alarms: bytes, stats: bytes) -> None:
     only_wire_error(wire.decode_stats, stats)
 
 
+@FUZZ
+@given(framed(ALARM_ACTIONS))
+def test_wire_alarm_actions(alarms: bytes) -> None:
+    """decode_alarms on bodies with local rules' actions: WireError only, and what it
+    accepts is what the spec allows."""
+    decoded = only_wire_error(wire.decode_alarms, alarms)
+    if decoded is not None:
+        for a in decoded[2]:
+            assert a.rule and a.transition in wire.RULE_TRANSITIONS
+            assert a.action in wire.RULE_ACTIONS and a.outcome in wire.RULE_OUTCOMES
+            assert a.attempts >= 0 and len(a.inputs) <= wire.MAX_RULE_INPUTS
+            assert all(0 <= i.quality <= 3 and i.name and i.point for i in a.inputs)
+
+
 # -- inputs that crashed a decoder -----------------------------------------------------
 
 
@@ -734,6 +786,12 @@ def test_generators_make_valid_input_too() -> None:
     """The structured generators are not only garbage: their skeletons are valid."""
     parse_config(to_toml({"gateway": {"id": "g"}, "uplink": {"broker": "mqtt://h"}}))
     assert wire.decode_alarms(json_payload({"v": 1, "gateway": "g", "events": []}))[0] == "g"
+    read = {"name": "n", "point": "d/p", "value": None, "ts": 0, "quality": 0}
+    action = {"rule": "r", "ts": 1, "transition": "start", "action": "write", "outcome": "done",
+              "target": "p/q", "value": 1.0, "written": 1.0, "detail": "", "attempts": 1,
+              "inputs": [read]}  # fmt: skip
+    body = {"v": 1, "gateway": "g", "events": [], "actions": [action]}
+    assert len(wire.decode_alarms(json_payload(body))[2]) == 1
 
 
 @pytest.mark.parametrize("field", ["severity", "state"])

@@ -320,7 +320,7 @@ def test_postgres_upgrades_a_version_2_schema(pg_url: str) -> None:
     open_store(pg_url).close()
     store = open_store(pg_url, create=False)
     try:
-        assert SCHEMA_VERSION == 5 and store.device_info() == []
+        assert SCHEMA_VERSION == 6 and store.device_info() == []
         store.store_stats(GatewayStats(GW, 1, 0, 0, 0, 0, 0, 0, {"d": {"serial": "SN"}}))
         assert [e.value for e in store.device_info(GW)] == ["SN"]
     finally:

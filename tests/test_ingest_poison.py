@@ -22,7 +22,7 @@ import pytest
 from psycopg import sql
 
 from central import worker as worker_module
-from central.store import Store
+from central.store import AlarmBody, Store
 from central.store_sqlite import SqliteStore
 from central.stores import open_store
 from central.worker import IngestWorker
@@ -211,10 +211,10 @@ def test_rejected_at_decode_is_a_dead_letter(store: Store) -> None:
 def poison_rule(work: Any, index: int, rule: str) -> None:
     """Replace the alarm events of uplink `index` in a decoded group by one whose rule no
     store can keep (a lone surrogate cannot be encoded as UTF-8)."""
-    gateway, env, events, *source = work.batches[index]
+    gateway, env, body, *source = work.batches[index]
     events = [AlarmEvent(e.point_id, rule, e.severity, e.raised, e.ts_ms, e.value, e.since_ms)
-              for e in events]  # fmt: skip
-    work.batches[index] = (gateway, env, events, *source)
+              for e in body.events]  # fmt: skip
+    work.batches[index] = (gateway, env, AlarmBody(events, body.actions), *source)
 
 
 @pytest.mark.usefixtures("no_wire_checks")

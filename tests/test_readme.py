@@ -156,3 +156,13 @@ def test_mcu_example_config_validates(tmp_path: Path) -> None:
     head = '[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n'
     (device,) = parse_config(head + block).devices
     assert device.driver == "mcu" and [p.name for p in device.points] == ["level"]
+
+
+def test_local_action_example_config_validates() -> None:
+    block = README.split("## Acting at the lowest level", 1)[1]
+    block = block.split("```toml", 1)[1].split("```", 1)[0]
+    config = parse_config('[gateway]\nid = "gw"\n[uplink]\nbroker = "mqtt://h"\n' + block)
+    assert [d.key for d in config.derived] == ["derived/underpass_inflow", "derived/aqi"]
+    pump, sign = config.rules
+    assert [a.kind for a in pump.start] == ["write", "publish", "event"]
+    assert (pump.override, sign.for_) == ("underpass/hand", 300.0)

@@ -397,6 +397,7 @@ class Link:
     retained_skipped: int = 0
     last_link_error: str | None = None
     subscribed: dict[str, int] = field(default_factory=dict)
+    client: SiteClient | None = None  # while connected (a local rule publishes through it)
 
     @property
     def where(self) -> str:
@@ -593,7 +594,7 @@ class MqttDriver(Driver):
                         else:
                             link.router.refused.add(sub_id)
                             self._refused(link, topic, result)
-                    link.connected = True
+                    link.connected, link.client = True, client
                     link.connects += 1
                     link.last_link_error = None
                     delay = self.reconnect_min_s
@@ -616,10 +617,18 @@ class MqttDriver(Driver):
                 self._link_down(link, str(exc) or type(exc).__name__)
             except OSError as exc:  # e.g. a TLS file that went away
                 self._link_down(link, str(exc))
-            link.connected = False
+            link.connected, link.client = False, None
             link.subscribed = {}
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, self.reconnect_max_s)
+
+    async def publish(self, device: str, topic: str, payload: bytes, retain: bool) -> None:
+        link = next((k for k in self.links if device in k.devices), None)
+        if link is None:
+            raise LookupError(f"no MQTT device {device!r}")
+        if link.client is None:
+            raise ConnectionError(f"site broker {link.where} of {device!r} is not connected")
+        await link.client.publish(topic, payload, qos=1, retain=retain)
 
     def _no_subscription_ids(self, link: Link) -> None:
         if (n := self._throttle.ready(f"no-sub-ids:{link.where}")) is not None:
