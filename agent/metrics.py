@@ -223,6 +223,7 @@ class AgentCollector(Collector):
         yield from self._uplink()
         yield from self._devices()
         yield from self._tasks()
+        yield from self._local()
         own = self.owner
         yield _counter(
             "citygw_metrics_bind_failures",
@@ -234,6 +235,32 @@ class AgentCollector(Collector):
             "Scrapes that got no buffer stats in time (the buffer families were left out).",
             own.buffer_stats_failures,
         )
+
+    def _local(self) -> Iterator[Metric]:
+        """Derived readings made and the rules' actions by outcome (agent/local_action.py)."""
+        local = self.agent.local
+        if local is None:
+            return
+        c = local.counters
+        yield _counter("citygw_derived_readings", "Readings of derived points made.", c["derived"])
+        actions = CounterMetricFamily(
+            "citygw_rule_actions",
+            "Local rules' actions, by outcome (done includes dry runs; suppressed by an "
+            "interlock or override).",
+            labels=["outcome"],
+        )
+        for outcome in ("done", "suppressed", "failed"):
+            actions.add_metric([outcome], c[outcome])
+        yield actions
+        yield _counter(
+            "citygw_local_action_errors",
+            "Batches the derive engine failed on (a bug: their derived readings are lost).",
+            c["errors"],
+        )
+        active = GaugeMetricFamily("citygw_rule_active", "1 while a rule is on.", labels=["rule"])
+        for rule in local.rules:
+            active.add_metric([rule.config.id], float(rule.state.active))
+        yield active
 
     def _identity(self) -> Iterator[Metric]:
         cfg = self.agent.config

@@ -19,12 +19,16 @@ from agent.runtime import Agent
 from agent.status import collect, render_status
 from buffer import Buffer, Lane
 from common import wire
+from common.broker import free_port
 from native import codec
 from native.batch import BAD, GOOD
 from tests.helpers import wait_until
+from tests.test_metrics import Families, scrape, value
 
 
-def config(buffer: Path, rule: str = "", level: float = 1.0, derived: str = "") -> str:
+def config(
+    buffer: Path, rule: str = "", level: float = 1.0, derived: str = "", metrics_port: int = 0
+) -> str:
     # port 9 (discard) on loopback: the uplink never connects, as with a dead LTE link
     return f"""
 [gateway]
@@ -34,6 +38,9 @@ broker = "mqtt://127.0.0.1:9"
 [buffer]
 path = "{buffer}"
 flush_interval = "100ms"
+[metrics]
+enabled = {"true" if metrics_port else "false"}
+port = {metrics_port or 9465}
 [[devices]]
 name = "underpass"
 driver = "sim"
@@ -110,18 +117,25 @@ inputs = { h = "underpass/level", pump = "underpass/pump" }
 expr = "interp(h, [0, 1, 2], [0, 40, 160]) * if(pump > 0, 0.5, 1)"
 """
 
-    async def scenario() -> dict[str, Any]:
-        agent = await start(config(path, derived=derived))
+    port = free_port()
+
+    async def scenario() -> tuple[dict[str, Any], Families]:
+        agent = await start(config(path, derived=derived, metrics_port=port))
         try:
             await wait_until(lambda: pump_value(agent) == 1.0)  # polled after the write
             await asyncio.sleep(0.2)
             assert agent.uplink is not None and agent.uplink.status.state != "online"
             snapshot = agent.snapshot()
+            families = await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics")
         finally:
             await agent.stop()
-        return snapshot
+        return snapshot, families
 
-    snapshot = asyncio.run(scenario())
+    snapshot, families = asyncio.run(scenario())
+    assert value(families, "citygw_rule_actions_total", outcome="done") == 2
+    assert value(families, "citygw_rule_actions_total", outcome="failed") == 0
+    assert value(families, "citygw_rule_active", rule="pump") == 1
+    assert value(families, "citygw_derived_readings_total") == snapshot["local"]["derived"] > 0
     # `citygw status` shows the rule from the buffer's status snapshot
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(render_status(*collect(path)))
