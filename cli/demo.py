@@ -16,7 +16,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiomqtt
@@ -540,8 +540,11 @@ class DemoResult:
     ingested_mcu: int  # readings of the microcontroller's points the platform stored
     alarms_sent: int  # raise and clear events the gateway sent
     alarms_stored: int  # ... and the platform stored
-    #: the local rules' actions the platform stored (transition, action, target, outcome)
+    #: the local rules' actions the gateway recorded, and those the platform stored
+    #: (rule: transition action target outcome)
+    rule_actions_sent: int = 0
     rule_actions: tuple[str, ...] = ()
+    derived_ingested: int = 0  # readings of the derived inflow the platform stored
 
     def summary(self) -> str:
         return (
@@ -712,8 +715,10 @@ async def run_demo(
             for _, a in store.rule_actions(gateway)
         )
         for line in actions:
-            console.print(f"rule action stored by the platform: {line}")
+            console.print(f"rule action (platform): {line}")
+        derived = len(store.readings(gateway, "derived/underpass_inflow"))
         result = _result(agent, counts.readings, dups, alarms_stored, ingested_mcu, actions)
+        result = replace(result, derived_ingested=derived)
         if web is not None:
             if on_result is not None:
                 on_result(result)
@@ -748,5 +753,8 @@ def _result(
         ingested_mcu=ingested_mcu,
         alarms_sent=c.alarms_raised + c.alarms_cleared,
         alarms_stored=alarms_stored,
+        rule_actions_sent=sum(agent.local.counters[k] for k in ("done", "suppressed", "failed"))
+        if agent.local
+        else 0,
         rule_actions=rule_actions,
     )

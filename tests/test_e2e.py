@@ -321,6 +321,10 @@ def test_demo_delivers_everything_once(tmp_path: Path) -> None:
     assert result.read_by_driver["mcu"] >= 4 * 2
     assert result.ingested_mcu >= 4
     assert sum(result.read_by_driver.values()) == result.read
+    # the underpass's derived inflow reached the platform; every action the pump rule
+    # took (if the flood came within these seconds) did too
+    assert result.derived_ingested >= 4
+    assert len(result.rule_actions) == result.rule_actions_sent
 
 
 def test_demo_without_mosquitto_uses_the_in_process_link(tmp_path: Path) -> None:
