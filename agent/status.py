@@ -276,8 +276,11 @@ def render_inspect(buffer_path: Path, limit: int = 20) -> Group:
         span, note = "", ""
         try:
             if m.lane == Lane.ALARM:
-                _, events, _ = wire.decode_alarms(m.payload)
-                note = ", ".join(f"{e.rule} {'raised' if e.raised else 'cleared'}" for e in events)
+                _, events, actions = wire.decode_alarms(m.payload)
+                note = ", ".join(
+                    [f"{e.rule} {'raised' if e.raised else 'cleared'}" for e in events]
+                    + [f"rule {a.rule}: {a.transition} {a.action} {a.outcome}" for a in actions]
+                )
             else:
                 b = codec.decode(m.payload)
                 if len(b):

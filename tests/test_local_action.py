@@ -16,7 +16,7 @@ from rich.console import Console
 
 from agent.config import parse_config
 from agent.runtime import Agent
-from agent.status import collect, render_status
+from agent.status import collect, render_inspect, render_status
 from buffer import Buffer, Lane
 from common import wire
 from common.broker import free_port
@@ -142,6 +142,10 @@ expr = "interp(h, [0, 1, 2], [0, 40, 160]) * if(pump > 0, 0.5, 1)"
     text = console.export_text().split("rules (local action)", 1)[1]
     row = next(line for line in text.splitlines() if "│ pump" in line)
     assert "│ on " in row and "holds" in row and "start: write underpass/pump done" in text
+    # and `citygw buffer inspect` the buffered actions
+    console = Console(width=300, record=True, file=io.StringIO())
+    console.print(render_inspect(path))
+    assert "rule pump: start write done, rule pump: start event done" in console.export_text()
     rule = snapshot["rules"]["pump"]
     assert rule["state"] == "on" and rule["condition"] is True
     assert [a["action"] for a in rule["last_actions"]] == ["write", "event"]
