@@ -169,8 +169,8 @@ class LocalAction:
                 self.last_actions[rule.config.id] = old.last_actions[rule.config.id]
 
     def save_state(self) -> dict[str, bytes]:
-        """The engine's inputs (saved with each flush)."""
-        return self.engine.save_state()
+        """The engine's inputs read since the last save (agent: every minute, at a stop)."""
+        return self.engine.save_state(changed_only=True)
 
     def _rule_state(self, rule: Rule) -> dict[str, bytes]:
         return {

@@ -79,6 +79,8 @@ CLOCK_VALID_FROM_MS = 1_577_836_800_000
 CLOCK_AHEAD_MAX_MS = 86_400_000
 CLOCK_STEP_S = 2.0  # a wall-clock jump against the monotonic clock worth reporting
 COMMAND_TIMEOUT_S = 10.0
+#: how often the derive engine's state (last values, window readings) is saved
+DERIVE_SAVE_S = 60.0
 #: how long a reload or a stop waits for the rules' actions under way to be recorded
 LOCAL_IDLE_TIMEOUT_S = 15.0
 #: a device's health change sends up/stats at once, then not again sooner than this (a
@@ -411,6 +413,7 @@ class Agent:
         self.pushes = ConfigPushes(self)  # config_push commands (agent/config_push.py)
         #: derived points and local rules (None until start)
         self.local: LocalAction | None = None
+        self._derive_saved = time.monotonic()  # when the derive engine's state was saved
         self._flushed_alarms: list[AlarmEvent] = []  # for the alarm rules, after a flush
         # rule actions an append refused, and their rules' state (buffer thread only)
         self._pending_actions: list[wire.RuleAction] = []
@@ -1071,9 +1074,15 @@ class Agent:
         )
         if not (batches or self.pipeline.timed or pending):
             return 0
-        # the derived points' inputs as of these readings, stored with their output
+        # the derived points' inputs as of these readings, stored with their output: every
+        # DERIVE_SAVE_S (window rings are kilobytes: saved every second they would wear a
+        # street gateway's flash) and at a stop
         local = self.local
-        derive_state = local.save_state() if batches and local is not None and local.active else {}
+        derive_state: dict[str, bytes] = {}
+        mono = time.monotonic()
+        due = self._stopping or mono - self._derive_saved >= DERIVE_SAVE_S
+        if batches and local is not None and local.active and due:
+            derive_state, self._derive_saved = local.save_state(), mono
         now_ms = time.time_ns() // 1_000_000
         monotonic_ms = time.monotonic_ns() // 1_000_000  # the timed stages' real time
         self._check_clock(now_ms)

@@ -9,6 +9,7 @@ is one kernel call (``derive_py`` documents the walk, the VM and the quality rul
 
 from __future__ import annotations
 
+import bisect
 import struct
 from array import array
 from collections.abc import Mapping, Sequence
@@ -23,9 +24,9 @@ from native.expr import Program
 
 KEY_PREFIX = "derive:"
 #: a slot's saved state: magic, last value, last ts, last quality, seen, ring readings
+#: (then their timestamps, int64, and their values, float64)
 _HEAD = struct.Struct("<2sdqBBH")
-_MAGIC = b"D1"
-_PAIR = struct.Struct("<qd")
+_MAGIC = b"D2"
 
 
 def _array_i() -> array[int]:
@@ -101,6 +102,7 @@ class DeriveEngine:
         self.max_age, self.out_id = array("q"), array("q")
         outs: dict[int, int] = {}  # out id -> its spec
         windowed: set[int] = set()
+        keep: dict[int, int] = {}  # slot -> the longest window over it (ms)
         depth = 1
         for j, spec in enumerate(self.specs):
             prog = spec.program
@@ -126,6 +128,7 @@ class DeriveEngine:
                 self.win_fn.append(WINDOW_FUNCTIONS.index(fn))
                 self.win_ms.append(ms)
                 windowed.add(slots[spec.inputs[k]])
+                keep[slots[spec.inputs[k]]] = max(keep.get(slots[spec.inputs[k]], 0), ms)
             self.win_off.append(len(self.win_in))
             self.max_age.append(spec.max_age_ms)
             depth = max(depth, prog.depth)
@@ -149,6 +152,7 @@ class DeriveEngine:
                     "specs must be in topological order (inputs first, no cycles)"
                 )
         self.slots = slots
+        self.keep_ms = keep
         n = len(slots)
         self.slot_of = array("i", [-1]) * (max(slots, default=-1) + 1)
         for pid, s in slots.items():
@@ -170,6 +174,7 @@ class DeriveEngine:
         self.ring_ts = array("q", bytes(8 * RING * len(windowed)))
         self.ring_v = array("d", bytes(8 * RING * len(windowed)))
         self.dirty = array("B", bytes(len(self.specs)))
+        self._saved_ts = array("q", [-1]) * n  # each slot's last ts at the last save
         self.stack = array("d", bytes(8 * depth))
         for arr in (self.code, self.in_slot, self.win_in, self.win_fn, self.win_ms):
             _nonempty(arr)
@@ -263,27 +268,36 @@ class DeriveEngine:
             return None
         return self.last_v[s], self.last_ts[s], self.last_q[s]
 
-    def _ring(self, s: int) -> list[tuple[int, float]]:
-        """Slot ``s``'s ring, oldest first."""
+    def _window(self, s: int) -> tuple[array[int], array[float]]:
+        """Slot ``s``'s ring readings a window may still need (within its longest window
+        of its last reading), oldest first."""
         base, head, count = self.ring_base[s], self.ring_head[s], self.ring_n[s]
-        if base < 0:
-            return []
-        pos = [(head - count + k) % RING for k in range(count)]
-        return [(self.ring_ts[base + p], self.ring_v[base + p]) for p in pos]
+        if base < 0 or not count:
+            return array("q"), array("d")
+        start = (head - count) % RING
+        if start + count <= RING:
+            parts = [(base + start, base + start + count)]
+        else:
+            parts = [(base + start, base + RING), (base, base + head)]
+        ts, vs = array("q"), array("d")
+        for lo, hi in parts:
+            ts.extend(self.ring_ts[lo:hi])
+            vs.extend(self.ring_v[lo:hi])
+        first = bisect.bisect_right(ts, self.last_ts[s] - self.keep_ms[s])
+        return ts[first:], vs[first:]
 
-    def save_state(self) -> dict[str, bytes]:
-        """``"derive:<point id>"`` -> the point's last reading and window ring, for every
-        point seen."""
+    def save_state(self, changed_only: bool = False) -> dict[str, bytes]:
+        """``"derive:<point id>"`` -> the point's last reading and the ring readings its
+        windows may still need, for every point seen (``changed_only``: read since the
+        last save)."""
         out: dict[str, bytes] = {}
         for pid, s in self.slots.items():
-            if not self.seen[s]:
+            if not self.seen[s] or (changed_only and self.last_ts[s] == self._saved_ts[s]):
                 continue
-            ring = self._ring(s)
-            parts = [
-                _HEAD.pack(_MAGIC, self.last_v[s], self.last_ts[s], self.last_q[s], 1, len(ring))
-            ]
-            parts.extend(_PAIR.pack(t, v) for t, v in ring)
-            out[f"{KEY_PREFIX}{pid}"] = b"".join(parts)
+            self._saved_ts[s] = self.last_ts[s]
+            ts, vs = self._window(s)
+            head = _HEAD.pack(_MAGIC, self.last_v[s], self.last_ts[s], self.last_q[s], 1, len(ts))
+            out[f"{KEY_PREFIX}{pid}"] = head + ts.tobytes() + vs.tobytes()
         return out
 
     def load_state(self, saved: Mapping[str, bytes]) -> int:
@@ -301,18 +315,19 @@ class DeriveEngine:
             if s is None or len(blob) < _HEAD.size:
                 continue
             magic, v, ts, q, seen, count = _HEAD.unpack_from(blob)
-            if magic != _MAGIC or len(blob) != _HEAD.size + count * _PAIR.size:
+            if magic != _MAGIC or len(blob) != _HEAD.size + count * 16:
                 continue
             self.last_v[s], self.last_ts[s], self.last_q[s], self.seen[s] = v, ts, q, seen
             base = self.ring_base[s]
             if base >= 0:
-                pairs = [_PAIR.unpack_from(blob, _HEAD.size + k * _PAIR.size) for k in range(count)]
-                pairs = pairs[-RING:]
-                for k, (t, x) in enumerate(pairs):
-                    self.ring_ts[base + k] = t
-                    self.ring_v[base + k] = x
-                self.ring_n[s] = len(pairs)
-                self.ring_head[s] = len(pairs) % RING
+                times, values = array("q"), array("d")
+                times.frombytes(blob[_HEAD.size : _HEAD.size + 8 * count])
+                values.frombytes(blob[_HEAD.size + 8 * count :])
+                n = min(count, RING)
+                self.ring_ts[base : base + n] = times[count - n :]
+                self.ring_v[base : base + n] = values[count - n :]
+                self.ring_n[s] = n
+                self.ring_head[s] = n % RING
             loaded += 1
         return loaded
 

@@ -311,3 +311,28 @@ max_age = "100ms"
     first_good = readings.index((1.0, GOOD))
     assert all(q == BAD for _, q in readings[:first_good])
     assert (1.0, BAD) in readings[first_good:]
+
+
+def test_a_window_goes_on_across_a_restart(tmp_path: Path) -> None:
+    """The derive engine's state is saved at a stop: a count over the last hour counts on
+    where it stopped instead of from zero."""
+    path = tmp_path / "buf.db"
+    derived = """
+[[derived]]
+name = "polls"
+inputs = { h = "underpass/level" }
+expr = "count_over(h, 1h)"
+"""
+
+    async def run_once() -> None:
+        agent = await start(config(path, derived=derived))
+        await asyncio.sleep(0.5)
+        await agent.stop()
+
+    asyncio.run(run_once())
+    _, rows, ids = buffered(path)
+    before = [v for p, v, _ in rows if p == ids["derived/polls"]]
+    asyncio.run(run_once())
+    _, rows, _ = buffered(path)
+    after = [v for p, v, _ in rows if p == ids["derived/polls"]][len(before) :]
+    assert before[-1] >= 5 and after[0] == before[-1] + 1
