@@ -550,6 +550,10 @@ def test_no_command_prints_a_secret(tmp_path: Path, auth_broker: Mosquitto, pg_u
         "platform alarms": [
             Call(["platform", "alarms", "--db", db_query, "--format", "json"], "[")
         ],
+        "platform actions": [
+            Call(["platform", "actions", "--db", db_query, "--json"], "["),
+            Call(["platform", "actions", "--db", dead_db], "cannot open"),
+        ],
         "platform devices": [
             Call(["platform", "devices", "--db", db], "device information"),
             Call(["platform", "devices", "--db", dead_db], "cannot open"),

@@ -722,7 +722,7 @@ def test_downlink_answers_only_its_own_topic_and_logs_every_command(
     )
     assert outcome["c6"] == (
         False,
-        "unknown op 'reboot'; allowed: write, firmware_update, config_push",
+        "unknown op 'reboot'; allowed: write, firmware_update, config_push, rule_override",
     )
     assert outcome["None"][0] is False and "command is not JSON" in str(outcome["None"][1])
     assert outcome["c9"] == (True, None)
