@@ -102,7 +102,10 @@ class LocalAction:
         self.active = bool(specs)
         self.clock_ms = 0
         self._last_mono: int | None = None
-        self._queues: list[asyncio.Queue[Decision]] = [asyncio.Queue() for _ in self.rules]
+        # each rule's decisions with the inputs it decided on, in order
+        self._queues: list[asyncio.Queue[tuple[Decision, tuple[wire.RuleInput, ...]]]] = [
+            asyncio.Queue() for _ in self.rules
+        ]
         self._wake = asyncio.Event()
         self._busy = 0  # decisions queued or being carried out
         self._idle = asyncio.Event()
@@ -241,9 +244,11 @@ class LocalAction:
         self._wake.set()
 
     def _queue(self, i: int, decision: Decision) -> None:
+        """A decision to carry out, with the inputs as they are now (when it is carried
+        out, behind a slow write, they may have moved on)."""
         self._busy += 1
         self._idle.clear()
-        self._queues[i].put_nowait(decision)
+        self._queues[i].put_nowait((decision, self._inputs(i)))
 
     async def idle(self, timeout: float) -> bool:
         """Waits until every decision is carried out and recorded (a reload or a stop
@@ -286,9 +291,9 @@ class LocalAction:
     async def _worker(self, i: int) -> None:
         queue = self._queues[i]
         while True:
-            decision = await queue.get()
+            decision, inputs = await queue.get()
             try:
-                await self._execute(self.rules[i], i, decision)
+                await self._execute(self.rules[i], decision, inputs)
             finally:
                 self._busy -= 1
                 if not self._busy:
@@ -309,8 +314,9 @@ class LocalAction:
             out.append(wire.RuleInput(name, key, value, ts, quality))
         return tuple(out)
 
-    async def _execute(self, rule: Rule, i: int, decision: Decision) -> None:
-        inputs = self._inputs(i)
+    async def _execute(
+        self, rule: Rule, decision: Decision, inputs: tuple[wire.RuleInput, ...]
+    ) -> None:
         c = rule.config
 
         def event(

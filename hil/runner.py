@@ -55,10 +55,11 @@ from hil.config_push import BadConfigPush
 from hil.garbage import GarbageInput
 from hil.hostile import Hostile
 from hil.inject import FaultInjector, Plan, Rule
+from hil.local_action import LocalActionJudge
 from hil.powerfs import CutReport, PowerFs
 from hil.produced import ReadLoss, Window, modbus_read_loss, modbus_spans
 from hil.scenario import Fault, Scenario
-from hil.sim_modbus import GarbageRtuServer
+from hil.sim_modbus import GarbageRtuServer, UnderpassSimulator
 from native.batch import GOOD, UNCERTAIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,6 +168,11 @@ class Verdict:
     cuts: int | None = None  # power cuts (power-loss)
     first_delivery_s: float | None = None  # broker back -> first reading stored (outage)
     rolled_back: int | None = None  # config pushes the gateway rolled back (bad-config-push)
+    # local-action: condition -> the pump's coil written (max over the starts), the rule's
+    # actions stored, the starts the simulator received
+    action_latency_ms: int | None = None
+    actions: int | None = None
+    starts: int | None = None
 
     @property
     def passed(self) -> bool:
@@ -191,6 +197,12 @@ class Verdict:
             out += f" alarm_latency_ms={self.alarm_latency_ms}"
         if self.rolled_back is not None:
             out += f" rolled_back={self.rolled_back}"
+        if self.action_latency_ms is not None:
+            out += f" action_latency_ms={self.action_latency_ms}"
+        if self.actions is not None:
+            out += f" actions={self.actions}"
+        if self.starts is not None:
+            out += f" starts={self.starts}"
         return out
 
 
@@ -228,6 +240,8 @@ class Rig:
         self.hostile = Hostile(self) if scn.sims.hostile else None
         wants_push = any(f.action == "config_push" for f in scn.faults)
         self.config_push = BadConfigPush(self) if wants_push else None
+        self.underpass: UnderpassSimulator | None = None
+        self.local_action = LocalActionJudge(self) if scn.checks.local_action else None
         self._reader: ProcessPoolExecutor | None = None  # reads the buffer (_backlog)
         self.metrics_port = free_port()
 
@@ -338,6 +352,12 @@ class Rig:
             task = asyncio.create_task(self.mcu.run(), name="sim-mcu")
             self.stack.push_async_callback(_stop_mcu, self.mcu, task)
             ports["mcu_port"] = self.mcu.port
+        if sims.underpass is not None:
+            u = sims.underpass
+            self.underpass = UnderpassSimulator(level=u.level, outflow=u.outflow, tick_s=u.tick)
+            await self.underpass.start()
+            self.stack.push_async_callback(self.underpass.stop)
+            ports["underpass_port"] = self.underpass.port
         if self.hostile is not None:
             ports["firmware_key"] = self.hostile.firmware_key(self.work).as_posix()
         return ports
@@ -358,7 +378,9 @@ class Rig:
             **scn.uplink,
         }
         buf = {"path": self.buffer_path.as_posix(), "flush_interval": "250ms", **scn.buffer}
-        devices = scn.devices
+        # derived points and rules after the devices; not in the drain's config, whose
+        # devices are off (a rule's inputs must be points of enabled devices)
+        devices = scn.devices if drain else f"{scn.devices}\n{scn.local}"
         for key, value in ports.items():  # not str.format: TOML inline tables use braces
             devices = devices.replace("{" + key + "}", str(value))
         if drain:  # the same points (and pipeline state), no readings: only the backlog
@@ -434,6 +456,8 @@ class Rig:
             with (self.work / "modbus-requests.jsonl").open("w") as f:
                 for r in self.modbus.requests:
                     f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+        if self.local_action is not None:
+            self.local_action.save_record()
         self._judge(verdict, status)
         return verdict
 
@@ -520,6 +544,17 @@ class Rig:
         elif a == "config_push":
             assert self.config_push is not None
             await self.config_push.push(f)
+        elif a == "flood":
+            assert self.underpass is not None
+            self.underpass.flood(f.value, f.for_)
+            self.mark(f"flood: {f.value:g} m/s into the underpass for {f.for_:g} s")
+        elif a == "level_flap":
+            assert self.underpass is not None
+            self.underpass.flap(f.high, f.low, f.up, f.down, f.count)
+            self.mark(
+                f"underpass level flapping {f.count}x {f.high:g} m ({f.up:g} s) / "
+                f"{f.low:g} m ({f.down:g} s)"
+            )
         elif a == "inject_stop":
             assert self.injector is not None, "inject_stop without [[inject]] rules"
             self.fault_status = await asyncio.to_thread(self._status_output, self.config)
@@ -606,6 +641,8 @@ class Rig:
         counters = state.get("counters", {})
         rows = self.store.readings(self.gateway)
         alarms = self.store.alarms(self.gateway)
+        # a local rule's actions travel on the alarm lane, one counted point each
+        actions = self.store.rule_actions(self.gateway, limit=1 << 30)
         v.evicted = stats.evicted_points
         loss = self._read_loss()
         if checks.device_count:
@@ -617,7 +654,7 @@ class Rig:
             v.stored = loss.stored
         else:
             v.produced = stats.appended_points
-            v.stored = len(rows) + len(alarms)
+            v.stored = len(rows) + len(alarms) + len(actions)
         v.lost = v.produced - v.evicted - v.stored
         if loss is not None:
             self._read_loss_checks(v, loss)
@@ -711,6 +748,8 @@ class Rig:
             self._mcu_figures(v)
         if checks.alarm_latency:
             self._alarm_checks(v, alarms, seqs)
+        if self.local_action is not None:
+            self.local_action.judge(v, [a for _, a in actions])
         self._drain_figures(v)
 
     # -- internal faults ---------------------------------------------------------------

@@ -9,6 +9,9 @@ and which checks decide the verdict. Validated with pydantic, like the agent's c
                               # {modbus_port} {modbus_slow_port} {modbus_rtu_port}
                               # {site_broker} {ble_replay}
                               # {mcu_port} (the simulated microcontroller's pty)
+                              # {underpass_port} (the underpass sump, [sims.underpass])
+    local = '''...'''         # [[derived]] and [[rules]] tables (same placeholders);
+                              # left out of the drain's config, whose devices are off
     [uplink]                  # keys of the agent's [uplink] (broker is the rig's proxy)
     [buffer]                  # keys of the agent's [buffer] (path is the rig's)
     [sims]                    # which simulators run (see Sims)
@@ -59,10 +62,16 @@ class Fault(_Model):
     - ``clock_step``: the agent's wall clock jumps by ``seconds`` (libfaketime).
     - ``inject_stop``: no more internal faults (``[[inject]]``); `citygw status` is read
       first, while the agent still shows what failed.
+    - ``flood``: ``value`` m/s pour into the underpass sump ([sims.underpass]) for
+      ``for`` s.
+    - ``level_flap``: ``count`` times: the sump's level held at ``high`` for ``up`` s,
+      then at ``low`` for ``down`` s (across a rule's thresholds), whatever the pump does.
     - ``config_push``: the platform pushes (`citygw platform push-config`) the gateway's
       config with its uplink pointed at a dead broker, with ``deadline`` (30 s at least):
       the gateway must roll back by itself (hil/config_push.py).
     """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     at: Duration
     action: Literal[
@@ -78,6 +87,8 @@ class Fault(_Model):
         "inject_stop",
         "power_loss",
         "config_push",
+        "flood",
+        "level_flap",
     ]
     mode: Literal["pass", "down", "no_ack", "blackhole"] = "pass"
     count: int = Field(1, ge=1, le=1000)
@@ -93,6 +104,19 @@ class Fault(_Model):
     seconds: float = 0.0
     keep_max: float = Field(0.0, ge=0.0, le=1.0)
     deadline: Duration = 30.0  # config_push's
+    for_: Duration = Field(1.0, alias="for")  # flood's
+    high: float = 1.0  # level_flap's (m)
+    low: float = 0.0
+
+
+class Underpass(_Model):
+    """The underpass sump (hil/sim_modbus.py `UnderpassSimulator`) on a Modbus port of
+    its own, ``{underpass_port}``: unit 1, the level in mm in holding register 0, the
+    pump's coil 0; level += (inflow - pump * outflow) * dt every `tick`."""
+
+    level: float = Field(0.1, ge=0.0)  # m at the start
+    outflow: float = Field(1.5, gt=0.0)  # m/s the running pump takes out
+    tick: Duration = Field(0.02, gt=0.0, le=0.05)
 
 
 class Sims(_Model):
@@ -108,12 +132,26 @@ class Sims(_Model):
     mcu_garbage: float = Field(default=0.0, ge=0.0, le=1.0)  # probability a sent frame is garbled
     # the broker with the shipped ACLs and passwords, and hostile clients (hil/hostile.py)
     hostile: bool = False
+    underpass: Underpass | None = None
 
     @model_validator(mode="after")
     def _garbage_needs_its_sim(self) -> Sims:
         if self.mcu_garbage and not self.mcu:
             raise ValueError("mcu_garbage needs mcu = true")
         return self
+
+
+class LocalActionChecks(_Model):
+    """A local rule that drives the underpass pump (hil/local_action.py): judged from
+    the simulator's record and the platform store. The rule's `when` is `level > above`
+    and its `until` `level < below` on its one input; its interlocks come from its config."""
+
+    rule: str
+    above: float
+    below: float
+    #: the longest time from the condition (a served reading above `above`, or the end of
+    #: an interlock) to the pump's coil write acknowledged by the simulator
+    max_latency_ms: float = 200.0
 
 
 class Checks(_Model):
@@ -135,6 +173,7 @@ class Checks(_Model):
     internal_faults: bool = False
     # the broker back (broker_start) -> the first reading stored, at most this long
     max_first_delivery_s: float | None = None
+    local_action: LocalActionChecks | None = None
 
 
 class Target(_Model):
@@ -148,6 +187,7 @@ class Scenario(_Model):
     drain_timeout: Duration = 120.0
     fast: bool = True
     devices: str
+    local: str = ""
     uplink: dict[str, Any] = Field(default_factory=dict)
     buffer: dict[str, Any] = Field(default_factory=dict)
     sims: Sims = Field(default_factory=Sims)
@@ -164,6 +204,9 @@ class Scenario(_Model):
     def _power_loss_needs_powerfs(self) -> Scenario:
         if any(f.action == "power_loss" for f in self.faults) and not self.powerfs:
             raise ValueError("power_loss faults need powerfs = true")
+        sump = any(f.action in ("flood", "level_flap") for f in self.faults)
+        if (sump or self.checks.local_action) and self.sims.underpass is None:
+            raise ValueError("flood, level_flap and checks.local_action need [sims.underpass]")
         return self
 
 

@@ -30,6 +30,13 @@ without a word; citygw's Modbus client reports each as a ModbusGarbledAnswer of 
     async with GarbageRtuServer(probability=0.2, seed=1) as garbage:   # both in one
         ... point the agent at 127.0.0.1:garbage.port, transport = "rtu-over-tcp" ...
         garbage.counts, garbage.injected, garbage.cabinet.served
+
+`UnderpassSimulator` is an underpass sump on a CabinetSimulator of its own (the HIL
+scenario `local-action`): a level transmitter whose level follows simple physics,
+``level += (inflow - pump * outflow) * dt`` every tick (at most 50 ms), and the pump's
+coil, which the gateway's local rule writes. A `flood` pours in for a while; a `flap`
+holds the level above and below the rule's thresholds in turn (waves over the kerb).
+Beside `served` it records every coil write it received and acknowledged (`pump_writes`).
 """
 
 from __future__ import annotations
@@ -50,11 +57,13 @@ from drivers.modbus.simulator import ModbusSimulator, RegisterImage
 __all__ = [
     "CABINET_UNITS",
     "CabinetSimulator",
+    "CoilWrite",
     "GarbageKind",
     "GarbageRtuFront",
     "GarbageRtuServer",
     "Injection",
     "ServedRead",
+    "UnderpassSimulator",
 ]
 
 #: unit id -> profile name: the energy meter and the level transmitter
@@ -116,6 +125,177 @@ class CabinetSimulator(ModbusSimulator):
                     ServedRead(time.time(), unit, table, address, tuple(int(v) for v in values))
                 )
         return image
+
+
+# -- the underpass sump -----------------------------------------------------------------
+
+#: the sump's register map (unit `UnderpassSimulator.unit`): the level in mm in holding
+#: register 0 (uint16: a point with scale = 0.001 reads metres), the pump's coil 0
+LEVEL_REGISTER = 0
+LEVEL_SCALE = 0.001
+PUMP_COIL = 0
+#: the level transmitter's span (m)
+LEVEL_MAX = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class CoilWrite:
+    """A write of the pump's coil, as the simulator received it."""
+
+    received: float  # wall clock when the request arrived
+    acked: float  # wall clock when the coil took the value (the answer goes out at once)
+    value: int  # 0 or 1
+
+
+class _SumpImage(RegisterImage):
+    """A register image that tells its simulator of every coil write it takes."""
+
+    def __init__(self, sim: UnderpassSimulator) -> None:
+        super().__init__()
+        self._sim = sim
+
+    def write(self, table: str, address: int, values: Sequence[int] | Sequence[bool]) -> bool:
+        ok = super().write(table, address, values)
+        if ok and table == "coil" and address <= PUMP_COIL < address + len(values):
+            self._sim._pump_written(int(bool(values[PUMP_COIL - address])))
+        return ok
+
+
+@dataclass(frozen=True, slots=True)
+class _Flap:
+    start: float  # monotonic
+    high: float
+    low: float
+    up: float
+    down: float
+    count: int
+
+
+class UnderpassSimulator(CabinetSimulator):
+    """The underpass sump (see the module doc) as unit `unit` on its own port. `level`:
+    the level at the start (m); `outflow`: what the running pump takes out (m/s);
+    `tick_s`: how often the physics moves (at most 50 ms). The rig's time is the
+    monotonic clock; the records have wall-clock times, as the agent stamps readings."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        level: float = 0.1,
+        outflow: float = 1.5,
+        tick_s: float = 0.02,
+        unit: int = 1,
+    ) -> None:
+        if not 0 < tick_s <= 0.05:
+            raise ValueError(f"tick_s must be within (0, 0.05] s, got {tick_s}")
+        super().__init__(host, port, tick_s=None, units={})
+        self.unit = unit
+        self.image = _SumpImage(self)
+        self.devices[unit] = self.image
+        self.level = level
+        self.outflow = outflow
+        self.physics_tick = tick_s
+        self.inflow = 0.0  # m/s while a flood lasts
+        self._flood_until = 0.0  # monotonic
+        self._flap: _Flap | None = None
+        self._arrived = 0.0  # wall clock of the write request being served
+        self._last: float | None = None  # monotonic of the last physics step
+        self._physics: asyncio.Task[None] | None = None
+        #: every write of the pump's coil, in the order received
+        self.pump_writes: list[CoilWrite] = []
+        #: (wall clock, level in m) of every change of the level register: when the
+        #: physical condition became true, which a poll sees up to its period later
+        self.levels: list[tuple[float, float]] = []
+        #: physics steps taken and the longest gap between two (s): a starved loop shows
+        self.ticks = 0
+        self.max_tick_gap = 0.0
+        self._set_level(level)
+
+    # -- what the rig does ------------------------------------------------------------
+
+    def flood(self, inflow: float, seconds: float) -> None:
+        """`inflow` m/s pours in for `seconds` from now."""
+        self.inflow = inflow
+        self._flood_until = time.monotonic() + seconds
+
+    def flap(self, high: float, low: float, up: float, down: float, count: int) -> None:
+        """`count` times: the level at `high` for `up` s, then at `low` for `down` s,
+        whatever the pump does; then the physics again, from `low`."""
+        self._flap = _Flap(time.monotonic(), high, low, up, down, count)
+
+    @property
+    def pump(self) -> int:
+        return self.image.tables["coil"].get(PUMP_COIL, 0)
+
+    def level_reads(self) -> list[tuple[float, float]]:
+        """(wall clock, level in m) of every read of the level register served, as a
+        point with scale LEVEL_SCALE decodes it."""
+        from drivers.modbus.datatypes import to_engineering
+
+        out = []
+        for r in self.served:
+            offset = LEVEL_REGISTER - r.address
+            ours = r.unit == self.unit and r.table == "holding_register"
+            if ours and 0 <= offset < len(r.registers):
+                out.append((r.time, to_engineering(r.registers[offset], LEVEL_SCALE, 0.0)))
+        return out
+
+    # -- serving ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await super().start()
+        self._last = time.monotonic()
+        self._physics = asyncio.create_task(self._physics_loop(), name="underpass-physics")
+
+    async def stop(self) -> None:
+        task, self._physics = self._physics, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await super().stop()
+
+    async def _serve(self, unit: int, func_code: int, address: int, count: int) -> RegisterImage:
+        if func_code in (5, 15):
+            self._arrived = time.time()
+        return await super()._serve(unit, func_code, address, count)
+
+    def _pump_written(self, value: int) -> None:
+        self.pump_writes.append(CoilWrite(self._arrived or time.time(), time.time(), value))
+        self._arrived = 0.0
+
+    async def _physics_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.physics_tick)
+            self.step()
+
+    def step(self, now: float | None = None) -> None:
+        """One physics step to monotonic time `now` (default: now)."""
+        now = time.monotonic() if now is None else now
+        last = self._last if self._last is not None else now
+        dt = max(0.0, now - last)
+        self._last = now
+        self.ticks += 1
+        self.max_tick_gap = max(self.max_tick_gap, dt)
+        flap = self._flap
+        if flap is not None:
+            elapsed = now - flap.start
+            period = flap.up + flap.down
+            if elapsed < period * flap.count:
+                self._set_level(flap.high if elapsed % period < flap.up else flap.low)
+                return
+            self._flap = None
+            self.level = flap.low
+        inflow = self.inflow if now < self._flood_until else 0.0
+        self._set_level(self.level + (inflow - self.pump * self.outflow) * dt)
+
+    def _set_level(self, level: float) -> None:
+        self.level = min(max(level, 0.0), LEVEL_MAX)
+        raw = round(self.level / LEVEL_SCALE)
+        if not self.levels or round(self.levels[-1][1] / LEVEL_SCALE) != raw:
+            self.levels.append((time.time(), raw * LEVEL_SCALE))
+        self.image.set("holding_register", LEVEL_REGISTER, [raw])
 
 
 # -- garbage on RTU over TCP ------------------------------------------------------------

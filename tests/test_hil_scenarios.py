@@ -29,6 +29,7 @@ def test_every_shipped_scenario_is_valid_and_the_fast_ones_cover_the_issue() -> 
         "internal-faults",
         "hostile-clients",
         "bad-config-push",
+        "local-action",
     }
     assert len(FAST) >= 12
     soak = {load_scenario(p).name: load_scenario(p) for p in all_scenarios()}
@@ -60,3 +61,12 @@ def test_fast_scenarios_pass() -> None:
     bad_push = by_name["bad-config-push"]
     assert bad_push.rolled_back == 1 and "rolled_back=1" in bad_push.line()
     assert all("read_lost=" in line for line in lines)
+    # a local rule started the underpass pump with the link down, its interlocks held a
+    # flapping level to max_starts_per_hour (the simulator's own record of the coil
+    # writes), and the platform got every action in order (hil/local_action.py)
+    local = by_name["local-action"]
+    assert local.action_latency_ms is not None and local.action_latency_ms <= 200
+    assert local.starts == 3 and local.actions is not None and local.actions > 2 * 3
+    assert local.line().endswith(
+        f" action_latency_ms={local.action_latency_ms} actions={local.actions} starts=3"
+    )

@@ -517,6 +517,65 @@ def test_garbage_front_answers_garbage_and_the_link_recovers(kind: str) -> None:
     run(main())
 
 
+def test_underpass_floods_the_pump_drains_and_the_record_holds_what_was_served() -> None:
+    """The sump's physics (level += (inflow - pump * outflow) * dt), a flap that holds the
+    level whatever the pump does, and the record: each level served, each coil write."""
+    from hil.sim_modbus import LEVEL_REGISTER, PUMP_COIL, UnderpassSimulator
+
+    async def main() -> None:
+        async with UnderpassSimulator(level=0.1, outflow=2.0, tick_s=0.01) as sump:
+            conn = ModbusConnection(Endpoint("tcp", "127.0.0.1", sump.port), timeout=WAIT_S)
+            try:
+                sump.flood(1.0, 60.0)
+                await eventually(lambda: sump.level > 0.5, "the flood fills the sump")
+                [mm] = await conn.read("holding_register", LEVEL_REGISTER, 1, unit=1)
+                assert sump.served[-1].registers == (mm,) and mm > 500
+                assert sump.level_reads()[-1][1] == pytest.approx(mm / 1000)
+                await conn.write("coil", PUMP_COIL, [True], unit=1)  # net -1 m/s
+                assert (sump.pump, [w.value for w in sump.pump_writes]) == (1, [1])
+                write = sump.pump_writes[0]
+                assert write.received <= write.acked <= time.time()
+                await eventually(lambda: sump.level == 0.0, "the pump drains the sump")
+                sump.flap(high=1.0, low=0.2, up=0.2, down=0.2, count=3)
+                sump.step()
+                assert sump.level == 1.0  # held, the pump on notwithstanding
+                await eventually(lambda: sump._flap is None, "the flap ends")
+                await conn.write("coil", PUMP_COIL, [False], unit=1)
+                await eventually(lambda: sump.level > 0.3, "the flood goes on from low")
+            finally:
+                conn.close()
+        assert [w.value for w in sump.pump_writes] == [1, 0]
+        assert sump.ticks > 10 and sump.max_tick_gap < 5.0
+
+    run(main())
+    with pytest.raises(ValueError, match="tick_s"):
+        UnderpassSimulator(tick_s=0.1)  # the physics moves at least every 50 ms
+
+
+def test_local_action_latency_runs_from_the_condition_or_the_interlocks_end() -> None:
+    """The condition of a transition is the first moment after the previous write from
+    which the sump's level (its changes) satisfies it, no earlier than the interlock's
+    end."""
+    from hil.local_action import _became_true
+    from hil.sim_modbus import CoilWrite
+
+    levels = [(10.0, 0.5), (10.1, 0.9), (10.2, 0.95), (10.9, 0.1), (11.1, 0.9), (13.0, 0.1)]
+    above = lambda x: x > 0.8  # noqa: E731
+    start = CoilWrite(received=20.0, acked=20.0, value=1)  # the write whose latency it is
+    assert _became_true(levels, None, 1.0, above, start) == 10.1  # the first: a change
+    stop = CoilWrite(received=10.95, acked=10.96, value=0)
+    assert _became_true(levels, stop, 0.0, above, start) == 11.1  # no interlock: a change
+    assert _became_true(levels, stop, 0.5, above, start) == 11.45  # min_off ends, above
+    assert _became_true(levels, stop, 2.5, above, start) is None  # low at min_off's end
+    # the level rose before the stop reached the pump and stayed: min_off's end
+    late_stop = CoilWrite(received=11.15, acked=11.2, value=0)
+    assert _became_true(levels, late_stop, 0.5, above, start) == 11.65
+    # the rule's timer ran from its decision: the start reached the simulator before
+    # min_off after the stop did; it ended then
+    early = CoilWrite(received=11.4, acked=11.41, value=1)
+    assert _became_true(levels, stop, 0.5, above, early) == 11.4
+
+
 def test_garbage_rtu_server_is_self_contained_and_its_junk_hides_no_frame() -> None:
     async def main() -> None:
         async with GarbageRtuServer(probability=0.5, seed=4, tick_s=None) as server:

@@ -336,3 +336,59 @@ expr = "count_over(h, 1h)"
     _, rows, _ = buffered(path)
     after = [v for p, v, _ in rows if p == ids["derived/polls"]][len(before) :]
     assert before[-1] >= 5 and after[0] == before[-1] + 1
+
+
+def test_an_action_carries_the_inputs_its_rule_decided_on() -> None:
+    """A stop decided while the start's slow write is under way waits behind it; its
+    event still carries the level that decided it, not a later poll's."""
+    from types import SimpleNamespace
+
+    from agent.local_action import LocalAction
+    from agent.local_config import RuleConfig
+    from drivers.base import NoSettings, PointSpec
+    from native.batch import Batch
+
+    rule = RuleConfig.model_validate(
+        {
+            "id": "pump",
+            "inputs": {"level": "u/level"},
+            "when": "level > 0.8",
+            "start": [{"write": "u/pump", "value": 1}],
+            "stop": [{"write": "u/pump", "value": 0}],
+        }
+    )
+    pump = PointSpec(2, "u/pump", "pump", "", "bool", writable=True, settings=NoSettings())
+    recorded: list[wire.RuleAction] = []
+
+    async def slow_write(point: PointSpec, value: float) -> float:
+        await asyncio.sleep(0.3)
+        return value
+
+    async def publish(*args: object) -> None:
+        raise AssertionError("no publish here")
+
+    async def append(actions: list[wire.RuleAction], state: dict[str, bytes]) -> None:
+        recorded.extend(actions)
+
+    async def scenario() -> None:
+        local = LocalAction(
+            SimpleNamespace(rules=[rule], derived=[]),
+            {"u/level": 1, "u/pump": 2},
+            lambda key: pump if key == "u/pump" else None,
+            slow_write,
+            publish,
+            append,
+        )
+        task = asyncio.create_task(local.run())
+        for t, level in ((1000, 1.0), (1100, 0.1), (1200, 1.0)):
+            local.process(Batch.from_rows([(1, t, level, GOOD)]))
+            await asyncio.sleep(0.1)
+        assert await local.idle(5.0)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert [(a.transition, a.inputs[0].value) for a in recorded] == [
+        ("start", 1.0),
+        ("stop", 0.1),
+        ("start", 1.0),
+    ]
