@@ -294,6 +294,22 @@ def test_template_has_an_example_of_every_driver(tmp_path: Path) -> None:
     assert sorted(s.transport for s in by_driver["modbus"]) == ["rtu", "tcp"]
 
 
+@pytest.mark.usefixtures("real_drivers")
+def test_template_local_action_example_validates_once_uncommented(tmp_path: Path) -> None:
+    text = cli.template_text()
+    head, example = text.split("# -- acting on site:", 1)
+    lines = [line.removeprefix("# ") for line in example.splitlines()[1:]]
+    # the TOML lines (tables, keys); the others are prose
+    block = "\n".join(line for line in lines if re.match(r"\[\[|\w+ = ", line))
+    # its Modbus device is switched off in the template, as it has no hardware there
+    head = head.replace(
+        'name = "pump-3"\ndriver = "modbus"\nenabled = false', 'name = "pump-3"\ndriver = "modbus"'
+    )
+    cfg = parse_config(head + block, source="gateway.toml", base_dir=tmp_path)
+    assert [d.key for d in cfg.derived] == ["derived/pump3_inflow"]
+    assert [r.id for r in cfg.rules] == ["pump-3-flood"]
+
+
 def test_template_shows_every_stage_type(tmp_path: Path) -> None:
     text = cli.template_text()
     # the commented pipeline example, uncommented, is a valid pipeline
