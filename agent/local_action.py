@@ -86,6 +86,7 @@ class LocalAction:
             )
             specs.append(self._spec(program, d.inputs, ids[d.key], d.max_age))
         self._roles: dict[int, _Role] = {}
+        self._seen: dict[int, tuple[float, int]] = {}  # each condition's last evaluation
         for i, r in enumerate(config.rules):
             for what in ("when", "until"):
                 text = getattr(r, what)
@@ -202,9 +203,14 @@ class LocalAction:
         if len(conditions.spec):
             now = self._now()
             touched: set[int] = set()
+            seen = self._seen
             for k, value, quality in zip(
                 conditions.spec, conditions.value, conditions.quality, strict=True
             ):
+                # a condition evaluated as it was before changes nothing (most polls)
+                if seen.get(k) == (value, quality):
+                    continue
+                seen[k] = (value, quality)
                 role = self._roles[k]
                 rule = self.rules[role.rule]
                 touched.add(role.rule)
