@@ -394,6 +394,23 @@ def test_decoder_is_built_once() -> None:
 # -- scale and offset ------------------------------------------------------------------
 
 
+def test_a_decimal_scale_gives_the_decimal_the_device_means() -> None:
+    # 2301 * 0.1 is 230.10000000000002: the codec would store it bit-exactly in ~40 bits
+    # instead of a few, and a user would see it so
+    assert 2301 * 0.1 != 230.1
+    assert to_engineering(2301, 0.1, 0.0) == 230.1
+    assert to_engineering(2301, 0.1, -40.0) == 190.1  # an offset in whole steps
+    assert to_engineering(-12345, 0.001, 0.0) == -12.345
+    assert to_engineering(2301, 0.01, 0.5) == 23.51
+    # a float register is a binary value: its product stays; so does an offset that
+    # is not a whole number of steps
+    assert to_engineering(2301.0, 0.1, 0.0) == 2301.0 * 0.1
+    assert to_engineering(2301, 0.1, 0.05) == 2301 * 0.1 + 0.05
+    # every raw value of a uint16 with scale 0.1 round-trips through the write path
+    for raw in range(0, 65536, 7):
+        assert from_engineering(to_engineering(raw, 0.1, 0.0), 0.1, 0.0, "uint16") == raw
+
+
 def test_engineering_examples() -> None:
     assert to_engineering(2305, 0.1, 0.0) == pytest.approx(230.5)
     assert to_engineering(100, 1.0, -40.0) == 60.0

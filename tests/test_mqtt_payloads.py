@@ -183,6 +183,12 @@ def test_binary(datatype: str, endian: str) -> None:
     assert vt(payload, s) == (raw * 2 + 1, None)
 
 
+def test_binary_integer_with_a_decimal_scale_is_the_decimal_meant() -> None:
+    s = spec(format="binary", datatype="u16", scale=0.1, offset=-40.0)
+    assert 2301 * 0.1 - 40 != 190.1
+    assert vt(struct.pack(">H", 2301), s) == (190.1, None)
+
+
 def test_binary_short() -> None:
     s = spec(format="binary", datatype="u32", byte_offset=1)
     assert reason(b"\x00\x01\x02\x03", s) == "short_binary"

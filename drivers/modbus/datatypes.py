@@ -39,7 +39,9 @@ once per point at startup and the returned function on every poll; `decode` is t
 convenience wrapper. Decoders raise ValueError on a register image of the wrong length
 or with a word outside 0..65535.
 
-Scale and offset: ``value = raw * scale + offset`` (`to_engineering`). The inverse
+Scale and offset: ``value = raw * scale + offset`` (`engineering`, `to_engineering`; an
+integer raw value with a decimal scale is divided by the power of ten, so 2301 with
+scale 0.1 reads 230.1, not 230.10000000000002). The inverse
 (`from_engineering`) refuses, for integer types, a value whose raw value is not an
 integer (beyond float rounding: 1e-9 relative) or out of the type's range, naming the
 nearest values the register can hold; the simulator asks it to round instead (half to
@@ -59,6 +61,8 @@ import struct
 from collections.abc import Callable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING
+
+from drivers.scale import engineering
 
 if TYPE_CHECKING:
     from drivers.modbus.settings import DataType, Order
@@ -101,7 +105,9 @@ _NUMERIC: dict[str, tuple[str, int, int | None, int | None]] = {
     "float32": ("f", 2, None, None),
     "float64": ("d", 4, None, None),
 }
-_INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64", "bool", "bit"})
+#: the datatypes whose raw value is an int
+INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64", "bool", "bit"})
+
 #: "not available" markers that devices commonly send (`citygw modbus read` checks them
 #: when not told the device's own); NaN is always one for float types
 COMMON_MARKERS: dict[str, tuple[int, ...]] = {
@@ -357,8 +363,8 @@ def marker_text(raw: int | float, datatype: DataType) -> str:
 
 
 def to_engineering(raw: int | float, scale: float, offset: float) -> float:
-    """``raw * scale + offset``, as a float."""
-    return float(raw * scale + offset)
+    """``raw * scale + offset`` as `engineering` computes it for `raw`'s type."""
+    return engineering(scale, offset, isinstance(raw, int))(raw)
 
 
 def from_engineering(
@@ -376,7 +382,7 @@ def from_engineering(
     if datatype == "string":
         raise ValueError("a string has no engineering value")
     raw = (value - offset) / scale
-    if datatype in _INTEGER_TYPES:
+    if datatype in INTEGER_TYPES:
         if not math.isfinite(raw):
             raise ValueError(f"{value!r} gives raw value {raw!r}, which {datatype} cannot hold")
         whole = round(raw)

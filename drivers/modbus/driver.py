@@ -184,26 +184,25 @@ def _value_reader(p: ModbusPointSettings) -> Callable[[Sequence[int]], float | s
     when the device said "not available" (a declared marker, or a NaN float)."""
     if p.table in BIT_TABLES:
         return _bits_reader
-    from drivers.modbus.datatypes import decoder, markers, to_engineering
+    from drivers.modbus.datatypes import INTEGER_TYPES, decoder, markers
+    from drivers.scale import engineering
 
     decode = decoder(p.datatype, p.order, p.bit)
     if p.datatype == "string":
         return decode
     if p.datatype in ("bool", "bit"):
         return lambda chunk: 1.0 if decode(chunk) else 0.0
-    scale, offset = p.scale, p.offset
+    convert = engineering(p.scale, p.offset, p.datatype in INTEGER_TYPES)
     absent = markers(p.datatype, p.invalid)
     if absent:  # only points that declare markers pay for the lookup
 
         def read_or_absent(chunk: Sequence[int]) -> float:
             raw = cast(float, decode(chunk))
-            return _NAN if raw in absent else raw * scale + offset
+            return _NAN if raw in absent else convert(raw)
 
         return read_or_absent
     # a NaN float stays NaN through scale and offset: _decode makes it UNAVAILABLE
-    if scale == 1.0 and offset == 0.0:
-        return lambda chunk: float(decode(chunk))
-    return lambda chunk: to_engineering(cast(float, decode(chunk)), scale, offset)
+    return lambda chunk: convert(cast(float, decode(chunk)))
 
 
 class _Group:

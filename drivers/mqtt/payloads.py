@@ -25,6 +25,7 @@ import orjson
 
 from common.units import convert
 from drivers.mqtt.settings import MqttPointSettings, PathStep
+from drivers.scale import engineering
 from native.batch import BAD, GOOD, UNCERTAIN
 
 __all__ = ["NOTES", "REASONS", "PayloadError", "Reading", "parse"]
@@ -322,7 +323,14 @@ def parse(
                 f"{len(payload)} bytes, need {spec.byte_offset + struct.calcsize(code)}",
             ) from None
         raw = float(number)
-    value = raw if word else raw * spec.scale + spec.offset
+    if word:
+        value = raw
+    elif fmt == "binary" and isinstance(number, int):
+        # an integer field with a decimal scale divides: 2301 × 0.1 gives 230.1, not
+        # 230.10000000000002 (drivers/scale.py)
+        value = engineering(spec.scale, spec.offset, True)(number)
+    else:
+        value = raw * spec.scale + spec.offset
     if payload_unit is not None and math.isfinite(value):
         try:
             value = convert(value, payload_unit, unit)
