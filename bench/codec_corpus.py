@@ -1,10 +1,45 @@
-"""The codec benchmark's corpus: real sensor series shipped in a PyPI package, and seeded
-synthetic city series. Every series is (name, timestamps in int64 ms, values as float64).
+"""The codec benchmark's corpus: real measured series read from data files that PyPI
+packages ship inside their wheels (nothing is downloaded at run time), and seeded
+synthetic city series, reported apart. Every series is (name, timestamps in int64 ms,
+values as float64). The data files are read directly (csv / text), without importing the
+packages (that would import pandas and more).
 
-Real: ``vega_datasets`` (in the ``bench`` extra) ships two hourly air-temperature series
-measured in 2010 (Seattle and San Francisco, degrees F at 0.1 resolution, 8759 and 8760
-readings); their own times are used, read as UTC. The package's data files are read
-directly, without importing it (that would import pandas).
+Real (the ``bench`` extra installs the four packages):
+
+  name            package (version), file: what it is; resolution; readings; timestamps
+  seattle_temp    vega_datasets 0.9.0, _data/seattle-temps.csv: hourly air temperature,
+                  Seattle 2010; degF at 0.1; 8759; the file's own times, read as UTC
+  sf_temp         vega_datasets 0.9.0, _data/sf-temps.csv: the same for San Francisco;
+                  8759
+  co2_weekly      statsmodels 0.15.0, datasets/co2/co2.csv: weekly atmospheric CO2 at
+                  Mauna Loa 1958-2001; ppm at 0.1; 2284 of which 59 are missing (NaN
+                  gaps); the file's dates (YYYYMMDD, midnight UTC)
+  sunspots_monthly statsmodels 0.15.0, datasets/sunspots/src/sunspots_monthly.dat:
+                  monthly mean sunspot number 1749-01..2009-06 (a long low-resolution
+                  record); 0.1; 3126; the first of each month, midnight UTC
+  elnino_sst      statsmodels 0.15.0, datasets/elnino/elnino.csv: monthly sea surface
+                  temperature of the Nino region 1950-2010; degC at 0.01 (written with
+                  three decimals); 732; the first of each month, midnight UTC
+  water_flow      river 0.26.1, datasets/water-flow.csv: hourly water flow through a
+                  pipeline branch, 2022-03-20..05-16; l/s at 0.01; 1268 (a few hours
+                  missing: gaps in time); the file's ISO times with their UTC offsets
+  room_temp, room_humidity, room_light, room_co2
+                  river 0.26.1, drift/datasets/occupancy.csv: the UCI "Occupancy
+                  Detection" office sensors (temperature degC, relative humidity %,
+                  light lux with lamps switching on and off, CO2 ppm), one reading every
+                  ~16 minutes (959..961 s), 2015-02-04..10, averaged values with up to 13
+                  significant digits; 509 each; the file's times, read as UTC
+  house_kw, house_volts, kitchen_wh, heater_wh
+                  EnergyData 0.0.2, data/householdpower.csv: the UCI "Individual
+                  household electric power consumption" record (Sceaux, France), one
+                  reading a minute; the first 28 days (2006-12-16 17:24 on, 40,320
+                  readings each) of: global active power (kW at 0.001), voltage (V at
+                  0.01, slowly varying), sub-metering 1 (kitchen: dishwasher, oven,
+                  microwave; Wh a minute, integers, appliance on/off steps) and
+                  sub-metering 3 (electric water heater and air conditioner, on/off
+                  steps); the file's times, read as UTC
+
+A package that is not installed drops its series (the benchmark says so).
 
 Synthetic (random.Random seeded, so every run sees the same numbers), 12,000 readings:
   temperature  1 Hz, 0.01 degC, diurnal swing + weather drift + sensor noise (sd 0.015),
@@ -34,34 +69,135 @@ T0 = 1_717_200_000_000  # 2024-06-01T00:00:00Z in ms
 N_SYNTHETIC = 12_000
 
 
-def _vega_dir() -> Path | None:
-    spec = importlib.util.find_spec("vega_datasets")
+def _package_dir(name: str) -> Path | None:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(next(iter(spec.submodule_search_locations))) / "_data"
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _ms(text: str) -> int:
-    fmt = "%Y/%m/%d %H:%M:%S" if text.count(":") == 2 else "%Y/%m/%d %H:%M"
-    t = dt.datetime.strptime(text, fmt).replace(tzinfo=dt.UTC)
-    return int(t.timestamp()) * 1000
+def _ms(when: dt.datetime) -> int:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return round(when.timestamp() * 1000)
 
 
-def real_series() -> list[Series]:
-    """The vega_datasets temperature series, or [] when the package is not installed."""
-    folder = _vega_dir()
-    if folder is None:
-        return []
+def _vega(folder: Path) -> list[Series]:
     out: list[Series] = []
     for name, file in (("seattle_temp", "seattle-temps.csv"), ("sf_temp", "sf-temps.csv")):
         ts: array[int] = array("q")
         vs: array[float] = array("d")
-        with open(folder / file, newline="", encoding="utf-8") as f:
+        with open(folder / "_data" / file, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
-                ts.append(_ms(row["date"]))
+                text = row["date"]
+                fmt = "%Y/%m/%d %H:%M:%S" if text.count(":") == 2 else "%Y/%m/%d %H:%M"
+                ts.append(_ms(dt.datetime.strptime(text, fmt)))
                 vs.append(float(row["temp"]))
         out.append((name, ts, vs))
     return out
+
+
+def _month_ms(year: int, month: int) -> int:
+    return _ms(dt.datetime(year, month, 1))
+
+
+def _statsmodels(folder: Path) -> list[Series]:
+    data = folder / "datasets"
+    ts: array[int] = array("q")
+    vs: array[float] = array("d")
+    with open(data / "co2" / "co2.csv", newline="", encoding="utf-8") as f:
+        for rec in csv.DictReader(f):
+            ts.append(_ms(dt.datetime.strptime(rec["date"], "%Y%m%d")))
+            vs.append(float(rec["co2"]) if rec["co2"].strip() else math.nan)
+    out: list[Series] = [("co2_weekly", ts, vs)]
+    ts, vs = array("q"), array("d")
+    text = (data / "sunspots" / "src" / "sunspots_monthly.dat").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and len(parts[0]) == 4:
+            year = int(parts[0])
+            for month, v in enumerate(parts[1:13], start=1):
+                ts.append(_month_ms(year, month))
+                vs.append(float(v))
+    out.append(("sunspots_monthly", ts, vs))
+    ts, vs = array("q"), array("d")
+    with open(data / "elnino" / "elnino.csv", newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        next(rows)
+        for row in rows:
+            for month, v in enumerate(row[1:13], start=1):
+                ts.append(_month_ms(int(float(row[0])), month))
+                vs.append(float(v))
+    out.append(("elnino_sst", ts, vs))
+    return out
+
+
+def _river(folder: Path) -> list[Series]:
+    ts: array[int] = array("q")
+    vs: array[float] = array("d")
+    with open(folder / "datasets" / "water-flow.csv", newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        next(rows)
+        for when, flow in rows:
+            ts.append(_ms(dt.datetime.fromisoformat(when)))
+            vs.append(float(flow))
+    out: list[Series] = [("water_flow", ts, vs)]
+    cols: list[tuple[str, array[int], array[float]]] = [
+        (name, array("q"), array("d"))
+        for name in ("room_temp", "room_humidity", "room_light", "room_co2")
+    ]
+    with open(folder / "drift" / "datasets" / "occupancy.csv", newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        next(rows)
+        for row in rows:
+            t = _ms(dt.datetime.fromisoformat(row[0]))
+            for (_, cts, cvs), v in zip(cols, row[1:5], strict=True):
+                cts.append(t)
+                cvs.append(float(v))
+    return out + cols
+
+
+HOUSEHOLD_READINGS = 28 * 1440  # the first 28 days of the minute record
+
+
+def _household(folder: Path) -> list[Series]:
+    wanted = (("house_kw", 1), ("house_volts", 3), ("kitchen_wh", 5), ("heater_wh", 7))
+    cols: list[tuple[str, array[int], array[float]]] = [
+        (name, array("q"), array("d")) for name, _ in wanted
+    ]
+    with open(folder / "data" / "householdpower.csv", newline="", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        next(rows)
+        for i, row in enumerate(rows):
+            if i == HOUSEHOLD_READINGS:
+                break
+            t = _ms(dt.datetime.strptime(row[0], "%Y-%m-%d %H:%M:%S"))
+            for (_, cts, cvs), (_, k) in zip(cols, wanted, strict=True):
+                cts.append(t)
+                cvs.append(float(row[k]) if row[k] not in ("", "?") else math.nan)
+    return list(cols)
+
+
+_READERS = (
+    ("vega_datasets", _vega),
+    ("statsmodels", _statsmodels),
+    ("river", _river),
+    ("EnergyData", _household),
+)
+
+
+def real_series() -> tuple[list[Series], list[str]]:
+    """The real series of the installed packages, and the names of those missing."""
+    out: list[Series] = []
+    missing: list[str] = []
+    for package, read in _READERS:
+        folder = _package_dir(package)
+        if folder is None:
+            missing.append(package)
+        else:
+            out += read(folder)
+    return out, missing
 
 
 def _temperature(rng: random.Random) -> Series:
@@ -153,4 +289,5 @@ def synthetic_series(seed: int = 2024) -> list[Series]:
 
 
 def corpus() -> list[Series]:
-    return real_series() + synthetic_series()
+    """Real and synthetic series together (the real ones first)."""
+    return real_series()[0] + synthetic_series()
