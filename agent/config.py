@@ -329,8 +329,6 @@ class PointConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_range(self) -> PointConfig:
-        if self.min is not None and self.max is not None and not self.min < self.max:
-            raise _at("max", f"must be greater than min ({self.min:g}), got {self.max:g}")
         check_pipeline(self.pipeline, self.min, self.max)
         return self
 

@@ -84,8 +84,6 @@ class DerivedConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_range(self) -> DerivedConfig:
-        if self.min is not None and self.max is not None and not self.min < self.max:
-            raise _at("max", f"must be greater than min ({self.min:g}), got {self.max:g}")
         check_pipeline(self.pipeline, self.min, self.max)
         return self
 

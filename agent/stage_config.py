@@ -312,7 +312,10 @@ STAGE_TYPES: dict[str, type[BaseModel]] = {
 def check_pipeline(
     stages: list[PipelineStage], point_min: float | None, point_max: float | None
 ) -> None:
-    """Checks across the stages of one point (raises an error naming the stage)."""
+    """Checks a point's range and the stages of its pipeline against it and each other
+    (raises an error naming the key)."""
+    if point_min is not None and point_max is not None and not point_min < point_max:
+        raise at("max", f"must be greater than min ({point_min:g}), got {point_max:g}")
     rules: dict[str, int] = {}
     aggregates = 0
     for i, stage in enumerate(stages):
