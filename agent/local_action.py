@@ -35,7 +35,7 @@ from common.logs import Throttle
 from drivers.base import PointSpec
 from native.batch import BAD, GOOD, Batch
 from native.derive import DerivedSpec, DeriveEngine
-from native.expr import compile_expr
+from native.expr import Program, compile_expr
 from native.stages import AlarmEvent
 
 log = logging.getLogger("citygw.rules")
@@ -73,7 +73,6 @@ class LocalAction:
         publish: Publish,
         append: Append,
     ) -> None:
-        self.config = config
         self._ids = ids
         self._point_of = point_of  # the agent's writable points now (a reload changes them)
         self._write, self._publish, self._append = write, publish, append
@@ -121,7 +120,11 @@ class LocalAction:
         self._throttle = Throttle()
 
     def _spec(
-        self, program: Any, inputs: Mapping[str, str], out_id: int | None, max_age: float | None
+        self,
+        program: Program,
+        inputs: Mapping[str, str],
+        out_id: int | None,
+        max_age: float | None,
     ) -> DerivedSpec:
         return DerivedSpec(
             program=program,

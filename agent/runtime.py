@@ -1162,7 +1162,11 @@ class Agent:
             "tasks": {name: h.as_dict() for name, h in self.task_health.items()},
             "info": self.device_info,
             "rules": self.local.status() if self.local is not None else {},
-            "local": dict(self.local.counters) if self.local is not None else {},
+            "local": (
+                {**self.local.counters, "last_error": self.local.last_error}
+                if self.local is not None
+                else {}
+            ),
             "metrics": self.metrics.as_dict() if self.metrics else None,
         }
 

@@ -233,6 +233,12 @@ def render_rules(agent: dict[str, Any], now_ms: int) -> Table | None:
             str(r.get("starts_last_hour", 0)),
             "\n".join(lines) or "none yet",
         )
+    local = agent.get("local") or {}
+    if local.get("errors"):  # a bug on the push path: the batches' derived readings lost
+        table.caption = (
+            f"derived points and rules failed on {local['errors']} batches; last: "
+            f"{local.get('last_error', '')} (see the log)"
+        )
     return table
 
 

@@ -392,3 +392,28 @@ def test_an_action_carries_the_inputs_its_rule_decided_on() -> None:
         ("stop", 0.1),
         ("start", 1.0),
     ]
+
+
+def test_a_failure_of_the_engine_costs_the_derived_readings_never_the_batch() -> None:
+    from types import SimpleNamespace
+
+    from agent.local_action import LocalAction
+    from agent.runtime import Counters, MemoryQueue
+    from native.batch import Batch
+
+    async def unused(*args: object) -> Any:
+        raise AssertionError("no action here")
+
+    local = LocalAction(SimpleNamespace(rules=[], derived=[]), {}, lambda key: None, *[unused] * 3)
+
+    def broken(batch: Batch) -> Any:
+        raise RuntimeError("a bug in a kernel")
+
+    local.engine.process = broken  # type: ignore[method-assign]
+    counters = Counters()
+    queue = MemoryQueue(100, counters)
+    queue.derive = local.process
+    assert queue.push(Batch.from_rows([(1, 1000, 1.0, GOOD), (2, 1000, 2.0, GOOD)]))
+    assert [len(h.batch) for h in queue.take()] == [2] and counters.read == 2
+    assert local.counters["errors"] == 1
+    assert local.last_error == "RuntimeError: a bug in a kernel"
