@@ -16,9 +16,11 @@ def engineering(scale: float, offset: float, integer: bool) -> Callable[[int | f
     codec stores in a few bits; 230.10000000000002 costs it 40). An offset that is not
     a whole number of the scale's steps keeps the product."""
     power = _DECIMAL_SCALES.get(scale) if integer else None
-    steps = offset * power if power is not None else 0.0
-    if power is not None and steps == round(steps):
-        shift, divisor = round(steps), power
+    steps = offset * power if power is not None else 0.5
+    # whole steps only, and within the doubles' exact integers (an offset of -1e308
+    # would make them infinite)
+    if power is not None and abs(steps) < 2**53 and steps == int(steps):
+        shift, divisor = int(steps), power
         return lambda raw: (int(raw) + shift) / divisor
     if scale == 1.0 and offset == 0.0:
         return float

@@ -406,6 +406,7 @@ def test_a_decimal_scale_gives_the_decimal_the_device_means() -> None:
     # is not a whole number of steps
     assert to_engineering(2301.0, 0.1, 0.0) == 2301.0 * 0.1
     assert to_engineering(2301, 0.1, 0.05) == 2301 * 0.1 + 0.05
+    assert to_engineering(1, 0.1, -1e308) == -1e308  # its steps would not be finite
     # every raw value of a uint16 with scale 0.1 round-trips through the write path
     for raw in range(0, 65536, 7):
         assert from_engineering(to_engineering(raw, 0.1, 0.0), 0.1, 0.0, "uint16") == raw
