@@ -164,16 +164,22 @@ class LocalAction:
         return resumed
 
     def carry_state(self, old: LocalAction) -> None:
-        """A reload: the clock, the engine's inputs and every unchanged rule go on."""
+        """A reload: the clock, the engine's inputs and each rule's state (by id, as a
+        restart keeps it: the pump runs whatever the new config says, and the starts of
+        the last hour count against a changed limit) go on. What a rule knows of its
+        conditions goes on where they are unchanged; a changed one is learnt again."""
         self.clock_ms, self._last_mono = old.clock_ms, old._last_mono
         self.engine.carry_state(old.engine)
         for rule in self.rules:
             before = old.by_id.get(rule.config.id)
-            if before is not None and before.config == rule.config:
-                rule.state = before.state
+            if before is None:
+                continue
+            rule.state = before.state
+            rule.local_override = before.local_override
+            self.last_actions[rule.config.id] = old.last_actions[rule.config.id]
+            same = ("inputs", "when", "until", "alarm", "alarm_point", "max_age")
+            if all(getattr(before.config, k) == getattr(rule.config, k) for k in same):
                 rule.on, rule.off, rule.on_since = before.on, before.off, before.on_since
-                rule.local_override = before.local_override
-                self.last_actions[rule.config.id] = old.last_actions[rule.config.id]
 
     def save_state(self) -> dict[str, bytes]:
         """The engine's inputs read since the last save (agent: every minute, at a stop)."""

@@ -17,7 +17,7 @@ What is live, per top-level key:
   database's ``path``, ``capacity`` and ``sync`` need a restart;
 - ``devices``: every key (the devices concerned are stopped, started or restarted);
 - ``derived`` and ``rules``: every key (rebuilt once the rules' actions under way are
-  recorded; unchanged rules keep their state);
+  recorded; each rule keeps its state, by id);
 - any other section: needs a restart, until it has a live path of its own.
 """
 

@@ -417,3 +417,44 @@ def test_a_failure_of_the_engine_costs_the_derived_readings_never_the_batch() ->
     assert [len(h.batch) for h in queue.take()] == [2] and counters.read == 2
     assert local.counters["errors"] == 1
     assert local.last_error == "RuntimeError: a bug in a kernel"
+
+
+def test_a_reload_changes_rules_and_derived_points_and_keeps_the_rule_state(
+    tmp_path: Path,
+) -> None:
+    """A reload (SIGHUP, citygw reload, a config push) takes new rules and derived points
+    live: the running rule keeps its state (the pump is on whatever the new config says;
+    its start counts against the new hourly limit), a new derived point starts."""
+    path = tmp_path / "buf.db"
+    new_derived = """
+[[derived]]
+name = "double"
+inputs = { h = "underpass/level" }
+expr = "2 * h"
+"""
+
+    async def scenario() -> tuple[bool, int, int]:
+        agent = await start(config(path))
+        try:
+            await wait_until(lambda: agent.local is not None and agent.local.rules[0].state.active)
+            changed = config(path, derived=new_derived).replace(
+                'min_on = "1h"', 'min_on = "2h"\nmax_starts_per_hour = 2'
+            )
+            diff = await agent.reload(parse_config(changed, source="t.toml"), source="test")
+            assert diff.restart_needed == []
+            local = agent.local
+            assert local is not None
+            rule = local.rules[0]
+            assert rule.config.max_starts_per_hour == 2
+            await wait_until(lambda: local.counters["derived"] > 3)
+            return rule.state.active, len(rule.state.starts), local.counters["derived"]
+        finally:
+            await agent.stop()
+
+    active, starts, derived = asyncio.run(scenario())
+    assert (active, starts) == (True, 1) and derived > 0
+    actions = actions_in(path)
+    # one start only: the reload did not start the pump again
+    assert [(a.transition, a.action) for a in actions] == [("start", "write"), ("start", "event")]
+    _, rows, ids = buffered(path)
+    assert {v for p, v, _ in rows if p == ids["derived/double"]} == {2.0}
