@@ -334,6 +334,37 @@ def _rank(q: int) -> int:
     return RANK[q] if q < 4 else _RANK_BAD
 
 
+_Slots = tuple[
+    "array[float]",
+    "array[int]",
+    "array[int]",
+    "array[int]",
+    "array[int]",
+    "array[int]",
+    "array[int]",
+    "array[int]",
+    "array[float]",
+]
+
+
+def _update(s: int, ts: int, v: float, q: int, slots: _Slots) -> None:
+    """A reading of slot `s` (an input's, or a derived output's): its last value, and its
+    ring if a window reads it and the reading is GOOD and finite."""
+    last_v, last_ts, last_q, seen, ring_base, ring_head, ring_n, ring_ts, ring_v = slots
+    last_v[s] = v
+    last_ts[s] = ts
+    last_q[s] = q
+    seen[s] = 1
+    base = ring_base[s]
+    if base >= 0 and q == GOOD and math.isfinite(v):
+        h = ring_head[s]
+        ring_ts[base + h] = ts
+        ring_v[base + h] = v
+        ring_head[s] = h + 1 if h + 1 < RING else 0
+        if ring_n[s] < RING:
+            ring_n[s] += 1
+
+
 def process(
     start: int,
     point_ids: array[int],
@@ -389,6 +420,7 @@ def process(
     c_cap = min(len(c_spec), len(c_ts), len(c_v), len(c_q))
     n_out = counts[0]
     n_cond = counts[1]
+    slots = (last_v, last_ts, last_q, seen, ring_base, ring_head, ring_n, ring_ts, ring_v)
     i = start
     while i < n:
         if o_cap - n_out < n_specs or c_cap - n_cond < n_specs:
@@ -400,20 +432,7 @@ def process(
             pid = point_ids[i]
             s = slot_of[pid] if pid < n_table else -1
             if 0 <= s < n_slots:
-                v = values[i]
-                q = quality[i]
-                last_v[s] = v
-                last_ts[s] = t_group
-                last_q[s] = q
-                seen[s] = 1
-                base = ring_base[s]
-                if base >= 0 and q == GOOD and math.isfinite(v):
-                    h = ring_head[s]
-                    ring_ts[base + h] = t_group
-                    ring_v[base + h] = v
-                    ring_head[s] = h + 1 if h + 1 < RING else 0
-                    if ring_n[s] < RING:
-                        ring_n[s] += 1
+                _update(s, t_group, values[i], quality[i], slots)
                 for d in range(dep_start[s], dep_start[s + 1]):
                     j = dep_spec[d]
                     dirty[j] = 1
@@ -488,18 +507,7 @@ def process(
                 n_out += 1
                 s = out_slot[j]
                 if s >= 0:
-                    last_v[s] = v
-                    last_ts[s] = t_eval
-                    last_q[s] = q
-                    seen[s] = 1
-                    base = ring_base[s]
-                    if base >= 0 and q == GOOD and math.isfinite(v):
-                        h = ring_head[s]
-                        ring_ts[base + h] = t_eval
-                        ring_v[base + h] = v
-                        ring_head[s] = h + 1 if h + 1 < RING else 0
-                        if ring_n[s] < RING:
-                            ring_n[s] += 1
+                    _update(s, t_eval, v, q, slots)
                     for d in range(dep_start[s], dep_start[s + 1]):
                         dirty[dep_spec[d]] = 1
                         if dep_spec[d] > hi:
