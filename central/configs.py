@@ -116,7 +116,9 @@ def seen_query(ph: str, gateway: str | None) -> tuple[str, tuple[str, ...]]:
         "SELECT c.gateway, c.version, c.hash, c.first_seen_ms, c.last_seen_ms, "
         "CASE WHEN g.config_hash = c.hash THEN 1 ELSE 0 END "
         f"FROM gateway_configs c LEFT JOIN gateways g ON g.gateway = c.gateway{where} "
-        "ORDER BY c.gateway, c.last_seen_ms DESC",
+        # within a millisecond (a push applied at once): the running one first
+        "ORDER BY c.gateway, c.last_seen_ms DESC, "
+        "CASE WHEN g.config_hash = c.hash THEN 1 ELSE 0 END DESC, c.first_seen_ms DESC",
         args,
     )
 

@@ -5,9 +5,11 @@ schema's upgrade from version 4; `citygw platform configs`; the console's API.""
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import orjson
+import pytest
 from typer.testing import CliRunner
 
 from central.configs import SENT, ConfigPushRecord
@@ -142,3 +144,14 @@ def test_platform_configs_lists_versions_and_a_gateways_history(tmp_path: Path) 
     text = " ".join(history.output.split())
     assert "configs reported running" in text and "2026-11" in text and "yes" in text
     assert "configs pushed" in text and "refused" in text and "ops@desk" in text
+
+
+def test_configs_reported_within_one_millisecond_list_the_running_one_first(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a push applied at once: the old and the new config seen in the same millisecond
+    monkeypatch.setattr(time, "time_ns", lambda: 1_800_000_000_000_000_000)
+    store.store_meta(GW, meta(OLD))
+    store.store_meta(GW, meta(NEW))
+    seen = store.configs_seen(GW)
+    assert [(c.version, c.running) for c in seen] == [("2026-12", True), ("2026-11", False)]
