@@ -30,7 +30,7 @@ import os
 import re
 import tomllib
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -408,6 +408,14 @@ class Config(_Section):
 
     def point_count(self) -> int:
         return sum(len(d.points) for d in self.devices) + len(self.derived)
+
+    def staged_points(self) -> Iterator[tuple[str, PointConfig | DerivedConfig]]:
+        """(key, point) of every point with a pipeline that runs: the enabled devices'
+        points and the derived points."""
+        for d in self.devices:
+            if d.enabled:
+                yield from ((f"{d.name}/{p.name}", p) for p in d.points if p.pipeline)
+        yield from ((dv.key, dv) for dv in self.derived if dv.pipeline)
 
     @model_validator(mode="after")
     def _warn_identity(self) -> Config:

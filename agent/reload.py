@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.config import Config, PointConfig
+from agent.local_config import DerivedConfig
 from agent.stage_config import PointContext, aggregate_functions, aggregate_key, stage_specs
 from agent.uplink import UplinkSettings
 
@@ -164,20 +165,16 @@ def stage_points(old: Config, new: Config) -> tuple[list[str], list[str]]:
 
 
 def _stage_specs(config: Config) -> dict[str, list[Any]]:
-    """The stage specs of every point with stages on an enabled device, by key. A spec
-    holds registry ids (aggregate series) that are stable per key, so every id is 0
-    here: two specs differ only where the config does."""
+    """The stage specs of every point whose pipeline runs (`Config.staged_points`), by
+    key. A spec holds registry ids (aggregate series) that are stable per key, so every
+    id is 0 here: two specs differ only where the config does."""
     return {
         key: stage_specs(p.pipeline, PointContext(key, p.min, p.max, _zero_ids(key, p)))
-        for d in config.devices
-        if d.enabled
-        for p in d.points
-        if p.pipeline
-        for key in (f"{d.name}/{p.name}",)
+        for key, p in config.staged_points()
     }
 
 
-def _zero_ids(key: str, point: PointConfig) -> dict[str, int]:
+def _zero_ids(key: str, point: PointConfig | DerivedConfig) -> dict[str, int]:
     return {aggregate_key(key, f): 0 for f in aggregate_functions(point.pipeline)}
 
 

@@ -254,67 +254,46 @@ def _readings(n: int) -> str:
 
 
 def point_meta(config: Config) -> list[dict[str, Any]]:
-    """Registry entries for every configured point and every aggregate series made of
-    one (``<device>/<point>:<function>``); the platform gets these in up/meta."""
+    """Registry entries for every configured point, every derived point (with its
+    expression) and every aggregate series made of one (``<device>/<point>:<function>``);
+    the platform gets these in up/meta."""
     out: list[dict[str, Any]] = []
-    for d in config.devices:
-        for p in d.points:
-            key = f"{d.name}/{p.name}"
-            base = {"device": d.name, "driver": d.driver}
-            out.append({"key": key, "name": p.name, "unit": p.unit, "type": p.type, **base})
-            for f in aggregate_functions(p.pipeline):
-                unit = "" if f == "count" else p.unit
-                name = f"{p.name}:{f}"
-                out.append(
-                    {
-                        "key": aggregate_key(key, f),
-                        "name": name,
-                        "unit": unit,
-                        "type": "float",
-                        **base,
-                    }
-                )
-    for dv in config.derived:
-        base = {"device": dv.device, "driver": DERIVED_DRIVER}
-        out.append(
-            {
-                "key": dv.key,
-                "name": dv.name,
-                "unit": dv.unit,
-                "type": dv.type,
-                "expr": dv.expr,
-                **base,
-            }
-        )
-        for f in aggregate_functions(dv.pipeline):
+
+    def add(
+        key: str, name: str, unit: str, kind: str, stages: list[Any], entry: dict[str, str]
+    ) -> None:
+        out.append({"key": key, "name": name, "unit": unit, "type": kind, **entry})
+        for f in aggregate_functions(stages):
             out.append(
                 {
-                    "key": aggregate_key(dv.key, f),
-                    "name": f"{dv.name}:{f}",
-                    "unit": "" if f == "count" else dv.unit,
+                    "key": aggregate_key(key, f),
+                    "name": f"{name}:{f}",
+                    "unit": "" if f == "count" else unit,
                     "type": "float",
-                    **base,
+                    "device": entry["device"],
+                    "driver": entry["driver"],
                 }
             )
+
+    for d in config.devices:
+        for p in d.points:
+            entry = {"device": d.name, "driver": d.driver}
+            add(f"{d.name}/{p.name}", p.name, p.unit, p.type, p.pipeline, entry)
+    for dv in config.derived:
+        entry = {"device": dv.device, "driver": DERIVED_DRIVER, "expr": dv.expr}
+        add(dv.key, dv.name, dv.unit, dv.type, dv.pipeline, entry)
     return out
 
 
 def build_pipeline(config: Config, ids: dict[str, int]) -> Pipeline:
-    """The pipeline of the enabled devices' points; `ids` as from `point_meta`'s keys."""
-    stages = {
-        ids[key]: stage_specs(p.pipeline, PointContext(key, p.min, p.max, ids))
-        for d in config.devices
-        if d.enabled
-        for p in d.points
-        if p.pipeline
-        for key in (f"{d.name}/{p.name}",)
-    }
-    for dv in config.derived:
-        if dv.pipeline:
-            stages[ids[dv.key]] = stage_specs(
-                dv.pipeline, PointContext(dv.key, dv.min, dv.max, ids)
-            )
-    return Pipeline(stages)
+    """The pipeline of the enabled devices' points and the derived points; `ids` as from
+    `point_meta`'s keys."""
+    return Pipeline(
+        {
+            ids[key]: stage_specs(p.pipeline, PointContext(key, p.min, p.max, ids))
+            for key, p in config.staged_points()
+        }
+    )
 
 
 def device_specs(config: Config, ids: dict[str, int]) -> dict[str, list[DeviceSpec]]:

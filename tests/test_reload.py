@@ -20,7 +20,7 @@ import aiomqtt
 import pytest
 
 from agent.config import Config, parse_config
-from agent.reload import ReloadRefused, diff_configs
+from agent.reload import ReloadRefused, diff_configs, stage_points
 from agent.runtime import Agent, build_pipeline
 from buffer import Buffer, Lane
 from common import wire
@@ -165,6 +165,24 @@ def test_diff_counts_points_whose_stage_state_is_kept_or_reset(tmp_path: Path) -
     diff = diff_configs(old, new)
     assert diff.changed == ["a", "c"]
     assert (diff.stages_kept, diff.stages_reset) == (1, 1)
+
+
+def test_diff_counts_derived_points_whose_stage_state_is_kept(tmp_path: Path) -> None:
+    """A derived point's pipeline (its deadband, its aggregate windows) goes on across a
+    reload of anything else, as a device point's does."""
+    buf = tmp_path / "b.db"
+    derived = """
+[[derived]]
+name = "twice"
+inputs = { x = "a/x" }
+expr = "2 * x"
+pipeline = [{ type = "aggregate", window = "1m", functions = ["mean"] }]
+"""
+    old = parse(gateway(buf, device("a"), derived))
+    new = parse(gateway(buf, device("a", poll="1s"), derived))
+    assert stage_points(old, new) == (["derived/twice"], [])
+    diff = diff_configs(old, new)
+    assert (diff.stages_kept, diff.stages_reset) == (1, 0)
 
 
 # -- a running agent -----------------------------------------------------------------------
