@@ -29,7 +29,7 @@ from typing import Any
 
 from agent.commands import write_refusal
 from agent.local_config import ActionConfig, RuleConfig, derived_order
-from agent.rules import Decision, Rule, RuleState
+from agent.rules import HOUR_MS, Decision, Rule, RuleState
 from common import wire
 from common.logs import Throttle
 from drivers.base import PointSpec
@@ -113,7 +113,8 @@ class LocalAction:
         self.last_actions: dict[str, deque[dict[str, Any]]] = {
             r.config.id: deque(maxlen=LAST_ACTIONS) for r in self.rules
         }
-        self._alarm_inputs: dict[int, AlarmEvent] = {}  # the last event of each alarm rule
+        #: the reading that decided each alarm rule's last alarm event
+        self._alarm_inputs: dict[int, wire.RuleInput] = {}
         #: actions done (or dry run), suppressed, failed; derived readings made
         self.counters = {"done": 0, "suppressed": 0, "failed": 0, "derived": 0, "errors": 0}
         self.last_error = ""  # the last failure of `process`
@@ -248,8 +249,10 @@ class LocalAction:
             ]
             if mine:
                 now = self._now() if now is None else now
-                rule.set_alarm(mine[-1].raised, now)
-                self._alarm_inputs[i] = mine[-1]
+                e = mine[-1]
+                rule.set_alarm(e.raised, now)
+                key = key_of.get(e.point_id, str(e.point_id))
+                self._alarm_inputs[i] = wire.RuleInput(c.alarm, key, e.value, e.ts_ms, GOOD)
                 self._decide(i, now)
 
     def _decide(self, i: int, now: int) -> None:
@@ -317,11 +320,8 @@ class LocalAction:
     def _inputs(self, i: int) -> tuple[wire.RuleInput, ...]:
         c = self.rules[i].config
         if c.alarm is not None:
-            e = self._alarm_inputs.get(i)
-            if e is None:
-                return ()
-            key = next((k for k, pid in self._ids.items() if pid == e.point_id), str(e.point_id))
-            return (wire.RuleInput(c.alarm, key, e.value, e.ts_ms, GOOD),)
+            alarm = self._alarm_inputs.get(i)
+            return () if alarm is None else (alarm,)
         out = []
         for name, key in c.inputs.items():
             last = self.engine.last(self._ids[key])
@@ -447,7 +447,7 @@ class LocalAction:
                 "condition": None if r.on is None else r.on,
                 "overridden": r.overridden,
                 "dry_run": r.config.dry_run,
-                "starts_last_hour": sum(1 for t in r.state.starts if now - t < 3_600_000),
+                "starts_last_hour": sum(1 for t in r.state.starts if now - t < HOUR_MS),
                 "last_actions": list(self.last_actions[r.config.id]),
             }
             for r in self.rules

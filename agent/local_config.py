@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Set
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,7 +25,7 @@ from common.keypath import Section
 from common.keypath import at as _at
 from common.keypath import fail as _fail
 from common.units import Duration
-from native.expr import ExprError, Program, compile_expr, topo_order
+from native.expr import ExprError, compile_expr, topo_order
 
 #: the device name derived points are listed under unless they name one
 DERIVED_DEVICE = "derived"
@@ -177,16 +177,17 @@ class RuleConfig(BaseModel):
         return self
 
 
+Issue = tuple[tuple[str | int, ...], str]
+
+
 def _compile(
     text: str, names: Mapping[str, str], want: str, loc: tuple[str | int, ...]
-) -> tuple[Program | None, tuple[tuple[str | int, ...], str] | None]:
+) -> Iterator[Issue]:
+    """The problem of an expression that does not compile, if any."""
     try:
-        return compile_expr(text, tuple(names), want), None
+        compile_expr(text, tuple(names), want)
     except ExprError as exc:
-        return None, (loc, str(exc))
-
-
-Issue = tuple[tuple[str | int, ...], str]
+        yield loc, str(exc)
 
 
 def check_local(config: Any) -> Iterator[Issue]:
@@ -196,9 +197,9 @@ def check_local(config: Any) -> Iterator[Issue]:
         f"{d.name}/{p.name}": p for d in config.devices if d.enabled for p in d.points
     }
     devices = {d.name: d for d in config.devices}
-    derived = {d.key: i for i, d in enumerate(config.derived)}
+    derived: dict[str, int] = {}
     for i, d in enumerate(config.derived):
-        if d.key in points or d.device in devices:
+        if d.device in devices:
             yield (
                 ("derived", i, "device"),
                 (
@@ -206,14 +207,17 @@ def check_local(config: Any) -> Iterator[Issue]:
                     'goes under a device name of its own (default "derived")'
                 ),
             )
-        if list(derived).count(d.key) > 1 or derived[d.key] != i:
-            yield ("derived", i, "name"), f"duplicate derived point {d.key!r}"
-        yield from _check_inputs(d.inputs, points, derived, ("derived", i))
-        _, problem = _compile(
-            d.expr, d.inputs, "bool" if d.type == "bool" else "number", ("derived", i, "expr")
-        )
-        if problem:
-            yield problem
+        if d.key in derived:
+            yield (
+                ("derived", i, "name"),
+                (f"duplicate derived point {d.key!r} (also derived[{derived[d.key]}])"),
+            )
+        derived.setdefault(d.key, i)
+    known = points.keys() | derived.keys()
+    for i, d in enumerate(config.derived):
+        yield from _check_inputs(d.inputs, known, ("derived", i))
+        want = "bool" if d.type == "bool" else "number"
+        yield from _compile(d.expr, d.inputs, want, ("derived", i, "expr"))
     yield from _check_cycles(config.derived)
     rule_ids: dict[str, int] = {}
     for i, r in enumerate(config.rules):
@@ -221,21 +225,13 @@ def check_local(config: Any) -> Iterator[Issue]:
         if r.id in rule_ids:
             yield (*loc, "id"), f"duplicate rule id {r.id!r} (also rules[{rule_ids[r.id]}])"
         rule_ids.setdefault(r.id, i)
-        yield from _check_inputs(r.inputs, points, derived, loc)
-        if r.when is not None:
-            for key in ("when", "until"):
-                text = getattr(r, key)
-                if text is not None:
-                    _, problem = _compile(text, r.inputs, "bool", (*loc, key))
-                    if problem:
-                        yield problem
-        if (
-            r.alarm_point is not None
-            and r.alarm_point not in points
-            and r.alarm_point not in derived
-        ):
+        yield from _check_inputs(r.inputs, known, loc)
+        for key in ("when", "until"):
+            if (text := getattr(r, key)) is not None:
+                yield from _compile(text, r.inputs, "bool", (*loc, key))
+        if r.alarm_point is not None and r.alarm_point not in known:
             yield (*loc, "alarm_point"), f"unknown point {r.alarm_point!r}"
-        if r.override is not None and r.override not in points and r.override not in derived:
+        if r.override is not None and r.override not in known:
             yield (*loc, "override"), f'unknown point {r.override!r} (give "device/point")'
         for side in ("start", "stop"):
             for j, a in enumerate(getattr(r, side)):
@@ -243,18 +239,16 @@ def check_local(config: Any) -> Iterator[Issue]:
 
 
 def _check_inputs(
-    inputs: Mapping[str, str],
-    points: Mapping[str, Any],
-    derived: Mapping[str, int],
-    loc: tuple[str | int, ...],
+    inputs: Mapping[str, str], known: Set[str], loc: tuple[str | int, ...]
 ) -> Iterator[Issue]:
+    """Each input's name, and its point among the `known` ones (devices' and derived)."""
     for name, key in inputs.items():
         if not re.fullmatch(_LOCAL_NAME, name):
             yield (
                 (*loc, "inputs", name),
                 (f"input name {name!r} must be a letter or '_' and then letters, digits or '_'"),
             )
-        elif key not in points and key not in derived:
+        elif key not in known:
             yield (
                 (*loc, "inputs", name),
                 (f"unknown point {key!r} (not a point of an enabled device nor a derived point)"),

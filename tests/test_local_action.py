@@ -459,3 +459,49 @@ expr = "2 * h"
     assert [(a.transition, a.action) for a in actions] == [("start", "write"), ("start", "event")]
     _, rows, ids = buffered(path)
     assert {v for p, v, _ in rows if p == ids["derived/double"]} == {2.0}
+
+
+def test_an_alarm_rule_acts_on_its_alarm_with_the_reading_that_raised_it() -> None:
+    from types import SimpleNamespace
+
+    from agent.local_action import LocalAction
+    from agent.local_config import RuleConfig
+    from native.stages import AlarmEvent
+
+    rule = RuleConfig.model_validate(
+        {
+            "id": "sign",
+            "alarm": "flood",
+            "alarm_point": "u/level",
+            "start": [{"event": "FLOODED"}],
+            "stop": [{"event": "clear"}],
+        }
+    )
+    recorded: list[wire.RuleAction] = []
+
+    async def unused(*args: object) -> Any:
+        raise AssertionError("no write or publish here")
+
+    async def append(actions: list[wire.RuleAction], state: dict[str, bytes]) -> None:
+        recorded.extend(actions)
+
+    async def scenario() -> None:
+        local = LocalAction(
+            SimpleNamespace(rules=[rule], derived=[]), {}, lambda key: None, unused, unused, append
+        )
+        task = asyncio.create_task(local.run())
+        key_of = {7: "u/level", 8: "u/other"}
+        other = AlarmEvent(8, "flood", "critical", True, 1000, 9.0, 900)  # not its point
+        local.on_alarms([other], key_of)
+        local.on_alarms([AlarmEvent(7, "flood", "critical", True, 2000, 6.6, 1500)], key_of)
+        local.on_alarms([AlarmEvent(7, "flood", "critical", False, 3000, 6.1, 2000)], key_of)
+        assert await local.idle(5.0)
+        task.cancel()
+
+    asyncio.run(scenario())
+    assert [(a.transition, a.detail) for a in recorded] == [
+        ("start", "FLOODED"),
+        ("stop", "clear"),
+    ]
+    assert recorded[0].inputs == (wire.RuleInput("flood", "u/level", 6.6, 2000, GOOD),)
+    assert recorded[1].inputs == (wire.RuleInput("flood", "u/level", 6.1, 3000, GOOD),)
