@@ -90,7 +90,7 @@ import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 from central.console.auth import token_hash  # noqa: E402
-from central.store import Body, Store  # noqa: E402
+from central.store import AlarmBody, Body, Store  # noqa: E402
 from central.store_postgres import split_url  # noqa: E402
 from central.stores import open_store  # noqa: E402
 from central.worker import ROLL_UP_BLOCKS, ROLL_UP_EVERY_S  # noqa: E402
@@ -493,7 +493,7 @@ class Loader:
                 if minute >= lay.days * minutes_a_day - RECENT_MINUTES:
                     self.recent_minute(int(t_min[m]), recent, signals, phases, delays, ids)
                 for g, events in sorted(alarms.get(minute, {}).items()):
-                    self.uplink(g, wire.LANE_ALARM, events)
+                    self.uplink(g, wire.LANE_ALARM, AlarmBody(events))
             progress(
                 f"day {day + 1}/{lay.days}: {self.result.uplinks} uplinks, "
                 f"{self.result.readings} readings, {time.monotonic() - t0:.0f} s"

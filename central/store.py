@@ -444,9 +444,9 @@ class AlarmBody:
         return len(self.events) + len(self.actions)
 
 
-#: what an uplink carries: readings (batch lanes), or alarm events (alarm lane; an
-#: `AlarmBody` also carries rule actions)
-Body: TypeAlias = Batch | Sequence[AlarmEvent] | AlarmBody
+#: what an uplink carries: readings (batch lanes), or alarm events and rule actions
+#: (alarm lane)
+Body: TypeAlias = Batch | AlarmBody
 
 
 def check_batch(env: Envelope, body: Body) -> None:
@@ -469,12 +469,10 @@ def split_bodies(
     for gateway, env, body in items:
         if isinstance(body, Batch):
             batches.append((gateway, seq_to_db(env.seq), body))
-        elif isinstance(body, AlarmBody):
+        else:
             alarms.extend((gateway, e) for e in body.events)
             seq = seq_to_db(env.seq)
             actions.extend((gateway, env.stream, seq, i, a) for i, a in enumerate(body.actions))
-        else:
-            alarms.extend((gateway, e) for e in body)
     return batches, alarms, actions
 
 

@@ -401,7 +401,7 @@ class IngestWorker:
         for gateway, body in stored:
             if isinstance(body, Batch):
                 self.counters.readings_stored += len(body)
-            elif isinstance(body, AlarmBody):
+            else:
                 self.counters.alarms_stored += len(body.events)
                 self.counters.actions_stored += len(body.actions)
                 for a in body.actions:
@@ -415,8 +415,6 @@ class IngestWorker:
                             "outcome": a.outcome,
                         },
                     )
-            else:
-                self.counters.alarms_stored += len(body)
         self.counters.duplicates_dropped += len(results) - len(stored)
 
     async def _store_dead_letters(self, letters: list[DeadLetter]) -> None:

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from central.cli import app, iso, parse_time
-from central.store import DeadLetter, Store
+from central.store import AlarmBody, DeadLetter, Store
 from central.stores import open_store
 from common import wire
 from common.broker import free_port
@@ -97,9 +97,9 @@ def fill(store: Store, now: int) -> Filled:
         AlarmEvent(1, "overstrain", "critical", True, now - 50 * MINUTE, 612.5, now - 51 * MINUTE),
         AlarmEvent(1, "overstrain", "critical", False, now - 40 * MINUTE, 550.0, now - 50 * MINUTE),
     ]
-    store.store_batch("gw-1", alarm_uplink(3, cleared), cleared)
+    store.store_batch("gw-1", alarm_uplink(3, cleared), AlarmBody(cleared))
     active = [AlarmEvent(2, "stale", "warning", True, now - 5 * MINUTE, math.nan, now - 6 * MINUTE)]
-    store.store_batch("gw-2", alarm_uplink(3, active), active)
+    store.store_batch("gw-2", alarm_uplink(3, active), AlarmBody(active))
     letters = [
         DeadLetter(now - 10_000, "citygw/gw-1/up/batch", "codec", "bad magic", b"\x00garbage", 8),
         DeadLetter(now - 5_000, "citygw/gw-9/up/batch", "envelope", "too short", b"CG", 2),

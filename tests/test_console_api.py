@@ -18,7 +18,7 @@ from central.console.app import create_app
 from central.console.auth import Accounts, hash_password, token_hash
 from central.console.config import ConsoleConfig, load_console_config
 from central.console.serve import Listen, ServeRefused, build, check_exposure
-from central.store import Store
+from central.store import AlarmBody, Store
 from central.stores import open_store
 from common import wire
 from common.wire import Envelope, GatewayStats, Meta, PointMeta
@@ -93,7 +93,7 @@ def feed(store: Store) -> None:
         AlarmEvent(1, "high", "critical", False, T0 + 40 * MINUTE, 5.0, T0 + 30 * MINUTE),
     ]
     env = Envelope(wire.LANE_ALARM, STREAM, 2, len(events), b"")
-    assert store.store_batch(GW, env, events)
+    assert store.store_batch(GW, env, AlarmBody(events))
     store.store_stats(GatewayStats(GW, T0 + 60 * MINUTE, 100, 3, 1, 7, 1, 2))
     store.store_state(GW, True, T0)
 

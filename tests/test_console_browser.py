@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from central.store import AlarmBody
 from central.stores import open_store
 from common import wire
 from common.wire import Envelope
@@ -57,7 +58,7 @@ def raise_alarm(db: str, seq: int, rule: str) -> None:
     s = open_store(db)
     try:
         e = AlarmEvent(1, rule, "warning", True, T0 + seq * 60_000, 42.0, T0 + seq * 60_000)
-        assert s.store_batch(GW, Envelope(wire.LANE_ALARM, STREAM, seq, 1, b""), [e])
+        assert s.store_batch(GW, Envelope(wire.LANE_ALARM, STREAM, seq, 1, b""), AlarmBody([e]))
     finally:
         s.close()
 

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from central.events import Event, EventConflict, EventSummary
-from central.store import CHANGES_CHANNEL, Store, StoreMissing
+from central.store import CHANGES_CHANNEL, AlarmBody, Store, StoreMissing
 from central.store_postgres import PostgresStore, split_url
 from central.stores import open_store
 from common import wire
@@ -51,7 +51,9 @@ class Feed:
         return Envelope(wire.LANE_ALARM, self.stream, self.seq, n, b"")
 
     def __call__(self, *events: AlarmEvent) -> None:
-        assert self.store.store_batch(self.gateway, self.envelope(len(events)), list(events))
+        assert self.store.store_batch(
+            self.gateway, self.envelope(len(events)), AlarmBody(list(events))
+        )
 
 
 def up(
@@ -150,8 +152,8 @@ def test_raise_and_its_clear_in_one_call(store: Store) -> None:
     feed(up(1, T0), down(1, T0 + 10, since=T0))
     # in two uplinks of one store_batches call
     items: list[tuple[str, Envelope, Any]] = [
-        (GW, feed.envelope(1), [up(2, T0 + 20)]),
-        (GW, feed.envelope(1), [down(2, T0 + 30, since=T0 + 20)]),
+        (GW, feed.envelope(1), AlarmBody([up(2, T0 + 20)])),
+        (GW, feed.envelope(1), AlarmBody([down(2, T0 + 30, since=T0 + 20)])),
     ]
     assert store.store_batches(items) == [True, True]
     got = [(e.point_id, e.state, e.raises, e.cleared_ts) for e in store.events()]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from central.store import DeadLetter, Store, StoreCounts, StoreMissing
+from central.store import AlarmBody, DeadLetter, Store, StoreCounts, StoreMissing
 from central.store_postgres import partition_name, split_url
 from central.stores import open_store
 from central.worker import IngestWorker
@@ -332,7 +332,7 @@ def test_alarm_raise_clear_pairing(store: Store) -> None:
 
     def alarm(seq: int, *events: AlarmEvent) -> None:
         env = Envelope(wire.LANE_ALARM, STREAM, seq, len(events), b"")
-        assert store.store_batch(GW, env, list(events)) is True
+        assert store.store_batch(GW, env, AlarmBody(list(events))) is True
 
     raise_1 = AlarmEvent(1, "high", "critical", True, 100, 9.0, 90)
     raise_2 = AlarmEvent(2, "high", "warning", True, 150, 5.0, 150)
@@ -422,7 +422,7 @@ def test_prune_keeps_what_is_recent_and_active_alarms(store_url: str) -> None:
             AlarmEvent(1, "high", "critical", False, now - 8 * day, 1.0, now - 9 * day),
             AlarmEvent(2, "low", "warning", True, now - 9 * day, 0.1, now - 9 * day),  # active
         ]
-        store.store_batch(GW, Envelope(wire.LANE_ALARM, STREAM, 3, 3, b""), events)
+        store.store_batch(GW, Envelope(wire.LANE_ALARM, STREAM, 3, 3, b""), AlarmBody(events))
         dead = DeadLetter(now - 9 * day, "t", "codec", "bad", b"x", 1)
         store.store_dead_letters([dead, DeadLetter(now, "t", "codec", "bad", b"y", 1)])
         dropped = store.prune(now - 5 * day)

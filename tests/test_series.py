@@ -27,7 +27,7 @@ from central.series import (
     choose_bucket,
     floor_to,
 )
-from central.store import PointInfo, Store
+from central.store import AlarmBody, PointInfo, Store
 from central.store_postgres import PostgresStore, split_url
 from central.stores import open_store
 from central.worker import IngestWorker
@@ -447,7 +447,7 @@ def test_point_alarms(store: Store) -> None:
         nonlocal seq
         seq += 1
         env = Envelope(wire.LANE_ALARM, STREAM, seq, len(events), b"")
-        assert store.store_batch(GW, env, list(events))
+        assert store.store_batch(GW, env, AlarmBody(list(events)))
 
     alarm(
         AlarmEvent(1, "high", "critical", True, 100, 9.0, 100),

@@ -17,7 +17,7 @@ from central.console.vitals import (
     evaluate_one,
     level,
 )
-from central.store import Store
+from central.store import AlarmBody, Store
 from common import wire
 from native.batch import BAD, GOOD, Batch
 from native.stages import AlarmEvent
@@ -76,7 +76,9 @@ def fill(store: Store, now: int) -> None:
         assert store.store_batch(gw, env, batch)
     store.roll_up(100)  # PostgreSQL's latest values: the ingest worker's roll-up keeps them
     alarm = AlarmEvent(1, "high", "critical", True, now - MIN, 31.0, now - MIN)
-    assert store.store_batch("gw-1", wire.Envelope(wire.LANE_ALARM, STREAM, 2, 1, b""), [alarm])
+    assert store.store_batch(
+        "gw-1", wire.Envelope(wire.LANE_ALARM, STREAM, 2, 1, b""), AlarmBody([alarm])
+    )
     health = {"a": wire.DeviceStatus(True, 1), "b": wire.DeviceStatus(False, 1, "timeout")}
     store.store_stats(wire.GatewayStats("gw-1", 1, 0, 0, 0, 0, 0, 0, health=health))
     store.store_stats(wire.GatewayStats("gw-2", 1, 0, 3, 1, 0, 0, 2))
