@@ -120,8 +120,8 @@ class Rule:
         if off is not None:
             self.off = off
 
-    def set_alarm(self, raised: bool, since_ms: int) -> None:
-        self.set_when(1.0 if raised else 0.0, GOOD, since_ms)
+    def set_alarm(self, raised: bool, now_ms: int) -> None:
+        self.set_when(1.0 if raised else 0.0, GOOD, now_ms)
 
     def set_switch(self, value: float, quality: int) -> Decision | None:
         """The local override switch's reading; a Decision when it turned on or off."""
