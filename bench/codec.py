@@ -71,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import codec_gorilla as gorilla
 from bench.codec_corpus import Series, real_series, synthetic_series
-from native import codec, codec_py
+from native import codec
 from native.batch import Batch
 
 try:
@@ -141,7 +141,7 @@ def run_citygw(batches: list[Batch]) -> list[bytes]:
 
 def check_twin(batches: list[Batch], msgs: list[bytes]) -> None:
     for i, (b, m) in enumerate(zip(batches[:TWIN_MESSAGES], msgs, strict=False)):
-        twin = codec.encode(b, gateway=GATEWAY, seq=SEQ0 + i, kernels=codec_py)
+        twin = codec.encode(b, gateway=GATEWAY, seq=SEQ0 + i, implementation="python")
         assert twin == m, "the pure twin's bytes differ from the compiled encoder's"
 
 
@@ -437,10 +437,10 @@ def summary(label: str, by_size: dict[int | None, list[Row]]) -> None:
 def main() -> None:
     t_start = time.perf_counter()
     try:
-        compiled = importlib.import_module("native._codec")
+        compiled = importlib.import_module("native._codec3")
     except ImportError:
-        sys.exit("native._codec is not built: python setup.py build_ext --inplace")
-    if codec._codec_kernels() is not compiled:
+        sys.exit("native._codec3 is not built: python setup.py build_ext --inplace")
+    if codec._kernels(codec.FORMAT_VERSION, None) is not compiled:
         sys.exit("native.codec is not using the compiled kernels (CITYGW_PURE_PYTHON set?)")
     real, missing = real_series()
     if missing:

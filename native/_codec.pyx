@@ -18,63 +18,18 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-cdef extern from *:
-    """
-    #include <stdint.h>
-    #include <string.h>
-    /* GCC cannot see that every block has m >= 1 rows filled before a const pointer to
-       it is passed on, and warns; the arrays are always filled first. */
-    #if defined(__GNUC__) && !defined(__clang__)
-    #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-    #endif
-    static inline int cg_bitlen(uint64_t v) {
-    #if defined(__GNUC__) || defined(__clang__)
-        return v ? 64 - __builtin_clzll(v) : 0;
-    #else
-        int n = 0; while (v) { n++; v >>= 1; } return n;
-    #endif
-    }
-    static inline int cg_ctz(uint64_t v) {  /* v != 0 */
-    #if defined(__GNUC__) || defined(__clang__)
-        return __builtin_ctzll(v);
-    #else
-        int n = 0; while (!(v & 1)) { n++; v >>= 1; } return n;
-    #endif
-    }
-    static inline uint64_t cg_load64(const uint8_t *p) {
-        uint64_t v; memcpy(&v, p, 8);
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        v = __builtin_bswap64(v);
-    #endif
-        return v;
-    }
-    static inline void cg_store64(uint8_t *p, uint64_t v) {
-    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-        v = __builtin_bswap64(v);
-    #endif
-        memcpy(p, &v, 8);
-    }
-    static inline uint64_t cg_dbits(double d) { uint64_t u; memcpy(&u, &d, 8); return u; }
-    static inline double cg_bitsd(uint64_t u) { double d; memcpy(&d, &u, 8); return d; }
-    """
-    int cg_bitlen(uint64_t v) nogil
-    int cg_ctz(uint64_t v) nogil
-    uint64_t cg_load64(const uint8_t *p) nogil
-    void cg_store64(uint8_t *p, uint64_t v) nogil
-    uint64_t cg_dbits(double d) nogil
-    double cg_bitsd(uint64_t u) nogil
+# zigzag, varints, bit streams, PFOR integer blocks, the grouping by point id, the series
+# table and the quality runs, shared with _codec3.pyx
+include "_codec_common.pxi"
 
-# Same values as in codec_py.
+# Same values as in codec_py (BLOCK, MAX_SERIES_PER_BYTE and SLACK: _codec_common.pxi).
 cdef enum:
-    BLOCK = 128
     MAX_DECIMALS = 9
     ORDER2 = 0x10
     MODE_XOR = 0x40
     GRID = 0xFF
     MAX_READS_PER_BYTE = 43
-    MAX_SERIES_PER_BYTE = 64
     NO_LEAD = 255
-    SLACK = 32  # zeroed bytes after the copied body, for 8-byte loads past a read
 
 
 cdef double TWO53 = 9007199254740992.0
@@ -96,263 +51,37 @@ cdef void _init_lead_code():
 
 _init_lead_code()
 
-# error codes of the nogil decoder, raised as ValueError once the GIL is back
+
+# error codes of the nogil decoder (the shared ones: _codec_common.pxi), raised as
+# ValueError once the GIL is back
 cdef enum:
-    ERR_NONE = 0
-    ERR_TRUNC_SEQ
-    ERR_TRUNC_TABLE
+    ERR_TRUNC_SEQ = 32
     ERR_TRUNC_TS
     ERR_TRUNC_VALUES
     ERR_TRUNC_XOR
-    ERR_TRUNC_QUALITY
     ERR_GRID
-    ERR_VARINT
-    ERR_WIDTH
-    ERR_NEXC
-    ERR_EXC_POS
-    ERR_EXC_VALUE
     ERR_XOR_LEN
     ERR_XOR_LEAD
     ERR_DEC_RANGE
     ERR_MODE
-    ERR_QCOUNT
     ERR_TRAILING
 
 _ERRORS = {
+    **_COMMON_ERRORS,
     ERR_TRUNC_SEQ: "truncated: the payload ends inside the seq",
-    ERR_TRUNC_TABLE: "truncated: the body ends inside the series table",
     ERR_TRUNC_TS: "truncated: the body ends inside a timestamp block",
     ERR_TRUNC_VALUES: "truncated: the body ends inside a value block",
     ERR_TRUNC_XOR: "truncated: the body ends inside an XOR value block",
-    ERR_TRUNC_QUALITY: "truncated: the body ends inside the quality runs",
     ERR_GRID: "corrupt: a grid timestamp block without a grid row",
-    ERR_VARINT: "corrupt: varint over 64 bits",
-    ERR_WIDTH: "corrupt: bit width > 64 in an integer block",
-    ERR_NEXC: "corrupt: more exceptions than values in an integer block",
-    ERR_EXC_POS: "corrupt: exception position out of order in an integer block",
-    ERR_EXC_VALUE: "corrupt: exception value out of range in an integer block",
     ERR_XOR_LEN: "corrupt: XOR length out of range",
     ERR_XOR_LEAD: "corrupt: XOR value reuses a leading-zero count it lacks",
     ERR_DEC_RANGE: "corrupt: decimal value out of range",
     ERR_MODE: "corrupt: unknown value block mode",
-    ERR_QCOUNT: "corrupt: quality runs do not add up to the count",
     ERR_TRAILING: "corrupt: trailing data after the last block",
 }
 
 
-# -- small helpers -------------------------------------------------------------------------
-
-cdef inline uint64_t zz(uint64_t x) noexcept nogil:
-    """Zigzag of x read as a signed 64-bit integer."""
-    return (x << 1) ^ (<uint64_t>0 - (x >> 63))
-
-
-cdef inline uint64_t unzz(uint64_t u) noexcept nogil:
-    return (u >> 1) ^ (<uint64_t>0 - (u & 1))
-
-
-cdef inline uint8_t *put_varint(uint8_t *p, uint64_t v) noexcept nogil:
-    while v >= 0x80:
-        p[0] = <uint8_t>((v & 0x7F) | 0x80)
-        p += 1
-        v >>= 7
-    p[0] = <uint8_t>v
-    return p + 1
-
-
-cdef struct BitWriter:
-    uint8_t *p
-    uint64_t acc
-    int nb
-
-
-cdef inline void bw_init(BitWriter *bw, uint8_t *p) noexcept nogil:
-    bw.p = p
-    bw.acc = 0
-    bw.nb = 0
-
-
-cdef inline void bw_put(BitWriter *bw, uint64_t v, int n) noexcept nogil:
-    """Appends the n (1..64) low bits of v; v must have no bits above them."""
-    bw.acc |= v << bw.nb
-    bw.nb += n
-    if bw.nb >= 64:
-        cg_store64(bw.p, bw.acc)
-        bw.p += 8
-        bw.nb -= 64
-        bw.acc = (v >> (n - bw.nb)) if bw.nb else 0
-
-
-cdef inline uint8_t *bw_flush(BitWriter *bw) noexcept nogil:
-    """Writes the pending bits; returns the end of the stream (8 bytes of slack needed)."""
-    cg_store64(bw.p, bw.acc)
-    return bw.p + ((bw.nb + 7) >> 3)
-
-
-cdef inline uint64_t get_bits(const uint8_t *base, uint64_t bp, int n) noexcept nogil:
-    """n (1..64) bits at bit position bp of a buffer with slack after it."""
-    cdef const uint8_t *q = base + (bp >> 3)
-    cdef int sh = <int>(bp & 7)
-    cdef uint64_t v = cg_load64(q) >> sh
-    if sh + n > 64:
-        v |= cg_load64(q + 8) << (64 - sh)
-    if n < 64:
-        v &= (<uint64_t>1 << n) - 1
-    return v
-
-
-# -- integer blocks (PFOR) -----------------------------------------------------------------
-
-cdef int pfor_choose(const uint64_t *u, int m, int *w_out) noexcept nogil:
-    """Width and byte size of the cheapest encoding (see codec_py.pfor_choose)."""
-    cdef uint64_t orv = 0
-    cdef int j, b, w, maxbl, nbins = 0, best, best_w, cost, exc, i
-    cdef int hist[65]
-    cdef int bins[64]
-    for j in range(m):
-        orv |= u[j]
-    maxbl = cg_bitlen(orv)
-    if maxbl == 0:
-        w_out[0] = 0
-        return 1
-    memset(hist, 0, sizeof(hist))
-    for j in range(m):
-        hist[cg_bitlen(u[j])] += 1
-    for b in range(1, maxbl + 1):
-        if hist[b]:
-            bins[nbins] = b
-            nbins += 1
-    best_w = maxbl
-    best = 1 + (m * maxbl + 7) // 8
-    w = maxbl - 1
-    while w >= 0:
-        exc = 0
-        i = nbins - 1
-        while i >= 0 and bins[i] > w:
-            exc += hist[bins[i]] * (1 + (bins[i] - w + 6) // 7)
-            i -= 1
-        cost = 2 + (m * w + 7) // 8 + exc
-        if cost < best:
-            best = cost
-            best_w = w
-        w -= 1
-    w_out[0] = best_w
-    return best
-
-
-cdef uint8_t *pfor_write(uint8_t *p, const uint64_t *u, int m, int w) noexcept nogil:
-    cdef int j, ne = 0
-    cdef uint64_t mask = (<uint64_t>1 << w) - 1 if w < 64 else <uint64_t>0xFFFFFFFFFFFFFFFF
-    cdef BitWriter bw
-    if w < 64:
-        for j in range(m):
-            if u[j] >> w:
-                ne += 1
-    p[0] = <uint8_t>(w | (0x80 if ne else 0))
-    p += 1
-    if ne:
-        p[0] = <uint8_t>(ne - 1)
-        p += 1
-    if w:
-        bw_init(&bw, p)
-        for j in range(m):
-            bw_put(&bw, u[j] & mask, w)
-        p = bw_flush(&bw)
-    if ne:
-        for j in range(m):
-            if u[j] >> w:
-                p[0] = <uint8_t>j
-                p = put_varint(p + 1, u[j] >> w)
-    return p
-
-
-cdef int read_varint(const uint8_t *buf, Py_ssize_t *pos, Py_ssize_t end, uint64_t *out,
-                     int err_trunc) noexcept nogil:
-    cdef uint64_t v = 0
-    cdef int shift = 0
-    cdef uint8_t b
-    cdef Py_ssize_t p = pos[0]
-    while True:
-        if p >= end:
-            return err_trunc
-        b = buf[p]
-        p += 1
-        if shift == 63 and b > 1:
-            return ERR_VARINT
-        v |= (<uint64_t>(b & 0x7F)) << shift
-        if b < 0x80:
-            break
-        shift += 7
-    pos[0] = p
-    out[0] = v
-    return ERR_NONE
-
-
-cdef int pfor_read(const uint8_t *buf, Py_ssize_t *pos, Py_ssize_t end, int m, uint64_t *u,
-                   int err_trunc) noexcept nogil:
-    cdef Py_ssize_t p = pos[0]
-    cdef int w, ne = 0, j, last, k, err
-    cdef uint8_t h
-    cdef uint64_t mask, hi, bp
-    cdef Py_ssize_t nbytes
-    cdef const uint8_t *q
-    if p >= end:
-        return err_trunc
-    h = buf[p]
-    p += 1
-    w = h & 0x7F
-    if w > 64:
-        return ERR_WIDTH
-    if h & 0x80:
-        if p >= end:
-            return err_trunc
-        ne = buf[p] + 1
-        p += 1
-        if ne > m or w == 64:
-            return ERR_NEXC
-    nbytes = (m * w + 7) >> 3
-    if nbytes > end - p:
-        return err_trunc
-    if w == 0:
-        memset(u, 0, m * sizeof(uint64_t))
-    elif w <= 56:
-        mask = (<uint64_t>1 << w) - 1
-        q = buf + p
-        bp = 0
-        for j in range(m):
-            u[j] = (cg_load64(q + (bp >> 3)) >> (bp & 7)) & mask
-            bp += w
-    else:
-        bp = 0
-        for j in range(m):
-            u[j] = get_bits(buf + p, bp, w)
-            bp += w
-    p += nbytes
-    last = -1
-    for k in range(ne):
-        if p >= end:
-            return err_trunc
-        j = buf[p]
-        p += 1
-        if j <= last or j >= m:
-            return ERR_EXC_POS
-        err = read_varint(buf, &p, end, &hi, err_trunc)
-        if err:
-            return err
-        if hi == 0 or (w and (hi >> (64 - w))):
-            return ERR_EXC_VALUE
-        u[j] |= hi << w
-        last = j
-    pos[0] = p
-    return ERR_NONE
-
-
 # -- timestamps --------------------------------------------------------------------------
-
-cdef inline int vlen(uint64_t v) noexcept nogil:
-    cdef int b = cg_bitlen(v)
-    return (b + 6) // 7 if b else 1
-
 
 cdef uint8_t *encode_ts_block(uint8_t *p, const int64_t *ts, const uint32_t *js,
                               Py_ssize_t i0, int m, uint64_t *cur_first,
@@ -597,100 +326,17 @@ cdef uint8_t *encode_value_block(uint8_t *p, const double *v, const uint64_t *bi
 
 # -- encode ---------------------------------------------------------------------------------
 
-cdef uint32_t *stable_order(const uint32_t *ids, Py_ssize_t n) noexcept nogil:
-    """Row indices sorted by id, stable (LSD radix sort, bytes that vary only);
-    NULL when out of memory."""
-    cdef uint32_t *idx = <uint32_t *>malloc(n * sizeof(uint32_t) + 4)
-    cdef uint32_t *tmp = <uint32_t *>malloc(n * sizeof(uint32_t) + 4)
-    cdef uint32_t *sw
-    cdef uint32_t orv = 0, andv = 0xFFFFFFFF
-    cdef Py_ssize_t i
-    cdef Py_ssize_t count[256]
-    cdef Py_ssize_t acc, c
-    cdef int shift, b
-    if idx == NULL or tmp == NULL:
-        free(idx)
-        free(tmp)
-        return NULL
-    for i in range(n):
-        idx[i] = <uint32_t>i
-        orv |= ids[i]
-        andv &= ids[i]
-    for shift in range(0, 32, 8):
-        if ((orv ^ andv) >> shift) & 0xFF == 0:
-            continue
-        memset(count, 0, sizeof(count))
-        for i in range(n):
-            count[(ids[idx[i]] >> shift) & 0xFF] += 1
-        acc = 0
-        for b in range(256):
-            c = count[b]
-            count[b] = acc
-            acc += c
-        for i in range(n):
-            b = (ids[idx[i]] >> shift) & 0xFF
-            tmp[count[b]] = idx[i]
-            count[b] += 1
-        sw = idx
-        idx = tmp
-        tmp = sw
-    free(tmp)
-    return idx
-
-
 cdef Py_ssize_t encode_all(uint8_t *out, const uint32_t *ids, const int64_t *ts,
                            const double *vals, const uint8_t *qs, uint32_t *jpos,
                            uint64_t *tab, Py_ssize_t n) noexcept nogil:
     """The body (see codec_py.encode_body); tab: scratch of 2n table elements."""
     cdef uint8_t *p = out
-    cdef Py_ssize_t i, a, b, i0, nseries = 0, nruns, prev_start = 0, var_size = 0
-    cdef Py_ssize_t pfor_size = 0, j
-    cdef int qflag = 0, m, table, w, c
+    cdef Py_ssize_t i0
+    cdef int qflag = 0, m
     cdef uint64_t cur_first = 0, p_state = 0
     cdef int lead = NO_LEAD
     cdef const uint64_t *vbits = <const uint64_t *>vals
-    cdef uint64_t *id_el = tab
-    cdef uint64_t *cnt_el = tab + n
-    cdef uint64_t *col
-    for i in range(n):
-        if i and ids[i] == ids[i - 1]:
-            jpos[i] = jpos[i - 1] + 1
-        else:
-            jpos[i] = 0
-            if nseries:
-                id_el[nseries] = <uint64_t>(ids[i] - ids[prev_start] - 1)
-                cnt_el[nseries - 1] = <uint64_t>(i - prev_start - 1)
-            else:
-                id_el[0] = ids[i]
-            prev_start = i
-            nseries += 1
-        qflag |= qs[i]
-    cnt_el[nseries - 1] = <uint64_t>(n - prev_start - 1)
-    qflag = 1 if qflag else 0
-    for i in range(nseries):
-        var_size += vlen(id_el[i]) + vlen(cnt_el[i])
-    for c in range(2):
-        col = tab + c * n
-        j = 0
-        while j < nseries:
-            m = <int>min(<Py_ssize_t>BLOCK, nseries - j)
-            pfor_size += pfor_choose(col + j, m, &w)
-            j += m
-    table = 1 if pfor_size < var_size else 0
-    p = put_varint(p, (<uint64_t>nseries << 2) | <uint64_t>(table << 1) | <uint64_t>qflag)
-    if table:
-        for c in range(2):
-            col = tab + c * n
-            j = 0
-            while j < nseries:
-                m = <int>min(<Py_ssize_t>BLOCK, nseries - j)
-                pfor_choose(col + j, m, &w)
-                p = pfor_write(p, col + j, m, w)
-                j += m
-    else:
-        for i in range(nseries):
-            p = put_varint(p, id_el[i])
-            p = put_varint(p, cnt_el[i])
+    p = write_series_table(p, ids, qs, jpos, tab, n, &qflag)
     i0 = 0
     while i0 < n:
         m = <int>min(<Py_ssize_t>BLOCK, n - i0)
@@ -703,52 +349,27 @@ cdef Py_ssize_t encode_all(uint8_t *out, const uint32_t *ids, const int64_t *ts,
                                vbits[i0 - 1] if i0 else 0, &lead)
         i0 += m
     if qflag:
-        nruns = 1
-        for i in range(1, n):
-            if qs[i] != qs[i - 1]:
-                nruns += 1
-        p = put_varint(p, <uint64_t>nruns)
-        a = 0
-        while a < n:
-            b = a + 1
-            while b < n and qs[b] == qs[a]:
-                b += 1
-            p[0] = qs[a]
-            p = put_varint(p + 1, <uint64_t>(b - a))
-            a = b
+        p = write_quality_runs(p, qs, n)
     return p - out
-
-
-cdef inline int _column(array col, str typecode, const char *name) except -1:
-    if col.ob_descr.typecode != ord(typecode):
-        raise TypeError(f"encode_body: column {name.decode()} has typecode "
-                        f"{chr(col.ob_descr.typecode)!r}, need {typecode!r}")
-    return 0
 
 
 def encode_body(array point_ids, array timestamps, array values, array quality,
                 bytes prefix=b""):
     """See codec_py.encode_body. The columns are array.array of typecodes I, q, d, B."""
-    cdef Py_ssize_t n = len(point_ids), i, cap, size = 0, npre = len(prefix)
-    cdef int grouped = 1
-    cdef uint32_t *order = NULL
+    cdef Py_ssize_t n = len(point_ids), cap, size = 0, npre = len(prefix)
+    cdef int grouped = 0
     cdef uint8_t *out = NULL
     cdef uint8_t *scratch = NULL
     cdef uint32_t *jpos = NULL
     cdef uint64_t *tab = NULL
-    cdef uint32_t *g_ids
-    cdef int64_t *g_ts
-    cdef double *g_vals
-    cdef uint8_t *g_qs
     cdef const uint32_t *ids_p
     cdef const int64_t *ts_p
     cdef const double *vals_p
     cdef const uint8_t *qs_p
-    cdef uint32_t r
-    _column(point_ids, "I", b"point_ids")
-    _column(timestamps, "q", b"timestamps")
-    _column(values, "d", b"values")
-    _column(quality, "B", b"quality")
+    check_column(point_ids, "I", b"point_ids")
+    check_column(timestamps, "q", b"timestamps")
+    check_column(values, "d", b"values")
+    check_column(quality, "B", b"quality")
     if point_ids.ob_descr.itemsize != 4 or timestamps.ob_descr.itemsize != 8:
         raise TypeError("encode_body: this platform's I/q typecodes are not 32/64-bit")
     if len(timestamps) != n or len(values) != n or len(quality) != n:
@@ -767,41 +388,18 @@ def encode_body(array point_ids, array timestamps, array values, array quality,
     cap = npre + 72 * n + 64
     try:
         with nogil:
-            for i in range(1, n):
-                if ids_p[i] < ids_p[i - 1]:
-                    grouped = 0
-                    break
-            if not grouped:
-                order = stable_order(ids_p, n)
-                scratch = <uint8_t *>malloc(n * (4 + 8 + 8 + 1) + 8)
+            grouped = group_rows(&ids_p, &ts_p, &vals_p, &qs_p, n, &scratch)
             out = <uint8_t *>malloc(cap)
             jpos = <uint32_t *>malloc(n * sizeof(uint32_t))
             tab = <uint64_t *>malloc(2 * n * sizeof(uint64_t))
-        if (out == NULL or jpos == NULL or tab == NULL
-                or (not grouped and (order == NULL or scratch == NULL))):
+        if out == NULL or jpos == NULL or tab == NULL or grouped < 0:
             raise MemoryError()
         if npre:
             memcpy(out, <const char *>prefix, npre)
         with nogil:
-            if not grouped:
-                g_vals = <double *>scratch
-                g_ts = <int64_t *>(scratch + 8 * n)
-                g_ids = <uint32_t *>(scratch + 16 * n)
-                g_qs = scratch + 20 * n
-                for i in range(n):
-                    r = order[i]
-                    g_ids[i] = ids_p[r]
-                    g_ts[i] = ts_p[r]
-                    g_vals[i] = vals_p[r]
-                    g_qs[i] = qs_p[r]
-                ids_p = g_ids
-                ts_p = g_ts
-                vals_p = g_vals
-                qs_p = g_qs
             size = encode_all(out + npre, ids_p, ts_p, vals_p, qs_p, jpos, tab, n)
         return PyBytes_FromStringAndSize(<char *>out, npre + size)
     finally:
-        free(order)
         free(scratch)
         free(out)
         free(jpos)
@@ -817,14 +415,13 @@ cdef int decode_blocks(const uint8_t *buf, Py_ssize_t *pos, Py_ssize_t end, Py_s
     cdef int64_t s[BLOCK]
     cdef uint64_t *ts = <uint64_t *>ts_out
     cdef uint64_t v, t, first = 0, p_state = 0, P = 0, dbase = 0, base = 0, prev_bits
-    cdef uint64_t nruns, run, x
-    cdef Py_ssize_t i0, i, done
+    cdef uint64_t x
+    cdef Py_ssize_t i0, i
     cdef int m, k, err, grid, have_base, mode, dk, order2, lead = NO_LEAD, nb = 0
     cdef const uint32_t *js
     cdef uint32_t h
     cdef int64_t pred, e
     cdef double p10
-    cdef uint8_t q
     i0 = 0
     while i0 < n:
         m = <int>min(<Py_ssize_t>BLOCK, n - i0)
@@ -905,27 +502,7 @@ cdef int decode_blocks(const uint8_t *buf, Py_ssize_t *pos, Py_ssize_t end, Py_s
             return ERR_MODE
         i0 += m
     if qflag:
-        err = read_varint(buf, pos, end, &nruns, ERR_TRUNC_QUALITY)
-        if err:
-            return err
-        if nruns == 0 or nruns > <uint64_t>n:
-            return ERR_QCOUNT
-        done = 0
-        while nruns:
-            if pos[0] >= end:
-                return ERR_TRUNC_QUALITY
-            q = buf[pos[0]]
-            pos[0] += 1
-            err = read_varint(buf, pos, end, &run, ERR_TRUNC_QUALITY)
-            if err:
-                return err
-            if run == 0 or run > <uint64_t>(n - done):
-                return ERR_QCOUNT
-            memset(qs + done, q, run)
-            done += <Py_ssize_t>run
-            nruns -= 1
-        if done != n:
-            return ERR_QCOUNT
+        return read_quality_runs(buf, pos, end, n, qs)
     elif n:
         memset(qs, 0, n)
     return ERR_NONE
@@ -939,15 +516,13 @@ cdef array _QS = array("B")
 
 def decode_payload(const uint8_t[::1] data, Py_ssize_t start, Py_ssize_t end, modes=None):
     """See codec_py.decode_payload."""
-    cdef Py_ssize_t size, pos = 0, i, o, nblocks
+    cdef Py_ssize_t size, pos = 0, nblocks
     cdef uint8_t *buf = NULL
     cdef uint32_t *jpos = NULL
     cdef uint8_t *mbuf = NULL
-    cdef uint64_t head, nseries, delta = 0, count = 0, total = 0, pid = 0, k, j
+    cdef uint64_t nseries = 0, total = 0
     cdef uint64_t *tab = NULL
-    cdef uint64_t nxt
-    cdef int table, m
-    cdef int qflag, err = ERR_NONE
+    cdef int qflag = 0, err = ERR_NONE
     cdef array out_ids, out_ts, out_vals, out_q
     cdef uint32_t *ids_p
     cdef uint64_t seq = 0
@@ -974,54 +549,8 @@ def decode_payload(const uint8_t[::1] data, Py_ssize_t start, Py_ssize_t end, mo
         err = read_varint(buf, &pos, size, &seq, ERR_TRUNC_SEQ)
         if err:
             raise ValueError(_ERRORS[err])
-        err = read_varint(buf, &pos, size, &head, ERR_TRUNC_TABLE)
-        if err:
-            raise ValueError(_ERRORS[err])
-        nseries = head >> 2
-        table = <int>((head >> 1) & 1)
-        qflag = <int>(head & 1)
-        if nseries > <uint64_t>(MAX_SERIES_PER_BYTE * size):
-            raise ValueError(f"corrupt: {nseries} series in a body of {size} bytes")
-        tab = <uint64_t *>malloc(2 * nseries * sizeof(uint64_t) + 16)
-        if tab == NULL:
-            raise MemoryError()
-        if table:
-            for table in range(2):
-                k = <uint64_t>table * nseries
-                j = 0
-                while j < nseries:
-                    m = <int>min(<uint64_t>BLOCK, nseries - j)
-                    err = pfor_read(buf, &pos, size, m, tab + k + j, ERR_TRUNC_TABLE)
-                    if err:
-                        raise ValueError(_ERRORS[err])
-                    j += <uint64_t>m
-        else:
-            for k in range(nseries):
-                err = read_varint(buf, &pos, size, tab + k, ERR_TRUNC_TABLE)
-                if not err:
-                    err = read_varint(buf, &pos, size, tab + nseries + k, ERR_TRUNC_TABLE)
-                if err:
-                    raise ValueError(_ERRORS[err])
-        for k in range(nseries):
-            delta = tab[k]
-            nxt = pid + 1 if k else 0  # the smallest id this series may have
-            if delta > 0xFFFFFFFF or nxt + delta > 0xFFFFFFFF:
-                raise ValueError(
-                    f"corrupt: point id {<object>nxt + <object>delta} does not fit 32 bits"
-                )
-            pid = nxt + delta
-            tab[k] = pid
-            count = tab[nseries + k]
-            if count >= <uint64_t>(MAX_READS_PER_BYTE * size) - total:
-                raise ValueError(
-                    f"corrupt: the series table claims over {total + count + 1} readings, "
-                    f"more than a body of {size} bytes can hold"
-                )
-            count += 1
-            tab[nseries + k] = count
-            total += count
-        if total >= 0xFFFFFFFF:
-            raise ValueError(f"corrupt: {total} readings are too many for one message")
+        read_series_table(buf, &pos, size, <uint64_t>(MAX_READS_PER_BYTE * size), &tab,
+                          &nseries, &total, &qflag)
         out_ids = clone(_IDS, <Py_ssize_t>total, False)
         out_ts = clone(_TS, <Py_ssize_t>total, False)
         out_vals = clone(_VALS, <Py_ssize_t>total, False)
@@ -1034,14 +563,7 @@ def decode_payload(const uint8_t[::1] data, Py_ssize_t start, Py_ssize_t end, mo
         if jpos == NULL or (modes is not None and mbuf == NULL):
             raise MemoryError()
         with nogil:
-            i = 0
-            for k in range(nseries):
-                pid = tab[k]
-                count = tab[nseries + k]
-                for j in range(count):
-                    ids_p[i] = <uint32_t>pid
-                    jpos[i] = <uint32_t>j
-                    i += 1
+            fill_series(tab, nseries, ids_p, jpos)
             err = decode_blocks(buf, &pos, size, <Py_ssize_t>total, jpos,
                                 <int64_t *>out_ts.data.as_voidptr,
                                 <uint64_t *>out_vals.data.as_voidptr,

@@ -357,21 +357,7 @@ def encode_body(
             prev_first = ts[i]
     qflag = 1 if any(qs) else 0
     out = bytearray(prefix)
-    # series table: ids as (first id, then gaps - 1), counts - 1; as varint pairs or as
-    # integer blocks, whichever is smaller (blocks win when many points share a message)
-    id_el = [ids[a] - (ids[starts[s - 1]] + 1 if s else 0) for s, a in enumerate(starts)]
-    cnt_el = [b - a - 1 for a, b in zip(starts, [*starts[1:], n][: len(starts)], strict=True)]
-    var_size = sum(_vlen(x) for x in id_el) + sum(_vlen(x) for x in cnt_el)
-    blocks = [col[j : j + BLOCK] for col in (id_el, cnt_el) for j in range(0, len(col), BLOCK)]
-    table = 1 if sum(pfor_choose(blk)[1] for blk in blocks) < var_size else 0
-    _put_varint(out, len(starts) << 2 | table << 1 | qflag)
-    if table:
-        for blk in blocks:
-            pfor_write(out, blk, pfor_choose(blk)[0])
-    else:
-        for x, c in zip(id_el, cnt_el, strict=True):
-            _put_varint(out, x)
-            _put_varint(out, c)
+    write_series_table(out, ids, starts, n, qflag)
     grid_state = [0]
     for i0 in range(0, n, BLOCK):
         _encode_ts_block(out, ts, jpos, firsts, i0, min(BLOCK, n - i0), grid_state)
@@ -381,16 +367,7 @@ def encode_body(
         prev_bits = vbits[i0 - 1] if i0 else 0
         _encode_value_block(out, list(vs[i0:e]), vbits[i0:e], jpos[i0:e], prev_bits, lead_state)
     if qflag:
-        runs: list[list[int]] = []
-        for q in qs:
-            if runs and runs[-1][0] == q:
-                runs[-1][1] += 1
-            else:
-                runs.append([q, 1])
-        _put_varint(out, len(runs))
-        for q, r in runs:
-            out.append(q)
-            _put_varint(out, r)
+        write_quality_runs(out, qs)
     return bytes(out)
 
 
@@ -498,6 +475,96 @@ def _xor_read(r: _Reader, js: list[int], prev_bits: int, lead_state: int) -> tup
     return out, lead_state
 
 
+# -- series table and quality runs (shared with version 3) -------------------------------
+
+
+def write_series_table(
+    out: bytearray, ids: array[int], starts: list[int], n: int, qflag: int
+) -> None:
+    """The series head varint ``S << 2 | T << 1 | Q`` and the table: ids as (first id,
+    then gaps - 1) and counts - 1, as varint pairs or as integer blocks, whichever is
+    smaller (blocks win when many points share a message)."""
+    id_el = [ids[a] - (ids[starts[s - 1]] + 1 if s else 0) for s, a in enumerate(starts)]
+    cnt_el = [b - a - 1 for a, b in zip(starts, [*starts[1:], n][: len(starts)], strict=True)]
+    var_size = sum(_vlen(x) for x in id_el) + sum(_vlen(x) for x in cnt_el)
+    blocks = [col[j : j + BLOCK] for col in (id_el, cnt_el) for j in range(0, len(col), BLOCK)]
+    table = 1 if sum(pfor_choose(blk)[1] for blk in blocks) < var_size else 0
+    _put_varint(out, len(starts) << 2 | table << 1 | qflag)
+    if table:
+        for blk in blocks:
+            pfor_write(out, blk, pfor_choose(blk)[0])
+    else:
+        for x, c in zip(id_el, cnt_el, strict=True):
+            _put_varint(out, x)
+            _put_varint(out, c)
+
+
+def write_quality_runs(out: bytearray, qs: array[int]) -> None:
+    runs: list[list[int]] = []
+    for q in qs:
+        if runs and runs[-1][0] == q:
+            runs[-1][1] += 1
+        else:
+            runs.append([q, 1])
+    _put_varint(out, len(runs))
+    for q, r in runs:
+        out.append(q)
+        _put_varint(out, r)
+
+
+def read_series_table(r: _Reader, size: int, max_reads: int) -> tuple[list[int], list[int], int]:
+    """(point id per row, position in its series per row, Q) of a body of ``size``
+    bytes that can hold at most ``max_reads`` readings."""
+    head = r.varint("the series table")
+    nseries, table, qflag = head >> 2, (head >> 1) & 1, head & 1
+    if nseries > MAX_SERIES_PER_BYTE * size:
+        raise ValueError(f"corrupt: {nseries} series in a body of {size} bytes")
+    id_el: list[int] = []
+    cnt_el: list[int] = []
+    if table:
+        for col in (id_el, cnt_el):
+            for j in range(0, nseries, BLOCK):
+                col += _pfor_read(r, min(BLOCK, nseries - j), "the series table")
+    else:
+        for _ in range(nseries):
+            id_el.append(r.varint("the series table"))
+            cnt_el.append(r.varint("the series table"))
+    ids: list[int] = []
+    jpos: list[int] = []
+    total = 0
+    pid = -1
+    for x, c in zip(id_el, cnt_el, strict=True):
+        pid += 1 + x
+        if pid > 0xFFFFFFFF:
+            raise ValueError(f"corrupt: point id {pid} does not fit 32 bits")
+        count = c + 1
+        if total + count > max_reads:
+            raise ValueError(
+                f"corrupt: the series table claims over {total + count} readings, more "
+                f"than a body of {size} bytes can hold"
+            )
+        total += count
+        ids += [pid] * count
+        jpos += range(count)
+    return ids, jpos, qflag
+
+
+def read_quality_runs(r: _Reader, n: int) -> list[int]:
+    nruns = r.varint("the quality runs")
+    if nruns == 0 or nruns > n:
+        raise ValueError("corrupt: quality runs do not add up to the count")
+    qs: list[int] = []
+    for _ in range(nruns):
+        q = r.byte("the quality runs")
+        run = r.varint("the quality runs")
+        if run == 0 or run > n - len(qs):
+            raise ValueError("corrupt: quality runs do not add up to the count")
+        qs += [q] * run
+    if len(qs) != n:
+        raise ValueError("corrupt: quality runs do not add up to the count")
+    return qs
+
+
 def decode_payload(
     data: bytes | bytearray | memoryview, start: int, end: int, modes: list[int] | None = None
 ) -> tuple[str, int, array[int], array[int], array[float], array[int]]:
@@ -522,38 +589,8 @@ def decode_payload(
 def _decode_body(
     r: _Reader, size: int, modes: list[int] | None
 ) -> tuple[array[int], array[int], array[float], array[int]]:
-    head = r.varint("the series table")
-    nseries, table, qflag = head >> 2, (head >> 1) & 1, head & 1
-    if nseries > MAX_SERIES_PER_BYTE * size:
-        raise ValueError(f"corrupt: {nseries} series in a body of {size} bytes")
-    id_el: list[int] = []
-    cnt_el: list[int] = []
-    if table:
-        for col in (id_el, cnt_el):
-            for j in range(0, nseries, BLOCK):
-                col += _pfor_read(r, min(BLOCK, nseries - j), "the series table")
-    else:
-        for _ in range(nseries):
-            id_el.append(r.varint("the series table"))
-            cnt_el.append(r.varint("the series table"))
-    ids: list[int] = []
-    jpos: list[int] = []
-    total = 0
-    pid = -1
-    for x, c in zip(id_el, cnt_el, strict=True):
-        pid += 1 + x
-        if pid > 0xFFFFFFFF:
-            raise ValueError(f"corrupt: point id {pid} does not fit 32 bits")
-        count = c + 1
-        if total + count > MAX_READS_PER_BYTE * size:
-            raise ValueError(
-                f"corrupt: the series table claims over {total + count} readings, more "
-                f"than a body of {size} bytes can hold"
-            )
-        total += count
-        ids += [pid] * count
-        jpos += range(count)
-    n = total
+    ids, jpos, qflag = read_series_table(r, size, MAX_READS_PER_BYTE * size)
+    n = len(ids)
     # timestamps
     ts: list[int] = []
     first = 0  # the current series' first timestamp
@@ -624,21 +661,7 @@ def _decode_body(
             raise ValueError("corrupt: unknown value block mode")
         bits += block
     # quality
-    if qflag:
-        nruns = r.varint("the quality runs")
-        if nruns == 0 or nruns > n:
-            raise ValueError("corrupt: quality runs do not add up to the count")
-        qs: list[int] = []
-        for _ in range(nruns):
-            q = r.byte("the quality runs")
-            run = r.varint("the quality runs")
-            if run == 0 or run > n - len(qs):
-                raise ValueError("corrupt: quality runs do not add up to the count")
-            qs += [q] * run
-        if len(qs) != n:
-            raise ValueError("corrupt: quality runs do not add up to the count")
-    else:
-        qs = [0] * n
+    qs = read_quality_runs(r, n) if qflag else [0] * n
     if r.pos != r.end:
         raise ValueError("corrupt: trailing data after the last block")
     return (

@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 #: every kernel module pair, by name
-MODULES = ("kernels", "filters", "aggregate", "alarms", "codec", "derive")
+MODULES = ("kernels", "filters", "aggregate", "alarms", "codec", "codec3", "derive")
 
 
 def pure_python_forced() -> bool:

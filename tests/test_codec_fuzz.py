@@ -1,5 +1,5 @@
-"""Codec fuzzing: whatever the bytes, decode raises CodecError or returns a batch, never
-anything else, on both implementations. The CRC-32 must catch truncation and random
+"""Codec fuzzing, versions 2 and 3: whatever the bytes, decode raises CodecError or returns
+a batch, never anything else, on both implementations. The CRC-32 must catch truncation and random
 corruption; forged CRCs put the parser itself under fire, and there both implementations
 must agree (both refuse, or both return the same rows)."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import struct
 import zlib
-from types import ModuleType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,18 +19,21 @@ from native.codec import CodecError, decode, encode
 from tests.helpers import IMPLEMENTATIONS, load_kernels
 
 
-def both() -> list[ModuleType]:
-    return [load_kernels(name, "codec") for name in IMPLEMENTATIONS]
+def both() -> list[str]:
+    for name in IMPLEMENTATIONS:
+        for pair in ("codec", "codec3"):
+            load_kernels(name, pair)  # fails when the compiled one is not built
+    return IMPLEMENTATIONS
 
 
 def rows_of(b: Batch) -> list[tuple[int, int, bytes, int]]:
     return [(p, t, struct.pack("<d", v), q) for p, t, v, q in b.rows()]
 
 
-def outcome(data: bytes, kernels: ModuleType) -> list[tuple[int, int, bytes, int]] | None:
+def outcome(data: bytes, impl: str) -> list[tuple[int, int, bytes, int]] | None:
     """The decoded rows, or None for CodecError; any other exception fails the test."""
     try:
-        return rows_of(decode(data, kernels=kernels))
+        return rows_of(decode(data, implementation=impl))
     except CodecError:
         return None
 
@@ -41,55 +43,55 @@ def forge(data: bytes) -> bytes:
     return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
 
 
-def samples() -> list[bytes]:
+def samples(version: int) -> list[bytes]:
     rng = random.Random(3)
     noise = Batch()
     for i in range(300):
         noise.append(i % 3, 1_700_000_000_000 + i * 1000 + rng.randrange(9), rng.gauss(0, 1), i % 2)
+    tiny = Batch.from_rows([(1, 1000, 1.5, 0), (3, 900, -0.0, 2)])
     return [
-        encode(Batch.from_rows([(1, 1000, 1.5, 0), (3, 900, -0.0, 2)]), gateway="gw", seq=5),
-        encode(sensor_batch(20, 8), gateway="gw-0042", seq=300),
-        encode(noise),
-        encode(Batch()),
+        encode(tiny, gateway="gw", seq=5, version=version),
+        encode(sensor_batch(20, 8), gateway="gw-0042", seq=300, version=version),
+        encode(noise, version=version),
+        encode(Batch(), version=version),
     ]
 
 
-SAMPLES = samples()
+SAMPLES = samples(2) + samples(3)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_every_truncation_is_refused(impl: str) -> None:
-    kernels = load_kernels(impl, "codec")
+    both()
     for data in SAMPLES:
         for i in range(len(data)):
             with pytest.raises(CodecError):
-                decode(data[:i], kernels=kernels)
+                decode(data[:i], implementation=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_bit_flips_are_caught(impl: str) -> None:
     """CRC-32 catches every error of up to 3 flipped bits in messages this small."""
-    kernels = load_kernels(impl, "codec")
+    both()
     rng = random.Random(11)
     for data in SAMPLES:
         for _ in range(150):
             m = bytearray(data)
-            for _ in range(rng.randrange(1, 4)):
-                bit = rng.randrange(len(m) * 8)
+            for bit in rng.sample(range(len(m) * 8), rng.randrange(1, 4)):  # distinct bits
                 m[bit // 8] ^= 1 << (bit % 8)
             with pytest.raises(CodecError):
-                decode(bytes(m), kernels=kernels)
+                decode(bytes(m), implementation=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_garbage_is_refused(impl: str) -> None:
-    kernels = load_kernels(impl, "codec")
+    both()
     rng = random.Random(12)
     for _ in range(500):
         junk = rng.randbytes(rng.randrange(80))
-        for data in (junk, b"CGB\x02" + junk, b"CGB\x01" + junk):
+        for data in (junk, b"CGB\x03" + junk, b"CGB\x02" + junk, b"CGB\x01" + junk):
             with pytest.raises(CodecError):
-                decode(data, kernels=kernels)
+                decode(data, implementation=impl)
 
 
 def test_forged_crc_mutations_never_crash() -> None:
@@ -121,13 +123,18 @@ def test_forged_crc_mutations_never_crash() -> None:
 @given(st.binary(max_size=120))
 def test_hypothesis_bytes_never_crash(payload: bytes) -> None:
     kernels = both()
-    for data in (payload, b"CGB\x02" + payload, forge(b"CGB\x02" + payload + b"\x00" * 4)):
+    for data in (
+        payload,
+        b"CGB\x02" + payload,
+        forge(b"CGB\x02" + payload + b"\x00" * 4),
+        forge(b"CGB\x03" + payload + b"\x00" * 4),
+    ):
         results = [outcome(data, k) for k in kernels]
         assert results[0] == results[-1]
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(min_size=1, max_size=60), st.integers(0, 3))
+@given(st.binary(min_size=1, max_size=60), st.integers(0, len(SAMPLES) - 1))
 def test_hypothesis_splices_into_valid_messages(chunk: bytes, which: int) -> None:
     """Valid header, then a random tail with a good CRC: deep parser paths."""
     data = SAMPLES[which]
@@ -144,7 +151,8 @@ def test_huge_claims_fail_fast() -> None:
         b"\x04\x00\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # 1 series of 2**64 readings
         b"\x06\x40\x00\x7f\x00",  # integer-block table: huge widths
     ):
-        forged = forge(b"CGB\x02\x00\x00" + head + b"\x00" * 8)
-        for k in both():
-            with pytest.raises(CodecError):
-                decode(forged, kernels=k)
+        for version in (b"\x02", b"\x03"):
+            forged = forge(b"CGB" + version + b"\x00\x00" + head + b"\x00" * 8)
+            for k in both():
+                with pytest.raises(CodecError):
+                    decode(forged, implementation=k)
