@@ -44,6 +44,7 @@ from native.codec_py import (
     _s64,
     _unzz,
     _zz,
+    group_rows,
     read_quality_runs,
     read_series_table,
     write_quality_runs,
@@ -892,32 +893,12 @@ def encode_body(
     prefix: bytes = b"",
 ) -> bytes:
     """``prefix`` followed by the body of a version-3 message for these columns."""
-    n = len(point_ids)
-    if not (len(timestamps) == len(values) == len(quality) == n):
-        raise ValueError("encode_body: columns differ in length")
+    ids, ts, vs, qs, jpos, firsts, starts = group_rows(point_ids, timestamps, values, quality)
+    n = len(ids)
     if n > MAX_READS:
         raise ValueError(f"encode_body: {n} readings, a message holds at most {MAX_READS}")
-    if all(point_ids[i - 1] <= point_ids[i] for i in range(1, n)):
-        ids, ts, vs, qs = point_ids, timestamps, values, quality
-    else:
-        order = sorted(range(n), key=point_ids.__getitem__)  # sorted() is stable
-        ids = array("I", [point_ids[i] for i in order])
-        ts = array("q", [timestamps[i] for i in order])
-        vs = array("d", [values[i] for i in order])
-        qs = array("B", [quality[i] for i in order])
     vbits = list(array("Q", vs.tobytes()))
     allv = list(vs)
-    jpos = [0] * n
-    firsts = [0] * n
-    starts = []
-    prev_first = 0
-    for i in range(n):
-        if i and ids[i] == ids[i - 1]:
-            jpos[i] = jpos[i - 1] + 1
-        else:
-            starts.append(i)
-            firsts[i] = prev_first
-            prev_first = ts[i]
     qflag = 1 if any(qs) else 0
     out = bytearray(prefix)
     write_series_table(out, ids, starts, n, qflag)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from array import array
+from typing import TypeAlias
 
 BLOCK = 128  # rows per timestamp/value block
 MAX_DECIMALS = 9  # the decimal path tries k = 0 .. MAX_DECIMALS
@@ -319,6 +320,46 @@ def _encode_value_block(
         state[0] = lead
 
 
+# -- rows -------------------------------------------------------------------------------------
+
+
+Rows: TypeAlias = (
+    "tuple[array[int], array[int], array[float], array[int], list[int], list[int], list[int]]"
+)
+
+
+def group_rows(
+    point_ids: array[int], timestamps: array[int], values: array[float], quality: array[int]
+) -> Rows:
+    """(ids, ts, values, quality, jpos, firsts, starts): the rows grouped by point id (a
+    stable sort), each row's position in its series, the previous series' first
+    timestamp of each row (0 for the first series) and the row where each series starts.
+    Versions 2 and 3 both send rows in this order."""
+    n = len(point_ids)
+    if not (len(timestamps) == len(values) == len(quality) == n):
+        raise ValueError("encode_body: columns differ in length")
+    if all(point_ids[i - 1] <= point_ids[i] for i in range(1, n)):
+        ids, ts, vs, qs = point_ids, timestamps, values, quality
+    else:
+        order = sorted(range(n), key=point_ids.__getitem__)  # sorted() is stable
+        ids = array("I", [point_ids[i] for i in order])
+        ts = array("q", [timestamps[i] for i in order])
+        vs = array("d", [values[i] for i in order])
+        qs = array("B", [quality[i] for i in order])
+    jpos = [0] * n
+    firsts = [0] * n
+    starts = []
+    prev_first = 0
+    for i in range(n):
+        if i and ids[i] == ids[i - 1]:
+            jpos[i] = jpos[i - 1] + 1
+        else:
+            starts.append(i)
+            firsts[i] = prev_first
+            prev_first = ts[i]
+    return ids, ts, vs, qs, jpos, firsts, starts
+
+
 # -- encode ---------------------------------------------------------------------------------
 
 
@@ -331,30 +372,9 @@ def encode_body(
 ) -> bytes:
     """``prefix`` followed by the body of a version-2 message for these columns (see
     native.codec): the series table, the blocks and the quality runs."""
-    n = len(point_ids)
-    if not (len(timestamps) == len(values) == len(quality) == n):
-        raise ValueError("encode_body: columns differ in length")
-    if all(point_ids[i - 1] <= point_ids[i] for i in range(1, n)):
-        ids, ts, vs, qs = point_ids, timestamps, values, quality
-    else:
-        order = sorted(range(n), key=point_ids.__getitem__)  # sorted() is stable
-        ids = array("I", [point_ids[i] for i in order])
-        ts = array("q", [timestamps[i] for i in order])
-        vs = array("d", [values[i] for i in order])
-        qs = array("B", [quality[i] for i in order])
+    ids, ts, vs, qs, jpos, firsts, starts = group_rows(point_ids, timestamps, values, quality)
+    n = len(ids)
     vbits = list(array("Q", vs.tobytes()))
-    # series: position of each row in its series; previous series' first ts per row
-    jpos = [0] * n
-    firsts = [0] * n
-    starts = []
-    prev_first = 0
-    for i in range(n):
-        if i and ids[i] == ids[i - 1]:
-            jpos[i] = jpos[i - 1] + 1
-        else:
-            starts.append(i)
-            firsts[i] = prev_first
-            prev_first = ts[i]
     qflag = 1 if any(qs) else 0
     out = bytearray(prefix)
     write_series_table(out, ids, starts, n, qflag)
