@@ -4,10 +4,10 @@ columns (values compared as bytes: NaN payloads, -0.0) and block modes; and on c
 input the same refusal (a ValueError with the same message, the same modes appended
 before it) or the same decoded result, never anything else.
 
-Inputs: deterministic synthetic series built here (bench/codec.py checks the twins on the
-real corpus, whose packages the tests do not install) (they cover every model and escape path whatever is
-installed: seasons of 7, 12, 24, 96 and 1440 rows, class-1 values as more decimals and as
-fractions), random columns from hypothesis, truncated, bit-flipped and randomised
+Inputs: deterministic synthetic series built here, covering every model and escape path
+(seasons of 7, 12, 24, 96 and 1440 rows, class-1 values as more decimals and as
+fractions; bench/codec.py checks the twins on the real corpus, whose packages the tests
+do not install), random columns from hypothesis, truncated, bit-flipped and randomised
 bodies, and bodies forged symbol by symbol to reach each refusal of the new flags."""
 
 from __future__ import annotations
