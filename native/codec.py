@@ -499,8 +499,9 @@ def decode(data: bytes | bytearray | memoryview, *, implementation: str | None =
 def value_block_modes(data: bytes | bytearray | memoryview) -> list[str]:
     """The path of each value block of a version-2 or -3 message, in order. Version 2:
     "decimal k" (k digits, " order 2": second differences) or "xor"; version 3 also
-    " esc" (the block has rows coded apart from its decimals), "float32", "float64"
-    (ordered-bits differences). For tests and tools; raises CodecError like decode."""
+    " season P" (the change P rows before), " esc" (the block has rows coded apart from
+    its decimals), "float32", "float64" (ordered-bits differences). For tests and tools;
+    raises CodecError like decode."""
     version = decode_message(data).version  # validates everything, the CRC first
     if version not in _BODY_KERNELS:
         raise CodecError("value blocks exist in version-2 and -3 messages only")
