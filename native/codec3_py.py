@@ -40,11 +40,11 @@ from native.codec_py import (
     BLOCK,
     _float,
     _put_varint,
-    _Reader,
     _s64,
     _unzz,
     _zz,
     group_rows,
+    read_header,
     read_quality_runs,
     read_series_table,
     write_quality_runs,
@@ -932,17 +932,8 @@ def decode_payload(
     """(gateway, seq, point_ids, timestamps, values, quality) from data[start:end]: what
     follows a version-3 message's version byte up to its CRC. Raises ValueError for
     anything malformed. When ``modes`` is a list, each value block's mode is appended."""
-    buf = bytes(data)
-    if not 0 <= start <= end <= len(buf):
-        raise ValueError("decode_payload: bad range")
+    r, gateway, seq = read_header(data, start, end)
     size = end - start
-    r = _Reader(buf, start, end)
-    glen = r.byte("the gateway id")
-    try:
-        gateway = r.take(glen, "the gateway id").decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("corrupt: the gateway id is not UTF-8") from None
-    seq = r.varint("the seq")
     ids, jpos, qflag = read_series_table(r, size, min(MAX_READS, MAX_READS_PER_BYTE * (size + 16)))
     n = len(ids)
     qs = read_quality_runs(r, n) if qflag else [0] * n
@@ -952,7 +943,7 @@ def decode_payload(
     rc_len = r.varint("the range-coded stream")
     if rc_len > r.end - r.pos:
         raise ValueError("truncated: the body ends inside the range-coded stream")
-    rd = RangeDecoder(buf, r.pos, r.pos + rc_len, r.pos + rc_len, r.end)
+    rd = RangeDecoder(r.data, r.pos, r.pos + rc_len, r.pos + rc_len, r.end)
     flags = [_PROB_INIT] * N_FLAGS
     tst = _TsState()
     vst = _ValState()

@@ -592,18 +592,25 @@ def decode_payload(
     follows a version-2 message's version byte up to its CRC, which must be consumed
     exactly. Raises ValueError for anything malformed. When ``modes`` is a list, each
     value block's mode byte is appended to it (for tests and tools)."""
+    r, gateway, seq = read_header(data, start, end)
+    return (gateway, seq, *_decode_body(r, end - start, modes))
+
+
+def read_header(
+    data: bytes | bytearray | memoryview, start: int, end: int
+) -> tuple[_Reader, str, int]:
+    """(a reader after them, gateway id, seq): the fields that open the body of a
+    version-2 or -3 message in data[start:end]."""
     buf = bytes(data)
     if not 0 <= start <= end <= len(buf):
         raise ValueError("decode_payload: bad range")
-    size = end - start
     r = _Reader(buf, start, end)
     glen = r.byte("the gateway id")
     try:
         gateway = r.take(glen, "the gateway id").decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError("corrupt: the gateway id is not UTF-8") from None
-    seq = r.varint("the seq")
-    return (gateway, seq, *_decode_body(r, size, modes))
+    return r, gateway, r.varint("the seq")
 
 
 def _decode_body(
